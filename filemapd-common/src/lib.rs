@@ -1,0 +1,80 @@
+//! Types shared by the eBPF programs and the daemon. Every type is `#[repr(C)]` plain old data:
+//! the kernel half writes them into maps and the ring buffer, the user half reads the same bytes.
+#![no_std]
+
+/// Key of the watched-inode map: a file system's device in the *kernel's* dev_t encoding
+/// (`major << 20 | minor`, as tracepoints report it; user space's `st_dev` uses glibc's
+/// encoding and must be converted) and the inode number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InodeKey {
+    pub dev: u32,
+    pub _pad: u32,
+    pub ino: u64,
+}
+
+/// Where one tracepoint field lives in the raw record. `size == 0` means the tracepoint has no
+/// such field. Offsets differ between kernels, so user space reads them from tracefs at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Field {
+    pub offset: u16,
+    pub size: u16,
+}
+
+/// The fields the kernel side reads from one tracepoint. `start` and `length` are copied into
+/// the event as raw numbers; their unit (file system blocks or bytes) is known to user space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TracepointLayout {
+    pub dev: Field,
+    pub ino: Field,
+    pub start: Field,
+    pub length: Field,
+}
+
+/// One change to a watched inode's block mapping, as sent through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExtentEvent {
+    pub key: InodeKey,
+    /// Index into [`tracepoint`]: which event fired (user space derives the kind from it).
+    pub source: u32,
+    pub _pad: u32,
+    /// Raw value of the tracepoint's start field, 0 when it has none.
+    pub start: u64,
+    /// Raw value of the tracepoint's length field, 0 when it has none.
+    pub length: u64,
+    /// `bpf_ktime_get_ns()` when the tracepoint fired.
+    pub ktime_ns: u64,
+}
+
+/// The tracepoints the kernel half has a program for, by index into [`LAYOUTS_LEN`]-long arrays.
+pub mod tracepoint {
+    pub const EXT4_ALLOCATE_BLOCKS: u32 = 0;
+    pub const XFS_MAP_BLOCKS_ALLOC: u32 = 1;
+    pub const XFS_IOMAP_ALLOC: u32 = 2;
+    /// Number of entries above.
+    pub const COUNT: usize = 3;
+}
+
+/// Length of the layout table the kernel half reads.
+pub const LAYOUTS_LEN: usize = tracepoint::COUNT;
+
+/// Names of the maps and globals in the eBPF object, so both halves spell them alike.
+pub mod names {
+    pub const WATCHED: &str = "WATCHED";
+    pub const EVENTS: &str = "EVENTS";
+    pub const LOST: &str = "LOST";
+    pub const LAYOUTS: &str = "LAYOUTS";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, and made only of integers with explicit padding.
+    unsafe impl aya::Pod for InodeKey {}
+    unsafe impl aya::Pod for Field {}
+    unsafe impl aya::Pod for TracepointLayout {}
+    unsafe impl aya::Pod for ExtentEvent {}
+}

@@ -1,0 +1,113 @@
+//! Kernel half of filemapd: one tiny program per block-allocation tracepoint. Each reads the
+//! record's dev and ino, drops it unless user space put that inode in `WATCHED`, and otherwise
+//! sends the raw start/length fields to user space. Field offsets come from `LAYOUTS`, which
+//! user space fills from tracefs before loading (they differ between kernels); everything else
+//! (units, kinds, what to re-read) is decided in user space.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::{map, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use filemapd_common::{
+    ExtentEvent, Field, InodeKey, LAYOUTS_LEN, TracepointLayout, tracepoint as tp,
+};
+
+/// Inodes user space watches; the value is unused. Resized by user space at load time.
+#[map]
+static WATCHED: HashMap<InodeKey, u8> = HashMap::with_max_entries(1024, 0);
+
+/// Events for watched inodes.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Events that found the ring buffer full; user space rescans everything when this moves.
+#[map]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-tracepoint field layout, indexed by `filemapd_common::tracepoint`. Read-only data that
+/// user space sets at load time, so the verifier sees the offsets as constants.
+#[unsafe(no_mangle)]
+static LAYOUTS: [TracepointLayout; LAYOUTS_LEN] = [TracepointLayout {
+    dev: Field { offset: 0, size: 0 },
+    ino: Field { offset: 0, size: 0 },
+    start: Field { offset: 0, size: 0 },
+    length: Field { offset: 0, size: 0 },
+}; LAYOUTS_LEN];
+
+#[tracepoint]
+pub fn ext4_allocate_blocks(ctx: TracePointContext) -> u32 {
+    report(&ctx, tp::EXT4_ALLOCATE_BLOCKS)
+}
+
+#[tracepoint]
+pub fn xfs_map_blocks_alloc(ctx: TracePointContext) -> u32 {
+    report(&ctx, tp::XFS_MAP_BLOCKS_ALLOC)
+}
+
+#[tracepoint]
+pub fn xfs_iomap_alloc(ctx: TracePointContext) -> u32 {
+    report(&ctx, tp::XFS_IOMAP_ALLOC)
+}
+
+#[inline(always)]
+fn report(ctx: &TracePointContext, source: u32) -> u32 {
+    // SAFETY: LAYOUTS is plain data in .rodata; volatile keeps the compiler from folding the
+    // all-zero initial value that user space replaces at load time.
+    let layout: TracepointLayout =
+        unsafe { core::ptr::read_volatile(&LAYOUTS[source as usize % LAYOUTS_LEN]) };
+    let key = InodeKey {
+        dev: read_field(ctx, layout.dev) as u32,
+        _pad: 0,
+        ino: read_field(ctx, layout.ino),
+    };
+    // SAFETY: the value is only tested for presence, never read through the reference.
+    if unsafe { WATCHED.get(&key) }.is_none() {
+        return 0;
+    }
+    let event = ExtentEvent {
+        key,
+        source,
+        _pad: 0,
+        start: read_field(ctx, layout.start),
+        length: read_field(ctx, layout.length),
+        // SAFETY: a helper without arguments or preconditions.
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    if EVENTS.output::<ExtentEvent>(&event, 0).is_err() {
+        if let Some(lost) = LOST.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
+            unsafe { *lost += 1 };
+        }
+    }
+    0
+}
+
+/// Reads an unsigned field of 1, 2, 4 or 8 bytes; 0 when the tracepoint lacks it.
+#[inline(always)]
+fn read_field(ctx: &TracePointContext, field: Field) -> u64 {
+    let offset = field.offset as usize;
+    // SAFETY: the offset and size come from this tracepoint's tracefs format description.
+    unsafe {
+        match field.size {
+            8 => ctx.read_at::<u64>(offset).unwrap_or(0),
+            4 => ctx.read_at::<u32>(offset).map(u64::from).unwrap_or(0),
+            2 => ctx.read_at::<u16>(offset).map(u64::from).unwrap_or(0),
+            1 => ctx.read_at::<u8>(offset).map(u64::from).unwrap_or(0),
+            _ => 0,
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,141 @@
+//! dm-stats on one device-mapper device: the `@stats_*` target messages, sent through
+//! devicemapper-rs's DM_TARGET_MSG support.
+pub mod group;
+pub mod region;
+
+use anyhow::{Context as _, bail};
+use devicemapper::{DM, DevId, DmName, DmNameBuf};
+
+pub use group::GroupDescriptor;
+pub use region::{Counters, Region, RegionSettings};
+
+use crate::sectors::SectorRange;
+
+/// A device-mapper device whose statistics we read and change.
+pub struct StatsDevice {
+    dm: DM,
+    name: DmNameBuf,
+    major: u32,
+    minor: u32,
+}
+
+impl StatsDevice {
+    /// The dm device with this device number (major, minor).
+    pub fn open(major: u32, minor: u32) -> anyhow::Result<Self> {
+        let dm = DM::new().map_err(|e| {
+            anyhow::anyhow!("cannot open /dev/mapper/control ({e}): is device-mapper available?")
+        })?;
+        let devices = dm.list_devices().context("listing device-mapper devices")?;
+        let Some((name, _, _)) = devices
+            .into_iter()
+            .find(|(_, dev, _)| dev.major == major && dev.minor == minor)
+        else {
+            bail!("device {major}:{minor} is not a device-mapper device");
+        };
+        Ok(Self { dm, name, major, minor })
+    }
+
+    /// The dm device under a file system whose `st_dev` is given.
+    pub fn for_st_dev(st_dev: u64) -> anyhow::Result<Self> {
+        Self::open(libc::major(st_dev), libc::minor(st_dev))
+    }
+
+    pub fn name(&self) -> &DmName {
+        &self.name
+    }
+
+    pub fn device_number(&self) -> (u32, u32) {
+        (self.major, self.minor)
+    }
+
+    /// Sends one `@stats_*` message; the answer, or "" when the kernel returned none.
+    fn message(&self, msg: &str) -> anyhow::Result<String> {
+        log::trace!("dm message to {}: {msg}", &*self.name);
+        let (_, answer) = self
+            .dm
+            .target_msg(&DevId::Name(&self.name), None, msg)
+            .with_context(|| format!("device {}: message \"{msg}\" failed", &*self.name))?;
+        Ok(answer.unwrap_or_default())
+    }
+
+    /// Every region on the device, or those of one program_id.
+    pub fn list(&self, program_id: Option<&str>) -> anyhow::Result<Vec<Region>> {
+        let msg = match program_id {
+            Some(p) => format!("@stats_list {p}"),
+            None => "@stats_list".to_string(),
+        };
+        region::parse_list(&self.message(&msg)?)
+            .with_context(|| format!("device {}: reading @stats_list", &*self.name))
+    }
+
+    /// Creates a one-area region; returns its id.
+    pub fn create(
+        &self,
+        range: SectorRange,
+        settings: &RegionSettings,
+        program_id: &str,
+        aux_data: &str,
+    ) -> anyhow::Result<u64> {
+        let opt = settings.create_args();
+        let msg = if opt.is_empty() {
+            format!("@stats_create {range} {} {program_id} {aux_data}", range.len)
+        } else {
+            format!("@stats_create {range} {} {opt} {program_id} {aux_data}", range.len)
+        };
+        let answer = self.message(&msg)?;
+        answer
+            .trim()
+            .parse()
+            .with_context(|| format!("device {}: @stats_create answered {answer:?}", &*self.name))
+    }
+
+    pub fn delete(&self, id: u64) -> anyhow::Result<()> {
+        self.message(&format!("@stats_delete {id}")).map(drop)
+    }
+
+    pub fn set_aux(&self, id: u64, aux_data: &str) -> anyhow::Result<()> {
+        self.message(&format!("@stats_set_aux {id} {aux_data}")).map(drop)
+    }
+
+    /// A region's counters, summed over its areas.
+    pub fn counters(&self, id: u64) -> anyhow::Result<Counters> {
+        region::parse_counters(&self.message(&format!("@stats_print {id}"))?)
+            .with_context(|| format!("device {}: region {id} counters", &*self.name))
+    }
+}
+
+/// The regions of the group led by `group_id`, in id order, with the leader's descriptor.
+pub fn group_members(
+    regions: &[Region],
+    group_id: u64,
+) -> anyhow::Result<Option<(GroupDescriptor, Vec<Region>)>> {
+    let Some(leader) = regions.iter().find(|r| r.id == group_id) else {
+        return Ok(None);
+    };
+    let Some(descriptor) = leader.group()? else {
+        return Ok(None);
+    };
+    if descriptor.leader() != Some(group_id) {
+        return Ok(None);
+    }
+    let members = regions.iter().filter(|r| descriptor.members.binary_search(&r.id).is_ok()).cloned().collect();
+    Ok(Some((descriptor, members)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_groups_members_and_ignores_other_regions() {
+        let regions = region::parse_list(
+            "0: 100+8 8 dmstats DMS_GROUP=f:0,2#-\n1: 300+8 8 dmstats -\n2: 200+8 8 dmstats -\n",
+        )
+        .unwrap();
+        let (descriptor, members) = group_members(&regions, 0).unwrap().unwrap();
+        assert_eq!(descriptor.alias, "f");
+        assert_eq!(members.iter().map(|r| r.id).collect::<Vec<_>>(), vec![0, 2]);
+        assert!(group_members(&regions, 1).unwrap().is_none(), "region 1 leads no group");
+        assert!(group_members(&regions, 7).unwrap().is_none(), "no region 7");
+    }
+}

@@ -1,0 +1,153 @@
+//! The eBPF trigger: loads the kernel half, tells it each tracepoint's layout, attaches what
+//! this kernel offers, and hands the events for watched inodes to user space.
+pub mod tracefs;
+pub mod tracepoints;
+
+use std::os::fd::AsRawFd as _;
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use filemapd_common::{ExtentEvent, InodeKey, LAYOUTS_LEN, TracepointLayout, names};
+use tokio::io::unix::AsyncFd;
+
+pub use tracepoints::{Change, TRACEPOINTS, Tracepoint};
+
+/// The kernel half, built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/filemapd"));
+
+/// Loaded and attached eBPF programs plus their maps.
+pub struct Tracer {
+    // Keeps the programs attached for as long as the tracer lives.
+    _ebpf: Ebpf,
+    watched: HashMap<MapData, InodeKey, u8>,
+    events: AsyncFd<RingBuf<MapData>>,
+    lost: PerCpuArray<MapData, u64>,
+    attached: Vec<&'static Tracepoint>,
+}
+
+impl Tracer {
+    /// Loads the programs with room for `max_watched` inodes and attaches every tracepoint this
+    /// kernel has. Fails (with the reason) when none can be attached.
+    pub fn load(max_watched: u32) -> anyhow::Result<Self> {
+        raise_memlock_limit();
+        let mut layouts = [TracepointLayout::default(); LAYOUTS_LEN];
+        let mut present = Vec::new();
+        for tp in &TRACEPOINTS {
+            match layout_of(tp)? {
+                Some(layout) => {
+                    layouts[tp.index as usize] = layout;
+                    present.push(tp);
+                }
+                None => log::debug!("tracepoint {}:{} not available", tp.category, tp.name),
+            }
+        }
+        if present.is_empty() {
+            bail!("none of filemapd's tracepoints exist on this kernel");
+        }
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::LAYOUTS, &layouts, true)
+            .map_max_entries(names::WATCHED, max_watched.max(1))
+            .load(OBJECT)
+            .context("loading the eBPF object")?;
+        let mut attached = Vec::new();
+        for tp in present {
+            let program: &mut TracePoint = ebpf
+                .program_mut(tp.name)
+                .with_context(|| format!("program {} missing from the eBPF object", tp.name))?
+                .try_into()?;
+            program.load().with_context(|| format!("verifying program {}", tp.name))?;
+            program
+                .attach(tp.category, tp.name)
+                .with_context(|| format!("attaching to {}:{}", tp.category, tp.name))?;
+            attached.push(tp);
+        }
+        let watched = HashMap::try_from(take_map(&mut ebpf, names::WATCHED)?)?;
+        let ring = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)?;
+        // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, so the fd stays
+        // open for as long as it is registered.
+        let events = unsafe { AsyncFd::register(ring) }
+            .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
+        let lost = PerCpuArray::try_from(take_map(&mut ebpf, names::LOST)?)?;
+        Ok(Self { _ebpf: ebpf, watched, events, lost, attached })
+    }
+
+    /// The tracepoints the programs are attached to.
+    pub fn attached(&self) -> &[&'static Tracepoint] {
+        &self.attached
+    }
+
+    pub fn watch(&mut self, key: InodeKey) -> anyhow::Result<()> {
+        self.watched.insert(key, 1, 0).with_context(|| format!("watching {key:?}"))
+    }
+
+    pub fn unwatch(&mut self, key: InodeKey) -> anyhow::Result<()> {
+        match self.watched.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("unwatching {key:?}")),
+        }
+    }
+
+    /// Waits until at least one event is ready, then returns every event in the buffer.
+    pub async fn next_events(&mut self) -> anyhow::Result<Vec<ExtentEvent>> {
+        loop {
+            let mut guard = self.events.readable_mut().await?;
+            let ring = guard.get_inner_mut();
+            let mut batch = Vec::new();
+            while let Some(item) = ring.next() {
+                if item.len() >= size_of::<ExtentEvent>() {
+                    // SAFETY: the kernel half writes exactly one ExtentEvent per record;
+                    // read_unaligned because ring records are only 8-byte aligned.
+                    batch.push(unsafe { item.as_ptr().cast::<ExtentEvent>().read_unaligned() });
+                }
+            }
+            guard.clear_ready();
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+        }
+    }
+
+    /// Events dropped because the ring buffer was full, since load.
+    pub fn lost_events(&self) -> anyhow::Result<u64> {
+        Ok(self.lost.get(&0, 0)?.iter().sum())
+    }
+
+    /// The ring buffer's file descriptor (for tests that count wake-ups).
+    pub fn events_fd(&self) -> i32 {
+        self.events.get_ref().as_raw_fd()
+    }
+}
+
+/// The layout of one tracepoint on this kernel, `None` when the kernel lacks the tracepoint.
+fn layout_of(tp: &Tracepoint) -> anyhow::Result<Option<TracepointLayout>> {
+    let Some(format) = tracefs::read_format(tp.category, tp.name)? else {
+        return Ok(None);
+    };
+    let field = |name: &str| {
+        tracefs::find_field(&format, name)
+            .with_context(|| format!("tracepoint {}:{} has no field {name:?}", tp.category, tp.name))
+    };
+    Ok(Some(TracepointLayout {
+        dev: field("dev")?,
+        ino: field("ino")?,
+        start: field(tp.start.0)?,
+        length: field(tp.length.0)?,
+    }))
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
+    ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"))
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit with a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+    }
+}

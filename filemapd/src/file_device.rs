@@ -1,0 +1,42 @@
+//! Which inode on which device a file is, in the encodings user space and the kernel use.
+use std::os::unix::fs::MetadataExt as _;
+
+use filemapd_common::InodeKey;
+
+/// The file's device and inode as `fstat` reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileId {
+    /// glibc's dev_t encoding.
+    pub st_dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    pub fn of(metadata: &std::fs::Metadata) -> Self {
+        Self { st_dev: metadata.dev(), ino: metadata.ino() }
+    }
+
+    /// The key the eBPF programs compare against: tracepoints print the kernel's internal
+    /// dev_t (`major << 20 | minor`), not glibc's encoding.
+    pub fn inode_key(&self) -> InodeKey {
+        InodeKey { dev: kernel_dev(self.st_dev), _pad: 0, ino: self.ino }
+    }
+}
+
+/// glibc dev_t → the kernel's internal `MKDEV(major, minor)`.
+pub fn kernel_dev(st_dev: u64) -> u32 {
+    (libc::major(st_dev) << 20) | (libc::minor(st_dev) & 0xfffff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn converts_glibc_dev_t_to_kernel_encoding() {
+        // 253:3 (a dm device) and 7:0 (loop0); glibc puts minor's high bits above major's.
+        assert_eq!(kernel_dev(libc::makedev(253, 3)), (253 << 20) | 3);
+        assert_eq!(kernel_dev(libc::makedev(7, 0)), 7 << 20);
+        assert_eq!(kernel_dev(libc::makedev(259, 300)), (259 << 20) | 300);
+    }
+}

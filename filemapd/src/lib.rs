@@ -1,0 +1,6 @@
+//! filemapd: keeps a dm-stats region group in step with one file's extents.
+pub mod dmstats;
+pub mod ebpf;
+pub mod fiemap;
+pub mod file_device;
+pub mod sectors;
