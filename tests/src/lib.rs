@@ -1,1 +1,201 @@
+//! Real parts for the integration tests: image files, loop devices, file systems, dm-linear
+//! devices. Each is a guard that undoes itself on drop (also when a test panics), so a run
+//! leaves no loop device, mount or dm device behind.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
+use anyhow::{Context as _, bail, ensure};
+
+/// Runs a command; its stdout, or an error with its stderr.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .env("DM_DISABLE_UDEV", "1")
+        .output()
+        .with_context(|| format!("cannot run {program} (is it installed?)"))?;
+    ensure!(
+        output.status.success(),
+        "{program} {} failed ({}): {}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// Fails with the reason when the test cannot run here.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test needs root (loop devices, mounts, eBPF): run it through `cargo xtask test`");
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsKind {
+    Ext4,
+    Xfs,
+}
+
+impl FsKind {
+    pub const ALL: [FsKind; 2] = [FsKind::Ext4, FsKind::Xfs];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FsKind::Ext4 => "ext4",
+            FsKind::Xfs => "xfs",
+        }
+    }
+
+    pub fn mkfs(self, device: &Path) -> anyhow::Result<()> {
+        let dev = device.to_str().context("device path")?;
+        match self {
+            FsKind::Ext4 => run("mkfs.ext4", &["-q", "-F", dev]),
+            FsKind::Xfs => run("mkfs.xfs", &["-q", "-f", dev]),
+        }
+        .map(drop)
+    }
+}
+
+/// A directory removed (with everything in it) on drop.
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    pub fn new(under: &Path, label: &str) -> anyhow::Result<Self> {
+        let dir = under.join(format!("filemapd-{label}-{}", std::process::id()));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A sparse image file attached to a loop device.
+pub struct LoopDevice {
+    pub path: PathBuf,
+}
+
+impl LoopDevice {
+    pub fn attach_new_image(image: &Path, size_mib: u64) -> anyhow::Result<Self> {
+        let file = fs::File::create(image).with_context(|| format!("creating {}", image.display()))?;
+        file.set_len(size_mib << 20)?;
+        let out = run("losetup", &["--find", "--show", image.to_str().context("image path")?])?;
+        Ok(Self { path: PathBuf::from(out.trim()) })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = run("losetup", &["-d", &self.path.to_string_lossy()]);
+    }
+}
+
+/// A dm-linear device over a whole block device.
+pub struct DmLinear {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl DmLinear {
+    pub fn create(name: &str, backing: &Path) -> anyhow::Result<Self> {
+        let backing = backing.to_str().context("backing path")?;
+        let sectors = run("blockdev", &["--getsz", backing])?;
+        let table = format!("0 {} linear {backing} 0", sectors.trim());
+        run("dmsetup", &["create", name, "--table", &table])?;
+        Ok(Self { name: name.to_string(), path: PathBuf::from(format!("/dev/mapper/{name}")) })
+    }
+}
+
+impl Drop for DmLinear {
+    fn drop(&mut self) {
+        let _ = run("dmsetup", &["remove", "--retry", &self.name]);
+    }
+}
+
+/// A mounted file system, unmounted on drop.
+pub struct Mount {
+    pub dir: PathBuf,
+}
+
+impl Mount {
+    pub fn new(device: &Path, fs: FsKind, dir: &Path) -> anyhow::Result<Self> {
+        fs::create_dir_all(dir)?;
+        fs.mkfs(device)?;
+        run("mount", &["-t", fs.name(), &device.to_string_lossy(), &dir.to_string_lossy()])?;
+        Ok(Self { dir: dir.to_path_buf() })
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = run("umount", &[&self.dir.to_string_lossy()]);
+    }
+}
+
+/// A file system on a loop device over an image in `scratch`; fields drop in reverse order
+/// of setup (mount, then device).
+pub struct LoopFs {
+    pub mount: Mount,
+    pub device: LoopDevice,
+}
+
+impl LoopFs {
+    pub fn new(scratch: &Path, fs: FsKind) -> anyhow::Result<Self> {
+        let device = LoopDevice::attach_new_image(&scratch.join(format!("{}.img", fs.name())), 512)?;
+        let mount = Mount::new(&device.path, fs, &scratch.join(format!("{}-mnt", fs.name())))?;
+        Ok(Self { mount, device })
+    }
+}
+
+/// Writes `len` bytes at `offset` (dd-style, through the page cache) and fsyncs.
+pub fn write_and_sync(path: &Path, offset: u64, len: usize) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let file = fs::OpenOptions::new().create(true).write(true).truncate(false).open(path)?;
+    file.write_all_at(&vec![0x5a; len], offset)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Punches a hole (keeping the size) with fallocate(1).
+pub fn punch_hole(path: &Path, offset: u64, len: u64) -> anyhow::Result<()> {
+    run(
+        "fallocate",
+        &["--punch-hole", "--offset", &offset.to_string(), "--length", &len.to_string(), &path.to_string_lossy()],
+    )
+    .map(drop)
+}
+
+/// A file's extents per `filefrag -v -b512`: (physical start, length) in 512-byte sectors,
+/// physically contiguous neighbours merged the way dm-stats regions are.
+pub fn filefrag_sectors(path: &Path) -> anyhow::Result<Vec<(u64, u64)>> {
+    let out = run("filefrag", &["-v", "-b512", &path.to_string_lossy()])?;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for line in out.lines() {
+        // "   0:        0..    2047:     264192..    266239:   2048:             last,eof"
+        let cols: Vec<&str> = line.split(':').map(str::trim).collect();
+        if cols.len() < 4 || cols[0].parse::<u64>().is_err() {
+            continue;
+        }
+        let flags = cols.get(4).copied().unwrap_or("");
+        if flags.contains("unknown_loc") || flags.contains("delalloc") {
+            continue;
+        }
+        let physical = cols[2].split("..").next().context("physical range")?.trim().parse::<u64>()?;
+        let length = cols[3].parse::<u64>()?;
+        match ranges.last_mut() {
+            Some((start, len)) if *start + *len == physical => *len += length,
+            _ => ranges.push((physical, length)),
+        }
+    }
+    if ranges.is_empty() && !out.contains("0 extents found") {
+        bail!("no extents parsed from filefrag output:\n{out}");
+    }
+    Ok(ranges)
+}

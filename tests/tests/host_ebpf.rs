@@ -1,0 +1,86 @@
+//! eBPF on this machine's own kernel (no device-mapper needed): the allocation programs report
+//! a watched inode's new blocks and nothing of an unwatched inode's, on ext4 and on xfs.
+use std::{fs, os::unix::fs::MetadataExt as _, path::Path, time::Duration};
+
+use filemapd::{
+    ebpf::{Tracepoint, Tracer},
+    fiemap,
+    file_device::FileId,
+};
+use filemapd_common::ExtentEvent;
+use filemapd_tests::{FsKind, LoopFs, ScratchDir, require_root, write_and_sync};
+
+/// Generous: only reached when an expected event never comes, which fails the test.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn file_id(path: &Path) -> FileId {
+    FileId::of(&fs::metadata(path).unwrap())
+}
+
+/// Reads events until one for `want` arrives; returns every event read on the way.
+async fn events_until(tracer: &mut Tracer, want: FileId) -> Vec<ExtentEvent> {
+    let mut seen = Vec::new();
+    let key = want.inode_key();
+    while !seen.iter().any(|e: &ExtentEvent| e.key == key) {
+        match tokio::time::timeout(EVENT_TIMEOUT, tracer.next_events()).await {
+            Ok(batch) => seen.extend(batch.unwrap()),
+            Err(_) => panic!("no event for {want:?} within {EVENT_TIMEOUT:?}; got {seen:?}"),
+        }
+    }
+    seen
+}
+
+async fn watched_inode_only(fs_kind: FsKind) {
+    require_root();
+    let scratch = ScratchDir::new(Path::new("/var/tmp"), &format!("ebpf-{}", fs_kind.name())).unwrap();
+    let loopfs = LoopFs::new(&scratch.0, fs_kind).unwrap();
+    let watched = loopfs.mount.dir.join("watched");
+    let unwatched = loopfs.mount.dir.join("unwatched");
+    fs::write(&watched, b"").unwrap();
+    fs::write(&unwatched, b"").unwrap();
+
+    let mut tracer = Tracer::load(16).expect("eBPF programs load on the host kernel");
+    let attached: Vec<&str> = tracer.attached().iter().map(|t| t.name).collect();
+    assert!(attached.iter().any(|n| n.starts_with(fs_kind.name())), "attached only {attached:?}");
+    tracer.watch(file_id(&watched).inode_key()).unwrap();
+
+    // The unwatched file allocates first; the ring buffer is FIFO, so by the time the watched
+    // file's event arrives, any event of the unwatched file would have been read before it.
+    write_and_sync(&unwatched, 0, 4 << 20).unwrap();
+    write_and_sync(&watched, 0, 1 << 20).unwrap();
+    let events = events_until(&mut tracer, file_id(&watched)).await;
+    let stray: Vec<_> = events.iter().filter(|e| e.key != file_id(&watched).inode_key()).collect();
+    assert!(stray.is_empty(), "events for inodes that are not watched: {stray:?}");
+
+    // The events name the logical range that FIEMAP now shows as allocated.
+    let block_size = fs::metadata(&watched).unwrap().blksize();
+    let covered: Vec<(u64, u64)> = events
+        .iter()
+        .map(|e| {
+            let tp = Tracepoint::by_index(e.source).expect("known tracepoint");
+            let (start, len) = tp.byte_range(e.start, e.length, block_size);
+            (start, start + len)
+        })
+        .collect();
+    let file = fs::File::open(&watched).unwrap();
+    let extents = fiemap::read_extents(&file, 0, u64::MAX, false).unwrap();
+    assert!(!extents.is_empty(), "the watched file has no extents after fsync");
+    for extent in extents.iter().filter(|e| e.is_placed()) {
+        let (start, end) = (extent.logical, extent.logical + extent.length);
+        assert!(
+            covered.iter().any(|&(s, e)| s <= start && end <= e),
+            "extent {start}..{end} was allocated without an event covering it; events: {covered:?}"
+        );
+    }
+    assert_eq!(tracer.lost_events().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn ext4_reports_the_watched_inode_only() {
+    watched_inode_only(FsKind::Ext4).await;
+}
+
+#[tokio::test]
+async fn xfs_reports_the_watched_inode_only() {
+    watched_inode_only(FsKind::Xfs).await;
+}

@@ -1,0 +1,145 @@
+//! Idempotent installation of everything the build and the tests need. Each step first checks
+//! whether its work is already done, so a second run takes seconds.
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd::{self, succeeds};
+
+/// Debian packages: the VM (qemu, Debian's kernel and busybox for virtme-ng's initramfs), the
+/// tools the tests drive (mkfs, losetup, dmsetup/dmstats, filefrag, fallocate), LLVM 22 for
+/// bpf-linker, and libdevmapper + libclang for devicemapper-rs's bindings.
+const APT_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "linux-image-amd64",
+    "busybox-static",
+    "kmod",
+    "e2fsprogs",
+    "xfsprogs",
+    "dmsetup",
+    "util-linux",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "libdevmapper-dev",
+    "libclang-dev",
+    "pkg-config",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const VIRTME_NG_VERSION: &str = "1.42";
+
+pub fn run() -> anyhow::Result<()> {
+    require_root()?;
+    apt_packages()?;
+    nightly_with_rust_src()?;
+    bpf_linker()?;
+    virtme_ng()?;
+    Ok(())
+}
+
+fn require_root() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("filemapd's set-up and tests need root (apt-get, loop devices, mounts, eBPF): run as root");
+    }
+    Ok(())
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !cmd::stdout(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_ok_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    cmd::status(Command::new("apt-get").args(["update", "-qq"]))?;
+    cmd::status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            // No initramfs for the VM kernel: virtme-ng boots it with its own.
+            .env("INITRD", "No")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("apt-get install failed")
+}
+
+/// The eBPF toolchain named in filemapd-ebpf/rust-toolchain.toml, with rust-src for build-std.
+pub fn ebpf_toolchain() -> anyhow::Result<String> {
+    let path = cmd::workspace_root().join("filemapd-ebpf/rust-toolchain.toml");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("channel"))
+        .filter_map(|l| l.trim().strip_prefix('='))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .next()
+        .with_context(|| format!("no channel in {}", path.display()))
+}
+
+fn nightly_with_rust_src() -> anyhow::Result<()> {
+    let toolchain = ebpf_toolchain()?;
+    if !succeeds(Command::new("rustup").args(["run", &toolchain, "rustc", "--version"])) {
+        bail!("the Rust toolchain {toolchain:?} is not installed: run `rustup toolchain install {toolchain}`");
+    }
+    let sysroot = cmd::stdout(Command::new("rustup").args(["run", &toolchain, "rustc", "--print", "sysroot"]))?;
+    if Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core").is_dir() {
+        return Ok(());
+    }
+    eprintln!("setup: adding rust-src to {toolchain}");
+    cmd::status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &toolchain]))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    if cmd::stdout(Command::new("bpf-linker").arg("--version"))
+        .is_ok_and(|v| v.contains(BPF_LINKER_VERSION))
+    {
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+    // Its build script finds LLVM through llvm-config, which Debian keeps off PATH.
+    let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+    cmd::status(
+        Command::new("cargo")
+            .args(["install", "--locked", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("PATH", path),
+    )
+    .context("installing bpf-linker failed")
+}
+
+/// virtme-ng's `vng`: on PATH, or in the scripts directory of the python3 that installed it
+/// (pyenv shims and `--user` installs are not always on a CI shell's PATH).
+pub fn vng() -> std::path::PathBuf {
+    let scripts = cmd::stdout(Command::new("python3").args([
+        "-c",
+        "import sysconfig; print(sysconfig.get_path('scripts'))",
+    ]));
+    match scripts {
+        Ok(dir) if Path::new(dir.trim()).join("vng").is_file() => Path::new(dir.trim()).join("vng"),
+        _ => "vng".into(),
+    }
+}
+
+fn virtme_ng() -> anyhow::Result<()> {
+    if cmd::stdout(Command::new(vng()).arg("--version")).is_ok_and(|v| v.contains(VIRTME_NG_VERSION)) {
+        return Ok(());
+    }
+    eprintln!("setup: installing virtme-ng {VIRTME_NG_VERSION}");
+    cmd::status(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--root-user-action=ignore",
+        &format!("virtme-ng=={VIRTME_NG_VERSION}"),
+    ]))
+    .context("pip install virtme-ng failed")
+}

@@ -1,0 +1,140 @@
+//! `cargo xtask test`: unit tests, eBPF tests on this kernel, device-mapper tests in one VM
+//! boot; ends with one line `N passed, N failed`.
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{cmd, setup, vm};
+
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    /// Stages that failed without reporting a failed test (build errors, crashes).
+    broken: Vec<String>,
+}
+
+impl Tally {
+    /// Adds the `test result:` lines of libtest output; a stage that failed without any
+    /// failed test counts as one failure, so a crash is never reported as a pass.
+    fn add(&mut self, stage: &str, output: &str, success: bool) {
+        let mut failed_here = 0;
+        for line in output.lines().filter_map(|l| l.trim().strip_prefix("test result: ")) {
+            let count = |word: &str| -> u64 {
+                line.split([';', '.'])
+                    .find_map(|part| part.trim().strip_suffix(word)?.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            self.passed += count(" passed");
+            failed_here += count(" failed");
+        }
+        self.failed += failed_here;
+        if !success && failed_here == 0 {
+            self.failed += 1;
+            self.broken.push(stage.to_string());
+        }
+    }
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let started = Instant::now();
+    setup::run()?;
+    let mut tally = Tally::default();
+
+    eprintln!("== unit tests");
+    let (out, ok) = cargo_test(&[])?;
+    tally.add("unit tests", &out, ok);
+
+    eprintln!("== eBPF tests on the host kernel");
+    let (out, ok) = cargo_test(&["-p", "filemapd-tests", "--test", "host_ebpf", "--", "--test-threads=1"])?;
+    tally.add("host eBPF tests", &out, ok);
+
+    eprintln!("== device-mapper tests in the VM");
+    match vm_tests() {
+        Ok((out, ok)) => tally.add("VM tests", &out, ok),
+        Err(e) => {
+            eprintln!("VM tests could not run: {e:#}");
+            tally.add("VM tests", "", false);
+        }
+    }
+
+    eprintln!("== done in {:.0?}", started.elapsed());
+    for stage in &tally.broken {
+        eprintln!("{stage}: failed before reporting test results (see above)");
+    }
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    if tally.failed > 0 {
+        bail!("{} test(s) failed", tally.failed);
+    }
+    Ok(())
+}
+
+/// Runs `cargo test ARGS`, echoing and returning its stdout.
+fn cargo_test(args: &[&str]) -> anyhow::Result<(String, bool)> {
+    let mut child = Command::new(env!("CARGO"))
+        .arg("test")
+        .args(args)
+        .current_dir(cmd::workspace_root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot start cargo test")?;
+    let mut out = String::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        out.push_str(&line);
+        out.push('\n');
+    }
+    Ok((out, child.wait()?.success()))
+}
+
+/// Builds the VM test binary on the host and runs it inside one VM boot.
+fn vm_tests() -> anyhow::Result<(String, bool)> {
+    let binary = test_binary("vm_dm")?;
+    let script = format!("modprobe -a dm_mod loop && {} --test-threads=1", binary.display());
+    let out = vm::run(&script, vm::DEFAULT_TIMEOUT)?;
+    println!("{}", out.output);
+    eprintln!("(VM boot + tests: {:.1?})", out.elapsed);
+    Ok((out.output, out.success))
+}
+
+/// Builds one integration-test target and returns its executable.
+pub fn test_binary(target: &str) -> anyhow::Result<PathBuf> {
+    let json = cmd::stdout(
+        Command::new(env!("CARGO"))
+            .args(["test", "-p", "filemapd-tests", "--test", target, "--no-run", "--message-format=json"])
+            .current_dir(cmd::workspace_root()),
+    )?;
+    json.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["target"]["name"] == target)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo built no executable for test target {target}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_counts_libtest_summaries() {
+        let mut t = Tally::default();
+        t.add("a", "test result: ok. 25 passed; 0 failed; 0 ignored; 0 measured\n", true);
+        t.add("b", "test result: FAILED. 1 passed; 2 failed; 0 ignored\n", false);
+        assert_eq!((t.passed, t.failed), (26, 2));
+        assert!(t.broken.is_empty());
+    }
+
+    #[test]
+    fn a_stage_that_dies_without_results_counts_as_a_failure() {
+        let mut t = Tally::default();
+        t.add("vm", "kernel panic\n", false);
+        assert_eq!((t.passed, t.failed), (0, 1));
+        assert_eq!(t.broken, vec!["vm".to_string()]);
+    }
+}

@@ -1,0 +1,94 @@
+//! The device-mapper VM: Debian's kernel under qemu's software emulation (this machine's
+//! /dev/kvm cannot run stock kernels), booted by virtme-ng with the host's root file system
+//! shared read-only, so binaries built here run unchanged inside. One boot runs one script;
+//! callers batch their tests into it.
+use std::{
+    io::Read as _,
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(900);
+
+pub struct VmOutput {
+    /// Whether the script exited 0 inside the guest.
+    pub success: bool,
+    pub status: String,
+    /// The guest's console output (stdout and stderr).
+    pub output: String,
+    pub elapsed: Duration,
+}
+
+/// Newest Debian kernel image in /boot.
+pub fn kernel() -> anyhow::Result<PathBuf> {
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .context("reading /boot")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .collect();
+    kernels.sort();
+    kernels.pop().context("no kernel in /boot (linux-image-amd64): run `cargo xtask setup`")
+}
+
+/// Boots the VM, runs `script` with /bin/sh inside it, and returns its status and output.
+/// Kills the whole qemu process group if it is not done within `timeout`.
+pub fn run(script: &str, timeout: Duration) -> anyhow::Result<VmOutput> {
+    let kernel = kernel()?;
+    if !crate::cmd::succeeds(Command::new("qemu-system-x86_64").arg("--version")) {
+        bail!("qemu-system-x86_64 not found: run `cargo xtask setup`");
+    }
+    let started = Instant::now();
+    let mut child = Command::new(crate::setup::vng())
+        .args(["--disable-kvm", "--memory", "2G", "--cpus", "2", "--run"])
+        .arg(&kernel)
+        .arg("--exec")
+        .arg(script)
+        // vng crashes on a closed stdin, and its output must be read through a pipe.
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .context("cannot start vng (virtme-ng): run `cargo xtask setup`")?;
+    let pgid = child.id() as i32;
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if started.elapsed() > timeout {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Whatever happened, no qemu of ours outlives this call.
+    // SAFETY: signalling our own child's process group.
+    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    let _ = child.wait();
+    let mut output = out_reader.join().unwrap_or_default();
+    output.push_str(&err_reader.join().unwrap_or_default());
+    let Some(status) = status else {
+        bail!("the VM did not finish within {timeout:?}; its output:\n{output}");
+    };
+    Ok(VmOutput {
+        success: status.success(),
+        status: status.to_string(),
+        output,
+        elapsed: started.elapsed(),
+    })
+}
