@@ -52,8 +52,8 @@ fn apt_packages() -> anyhow::Result<()> {
         .iter()
         .copied()
         .filter(|p| {
-            !cmd::stdout(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
-                .is_ok_and(|s| s.contains("install ok installed"))
+            let status = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !status.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
         })
         .collect();
     if missing.is_empty() {
