@@ -3,4 +3,5 @@ pub mod dmstats;
 pub mod ebpf;
 pub mod fiemap;
 pub mod file_device;
+pub mod reconcile;
 pub mod sectors;
