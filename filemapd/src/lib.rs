@@ -1,4 +1,5 @@
 //! filemapd: keeps a dm-stats region group in step with one file's extents.
+pub mod args;
 pub mod dmstats;
 pub mod ebpf;
 pub mod fiemap;
