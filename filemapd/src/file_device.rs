@@ -28,6 +28,25 @@ pub fn kernel_dev(st_dev: u64) -> u32 {
     (libc::major(st_dev) << 20) | (libc::minor(st_dev) & 0xfffff)
 }
 
+/// btrfs's statfs magic: its FIEMAP reports logical addresses within its own chunk mapping,
+/// not places on the block device.
+const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
+
+/// Refuses files whose extents cannot be turned into regions: not a regular file, or on btrfs.
+/// (Whether the device is a device-mapper device is checked when the device is opened.)
+pub fn check_mappable(file: &std::fs::File, path: &std::path::Path) -> anyhow::Result<std::fs::Metadata> {
+    use anyhow::Context as _;
+    let metadata = file.metadata().with_context(|| format!("fstat {}", path.display()))?;
+    anyhow::ensure!(metadata.is_file(), "{} is not a regular file", path.display());
+    let fs = nix::sys::statfs::fstatfs(file).with_context(|| format!("fstatfs {}", path.display()))?;
+    anyhow::ensure!(
+        fs.filesystem_type().0 as i64 != BTRFS_SUPER_MAGIC,
+        "{}: btrfs does not provide physical FIEMAP extent data",
+        path.display()
+    );
+    Ok(metadata)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,12 @@
 //! filemapd: keeps a dm-stats region group in step with one file's extents.
 pub mod args;
+pub mod daemonize;
 pub mod dmstats;
 pub mod ebpf;
 pub mod fiemap;
+pub mod follow;
+pub mod group;
+pub mod monitor;
 pub mod file_device;
 pub mod reconcile;
 pub mod sectors;

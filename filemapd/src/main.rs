@@ -1,17 +1,35 @@
-//! filemapd's command line. For now: `filemapd show FILE [GROUP_ID]`, which prints a file's
-//! extents next to the regions of its dm-stats group. The dmfilemapd-compatible daemon form
-//! comes with issue 3.
-use std::{fs, os::unix::fs::MetadataExt as _, path::PathBuf, process::ExitCode};
+//! filemapd's command line. Installed as `dmfilemapd` it takes exactly lvm2's arguments:
+//! `dmfilemapd <fd> <group_id> <abs_path> <mode> [<foreground>[<verbose>]]`. As `filemapd` it
+//! takes the same arguments plus flags, and `filemapd show FILE [GROUP_ID]` prints a file's
+//! extents beside its group's regions.
+use std::{fs, os::unix::fs::MetadataExt as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use filemapd::{dmstats, fiemap, sectors::SectorRange};
+use filemapd::{
+    args::{self, DaemonArgs},
+    daemonize::daemonize,
+    dmstats, fiemap,
+    monitor::Monitor,
+    sectors::SectorRange,
+};
 
 #[derive(Parser)]
-#[command(version, about = "Keeps a dm-stats region group in step with a file's extents")]
+#[command(
+    version,
+    about = "Keeps a dm-stats region group in step with a file's extents (drop-in dmfilemapd)",
+    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd show <FILE> [GROUP_ID]",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// Seconds between checks of the file and the group (lvm2: 0.5).
+    #[arg(long, default_value = "0.5", value_parser = parse_interval)]
+    interval: Duration,
+    /// dmfilemapd's positional arguments.
+    #[arg(value_name = "ARGS", allow_hyphen_values = true)]
+    daemon_args: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -25,16 +43,80 @@ enum Command {
     },
 }
 
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text.parse().map_err(|_| format!("not a number of seconds: {text}"))?;
+    if !(0.01..=3600.0).contains(&seconds) {
+        return Err(format!("interval {seconds} s is outside 0.01..3600"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let argv: Vec<String> = std::env::args().collect();
+    let invoked_as = argv.first().and_then(|a| a.rsplit('/').next()).unwrap_or("");
+    if invoked_as == "dmfilemapd" {
+        return match args::parse(&argv[1..]) {
+            Ok(args) => run_daemon(&args, Duration::from_millis(500)),
+            Err(e) => fail(&e.to_string()),
+        };
+    }
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Show { path, group_id } => show(&path, group_id),
+    match cli.command {
+        Some(Command::Show { path, group_id }) => {
+            init_logging(0);
+            match show(&path, group_id) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("{e:#}")),
+            }
+        }
+        None => match args::parse(&cli.daemon_args) {
+            Ok(args) => run_daemon(&args, cli.interval),
+            Err(e) => fail(&e.to_string()),
+        },
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("{message}");
+    ExitCode::FAILURE
+}
+
+/// verbose 0: warnings and errors; 1..3: info, debug, trace. RUST_LOG overrides.
+fn init_logging(verbose: u8) {
+    let level = ["warn", "info", "debug", "trace"][usize::from(verbose.min(3))];
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_millis()
+        .init();
+}
+
+fn run_daemon(args: &DaemonArgs, interval: Duration) -> ExitCode {
+    init_logging(args.verbose);
+    log::info!(
+        "Starting dmfilemapd with fd={}, group_id={} mode={}, path=\"{}\"",
+        args.fd,
+        args.group_id,
+        args.mode,
+        args.path.display()
+    );
+    let mut monitor = match Monitor::new(args, interval) {
+        Ok(monitor) => monitor,
+        Err(e) => return fail(&format!("{e:#}")),
     };
+    if !args.foreground {
+        if let Err(e) = daemonize(&monitor.open_fds(), args.verbose) {
+            return fail(&format!("{e:#}"));
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let result = runtime.context("starting the runtime").and_then(|rt| rt.block_on(monitor.run()));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(exit) => {
+            log::info!("{}", exit.message());
+            ExitCode::SUCCESS
+        }
         Err(e) => {
-            eprintln!("filemapd: {e:#}");
+            log::error!("{e:#}");
+            log::error!("Exiting");
             ExitCode::FAILURE
         }
     }

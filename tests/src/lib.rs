@@ -11,9 +11,15 @@ use anyhow::{Context as _, bail, ensure};
 
 /// Runs a command; its stdout, or an error with its stderr.
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    run_env(program, args, &[])
+}
+
+/// [`run`] with extra environment variables.
+pub fn run_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> {
     let output = Command::new(program)
         .args(args)
         .env("DM_DISABLE_UDEV", "1")
+        .envs(env.iter().copied())
         .output()
         .with_context(|| format!("cannot run {program} (is it installed?)"))?;
     ensure!(
@@ -154,6 +160,48 @@ impl LoopFs {
     }
 }
 
+pub fn require_device_mapper() {
+    require_root();
+    if !Path::new("/dev/mapper/control").exists() {
+        panic!("no /dev/mapper/control: this test needs a device-mapper kernel (`cargo xtask test` boots one)");
+    }
+}
+
+/// A file system on dm-linear over a loop device over an image in /tmp; drops in reverse
+/// order of setup.
+pub struct DmFs {
+    pub mount: Mount,
+    /// The dm device's name (what dmstats commands take).
+    pub name: String,
+    _dm: DmLinear,
+    _loop: LoopDevice,
+    _scratch: ScratchDir,
+}
+
+impl DmFs {
+    pub fn new(fs: FsKind) -> anyhow::Result<Self> {
+        let name = format!("filemapd-test-{}", fs.name());
+        let scratch = ScratchDir::new(Path::new("/tmp"), &name)?;
+        let lo = LoopDevice::attach_new_image(&scratch.0.join("backing.img"), 512)?;
+        let dm = DmLinear::create(&name, &lo.path)?;
+        let mount = Mount::new(&dm.path, fs, &scratch.0.join("mnt"))?;
+        Ok(Self { mount, name, _dm: dm, _loop: lo, _scratch: scratch })
+    }
+}
+
+impl Drop for DmFs {
+    /// A failed test may leave a daemon holding a file here, which would keep the file system
+    /// busy and the next test's device from being created: stop such daemons first.
+    fn drop(&mut self) {
+        let dir = self.mount.dir.to_string_lossy().into_owned();
+        for pid in pids_with_arg_under("dmfilemapd", &dir) {
+            // SAFETY: signalling a process by pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = wait_for_exit(pid, std::time::Duration::from_secs(10));
+        }
+    }
+}
+
 /// Writes `len` bytes at `offset` (dd-style, through the page cache) and fsyncs.
 pub fn write_and_sync(path: &Path, offset: u64, len: usize) -> anyhow::Result<()> {
     use std::os::unix::fs::FileExt as _;
@@ -198,4 +246,76 @@ pub fn filefrag_sectors(path: &Path) -> anyhow::Result<Vec<(u64, u64)>> {
         bail!("no extents parsed from filefrag output:\n{out}");
     }
     Ok(ranges)
+}
+
+/// The region rows of `dmstats list --units s DEVICE` (columns: Name GrpID RgID ObjType
+/// RgStart RgSize ...) as (start, length) in sectors, in the order dmstats lists them.
+pub fn dmstats_list_regions(device: &str) -> anyhow::Result<Vec<(u64, u64)>> {
+    let listing = run("dmstats", &["list", "--units", "s", device])?;
+    listing
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|cols| cols.len() >= 6 && cols[3] == "region")
+        .map(|cols| Ok((cols[4].parse()?, cols[5].parse()?)))
+        .collect()
+}
+
+/// Polls `condition` every 50 ms until it holds or `timeout` passes (then fails with `what`).
+/// For state that changes without an event anyone can wait on (the kernel's region table).
+pub fn wait_until(
+    what: &str,
+    timeout: std::time::Duration,
+    mut condition: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if condition()? {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Waits for a process that is not our child to exit, on a pidfd (an event, not a poll loop).
+/// Returns false if it is still running after `timeout`.
+pub fn wait_for_exit(pid: i32, timeout: std::time::Duration) -> anyhow::Result<bool> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        // Already gone (ESRCH) counts as exited.
+        return Ok(std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH));
+    }
+    let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd; the descriptor is closed right after.
+    let ready = unsafe { libc::poll(&mut poll, 1, timeout.as_millis() as i32) };
+    unsafe { libc::close(fd) };
+    Ok(ready == 1)
+}
+
+/// Pids of running processes whose argv[0] ends in `name` and whose arguments include `arg`.
+pub fn pids_of(name: &str, arg: &str) -> Vec<i32> {
+    pids_matching(name, |a| a == arg.as_bytes())
+}
+
+/// Pids of running processes whose argv[0] ends in `name` with an argument under `dir`.
+pub fn pids_with_arg_under(name: &str, dir: &str) -> Vec<i32> {
+    pids_matching(name, |a| a.starts_with(dir.as_bytes()))
+}
+
+fn pids_matching(name: &str, arg_matches: impl Fn(&[u8]) -> bool) -> Vec<i32> {
+    let Ok(procs) = fs::read_dir("/proc") else { return Vec::new() };
+    procs
+        .filter_map(Result::ok)
+        .filter_map(|p| Some((p.file_name().to_str()?.parse::<i32>().ok()?, p.path())))
+        .filter(|(_, dir)| {
+            let Ok(cmdline) = fs::read(dir.join("cmdline")) else { return false };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.first().is_some_and(|a0| a0.ends_with(name.as_bytes()))
+                && args.iter().any(|a| arg_matches(a))
+        })
+        .map(|(pid, _)| pid)
+        .collect()
 }

@@ -5,34 +5,9 @@ use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
 
 use filemapd::{dmstats, fiemap, sectors::SectorRange};
 use filemapd_tests::{
-    DmLinear, FsKind, LoopDevice, Mount, ScratchDir, filefrag_sectors, punch_hole, require_root,
-    run, write_and_sync,
+    DmFs, FsKind, dmstats_list_regions, filefrag_sectors, punch_hole, require_device_mapper, run,
+    write_and_sync,
 };
-
-fn require_device_mapper() {
-    require_root();
-    if !Path::new("/dev/mapper/control").exists() {
-        panic!("no /dev/mapper/control: this test needs a device-mapper kernel (`cargo xtask test` boots one)");
-    }
-}
-
-/// A file system on dm-linear over a loop device; drops in reverse order of setup.
-struct DmFs {
-    mount: Mount,
-    _dm: DmLinear,
-    _loop: LoopDevice,
-    _scratch: ScratchDir,
-}
-
-impl DmFs {
-    fn new(fs: FsKind) -> Self {
-        let scratch = ScratchDir::new(Path::new("/tmp"), &format!("dm-{}", fs.name())).unwrap();
-        let lo = LoopDevice::attach_new_image(&scratch.0.join("backing.img"), 512).unwrap();
-        let dm = DmLinear::create(&format!("filemapd-test-{}", fs.name()), &lo.path).unwrap();
-        let mount = Mount::new(&dm.path, fs, &scratch.0.join("mnt")).unwrap();
-        Self { mount, _dm: dm, _loop: lo, _scratch: scratch }
-    }
-}
 
 /// Writes 8 MiB and punches three holes in it, so the file has four separate extents.
 fn make_fragmented_file(path: &Path) {
@@ -54,7 +29,7 @@ fn created_group_id(dmstats_output: &str) -> u64 {
 
 fn debian_filemap_matches_fiemap(fs_kind: FsKind) {
     require_device_mapper();
-    let dmfs = DmFs::new(fs_kind);
+    let dmfs = DmFs::new(fs_kind).unwrap();
     let path = dmfs.mount.dir.join("data.img");
     make_fragmented_file(&path);
 
@@ -88,26 +63,15 @@ fn debian_filemap_matches_fiemap(fs_kind: FsKind) {
     }
 
     // Debian's own `dmstats list` shows the same regions.
-    let listed = run("dmstats", &["list", "--units", "s", &dmfs_name(fs_kind)]).unwrap();
-    assert_eq!(dmstats_list_regions(&listed), fiemap_ranges, "dmstats list:\n{listed}");
+    let listed: Vec<SectorRange> = dmstats_list_regions(&dmfs.name)
+        .unwrap()
+        .into_iter()
+        .map(|(s, l)| SectorRange::new(s, l))
+        .collect();
+    assert_eq!(listed, fiemap_ranges, "dmstats list disagrees");
 
-    run("dmstats", &["delete", "--allregions", &dmfs_name(fs_kind)]).unwrap();
+    run("dmstats", &["delete", "--allregions", &dmfs.name]).unwrap();
     assert!(device.list(None).unwrap().is_empty(), "regions left after dmstats delete");
-}
-
-/// The region rows of `dmstats list --units s` (columns: Name GrpID RgID ObjType RgStart
-/// RgSize ...), as sector ranges.
-fn dmstats_list_regions(listing: &str) -> Vec<SectorRange> {
-    listing
-        .lines()
-        .map(|line| line.split_whitespace().collect::<Vec<_>>())
-        .filter(|cols| cols.len() >= 6 && cols[3] == "region")
-        .map(|cols| SectorRange::new(cols[4].parse().unwrap(), cols[5].parse().unwrap()))
-        .collect()
-}
-
-fn dmfs_name(fs: FsKind) -> String {
-    format!("filemapd-test-{}", fs.name())
 }
 
 #[test]

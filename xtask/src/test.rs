@@ -93,10 +93,19 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<(String, bool)> {
     Ok((out, child.wait()?.success()))
 }
 
-/// Builds the VM test binary on the host and runs it inside one VM boot.
+/// Device-mapper test targets; all run in one VM boot.
+const VM_TEST_TARGETS: &[&str] = &["vm_dm", "vm_daemon"];
+
+/// Builds the VM test binaries (and the daemon they launch) on the host and runs them inside
+/// one VM boot.
 fn vm_tests() -> anyhow::Result<(String, bool)> {
-    let binary = test_binary("vm_dm")?;
-    let script = format!("modprobe -a dm_mod loop && {} --test-threads=1", binary.display());
+    cmd::status(Command::new(env!("CARGO")).args(["build", "-p", "filemapd"]).current_dir(cmd::workspace_root()))?;
+    let mut script = String::from("modprobe -a dm_mod loop || exit 1; status=0");
+    for target in VM_TEST_TARGETS {
+        let binary = test_binary(target)?;
+        script.push_str(&format!("; {} --test-threads=1 || status=1", binary.display()));
+    }
+    script.push_str("; exit $status");
     let out = vm::run(&script, vm::DEFAULT_TIMEOUT)?;
     println!("{}", out.output);
     eprintln!("(VM boot + tests: {:.1?})", out.elapsed);

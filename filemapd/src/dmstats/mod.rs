@@ -44,6 +44,12 @@ impl StatsDevice {
         &self.name
     }
 
+    /// The /dev/mapper/control descriptor (kept open when daemonizing).
+    pub fn control_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd as _;
+        self.dm.as_raw_fd()
+    }
+
     pub fn device_number(&self) -> (u32, u32) {
         (self.major, self.minor)
     }

@@ -1,0 +1,244 @@
+//! The drop-in daemon against real device-mapper (run inside the VM by `cargo xtask test`):
+//! Debian's `dmstats create --filemap` launches filemapd installed as `dmfilemapd`, and the
+//! group follows the file as it grows, shrinks, is replaced or goes away — on ext4 and xfs.
+use std::{
+    fs,
+    os::unix::fs::{MetadataExt as _, symlink},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use filemapd::{
+    dmstats::{Region, StatsDevice},
+    fiemap,
+    sectors::SectorRange,
+};
+use filemapd_tests::{
+    DmFs, FsKind, dmstats_list_regions, pids_of, punch_hole, require_device_mapper, run, run_env,
+    wait_for_exit, wait_until, write_and_sync,
+};
+
+/// Generous bounds for an emulated VM; only reached when something is wrong.
+const CONVERGE: Duration = Duration::from_secs(30);
+const EXIT: Duration = Duration::from_secs(30);
+
+/// A directory holding `dmfilemapd` → filemapd, to put first on dmstats' PATH.
+fn drop_in_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let filemapd = exe.parent().unwrap().parent().unwrap().join("filemapd");
+    assert!(filemapd.is_file(), "{} is missing: build it with `cargo build -p filemapd`", filemapd.display());
+    let dir = PathBuf::from("/tmp/filemapd-drop-in");
+    fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("dmfilemapd");
+    let _ = fs::remove_file(&link);
+    symlink(&filemapd, &link).unwrap();
+    dir
+}
+
+/// `dmstats create --filemap EXTRA... PATH` with filemapd as dmfilemapd; returns the group id
+/// and the pid of the daemon dmstats started.
+fn map_and_monitor(path: &Path, extra: &[&str]) -> (u64, i32) {
+    let search_path = format!("{}:{}", drop_in_dir().display(), std::env::var("PATH").unwrap());
+    let mut args = vec!["create", "--filemap"];
+    args.extend(extra);
+    let path_arg = path.to_string_lossy();
+    args.push(&path_arg);
+    let out = run_env("dmstats", &args, &[("PATH", &search_path)]).unwrap();
+    let group_id: u64 = out
+        .split("group ID ")
+        .nth(1)
+        .and_then(|t| t.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+        .unwrap_or_else(|| panic!("no group ID in dmstats output: {out:?}"));
+    // dmstats double-forks before exec: the daemon appears shortly after dmstats returns.
+    let mut pids = Vec::new();
+    wait_until("dmstats to start dmfilemapd", CONVERGE, || {
+        pids = pids_of("dmfilemapd", &path_arg);
+        Ok(!pids.is_empty())
+    })
+    .unwrap();
+    assert_eq!(pids.len(), 1, "more than one daemon for {path_arg}: {pids:?}");
+    (group_id, pids[0])
+}
+
+fn device_of(path: &Path) -> StatsDevice {
+    StatsDevice::for_st_dev(fs::metadata(path).unwrap().dev()).unwrap()
+}
+
+/// The file's extents as regions should be, sorted.
+fn file_ranges(path: &Path) -> Vec<SectorRange> {
+    let file = fs::File::open(path).unwrap();
+    let mut ranges = fiemap::device_ranges(&fiemap::read_extents(&file, 0, u64::MAX, false).unwrap());
+    ranges.sort_unstable();
+    ranges
+}
+
+/// The group with this alias: its leader id and member regions.
+fn group_by_alias(device: &StatsDevice, alias: &str) -> Option<(u64, Vec<Region>)> {
+    let regions = device.list(None).unwrap();
+    let leader = regions.iter().find(|r| {
+        r.group().ok().flatten().is_some_and(|g| g.alias == alias && g.leader() == Some(r.id))
+    })?;
+    let (leader_id, members) = (leader.id, leader.group().unwrap().unwrap().members);
+    let regions = regions.into_iter().filter(|r| members.contains(&r.id)).collect();
+    Some((leader_id, regions))
+}
+
+/// Whether the group's regions equal the file's extents, in filemapd's and in dmstats' view.
+fn converged(dmfs: &DmFs, path: &Path, alias: &str) -> anyhow::Result<bool> {
+    let Some((_, members)) = group_by_alias(&device_of(path), alias) else { return Ok(false) };
+    let mut ours: Vec<SectorRange> = members.iter().map(|r| r.range).collect();
+    ours.sort_unstable();
+    let wanted = file_ranges(path);
+    let mut listed: Vec<SectorRange> = dmstats_list_regions(&dmfs.name)?
+        .into_iter()
+        .map(|(s, l)| SectorRange::new(s, l))
+        .filter(|r| wanted.contains(r) || ours.contains(r))
+        .collect();
+    listed.sort_unstable();
+    Ok(ours == wanted && listed == wanted)
+}
+
+fn wait_converged(dmfs: &DmFs, path: &Path, alias: &str, after: &str) {
+    wait_until(&format!("regions to match the file after {after}"), CONVERGE, || converged(dmfs, path, alias))
+        .unwrap_or_else(|e| {
+            panic!("{e}\nfile: {:?}\ndmstats list:\n{}", file_ranges(path), run("dmstats", &["list", "--units", "s", &dmfs.name]).unwrap())
+        });
+}
+
+fn append(path: &Path, mib: u64) {
+    let len = fs::metadata(path).unwrap().len();
+    write_and_sync(path, len, (mib << 20) as usize).unwrap();
+}
+
+/// A region of the user's own, outside any group, listed whole (id, place, aux data).
+fn user_region(dmfs: &DmFs) -> String {
+    run("dmstats", &["create", "--start", "8", "--length", "16", &dmfs.name]).unwrap();
+    region_line(dmfs, |r| r.range == SectorRange::new(8, 16))
+}
+
+fn region_line(dmfs: &DmFs, which: impl Fn(&Region) -> bool) -> String {
+    let path = dmfs.mount.dir.clone();
+    let regions = device_of(&path).list(None).unwrap();
+    let r = regions.iter().find(|r| which(r)).expect("region present");
+    format!("{} {} {} {} {:?}", r.id, r.range, r.program_id, r.aux_data, r.settings)
+}
+
+fn grow_shrink_and_group_delete(fs_kind: FsKind) {
+    require_device_mapper();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let mine = user_region(&dmfs);
+    let path = dmfs.mount.dir.join("disk.img");
+    write_and_sync(&path, 0, 4 << 20).unwrap();
+    let (group_id, pid) = map_and_monitor(&path, &[]);
+    wait_converged(&dmfs, &path, "disk.img", "mapping");
+
+    append(&path, 4);
+    wait_converged(&dmfs, &path, "disk.img", "appending 4 MiB");
+    punch_hole(&path, 2 << 20, 1 << 20).unwrap();
+    wait_converged(&dmfs, &path, "disk.img", "punching a hole");
+    fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(3 << 20).unwrap();
+    wait_converged(&dmfs, &path, "disk.img", "truncating to 3 MiB");
+    append(&path, 2);
+    wait_converged(&dmfs, &path, "disk.img", "appending 2 MiB more");
+
+    assert_eq!(region_line(&dmfs, |r| r.range == SectorRange::new(8, 16)), mine, "the user's region changed");
+    let (current, _) = group_by_alias(&device_of(&path), "disk.img").unwrap();
+    run("dmstats", &["delete", "--groupid", &current.to_string(), &dmfs.name]).unwrap();
+    assert!(wait_for_exit(pid, EXIT).unwrap(), "daemon {pid} still runs after its group {current} (was {group_id}) was deleted");
+    assert_eq!(region_line(&dmfs, |r| r.range == SectorRange::new(8, 16)), mine, "the user's region changed");
+}
+
+fn inode_mode_exits_when_unlinked_and_closed(fs_kind: FsKind) {
+    require_device_mapper();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let path = dmfs.mount.dir.join("scratch.img");
+    write_and_sync(&path, 0, 2 << 20).unwrap();
+    let (_, pid) = map_and_monitor(&path, &["--follow", "inode"]);
+    // Another process holds the file: unlinking alone must not stop the daemon.
+    let mut holder = Command::new("sleep").arg("600").stdin(fs::File::open(&path).unwrap()).spawn().unwrap();
+    fs::remove_file(&path).unwrap();
+    let exited_while_held = wait_for_exit(pid, Duration::from_secs(3)).unwrap();
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(!exited_while_held, "daemon exited although another process held the unlinked file");
+    assert!(wait_for_exit(pid, EXIT).unwrap(), "daemon {pid} still runs after the file was unlinked and closed");
+}
+
+fn path_mode_follows_a_replaced_file(fs_kind: FsKind) {
+    require_device_mapper();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let path = dmfs.mount.dir.join("vm.img");
+    write_and_sync(&path, 0, 2 << 20).unwrap();
+    let (_, pid) = map_and_monitor(&path, &["--follow", "path"]);
+    wait_converged(&dmfs, &path, "vm.img", "mapping");
+    let old = file_ranges(&path);
+    let replacement = dmfs.mount.dir.join("vm.img.new");
+    write_and_sync(&replacement, 0, 6 << 20).unwrap();
+    fs::rename(&replacement, &path).unwrap();
+    wait_converged(&dmfs, &path, "vm.img", "replacing the file");
+    assert_ne!(file_ranges(&path), old, "the replacement should sit elsewhere");
+    let (current, _) = group_by_alias(&device_of(&path), "vm.img").unwrap();
+    run("dmstats", &["delete", "--groupid", &current.to_string(), &dmfs.name]).unwrap();
+    assert!(wait_for_exit(pid, EXIT).unwrap());
+}
+
+fn new_regions_keep_precise_bounds_and_alias(fs_kind: FsKind) {
+    require_device_mapper();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let path = dmfs.mount.dir.join("db.img");
+    write_and_sync(&path, 0, 2 << 20).unwrap();
+    let (group_id, pid) =
+        map_and_monitor(&path, &["--precise", "--bounds", "10ms,20ms,30ms", "--alias", "dbvol"]);
+    let device = device_of(&path);
+    let leader = device.list(None).unwrap().into_iter().find(|r| r.id == group_id).unwrap();
+    let leader_settings = leader.settings.clone();
+    // Debian's dmstats 1.02.185 keeps the bounds (in ms) but drops --precise for filemaps.
+    assert_eq!(leader_settings.histogram, vec![10, 20, 30], "{leader_settings:?}");
+
+    append(&path, 3);
+    punch_hole(&path, 0, 1 << 20).unwrap(); // the leader's extent changes: the group moves
+    wait_converged(&dmfs, &path, "dbvol", "growing and punching the first MiB");
+    let (new_id, members) = group_by_alias(&device, "dbvol").expect("alias survives the regroup");
+    // The leader's region had to go (its extent changed); the kernel may hand its id out again.
+    assert!(members.iter().all(|r| r.range != leader.range), "the old leader region survived: {members:?}");
+    for region in &members {
+        assert_eq!(region.settings, leader_settings, "region {} differs from the leader", region.id);
+        assert_eq!(region.step, region.range.len);
+    }
+    run("dmstats", &["delete", "--groupid", &new_id.to_string(), &dmfs.name]).unwrap();
+    assert!(wait_for_exit(pid, EXIT).unwrap());
+}
+
+#[test]
+fn ext4_grow_shrink_and_group_delete() {
+    grow_shrink_and_group_delete(FsKind::Ext4);
+}
+#[test]
+fn xfs_grow_shrink_and_group_delete() {
+    grow_shrink_and_group_delete(FsKind::Xfs);
+}
+#[test]
+fn ext4_inode_mode_exits_when_unlinked_and_closed() {
+    inode_mode_exits_when_unlinked_and_closed(FsKind::Ext4);
+}
+#[test]
+fn xfs_inode_mode_exits_when_unlinked_and_closed() {
+    inode_mode_exits_when_unlinked_and_closed(FsKind::Xfs);
+}
+#[test]
+fn ext4_path_mode_follows_a_replaced_file() {
+    path_mode_follows_a_replaced_file(FsKind::Ext4);
+}
+#[test]
+fn xfs_path_mode_follows_a_replaced_file() {
+    path_mode_follows_a_replaced_file(FsKind::Xfs);
+}
+#[test]
+fn ext4_new_regions_keep_precise_bounds_and_alias() {
+    new_regions_keep_precise_bounds_and_alias(FsKind::Ext4);
+}
+#[test]
+fn xfs_new_regions_keep_precise_bounds_and_alias() {
+    new_regions_keep_precise_bounds_and_alias(FsKind::Xfs);
+}
