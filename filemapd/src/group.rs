@@ -2,17 +2,18 @@
 //!
 //! Kill-safety. The kernel gives a new region the lowest free id and libdm leaves members'
 //! aux_data `-`, so a region created but not yet listed in the descriptor would look like any
-//! user's region if we died right then. So every region we are about to add or remove carries
-//! a marker, `DMS_FILEMAPD_PENDING=<group>`, while it is in transit:
-//!   1. mark the regions to delete; create the new ones already marked;
+//! user's region if we died right then. So every region in transit carries a marker in its
+//! aux_data:
+//!   1. create the arrivals already marked `DMS_FILEMAPD_PENDING=<group>`; mark the leavers
+//!      `DMS_FILEMAPD_PENDING=<new leader>`;
 //!   2. write the new descriptor (one message: the switch);
-//!   3. delete the marked leavers; clear the markers of the new members.
-//! Killed anywhere, the next pass finds marked regions: non-members marked for our group are
-//! ours and get deleted; marked members are planned again and their markers cleared.
-//! When the leader itself leaves, the descriptor moves to the new lowest member (as lvm2 does,
-//! so the group id changes); between writing the new leader's descriptor and marking the old
-//! leader (two consecutive messages) both descriptors exist. `load` recognises that state — a
-//! group whose new members are all marked for ours — and finishes the move.
+//!   3. delete the leavers; clear the arrivals' markers.
+//! When the leader itself leaves, the descriptor moves to the new lowest member (as in lvm2,
+//! the group id changes). Step 2 is then two messages: the old leader first records the whole
+//! new descriptor as `DMS_FILEMAPD_MOVED=<alias>:<members>#<aux>` (which dissolves the old group
+//! and names its successor), then the new leader gets the descriptor. Killed anywhere, the next
+//! pass finds the markers: a MOVED old leader is followed (and the move finished), marked
+//! regions outside the group are ours and get deleted, marked members get planned again.
 use anyhow::{Context as _, bail};
 
 use crate::{
@@ -22,14 +23,39 @@ use crate::{
 };
 
 const PENDING_TAG: &str = "DMS_FILEMAPD_PENDING=";
+const MOVED_TAG: &str = "DMS_FILEMAPD_MOVED=";
+
+/// For the kill-safety tests only: `FILEMAPD_TEST_CRASH_AT=<point>` aborts the process at that
+/// point of an update, as a kill would.
+fn crash_point(point: &str) {
+    if std::env::var_os("FILEMAPD_TEST_CRASH_AT").is_some_and(|p| p == point) {
+        log::warn!("FILEMAPD_TEST_CRASH_AT={point}: aborting");
+        std::process::abort();
+    }
+}
 
 fn pending_marker(group_id: u64) -> String {
     format!("{PENDING_TAG}{group_id}")
 }
 
-/// The group id a region is marked pending for, if any.
+/// The group a region in transit belongs to: the group named by a PENDING marker, or the
+/// successor named by a MOVED marker.
 fn pending_for(region: &Region) -> Option<u64> {
-    region.aux_data.strip_prefix(PENDING_TAG)?.parse().ok()
+    if let Some(id) = region.aux_data.strip_prefix(PENDING_TAG) {
+        return id.parse().ok();
+    }
+    moved_to(region)?.leader()
+}
+
+/// The descriptor a retired leader handed on, if it carries one.
+fn moved_to(region: &Region) -> Option<GroupDescriptor> {
+    let rest = region.aux_data.strip_prefix(MOVED_TAG)?;
+    GroupDescriptor::parse(&format!("DMS_GROUP={rest}")).ok().flatten()
+}
+
+fn moved_marker(descriptor: &GroupDescriptor) -> String {
+    let text = descriptor.to_string();
+    format!("{MOVED_TAG}{}", text.strip_prefix("DMS_GROUP=").unwrap_or(&text))
 }
 
 /// A group as listed now: its leader's descriptor and settings, and its member regions.
@@ -82,34 +108,22 @@ impl Group {
         }))
     }
 
-    /// Lists the device and finds the group, finishing a leader move that was interrupted:
-    /// if `group_id` is marked pending for group N, or another group lists only our members
-    /// and regions marked for us, that group is the one to follow.
+    /// Lists the device and finds the group, following (and finishing) a leader move.
     pub fn load(device: &StatsDevice, group_id: u64) -> anyhow::Result<Option<Group>> {
         let regions = device.list(None)?;
         let Some(old) = regions.iter().find(|r| r.id == group_id) else { return Ok(None) };
-        if let Some(new_id) = pending_for(old) {
+        if let Some(descriptor) = moved_to(old) {
+            let Some(new_id) = descriptor.leader() else { return Ok(None) };
             log::info!("group_id changed from {group_id} to {new_id}");
+            let successor = regions.iter().find(|r| r.id == new_id);
+            if successor.is_some_and(|r| !matches!(r.group(), Ok(Some(_)))) {
+                log::info!("finishing the interrupted move of group {group_id} to {new_id}");
+                device.set_aux(new_id, &descriptor.to_string())?;
+                return Group::load(device, new_id);
+            }
             return Group::find(&regions, new_id);
         }
-        let Some(group) = Group::find(&regions, group_id)? else { return Ok(None) };
-        for successor in regions.iter().filter(|r| r.id != group_id) {
-            let Ok(Some(descriptor)) = successor.group() else { continue };
-            let member = |id: &u64| group.descriptor.members.binary_search(id).is_ok();
-            let ours = |id: &u64| member(id) || group.strays.iter().any(|s| s.id == *id);
-            // Regions belong to one group at most, so a group made of our regions (and of its
-            // new leader, unmarked by the switch) is our interrupted move. A new leader alone
-            // cannot be told from a user's one-region group: that case is left alone.
-            let moved = descriptor.leader() == Some(successor.id)
-                && descriptor.members.iter().all(|id| *id == successor.id || ours(id))
-                && descriptor.members.iter().any(|id| member(id));
-            if moved {
-                log::info!("finishing an interrupted move of group {group_id} to {}", successor.id);
-                device.set_aux(group_id, &pending_marker(successor.id))?;
-                return Group::load(device, successor.id);
-            }
-        }
-        Ok(Some(group))
+        Group::find(&regions, group_id)
     }
 
     /// Changes the group's regions to equal `extents`; regions outside the group are never
@@ -137,10 +151,8 @@ impl Group {
             bail!("the file has no extents: nothing to keep the group {} on", self.id);
         }
 
-        // 1. Mark leavers (the leader keeps its descriptor until the switch), create arrivals.
-        for &id in plan.delete.iter().filter(|&&id| id != self.id) {
-            device.set_aux(id, &marker)?;
-        }
+        // 1. Create the arrivals, marked for this group; then mark the leavers for the group
+        //    as it will be (the leader keeps its descriptor until the switch).
         let mut created = Vec::with_capacity(plan.create.len());
         for &range in &plan.create {
             match device.create(range, &self.settings, &self.program_id, &marker) {
@@ -153,23 +165,29 @@ impl Group {
                 }
             }
         }
-
-        // 2. The switch: one message makes the new member list the group.
         let mut new_members = plan.keep.clone();
         new_members.extend(&created);
         let descriptor = self.descriptor.with_members(new_members);
         let leader = descriptor.leader().expect("a group with regions has a leader");
-        device.set_aux(leader, &descriptor.to_string())?;
-        if leader != self.id {
-            // The old leader leaves: from here on, only the new descriptor exists.
-            device.set_aux(self.id, &pending_marker(leader))?;
-            log::info!("group_id changed from {} to {leader}", self.id);
+        for &id in plan.delete.iter().filter(|&&id| id != self.id) {
+            device.set_aux(id, &pending_marker(leader))?;
         }
+        crash_point("created");
+
+        // 2. The switch. A moving group first hands the new descriptor to its old leader
+        //    (dissolving the old group), then installs it on the new leader.
+        if leader != self.id {
+            device.set_aux(self.id, &moved_marker(&descriptor))?;
+            log::info!("group_id changed from {} to {leader}", self.id);
+            crash_point("switched");
+        }
+        device.set_aux(leader, &descriptor.to_string())?;
 
         // 3. Remove the leavers, unmark the arrivals.
         for &id in &plan.delete {
             device.delete(id).with_context(|| format!("deleting region {id}"))?;
         }
+        crash_point("deleted");
         for &id in created.iter().filter(|&&id| id != leader) {
             device.set_aux(id, "-")?;
         }

@@ -28,7 +28,7 @@ struct Cli {
     #[arg(long, default_value = "0.5", value_parser = parse_interval)]
     interval: Duration,
     /// dmfilemapd's positional arguments.
-    #[arg(value_name = "ARGS", allow_hyphen_values = true)]
+    #[arg(value_name = "ARGS")]
     daemon_args: Vec<String>,
 }
 
@@ -60,7 +60,12 @@ fn main() -> ExitCode {
             Err(e) => fail(&e.to_string()),
         };
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        // One line and exit 1, like every other bad invocation.
+        Err(e) => return fail(e.to_string().lines().next().unwrap_or("bad arguments")),
+    };
     match cli.command {
         Some(Command::Show { path, group_id }) => {
             init_logging(0);

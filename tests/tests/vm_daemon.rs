@@ -242,3 +242,141 @@ fn ext4_new_regions_keep_precise_bounds_and_alias() {
 fn xfs_new_regions_keep_precise_bounds_and_alias() {
     new_regions_keep_precise_bounds_and_alias(FsKind::Xfs);
 }
+
+/// Runs the drop-in in the foreground on the file (as fd 0) and returns (exit code, stderr).
+fn run_drop_in(args: &[&str], stdin: &Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new(drop_in_dir().join("dmfilemapd"))
+        .args(args)
+        .stdin(fs::File::open(stdin).unwrap())
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn filemapd_binary() -> PathBuf {
+    fs::canonicalize(drop_in_dir().join("dmfilemapd")).unwrap()
+}
+
+/// Every region on the device, one line each, for before/after comparisons.
+fn region_table(path: &Path) -> Vec<String> {
+    device_of(path)
+        .list(None)
+        .unwrap()
+        .iter()
+        .map(|r| format!("{}: {} {} {} {:?}", r.id, r.range, r.program_id, r.aux_data, r.settings))
+        .collect()
+}
+
+#[test]
+fn bad_invocations_fail_with_one_line_and_change_nothing() {
+    require_device_mapper();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    user_region(&dmfs);
+    let path = dmfs.mount.dir.join("disk.img");
+    write_and_sync(&path, 0, 4 << 20).unwrap();
+    let out = run("dmstats", &["create", "--filemap", "--nomonitor", &path.to_string_lossy()]).unwrap();
+    let group: String = out.split("group ID ").nth(1).unwrap().chars().take_while(char::is_ascii_digit).collect();
+    let user_id = device_of(&path).list(None).unwrap().iter().find(|r| r.range == SectorRange::new(8, 16)).unwrap().id;
+    append(&path, 2); // the group is stale: any invocation that got through would change it
+    let before = region_table(&path);
+
+    let p = path.to_str().unwrap();
+    let g = group.as_str();
+    let user = user_id.to_string();
+    let dir = dmfs.mount.dir.clone();
+    let hostname = Path::new("/etc/hostname");
+    let user_not_a_group = format!("group {user} does not exist");
+    let cases: Vec<(Vec<&str>, &Path, &str)> = vec![
+        (vec![], &path, "Wrong number of arguments."),
+        (vec!["0"], &path, "Wrong number of arguments."),
+        (vec!["0", g, p], &path, "Wrong number of arguments."),
+        (vec!["0", g, p, "inode", "1", "1", "x"], &path, "Wrong number of arguments."),
+        (vec!["x", g, p, "inode", "1"], &path, "Could not parse file descriptor: x"),
+        (vec!["-1", g, p, "inode", "1"], &path, "Could not parse file descriptor: -1"),
+        (vec!["0", "y", p, "inode", "1"], &path, "Could not parse group identifier: y"),
+        (vec!["0", "-3", p, "inode", "1"], &path, "Could not parse group identifier: -3"),
+        (vec!["0", g, "", "inode", "1"], &path, "Path argument is required."),
+        (vec!["0", g, "disk.img", "inode", "1"], &path, "Path argument must specify an absolute path."),
+        (vec!["0", g, p, "", "1"], &path, "Mode argument is required."),
+        (vec!["0", g, p, "both", "1"], &path, "Could not parse dmfilemapd mode: both"),
+        (vec!["0", g, p, "inode", "yes"], &path, "Could not parse debug argument: yes."),
+        (vec!["0", g, p, "inode", "1", "7"], &path, "Verbose argument out of range: 7."),
+        (vec!["0", g, p, "inode", "1", "v"], &path, "Could not parse verbose argument: v"),
+        (vec!["9", g, p, "inode", "1"], &path, "file descriptor 9 is not open"),
+        (vec!["0", "4096", p, "inode", "1"], &path, "group 4096 does not exist"),
+        (vec!["0", &user, p, "inode", "1"], &path, &user_not_a_group),
+        (vec!["0", g, p, "inode", "1"], &dir, "is not a regular file"),
+        (vec!["0", g, p, "inode", "1"], Path::new("/dev/null"), "is not a regular file"),
+        (vec!["0", g, "/etc/hostname", "inode", "1"], hostname, "is not on a device-mapper device"),
+    ];
+    for (args, stdin, message) in &cases {
+        let (code, stderr) = run_drop_in(args, stdin, &[]);
+        assert_eq!(code, Some(1), "dmfilemapd {args:?}: exit {code:?}, stderr {stderr:?}");
+        assert!(stderr.lines().next().is_some_and(|l| l.contains(message)), "dmfilemapd {args:?}: {stderr:?}");
+        let lines = stderr.lines().count();
+        let allowed = if message.starts_with("Wrong number") { 2 } else { 1 };
+        assert_eq!(lines, allowed, "dmfilemapd {args:?} printed {lines} lines: {stderr:?}");
+        assert_eq!(region_table(&path), before, "dmfilemapd {args:?} changed regions");
+    }
+    // The filemapd name takes flags; bad ones are refused the same way.
+    for args in [
+        vec!["--interval", "0", "0", g, p, "inode", "1"],
+        vec!["--interval", "soon", "0", g, p, "inode", "1"],
+        vec!["--no-such-flag", "0", g, p, "inode", "1"],
+        vec!["0", g, p, "inode", "1", "9"],
+    ] {
+        let out = Command::new(filemapd_binary()).args(&args).stdin(fs::File::open(&path).unwrap()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "filemapd {args:?}: {stderr:?}");
+        assert_eq!(stderr.lines().count(), 1, "filemapd {args:?}: {stderr:?}");
+        assert_eq!(region_table(&path), before, "filemapd {args:?} changed regions");
+    }
+    assert!(cases.len() >= 20);
+}
+
+/// Killed at each point of an update, the next run converges and leaves no region of ours
+/// outside the group, while the user's region stays as it was.
+fn converges_after_a_kill_at_any_point(fs_kind: FsKind) {
+    require_device_mapper();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let mine = user_region(&dmfs);
+    let path = dmfs.mount.dir.join("vm.img");
+    write_and_sync(&path, 0, 2 << 20).unwrap();
+    run("dmstats", &["create", "--filemap", "--nomonitor", &path.to_string_lossy()]).unwrap();
+    let p = path.to_string_lossy().into_owned();
+    for point in ["created", "switched", "deleted"] {
+        append(&path, 2);
+        punch_hole(&path, 0, 512 << 10).unwrap(); // also replace the leader's region
+        let (group, _) = group_by_alias(&device_of(&path), "vm.img").unwrap();
+        let group = group.to_string();
+        let (code, stderr) =
+            run_drop_in(&["0", &group, &p, "inode", "1", "1"], &path, &[("FILEMAPD_TEST_CRASH_AT", point)]);
+        assert_eq!(code, None, "expected an abort at {point}: {stderr}");
+        assert_eq!(region_line(&dmfs, |r| r.range == SectorRange::new(8, 16)), mine);
+
+        // The next run, from the same group id, converges.
+        let mut daemon = Command::new(drop_in_dir().join("dmfilemapd"))
+            .args(["0", &group, &p, "inode", "1"])
+            .stdin(fs::File::open(&path).unwrap())
+            .spawn()
+            .unwrap();
+        wait_converged(&dmfs, &path, "vm.img", &format!("a kill at {point}"));
+        let table = region_table(&path);
+        assert!(!table.iter().any(|l| l.contains("DMS_FILEMAPD_PENDING")), "markers left after {point}: {table:#?}");
+        let (_, members) = group_by_alias(&device_of(&path), "vm.img").unwrap();
+        assert_eq!(table.len(), members.len() + 1, "regions outside the group after {point}: {table:#?}");
+        assert_eq!(region_line(&dmfs, |r| r.range == SectorRange::new(8, 16)), mine);
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+    }
+}
+
+#[test]
+fn ext4_converges_after_a_kill_at_any_point() {
+    converges_after_a_kill_at_any_point(FsKind::Ext4);
+}
+#[test]
+fn xfs_converges_after_a_kill_at_any_point() {
+    converges_after_a_kill_at_any_point(FsKind::Xfs);
+}
