@@ -7,10 +7,33 @@ use std::{
     os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Command, Stdio},
+    sync::atomic::{AtomicI32, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+
+/// The VM's process group, for the signal handler: vng → virtme-run → qemu all live in it.
+static VM_PROCESS_GROUP: AtomicI32 = AtomicI32::new(0);
+
+/// Ctrl-C, SIGTERM or a hang-up of xtask must not leave qemu running.
+extern "C" fn kill_vm_and_exit(signal: libc::c_int) {
+    let group = VM_PROCESS_GROUP.load(Ordering::SeqCst);
+    // SAFETY: kill and _exit are async-signal-safe.
+    unsafe {
+        if group > 0 {
+            libc::kill(-group, libc::SIGKILL);
+        }
+        libc::_exit(128 + signal);
+    }
+}
+
+fn kill_vm_on_signals() {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installs a handler that only calls async-signal-safe functions.
+        unsafe { libc::signal(signal, kill_vm_and_exit as *const () as libc::sighandler_t) };
+    }
+}
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -41,6 +64,7 @@ pub fn run(script: &str, timeout: Duration) -> anyhow::Result<VmOutput> {
     if !crate::cmd::succeeds(Command::new("qemu-system-x86_64").arg("--version")) {
         bail!("qemu-system-x86_64 not found: run `cargo xtask setup`");
     }
+    kill_vm_on_signals();
     let started = Instant::now();
     let mut child = Command::new(crate::setup::vng())
         .args(["--disable-kvm", "--memory", "2G", "--cpus", "2", "--run"])
@@ -55,6 +79,7 @@ pub fn run(script: &str, timeout: Duration) -> anyhow::Result<VmOutput> {
         .spawn()
         .context("cannot start vng (virtme-ng): run `cargo xtask setup`")?;
     let pgid = child.id() as i32;
+    VM_PROCESS_GROUP.store(pgid, Ordering::SeqCst);
     let mut stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
     let out_reader = std::thread::spawn(move || {
@@ -79,6 +104,7 @@ pub fn run(script: &str, timeout: Duration) -> anyhow::Result<VmOutput> {
     // Whatever happened, no qemu of ours outlives this call.
     // SAFETY: signalling our own child's process group.
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    VM_PROCESS_GROUP.store(0, Ordering::SeqCst);
     let _ = child.wait();
     let mut output = out_reader.join().unwrap_or_default();
     output.push_str(&err_reader.join().unwrap_or_default());
