@@ -87,6 +87,7 @@ impl Group {
         if descriptor.leader() != Some(group_id) {
             return Ok(None);
         }
+        log::debug!("Found group_id {group_id}: alias=\"{}\"", descriptor.alias);
         let members: Vec<Region> = regions
             .iter()
             .filter(|r| descriptor.members.binary_search(&r.id).is_ok())

@@ -44,15 +44,15 @@ pub fn require_root() {
 pub enum FsKind {
     Ext4,
     Xfs,
+    Btrfs,
 }
 
 impl FsKind {
-    pub const ALL: [FsKind; 2] = [FsKind::Ext4, FsKind::Xfs];
-
     pub fn name(self) -> &'static str {
         match self {
             FsKind::Ext4 => "ext4",
             FsKind::Xfs => "xfs",
+            FsKind::Btrfs => "btrfs",
         }
     }
 
@@ -61,6 +61,7 @@ impl FsKind {
         match self {
             FsKind::Ext4 => run("mkfs.ext4", &["-q", "-F", dev]),
             FsKind::Xfs => run("mkfs.xfs", &["-q", "-f", dev]),
+            FsKind::Btrfs => run("mkfs.btrfs", &["-q", "-f", dev]),
         }
         .map(drop)
     }

@@ -380,3 +380,50 @@ fn ext4_converges_after_a_kill_at_any_point() {
 fn xfs_converges_after_a_kill_at_any_point() {
     converges_after_a_kill_at_any_point(FsKind::Xfs);
 }
+
+/// dmstats's filemap drops --precise, so build a precise group by hand with dmstats itself
+/// (one precise region per extent, then `dmstats group`) and let filemapd maintain it.
+fn precise_groups_stay_precise(fs_kind: FsKind) {
+    require_device_mapper();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let path = dmfs.mount.dir.join("precise.img");
+    write_and_sync(&path, 0, 4 << 20).unwrap();
+    punch_hole(&path, 1 << 20, 1 << 20).unwrap();
+    let ranges = file_ranges(&path);
+    for range in &ranges {
+        let (start, len) = (range.start.to_string(), range.len.to_string());
+        run("dmstats", &["create", "--precise", "--bounds", "10ms,20ms", "--start", &start, "--length", &len, &dmfs.name])
+            .unwrap();
+    }
+    let last = (ranges.len() - 1).to_string();
+    run("dmstats", &["group", "--regions", &format!("0-{last}"), "--alias", "fast", &dmfs.name]).unwrap();
+    let (group, members) = group_by_alias(&device_of(&path), "fast").unwrap();
+    let settings = members[0].settings.clone();
+    assert!(settings.precise_timestamps, "{settings:?}");
+    assert_eq!(settings.histogram, vec![10_000_000, 20_000_000]);
+
+    let p = path.to_string_lossy().into_owned();
+    let mut daemon = Command::new(drop_in_dir().join("dmfilemapd"))
+        .args(["0", &group.to_string(), &p, "inode", "1"])
+        .stdin(fs::File::open(&path).unwrap())
+        .spawn()
+        .unwrap();
+    append(&path, 2);
+    punch_hole(&path, 0, 512 << 10).unwrap();
+    wait_converged(&dmfs, &path, "fast", "growing a precise group");
+    let (_, members) = group_by_alias(&device_of(&path), "fast").unwrap();
+    for region in &members {
+        assert_eq!(region.settings, settings, "region {} lost the group's settings", region.id);
+    }
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+}
+
+#[test]
+fn ext4_precise_groups_stay_precise() {
+    precise_groups_stay_precise(FsKind::Ext4);
+}
+#[test]
+fn xfs_precise_groups_stay_precise() {
+    precise_groups_stay_precise(FsKind::Xfs);
+}

@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use crate::cmd::{self, succeeds};
 
 /// Debian packages: the VM (qemu, Debian's kernel and busybox for virtme-ng's initramfs), the
-/// tools the tests drive (mkfs, losetup, dmsetup/dmstats, filefrag, fallocate), LLVM 22 for
+/// tools the tests drive (mkfs for ext4/xfs/btrfs, losetup, dmsetup/dmstats, filefrag, fallocate), LLVM 22 for
 /// bpf-linker, and libdevmapper + libclang for devicemapper-rs's bindings.
 const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
@@ -16,6 +16,7 @@ const APT_PACKAGES: &[&str] = &[
     "kmod",
     "e2fsprogs",
     "xfsprogs",
+    "btrfs-progs",
     "dmsetup",
     "util-linux",
     "llvm-22-dev",

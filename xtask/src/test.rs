@@ -50,9 +50,11 @@ pub fn run() -> anyhow::Result<()> {
     let (out, ok) = cargo_test(&[])?;
     tally.add("unit tests", &out, ok);
 
-    eprintln!("== eBPF tests on the host kernel");
-    let (out, ok) = cargo_test(&["-p", "filemapd-tests", "--test", "host_ebpf", "--", "--test-threads=1"])?;
-    tally.add("host eBPF tests", &out, ok);
+    eprintln!("== eBPF and file-system tests on the host kernel");
+    let (out, ok) = cargo_test(&[
+        "-p", "filemapd-tests", "--test", "host_ebpf", "--test", "host_files", "--", "--test-threads=1",
+    ])?;
+    tally.add("host tests", &out, ok);
 
     eprintln!("== device-mapper tests in the VM");
     match vm_tests() {
