@@ -31,6 +31,11 @@ pub struct TracepointLayout {
     pub ino: Field,
     pub start: Field,
     pub length: Field,
+    /// Records whose `skip` field has every bit of `skip_mask` set are dropped in the kernel
+    /// (xfs: extents still awaiting allocation carry such a magic start block).
+    pub skip: Field,
+    pub _pad: u32,
+    pub skip_mask: u64,
 }
 
 /// One change to a watched inode's block mapping, as sent through the ring buffer.
@@ -54,8 +59,12 @@ pub mod tracepoint {
     pub const EXT4_ALLOCATE_BLOCKS: u32 = 0;
     pub const XFS_MAP_BLOCKS_ALLOC: u32 = 1;
     pub const XFS_IOMAP_ALLOC: u32 = 2;
+    pub const EXT4_EXT_REMOVE_SPACE: u32 = 3;
+    pub const XFS_BUNMAP: u32 = 4;
+    pub const XFS_IEXT_INSERT: u32 = 5;
+    pub const XFS_BMAP_POST_UPDATE: u32 = 6;
     /// Number of entries above.
-    pub const COUNT: usize = 3;
+    pub const COUNT: usize = 7;
 }
 
 /// Length of the layout table the kernel half reads.

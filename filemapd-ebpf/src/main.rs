@@ -32,11 +32,16 @@ static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// user space sets at load time, so the verifier sees the offsets as constants.
 #[unsafe(no_mangle)]
 static LAYOUTS: [TracepointLayout; LAYOUTS_LEN] = [TracepointLayout {
-    dev: Field { offset: 0, size: 0 },
-    ino: Field { offset: 0, size: 0 },
-    start: Field { offset: 0, size: 0 },
-    length: Field { offset: 0, size: 0 },
+    dev: NO_FIELD,
+    ino: NO_FIELD,
+    start: NO_FIELD,
+    length: NO_FIELD,
+    skip: NO_FIELD,
+    _pad: 0,
+    skip_mask: 0,
 }; LAYOUTS_LEN];
+
+const NO_FIELD: Field = Field { offset: 0, size: 0 };
 
 #[tracepoint]
 pub fn ext4_allocate_blocks(ctx: TracePointContext) -> u32 {
@@ -53,6 +58,26 @@ pub fn xfs_iomap_alloc(ctx: TracePointContext) -> u32 {
     report(&ctx, tp::XFS_IOMAP_ALLOC)
 }
 
+#[tracepoint]
+pub fn ext4_ext_remove_space(ctx: TracePointContext) -> u32 {
+    report(&ctx, tp::EXT4_EXT_REMOVE_SPACE)
+}
+
+#[tracepoint]
+pub fn xfs_bunmap(ctx: TracePointContext) -> u32 {
+    report(&ctx, tp::XFS_BUNMAP)
+}
+
+#[tracepoint]
+pub fn xfs_iext_insert(ctx: TracePointContext) -> u32 {
+    report(&ctx, tp::XFS_IEXT_INSERT)
+}
+
+#[tracepoint]
+pub fn xfs_bmap_post_update(ctx: TracePointContext) -> u32 {
+    report(&ctx, tp::XFS_BMAP_POST_UPDATE)
+}
+
 #[inline(always)]
 fn report(ctx: &TracePointContext, source: u32) -> u32 {
     // SAFETY: LAYOUTS is plain data in .rodata; volatile keeps the compiler from folding the
@@ -66,6 +91,9 @@ fn report(ctx: &TracePointContext, source: u32) -> u32 {
     };
     // SAFETY: the value is only tested for presence, never read through the reference.
     if unsafe { WATCHED.get(&key) }.is_none() {
+        return 0;
+    }
+    if layout.skip.size != 0 && read_field(ctx, layout.skip) & layout.skip_mask == layout.skip_mask {
         return 0;
     }
     let event = ExtentEvent {

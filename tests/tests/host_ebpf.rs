@@ -3,12 +3,12 @@
 use std::{fs, os::unix::fs::MetadataExt as _, path::Path, time::Duration};
 
 use filemapd::{
-    ebpf::{Tracepoint, Tracer},
+    ebpf::{Change, Tracepoint, Tracer},
     fiemap,
     file_device::FileId,
 };
 use filemapd_common::ExtentEvent;
-use filemapd_tests::{FsKind, LoopFs, ScratchDir, require_root, write_and_sync};
+use filemapd_tests::{FsKind, LoopFs, ScratchDir, punch_hole, require_root, run, write_and_sync};
 
 /// Generous: only reached when an expected event never comes, which fails the test.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -47,6 +47,9 @@ async fn watched_inode_only(fs_kind: FsKind) {
     // The unwatched file allocates first; the ring buffer is FIFO, so by the time the watched
     // file's event arrives, any event of the unwatched file would have been read before it.
     write_and_sync(&unwatched, 0, 4 << 20).unwrap();
+    for i in 0..50 {
+        write_and_sync(&loopfs.mount.dir.join(format!("flood-{i}")), 0, 64 << 10).unwrap();
+    }
     write_and_sync(&watched, 0, 1 << 20).unwrap();
     let events = events_until(&mut tracer, file_id(&watched)).await;
     let stray: Vec<_> = events.iter().filter(|e| e.key != file_id(&watched).inode_key()).collect();
@@ -83,4 +86,51 @@ async fn ext4_reports_the_watched_inode_only() {
 #[tokio::test]
 async fn xfs_reports_the_watched_inode_only() {
     watched_inode_only(FsKind::Xfs).await;
+}
+
+/// Reads events until one of `change` arrives for `want`; fails on any other inode's event.
+async fn expect_change(tracer: &mut Tracer, want: FileId, change: Change, action: &str) {
+    let key = want.inode_key();
+    loop {
+        let batch = match tokio::time::timeout(EVENT_TIMEOUT, tracer.next_events()).await {
+            Ok(batch) => batch.unwrap(),
+            Err(_) => panic!("no {change:?} event within {EVENT_TIMEOUT:?} after {action}"),
+        };
+        assert!(batch.iter().all(|e| e.key == key), "events for other inodes after {action}: {batch:?}");
+        if batch.iter().any(|e| Tracepoint::by_index(e.source).is_some_and(|t| t.change == change)) {
+            return;
+        }
+    }
+}
+
+async fn every_kind_of_change(fs_kind: FsKind) {
+    require_root();
+    let scratch = ScratchDir::new(Path::new("/var/tmp"), &format!("changes-{}", fs_kind.name())).unwrap();
+    let loopfs = LoopFs::new(&scratch.0, fs_kind).unwrap();
+    let path = loopfs.mount.dir.join("disk.img");
+    fs::write(&path, b"").unwrap();
+    let id = file_id(&path);
+    let mut tracer = Tracer::load(16).unwrap();
+    tracer.watch(id.inode_key()).unwrap();
+
+    write_and_sync(&path, 0, 4 << 20).unwrap();
+    expect_change(&mut tracer, id, Change::Allocated, "a write").await;
+    let p = path.to_string_lossy();
+    run("fallocate", &["--offset", "8388608", "--length", "1048576", &p]).unwrap();
+    expect_change(&mut tracer, id, Change::Allocated, "fallocate").await;
+    punch_hole(&path, 1 << 20, 1 << 20).unwrap();
+    expect_change(&mut tracer, id, Change::Removed, "punching a hole").await;
+    fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(512 << 10).unwrap();
+    expect_change(&mut tracer, id, Change::Removed, "a truncate").await;
+    assert_eq!(tracer.lost_events().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn ext4_reports_growth_fallocate_punch_and_truncate() {
+    every_kind_of_change(FsKind::Ext4).await;
+}
+
+#[tokio::test]
+async fn xfs_reports_growth_fallocate_punch_and_truncate() {
+    every_kind_of_change(FsKind::Xfs).await;
 }

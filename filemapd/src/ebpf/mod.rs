@@ -131,11 +131,18 @@ fn layout_of(tp: &Tracepoint) -> anyhow::Result<Option<TracepointLayout>> {
         tracefs::find_field(&format, name)
             .with_context(|| format!("tracepoint {}:{} has no field {name:?}", tp.category, tp.name))
     };
+    let (skip, skip_mask) = match tp.skip {
+        Some((name, mask)) => (field(name)?, mask),
+        None => (Default::default(), 0),
+    };
     Ok(Some(TracepointLayout {
         dev: field("dev")?,
         ino: field("ino")?,
         start: field(tp.start.0)?,
         length: field(tp.length.0)?,
+        skip,
+        _pad: 0,
+        skip_mask,
     }))
 }
 

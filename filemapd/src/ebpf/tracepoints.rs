@@ -13,6 +13,8 @@ pub enum Unit {
 pub enum Change {
     /// Blocks were allocated to the file.
     Allocated,
+    /// Blocks are being removed from the file (truncate, punch hole).
+    Removed,
 }
 
 #[derive(Debug)]
@@ -25,9 +27,17 @@ pub struct Tracepoint {
     pub change: Change,
     /// Field holding the first logical unit affected, and its unit.
     pub start: (&'static str, Unit),
-    /// Field holding how many units are affected.
+    /// Field holding how many units are affected, or the last one affected.
     pub length: (&'static str, Unit),
+    /// Whether `length` is really an inclusive end.
+    pub length_is_end: bool,
+    /// Drop records whose field has all these bits set (see `TracepointLayout::skip`).
+    pub skip: Option<(&'static str, u64)>,
 }
+
+/// xfs marks an in-core extent that has no blocks yet (delayed allocation) with a start block
+/// whose top 35 bits are all set (STARTBLOCKMASK in xfs_format.h).
+const XFS_DELALLOC_STARTBLOCK: u64 = ((1 << 35) - 1) << 17;
 
 pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
     // Every ext4 block allocation, buffered writeback and direct alike; lblk is `logical`.
@@ -38,6 +48,8 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
         change: Change::Allocated,
         start: ("logical", Unit::FsBlocks),
         length: ("len", Unit::FsBlocks),
+        length_is_end: false,
+        skip: None,
     },
     // xfs writeback turning delayed allocation into real blocks.
     Tracepoint {
@@ -47,6 +59,8 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
         change: Change::Allocated,
         start: ("startoff", Unit::FsBlocks),
         length: ("blockcount", Unit::FsBlocks),
+        length_is_end: false,
+        skip: None,
     },
     // xfs allocating at write time: direct IO, unwritten extents.
     Tracepoint {
@@ -56,6 +70,54 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
         change: Change::Allocated,
         start: ("startoff", Unit::FsBlocks),
         length: ("blockcount", Unit::FsBlocks),
+        length_is_end: false,
+        skip: None,
+    },
+    // ext4 truncate and punch hole, before the blocks go; `end` is inclusive (EXT_MAX_BLOCKS
+    // for a truncate).
+    Tracepoint {
+        index: tp::EXT4_EXT_REMOVE_SPACE,
+        category: "ext4",
+        name: "ext4_ext_remove_space",
+        change: Change::Removed,
+        start: ("start", Unit::FsBlocks),
+        length: ("end", Unit::FsBlocks),
+        length_is_end: true,
+        skip: None,
+    },
+    // xfs unmapping blocks from a file: truncate, punch hole, collapse.
+    Tracepoint {
+        index: tp::XFS_BUNMAP,
+        category: "xfs",
+        name: "xfs_bunmap",
+        change: Change::Removed,
+        start: ("fileoff", Unit::FsBlocks),
+        length: ("len", Unit::FsBlocks),
+        length_is_end: false,
+        skip: None,
+    },
+    // Any new extent in an xfs file's in-core extent list with real blocks: covers fallocate
+    // (unwritten extents) and writeback; delayed-allocation placeholders are skipped.
+    Tracepoint {
+        index: tp::XFS_IEXT_INSERT,
+        category: "xfs",
+        name: "xfs_iext_insert",
+        change: Change::Allocated,
+        start: ("startoff", Unit::FsBlocks),
+        length: ("blockcount", Unit::FsBlocks),
+        length_is_end: false,
+        skip: Some(("startblock", XFS_DELALLOC_STARTBLOCK)),
+    },
+    // An existing xfs extent grew, shrank or changed state (e.g. fallocate next to it).
+    Tracepoint {
+        index: tp::XFS_BMAP_POST_UPDATE,
+        category: "xfs",
+        name: "xfs_bmap_post_update",
+        change: Change::Allocated,
+        start: ("startoff", Unit::FsBlocks),
+        length: ("blockcount", Unit::FsBlocks),
+        length_is_end: false,
+        skip: Some(("startblock", XFS_DELALLOC_STARTBLOCK)),
     },
 ];
 
@@ -70,6 +132,7 @@ impl Tracepoint {
             Unit::FsBlocks => value.saturating_mul(block_size),
             Unit::Bytes => value,
         };
+        let length = if self.length_is_end { length.saturating_sub(start).saturating_add(1) } else { length };
         (bytes(start, self.start.1), bytes(length, self.length.1))
     }
 }
@@ -91,5 +154,12 @@ mod tests {
     fn block_units_scale_by_block_size() {
         let t = Tracepoint::by_index(tp::EXT4_ALLOCATE_BLOCKS).unwrap();
         assert_eq!(t.byte_range(3, 2, 4096), (12288, 8192));
+    }
+
+    #[test]
+    fn inclusive_ends_become_lengths() {
+        let t = Tracepoint::by_index(tp::EXT4_EXT_REMOVE_SPACE).unwrap();
+        assert_eq!(t.byte_range(4, 7, 1024), (4096, 4096));
+        assert_eq!(t.change, Change::Removed);
     }
 }
