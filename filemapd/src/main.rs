@@ -27,6 +27,10 @@ struct Cli {
     /// Seconds between checks of the file and the group (lvm2: 0.5).
     #[arg(long, default_value = "0.5", value_parser = parse_interval)]
     interval: Duration,
+    /// Wake on the kernel's block-allocation events (eBPF) instead of polling; falls back to
+    /// polling with a warning where eBPF cannot be used. Also set by FILEMAPD_EBPF=1.
+    #[arg(long)]
+    ebpf: bool,
     /// dmfilemapd's positional arguments.
     #[arg(value_name = "ARGS")]
     daemon_args: Vec<String>,
@@ -56,7 +60,7 @@ fn main() -> ExitCode {
     let invoked_as = argv.first().and_then(|a| a.rsplit('/').next()).unwrap_or("");
     if invoked_as == "dmfilemapd" {
         return match args::parse(&argv[1..]) {
-            Ok(args) => run_daemon(&args, Duration::from_millis(500)),
+            Ok(args) => run_daemon(&args, Duration::from_millis(500), ebpf_from_env()),
             Err(e) => fail(&e.to_string()),
         };
     }
@@ -75,10 +79,16 @@ fn main() -> ExitCode {
             }
         }
         None => match args::parse(&cli.daemon_args) {
-            Ok(args) => run_daemon(&args, cli.interval),
+            Ok(args) => run_daemon(&args, cli.interval, cli.ebpf || ebpf_from_env()),
             Err(e) => fail(&e.to_string()),
         },
     }
+}
+
+/// dmstats starts the daemon with lvm2's arguments only, so the eBPF trigger is chosen through
+/// the environment dmstats passes on: FILEMAPD_EBPF=1.
+fn ebpf_from_env() -> bool {
+    std::env::var_os("FILEMAPD_EBPF").is_some_and(|v| v == "1")
 }
 
 fn fail(message: &str) -> ExitCode {
@@ -94,7 +104,7 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-fn run_daemon(args: &DaemonArgs, interval: Duration) -> ExitCode {
+fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool) -> ExitCode {
     init_logging(args.verbose);
     log::info!(
         "Starting dmfilemapd with fd={}, group_id={} mode={}, path=\"{}\"",
@@ -113,7 +123,14 @@ fn run_daemon(args: &DaemonArgs, interval: Duration) -> ExitCode {
         }
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
-    let result = runtime.context("starting the runtime").and_then(|rt| rt.block_on(monitor.run()));
+    let result = runtime.context("starting the runtime").and_then(|rt| {
+        rt.block_on(async {
+            if ebpf {
+                monitor.use_ebpf();
+            }
+            monitor.run().await
+        })
+    });
     match result {
         Ok(exit) => {
             log::info!("{}", exit.message());

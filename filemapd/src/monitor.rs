@@ -6,15 +6,16 @@ use std::{
     os::fd::{AsRawFd as _, FromRawFd as _},
     os::unix::fs::MetadataExt as _,
     path::PathBuf,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use log::{debug, info};
+use log::{debug, info, warn};
 
 use crate::{
     args::{DaemonArgs, FollowMode},
     dmstats::StatsDevice,
+    ebpf::{Change, Tracepoint, Tracer},
     fiemap,
     file_device::{FileId, check_mappable},
     follow,
@@ -39,6 +40,22 @@ impl Exit {
     }
 }
 
+/// What wakes the daemon besides its check interval.
+enum Trigger {
+    /// Nothing: every interval, look whether the file changed (lvm2's way).
+    Poll,
+    /// The kernel: block-allocation tracepoints filtered to the watched inode. The interval
+    /// then only paces the checks for a deleted group or an unlinked file.
+    Ebpf(Tracer),
+}
+
+/// How soon to look again after an event whose effect FIEMAP did not show yet (the tracepoints
+/// fire while the file system is still inserting or removing the extent).
+const SETTLE: Duration = Duration::from_millis(10);
+/// How many such looks before giving up on an event's range (then the next event or change of
+/// size catches up).
+const SETTLE_TRIES: u32 = 100;
+
 /// What the last look at the file saw; a change means the regions may be stale.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FileState {
@@ -57,6 +74,12 @@ pub struct Monitor {
     group_id: u64,
     interval: Duration,
     last: Option<FileState>,
+    trigger: Trigger,
+    /// Logical byte ranges that events said were allocated and FIEMAP has not shown yet.
+    unsettled: Vec<(u64, u64)>,
+    /// When to look at the file again regardless of its size (after events).
+    recheck: Option<(Instant, u32)>,
+    lost_events: u64,
 }
 
 impl Monitor {
@@ -83,7 +106,28 @@ impl Monitor {
             group_id: args.group_id,
             interval,
             last: None,
+            trigger: Trigger::Poll,
+            unsettled: Vec::new(),
+            recheck: None,
+            lost_events: 0,
         })
+    }
+
+    /// Switches to the eBPF trigger; if the programs cannot be loaded here, says why once and
+    /// keeps polling. Needs the tokio runtime (the ring buffer registers with it).
+    pub fn use_ebpf(&mut self) {
+        let loaded = Tracer::load(1).and_then(|mut tracer| {
+            tracer.watch(self.file_id.inode_key())?;
+            Ok(tracer)
+        });
+        match loaded {
+            Ok(tracer) => {
+                let names: Vec<&str> = tracer.attached().iter().map(|t| t.name).collect();
+                info!("eBPF trigger on {}", names.join(", "));
+                self.trigger = Trigger::Ebpf(tracer);
+            }
+            Err(e) => warn!("eBPF trigger unavailable ({e:#}): polling every {:?}", self.interval),
+        }
     }
 
     /// Descriptors the daemon still needs after detaching.
@@ -92,25 +136,60 @@ impl Monitor {
     }
 
     pub async fn run(&mut self) -> anyhow::Result<Exit> {
+        let mut force = true;
         loop {
             let Some(group) = Group::load(&self.device, self.group_id)? else {
                 return Ok(Exit::GroupRemoved);
             };
             self.group_id = group.id;
-            if self.mode == FollowMode::Path {
-                self.follow_path()?;
+            if self.mode == FollowMode::Path && self.follow_path()? {
+                force = true;
             }
-            if self.changed()? && self.update(&group)? {
+            if (force || self.changed()?) && self.update(&group)? {
                 return Ok(Exit::NoExtents);
             }
-            debug!("Waiting for check interval");
-            tokio::time::sleep(self.interval).await;
+            force = self.wait().await?;
             if self.mode == FollowMode::Inode
                 && follow::unlinked(&self.file)?
                 && !follow::held_elsewhere(self.file_id)
             {
                 return Ok(Exit::UnlinkedAndClosed);
             }
+        }
+    }
+
+    /// Sleeps until the next check; true when the file must be mapped again whatever its size
+    /// says (events arrived, or a recheck after events is due).
+    async fn wait(&mut self) -> anyhow::Result<bool> {
+        let recheck_due = self.recheck.map(|(at, _)| at);
+        let deadline = recheck_due.unwrap_or_else(|| Instant::now() + self.interval);
+        let Trigger::Ebpf(tracer) = &mut self.trigger else {
+            debug!("Waiting for check interval");
+            tokio::time::sleep_until(deadline.into()).await;
+            return Ok(recheck_due.is_some());
+        };
+        let key = self.file_id.inode_key();
+        tokio::select! {
+            events = tracer.next_events() => {
+                let lost = tracer.lost_events()?;
+                if lost != self.lost_events {
+                    warn!("{} eBPF event(s) lost: mapping the whole file again", lost - self.lost_events);
+                    self.lost_events = lost;
+                }
+                let block_size = self.file.metadata()?.blksize();
+                for event in events?.iter().filter(|e| e.key == key) {
+                    let Some(tp) = Tracepoint::by_index(event.source) else { continue };
+                    let (start, len) = tp.byte_range(event.start, event.length, block_size);
+                    debug!("event {}: {:?} bytes {start}+{len}", tp.name, tp.change);
+                    if tp.change == Change::Allocated && len > 0 {
+                        self.unsettled.push((start, len));
+                    }
+                }
+                // Removals fire before the blocks go: look once more shortly after.
+                self.recheck = Some((Instant::now() + SETTLE, SETTLE_TRIES));
+                Ok(true)
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => Ok(recheck_due.is_some()),
         }
     }
 
@@ -128,6 +207,7 @@ impl Monitor {
             .with_context(|| format!("FIEMAP of {}", self.path.display()))?;
         let unplaced = extents.iter().any(|e| !e.is_placed());
         self.last = Some(FileState { blocks: metadata.blocks(), size: metadata.size(), unplaced });
+        self.settle(&extents);
         if extents.is_empty() {
             return Ok(true);
         }
@@ -150,10 +230,35 @@ impl Monitor {
         Ok(false)
     }
 
+    /// Drops the event ranges FIEMAP now shows placed, and decides whether to look again soon.
+    fn settle(&mut self, extents: &[fiemap::Extent]) {
+        let placed = |&(start, len): &(u64, u64)| {
+            extents.iter().filter(|e| e.is_placed()).any(|e| {
+                e.logical <= start && start + len <= e.logical + e.length
+            })
+        };
+        self.unsettled.retain(|range| !placed(range));
+        self.recheck = match self.recheck.take() {
+            None => None,
+            Some((_, 0)) => {
+                if !self.unsettled.is_empty() {
+                    debug!("event ranges {:?} never showed in FIEMAP; giving up on them", self.unsettled);
+                    self.unsettled.clear();
+                }
+                None
+            }
+            // The first look after events is always followed by one more (removals fire before
+            // the blocks go); after that, look again only while event ranges are outstanding.
+            Some((_, tries)) if tries < SETTLE_TRIES && self.unsettled.is_empty() => None,
+            Some((_, tries)) => Some((Instant::now() + SETTLE, tries - 1)),
+        };
+    }
+
     /// Path mode: if the path now names another file, switch to it (same device only).
-    fn follow_path(&mut self) -> anyhow::Result<()> {
+    /// Returns whether it switched.
+    fn follow_path(&mut self) -> anyhow::Result<bool> {
         if follow::id_at(&self.path) == Some(self.file_id) {
-            return Ok(());
+            return Ok(false);
         }
         let file = follow::reopen(&self.path)?;
         let metadata = check_mappable(&file, &self.path)?;
@@ -162,9 +267,13 @@ impl Monitor {
             bail!("{} moved to another device", self.path.display());
         }
         info!("{} was replaced (inode {} -> {})", self.path.display(), self.file_id.ino, id.ino);
+        if let Trigger::Ebpf(tracer) = &mut self.trigger {
+            tracer.unwatch(self.file_id.inode_key())?;
+            tracer.watch(id.inode_key())?;
+        }
         self.file = file;
         self.file_id = id;
         self.last = None;
-        Ok(())
+        Ok(true)
     }
 }

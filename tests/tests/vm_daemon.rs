@@ -427,3 +427,155 @@ fn ext4_precise_groups_stay_precise() {
 fn xfs_precise_groups_stay_precise() {
     precise_groups_stay_precise(FsKind::Xfs);
 }
+
+/// A foreground daemon whose log lines are read as they come.
+struct LoggedDaemon {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl LoggedDaemon {
+    fn start(args: &[&str], file: &Path, env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(filemapd_binary())
+            .args(args)
+            .stdin(fs::File::open(file).unwrap())
+            .stderr(std::process::Stdio::piped())
+            .envs(env.iter().copied())
+            .spawn()
+            .unwrap();
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in stderr.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines, seen: Vec::new() }
+    }
+
+    /// Blocks until a log line containing `text` arrives (the daemon's own event).
+    fn wait_for_line(&mut self, text: &str) {
+        loop {
+            match self.lines.recv_timeout(CONVERGE) {
+                Ok(line) => {
+                    let found = line.contains(text);
+                    self.seen.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Err(e) => panic!("no log line with {text:?} ({e}); log so far:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Stops the daemon and returns its whole log.
+    fn stop(mut self) -> Vec<String> {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.seen.extend(self.lines.iter());
+        self.seen
+    }
+}
+
+/// With --ebpf and an hour-long interval, only the kernel's events can bring the regions in
+/// line with the file in time.
+fn ebpf_updates_without_waiting_for_the_interval(fs_kind: FsKind) {
+    require_device_mapper();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let path = dmfs.mount.dir.join("vm.img");
+    write_and_sync(&path, 0, 2 << 20).unwrap();
+    let out = run("dmstats", &["create", "--filemap", "--nomonitor", &path.to_string_lossy()]).unwrap();
+    let group: String = out.split("group ID ").nth(1).unwrap().chars().take_while(char::is_ascii_digit).collect();
+    let p = path.to_string_lossy().into_owned();
+    let mut daemon =
+        LoggedDaemon::start(&["--ebpf", "--interval", "3600", "0", &group, &p, "inode", "1", "2"], &path, &[]);
+    daemon.wait_for_line("eBPF trigger on");
+    wait_converged(&dmfs, &path, "vm.img", "start-up"); // the first pass maps the file
+
+    append(&path, 4);
+    wait_converged(&dmfs, &path, "vm.img", "appending 4 MiB (eBPF)");
+    run("fallocate", &["--offset", &(8u64 << 20).to_string(), "--length", "1048576", &p]).unwrap();
+    wait_converged(&dmfs, &path, "vm.img", "fallocate (eBPF)");
+    punch_hole(&path, 1 << 20, 1 << 20).unwrap();
+    wait_converged(&dmfs, &path, "vm.img", "punching a hole (eBPF)");
+    fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(3 << 20).unwrap();
+    wait_converged(&dmfs, &path, "vm.img", "truncating (eBPF)");
+
+    let log = daemon.stop();
+    let first_event = log.iter().position(|l| l.contains("event ")).expect("no event lines in the log");
+    assert!(
+        log[first_event..].iter().any(|l| l.contains("Updated group")),
+        "no update after the first event:\n{}",
+        log.join("\n")
+    );
+    assert!(!log.iter().any(|l| l.contains("polling")), "fell back to polling:\n{}", log.join("\n"));
+}
+
+#[test]
+fn ext4_ebpf_updates_without_waiting_for_the_interval() {
+    ebpf_updates_without_waiting_for_the_interval(FsKind::Ext4);
+}
+#[test]
+fn xfs_ebpf_updates_without_waiting_for_the_interval() {
+    ebpf_updates_without_waiting_for_the_interval(FsKind::Xfs);
+}
+
+/// Where the programs cannot be loaded (here: tracefs is not where it is said to be), the
+/// daemon says why once and keeps the group right by polling.
+#[test]
+fn ebpf_failure_falls_back_to_polling() {
+    require_device_mapper();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let path = dmfs.mount.dir.join("vm.img");
+    write_and_sync(&path, 0, 2 << 20).unwrap();
+    let out = run("dmstats", &["create", "--filemap", "--nomonitor", &path.to_string_lossy()]).unwrap();
+    let group: String = out.split("group ID ").nth(1).unwrap().chars().take_while(char::is_ascii_digit).collect();
+    let p = path.to_string_lossy().into_owned();
+    let mut daemon = LoggedDaemon::start(
+        &["--ebpf", "--interval", "0.2", "0", &group, &p, "inode", "1", "1"],
+        &path,
+        &[("FILEMAPD_TRACEFS", "/nonexistent")],
+    );
+    daemon.wait_for_line("eBPF trigger unavailable");
+    append(&path, 4);
+    wait_converged(&dmfs, &path, "vm.img", "appending 4 MiB (polling fallback)");
+    let log = daemon.stop();
+    let warnings: Vec<_> = log.iter().filter(|l| l.contains("eBPF trigger unavailable")).collect();
+    assert_eq!(warnings.len(), 1, "{log:#?}");
+    assert!(warnings[0].contains("tracefs"), "the warning should say why: {}", warnings[0]);
+}
+
+/// dmstats passes its environment on: FILEMAPD_EBPF=1 gives its daemons the eBPF trigger
+/// (they then hold BPF maps).
+#[test]
+fn dmstats_launched_daemons_use_ebpf_when_asked() {
+    require_device_mapper();
+    let dmfs = DmFs::new(FsKind::Xfs).unwrap();
+    let path = dmfs.mount.dir.join("vm.img");
+    write_and_sync(&path, 0, 2 << 20).unwrap();
+    let search_path = format!("{}:{}", drop_in_dir().display(), std::env::var("PATH").unwrap());
+    let p = path.to_string_lossy().into_owned();
+    run_env("dmstats", &["create", "--filemap", &p], &[("PATH", &search_path), ("FILEMAPD_EBPF", "1")]).unwrap();
+    let mut pids = Vec::new();
+    wait_until("dmstats to start dmfilemapd", CONVERGE, || {
+        pids = pids_of("dmfilemapd", &p);
+        Ok(!pids.is_empty())
+    })
+    .unwrap();
+    let bpf_fds = || -> usize {
+        fs::read_dir(format!("/proc/{}/fd", pids[0]))
+            .map(|d| d.filter_map(Result::ok).filter(|e| fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("bpf"))).count())
+            .unwrap_or(0)
+    };
+    wait_until("the daemon to load its BPF programs", CONVERGE, || Ok(bpf_fds() > 0)).unwrap();
+    append(&path, 4);
+    wait_converged(&dmfs, &path, "vm.img", "appending 4 MiB");
+    let (current, _) = group_by_alias(&device_of(&path), "vm.img").unwrap();
+    run("dmstats", &["delete", "--groupid", &current.to_string(), &dmfs.name]).unwrap();
+    assert!(wait_for_exit(pids[0], EXIT).unwrap());
+}

@@ -5,8 +5,15 @@ use std::{fs, path::PathBuf};
 use anyhow::{Context as _, bail};
 use filemapd_common::Field;
 
-/// Where tracefs is mounted, if it is.
+/// Where tracefs is mounted, if it is: FILEMAPD_TRACEFS names a non-standard mount point.
 pub fn root() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("FILEMAPD_TRACEFS") {
+        let dir = PathBuf::from(dir);
+        if dir.join("events").is_dir() {
+            return Ok(dir);
+        }
+        bail!("FILEMAPD_TRACEFS={} is not a tracefs mount", dir.display());
+    }
     for dir in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
         let dir = PathBuf::from(dir);
         if dir.join("events").is_dir() {
