@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     dmstats::{GroupDescriptor, Region, RegionSettings, StatsDevice},
-    reconcile,
+    reconcile::{self, Mapping},
     sectors::SectorRange,
 };
 
@@ -127,11 +127,16 @@ impl Group {
         Group::find(&regions, group_id)
     }
 
-    /// Changes the group's regions to equal `extents`; regions outside the group are never
+    /// Changes the group's regions to cover `extents`; regions outside the group are never
     /// touched. On a failure half-way, the regions created so far are deleted again.
-    pub fn update(&self, device: &StatsDevice, extents: &[SectorRange]) -> anyhow::Result<Outcome> {
+    pub fn update(
+        &self,
+        device: &StatsDevice,
+        extents: &[SectorRange],
+        mapping: Mapping,
+    ) -> anyhow::Result<Outcome> {
         let members: Vec<(u64, SectorRange)> = self.members.iter().map(|r| (r.id, r.range)).collect();
-        let plan = reconcile::plan(&members, extents);
+        let plan = reconcile::plan(&members, extents, mapping);
         let marker = pending_marker(self.id);
         let mut outcome = Outcome { group_id: self.id, ..Outcome::default() };
 

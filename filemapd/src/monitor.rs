@@ -20,6 +20,7 @@ use crate::{
     file_device::{FileId, check_mappable},
     follow,
     group::Group,
+    reconcile::Mapping,
 };
 
 /// Why the daemon stopped without an error.
@@ -216,7 +217,13 @@ impl Monitor {
             debug!("all extents of {} await allocation", self.path.display());
             return Ok(false);
         }
-        let outcome = group.update(&self.device, &ranges)?;
+        // With eBPF, regions tile the extents so that a growing extent keeps its counters;
+        // polling keeps lvm2's one region per extent.
+        let mapping = match self.trigger {
+            Trigger::Ebpf(_) => Mapping::Tiled,
+            Trigger::Poll => Mapping::Exact,
+        };
+        let outcome = group.update(&self.device, &ranges, mapping)?;
         if outcome.created + outcome.deleted > 0 {
             info!(
                 "Updated group {}: {} region(s), {} created, {} deleted",

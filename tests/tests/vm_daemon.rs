@@ -106,6 +106,36 @@ fn wait_converged(dmfs: &DmFs, path: &Path, alias: &str, after: &str) {
         });
 }
 
+/// Ranges sorted, with touching ones joined (regions that tile an extent join into it).
+fn joined(mut ranges: Vec<SectorRange>) -> Vec<SectorRange> {
+    ranges.sort_unstable();
+    let mut out: Vec<SectorRange> = Vec::new();
+    for range in ranges {
+        match out.last_mut() {
+            Some(last) if last.end() == range.start => last.len += range.len,
+            _ => out.push(range),
+        }
+    }
+    out
+}
+
+/// Whether the group's regions tile the file's extents exactly (eBPF mode keeps counters by
+/// tiling a grown extent instead of replacing its region), without overlaps.
+fn tiled(path: &Path, alias: &str) -> anyhow::Result<bool> {
+    let Some((_, members)) = group_by_alias(&device_of(path), alias) else { return Ok(false) };
+    let mut ranges: Vec<SectorRange> = members.iter().map(|r| r.range).collect();
+    ranges.sort_unstable();
+    let disjoint = ranges.windows(2).all(|w| w[0].end() <= w[1].start);
+    Ok(disjoint && joined(ranges) == joined(file_ranges(path)))
+}
+
+fn wait_tiled(dmfs: &DmFs, path: &Path, alias: &str, after: &str) {
+    wait_until(&format!("regions to tile the file after {after}"), CONVERGE, || tiled(path, alias))
+        .unwrap_or_else(|e| {
+            panic!("{e}\nfile: {:?}\ndmstats list:\n{}", file_ranges(path), run("dmstats", &["list", "--units", "s", &dmfs.name]).unwrap())
+        });
+}
+
 fn append(path: &Path, mib: u64) {
     let len = fs::metadata(path).unwrap().len();
     write_and_sync(path, len, (mib << 20) as usize).unwrap();
@@ -495,16 +525,16 @@ fn ebpf_updates_without_waiting_for_the_interval(fs_kind: FsKind) {
     let mut daemon =
         LoggedDaemon::start(&["--ebpf", "--interval", "3600", "0", &group, &p, "inode", "1", "2"], &path, &[]);
     daemon.wait_for_line("eBPF trigger on");
-    wait_converged(&dmfs, &path, "vm.img", "start-up"); // the first pass maps the file
+    wait_tiled(&dmfs, &path, "vm.img", "start-up"); // the first pass maps the file
 
     append(&path, 4);
-    wait_converged(&dmfs, &path, "vm.img", "appending 4 MiB (eBPF)");
+    wait_tiled(&dmfs, &path, "vm.img", "appending 4 MiB (eBPF)");
     run("fallocate", &["--offset", &(8u64 << 20).to_string(), "--length", "1048576", &p]).unwrap();
-    wait_converged(&dmfs, &path, "vm.img", "fallocate (eBPF)");
+    wait_tiled(&dmfs, &path, "vm.img", "fallocate (eBPF)");
     punch_hole(&path, 1 << 20, 1 << 20).unwrap();
-    wait_converged(&dmfs, &path, "vm.img", "punching a hole (eBPF)");
+    wait_tiled(&dmfs, &path, "vm.img", "punching a hole (eBPF)");
     fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(3 << 20).unwrap();
-    wait_converged(&dmfs, &path, "vm.img", "truncating (eBPF)");
+    wait_tiled(&dmfs, &path, "vm.img", "truncating (eBPF)");
 
     let log = daemon.stop();
     let first_event = log.iter().position(|l| l.contains("event ")).expect("no event lines in the log");
@@ -574,8 +604,66 @@ fn dmstats_launched_daemons_use_ebpf_when_asked() {
     };
     wait_until("the daemon to load its BPF programs", CONVERGE, || Ok(bpf_fds() > 0)).unwrap();
     append(&path, 4);
-    wait_converged(&dmfs, &path, "vm.img", "appending 4 MiB");
+    wait_tiled(&dmfs, &path, "vm.img", "appending 4 MiB");
     let (current, _) = group_by_alias(&device_of(&path), "vm.img").unwrap();
     run("dmstats", &["delete", "--groupid", &current.to_string(), &dmfs.name]).unwrap();
     assert!(wait_for_exit(pids[0], EXIT).unwrap());
+}
+
+/// The point of tiling: when the last extent grows, its region (and its counters) stays, a new
+/// region covers the new part, and dmstats still reports the group as the whole file.
+fn growth_keeps_the_counters(fs_kind: FsKind) {
+    require_device_mapper();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let path = dmfs.mount.dir.join("vm.img");
+    write_and_sync(&path, 0, 2 << 20).unwrap();
+    let out = run("dmstats", &["create", "--filemap", "--nomonitor", &path.to_string_lossy()]).unwrap();
+    let group: String = out.split("group ID ").nth(1).unwrap().chars().take_while(char::is_ascii_digit).collect();
+    let p = path.to_string_lossy().into_owned();
+    let mut daemon =
+        LoggedDaemon::start(&["--ebpf", "--interval", "3600", "0", &group, &p, "inode", "1", "1"], &path, &[]);
+    daemon.wait_for_line("eBPF trigger on");
+    wait_tiled(&dmfs, &path, "vm.img", "start-up");
+
+    // Count some IO in the group: read the file past the page cache.
+    run("dd", &[&format!("if={p}"), "of=/dev/null", "bs=64k", "iflag=direct", "status=none"]).unwrap();
+    let device = device_of(&path);
+    let (_, before) = group_by_alias(&device, "vm.img").unwrap();
+    let counted: Vec<_> = before.iter().map(|r| (r.id, r.range, device.counters(r.id).unwrap())).collect();
+    let sectors_read: u64 = counted.iter().map(|(_, _, c)| c.sectors_read).sum();
+    assert_eq!(sectors_read, 4096, "2 MiB read with O_DIRECT should count 4096 sectors: {counted:?}");
+
+    append(&path, 4);
+    wait_tiled(&dmfs, &path, "vm.img", "growing the file");
+    let (_, after) = group_by_alias(&device, "vm.img").unwrap();
+    for (id, range, counters) in &counted {
+        let region = after.iter().find(|r| r.id == *id);
+        assert!(region.is_some_and(|r| r.range == *range), "region {id} ({range}) did not survive growth: {after:?}");
+        let now = device.counters(*id).unwrap();
+        assert!(now.sectors_read >= counters.sectors_read, "region {id} lost counters: {counters:?} -> {now:?}");
+        eprintln!("@stats_print {id} before growth: {counters:?}\n@stats_print {id} after growth: {now:?}");
+    }
+    assert!(after.len() > before.len(), "no region was added for the new part");
+
+    // dmstats sees one group covering the whole file.
+    let listing = run("dmstats", &["list", "--units", "s", &dmfs.name]).unwrap();
+    let group_rows: Vec<Vec<&str>> = listing
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|cols| cols.len() >= 6 && cols[3] == "group")
+        .collect();
+    assert_eq!(group_rows.len(), 1, "{listing}");
+    let file_sectors: u64 = file_ranges(&path).iter().map(|r| r.len).sum();
+    assert_eq!(group_rows[0][5].parse::<u64>().unwrap(), file_sectors, "{listing}");
+    eprintln!("dmstats list after growth:\n{listing}");
+    daemon.stop();
+}
+
+#[test]
+fn ext4_growth_keeps_the_counters() {
+    growth_keeps_the_counters(FsKind::Ext4);
+}
+#[test]
+fn xfs_growth_keeps_the_counters() {
+    growth_keeps_the_counters(FsKind::Xfs);
 }
