@@ -10,3 +10,4 @@ pub mod monitor;
 pub mod file_device;
 pub mod reconcile;
 pub mod sectors;
+pub mod watch;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use filemapd::{
     args::{self, DaemonArgs},
     daemonize::daemonize,
+    ebpf::{Hub, Tracer},
     dmstats, fiemap,
     monitor::Monitor,
     sectors::SectorRange,
@@ -18,7 +19,7 @@ use filemapd::{
 #[command(
     version,
     about = "Keeps a dm-stats region group in step with a file's extents (drop-in dmfilemapd)",
-    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd show <FILE> [GROUP_ID]",
+    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch --config <FILE> [--ebpf] [--interval <S>] [-v...]\n       filemapd show <FILE> [GROUP_ID]",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -38,6 +39,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Monitor many files in one process: CONFIG has lines `<group_id> <inode|path> <path>`.
+    /// Runs in the foreground until every group is gone.
+    Watch {
+        /// The list of files and their groups.
+        #[arg(long)]
+        config: PathBuf,
+        /// Wake on the kernel's block-allocation events (eBPF); falls back to polling.
+        #[arg(long)]
+        ebpf: bool,
+        /// Seconds between checks (eBPF: only for deleted groups and unlinked files).
+        #[arg(long, default_value = "0.5", value_parser = parse_interval)]
+        interval: Duration,
+        /// Log more: -v info, -vv debug, -vvv trace.
+        #[arg(short, long, action = clap::ArgAction::Count)]
+        verbose: u8,
+    },
     /// Print a file's extents (FIEMAP, in sectors of its dm device) beside its group's regions.
     Show {
         /// The file.
@@ -71,6 +88,10 @@ fn main() -> ExitCode {
         Err(e) => return fail(e.to_string().lines().next().unwrap_or("bad arguments")),
     };
     match cli.command {
+        Some(Command::Watch { config, ebpf, interval, verbose }) => {
+            init_logging(verbose);
+            watch(&config, interval, ebpf || ebpf_from_env())
+        }
         Some(Command::Show { path, group_id }) => {
             init_logging(0);
             match show(&path, group_id) {
@@ -104,6 +125,25 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+fn watch(config: &PathBuf, interval: Duration, ebpf: bool) -> ExitCode {
+    let entries = match fs::read_to_string(config)
+        .with_context(|| format!("reading {}", config.display()))
+        .and_then(|text| filemapd::watch::parse_config(&text))
+    {
+        Ok(entries) => entries,
+        Err(e) => return fail(&format!("{e:#}")),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let result = runtime
+        .context("starting the runtime")
+        .and_then(|rt| rt.block_on(filemapd::watch::run(&entries, interval, ebpf)));
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => fail(&format!("{e:#}")),
+    }
+}
+
 fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool) -> ExitCode {
     init_logging(args.verbose);
     log::info!(
@@ -126,7 +166,14 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool) -> ExitCode {
     let result = runtime.context("starting the runtime").and_then(|rt| {
         rt.block_on(async {
             if ebpf {
-                monitor.use_ebpf();
+                match Tracer::load(1) {
+                    Ok(tracer) => {
+                        let names: Vec<&str> = tracer.attached().iter().map(|t| t.name).collect();
+                        log::info!("eBPF trigger on {}", names.join(", "));
+                        monitor.use_ebpf(&Hub::spawn(tracer)).await?;
+                    }
+                    Err(e) => log::warn!("eBPF trigger unavailable ({e:#}): polling every {interval:?}"),
+                }
             }
             monitor.run().await
         })

@@ -2,20 +2,22 @@
 //! file (or, in path mode, the file at the path) still match its regions, wait, is the file
 //! gone. All dm and FIEMAP details live in other modules.
 use std::{
+    collections::HashMap,
     fs::File,
     os::fd::{AsRawFd as _, FromRawFd as _},
     os::unix::fs::MetadataExt as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use log::{debug, info, warn};
+use log::{debug, info};
 
 use crate::{
     args::{DaemonArgs, FollowMode},
     dmstats::StatsDevice,
-    ebpf::{Change, Tracepoint, Tracer},
+    ebpf::{Change, EventFeed, Feed, Hub, Tracepoint},
     fiemap,
     file_device::{FileId, check_mappable},
     follow,
@@ -47,7 +49,23 @@ enum Trigger {
     Poll,
     /// The kernel: block-allocation tracepoints filtered to the watched inode. The interval
     /// then only paces the checks for a deleted group or an unlinked file.
-    Ebpf(Tracer),
+    Ebpf { hub: Hub, feed: EventFeed },
+}
+
+/// The dm devices of the files a process monitors, opened once each (one control descriptor
+/// and one place to list regions per device, however many files live on it).
+#[derive(Default)]
+pub struct Devices(HashMap<u64, Arc<StatsDevice>>);
+
+impl Devices {
+    pub fn for_st_dev(&mut self, st_dev: u64) -> anyhow::Result<Arc<StatsDevice>> {
+        if let Some(device) = self.0.get(&st_dev) {
+            return Ok(Arc::clone(device));
+        }
+        let device = Arc::new(StatsDevice::for_st_dev(st_dev)?);
+        self.0.insert(st_dev, Arc::clone(&device));
+        Ok(device)
+    }
 }
 
 /// How soon to look again after an event whose effect FIEMAP did not show yet (the tracepoints
@@ -71,7 +89,7 @@ pub struct Monitor {
     mode: FollowMode,
     file: File,
     file_id: FileId,
-    device: StatsDevice,
+    device: Arc<StatsDevice>,
     group_id: u64,
     interval: Duration,
     last: Option<FileState>,
@@ -80,7 +98,6 @@ pub struct Monitor {
     unsettled: Vec<(u64, u64)>,
     /// When to look at the file again regardless of its size (after events).
     recheck: Option<(Instant, u32)>,
-    lost_events: u64,
 }
 
 impl Monitor {
@@ -92,43 +109,60 @@ impl Monitor {
         nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(args.fd) })
             .with_context(|| format!("file descriptor {} is not open", args.fd))?;
         let file = unsafe { File::from_raw_fd(args.fd) };
-        let metadata = check_mappable(&file, &args.path)?;
-        let device = StatsDevice::for_st_dev(metadata.dev())
-            .with_context(|| format!("{} is not on a device-mapper device", args.path.display()))?;
-        if Group::load(&device, args.group_id)?.is_none() {
-            bail!("group {} does not exist on {}", args.group_id, device.name());
+        Self::with_file(file, &args.path, args.group_id, args.mode, interval, &mut Devices::default())
+    }
+
+    /// Opens the file itself (for `filemapd watch`), sharing device handles through `devices`.
+    pub fn open(
+        path: &Path,
+        group_id: u64,
+        mode: FollowMode,
+        interval: Duration,
+        devices: &mut Devices,
+    ) -> anyhow::Result<Self> {
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        Self::with_file(file, path, group_id, mode, interval, devices)
+    }
+
+    fn with_file(
+        file: File,
+        path: &Path,
+        group_id: u64,
+        mode: FollowMode,
+        interval: Duration,
+        devices: &mut Devices,
+    ) -> anyhow::Result<Self> {
+        let metadata = check_mappable(&file, path)?;
+        let device = devices
+            .for_st_dev(metadata.dev())
+            .with_context(|| format!("{} is not on a device-mapper device", path.display()))?;
+        if Group::load(&device, group_id)?.is_none() {
+            bail!("group {group_id} does not exist on {}", device.name());
         }
         Ok(Self {
-            path: args.path.clone(),
-            mode: args.mode,
+            path: path.to_path_buf(),
+            mode,
             file_id: FileId::of(&metadata),
             file,
             device,
-            group_id: args.group_id,
+            group_id,
             interval,
             last: None,
             trigger: Trigger::Poll,
             unsettled: Vec::new(),
             recheck: None,
-            lost_events: 0,
         })
     }
 
-    /// Switches to the eBPF trigger; if the programs cannot be loaded here, says why once and
-    /// keeps polling. Needs the tokio runtime (the ring buffer registers with it).
-    pub fn use_ebpf(&mut self) {
-        let loaded = Tracer::load(1).and_then(|mut tracer| {
-            tracer.watch(self.file_id.inode_key())?;
-            Ok(tracer)
-        });
-        match loaded {
-            Ok(tracer) => {
-                let names: Vec<&str> = tracer.attached().iter().map(|t| t.name).collect();
-                info!("eBPF trigger on {}", names.join(", "));
-                self.trigger = Trigger::Ebpf(tracer);
-            }
-            Err(e) => warn!("eBPF trigger unavailable ({e:#}): polling every {:?}", self.interval),
-        }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Switches to the eBPF trigger: the hub's programs now wake this monitor for its inode.
+    pub async fn use_ebpf(&mut self, hub: &Hub) -> anyhow::Result<()> {
+        let feed = hub.watch(self.file_id.inode_key()).await?;
+        self.trigger = Trigger::Ebpf { hub: hub.clone(), feed };
+        Ok(())
     }
 
     /// Descriptors the daemon still needs after detaching.
@@ -144,6 +178,10 @@ impl Monitor {
             };
             self.group_id = group.id;
             if self.mode == FollowMode::Path && self.follow_path()? {
+                if let Trigger::Ebpf { hub, feed } = &mut self.trigger {
+                    // Dropping the old feed unwatches the old inode.
+                    *feed = hub.watch(self.file_id.inode_key()).await?;
+                }
                 force = true;
             }
             if (force || self.changed()?) && self.update(&group)? {
@@ -164,21 +202,16 @@ impl Monitor {
     async fn wait(&mut self) -> anyhow::Result<bool> {
         let recheck_due = self.recheck.map(|(at, _)| at);
         let deadline = recheck_due.unwrap_or_else(|| Instant::now() + self.interval);
-        let Trigger::Ebpf(tracer) = &mut self.trigger else {
+        let Trigger::Ebpf { feed, .. } = &mut self.trigger else {
             debug!("Waiting for check interval");
             tokio::time::sleep_until(deadline.into()).await;
             return Ok(recheck_due.is_some());
         };
-        let key = self.file_id.inode_key();
         tokio::select! {
-            events = tracer.next_events() => {
-                let lost = tracer.lost_events()?;
-                if lost != self.lost_events {
-                    warn!("{} eBPF event(s) lost: mapping the whole file again", lost - self.lost_events);
-                    self.lost_events = lost;
-                }
+            batch = feed.next() => {
                 let block_size = self.file.metadata()?.blksize();
-                for event in events?.iter().filter(|e| e.key == key) {
+                for item in batch? {
+                    let Feed::Event(event) = item else { continue }; // Lost: the forced map covers it
                     let Some(tp) = Tracepoint::by_index(event.source) else { continue };
                     let (start, len) = tp.byte_range(event.start, event.length, block_size);
                     debug!("event {}: {:?} bytes {start}+{len}", tp.name, tp.change);
@@ -220,7 +253,7 @@ impl Monitor {
         // With eBPF, regions tile the extents so that a growing extent keeps its counters;
         // polling keeps lvm2's one region per extent.
         let mapping = match self.trigger {
-            Trigger::Ebpf(_) => Mapping::Tiled,
+            Trigger::Ebpf { .. } => Mapping::Tiled,
             Trigger::Poll => Mapping::Exact,
         };
         let outcome = group.update(&self.device, &ranges, mapping)?;
@@ -274,10 +307,6 @@ impl Monitor {
             bail!("{} moved to another device", self.path.display());
         }
         info!("{} was replaced (inode {} -> {})", self.path.display(), self.file_id.ino, id.ino);
-        if let Trigger::Ebpf(tracer) = &mut self.trigger {
-            tracer.unwatch(self.file_id.inode_key())?;
-            tracer.watch(id.inode_key())?;
-        }
         self.file = file;
         self.file_id = id;
         self.last = None;

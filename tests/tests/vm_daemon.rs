@@ -667,3 +667,52 @@ fn ext4_growth_keeps_the_counters() {
 fn xfs_growth_keeps_the_counters() {
     growth_keeps_the_counters(FsKind::Xfs);
 }
+
+/// `filemapd watch`: one process, one set of eBPF programs, files on ext4 and xfs.
+#[test]
+fn one_process_watches_many_files() {
+    require_device_mapper();
+    let filesystems = [DmFs::new(FsKind::Ext4).unwrap(), DmFs::new(FsKind::Xfs).unwrap()];
+    let mut config = String::from("# group mode path\n");
+    let mut files = Vec::new();
+    for dmfs in &filesystems {
+        for i in 0..6 {
+            let path = dmfs.mount.dir.join(format!("{}-{i}.img", dmfs.name));
+            write_and_sync(&path, 0, 1 << 20).unwrap();
+            let out = run("dmstats", &["create", "--filemap", "--nomonitor", &path.to_string_lossy()]).unwrap();
+            let group: String =
+                out.split("group ID ").nth(1).unwrap().chars().take_while(char::is_ascii_digit).collect();
+            config.push_str(&format!("{group} inode {}\n", path.display()));
+            files.push((dmfs, path));
+        }
+    }
+    let config_path = filesystems[0].mount.dir.join("watch.conf");
+    fs::write(&config_path, &config).unwrap();
+    let cfg = config_path.to_string_lossy().into_owned();
+    let mut daemon = LoggedDaemon::start(
+        &["watch", "--config", &cfg, "--ebpf", "--interval", "3600", "-vv"],
+        &config_path,
+        &[],
+    );
+    daemon.wait_for_line("watching 12 file(s)");
+    for (_, path) in &files {
+        append(path, 2);
+    }
+    for (dmfs, path) in &files {
+        let alias = path.file_name().unwrap().to_string_lossy().into_owned();
+        wait_tiled(dmfs, path, &alias, "appending to every watched file");
+    }
+    // A deleted group ends its file's monitor at the file's next event; the others go on.
+    let (dmfs, gone) = &files[0];
+    let alias = gone.file_name().unwrap().to_string_lossy().into_owned();
+    let (group, _) = group_by_alias(&device_of(gone), &alias).unwrap();
+    run("dmstats", &["delete", "--groupid", &group.to_string(), &dmfs.name]).unwrap();
+    append(gone, 1);
+    daemon.wait_for_line(&format!("{}: Filemap group removed: exiting.", gone.display()));
+    let (dmfs, still) = &files[7];
+    append(still, 1);
+    let alias = still.file_name().unwrap().to_string_lossy().into_owned();
+    wait_tiled(dmfs, still, &alias, "appending after another file's group went");
+    let log = daemon.stop();
+    assert!(log.iter().any(|l| l.contains("eBPF trigger for 12 file(s)")), "{}", log.join("\n"));
+}

@@ -1,5 +1,6 @@
 //! The eBPF trigger: loads the kernel half, tells it each tracepoint's layout, attaches what
 //! this kernel offers, and hands the events for watched inodes to user space.
+pub mod hub;
 pub mod tracefs;
 pub mod tracepoints;
 
@@ -14,6 +15,7 @@ use aya::{
 use filemapd_common::{ExtentEvent, InodeKey, LAYOUTS_LEN, TracepointLayout, names};
 use tokio::io::unix::AsyncFd;
 
+pub use hub::{EventFeed, Feed, Hub};
 pub use tracepoints::{Change, TRACEPOINTS, Tracepoint};
 
 /// The kernel half, built by build.rs.
