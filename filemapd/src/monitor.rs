@@ -98,6 +98,10 @@ pub struct Monitor {
     unsettled: Vec<(u64, u64)>,
     /// When to look at the file again regardless of its size (after events).
     recheck: Option<(Instant, u32)>,
+    /// The file's extents as last read, so that events need only their range re-read.
+    extents: Vec<fiemap::Extent>,
+    /// Logical bytes that events said changed since the last full read; `None`: read it all.
+    changed_span: Option<(u64, u64)>,
 }
 
 impl Monitor {
@@ -151,6 +155,8 @@ impl Monitor {
             trigger: Trigger::Poll,
             unsettled: Vec::new(),
             recheck: None,
+            extents: Vec::new(),
+            changed_span: None,
         })
     }
 
@@ -210,15 +216,29 @@ impl Monitor {
         tokio::select! {
             batch = feed.next() => {
                 let block_size = self.file.metadata()?.blksize();
+                let mut span = Some(self.changed_span.unwrap_or((u64::MAX, 0)));
                 for item in batch? {
-                    let Feed::Event(event) = item else { continue }; // Lost: the forced map covers it
-                    let Some(tp) = Tracepoint::by_index(event.source) else { continue };
-                    let (start, len) = tp.byte_range(event.start, event.length, block_size);
+                    let (tp, start, len) = match item {
+                        Feed::Event(event) => match Tracepoint::by_index(event.source) {
+                            Some(tp) => {
+                                let (start, len) = tp.byte_range(event.start, event.length, block_size);
+                                (tp, start, len)
+                            }
+                            None => continue,
+                        },
+                        Feed::Lost => {
+                            span = None;
+                            continue;
+                        }
+                    };
                     debug!("event {}: {:?} bytes {start}+{len}", tp.name, tp.change);
                     if tp.change == Change::Allocated && len > 0 {
                         self.unsettled.push((start, len));
                     }
+                    // An event without a range means: read the whole file.
+                    span = span.filter(|_| len > 0).map(|(lo, hi)| (lo.min(start), hi.max(start.saturating_add(len))));
                 }
+                self.changed_span = if self.extents.is_empty() { None } else { span };
                 // Removals fire before the blocks go: look once more shortly after.
                 self.recheck = Some((Instant::now() + SETTLE, SETTLE_TRIES));
                 Ok(true)
@@ -237,11 +257,30 @@ impl Monitor {
     /// Maps the file and brings the group in line. Returns true when the file has no extents.
     fn update(&mut self, group: &Group) -> anyhow::Result<bool> {
         let metadata = self.file.metadata().context("fstat of the monitored file")?;
-        let extents = fiemap::read_extents(&self.file, 0, u64::MAX, false)
-            .with_context(|| format!("FIEMAP of {}", self.path.display()))?;
+        let extents = match self.changed_span {
+            // After events: re-read only what they named, keep the rest from the last read.
+            Some((lo, hi)) if self.recheck.is_some() && lo < hi => {
+                // Widen the range to the cached extents it cuts into: FIEMAP of the wider range
+                // then tells the whole truth about every extent the splice replaces.
+                let (lo, hi) = self
+                    .extents
+                    .iter()
+                    .filter(|e| e.logical < hi && lo < e.logical + e.length)
+                    .fold((lo, hi), |(lo, hi), e| (lo.min(e.logical), hi.max(e.logical + e.length)));
+                let fresh = fiemap::read_extents(&self.file, lo, hi - lo, false)
+                    .with_context(|| format!("FIEMAP of {} bytes {lo}..{hi}", self.path.display()))?;
+                fiemap::splice(&self.extents, lo, hi, fresh)
+            }
+            _ => fiemap::read_extents(&self.file, 0, u64::MAX, false)
+                .with_context(|| format!("FIEMAP of {}", self.path.display()))?,
+        };
         let unplaced = extents.iter().any(|e| !e.is_placed());
         self.last = Some(FileState { blocks: metadata.blocks(), size: metadata.size(), unplaced });
         self.settle(&extents);
+        if self.recheck.is_none() {
+            self.changed_span = None;
+        }
+        self.extents = extents.clone();
         if extents.is_empty() {
             return Ok(true);
         }
@@ -310,6 +349,8 @@ impl Monitor {
         self.file = file;
         self.file_id = id;
         self.last = None;
+        self.extents.clear();
+        self.changed_span = None;
         Ok(true)
     }
 }

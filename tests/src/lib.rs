@@ -191,11 +191,11 @@ impl DmFs {
 }
 
 impl Drop for DmFs {
-    /// A failed test may leave a daemon holding a file here, which would keep the file system
-    /// busy and the next test's device from being created: stop such daemons first.
+    /// A failed test may leave a daemon (or any process naming a file here) holding the file
+    /// system, which would keep the next test's device from being created: stop those first.
     fn drop(&mut self) {
         let dir = self.mount.dir.to_string_lossy().into_owned();
-        for pid in pids_with_arg_under("dmfilemapd", &dir) {
+        for pid in pids_with_arg_under("", &dir) {
             // SAFETY: signalling a process by pid.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             let _ = wait_for_exit(pid, std::time::Duration::from_secs(10));

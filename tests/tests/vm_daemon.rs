@@ -505,10 +505,18 @@ impl LoggedDaemon {
 
     /// Stops the daemon and returns its whole log.
     fn stop(mut self) -> Vec<String> {
-        self.child.kill().unwrap();
+        let _ = self.child.kill();
         self.child.wait().unwrap();
-        self.seen.extend(self.lines.iter());
-        self.seen
+        self.seen.extend(self.lines.try_iter());
+        std::mem::take(&mut self.seen)
+    }
+}
+
+impl Drop for LoggedDaemon {
+    /// A failing test must not leave its daemon holding the file system.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
