@@ -8,9 +8,10 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../filemapd-ebpf");
     let toolchain_file = ebpf_dir.join("rust-toolchain.toml");
     println!("cargo:rerun-if-changed={}", toolchain_file.display());
-    let toolchain = ebpf_toolchain(&fs::read_to_string(&toolchain_file).with_context(|| {
-        format!("reading {}", toolchain_file.display())
-    })?)
+    let toolchain = ebpf_toolchain(
+        &fs::read_to_string(&toolchain_file)
+            .with_context(|| format!("reading {}", toolchain_file.display()))?,
+    )
     .ok_or_else(|| anyhow!("no channel in {}", toolchain_file.display()))?;
     let ebpf_dir = ebpf_dir.canonicalize()?;
     let package = aya_build::Package {

@@ -93,7 +93,8 @@ fn report(ctx: &TracePointContext, source: u32) -> u32 {
     if unsafe { WATCHED.get(&key) }.is_none() {
         return 0;
     }
-    if layout.skip.size != 0 && read_field(ctx, layout.skip) & layout.skip_mask == layout.skip_mask {
+    if layout.skip.size != 0 && read_field(ctx, layout.skip) & layout.skip_mask == layout.skip_mask
+    {
         return 0;
     }
     let event = ExtentEvent {

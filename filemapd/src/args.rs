@@ -53,7 +53,10 @@ impl fmt::Display for ArgsError {
 }
 
 fn error(message: String) -> ArgsError {
-    ArgsError { message, show_usage: false }
+    ArgsError {
+        message,
+        show_usage: false,
+    }
 }
 
 /// Parses the positional arguments (without argv[0]).
@@ -62,7 +65,10 @@ fn error(message: String) -> ArgsError {
 /// line marks `<foreground>` optional; we accept four, as the usage line says.
 pub fn parse(args: &[String]) -> Result<DaemonArgs, ArgsError> {
     if !(4..=6).contains(&args.len()) {
-        return Err(ArgsError { message: "Wrong number of arguments.".into(), show_usage: true });
+        return Err(ArgsError {
+            message: "Wrong number of arguments.".into(),
+            show_usage: true,
+        });
     }
     let fd = parse_int::<i32>(&args[0])
         .filter(|fd| *fd >= 0)
@@ -84,9 +90,11 @@ pub fn parse(args: &[String]) -> Result<DaemonArgs, ArgsError> {
     };
     let foreground = match args.get(4) {
         None => false,
-        Some(arg) => parse_int::<i64>(arg)
-            .ok_or_else(|| error(format!("Could not parse debug argument: {arg}.")))?
-            != 0,
+        Some(arg) => {
+            parse_int::<i64>(arg)
+                .ok_or_else(|| error(format!("Could not parse debug argument: {arg}.")))?
+                != 0
+        }
     };
     let verbose = match args.get(5) {
         None => 0,
@@ -99,12 +107,24 @@ pub fn parse(args: &[String]) -> Result<DaemonArgs, ArgsError> {
                 .ok_or_else(|| error(format!("Verbose argument out of range: {level}.")))?
         }
     };
-    Ok(DaemonArgs { fd, group_id, path: PathBuf::from(path), mode, foreground, verbose })
+    Ok(DaemonArgs {
+        fd,
+        group_id,
+        path: PathBuf::from(path),
+        mode,
+        foreground,
+        verbose,
+    })
 }
 
 /// A whole decimal integer; unlike C's strtol, an empty string or trailing junk is an error.
 fn parse_int<T: std::str::FromStr>(text: &str) -> Option<T> {
-    if text.is_empty() || !text.trim_start_matches(['-', '+']).bytes().all(|b| b.is_ascii_digit()) {
+    if text.is_empty()
+        || !text
+            .trim_start_matches(['-', '+'])
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     text.parse().ok()
@@ -133,8 +153,15 @@ mod tests {
             }
         );
         let a = parse(&args(&["3", "0", "/f", "inode"])).unwrap();
-        assert_eq!((a.mode, a.foreground, a.verbose), (FollowMode::Inode, false, 0));
-        assert!(parse(&args(&["3", "0", "/f", "inode", "1"])).unwrap().foreground);
+        assert_eq!(
+            (a.mode, a.foreground, a.verbose),
+            (FollowMode::Inode, false, 0)
+        );
+        assert!(
+            parse(&args(&["3", "0", "/f", "inode", "1"]))
+                .unwrap()
+                .foreground
+        );
     }
 
     #[test]
@@ -143,26 +170,80 @@ mod tests {
             (&[], "Wrong number of arguments."),
             (&["3"], "Wrong number of arguments."),
             (&["3", "0", "/f"], "Wrong number of arguments."),
-            (&["3", "0", "/f", "inode", "0", "1", "extra"], "Wrong number of arguments."),
-            (&["x", "0", "/f", "inode"], "Could not parse file descriptor: x"),
-            (&["3x", "0", "/f", "inode"], "Could not parse file descriptor: 3x"),
-            (&["", "0", "/f", "inode"], "Could not parse file descriptor: "),
-            (&["-1", "0", "/f", "inode"], "Could not parse file descriptor: -1"),
-            (&["99999999999", "0", "/f", "inode"], "Could not parse file descriptor: 99999999999"),
-            (&["3", "g", "/f", "inode"], "Could not parse group identifier: g"),
-            (&["3", "-1", "/f", "inode"], "Could not parse group identifier: -1"),
-            (&["3", "1.5", "/f", "inode"], "Could not parse group identifier: 1.5"),
-            (&["3", "", "/f", "inode"], "Could not parse group identifier: "),
+            (
+                &["3", "0", "/f", "inode", "0", "1", "extra"],
+                "Wrong number of arguments.",
+            ),
+            (
+                &["x", "0", "/f", "inode"],
+                "Could not parse file descriptor: x",
+            ),
+            (
+                &["3x", "0", "/f", "inode"],
+                "Could not parse file descriptor: 3x",
+            ),
+            (
+                &["", "0", "/f", "inode"],
+                "Could not parse file descriptor: ",
+            ),
+            (
+                &["-1", "0", "/f", "inode"],
+                "Could not parse file descriptor: -1",
+            ),
+            (
+                &["99999999999", "0", "/f", "inode"],
+                "Could not parse file descriptor: 99999999999",
+            ),
+            (
+                &["3", "g", "/f", "inode"],
+                "Could not parse group identifier: g",
+            ),
+            (
+                &["3", "-1", "/f", "inode"],
+                "Could not parse group identifier: -1",
+            ),
+            (
+                &["3", "1.5", "/f", "inode"],
+                "Could not parse group identifier: 1.5",
+            ),
+            (
+                &["3", "", "/f", "inode"],
+                "Could not parse group identifier: ",
+            ),
             (&["3", "0", "", "inode"], "Path argument is required."),
-            (&["3", "0", "f", "inode"], "Path argument must specify an absolute path."),
-            (&["3", "0", "./f", "inode"], "Path argument must specify an absolute path."),
+            (
+                &["3", "0", "f", "inode"],
+                "Path argument must specify an absolute path.",
+            ),
+            (
+                &["3", "0", "./f", "inode"],
+                "Path argument must specify an absolute path.",
+            ),
             (&["3", "0", "/f", ""], "Mode argument is required."),
-            (&["3", "0", "/f", "Inode"], "Could not parse dmfilemapd mode: Inode"),
-            (&["3", "0", "/f", "follow"], "Could not parse dmfilemapd mode: follow"),
-            (&["3", "0", "/f", "inode", "yes"], "Could not parse debug argument: yes."),
-            (&["3", "0", "/f", "inode", "1", "v"], "Could not parse verbose argument: v"),
-            (&["3", "0", "/f", "inode", "1", "4"], "Verbose argument out of range: 4."),
-            (&["3", "0", "/f", "inode", "1", "-1"], "Verbose argument out of range: -1."),
+            (
+                &["3", "0", "/f", "Inode"],
+                "Could not parse dmfilemapd mode: Inode",
+            ),
+            (
+                &["3", "0", "/f", "follow"],
+                "Could not parse dmfilemapd mode: follow",
+            ),
+            (
+                &["3", "0", "/f", "inode", "yes"],
+                "Could not parse debug argument: yes.",
+            ),
+            (
+                &["3", "0", "/f", "inode", "1", "v"],
+                "Could not parse verbose argument: v",
+            ),
+            (
+                &["3", "0", "/f", "inode", "1", "4"],
+                "Verbose argument out of range: 4.",
+            ),
+            (
+                &["3", "0", "/f", "inode", "1", "-1"],
+                "Verbose argument out of range: -1.",
+            ),
         ];
         for (argv, message) in cases {
             let err = parse(&args(argv)).expect_err(&format!("{argv:?} should be refused"));

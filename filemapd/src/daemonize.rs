@@ -39,7 +39,10 @@ fn close_stray_fds(keep: &[RawFd]) -> anyhow::Result<()> {
         .context("listing /proc/self/fd")?
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
         .collect();
-    for fd in open_fds.into_iter().filter(|fd| *fd > 2 && !keep.contains(fd)) {
+    for fd in open_fds
+        .into_iter()
+        .filter(|fd| *fd > 2 && !keep.contains(fd))
+    {
         // The listing's own descriptor is already closed by now; EBADF for it is harmless.
         // SAFETY: these descriptors were inherited and nothing in this process uses them.
         unsafe { libc::close(fd) };

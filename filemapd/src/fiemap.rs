@@ -64,7 +64,11 @@ struct RawFiemap {
 // _IOWR('f', 11, struct fiemap): the kernel's size field is the header alone (32 bytes).
 nix::ioctl_readwrite_bad!(
     fs_ioc_fiemap,
-    nix::request_code_readwrite!(b'f', 11, mem::size_of::<RawFiemap>() - BATCH * mem::size_of::<RawExtent>()),
+    nix::request_code_readwrite!(
+        b'f',
+        11,
+        mem::size_of::<RawFiemap>() - BATCH * mem::size_of::<RawExtent>()
+    ),
     RawFiemap
 );
 
@@ -122,7 +126,10 @@ pub fn splice(cached: &[Extent], lo: u64, hi: u64, fresh: Vec<Extent>) -> Vec<Ex
     // Fresh extents may reach beyond the range (the file system merged neighbours): whatever
     // they cover replaces the cache too.
     let lo = fresh.iter().map(|e| e.logical).fold(lo, u64::min);
-    let hi = fresh.iter().map(|e| e.logical.saturating_add(e.length)).fold(hi, u64::max);
+    let hi = fresh
+        .iter()
+        .map(|e| e.logical.saturating_add(e.length))
+        .fold(hi, u64::max);
     let mut out: Vec<Extent> = cached
         .iter()
         .filter(|e| e.logical + e.length <= lo || e.logical >= hi)
@@ -167,7 +174,12 @@ mod tests {
     use super::*;
 
     fn ext(logical: u64, physical: u64, length: u64, flags: u32) -> Extent {
-        Extent { logical, physical, length, flags }
+        Extent {
+            logical,
+            physical,
+            length,
+            flags,
+        }
     }
 
     #[test]
@@ -187,7 +199,12 @@ mod tests {
     fn unplaced_extents_are_skipped_and_do_not_break_a_run() {
         let extents = [
             ext(0, 4096, 4096, 0),
-            ext(4096, 0, 4096, extent_flags::DELALLOC | extent_flags::UNKNOWN),
+            ext(
+                4096,
+                0,
+                4096,
+                extent_flags::DELALLOC | extent_flags::UNKNOWN,
+            ),
             ext(8192, 8192, 4096, extent_flags::LAST),
         ];
         assert_eq!(device_ranges(&extents), vec![SectorRange::new(8, 16)]);
@@ -202,7 +219,11 @@ mod tests {
 
     #[test]
     fn splice_replaces_only_the_changed_range() {
-        let cached = [ext(0, 100 << 12, 4096, 0), ext(4096, 200 << 12, 4096, 0), ext(8192, 300 << 12, 4096, extent_flags::LAST)];
+        let cached = [
+            ext(0, 100 << 12, 4096, 0),
+            ext(4096, 200 << 12, 4096, 0),
+            ext(8192, 300 << 12, 4096, extent_flags::LAST),
+        ];
         // The middle extent moved, and the file grew by an extent.
         let fresh = vec![ext(4096, 500 << 12, 4096, 0)];
         let tail = vec![ext(12288, 600 << 12, 4096, extent_flags::LAST)];
@@ -220,15 +241,24 @@ mod tests {
 
     #[test]
     fn splice_drops_extents_that_vanished_from_the_range() {
-        let cached = [ext(0, 4096, 8192, 0), ext(1 << 20, 1 << 24, 8192, extent_flags::LAST)];
+        let cached = [
+            ext(0, 4096, 8192, 0),
+            ext(1 << 20, 1 << 24, 8192, extent_flags::LAST),
+        ];
         // A truncate to 4 KiB: the range from 4 KiB on now maps only the shortened first extent.
         let fresh = vec![ext(0, 4096, 4096, extent_flags::LAST)];
-        assert_eq!(splice(&cached, 4096, u64::MAX, fresh), vec![ext(0, 4096, 4096, extent_flags::LAST)]);
+        assert_eq!(
+            splice(&cached, 4096, u64::MAX, fresh),
+            vec![ext(0, 4096, 4096, extent_flags::LAST)]
+        );
     }
 
     #[test]
     fn splice_lets_a_merged_extent_replace_its_parts() {
-        let cached = [ext(0, 4096, 4096, 0), ext(4096, 8192, 4096, extent_flags::LAST)];
+        let cached = [
+            ext(0, 4096, 4096, 0),
+            ext(4096, 8192, 4096, extent_flags::LAST),
+        ];
         let fresh = vec![ext(0, 4096, 12288, extent_flags::LAST)];
         assert_eq!(splice(&cached, 4096, 8192, fresh.clone()), fresh);
     }

@@ -13,13 +13,20 @@ pub struct FileId {
 
 impl FileId {
     pub fn of(metadata: &std::fs::Metadata) -> Self {
-        Self { st_dev: metadata.dev(), ino: metadata.ino() }
+        Self {
+            st_dev: metadata.dev(),
+            ino: metadata.ino(),
+        }
     }
 
     /// The key the eBPF programs compare against: tracepoints print the kernel's internal
     /// dev_t (`major << 20 | minor`), not glibc's encoding.
     pub fn inode_key(&self) -> InodeKey {
-        InodeKey { dev: kernel_dev(self.st_dev), _pad: 0, ino: self.ino }
+        InodeKey {
+            dev: kernel_dev(self.st_dev),
+            _pad: 0,
+            ino: self.ino,
+        }
     }
 }
 
@@ -28,17 +35,39 @@ pub fn kernel_dev(st_dev: u64) -> u32 {
     (libc::major(st_dev) << 20) | (libc::minor(st_dev) & 0xfffff)
 }
 
+/// The tracepoint category that reports allocations for the file system holding `file`
+/// (ext2/3/4 share ext4's driver and magic), if filemapd has programs for it.
+pub fn tracepoint_category(file: &std::fs::File) -> Option<&'static str> {
+    const EXT4_SUPER_MAGIC: i64 = 0xef53;
+    const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
+    match nix::sys::statfs::fstatfs(file).ok()?.filesystem_type().0 as i64 {
+        EXT4_SUPER_MAGIC => Some("ext4"),
+        XFS_SUPER_MAGIC => Some("xfs"),
+        _ => None,
+    }
+}
+
 /// btrfs's statfs magic: its FIEMAP reports logical addresses within its own chunk mapping,
 /// not places on the block device.
 const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
 
 /// Refuses files whose extents cannot be turned into regions: not a regular file, or on btrfs.
 /// (Whether the device is a device-mapper device is checked when the device is opened.)
-pub fn check_mappable(file: &std::fs::File, path: &std::path::Path) -> anyhow::Result<std::fs::Metadata> {
+pub fn check_mappable(
+    file: &std::fs::File,
+    path: &std::path::Path,
+) -> anyhow::Result<std::fs::Metadata> {
     use anyhow::Context as _;
-    let metadata = file.metadata().with_context(|| format!("fstat {}", path.display()))?;
-    anyhow::ensure!(metadata.is_file(), "{} is not a regular file", path.display());
-    let fs = nix::sys::statfs::fstatfs(file).with_context(|| format!("fstatfs {}", path.display()))?;
+    let metadata = file
+        .metadata()
+        .with_context(|| format!("fstat {}", path.display()))?;
+    anyhow::ensure!(
+        metadata.is_file(),
+        "{} is not a regular file",
+        path.display()
+    );
+    let fs =
+        nix::sys::statfs::fstatfs(file).with_context(|| format!("fstatfs {}", path.display()))?;
     anyhow::ensure!(
         fs.filesystem_type().0 as i64 != BTRFS_SUPER_MAGIC,
         "{}: btrfs does not provide physical FIEMAP extent data",

@@ -1,11 +1,6 @@
 //! Following the file: has the inode been unlinked and closed (inode mode), has the path been
 //! given a new file (path mode)?
-use std::{
-    fs::File,
-    os::unix::fs::MetadataExt as _,
-    path::Path,
-    time::Duration,
-};
+use std::{fs::File, os::unix::fs::MetadataExt as _, path::Path, time::Duration};
 
 use anyhow::Context as _;
 
@@ -17,10 +12,16 @@ use crate::file_device::FileId;
 /// mapping without an open descriptor (mmap after close); both are rare for VM images.
 pub fn held_elsewhere(file: FileId) -> bool {
     let me = std::process::id().to_string();
-    let Ok(procs) = std::fs::read_dir("/proc") else { return false };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
     procs
         .filter_map(Result::ok)
-        .filter(|p| p.file_name().to_str().is_some_and(|n| n != me && n.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|p| {
+            p.file_name()
+                .to_str()
+                .is_some_and(|n| n != me && n.bytes().all(|b| b.is_ascii_digit()))
+        })
         .filter_map(|p| std::fs::read_dir(p.path().join("fd")).ok())
         .flatten()
         .filter_map(Result::ok)
@@ -29,7 +30,11 @@ pub fn held_elsewhere(file: FileId) -> bool {
 
 /// Whether the open file has no name left (all links removed).
 pub fn unlinked(file: &File) -> anyhow::Result<bool> {
-    Ok(file.metadata().context("fstat of the monitored file")?.nlink() == 0)
+    Ok(file
+        .metadata()
+        .context("fstat of the monitored file")?
+        .nlink()
+        == 0)
 }
 
 /// What the path names now, if it names anything.

@@ -4,10 +4,11 @@
 //! aux_data `-`, so a region created but not yet listed in the descriptor would look like any
 //! user's region if we died right then. So every region in transit carries a marker in its
 //! aux_data:
-//!   1. create the arrivals already marked `DMS_FILEMAPD_PENDING=<group>`; mark the leavers
-//!      `DMS_FILEMAPD_PENDING=<new leader>`;
-//!   2. write the new descriptor (one message: the switch);
-//!   3. delete the leavers; clear the arrivals' markers.
+//! 1. create the arrivals already marked `DMS_FILEMAPD_PENDING=<group>`; mark the leavers
+//!    `DMS_FILEMAPD_PENDING=<new leader>`;
+//! 2. write the new descriptor (one message: the switch);
+//! 3. delete the leavers; clear the arrivals' markers.
+//!
 //! When the leader itself leaves, the descriptor moves to the new lowest member (as in lvm2,
 //! the group id changes). Step 2 is then two messages: the old leader first records the whole
 //! new descriptor as `DMS_FILEMAPD_MOVED=<alias>:<members>#<aux>` (which dissolves the old group
@@ -50,12 +51,17 @@ fn pending_for(region: &Region) -> Option<u64> {
 /// The descriptor a retired leader handed on, if it carries one.
 fn moved_to(region: &Region) -> Option<GroupDescriptor> {
     let rest = region.aux_data.strip_prefix(MOVED_TAG)?;
-    GroupDescriptor::parse(&format!("DMS_GROUP={rest}")).ok().flatten()
+    GroupDescriptor::parse(&format!("DMS_GROUP={rest}"))
+        .ok()
+        .flatten()
 }
 
 fn moved_marker(descriptor: &GroupDescriptor) -> String {
     let text = descriptor.to_string();
-    format!("{MOVED_TAG}{}", text.strip_prefix("DMS_GROUP=").unwrap_or(&text))
+    format!(
+        "{MOVED_TAG}{}",
+        text.strip_prefix("DMS_GROUP=").unwrap_or(&text)
+    )
 }
 
 /// A group as listed now: its leader's descriptor and settings, and its member regions.
@@ -82,8 +88,12 @@ pub struct Outcome {
 impl Group {
     /// Finds group `group_id` among `regions`; `None` when it no longer exists.
     pub fn find(regions: &[Region], group_id: u64) -> anyhow::Result<Option<Group>> {
-        let Some(leader) = regions.iter().find(|r| r.id == group_id) else { return Ok(None) };
-        let Some(descriptor) = leader.group()? else { return Ok(None) };
+        let Some(leader) = regions.iter().find(|r| r.id == group_id) else {
+            return Ok(None);
+        };
+        let Some(descriptor) = leader.group()? else {
+            return Ok(None);
+        };
         if descriptor.leader() != Some(group_id) {
             return Ok(None);
         }
@@ -112,9 +122,13 @@ impl Group {
     /// Lists the device and finds the group, following (and finishing) a leader move.
     pub fn load(device: &StatsDevice, group_id: u64) -> anyhow::Result<Option<Group>> {
         let regions = device.list(None)?;
-        let Some(old) = regions.iter().find(|r| r.id == group_id) else { return Ok(None) };
+        let Some(old) = regions.iter().find(|r| r.id == group_id) else {
+            return Ok(None);
+        };
         if let Some(descriptor) = moved_to(old) {
-            let Some(new_id) = descriptor.leader() else { return Ok(None) };
+            let Some(new_id) = descriptor.leader() else {
+                return Ok(None);
+            };
             log::info!("group_id changed from {group_id} to {new_id}");
             let successor = regions.iter().find(|r| r.id == new_id);
             if successor.is_some_and(|r| !matches!(r.group(), Ok(Some(_)))) {
@@ -135,17 +149,27 @@ impl Group {
         extents: &[SectorRange],
         mapping: Mapping,
     ) -> anyhow::Result<Outcome> {
-        let members: Vec<(u64, SectorRange)> = self.members.iter().map(|r| (r.id, r.range)).collect();
+        let members: Vec<(u64, SectorRange)> =
+            self.members.iter().map(|r| (r.id, r.range)).collect();
         let plan = reconcile::plan(&members, extents, mapping);
         let marker = pending_marker(self.id);
-        let mut outcome = Outcome { group_id: self.id, ..Outcome::default() };
+        let mut outcome = Outcome {
+            group_id: self.id,
+            ..Outcome::default()
+        };
 
         for stray in &self.strays {
-            device.delete(stray.id).with_context(|| format!("deleting stray region {}", stray.id))?;
+            device
+                .delete(stray.id)
+                .with_context(|| format!("deleting stray region {}", stray.id))?;
             outcome.deleted += 1;
         }
         // Kept members still marked from an interrupted pass.
-        for region in self.members.iter().filter(|r| r.id != self.id && pending_for(r).is_some()) {
+        for region in self
+            .members
+            .iter()
+            .filter(|r| r.id != self.id && pending_for(r).is_some())
+        {
             if plan.keep.binary_search(&region.id).is_ok() {
                 device.set_aux(region.id, "-")?;
             }
@@ -154,7 +178,10 @@ impl Group {
             return Ok(outcome);
         }
         if plan.keep.is_empty() && plan.create.is_empty() {
-            bail!("the file has no extents: nothing to keep the group {} on", self.id);
+            bail!(
+                "the file has no extents: nothing to keep the group {} on",
+                self.id
+            );
         }
 
         // 1. Create the arrivals, marked for this group; then mark the leavers for the group
@@ -167,14 +194,19 @@ impl Group {
                     for &id in &created {
                         let _ = device.delete(id);
                     }
-                    return Err(e.context(format!("creating a region for {range} in group {}", self.id)));
+                    return Err(e.context(format!(
+                        "creating a region for {range} in group {}",
+                        self.id
+                    )));
                 }
             }
         }
         let mut new_members = plan.keep.clone();
         new_members.extend(&created);
         let descriptor = self.descriptor.with_members(new_members);
-        let leader = descriptor.leader().expect("a group with regions has a leader");
+        let leader = descriptor
+            .leader()
+            .expect("a group with regions has a leader");
         for &id in plan.delete.iter().filter(|&&id| id != self.id) {
             device.set_aux(id, &pending_marker(leader))?;
         }
@@ -191,7 +223,9 @@ impl Group {
 
         // 3. Remove the leavers, unmark the arrivals.
         for &id in &plan.delete {
-            device.delete(id).with_context(|| format!("deleting region {id}"))?;
+            device
+                .delete(id)
+                .with_context(|| format!("deleting region {id}"))?;
         }
         crash_point("deleted");
         for &id in created.iter().filter(|&&id| id != leader) {

@@ -9,8 +9,9 @@ use clap::{Parser, Subcommand};
 use filemapd::{
     args::{self, DaemonArgs},
     daemonize::daemonize,
+    dmstats,
     ebpf::{Hub, Tracer},
-    dmstats, fiemap,
+    fiemap,
     monitor::Monitor,
     sectors::SectorRange,
 };
@@ -65,7 +66,9 @@ enum Command {
 }
 
 fn parse_interval(text: &str) -> Result<Duration, String> {
-    let seconds: f64 = text.parse().map_err(|_| format!("not a number of seconds: {text}"))?;
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("not a number of seconds: {text}"))?;
     if !(0.01..=3600.0).contains(&seconds) {
         return Err(format!("interval {seconds} s is outside 0.01..3600"));
     }
@@ -74,7 +77,10 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
-    let invoked_as = argv.first().and_then(|a| a.rsplit('/').next()).unwrap_or("");
+    let invoked_as = argv
+        .first()
+        .and_then(|a| a.rsplit('/').next())
+        .unwrap_or("");
     if invoked_as == "dmfilemapd" {
         return match args::parse(&argv[1..]) {
             Ok(args) => run_daemon(&args, Duration::from_millis(500), ebpf_from_env()),
@@ -88,7 +94,12 @@ fn main() -> ExitCode {
         Err(e) => return fail(e.to_string().lines().next().unwrap_or("bad arguments")),
     };
     match cli.command {
-        Some(Command::Watch { config, ebpf, interval, verbose }) => {
+        Some(Command::Watch {
+            config,
+            ebpf,
+            interval,
+            verbose,
+        }) => {
             init_logging(verbose);
             watch(&config, interval, ebpf || ebpf_from_env())
         }
@@ -133,7 +144,9 @@ fn watch(config: &PathBuf, interval: Duration, ebpf: bool) -> ExitCode {
         Ok(entries) => entries,
         Err(e) => return fail(&format!("{e:#}")),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let result = runtime
         .context("starting the runtime")
         .and_then(|rt| rt.block_on(filemapd::watch::run(&entries, interval, ebpf)));
@@ -162,7 +175,9 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool) -> ExitCode {
             return fail(&format!("{e:#}"));
         }
     }
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let result = runtime.context("starting the runtime").and_then(|rt| {
         rt.block_on(async {
             if ebpf {
@@ -172,7 +187,9 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool) -> ExitCode {
                         log::info!("eBPF trigger on {}", names.join(", "));
                         monitor.use_ebpf(&Hub::spawn(tracer)).await?;
                     }
-                    Err(e) => log::warn!("eBPF trigger unavailable ({e:#}): polling every {interval:?}"),
+                    Err(e) => {
+                        log::warn!("eBPF trigger unavailable ({e:#}): polling every {interval:?}")
+                    }
                 }
             }
             monitor.run().await
@@ -219,14 +236,30 @@ fn show(path: &PathBuf, group_id: Option<u64>) -> anyhow::Result<()> {
         device.device_number().1,
         descriptor.alias
     );
-    println!("{:>24}  {:>24}", "file extent (sectors)", "region (id: sectors)");
+    println!(
+        "{:>24}  {:>24}",
+        "file extent (sectors)", "region (id: sectors)"
+    );
     let regions: Vec<(u64, SectorRange)> = members.iter().map(|r| (r.id, r.range)).collect();
     for row in 0..extents.len().max(regions.len()) {
-        let extent = extents.get(row).map(ToString::to_string).unwrap_or_default();
-        let region = regions.get(row).map(|(id, r)| format!("{id}: {r}")).unwrap_or_default();
+        let extent = extents
+            .get(row)
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let region = regions
+            .get(row)
+            .map(|(id, r)| format!("{id}: {r}"))
+            .unwrap_or_default();
         println!("{extent:>24}  {region:>24}");
     }
     let matches = extents == regions.iter().map(|(_, r)| *r).collect::<Vec<_>>();
-    println!("{}", if matches { "regions match the file" } else { "regions DIFFER from the file" });
+    println!(
+        "{}",
+        if matches {
+            "regions match the file"
+        } else {
+            "regions DIFFER from the file"
+        }
+    );
     Ok(())
 }

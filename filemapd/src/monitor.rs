@@ -12,14 +12,14 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use log::{debug, info};
+use log::{debug, info, warn};
 
 use crate::{
     args::{DaemonArgs, FollowMode},
     dmstats::StatsDevice,
     ebpf::{Change, EventFeed, Feed, Hub, Tracepoint},
     fiemap,
-    file_device::{FileId, check_mappable},
+    file_device::{FileId, check_mappable, tracepoint_category},
     follow,
     group::Group,
     reconcile::Mapping,
@@ -113,7 +113,14 @@ impl Monitor {
         nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(args.fd) })
             .with_context(|| format!("file descriptor {} is not open", args.fd))?;
         let file = unsafe { File::from_raw_fd(args.fd) };
-        Self::with_file(file, &args.path, args.group_id, args.mode, interval, &mut Devices::default())
+        Self::with_file(
+            file,
+            &args.path,
+            args.group_id,
+            args.mode,
+            interval,
+            &mut Devices::default(),
+        )
     }
 
     /// Opens the file itself (for `filemapd watch`), sharing device handles through `devices`.
@@ -165,9 +172,23 @@ impl Monitor {
     }
 
     /// Switches to the eBPF trigger: the hub's programs now wake this monitor for its inode.
+    /// A file on a file system none of the programs watch keeps polling (said once).
     pub async fn use_ebpf(&mut self, hub: &Hub) -> anyhow::Result<()> {
+        let category = tracepoint_category(&self.file);
+        if !category.is_some_and(|c| hub.covers(c)) {
+            warn!(
+                "{}: no eBPF tracepoint reports allocations on its file system ({}): polling every {:?}",
+                self.path.display(),
+                category.unwrap_or("unsupported"),
+                self.interval
+            );
+            return Ok(());
+        }
         let feed = hub.watch(self.file_id.inode_key()).await?;
-        self.trigger = Trigger::Ebpf { hub: hub.clone(), feed };
+        self.trigger = Trigger::Ebpf {
+            hub: hub.clone(),
+            feed,
+        };
         Ok(())
     }
 
@@ -249,14 +270,22 @@ impl Monitor {
 
     /// Whether the file may have new or fewer extents since the last update.
     fn changed(&self) -> anyhow::Result<bool> {
-        let Some(last) = self.last else { return Ok(true) };
-        let m = self.file.metadata().context("fstat of the monitored file")?;
+        let Some(last) = self.last else {
+            return Ok(true);
+        };
+        let m = self
+            .file
+            .metadata()
+            .context("fstat of the monitored file")?;
         Ok(last.unplaced || (m.blocks(), m.size()) != (last.blocks, last.size))
     }
 
     /// Maps the file and brings the group in line. Returns true when the file has no extents.
     fn update(&mut self, group: &Group) -> anyhow::Result<bool> {
-        let metadata = self.file.metadata().context("fstat of the monitored file")?;
+        let metadata = self
+            .file
+            .metadata()
+            .context("fstat of the monitored file")?;
         let extents = match self.changed_span {
             // After events: re-read only what they named, keep the rest from the last read.
             Some((lo, hi)) if self.recheck.is_some() && lo < hi => {
@@ -266,16 +295,24 @@ impl Monitor {
                     .extents
                     .iter()
                     .filter(|e| e.logical < hi && lo < e.logical + e.length)
-                    .fold((lo, hi), |(lo, hi), e| (lo.min(e.logical), hi.max(e.logical + e.length)));
-                let fresh = fiemap::read_extents(&self.file, lo, hi - lo, false)
-                    .with_context(|| format!("FIEMAP of {} bytes {lo}..{hi}", self.path.display()))?;
+                    .fold((lo, hi), |(lo, hi), e| {
+                        (lo.min(e.logical), hi.max(e.logical + e.length))
+                    });
+                let fresh =
+                    fiemap::read_extents(&self.file, lo, hi - lo, false).with_context(|| {
+                        format!("FIEMAP of {} bytes {lo}..{hi}", self.path.display())
+                    })?;
                 fiemap::splice(&self.extents, lo, hi, fresh)
             }
             _ => fiemap::read_extents(&self.file, 0, u64::MAX, false)
                 .with_context(|| format!("FIEMAP of {}", self.path.display()))?,
         };
         let unplaced = extents.iter().any(|e| !e.is_placed());
-        self.last = Some(FileState { blocks: metadata.blocks(), size: metadata.size(), unplaced });
+        self.last = Some(FileState {
+            blocks: metadata.blocks(),
+            size: metadata.size(),
+            unplaced,
+        });
         self.settle(&extents);
         if self.recheck.is_none() {
             self.changed_span = None;
@@ -312,16 +349,20 @@ impl Monitor {
     /// Drops the event ranges FIEMAP now shows placed, and decides whether to look again soon.
     fn settle(&mut self, extents: &[fiemap::Extent]) {
         let placed = |&(start, len): &(u64, u64)| {
-            extents.iter().filter(|e| e.is_placed()).any(|e| {
-                e.logical <= start && start + len <= e.logical + e.length
-            })
+            extents
+                .iter()
+                .filter(|e| e.is_placed())
+                .any(|e| e.logical <= start && start + len <= e.logical + e.length)
         };
         self.unsettled.retain(|range| !placed(range));
         self.recheck = match self.recheck.take() {
             None => None,
             Some((_, 0)) => {
                 if !self.unsettled.is_empty() {
-                    debug!("event ranges {:?} never showed in FIEMAP; giving up on them", self.unsettled);
+                    debug!(
+                        "event ranges {:?} never showed in FIEMAP; giving up on them",
+                        self.unsettled
+                    );
                     self.unsettled.clear();
                 }
                 None
@@ -345,7 +386,12 @@ impl Monitor {
         if id.st_dev != self.file_id.st_dev {
             bail!("{} moved to another device", self.path.display());
         }
-        info!("{} was replaced (inode {} -> {})", self.path.display(), self.file_id.ino, id.ino);
+        info!(
+            "{} was replaced (inode {} -> {})",
+            self.path.display(),
+            self.file_id.ino,
+            id.ino
+        );
         self.file = file;
         self.file_id = id;
         self.last = None;

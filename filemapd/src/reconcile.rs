@@ -44,11 +44,20 @@ pub fn plan(members: &[(u64, SectorRange)], extents: &[SectorRange], mapping: Ma
     }
 }
 
-fn plan_exact(members: &[(u64, SectorRange)], extents: &[SectorRange]) -> Plan {
+/// Both sides sorted by place: regions as (range, id), extents as ranges.
+fn sorted(
+    members: &[(u64, SectorRange)],
+    extents: &[SectorRange],
+) -> (Vec<(SectorRange, u64)>, Vec<SectorRange>) {
     let mut regions: Vec<(SectorRange, u64)> = members.iter().map(|&(id, r)| (r, id)).collect();
     regions.sort_unstable();
     let mut wanted: Vec<SectorRange> = extents.to_vec();
     wanted.sort_unstable();
+    (regions, wanted)
+}
+
+fn plan_exact(members: &[(u64, SectorRange)], extents: &[SectorRange]) -> Plan {
+    let (regions, wanted) = sorted(members, extents);
 
     let mut result = Plan::default();
     let mut r = 0;
@@ -72,10 +81,7 @@ fn plan_exact(members: &[(u64, SectorRange)], extents: &[SectorRange]) -> Plan {
 }
 
 fn plan_tiled(members: &[(u64, SectorRange)], extents: &[SectorRange]) -> Plan {
-    let mut regions: Vec<(SectorRange, u64)> = members.iter().map(|&(id, r)| (r, id)).collect();
-    regions.sort_unstable();
-    let mut wanted: Vec<SectorRange> = extents.to_vec();
-    wanted.sort_unstable();
+    let (regions, wanted) = sorted(members, extents);
 
     let mut result = Plan::default();
     let mut r = 0;
@@ -90,7 +96,9 @@ fn plan_tiled(members: &[(u64, SectorRange)], extents: &[SectorRange]) -> Plan {
             let (range, id) = regions[r];
             if range.start >= covered_to && range.end() <= extent.end() {
                 if range.start > covered_to {
-                    result.create.push(SectorRange::new(covered_to, range.start - covered_to));
+                    result
+                        .create
+                        .push(SectorRange::new(covered_to, range.start - covered_to));
                 }
                 result.keep.push(id);
                 covered_to = range.end();
@@ -101,7 +109,9 @@ fn plan_tiled(members: &[(u64, SectorRange)], extents: &[SectorRange]) -> Plan {
             r += 1;
         }
         if covered_to < extent.end() {
-            result.create.push(SectorRange::new(covered_to, extent.end() - covered_to));
+            result
+                .create
+                .push(SectorRange::new(covered_to, extent.end() - covered_to));
         }
     }
     result.delete.extend(regions[r..].iter().map(|&(_, id)| id));
@@ -113,6 +123,7 @@ fn plan_tiled(members: &[(u64, SectorRange)], extents: &[SectorRange]) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sectors::join_adjacent;
     use proptest::prelude::*;
 
     fn r(start: u64, len: u64) -> SectorRange {
@@ -121,7 +132,11 @@ mod tests {
 
     #[test]
     fn matching_group_is_a_noop() {
-        let p = plan(&[(0, r(100, 8)), (1, r(300, 8))], &[r(300, 8), r(100, 8)], Mapping::Exact);
+        let p = plan(
+            &[(0, r(100, 8)), (1, r(300, 8))],
+            &[r(300, 8), r(100, 8)],
+            Mapping::Exact,
+        );
         assert!(p.is_noop());
         assert_eq!(p.keep, vec![0, 1]);
     }
@@ -129,36 +144,82 @@ mod tests {
     #[test]
     fn growth_of_the_last_extent_replaces_its_region() {
         // Exact (lvm2-compatible) mapping: a longer extent is a different region.
-        let p = plan(&[(0, r(100, 8)), (1, r(300, 8))], &[r(100, 8), r(300, 16)], Mapping::Exact);
-        assert_eq!(p, Plan { keep: vec![0], create: vec![r(300, 16)], delete: vec![1] });
+        let p = plan(
+            &[(0, r(100, 8)), (1, r(300, 8))],
+            &[r(100, 8), r(300, 16)],
+            Mapping::Exact,
+        );
+        assert_eq!(
+            p,
+            Plan {
+                keep: vec![0],
+                create: vec![r(300, 16)],
+                delete: vec![1]
+            }
+        );
     }
 
     #[test]
     fn new_extent_is_created_and_truncated_extent_deleted() {
-        let p = plan(&[(4, r(100, 8)), (5, r(300, 8))], &[r(100, 8), r(500, 8)], Mapping::Exact);
-        assert_eq!(p, Plan { keep: vec![4], create: vec![r(500, 8)], delete: vec![5] });
+        let p = plan(
+            &[(4, r(100, 8)), (5, r(300, 8))],
+            &[r(100, 8), r(500, 8)],
+            Mapping::Exact,
+        );
+        assert_eq!(
+            p,
+            Plan {
+                keep: vec![4],
+                create: vec![r(500, 8)],
+                delete: vec![5]
+            }
+        );
     }
 
     #[test]
     fn duplicate_regions_keep_one() {
-        let p = plan(&[(2, r(100, 8)), (7, r(100, 8))], &[r(100, 8)], Mapping::Exact);
-        assert_eq!(p, Plan { keep: vec![2], create: vec![], delete: vec![7] });
+        let p = plan(
+            &[(2, r(100, 8)), (7, r(100, 8))],
+            &[r(100, 8)],
+            Mapping::Exact,
+        );
+        assert_eq!(
+            p,
+            Plan {
+                keep: vec![2],
+                create: vec![],
+                delete: vec![7]
+            }
+        );
     }
 
     #[test]
     fn empty_file_deletes_everything() {
         let p = plan(&[(0, r(1, 1))], &[], Mapping::Exact);
-        assert_eq!(p, Plan { keep: vec![], create: vec![], delete: vec![0] });
+        assert_eq!(
+            p,
+            Plan {
+                keep: vec![],
+                create: vec![],
+                delete: vec![0]
+            }
+        );
     }
 
     /// Applies a plan the way the daemon would, with fresh ids for created regions.
     fn apply(members: &[(u64, SectorRange)], p: &Plan) -> Vec<(u64, SectorRange)> {
-        let mut next_id = members.iter().map(|&(id, _)| id + 1).max().unwrap_or(0);
-        let mut out: Vec<_> = members.iter().filter(|(id, _)| !p.delete.contains(id)).copied().collect();
-        for &range in &p.create {
-            out.push((next_id, range));
-            next_id += 1;
-        }
+        let first_new = members.iter().map(|&(id, _)| id + 1).max().unwrap_or(0);
+        let mut out: Vec<_> = members
+            .iter()
+            .filter(|(id, _)| !p.delete.contains(id))
+            .copied()
+            .collect();
+        out.extend(
+            p.create
+                .iter()
+                .enumerate()
+                .map(|(i, &range)| (first_new + i as u64, range)),
+        );
         out
     }
 
@@ -170,7 +231,10 @@ mod tests {
 
     fn ranges() -> impl Strategy<Value = Vec<SectorRange>> {
         // Small coordinates so that regions and extents often coincide.
-        proptest::collection::vec((0u64..40, 1u64..4).prop_map(|(s, l)| r(s * 8, l * 8)), 0..30)
+        proptest::collection::vec(
+            (0u64..40, 1u64..4).prop_map(|(s, l)| r(s * 8, l * 8)),
+            0..30,
+        )
     }
 
     proptest! {
@@ -207,33 +271,53 @@ mod tests {
 
     #[test]
     fn tiled_growth_keeps_the_old_region_and_adds_the_tail() {
-        let p = plan(&[(0, r(100, 8)), (1, r(300, 8))], &[r(100, 8), r(300, 24)], Mapping::Tiled);
-        assert_eq!(p, Plan { keep: vec![0, 1], create: vec![r(308, 16)], delete: vec![] });
+        let p = plan(
+            &[(0, r(100, 8)), (1, r(300, 8))],
+            &[r(100, 8), r(300, 24)],
+            Mapping::Tiled,
+        );
+        assert_eq!(
+            p,
+            Plan {
+                keep: vec![0, 1],
+                create: vec![r(308, 16)],
+                delete: vec![]
+            }
+        );
     }
 
     #[test]
     fn tiled_shrink_replaces_a_region_that_sticks_out() {
-        let p = plan(&[(0, r(100, 8)), (1, r(108, 16))], &[r(100, 16)], Mapping::Tiled);
-        assert_eq!(p, Plan { keep: vec![0], create: vec![r(108, 8)], delete: vec![1] });
+        let p = plan(
+            &[(0, r(100, 8)), (1, r(108, 16))],
+            &[r(100, 16)],
+            Mapping::Tiled,
+        );
+        assert_eq!(
+            p,
+            Plan {
+                keep: vec![0],
+                create: vec![r(108, 8)],
+                delete: vec![1]
+            }
+        );
     }
 
     #[test]
     fn tiled_fills_holes_between_kept_regions_and_drops_overlaps() {
-        let p = plan(&[(0, r(100, 8)), (1, r(104, 8)), (2, r(120, 8))], &[r(100, 32)], Mapping::Tiled);
-        assert_eq!(p, Plan { keep: vec![0, 2], create: vec![r(108, 12), r(128, 4)], delete: vec![1] });
-    }
-
-    /// The tiles a set of regions forms: sorted, with touching ranges joined.
-    fn joined(mut ranges: Vec<SectorRange>) -> Vec<SectorRange> {
-        ranges.sort_unstable();
-        let mut out: Vec<SectorRange> = Vec::new();
-        for range in ranges {
-            match out.last_mut() {
-                Some(last) if last.end() == range.start => last.len += range.len,
-                _ => out.push(range),
+        let p = plan(
+            &[(0, r(100, 8)), (1, r(104, 8)), (2, r(120, 8))],
+            &[r(100, 32)],
+            Mapping::Tiled,
+        );
+        assert_eq!(
+            p,
+            Plan {
+                keep: vec![0, 2],
+                create: vec![r(108, 12), r(128, 4)],
+                delete: vec![1]
             }
-        }
-        out
+        );
     }
 
     fn disjoint_extents() -> impl Strategy<Value = Vec<SectorRange>> {
@@ -275,7 +359,7 @@ mod tests {
             }
             let mut wanted = extents.clone();
             wanted.sort_unstable();
-            prop_assert_eq!(joined(tiles), joined(wanted));
+            prop_assert_eq!(join_adjacent(tiles), join_adjacent(wanted));
             prop_assert!(plan(&after, &extents, Mapping::Tiled).is_noop());
             // A member lying wholly inside an extent without overlapping a kept one is kept.
             for &(id, range) in &members {

@@ -27,3 +27,32 @@ impl fmt::Display for SectorRange {
         write!(f, "{}+{}", self.start, self.len)
     }
 }
+
+/// Sorts ranges and joins those that touch: the area a set of non-overlapping regions covers,
+/// whether one region per extent or several tiling it.
+pub fn join_adjacent(mut ranges: Vec<SectorRange>) -> Vec<SectorRange> {
+    ranges.sort_unstable();
+    let mut joined: Vec<SectorRange> = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        match joined.last_mut() {
+            Some(last) if last.end() == range.start => last.len += range.len,
+            _ => joined.push(range),
+        }
+    }
+    joined
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn touching_ranges_join_and_gaps_stay() {
+        let r = SectorRange::new;
+        assert_eq!(
+            join_adjacent(vec![r(16, 8), r(0, 8), r(8, 8), r(40, 8)]),
+            vec![r(0, 24), r(40, 8)]
+        );
+        assert!(join_adjacent(Vec::new()).is_empty());
+    }
+}

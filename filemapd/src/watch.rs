@@ -31,7 +31,9 @@ pub fn parse_config(text: &str) -> anyhow::Result<Vec<WatchEntry>> {
         let parse = || -> anyhow::Result<WatchEntry> {
             let mut fields = line.splitn(3, char::is_whitespace);
             let group = fields.next().unwrap_or_default();
-            let group_id = group.parse().with_context(|| format!("bad group id {group:?}"))?;
+            let group_id = group
+                .parse()
+                .with_context(|| format!("bad group id {group:?}"))?;
             let mode = match fields.next().unwrap_or_default() {
                 "inode" => FollowMode::Inode,
                 "path" => FollowMode::Path,
@@ -41,7 +43,11 @@ pub fn parse_config(text: &str) -> anyhow::Result<Vec<WatchEntry>> {
             if !path.is_absolute() {
                 bail!("the path must be absolute");
             }
-            Ok(WatchEntry { group_id, mode, path })
+            Ok(WatchEntry {
+                group_id,
+                mode,
+                path,
+            })
         };
         entries.push(parse().with_context(|| format!("config line {number}: {line:?}"))?);
     }
@@ -58,7 +64,13 @@ pub async fn run(entries: &[WatchEntry], interval: Duration, ebpf: bool) -> anyh
     let mut devices = Devices::default();
     let mut monitors = Vec::with_capacity(entries.len());
     for entry in entries {
-        monitors.push(Monitor::open(&entry.path, entry.group_id, entry.mode, interval, &mut devices)?);
+        monitors.push(Monitor::open(
+            &entry.path,
+            entry.group_id,
+            entry.mode,
+            interval,
+            &mut devices,
+        )?);
     }
     if ebpf {
         match Tracer::load(entries.len() as u32) {
@@ -95,10 +107,14 @@ pub async fn run(entries: &[WatchEntry], interval: Duration, ebpf: bool) -> anyh
 
 /// Each watched file holds a descriptor: let the process use as many as its hard limit allows.
 fn raise_open_file_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
@@ -111,12 +127,23 @@ mod tests {
 
     #[test]
     fn reads_entries_and_skips_comments() {
-        let entries = parse_config("# images\n0 inode /var/lib/vm/a.img\n\n  3 path /var/lib/vm/my disk.img\n").unwrap();
+        let entries = parse_config(
+            "# images\n0 inode /var/lib/vm/a.img\n\n  3 path /var/lib/vm/my disk.img\n",
+        )
+        .unwrap();
         assert_eq!(
             entries,
             vec![
-                WatchEntry { group_id: 0, mode: FollowMode::Inode, path: "/var/lib/vm/a.img".into() },
-                WatchEntry { group_id: 3, mode: FollowMode::Path, path: "/var/lib/vm/my disk.img".into() },
+                WatchEntry {
+                    group_id: 0,
+                    mode: FollowMode::Inode,
+                    path: "/var/lib/vm/a.img".into()
+                },
+                WatchEntry {
+                    group_id: 3,
+                    mode: FollowMode::Path,
+                    path: "/var/lib/vm/my disk.img".into()
+                },
             ]
         );
     }

@@ -36,7 +36,9 @@ pub fn run_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Re
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        panic!("this test needs root (loop devices, mounts, eBPF): run it through `cargo xtask test`");
+        panic!(
+            "this test needs root (loop devices, mounts, eBPF): run it through `cargo xtask test`"
+        );
     }
 }
 
@@ -91,10 +93,16 @@ pub struct LoopDevice {
 
 impl LoopDevice {
     pub fn attach_new_image(image: &Path, size_mib: u64) -> anyhow::Result<Self> {
-        let file = fs::File::create(image).with_context(|| format!("creating {}", image.display()))?;
+        let file =
+            fs::File::create(image).with_context(|| format!("creating {}", image.display()))?;
         file.set_len(size_mib << 20)?;
-        let out = run("losetup", &["--find", "--show", image.to_str().context("image path")?])?;
-        Ok(Self { path: PathBuf::from(out.trim()) })
+        let out = run(
+            "losetup",
+            &["--find", "--show", image.to_str().context("image path")?],
+        )?;
+        Ok(Self {
+            path: PathBuf::from(out.trim()),
+        })
     }
 }
 
@@ -116,7 +124,10 @@ impl DmLinear {
         let sectors = run("blockdev", &["--getsz", backing])?;
         let table = format!("0 {} linear {backing} 0", sectors.trim());
         run("dmsetup", &["create", name, "--table", &table])?;
-        Ok(Self { name: name.to_string(), path: PathBuf::from(format!("/dev/mapper/{name}")) })
+        Ok(Self {
+            name: name.to_string(),
+            path: PathBuf::from(format!("/dev/mapper/{name}")),
+        })
     }
 }
 
@@ -135,8 +146,18 @@ impl Mount {
     pub fn new(device: &Path, fs: FsKind, dir: &Path) -> anyhow::Result<Self> {
         fs::create_dir_all(dir)?;
         fs.mkfs(device)?;
-        run("mount", &["-t", fs.name(), &device.to_string_lossy(), &dir.to_string_lossy()])?;
-        Ok(Self { dir: dir.to_path_buf() })
+        run(
+            "mount",
+            &[
+                "-t",
+                fs.name(),
+                &device.to_string_lossy(),
+                &dir.to_string_lossy(),
+            ],
+        )?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
     }
 }
 
@@ -155,8 +176,13 @@ pub struct LoopFs {
 
 impl LoopFs {
     pub fn new(scratch: &Path, fs: FsKind) -> anyhow::Result<Self> {
-        let device = LoopDevice::attach_new_image(&scratch.join(format!("{}.img", fs.name())), 512)?;
-        let mount = Mount::new(&device.path, fs, &scratch.join(format!("{}-mnt", fs.name())))?;
+        let device =
+            LoopDevice::attach_new_image(&scratch.join(format!("{}.img", fs.name())), 512)?;
+        let mount = Mount::new(
+            &device.path,
+            fs,
+            &scratch.join(format!("{}-mnt", fs.name())),
+        )?;
         Ok(Self { mount, device })
     }
 }
@@ -164,7 +190,9 @@ impl LoopFs {
 pub fn require_device_mapper() {
     require_root();
     if !Path::new("/dev/mapper/control").exists() {
-        panic!("no /dev/mapper/control: this test needs a device-mapper kernel (`cargo xtask test` boots one)");
+        panic!(
+            "no /dev/mapper/control: this test needs a device-mapper kernel (`cargo xtask test` boots one)"
+        );
     }
 }
 
@@ -186,7 +214,13 @@ impl DmFs {
         let lo = LoopDevice::attach_new_image(&scratch.0.join("backing.img"), 512)?;
         let dm = DmLinear::create(&name, &lo.path)?;
         let mount = Mount::new(&dm.path, fs, &scratch.0.join("mnt"))?;
-        Ok(Self { mount, name, _dm: dm, _loop: lo, _scratch: scratch })
+        Ok(Self {
+            mount,
+            name,
+            _dm: dm,
+            _loop: lo,
+            _scratch: scratch,
+        })
     }
 }
 
@@ -206,7 +240,11 @@ impl Drop for DmFs {
 /// Writes `len` bytes at `offset` (dd-style, through the page cache) and fsyncs.
 pub fn write_and_sync(path: &Path, offset: u64, len: usize) -> anyhow::Result<()> {
     use std::os::unix::fs::FileExt as _;
-    let file = fs::OpenOptions::new().create(true).write(true).truncate(false).open(path)?;
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)?;
     file.write_all_at(&vec![0x5a; len], offset)?;
     file.sync_all()?;
     Ok(())
@@ -216,7 +254,14 @@ pub fn write_and_sync(path: &Path, offset: u64, len: usize) -> anyhow::Result<()
 pub fn punch_hole(path: &Path, offset: u64, len: u64) -> anyhow::Result<()> {
     run(
         "fallocate",
-        &["--punch-hole", "--offset", &offset.to_string(), "--length", &len.to_string(), &path.to_string_lossy()],
+        &[
+            "--punch-hole",
+            "--offset",
+            &offset.to_string(),
+            "--length",
+            &len.to_string(),
+            &path.to_string_lossy(),
+        ],
     )
     .map(drop)
 }
@@ -236,7 +281,12 @@ pub fn filefrag_sectors(path: &Path) -> anyhow::Result<Vec<(u64, u64)>> {
         if flags.contains("unknown_loc") || flags.contains("delalloc") {
             continue;
         }
-        let physical = cols[2].split("..").next().context("physical range")?.trim().parse::<u64>()?;
+        let physical = cols[2]
+            .split("..")
+            .next()
+            .context("physical range")?
+            .trim()
+            .parse::<u64>()?;
         let length = cols[3].parse::<u64>()?;
         match ranges.last_mut() {
             Some((start, len)) if *start + *len == physical => *len += length,
@@ -289,7 +339,11 @@ pub fn wait_for_exit(pid: i32, timeout: std::time::Duration) -> anyhow::Result<b
         // Already gone (ESRCH) counts as exited.
         return Ok(std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH));
     }
-    let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd; the descriptor is closed right after.
     let ready = unsafe { libc::poll(&mut poll, 1, timeout.as_millis() as i32) };
     unsafe { libc::close(fd) };
@@ -307,16 +361,44 @@ pub fn pids_with_arg_under(name: &str, dir: &str) -> Vec<i32> {
 }
 
 fn pids_matching(name: &str, arg_matches: impl Fn(&[u8]) -> bool) -> Vec<i32> {
-    let Ok(procs) = fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     procs
         .filter_map(Result::ok)
         .filter_map(|p| Some((p.file_name().to_str()?.parse::<i32>().ok()?, p.path())))
         .filter(|(_, dir)| {
-            let Ok(cmdline) = fs::read(dir.join("cmdline")) else { return false };
+            let Ok(cmdline) = fs::read(dir.join("cmdline")) else {
+                return false;
+            };
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
             args.first().is_some_and(|a0| a0.ends_with(name.as_bytes()))
                 && args.iter().any(|a| arg_matches(a))
         })
         .map(|(pid, _)| pid)
         .collect()
+}
+
+/// The group id in dmstats' "…: Created new group with N region(s) as group ID G." line.
+pub fn created_group_id(dmstats_output: &str) -> anyhow::Result<u64> {
+    let tail = dmstats_output
+        .split("group ID ")
+        .nth(1)
+        .with_context(|| format!("no group ID in dmstats output: {dmstats_output:?}"))?;
+    Ok(tail
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()?)
+}
+
+/// `dmstats create --filemap --nomonitor PATH`: maps the file without starting a daemon.
+pub fn map_without_daemon(path: &Path) -> anyhow::Result<u64> {
+    created_group_id(&run(
+        "dmstats",
+        &[
+            "create",
+            "--filemap",
+            "--nomonitor",
+            &path.to_string_lossy(),
+        ],
+    )?)
 }

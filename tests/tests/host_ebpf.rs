@@ -32,7 +32,8 @@ async fn events_until(tracer: &mut Tracer, want: FileId) -> Vec<ExtentEvent> {
 
 async fn watched_inode_only(fs_kind: FsKind) {
     require_root();
-    let scratch = ScratchDir::new(Path::new("/var/tmp"), &format!("ebpf-{}", fs_kind.name())).unwrap();
+    let scratch =
+        ScratchDir::new(Path::new("/var/tmp"), &format!("ebpf-{}", fs_kind.name())).unwrap();
     let loopfs = LoopFs::new(&scratch.0, fs_kind).unwrap();
     let watched = loopfs.mount.dir.join("watched");
     let unwatched = loopfs.mount.dir.join("unwatched");
@@ -41,7 +42,10 @@ async fn watched_inode_only(fs_kind: FsKind) {
 
     let mut tracer = Tracer::load(16).expect("eBPF programs load on the host kernel");
     let attached: Vec<&str> = tracer.attached().iter().map(|t| t.name).collect();
-    assert!(attached.iter().any(|n| n.starts_with(fs_kind.name())), "attached only {attached:?}");
+    assert!(
+        attached.iter().any(|n| n.starts_with(fs_kind.name())),
+        "attached only {attached:?}"
+    );
     tracer.watch(file_id(&watched).inode_key()).unwrap();
 
     // The unwatched file allocates first; the ring buffer is FIFO, so by the time the watched
@@ -52,8 +56,14 @@ async fn watched_inode_only(fs_kind: FsKind) {
     }
     write_and_sync(&watched, 0, 1 << 20).unwrap();
     let events = events_until(&mut tracer, file_id(&watched)).await;
-    let stray: Vec<_> = events.iter().filter(|e| e.key != file_id(&watched).inode_key()).collect();
-    assert!(stray.is_empty(), "events for inodes that are not watched: {stray:?}");
+    let stray: Vec<_> = events
+        .iter()
+        .filter(|e| e.key != file_id(&watched).inode_key())
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "events for inodes that are not watched: {stray:?}"
+    );
 
     // The events name the logical range that FIEMAP now shows as allocated.
     let block_size = fs::metadata(&watched).unwrap().blksize();
@@ -67,7 +77,10 @@ async fn watched_inode_only(fs_kind: FsKind) {
         .collect();
     let file = fs::File::open(&watched).unwrap();
     let extents = fiemap::read_extents(&file, 0, u64::MAX, false).unwrap();
-    assert!(!extents.is_empty(), "the watched file has no extents after fsync");
+    assert!(
+        !extents.is_empty(),
+        "the watched file has no extents after fsync"
+    );
     for extent in extents.iter().filter(|e| e.is_placed()) {
         let (start, end) = (extent.logical, extent.logical + extent.length);
         assert!(
@@ -96,8 +109,14 @@ async fn expect_change(tracer: &mut Tracer, want: FileId, change: Change, action
             Ok(batch) => batch.unwrap(),
             Err(_) => panic!("no {change:?} event within {EVENT_TIMEOUT:?} after {action}"),
         };
-        assert!(batch.iter().all(|e| e.key == key), "events for other inodes after {action}: {batch:?}");
-        if batch.iter().any(|e| Tracepoint::by_index(e.source).is_some_and(|t| t.change == change)) {
+        assert!(
+            batch.iter().all(|e| e.key == key),
+            "events for other inodes after {action}: {batch:?}"
+        );
+        if batch
+            .iter()
+            .any(|e| Tracepoint::by_index(e.source).is_some_and(|t| t.change == change))
+        {
             return;
         }
     }
@@ -105,7 +124,11 @@ async fn expect_change(tracer: &mut Tracer, want: FileId, change: Change, action
 
 async fn every_kind_of_change(fs_kind: FsKind) {
     require_root();
-    let scratch = ScratchDir::new(Path::new("/var/tmp"), &format!("changes-{}", fs_kind.name())).unwrap();
+    let scratch = ScratchDir::new(
+        Path::new("/var/tmp"),
+        &format!("changes-{}", fs_kind.name()),
+    )
+    .unwrap();
     let loopfs = LoopFs::new(&scratch.0, fs_kind).unwrap();
     let path = loopfs.mount.dir.join("disk.img");
     fs::write(&path, b"").unwrap();
@@ -116,11 +139,20 @@ async fn every_kind_of_change(fs_kind: FsKind) {
     write_and_sync(&path, 0, 4 << 20).unwrap();
     expect_change(&mut tracer, id, Change::Allocated, "a write").await;
     let p = path.to_string_lossy();
-    run("fallocate", &["--offset", "8388608", "--length", "1048576", &p]).unwrap();
+    run(
+        "fallocate",
+        &["--offset", "8388608", "--length", "1048576", &p],
+    )
+    .unwrap();
     expect_change(&mut tracer, id, Change::Allocated, "fallocate").await;
     punch_hole(&path, 1 << 20, 1 << 20).unwrap();
     expect_change(&mut tracer, id, Change::Removed, "punching a hole").await;
-    fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(512 << 10).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(512 << 10)
+        .unwrap();
     expect_change(&mut tracer, id, Change::Removed, "a truncate").await;
     assert_eq!(tracer.lost_events().unwrap(), 0);
 }

@@ -13,7 +13,8 @@ fn btrfs_files_are_refused_with_the_reason() {
     write_and_sync(&path, 0, 1 << 20).unwrap();
     let err = check_mappable(&fs::File::open(&path).unwrap(), &path).unwrap_err();
     assert!(
-        err.to_string().contains("btrfs does not provide physical FIEMAP extent data"),
+        err.to_string()
+            .contains("btrfs does not provide physical FIEMAP extent data"),
         "{err:#}"
     );
 }
@@ -31,5 +32,28 @@ fn directories_and_devices_are_refused_and_ext4_files_pass() {
     assert!(err.to_string().contains("is not a regular file"), "{err:#}");
     let path = dir.join("f");
     write_and_sync(&path, 0, 4096).unwrap();
-    assert!(check_mappable(&fs::File::open(&path).unwrap(), &path).unwrap().is_file());
+    assert!(
+        check_mappable(&fs::File::open(&path).unwrap(), &path)
+            .unwrap()
+            .is_file()
+    );
+}
+
+#[test]
+fn file_systems_map_to_their_tracepoint_category() {
+    require_root();
+    let scratch = ScratchDir::new(Path::new("/var/tmp"), "categories").unwrap();
+    for (fs_kind, expected) in [
+        (FsKind::Ext4, Some("ext4")),
+        (FsKind::Xfs, Some("xfs")),
+        (FsKind::Btrfs, None),
+    ] {
+        let dir = scratch.0.join(fs_kind.name());
+        fs::create_dir_all(&dir).unwrap();
+        let loopfs = LoopFs::new(&dir, fs_kind).unwrap();
+        let path = loopfs.mount.dir.join("f");
+        write_and_sync(&path, 0, 4096).unwrap();
+        let category = filemapd::file_device::tracepoint_category(&fs::File::open(&path).unwrap());
+        assert_eq!(category, expected, "{}", fs_kind.name());
+    }
 }

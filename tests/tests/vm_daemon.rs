@@ -12,11 +12,11 @@ use std::{
 use filemapd::{
     dmstats::{Region, StatsDevice},
     fiemap,
-    sectors::SectorRange,
+    sectors::{SectorRange, join_adjacent},
 };
 use filemapd_tests::{
-    DmFs, FsKind, dmstats_list_regions, pids_of, punch_hole, require_device_mapper, run, run_env,
-    wait_for_exit, wait_until, write_and_sync,
+    DmFs, FsKind, created_group_id, dmstats_list_regions, map_without_daemon, pids_of, punch_hole,
+    require_device_mapper, run, run_env, wait_for_exit, wait_until, write_and_sync,
 };
 
 /// Generous bounds for an emulated VM; only reached when something is wrong.
@@ -27,7 +27,11 @@ const EXIT: Duration = Duration::from_secs(30);
 fn drop_in_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let filemapd = exe.parent().unwrap().parent().unwrap().join("filemapd");
-    assert!(filemapd.is_file(), "{} is missing: build it with `cargo build -p filemapd`", filemapd.display());
+    assert!(
+        filemapd.is_file(),
+        "{} is missing: build it with `cargo build -p filemapd`",
+        filemapd.display()
+    );
     let dir = PathBuf::from("/tmp/filemapd-drop-in");
     fs::create_dir_all(&dir).unwrap();
     let link = dir.join("dmfilemapd");
@@ -39,17 +43,17 @@ fn drop_in_dir() -> PathBuf {
 /// `dmstats create --filemap EXTRA... PATH` with filemapd as dmfilemapd; returns the group id
 /// and the pid of the daemon dmstats started.
 fn map_and_monitor(path: &Path, extra: &[&str]) -> (u64, i32) {
-    let search_path = format!("{}:{}", drop_in_dir().display(), std::env::var("PATH").unwrap());
+    let search_path = format!(
+        "{}:{}",
+        drop_in_dir().display(),
+        std::env::var("PATH").unwrap()
+    );
     let mut args = vec!["create", "--filemap"];
     args.extend(extra);
     let path_arg = path.to_string_lossy();
     args.push(&path_arg);
-    let out = run_env("dmstats", &args, &[("PATH", &search_path)]).unwrap();
-    let group_id: u64 = out
-        .split("group ID ")
-        .nth(1)
-        .and_then(|t| t.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().ok())
-        .unwrap_or_else(|| panic!("no group ID in dmstats output: {out:?}"));
+    let group_id =
+        created_group_id(&run_env("dmstats", &args, &[("PATH", &search_path)]).unwrap()).unwrap();
     // dmstats double-forks before exec: the daemon appears shortly after dmstats returns.
     let mut pids = Vec::new();
     wait_until("dmstats to start dmfilemapd", CONVERGE, || {
@@ -57,7 +61,11 @@ fn map_and_monitor(path: &Path, extra: &[&str]) -> (u64, i32) {
         Ok(!pids.is_empty())
     })
     .unwrap();
-    assert_eq!(pids.len(), 1, "more than one daemon for {path_arg}: {pids:?}");
+    assert_eq!(
+        pids.len(),
+        1,
+        "more than one daemon for {path_arg}: {pids:?}"
+    );
     (group_id, pids[0])
 }
 
@@ -68,7 +76,8 @@ fn device_of(path: &Path) -> StatsDevice {
 /// The file's extents as regions should be, sorted.
 fn file_ranges(path: &Path) -> Vec<SectorRange> {
     let file = fs::File::open(path).unwrap();
-    let mut ranges = fiemap::device_ranges(&fiemap::read_extents(&file, 0, u64::MAX, false).unwrap());
+    let mut ranges =
+        fiemap::device_ranges(&fiemap::read_extents(&file, 0, u64::MAX, false).unwrap());
     ranges.sort_unstable();
     ranges
 }
@@ -77,16 +86,24 @@ fn file_ranges(path: &Path) -> Vec<SectorRange> {
 fn group_by_alias(device: &StatsDevice, alias: &str) -> Option<(u64, Vec<Region>)> {
     let regions = device.list(None).unwrap();
     let leader = regions.iter().find(|r| {
-        r.group().ok().flatten().is_some_and(|g| g.alias == alias && g.leader() == Some(r.id))
+        r.group()
+            .ok()
+            .flatten()
+            .is_some_and(|g| g.alias == alias && g.leader() == Some(r.id))
     })?;
     let (leader_id, members) = (leader.id, leader.group().unwrap().unwrap().members);
-    let regions = regions.into_iter().filter(|r| members.contains(&r.id)).collect();
+    let regions = regions
+        .into_iter()
+        .filter(|r| members.contains(&r.id))
+        .collect();
     Some((leader_id, regions))
 }
 
 /// Whether the group's regions equal the file's extents, in filemapd's and in dmstats' view.
 fn converged(dmfs: &DmFs, path: &Path, alias: &str) -> anyhow::Result<bool> {
-    let Some((_, members)) = group_by_alias(&device_of(path), alias) else { return Ok(false) };
+    let Some((_, members)) = group_by_alias(&device_of(path), alias) else {
+        return Ok(false);
+    };
     let mut ours: Vec<SectorRange> = members.iter().map(|r| r.range).collect();
     ours.sort_unstable();
     let wanted = file_ranges(path);
@@ -100,40 +117,45 @@ fn converged(dmfs: &DmFs, path: &Path, alias: &str) -> anyhow::Result<bool> {
 }
 
 fn wait_converged(dmfs: &DmFs, path: &Path, alias: &str, after: &str) {
-    wait_until(&format!("regions to match the file after {after}"), CONVERGE, || converged(dmfs, path, alias))
-        .unwrap_or_else(|e| {
-            panic!("{e}\nfile: {:?}\ndmstats list:\n{}", file_ranges(path), run("dmstats", &["list", "--units", "s", &dmfs.name]).unwrap())
-        });
-}
-
-/// Ranges sorted, with touching ones joined (regions that tile an extent join into it).
-fn joined(mut ranges: Vec<SectorRange>) -> Vec<SectorRange> {
-    ranges.sort_unstable();
-    let mut out: Vec<SectorRange> = Vec::new();
-    for range in ranges {
-        match out.last_mut() {
-            Some(last) if last.end() == range.start => last.len += range.len,
-            _ => out.push(range),
-        }
-    }
-    out
+    wait_until(
+        &format!("regions to match the file after {after}"),
+        CONVERGE,
+        || converged(dmfs, path, alias),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\nfile: {:?}\ndmstats list:\n{}",
+            file_ranges(path),
+            run("dmstats", &["list", "--units", "s", &dmfs.name]).unwrap()
+        )
+    });
 }
 
 /// Whether the group's regions tile the file's extents exactly (eBPF mode keeps counters by
 /// tiling a grown extent instead of replacing its region), without overlaps.
 fn tiled(path: &Path, alias: &str) -> anyhow::Result<bool> {
-    let Some((_, members)) = group_by_alias(&device_of(path), alias) else { return Ok(false) };
+    let Some((_, members)) = group_by_alias(&device_of(path), alias) else {
+        return Ok(false);
+    };
     let mut ranges: Vec<SectorRange> = members.iter().map(|r| r.range).collect();
     ranges.sort_unstable();
     let disjoint = ranges.windows(2).all(|w| w[0].end() <= w[1].start);
-    Ok(disjoint && joined(ranges) == joined(file_ranges(path)))
+    Ok(disjoint && join_adjacent(ranges) == join_adjacent(file_ranges(path)))
 }
 
 fn wait_tiled(dmfs: &DmFs, path: &Path, alias: &str, after: &str) {
-    wait_until(&format!("regions to tile the file after {after}"), CONVERGE, || tiled(path, alias))
-        .unwrap_or_else(|e| {
-            panic!("{e}\nfile: {:?}\ndmstats list:\n{}", file_ranges(path), run("dmstats", &["list", "--units", "s", &dmfs.name]).unwrap())
-        });
+    wait_until(
+        &format!("regions to tile the file after {after}"),
+        CONVERGE,
+        || tiled(path, alias),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\nfile: {:?}\ndmstats list:\n{}",
+            file_ranges(path),
+            run("dmstats", &["list", "--units", "s", &dmfs.name]).unwrap()
+        )
+    });
 }
 
 fn append(path: &Path, mib: u64) {
@@ -143,7 +165,11 @@ fn append(path: &Path, mib: u64) {
 
 /// A region of the user's own, outside any group, listed whole (id, place, aux data).
 fn user_region(dmfs: &DmFs) -> String {
-    run("dmstats", &["create", "--start", "8", "--length", "16", &dmfs.name]).unwrap();
+    run(
+        "dmstats",
+        &["create", "--start", "8", "--length", "16", &dmfs.name],
+    )
+    .unwrap();
     region_line(dmfs, |r| r.range == SectorRange::new(8, 16))
 }
 
@@ -151,7 +177,10 @@ fn region_line(dmfs: &DmFs, which: impl Fn(&Region) -> bool) -> String {
     let path = dmfs.mount.dir.clone();
     let regions = device_of(&path).list(None).unwrap();
     let r = regions.iter().find(|r| which(r)).expect("region present");
-    format!("{} {} {} {} {:?}", r.id, r.range, r.program_id, r.aux_data, r.settings)
+    format!(
+        "{} {} {} {} {:?}",
+        r.id, r.range, r.program_id, r.aux_data, r.settings
+    )
 }
 
 fn grow_shrink_and_group_delete(fs_kind: FsKind) {
@@ -167,16 +196,36 @@ fn grow_shrink_and_group_delete(fs_kind: FsKind) {
     wait_converged(&dmfs, &path, "disk.img", "appending 4 MiB");
     punch_hole(&path, 2 << 20, 1 << 20).unwrap();
     wait_converged(&dmfs, &path, "disk.img", "punching a hole");
-    fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(3 << 20).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(3 << 20)
+        .unwrap();
     wait_converged(&dmfs, &path, "disk.img", "truncating to 3 MiB");
     append(&path, 2);
     wait_converged(&dmfs, &path, "disk.img", "appending 2 MiB more");
 
-    assert_eq!(region_line(&dmfs, |r| r.range == SectorRange::new(8, 16)), mine, "the user's region changed");
+    assert_eq!(
+        region_line(&dmfs, |r| r.range == SectorRange::new(8, 16)),
+        mine,
+        "the user's region changed"
+    );
     let (current, _) = group_by_alias(&device_of(&path), "disk.img").unwrap();
-    run("dmstats", &["delete", "--groupid", &current.to_string(), &dmfs.name]).unwrap();
-    assert!(wait_for_exit(pid, EXIT).unwrap(), "daemon {pid} still runs after its group {current} (was {group_id}) was deleted");
-    assert_eq!(region_line(&dmfs, |r| r.range == SectorRange::new(8, 16)), mine, "the user's region changed");
+    run(
+        "dmstats",
+        &["delete", "--groupid", &current.to_string(), &dmfs.name],
+    )
+    .unwrap();
+    assert!(
+        wait_for_exit(pid, EXIT).unwrap(),
+        "daemon {pid} still runs after its group {current} (was {group_id}) was deleted"
+    );
+    assert_eq!(
+        region_line(&dmfs, |r| r.range == SectorRange::new(8, 16)),
+        mine,
+        "the user's region changed"
+    );
 }
 
 fn inode_mode_exits_when_unlinked_and_closed(fs_kind: FsKind) {
@@ -186,13 +235,23 @@ fn inode_mode_exits_when_unlinked_and_closed(fs_kind: FsKind) {
     write_and_sync(&path, 0, 2 << 20).unwrap();
     let (_, pid) = map_and_monitor(&path, &["--follow", "inode"]);
     // Another process holds the file: unlinking alone must not stop the daemon.
-    let mut holder = Command::new("sleep").arg("600").stdin(fs::File::open(&path).unwrap()).spawn().unwrap();
+    let mut holder = Command::new("sleep")
+        .arg("600")
+        .stdin(fs::File::open(&path).unwrap())
+        .spawn()
+        .unwrap();
     fs::remove_file(&path).unwrap();
     let exited_while_held = wait_for_exit(pid, Duration::from_secs(3)).unwrap();
     holder.kill().unwrap();
     holder.wait().unwrap();
-    assert!(!exited_while_held, "daemon exited although another process held the unlinked file");
-    assert!(wait_for_exit(pid, EXIT).unwrap(), "daemon {pid} still runs after the file was unlinked and closed");
+    assert!(
+        !exited_while_held,
+        "daemon exited although another process held the unlinked file"
+    );
+    assert!(
+        wait_for_exit(pid, EXIT).unwrap(),
+        "daemon {pid} still runs after the file was unlinked and closed"
+    );
 }
 
 fn path_mode_follows_a_replaced_file(fs_kind: FsKind) {
@@ -207,9 +266,17 @@ fn path_mode_follows_a_replaced_file(fs_kind: FsKind) {
     write_and_sync(&replacement, 0, 6 << 20).unwrap();
     fs::rename(&replacement, &path).unwrap();
     wait_converged(&dmfs, &path, "vm.img", "replacing the file");
-    assert_ne!(file_ranges(&path), old, "the replacement should sit elsewhere");
+    assert_ne!(
+        file_ranges(&path),
+        old,
+        "the replacement should sit elsewhere"
+    );
     let (current, _) = group_by_alias(&device_of(&path), "vm.img").unwrap();
-    run("dmstats", &["delete", "--groupid", &current.to_string(), &dmfs.name]).unwrap();
+    run(
+        "dmstats",
+        &["delete", "--groupid", &current.to_string(), &dmfs.name],
+    )
+    .unwrap();
     assert!(wait_for_exit(pid, EXIT).unwrap());
 }
 
@@ -218,25 +285,53 @@ fn new_regions_keep_precise_bounds_and_alias(fs_kind: FsKind) {
     let dmfs = DmFs::new(fs_kind).unwrap();
     let path = dmfs.mount.dir.join("db.img");
     write_and_sync(&path, 0, 2 << 20).unwrap();
-    let (group_id, pid) =
-        map_and_monitor(&path, &["--precise", "--bounds", "10ms,20ms,30ms", "--alias", "dbvol"]);
+    let (group_id, pid) = map_and_monitor(
+        &path,
+        &[
+            "--precise",
+            "--bounds",
+            "10ms,20ms,30ms",
+            "--alias",
+            "dbvol",
+        ],
+    );
     let device = device_of(&path);
-    let leader = device.list(None).unwrap().into_iter().find(|r| r.id == group_id).unwrap();
+    let leader = device
+        .list(None)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.id == group_id)
+        .unwrap();
     let leader_settings = leader.settings.clone();
     // Debian's dmstats 1.02.185 keeps the bounds (in ms) but drops --precise for filemaps.
-    assert_eq!(leader_settings.histogram, vec![10, 20, 30], "{leader_settings:?}");
+    assert_eq!(
+        leader_settings.histogram,
+        vec![10, 20, 30],
+        "{leader_settings:?}"
+    );
 
     append(&path, 3);
     punch_hole(&path, 0, 1 << 20).unwrap(); // the leader's extent changes: the group moves
     wait_converged(&dmfs, &path, "dbvol", "growing and punching the first MiB");
     let (new_id, members) = group_by_alias(&device, "dbvol").expect("alias survives the regroup");
     // The leader's region had to go (its extent changed); the kernel may hand its id out again.
-    assert!(members.iter().all(|r| r.range != leader.range), "the old leader region survived: {members:?}");
+    assert!(
+        members.iter().all(|r| r.range != leader.range),
+        "the old leader region survived: {members:?}"
+    );
     for region in &members {
-        assert_eq!(region.settings, leader_settings, "region {} differs from the leader", region.id);
+        assert_eq!(
+            region.settings, leader_settings,
+            "region {} differs from the leader",
+            region.id
+        );
         assert_eq!(region.step, region.range.len);
     }
-    run("dmstats", &["delete", "--groupid", &new_id.to_string(), &dmfs.name]).unwrap();
+    run(
+        "dmstats",
+        &["delete", "--groupid", &new_id.to_string(), &dmfs.name],
+    )
+    .unwrap();
     assert!(wait_for_exit(pid, EXIT).unwrap());
 }
 
@@ -281,7 +376,10 @@ fn run_drop_in(args: &[&str], stdin: &Path, env: &[(&str, &str)]) -> (Option<i32
         .envs(env.iter().copied())
         .output()
         .unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn filemapd_binary() -> PathBuf {
@@ -294,7 +392,12 @@ fn region_table(path: &Path) -> Vec<String> {
         .list(None)
         .unwrap()
         .iter()
-        .map(|r| format!("{}: {} {} {} {:?}", r.id, r.range, r.program_id, r.aux_data, r.settings))
+        .map(|r| {
+            format!(
+                "{}: {} {} {} {:?}",
+                r.id, r.range, r.program_id, r.aux_data, r.settings
+            )
+        })
         .collect()
 }
 
@@ -305,9 +408,14 @@ fn bad_invocations_fail_with_one_line_and_change_nothing() {
     user_region(&dmfs);
     let path = dmfs.mount.dir.join("disk.img");
     write_and_sync(&path, 0, 4 << 20).unwrap();
-    let out = run("dmstats", &["create", "--filemap", "--nomonitor", &path.to_string_lossy()]).unwrap();
-    let group: String = out.split("group ID ").nth(1).unwrap().chars().take_while(char::is_ascii_digit).collect();
-    let user_id = device_of(&path).list(None).unwrap().iter().find(|r| r.range == SectorRange::new(8, 16)).unwrap().id;
+    let group = map_without_daemon(&path).unwrap().to_string();
+    let user_id = device_of(&path)
+        .list(None)
+        .unwrap()
+        .iter()
+        .find(|r| r.range == SectorRange::new(8, 16))
+        .unwrap()
+        .id;
     append(&path, 2); // the group is stale: any invocation that got through would change it
     let before = region_table(&path);
 
@@ -321,33 +429,115 @@ fn bad_invocations_fail_with_one_line_and_change_nothing() {
         (vec![], &path, "Wrong number of arguments."),
         (vec!["0"], &path, "Wrong number of arguments."),
         (vec!["0", g, p], &path, "Wrong number of arguments."),
-        (vec!["0", g, p, "inode", "1", "1", "x"], &path, "Wrong number of arguments."),
-        (vec!["x", g, p, "inode", "1"], &path, "Could not parse file descriptor: x"),
-        (vec!["-1", g, p, "inode", "1"], &path, "Could not parse file descriptor: -1"),
-        (vec!["0", "y", p, "inode", "1"], &path, "Could not parse group identifier: y"),
-        (vec!["0", "-3", p, "inode", "1"], &path, "Could not parse group identifier: -3"),
-        (vec!["0", g, "", "inode", "1"], &path, "Path argument is required."),
-        (vec!["0", g, "disk.img", "inode", "1"], &path, "Path argument must specify an absolute path."),
-        (vec!["0", g, p, "", "1"], &path, "Mode argument is required."),
-        (vec!["0", g, p, "both", "1"], &path, "Could not parse dmfilemapd mode: both"),
-        (vec!["0", g, p, "inode", "yes"], &path, "Could not parse debug argument: yes."),
-        (vec!["0", g, p, "inode", "1", "7"], &path, "Verbose argument out of range: 7."),
-        (vec!["0", g, p, "inode", "1", "v"], &path, "Could not parse verbose argument: v"),
-        (vec!["9", g, p, "inode", "1"], &path, "file descriptor 9 is not open"),
-        (vec!["0", "4096", p, "inode", "1"], &path, "group 4096 does not exist"),
+        (
+            vec!["0", g, p, "inode", "1", "1", "x"],
+            &path,
+            "Wrong number of arguments.",
+        ),
+        (
+            vec!["x", g, p, "inode", "1"],
+            &path,
+            "Could not parse file descriptor: x",
+        ),
+        (
+            vec!["-1", g, p, "inode", "1"],
+            &path,
+            "Could not parse file descriptor: -1",
+        ),
+        (
+            vec!["0", "y", p, "inode", "1"],
+            &path,
+            "Could not parse group identifier: y",
+        ),
+        (
+            vec!["0", "-3", p, "inode", "1"],
+            &path,
+            "Could not parse group identifier: -3",
+        ),
+        (
+            vec!["0", g, "", "inode", "1"],
+            &path,
+            "Path argument is required.",
+        ),
+        (
+            vec!["0", g, "disk.img", "inode", "1"],
+            &path,
+            "Path argument must specify an absolute path.",
+        ),
+        (
+            vec!["0", g, p, "", "1"],
+            &path,
+            "Mode argument is required.",
+        ),
+        (
+            vec!["0", g, p, "both", "1"],
+            &path,
+            "Could not parse dmfilemapd mode: both",
+        ),
+        (
+            vec!["0", g, p, "inode", "yes"],
+            &path,
+            "Could not parse debug argument: yes.",
+        ),
+        (
+            vec!["0", g, p, "inode", "1", "7"],
+            &path,
+            "Verbose argument out of range: 7.",
+        ),
+        (
+            vec!["0", g, p, "inode", "1", "v"],
+            &path,
+            "Could not parse verbose argument: v",
+        ),
+        (
+            vec!["9", g, p, "inode", "1"],
+            &path,
+            "file descriptor 9 is not open",
+        ),
+        (
+            vec!["0", "4096", p, "inode", "1"],
+            &path,
+            "group 4096 does not exist",
+        ),
         (vec!["0", &user, p, "inode", "1"], &path, &user_not_a_group),
         (vec!["0", g, p, "inode", "1"], &dir, "is not a regular file"),
-        (vec!["0", g, p, "inode", "1"], Path::new("/dev/null"), "is not a regular file"),
-        (vec!["0", g, "/etc/hostname", "inode", "1"], hostname, "is not on a device-mapper device"),
+        (
+            vec!["0", g, p, "inode", "1"],
+            Path::new("/dev/null"),
+            "is not a regular file",
+        ),
+        (
+            vec!["0", g, "/etc/hostname", "inode", "1"],
+            hostname,
+            "is not on a device-mapper device",
+        ),
     ];
     for (args, stdin, message) in &cases {
         let (code, stderr) = run_drop_in(args, stdin, &[]);
-        assert_eq!(code, Some(1), "dmfilemapd {args:?}: exit {code:?}, stderr {stderr:?}");
-        assert!(stderr.lines().next().is_some_and(|l| l.contains(message)), "dmfilemapd {args:?}: {stderr:?}");
+        assert_eq!(
+            code,
+            Some(1),
+            "dmfilemapd {args:?}: exit {code:?}, stderr {stderr:?}"
+        );
+        assert!(
+            stderr.lines().next().is_some_and(|l| l.contains(message)),
+            "dmfilemapd {args:?}: {stderr:?}"
+        );
         let lines = stderr.lines().count();
-        let allowed = if message.starts_with("Wrong number") { 2 } else { 1 };
-        assert_eq!(lines, allowed, "dmfilemapd {args:?} printed {lines} lines: {stderr:?}");
-        assert_eq!(region_table(&path), before, "dmfilemapd {args:?} changed regions");
+        let allowed = if message.starts_with("Wrong number") {
+            2
+        } else {
+            1
+        };
+        assert_eq!(
+            lines, allowed,
+            "dmfilemapd {args:?} printed {lines} lines: {stderr:?}"
+        );
+        assert_eq!(
+            region_table(&path),
+            before,
+            "dmfilemapd {args:?} changed regions"
+        );
     }
     // The filemapd name takes flags; bad ones are refused the same way.
     for args in [
@@ -356,11 +546,19 @@ fn bad_invocations_fail_with_one_line_and_change_nothing() {
         vec!["--no-such-flag", "0", g, p, "inode", "1"],
         vec!["0", g, p, "inode", "1", "9"],
     ] {
-        let out = Command::new(filemapd_binary()).args(&args).stdin(fs::File::open(&path).unwrap()).output().unwrap();
+        let out = Command::new(filemapd_binary())
+            .args(&args)
+            .stdin(fs::File::open(&path).unwrap())
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "filemapd {args:?}: {stderr:?}");
         assert_eq!(stderr.lines().count(), 1, "filemapd {args:?}: {stderr:?}");
-        assert_eq!(region_table(&path), before, "filemapd {args:?} changed regions");
+        assert_eq!(
+            region_table(&path),
+            before,
+            "filemapd {args:?} changed regions"
+        );
     }
     assert!(cases.len() >= 20);
 }
@@ -373,17 +571,23 @@ fn converges_after_a_kill_at_any_point(fs_kind: FsKind) {
     let mine = user_region(&dmfs);
     let path = dmfs.mount.dir.join("vm.img");
     write_and_sync(&path, 0, 2 << 20).unwrap();
-    run("dmstats", &["create", "--filemap", "--nomonitor", &path.to_string_lossy()]).unwrap();
+    map_without_daemon(&path).unwrap();
     let p = path.to_string_lossy().into_owned();
     for point in ["created", "switched", "deleted"] {
         append(&path, 2);
         punch_hole(&path, 0, 512 << 10).unwrap(); // also replace the leader's region
         let (group, _) = group_by_alias(&device_of(&path), "vm.img").unwrap();
         let group = group.to_string();
-        let (code, stderr) =
-            run_drop_in(&["0", &group, &p, "inode", "1", "1"], &path, &[("FILEMAPD_TEST_CRASH_AT", point)]);
+        let (code, stderr) = run_drop_in(
+            &["0", &group, &p, "inode", "1", "1"],
+            &path,
+            &[("FILEMAPD_TEST_CRASH_AT", point)],
+        );
         assert_eq!(code, None, "expected an abort at {point}: {stderr}");
-        assert_eq!(region_line(&dmfs, |r| r.range == SectorRange::new(8, 16)), mine);
+        assert_eq!(
+            region_line(&dmfs, |r| r.range == SectorRange::new(8, 16)),
+            mine
+        );
 
         // The next run, from the same group id, converges.
         let mut daemon = Command::new(drop_in_dir().join("dmfilemapd"))
@@ -392,11 +596,25 @@ fn converges_after_a_kill_at_any_point(fs_kind: FsKind) {
             .spawn()
             .unwrap();
         wait_converged(&dmfs, &path, "vm.img", &format!("a kill at {point}"));
-        let table = region_table(&path);
-        assert!(!table.iter().any(|l| l.contains("DMS_FILEMAPD_PENDING")), "markers left after {point}: {table:#?}");
-        let (_, members) = group_by_alias(&device_of(&path), "vm.img").unwrap();
-        assert_eq!(table.len(), members.len() + 1, "regions outside the group after {point}: {table:#?}");
-        assert_eq!(region_line(&dmfs, |r| r.range == SectorRange::new(8, 16)), mine);
+        // The move is finished first, the leftovers removed right after: wait for both.
+        let clean = || -> anyhow::Result<bool> {
+            let table = region_table(&path);
+            let Some((_, members)) = group_by_alias(&device_of(&path), "vm.img") else {
+                return Ok(false);
+            };
+            Ok(!table.iter().any(|l| l.contains("DMS_FILEMAPD_"))
+                && table.len() == members.len() + 1)
+        };
+        wait_until(
+            &format!("no markers and no region outside the group after a kill at {point}"),
+            CONVERGE,
+            clean,
+        )
+        .unwrap_or_else(|e| panic!("{e}: {:#?}", region_table(&path)));
+        assert_eq!(
+            region_line(&dmfs, |r| r.range == SectorRange::new(8, 16)),
+            mine
+        );
         daemon.kill().unwrap();
         daemon.wait().unwrap();
     }
@@ -422,11 +640,35 @@ fn precise_groups_stay_precise(fs_kind: FsKind) {
     let ranges = file_ranges(&path);
     for range in &ranges {
         let (start, len) = (range.start.to_string(), range.len.to_string());
-        run("dmstats", &["create", "--precise", "--bounds", "10ms,20ms", "--start", &start, "--length", &len, &dmfs.name])
-            .unwrap();
+        run(
+            "dmstats",
+            &[
+                "create",
+                "--precise",
+                "--bounds",
+                "10ms,20ms",
+                "--start",
+                &start,
+                "--length",
+                &len,
+                &dmfs.name,
+            ],
+        )
+        .unwrap();
     }
     let last = (ranges.len() - 1).to_string();
-    run("dmstats", &["group", "--regions", &format!("0-{last}"), "--alias", "fast", &dmfs.name]).unwrap();
+    run(
+        "dmstats",
+        &[
+            "group",
+            "--regions",
+            &format!("0-{last}"),
+            "--alias",
+            "fast",
+            &dmfs.name,
+        ],
+    )
+    .unwrap();
     let (group, members) = group_by_alias(&device_of(&path), "fast").unwrap();
     let settings = members[0].settings.clone();
     assert!(settings.precise_timestamps, "{settings:?}");
@@ -443,7 +685,11 @@ fn precise_groups_stay_precise(fs_kind: FsKind) {
     wait_converged(&dmfs, &path, "fast", "growing a precise group");
     let (_, members) = group_by_alias(&device_of(&path), "fast").unwrap();
     for region in &members {
-        assert_eq!(region.settings, settings, "region {} lost the group's settings", region.id);
+        assert_eq!(
+            region.settings, settings,
+            "region {} lost the group's settings",
+            region.id
+        );
     }
     daemon.kill().unwrap();
     daemon.wait().unwrap();
@@ -484,7 +730,11 @@ impl LoggedDaemon {
                 }
             }
         });
-        Self { child, lines, seen: Vec::new() }
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
     }
 
     /// Blocks until a log line containing `text` arrives (the daemon's own event).
@@ -498,7 +748,10 @@ impl LoggedDaemon {
                         return;
                     }
                 }
-                Err(e) => panic!("no log line with {text:?} ({e}); log so far:\n{}", self.seen.join("\n")),
+                Err(e) => panic!(
+                    "no log line with {text:?} ({e}); log so far:\n{}",
+                    self.seen.join("\n")
+                ),
             }
         }
     }
@@ -527,31 +780,67 @@ fn ebpf_updates_without_waiting_for_the_interval(fs_kind: FsKind) {
     let dmfs = DmFs::new(fs_kind).unwrap();
     let path = dmfs.mount.dir.join("vm.img");
     write_and_sync(&path, 0, 2 << 20).unwrap();
-    let out = run("dmstats", &["create", "--filemap", "--nomonitor", &path.to_string_lossy()]).unwrap();
-    let group: String = out.split("group ID ").nth(1).unwrap().chars().take_while(char::is_ascii_digit).collect();
+    let group = map_without_daemon(&path).unwrap().to_string();
     let p = path.to_string_lossy().into_owned();
-    let mut daemon =
-        LoggedDaemon::start(&["--ebpf", "--interval", "3600", "0", &group, &p, "inode", "1", "2"], &path, &[]);
+    let mut daemon = LoggedDaemon::start(
+        &[
+            "--ebpf",
+            "--interval",
+            "3600",
+            "0",
+            &group,
+            &p,
+            "inode",
+            "1",
+            "2",
+        ],
+        &path,
+        &[],
+    );
     daemon.wait_for_line("eBPF trigger on");
     wait_tiled(&dmfs, &path, "vm.img", "start-up"); // the first pass maps the file
 
     append(&path, 4);
     wait_tiled(&dmfs, &path, "vm.img", "appending 4 MiB (eBPF)");
-    run("fallocate", &["--offset", &(8u64 << 20).to_string(), "--length", "1048576", &p]).unwrap();
+    run(
+        "fallocate",
+        &[
+            "--offset",
+            &(8u64 << 20).to_string(),
+            "--length",
+            "1048576",
+            &p,
+        ],
+    )
+    .unwrap();
     wait_tiled(&dmfs, &path, "vm.img", "fallocate (eBPF)");
     punch_hole(&path, 1 << 20, 1 << 20).unwrap();
     wait_tiled(&dmfs, &path, "vm.img", "punching a hole (eBPF)");
-    fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(3 << 20).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(3 << 20)
+        .unwrap();
     wait_tiled(&dmfs, &path, "vm.img", "truncating (eBPF)");
 
     let log = daemon.stop();
-    let first_event = log.iter().position(|l| l.contains("event ")).expect("no event lines in the log");
+    let first_event = log
+        .iter()
+        .position(|l| l.contains("event "))
+        .expect("no event lines in the log");
     assert!(
-        log[first_event..].iter().any(|l| l.contains("Updated group")),
+        log[first_event..]
+            .iter()
+            .any(|l| l.contains("Updated group")),
         "no update after the first event:\n{}",
         log.join("\n")
     );
-    assert!(!log.iter().any(|l| l.contains("polling")), "fell back to polling:\n{}", log.join("\n"));
+    assert!(
+        !log.iter().any(|l| l.contains("polling")),
+        "fell back to polling:\n{}",
+        log.join("\n")
+    );
 }
 
 #[test]
@@ -571,11 +860,20 @@ fn ebpf_failure_falls_back_to_polling() {
     let dmfs = DmFs::new(FsKind::Ext4).unwrap();
     let path = dmfs.mount.dir.join("vm.img");
     write_and_sync(&path, 0, 2 << 20).unwrap();
-    let out = run("dmstats", &["create", "--filemap", "--nomonitor", &path.to_string_lossy()]).unwrap();
-    let group: String = out.split("group ID ").nth(1).unwrap().chars().take_while(char::is_ascii_digit).collect();
+    let group = map_without_daemon(&path).unwrap().to_string();
     let p = path.to_string_lossy().into_owned();
     let mut daemon = LoggedDaemon::start(
-        &["--ebpf", "--interval", "0.2", "0", &group, &p, "inode", "1", "1"],
+        &[
+            "--ebpf",
+            "--interval",
+            "0.2",
+            "0",
+            &group,
+            &p,
+            "inode",
+            "1",
+            "1",
+        ],
         &path,
         &[("FILEMAPD_TRACEFS", "/nonexistent")],
     );
@@ -583,9 +881,16 @@ fn ebpf_failure_falls_back_to_polling() {
     append(&path, 4);
     wait_converged(&dmfs, &path, "vm.img", "appending 4 MiB (polling fallback)");
     let log = daemon.stop();
-    let warnings: Vec<_> = log.iter().filter(|l| l.contains("eBPF trigger unavailable")).collect();
+    let warnings: Vec<_> = log
+        .iter()
+        .filter(|l| l.contains("eBPF trigger unavailable"))
+        .collect();
     assert_eq!(warnings.len(), 1, "{log:#?}");
-    assert!(warnings[0].contains("tracefs"), "the warning should say why: {}", warnings[0]);
+    assert!(
+        warnings[0].contains("tracefs"),
+        "the warning should say why: {}",
+        warnings[0]
+    );
 }
 
 /// dmstats passes its environment on: FILEMAPD_EBPF=1 gives its daemons the eBPF trigger
@@ -596,9 +901,18 @@ fn dmstats_launched_daemons_use_ebpf_when_asked() {
     let dmfs = DmFs::new(FsKind::Xfs).unwrap();
     let path = dmfs.mount.dir.join("vm.img");
     write_and_sync(&path, 0, 2 << 20).unwrap();
-    let search_path = format!("{}:{}", drop_in_dir().display(), std::env::var("PATH").unwrap());
+    let search_path = format!(
+        "{}:{}",
+        drop_in_dir().display(),
+        std::env::var("PATH").unwrap()
+    );
     let p = path.to_string_lossy().into_owned();
-    run_env("dmstats", &["create", "--filemap", &p], &[("PATH", &search_path), ("FILEMAPD_EBPF", "1")]).unwrap();
+    run_env(
+        "dmstats",
+        &["create", "--filemap", &p],
+        &[("PATH", &search_path), ("FILEMAPD_EBPF", "1")],
+    )
+    .unwrap();
     let mut pids = Vec::new();
     wait_until("dmstats to start dmfilemapd", CONVERGE, || {
         pids = pids_of("dmfilemapd", &p);
@@ -607,14 +921,27 @@ fn dmstats_launched_daemons_use_ebpf_when_asked() {
     .unwrap();
     let bpf_fds = || -> usize {
         fs::read_dir(format!("/proc/{}/fd", pids[0]))
-            .map(|d| d.filter_map(Result::ok).filter(|e| fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("bpf"))).count())
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| {
+                        fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("bpf"))
+                    })
+                    .count()
+            })
             .unwrap_or(0)
     };
-    wait_until("the daemon to load its BPF programs", CONVERGE, || Ok(bpf_fds() > 0)).unwrap();
+    wait_until("the daemon to load its BPF programs", CONVERGE, || {
+        Ok(bpf_fds() > 0)
+    })
+    .unwrap();
     append(&path, 4);
     wait_tiled(&dmfs, &path, "vm.img", "appending 4 MiB");
     let (current, _) = group_by_alias(&device_of(&path), "vm.img").unwrap();
-    run("dmstats", &["delete", "--groupid", &current.to_string(), &dmfs.name]).unwrap();
+    run(
+        "dmstats",
+        &["delete", "--groupid", &current.to_string(), &dmfs.name],
+    )
+    .unwrap();
     assert!(wait_for_exit(pids[0], EXIT).unwrap());
 }
 
@@ -625,33 +952,72 @@ fn growth_keeps_the_counters(fs_kind: FsKind) {
     let dmfs = DmFs::new(fs_kind).unwrap();
     let path = dmfs.mount.dir.join("vm.img");
     write_and_sync(&path, 0, 2 << 20).unwrap();
-    let out = run("dmstats", &["create", "--filemap", "--nomonitor", &path.to_string_lossy()]).unwrap();
-    let group: String = out.split("group ID ").nth(1).unwrap().chars().take_while(char::is_ascii_digit).collect();
+    let group = map_without_daemon(&path).unwrap().to_string();
     let p = path.to_string_lossy().into_owned();
-    let mut daemon =
-        LoggedDaemon::start(&["--ebpf", "--interval", "3600", "0", &group, &p, "inode", "1", "1"], &path, &[]);
+    let mut daemon = LoggedDaemon::start(
+        &[
+            "--ebpf",
+            "--interval",
+            "3600",
+            "0",
+            &group,
+            &p,
+            "inode",
+            "1",
+            "1",
+        ],
+        &path,
+        &[],
+    );
     daemon.wait_for_line("eBPF trigger on");
     wait_tiled(&dmfs, &path, "vm.img", "start-up");
 
     // Count some IO in the group: read the file past the page cache.
-    run("dd", &[&format!("if={p}"), "of=/dev/null", "bs=64k", "iflag=direct", "status=none"]).unwrap();
+    run(
+        "dd",
+        &[
+            &format!("if={p}"),
+            "of=/dev/null",
+            "bs=64k",
+            "iflag=direct",
+            "status=none",
+        ],
+    )
+    .unwrap();
     let device = device_of(&path);
     let (_, before) = group_by_alias(&device, "vm.img").unwrap();
-    let counted: Vec<_> = before.iter().map(|r| (r.id, r.range, device.counters(r.id).unwrap())).collect();
+    let counted: Vec<_> = before
+        .iter()
+        .map(|r| (r.id, r.range, device.counters(r.id).unwrap()))
+        .collect();
     let sectors_read: u64 = counted.iter().map(|(_, _, c)| c.sectors_read).sum();
-    assert_eq!(sectors_read, 4096, "2 MiB read with O_DIRECT should count 4096 sectors: {counted:?}");
+    assert_eq!(
+        sectors_read, 4096,
+        "2 MiB read with O_DIRECT should count 4096 sectors: {counted:?}"
+    );
 
     append(&path, 4);
     wait_tiled(&dmfs, &path, "vm.img", "growing the file");
     let (_, after) = group_by_alias(&device, "vm.img").unwrap();
     for (id, range, counters) in &counted {
         let region = after.iter().find(|r| r.id == *id);
-        assert!(region.is_some_and(|r| r.range == *range), "region {id} ({range}) did not survive growth: {after:?}");
+        assert!(
+            region.is_some_and(|r| r.range == *range),
+            "region {id} ({range}) did not survive growth: {after:?}"
+        );
         let now = device.counters(*id).unwrap();
-        assert!(now.sectors_read >= counters.sectors_read, "region {id} lost counters: {counters:?} -> {now:?}");
-        eprintln!("@stats_print {id} before growth: {counters:?}\n@stats_print {id} after growth: {now:?}");
+        assert!(
+            now.sectors_read >= counters.sectors_read,
+            "region {id} lost counters: {counters:?} -> {now:?}"
+        );
+        eprintln!(
+            "@stats_print {id} before growth: {counters:?}\n@stats_print {id} after growth: {now:?}"
+        );
     }
-    assert!(after.len() > before.len(), "no region was added for the new part");
+    assert!(
+        after.len() > before.len(),
+        "no region was added for the new part"
+    );
 
     // dmstats sees one group covering the whole file.
     let listing = run("dmstats", &["list", "--units", "s", &dmfs.name]).unwrap();
@@ -662,7 +1028,11 @@ fn growth_keeps_the_counters(fs_kind: FsKind) {
         .collect();
     assert_eq!(group_rows.len(), 1, "{listing}");
     let file_sectors: u64 = file_ranges(&path).iter().map(|r| r.len).sum();
-    assert_eq!(group_rows[0][5].parse::<u64>().unwrap(), file_sectors, "{listing}");
+    assert_eq!(
+        group_rows[0][5].parse::<u64>().unwrap(),
+        file_sectors,
+        "{listing}"
+    );
     eprintln!("dmstats list after growth:\n{listing}");
     daemon.stop();
 }
@@ -680,16 +1050,17 @@ fn xfs_growth_keeps_the_counters() {
 #[test]
 fn one_process_watches_many_files() {
     require_device_mapper();
-    let filesystems = [DmFs::new(FsKind::Ext4).unwrap(), DmFs::new(FsKind::Xfs).unwrap()];
+    let filesystems = [
+        DmFs::new(FsKind::Ext4).unwrap(),
+        DmFs::new(FsKind::Xfs).unwrap(),
+    ];
     let mut config = String::from("# group mode path\n");
     let mut files = Vec::new();
     for dmfs in &filesystems {
         for i in 0..6 {
             let path = dmfs.mount.dir.join(format!("{}-{i}.img", dmfs.name));
             write_and_sync(&path, 0, 1 << 20).unwrap();
-            let out = run("dmstats", &["create", "--filemap", "--nomonitor", &path.to_string_lossy()]).unwrap();
-            let group: String =
-                out.split("group ID ").nth(1).unwrap().chars().take_while(char::is_ascii_digit).collect();
+            let group = map_without_daemon(&path).unwrap();
             config.push_str(&format!("{group} inode {}\n", path.display()));
             files.push((dmfs, path));
         }
@@ -698,7 +1069,15 @@ fn one_process_watches_many_files() {
     fs::write(&config_path, &config).unwrap();
     let cfg = config_path.to_string_lossy().into_owned();
     let mut daemon = LoggedDaemon::start(
-        &["watch", "--config", &cfg, "--ebpf", "--interval", "3600", "-vv"],
+        &[
+            "watch",
+            "--config",
+            &cfg,
+            "--ebpf",
+            "--interval",
+            "3600",
+            "-vv",
+        ],
         &config_path,
         &[],
     );
@@ -714,13 +1093,30 @@ fn one_process_watches_many_files() {
     let (dmfs, gone) = &files[0];
     let alias = gone.file_name().unwrap().to_string_lossy().into_owned();
     let (group, _) = group_by_alias(&device_of(gone), &alias).unwrap();
-    run("dmstats", &["delete", "--groupid", &group.to_string(), &dmfs.name]).unwrap();
+    run(
+        "dmstats",
+        &["delete", "--groupid", &group.to_string(), &dmfs.name],
+    )
+    .unwrap();
     append(gone, 1);
-    daemon.wait_for_line(&format!("{}: Filemap group removed: exiting.", gone.display()));
+    daemon.wait_for_line(&format!(
+        "{}: Filemap group removed: exiting.",
+        gone.display()
+    ));
     let (dmfs, still) = &files[7];
     append(still, 1);
     let alias = still.file_name().unwrap().to_string_lossy().into_owned();
-    wait_tiled(dmfs, still, &alias, "appending after another file's group went");
+    wait_tiled(
+        dmfs,
+        still,
+        &alias,
+        "appending after another file's group went",
+    );
     let log = daemon.stop();
-    assert!(log.iter().any(|l| l.contains("eBPF trigger for 12 file(s)")), "{}", log.join("\n"));
+    assert!(
+        log.iter()
+            .any(|l| l.contains("eBPF trigger for 12 file(s)")),
+        "{}",
+        log.join("\n")
+    );
 }

@@ -5,8 +5,8 @@ use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
 
 use filemapd::{dmstats, fiemap, sectors::SectorRange};
 use filemapd_tests::{
-    DmFs, FsKind, dmstats_list_regions, filefrag_sectors, punch_hole, require_device_mapper, run,
-    write_and_sync,
+    DmFs, FsKind, dmstats_list_regions, filefrag_sectors, map_without_daemon, punch_hole,
+    require_device_mapper, run, write_and_sync,
 };
 
 /// Writes 8 MiB and punches three holes in it, so the file has four separate extents.
@@ -18,23 +18,13 @@ fn make_fragmented_file(path: &Path) {
     fs::File::open(path).unwrap().sync_all().unwrap();
 }
 
-/// "…: Created new group with N region(s) as group ID G." → G
-fn created_group_id(dmstats_output: &str) -> u64 {
-    let tail = dmstats_output
-        .split("group ID ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no group ID in dmstats output: {dmstats_output:?}"));
-    tail.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().unwrap()
-}
-
 fn debian_filemap_matches_fiemap(fs_kind: FsKind) {
     require_device_mapper();
     let dmfs = DmFs::new(fs_kind).unwrap();
     let path = dmfs.mount.dir.join("data.img");
     make_fragmented_file(&path);
 
-    let out = run("dmstats", &["create", "--filemap", "--nomonitor", &path.to_string_lossy()]).unwrap();
-    let group_id = created_group_id(&out);
+    let group_id = map_without_daemon(&path).unwrap();
 
     // filemapd's view of the group, through its own dm code.
     let st_dev = fs::metadata(&path).unwrap().dev();
@@ -43,22 +33,44 @@ fn debian_filemap_matches_fiemap(fs_kind: FsKind) {
     let (descriptor, members) = dmstats::group_members(&regions, group_id)
         .unwrap()
         .unwrap_or_else(|| panic!("group {group_id} not found in {regions:#?}"));
-    assert_eq!(descriptor.alias, "data.img", "dmstats names a filemap group after the file");
-    assert_eq!(descriptor.members.len(), members.len(), "descriptor lists regions that do not exist");
+    assert_eq!(
+        descriptor.alias, "data.img",
+        "dmstats names a filemap group after the file"
+    );
+    assert_eq!(
+        descriptor.members.len(),
+        members.len(),
+        "descriptor lists regions that do not exist"
+    );
     let region_ranges: Vec<SectorRange> = members.iter().map(|r| r.range).collect();
 
     // The file's extents, by FIEMAP and by e2fsprogs' filefrag.
     let file = fs::File::open(&path).unwrap();
     let extents = fiemap::read_extents(&file, 0, u64::MAX, true).unwrap();
     let fiemap_ranges = fiemap::device_ranges(&extents);
-    let filefrag_ranges: Vec<SectorRange> =
-        filefrag_sectors(&path).unwrap().into_iter().map(|(s, l)| SectorRange::new(s, l)).collect();
+    let filefrag_ranges: Vec<SectorRange> = filefrag_sectors(&path)
+        .unwrap()
+        .into_iter()
+        .map(|(s, l)| SectorRange::new(s, l))
+        .collect();
 
-    assert!(fiemap_ranges.len() >= 4, "expected a fragmented file, FIEMAP shows {fiemap_ranges:?}");
-    assert_eq!(fiemap_ranges, filefrag_ranges, "our FIEMAP reading disagrees with filefrag -v");
-    assert_eq!(region_ranges, fiemap_ranges, "regions of group {group_id} != the file's extents");
+    assert!(
+        fiemap_ranges.len() >= 4,
+        "expected a fragmented file, FIEMAP shows {fiemap_ranges:?}"
+    );
+    assert_eq!(
+        fiemap_ranges, filefrag_ranges,
+        "our FIEMAP reading disagrees with filefrag -v"
+    );
+    assert_eq!(
+        region_ranges, fiemap_ranges,
+        "regions of group {group_id} != the file's extents"
+    );
     for region in &members {
-        assert_eq!(region.step, region.range.len, "a filemap region has exactly one area");
+        assert_eq!(
+            region.step, region.range.len,
+            "a filemap region has exactly one area"
+        );
         assert_eq!(region.program_id, "dmstats");
     }
 
@@ -71,7 +83,10 @@ fn debian_filemap_matches_fiemap(fs_kind: FsKind) {
     assert_eq!(listed, fiemap_ranges, "dmstats list disagrees");
 
     run("dmstats", &["delete", "--allregions", &dmfs.name]).unwrap();
-    assert!(device.list(None).unwrap().is_empty(), "regions left after dmstats delete");
+    assert!(
+        device.list(None).unwrap().is_empty(),
+        "regions left after dmstats delete"
+    );
 }
 
 #[test]

@@ -41,11 +41,18 @@ pgrep -a dmfilemapd || echo "no dmfilemapd running"
 
 pub fn run() -> anyhow::Result<()> {
     setup::run()?;
-    cmd::status(Command::new(env!("CARGO")).args(["build", "-p", "filemapd"]).current_dir(cmd::workspace_root()))?;
+    cmd::status(
+        Command::new(env!("CARGO"))
+            .args(["build", "-p", "filemapd"])
+            .current_dir(cmd::workspace_root()),
+    )?;
     let filemapd = cmd::workspace_root().join("target/debug/filemapd");
     // The guest sees the host's root read-only: the script travels as a file under target/.
     let script = cmd::workspace_root().join("target/demo.sh");
-    std::fs::write(&script, SCRIPT.replace("FILEMAPD", &filemapd.to_string_lossy()))?;
+    std::fs::write(
+        &script,
+        SCRIPT.replace("FILEMAPD", &filemapd.to_string_lossy()),
+    )?;
     let out = vm::run(&format!("sh {}", script.display()), vm::DEFAULT_TIMEOUT)?;
     print!("{}", out.output);
     anyhow::ensure!(out.success, "the demo failed in the VM ({})", out.status);

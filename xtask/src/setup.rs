@@ -43,7 +43,9 @@ pub fn run() -> anyhow::Result<()> {
 fn require_root() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("filemapd's set-up and tests need root (apt-get, loop devices, mounts, eBPF): run as root");
+        bail!(
+            "filemapd's set-up and tests need root (apt-get, loop devices, mounts, eBPF): run as root"
+        );
     }
     Ok(())
 }
@@ -53,8 +55,12 @@ fn apt_packages() -> anyhow::Result<()> {
         .iter()
         .copied()
         .filter(|p| {
-            let status = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
-            !status.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+            let status = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
+            !status.is_ok_and(|out| {
+                String::from_utf8_lossy(&out.stdout).contains("install ok installed")
+            })
         })
         .collect();
     if missing.is_empty() {
@@ -76,7 +82,8 @@ fn apt_packages() -> anyhow::Result<()> {
 /// The eBPF toolchain named in filemapd-ebpf/rust-toolchain.toml, with rust-src for build-std.
 pub fn ebpf_toolchain() -> anyhow::Result<String> {
     let path = cmd::workspace_root().join("filemapd-ebpf/rust-toolchain.toml");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("channel"))
         .filter_map(|l| l.trim().strip_prefix('='))
@@ -88,14 +95,27 @@ pub fn ebpf_toolchain() -> anyhow::Result<String> {
 fn nightly_with_rust_src() -> anyhow::Result<()> {
     let toolchain = ebpf_toolchain()?;
     if !succeeds(Command::new("rustup").args(["run", &toolchain, "rustc", "--version"])) {
-        bail!("the Rust toolchain {toolchain:?} is not installed: run `rustup toolchain install {toolchain}`");
+        bail!(
+            "the Rust toolchain {toolchain:?} is not installed: run `rustup toolchain install {toolchain}`"
+        );
     }
-    let sysroot = cmd::stdout(Command::new("rustup").args(["run", &toolchain, "rustc", "--print", "sysroot"]))?;
-    if Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core").is_dir() {
+    let sysroot = cmd::stdout(
+        Command::new("rustup").args(["run", &toolchain, "rustc", "--print", "sysroot"]),
+    )?;
+    if Path::new(sysroot.trim())
+        .join("lib/rustlib/src/rust/library/core")
+        .is_dir()
+    {
         return Ok(());
     }
     eprintln!("setup: adding rust-src to {toolchain}");
-    cmd::status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &toolchain]))
+    cmd::status(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        &toolchain,
+    ]))
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
@@ -106,10 +126,19 @@ fn bpf_linker() -> anyhow::Result<()> {
     }
     eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
     // Its build script finds LLVM through llvm-config, which Debian keeps off PATH.
-    let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "/usr/lib/llvm-22/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
     cmd::status(
         Command::new("cargo")
-            .args(["install", "--locked", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("PATH", path),
     )
@@ -130,7 +159,9 @@ pub fn vng() -> std::path::PathBuf {
 }
 
 fn virtme_ng() -> anyhow::Result<()> {
-    if cmd::stdout(Command::new(vng()).arg("--version")).is_ok_and(|v| v.contains(VIRTME_NG_VERSION)) {
+    if cmd::stdout(Command::new(vng()).arg("--version"))
+        .is_ok_and(|v| v.contains(VIRTME_NG_VERSION))
+    {
         return Ok(());
     }
     eprintln!("setup: installing virtme-ng {VIRTME_NG_VERSION}");

@@ -24,7 +24,10 @@ impl Tally {
     /// failed test counts as one failure, so a crash is never reported as a pass.
     fn add(&mut self, stage: &str, output: &str, success: bool) {
         let mut failed_here = 0;
-        for line in output.lines().filter_map(|l| l.trim().strip_prefix("test result: ")) {
+        for line in output
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("test result: "))
+        {
             let count = |word: &str| -> u64 {
                 line.split([';', '.'])
                     .find_map(|part| part.trim().strip_suffix(word)?.trim().parse().ok())
@@ -52,7 +55,14 @@ pub fn run() -> anyhow::Result<()> {
 
     eprintln!("== eBPF and file-system tests on the host kernel");
     let (out, ok) = cargo_test(&[
-        "-p", "filemapd-tests", "--test", "host_ebpf", "--test", "host_files", "--", "--test-threads=1",
+        "-p",
+        "filemapd-tests",
+        "--test",
+        "host_ebpf",
+        "--test",
+        "host_files",
+        "--",
+        "--test-threads=1",
     ])?;
     tally.add("host tests", &out, ok);
 
@@ -101,11 +111,18 @@ const VM_TEST_TARGETS: &[&str] = &["vm_dm", "vm_daemon"];
 /// Builds the VM test binaries (and the daemon they launch) on the host and runs them inside
 /// one VM boot.
 fn vm_tests() -> anyhow::Result<(String, bool)> {
-    cmd::status(Command::new(env!("CARGO")).args(["build", "-p", "filemapd"]).current_dir(cmd::workspace_root()))?;
+    cmd::status(
+        Command::new(env!("CARGO"))
+            .args(["build", "-p", "filemapd"])
+            .current_dir(cmd::workspace_root()),
+    )?;
     let mut script = String::from("modprobe -a dm_mod loop || exit 1; status=0");
     for target in VM_TEST_TARGETS {
         let binary = test_binary(target)?;
-        script.push_str(&format!("; {} --test-threads=1 || status=1", binary.display()));
+        script.push_str(&format!(
+            "; {} --test-threads=1 || status=1",
+            binary.display()
+        ));
     }
     script.push_str("; exit $status");
     let out = vm::run(&script, vm::DEFAULT_TIMEOUT)?;
@@ -118,7 +135,15 @@ fn vm_tests() -> anyhow::Result<(String, bool)> {
 pub fn test_binary(target: &str) -> anyhow::Result<PathBuf> {
     let json = cmd::stdout(
         Command::new(env!("CARGO"))
-            .args(["test", "-p", "filemapd-tests", "--test", target, "--no-run", "--message-format=json"])
+            .args([
+                "test",
+                "-p",
+                "filemapd-tests",
+                "--test",
+                target,
+                "--no-run",
+                "--message-format=json",
+            ])
             .current_dir(cmd::workspace_root()),
     )?;
     json.lines()
@@ -135,8 +160,16 @@ mod tests {
     #[test]
     fn tally_counts_libtest_summaries() {
         let mut t = Tally::default();
-        t.add("a", "test result: ok. 25 passed; 0 failed; 0 ignored; 0 measured\n", true);
-        t.add("b", "test result: FAILED. 1 passed; 2 failed; 0 ignored\n", false);
+        t.add(
+            "a",
+            "test result: ok. 25 passed; 0 failed; 0 ignored; 0 measured\n",
+            true,
+        );
+        t.add(
+            "b",
+            "test result: FAILED. 1 passed; 2 failed; 0 ignored\n",
+            false,
+        );
         assert_eq!((t.passed, t.failed), (26, 2));
         assert!(t.broken.is_empty());
     }

@@ -51,10 +51,15 @@ pub fn kernel() -> anyhow::Result<PathBuf> {
     let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
         .context("reading /boot")?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
         .collect();
     kernels.sort();
-    kernels.pop().context("no kernel in /boot (linux-image-amd64): run `cargo xtask setup`")
+    kernels
+        .pop()
+        .context("no kernel in /boot (linux-image-amd64): run `cargo xtask setup`")
 }
 
 /// Boots the VM, runs `script` with /bin/sh inside it, and returns its status and output.

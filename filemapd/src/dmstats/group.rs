@@ -47,7 +47,12 @@ impl GroupDescriptor {
         };
         let members = parse_members(members)
             .with_context(|| format!("bad member list in group descriptor {aux_data:?}"))?;
-        Ok(Some(Self { alias: alias.to_string(), quoted, members, user_aux }))
+        Ok(Some(Self {
+            alias: alias.to_string(),
+            quoted,
+            members,
+            user_aux,
+        }))
     }
 
     /// The leader: the lowest member id.
@@ -59,7 +64,10 @@ impl GroupDescriptor {
     pub fn with_members(&self, mut members: Vec<u64>) -> Self {
         members.sort_unstable();
         members.dedup();
-        Self { members, ..self.clone() }
+        Self {
+            members,
+            ..self.clone()
+        }
     }
 
     /// Checks that the descriptor can travel inside one dm message argument.
@@ -69,7 +77,10 @@ impl GroupDescriptor {
             "group alias {alias:?} contains white space, which cannot pass through a \
              device-mapper message"
         );
-        ensure!(!alias.contains(['"', ':', '#']), "group alias {alias:?} contains '\"', ':' or '#'");
+        ensure!(
+            !alias.contains(['"', ':', '#']),
+            "group alias {alias:?} contains '\"', ':' or '#'"
+        );
         Ok(())
     }
 }
@@ -98,8 +109,12 @@ pub fn parse_members(list: &str) -> anyhow::Result<Vec<u64>> {
             Some((a, b)) => (a, b),
             None => (item, item),
         };
-        let first: u64 = first.parse().with_context(|| format!("bad region id {first:?}"))?;
-        let last: u64 = last.parse().with_context(|| format!("bad region id {last:?}"))?;
+        let first: u64 = first
+            .parse()
+            .with_context(|| format!("bad region id {first:?}"))?;
+        let last: u64 = last
+            .parse()
+            .with_context(|| format!("bad region id {last:?}"))?;
         if first > last {
             bail!("descending range {item:?}");
         }
@@ -139,7 +154,9 @@ mod tests {
 
     #[test]
     fn reads_debians_bare_alias() {
-        let g = GroupDescriptor::parse("DMS_GROUP=img:0#-").unwrap().unwrap();
+        let g = GroupDescriptor::parse("DMS_GROUP=img:0#-")
+            .unwrap()
+            .unwrap();
         assert_eq!(g.alias, "img");
         assert!(!g.quoted);
         assert_eq!(g.members, vec![0]);
@@ -149,7 +166,9 @@ mod tests {
 
     #[test]
     fn reads_newer_lvm2s_quoted_alias() {
-        let g = GroupDescriptor::parse("DMS_GROUP=\"img\":0-1#-").unwrap().unwrap();
+        let g = GroupDescriptor::parse("DMS_GROUP=\"img\":0-1#-")
+            .unwrap()
+            .unwrap();
         assert_eq!(g.alias, "img");
         assert!(g.quoted);
         assert_eq!(g.members, vec![0, 1]);
@@ -158,7 +177,9 @@ mod tests {
 
     #[test]
     fn keeps_user_aux_data_and_empty_alias() {
-        let g = GroupDescriptor::parse("DMS_GROUP=:3-5,9#mydata").unwrap().unwrap();
+        let g = GroupDescriptor::parse("DMS_GROUP=:3-5,9#mydata")
+            .unwrap()
+            .unwrap();
         assert_eq!(g.alias, "");
         assert_eq!(g.members, vec![3, 4, 5, 9]);
         assert_eq!(g.leader(), Some(3));
@@ -168,8 +189,13 @@ mod tests {
 
     #[test]
     fn regrouping_keeps_alias_spelling_and_user_data() {
-        let g = GroupDescriptor::parse("DMS_GROUP=f1:0-1#-").unwrap().unwrap();
-        assert_eq!(g.with_members(vec![7, 2, 3, 2]).to_string(), "DMS_GROUP=f1:2-3,7#-");
+        let g = GroupDescriptor::parse("DMS_GROUP=f1:0-1#-")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            g.with_members(vec![7, 2, 3, 2]).to_string(),
+            "DMS_GROUP=f1:2-3,7#-"
+        );
     }
 
     #[test]
@@ -188,7 +214,10 @@ mod tests {
             "DMS_GROUP=img:x#-",
             "DMS_GROUP=img:1,,2#-",
         ] {
-            assert!(GroupDescriptor::parse(bad).is_err(), "{bad} should not parse");
+            assert!(
+                GroupDescriptor::parse(bad).is_err(),
+                "{bad} should not parse"
+            );
         }
     }
 

@@ -32,7 +32,12 @@ impl StatsDevice {
         else {
             bail!("device {major}:{minor} is not a device-mapper device");
         };
-        Ok(Self { dm, name, major, minor })
+        Ok(Self {
+            dm,
+            name,
+            major,
+            minor,
+        })
     }
 
     /// The dm device under a file system whose `st_dev` is given.
@@ -84,9 +89,15 @@ impl StatsDevice {
     ) -> anyhow::Result<u64> {
         let opt = settings.create_args();
         let msg = if opt.is_empty() {
-            format!("@stats_create {range} {} {program_id} {aux_data}", range.len)
+            format!(
+                "@stats_create {range} {} {program_id} {aux_data}",
+                range.len
+            )
         } else {
-            format!("@stats_create {range} {} {opt} {program_id} {aux_data}", range.len)
+            format!(
+                "@stats_create {range} {} {opt} {program_id} {aux_data}",
+                range.len
+            )
         };
         let answer = self.message(&msg)?;
         answer
@@ -100,7 +111,8 @@ impl StatsDevice {
     }
 
     pub fn set_aux(&self, id: u64, aux_data: &str) -> anyhow::Result<()> {
-        self.message(&format!("@stats_set_aux {id} {aux_data}")).map(drop)
+        self.message(&format!("@stats_set_aux {id} {aux_data}"))
+            .map(drop)
     }
 
     /// A region's counters, summed over its areas.
@@ -124,7 +136,11 @@ pub fn group_members(
     if descriptor.leader() != Some(group_id) {
         return Ok(None);
     }
-    let members = regions.iter().filter(|r| descriptor.members.binary_search(&r.id).is_ok()).cloned().collect();
+    let members = regions
+        .iter()
+        .filter(|r| descriptor.members.binary_search(&r.id).is_ok())
+        .cloned()
+        .collect();
     Ok(Some((descriptor, members)))
 }
 
@@ -141,7 +157,10 @@ mod tests {
         let (descriptor, members) = group_members(&regions, 0).unwrap().unwrap();
         assert_eq!(descriptor.alias, "f");
         assert_eq!(members.iter().map(|r| r.id).collect::<Vec<_>>(), vec![0, 2]);
-        assert!(group_members(&regions, 1).unwrap().is_none(), "region 1 leads no group");
+        assert!(
+            group_members(&regions, 1).unwrap().is_none(),
+            "region 1 leads no group"
+        );
         assert!(group_members(&regions, 7).unwrap().is_none(), "no region 7");
     }
 }

@@ -42,7 +42,11 @@ impl RegionSettings {
             let bounds: Vec<String> = self.histogram.iter().map(u64::to_string).collect();
             args.push(format!("histogram:{}", bounds.join(",")));
         }
-        if args.is_empty() { String::new() } else { format!("{} {}", args.len(), args.join(" ")) }
+        if args.is_empty() {
+            String::new()
+        } else {
+            format!("{} {}", args.len(), args.join(" "))
+        }
     }
 }
 
@@ -66,7 +70,9 @@ fn parse_line(line: &str) -> anyhow::Result<Region> {
     let (id, rest) = line.split_once(": ").context("no \"<id>: \"")?;
     let mut fields = rest.split_ascii_whitespace();
     let mut next = |what: &str| fields.next().with_context(|| format!("missing {what}"));
-    let (start, len) = next("start+length")?.split_once('+').context("no '+' in start+length")?;
+    let (start, len) = next("start+length")?
+        .split_once('+')
+        .context("no '+' in start+length")?;
     let range = SectorRange::new(start.parse()?, len.parse()?);
     let step = next("step")?.parse()?;
     let program_id = next("program_id")?.to_string();
@@ -78,13 +84,23 @@ fn parse_line(line: &str) -> anyhow::Result<Region> {
         } else if let Some(bounds) = extra.strip_prefix("histogram:") {
             settings.histogram = bounds
                 .split(',')
-                .map(|b| b.parse().with_context(|| format!("bad histogram bound {b:?}")))
+                .map(|b| {
+                    b.parse()
+                        .with_context(|| format!("bad histogram bound {b:?}"))
+                })
                 .collect::<anyhow::Result<_>>()?;
         } else {
             bail!("unknown field {extra:?}");
         }
     }
-    Ok(Region { id: id.trim().parse()?, range, step, program_id, aux_data, settings })
+    Ok(Region {
+        id: id.trim().parse()?,
+        range,
+        step,
+        program_id,
+        aux_data,
+        settings,
+    })
 }
 
 /// One area's counters from `@stats_print` (statistics.rst lists them in this order).
@@ -110,9 +126,16 @@ pub fn parse_counters(text: &str) -> anyhow::Result<Counters> {
         let values: Vec<u64> = line
             .split_ascii_whitespace()
             .skip(1)
-            .map(|v| v.parse().with_context(|| format!("bad counter {v:?} in {line:?}")))
+            .map(|v| {
+                v.parse()
+                    .with_context(|| format!("bad counter {v:?} in {line:?}"))
+            })
             .collect::<anyhow::Result<_>>()?;
-        ensure!(values.len() >= 11, "@stats_print line has {} counters: {line:?}", values.len());
+        ensure!(
+            values.len() >= 11,
+            "@stats_print line has {} counters: {line:?}",
+            values.len()
+        );
         total.reads += values[0];
         total.reads_merged += values[1];
         total.sectors_read += values[2];
@@ -155,12 +178,17 @@ mod tests {
             .remove(0);
         assert!(r.settings.precise_timestamps);
         assert_eq!(r.settings.histogram, vec![1_000_000, 2_000_000]);
-        assert_eq!(r.settings.create_args(), "2 precise_timestamps histogram:1000000,2000000");
+        assert_eq!(
+            r.settings.create_args(),
+            "2 precise_timestamps histogram:1000000,2000000"
+        );
     }
 
     #[test]
     fn histogram_without_precise_timestamps() {
-        let r = parse_list("0: 0+8 8 - - histogram:10,20,30").unwrap().remove(0);
+        let r = parse_list("0: 0+8 8 - - histogram:10,20,30")
+            .unwrap()
+            .remove(0);
         assert!(!r.settings.precise_timestamps);
         assert_eq!(r.settings.create_args(), "1 histogram:10,20,30");
         assert_eq!(RegionSettings::default().create_args(), "");
@@ -181,11 +209,12 @@ mod tests {
 
     #[test]
     fn counters_sum_over_areas() {
-        let c = parse_counters(
-            "0+8 1 0 8 0 2 0 16 4 0 4 4 0 0\n8+8 3 1 24 1 0 0 0 0 0 1 1 0 0\n",
-        )
-        .unwrap();
-        assert_eq!((c.reads, c.sectors_read, c.writes, c.sectors_written), (4, 32, 2, 16));
+        let c = parse_counters("0+8 1 0 8 0 2 0 16 4 0 4 4 0 0\n8+8 3 1 24 1 0 0 0 0 0 1 1 0 0\n")
+            .unwrap();
+        assert_eq!(
+            (c.reads, c.sectors_read, c.writes, c.sectors_written),
+            (4, 32, 2, 16)
+        );
         assert!(parse_counters("0+8 1 2 3").is_err());
     }
 }

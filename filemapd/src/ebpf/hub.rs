@@ -15,7 +15,11 @@ pub enum Feed {
 }
 
 enum Request {
-    Watch(InodeKey, mpsc::UnboundedSender<Feed>, oneshot::Sender<anyhow::Result<()>>),
+    Watch(
+        InodeKey,
+        mpsc::UnboundedSender<Feed>,
+        oneshot::Sender<anyhow::Result<()>>,
+    ),
     Unwatch(InodeKey),
 }
 
@@ -23,6 +27,8 @@ enum Request {
 #[derive(Clone)]
 pub struct Hub {
     requests: mpsc::UnboundedSender<Request>,
+    /// Tracepoint categories ("ext4", "xfs") with at least one attached program.
+    categories: Vec<&'static str>,
 }
 
 /// One file's share of the events.
@@ -35,9 +41,20 @@ pub struct EventFeed {
 impl Hub {
     /// Starts the routing task on the current tokio runtime.
     pub fn spawn(tracer: Tracer) -> Hub {
+        let mut categories: Vec<&'static str> =
+            tracer.attached().iter().map(|t| t.category).collect();
+        categories.dedup();
         let (requests, receiver) = mpsc::unbounded_channel();
         tokio::spawn(route(tracer, receiver));
-        Hub { requests }
+        Hub {
+            requests,
+            categories,
+        }
+    }
+
+    /// Whether any program watches file systems of this tracepoint category.
+    pub fn covers(&self, category: &str) -> bool {
+        self.categories.contains(&category)
     }
 
     /// Watches an inode; returns once the kernel filters on it.
@@ -47,15 +64,24 @@ impl Hub {
         self.requests
             .send(Request::Watch(key, sender, done))
             .map_err(|_| anyhow::anyhow!("the eBPF event task has stopped"))?;
-        ack.await.map_err(|_| anyhow::anyhow!("the eBPF event task has stopped"))??;
-        Ok(EventFeed { key, events, hub: self.clone() })
+        ack.await
+            .map_err(|_| anyhow::anyhow!("the eBPF event task has stopped"))??;
+        Ok(EventFeed {
+            key,
+            events,
+            hub: self.clone(),
+        })
     }
 }
 
 impl EventFeed {
     /// Waits for the next events of this inode and returns all that are queued.
     pub async fn next(&mut self) -> anyhow::Result<Vec<Feed>> {
-        let first = self.events.recv().await.ok_or_else(|| anyhow::anyhow!("the eBPF event task has stopped"))?;
+        let first = self
+            .events
+            .recv()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("the eBPF event task has stopped"))?;
         let mut batch = vec![first];
         while let Ok(more) = self.events.try_recv() {
             batch.push(more);

@@ -4,8 +4,6 @@ pub mod hub;
 pub mod tracefs;
 pub mod tracepoints;
 
-use std::os::fd::AsRawFd as _;
-
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
@@ -61,7 +59,9 @@ impl Tracer {
                 .program_mut(tp.name)
                 .with_context(|| format!("program {} missing from the eBPF object", tp.name))?
                 .try_into()?;
-            program.load().with_context(|| format!("verifying program {}", tp.name))?;
+            program
+                .load()
+                .with_context(|| format!("verifying program {}", tp.name))?;
             program
                 .attach(tp.category, tp.name)
                 .with_context(|| format!("attaching to {}:{}", tp.category, tp.name))?;
@@ -74,7 +74,13 @@ impl Tracer {
         let events = unsafe { AsyncFd::register(ring) }
             .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
         let lost = PerCpuArray::try_from(take_map(&mut ebpf, names::LOST)?)?;
-        Ok(Self { _ebpf: ebpf, watched, events, lost, attached })
+        Ok(Self {
+            _ebpf: ebpf,
+            watched,
+            events,
+            lost,
+            attached,
+        })
     }
 
     /// The tracepoints the programs are attached to.
@@ -83,7 +89,9 @@ impl Tracer {
     }
 
     pub fn watch(&mut self, key: InodeKey) -> anyhow::Result<()> {
-        self.watched.insert(key, 1, 0).with_context(|| format!("watching {key:?}"))
+        self.watched
+            .insert(key, 1, 0)
+            .with_context(|| format!("watching {key:?}"))
     }
 
     pub fn unwatch(&mut self, key: InodeKey) -> anyhow::Result<()> {
@@ -117,11 +125,6 @@ impl Tracer {
     pub fn lost_events(&self) -> anyhow::Result<u64> {
         Ok(self.lost.get(&0, 0)?.iter().sum())
     }
-
-    /// The ring buffer's file descriptor (for tests that count wake-ups).
-    pub fn events_fd(&self) -> i32 {
-        self.events.get_ref().as_raw_fd()
-    }
 }
 
 /// The layout of one tracepoint on this kernel, `None` when the kernel lacks the tracepoint.
@@ -130,8 +133,12 @@ fn layout_of(tp: &Tracepoint) -> anyhow::Result<Option<TracepointLayout>> {
         return Ok(None);
     };
     let field = |name: &str| {
-        tracefs::find_field(&format, name)
-            .with_context(|| format!("tracepoint {}:{} has no field {name:?}", tp.category, tp.name))
+        tracefs::find_field(&format, name).with_context(|| {
+            format!(
+                "tracepoint {}:{} has no field {name:?}",
+                tp.category, tp.name
+            )
+        })
     };
     let (skip, skip_mask) = match tp.skip {
         Some((name, mask)) => (field(name)?, mask),
@@ -149,14 +156,21 @@ fn layout_of(tp: &Tracepoint) -> anyhow::Result<Option<TracepointLayout>> {
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
-    ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"))
+    ebpf.take_map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit with a valid rlimit struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        log::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

@@ -25,7 +25,11 @@ pub fn root() -> anyhow::Result<PathBuf> {
 
 /// The `format` description of one tracepoint, or `None` when the kernel lacks it.
 pub fn read_format(category: &str, name: &str) -> anyhow::Result<Option<String>> {
-    let path = root()?.join("events").join(category).join(name).join("format");
+    let path = root()?
+        .join("events")
+        .join(category)
+        .join(name)
+        .join("format");
     match fs::read_to_string(&path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -34,7 +38,7 @@ pub fn read_format(category: &str, name: &str) -> anyhow::Result<Option<String>>
 }
 
 /// Finds a field in a format description: lines like
-/// `field:dev_t dev;	offset:8;	size:4;	signed:0;`.
+/// `field:dev_t dev; offset:8; size:4; signed:0;` (tab-separated).
 pub fn find_field(format: &str, name: &str) -> Option<Field> {
     format.lines().find_map(|line| {
         let mut parts = line.trim().split(';').map(str::trim);
@@ -53,7 +57,10 @@ pub fn find_field(format: &str, name: &str) -> Option<Field> {
                 size = v.parse().ok();
             }
         }
-        Some(Field { offset: offset?, size: size? })
+        Some(Field {
+            offset: offset?,
+            size: size?,
+        })
     })
 }
 
@@ -84,11 +91,41 @@ print fmt: \"dev %d,%d ino %lu\", REC->dev, REC->ino
     fn finds_fields_by_exact_name() {
         let f = |n| find_field(EXT4_ALLOCATE_BLOCKS_6_18, n);
         assert_eq!(f("dev"), Some(Field { offset: 8, size: 4 }));
-        assert_eq!(f("ino"), Some(Field { offset: 16, size: 8 }));
-        assert_eq!(f("len"), Some(Field { offset: 32, size: 4 }));
-        assert_eq!(f("logical"), Some(Field { offset: 36, size: 4 }));
-        assert_eq!(f("leaf"), Some(Field { offset: 40, size: 8 }));
-        assert_eq!(f("comm"), Some(Field { offset: 48, size: 16 }));
+        assert_eq!(
+            f("ino"),
+            Some(Field {
+                offset: 16,
+                size: 8
+            })
+        );
+        assert_eq!(
+            f("len"),
+            Some(Field {
+                offset: 32,
+                size: 4
+            })
+        );
+        assert_eq!(
+            f("logical"),
+            Some(Field {
+                offset: 36,
+                size: 4
+            })
+        );
+        assert_eq!(
+            f("leaf"),
+            Some(Field {
+                offset: 40,
+                size: 8
+            })
+        );
+        assert_eq!(
+            f("comm"),
+            Some(Field {
+                offset: 48,
+                size: 16
+            })
+        );
         assert_eq!(f("lblk"), None);
         assert_eq!(f("common"), None);
     }

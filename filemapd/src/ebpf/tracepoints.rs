@@ -132,7 +132,11 @@ impl Tracepoint {
             Unit::FsBlocks => value.saturating_mul(block_size),
             Unit::Bytes => value,
         };
-        let length = if self.length_is_end { length.saturating_sub(start).saturating_add(1) } else { length };
+        let length = if self.length_is_end {
+            length.saturating_sub(start).saturating_add(1)
+        } else {
+            length
+        };
         (bytes(start, self.start.1), bytes(length, self.length.1))
     }
 }
