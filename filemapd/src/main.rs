@@ -181,7 +181,9 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool) -> ExitCode {
     let result = runtime.context("starting the runtime").and_then(|rt| {
         rt.block_on(async {
             if ebpf {
-                match Tracer::load(1) {
+                // Room for two inodes: in path mode the new file is watched before the old one
+                // is let go.
+                match Tracer::load(2) {
                     Ok(tracer) => {
                         let names: Vec<&str> = tracer.attached().iter().map(|t| t.name).collect();
                         log::info!("eBPF trigger on {}", names.join(", "));

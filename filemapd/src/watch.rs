@@ -73,7 +73,8 @@ pub async fn run(entries: &[WatchEntry], interval: Duration, ebpf: bool) -> anyh
         )?);
     }
     if ebpf {
-        match Tracer::load(entries.len() as u32) {
+        // Twice the files: a path-mode monitor watches its new file before letting the old go.
+        match Tracer::load(2 * entries.len() as u32) {
             Ok(tracer) => {
                 let hub = Hub::spawn(tracer);
                 for monitor in &mut monitors {

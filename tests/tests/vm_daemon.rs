@@ -1120,3 +1120,44 @@ fn one_process_watches_many_files() {
         log.join("\n")
     );
 }
+
+/// Path mode with eBPF: the replacement's inode is watched (and the old one let go), so the
+/// new file's growth is followed by events.
+#[test]
+fn ebpf_path_mode_watches_the_replacement() {
+    require_device_mapper();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let path = dmfs.mount.dir.join("vm.img");
+    write_and_sync(&path, 0, 2 << 20).unwrap();
+    let group = map_without_daemon(&path).unwrap().to_string();
+    let p = path.to_string_lossy().into_owned();
+    let mut daemon = LoggedDaemon::start(
+        &[
+            "--ebpf",
+            "--interval",
+            "0.2",
+            "0",
+            &group,
+            &p,
+            "path",
+            "1",
+            "1",
+        ],
+        &path,
+        &[],
+    );
+    daemon.wait_for_line("eBPF trigger on");
+    let replacement = dmfs.mount.dir.join("vm.img.new");
+    write_and_sync(&replacement, 0, 3 << 20).unwrap();
+    fs::rename(&replacement, &path).unwrap();
+    daemon.wait_for_line("was replaced");
+    wait_tiled(&dmfs, &path, "vm.img", "replacing the file");
+    append(&path, 4);
+    wait_tiled(&dmfs, &path, "vm.img", "growing the replacement");
+    let log = daemon.stop();
+    assert!(
+        !log.iter().any(|l| l.contains("Exiting")),
+        "{}",
+        log.join("\n")
+    );
+}
