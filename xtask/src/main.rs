@@ -1,4 +1,5 @@
 //! `cargo xtask setup | test | demo | vm`: everything filemapd needs besides cargo itself.
+mod bench;
 mod cmd;
 mod demo;
 mod setup;
@@ -24,6 +25,8 @@ enum Task {
     Test,
     /// Boot the device-mapper VM, map a file with dmstats, show dmstats' and filemapd's view.
     Demo,
+    /// Run the benchmarks in the VM and write BENCHMARKS.md (FILEMAPD_BENCH_STEPS, default 200).
+    Bench,
     /// Run a shell command inside the device-mapper VM.
     Vm {
         /// The command line, run by /bin/sh in the guest.
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Test => test::run(),
         Task::Demo => demo::run(),
+        Task::Bench => bench::run(),
         Task::Vm { command } => setup::run().and_then(|()| {
             let out = vm::run(&command, vm::DEFAULT_TIMEOUT)?;
             print!("{}", out.output);
