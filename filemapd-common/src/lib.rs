@@ -65,6 +65,9 @@ pub mod tracepoint {
     pub const XFS_BMAP_POST_UPDATE: u32 = 6;
     /// Number of entries above.
     pub const COUNT: usize = 7;
+    /// Not a tracepoint: the kprobe on dm-stats' message handler saw another process delete a
+    /// region or rewrite its aux_data (which is where groups live). The event names no inode.
+    pub const DM_STATS_CHANGED: u32 = 0x100;
 }
 
 /// Length of the layout table the kernel half reads.
@@ -76,6 +79,10 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const LOST: &str = "LOST";
     pub const LAYOUTS: &str = "LAYOUTS";
+    /// Global: the loading process's tgid, whose own dm-stats messages are not reported.
+    pub const OWN_TGID: &str = "OWN_TGID";
+    /// The kprobe program, named like the kernel function it probes.
+    pub const DM_STATS_MESSAGE: &str = "dm_stats_message";
 }
 
 #[cfg(feature = "user")]

@@ -2,15 +2,20 @@
 //! record's dev and ino, drops it unless user space put that inode in `WATCHED`, and otherwise
 //! sends the raw start/length fields to user space. Field offsets come from `LAYOUTS`, which
 //! user space fills from tracefs before loading (they differ between kernels); everything else
-//! (units, kinds, what to re-read) is decided in user space.
+//! (units, kinds, what to re-read) is decided in user space. One kprobe more tells user space
+//! when another process deletes a dm-stats region or rewrites its aux_data, so that a deleted
+//! group is noticed without polling.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
-    macros::{map, tracepoint},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes,
+    },
+    macros::{kprobe, map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{ProbeContext, TracePointContext},
 };
 use filemapd_common::{
     ExtentEvent, Field, InodeKey, LAYOUTS_LEN, TracepointLayout, tracepoint as tp,
@@ -42,6 +47,10 @@ static LAYOUTS: [TracepointLayout; LAYOUTS_LEN] = [TracepointLayout {
 }; LAYOUTS_LEN];
 
 const NO_FIELD: Field = Field { offset: 0, size: 0 };
+
+/// The daemon's own tgid: its own region changes are not news to it. Set at load time.
+#[unsafe(no_mangle)]
+static OWN_TGID: u32 = 0;
 
 #[tracepoint]
 pub fn ext4_allocate_blocks(ctx: TracePointContext) -> u32 {
@@ -78,6 +87,59 @@ pub fn xfs_bmap_post_update(ctx: TracePointContext) -> u32 {
     report(&ctx, tp::XFS_BMAP_POST_UPDATE)
 }
 
+/// `int dm_stats_message(struct mapped_device *md, unsigned argc, char **argv, ...)`: every
+/// `@stats_*` message to any dm device passes here. Reports `@stats_delete` and
+/// `@stats_set_aux` from other processes; listing and printing (which every monitor does) are
+/// dropped here, so monitors never wake each other up.
+#[kprobe]
+pub fn dm_stats_message(ctx: ProbeContext) -> u32 {
+    // SAFETY: OWN_TGID is plain data in .rodata that user space sets at load time.
+    let own = unsafe { core::ptr::read_volatile(&OWN_TGID) };
+    if (bpf_get_current_pid_tgid() >> 32) as u32 == own {
+        return 0;
+    }
+    let Some(argv) = ctx.arg::<*const *const u8>(2) else {
+        return 0;
+    };
+    // SAFETY: argv is the kernel's argument vector for this call; the helpers check access.
+    let Ok(word) = (unsafe { bpf_probe_read_kernel(argv) }) else {
+        return 0;
+    };
+    // Zeroed, so that what follows the string's NUL is zero too.
+    let mut text = [0u8; 16];
+    // SAFETY: as above; the helper stops at the buffer's end.
+    if unsafe { bpf_probe_read_kernel_str_bytes(word, &mut text) }.is_err() {
+        return 0;
+    }
+    // Compared as two integers (no memcmp in BPF). dmstats spells messages in lower case.
+    let halves = |t: &[u8; 16]| {
+        let mut head = [0u8; 8];
+        let mut tail = [0u8; 8];
+        head.copy_from_slice(&t[..8]);
+        tail.copy_from_slice(&t[8..]);
+        (u64::from_le_bytes(head), u64::from_le_bytes(tail))
+    };
+    let word = halves(&text);
+    if word != halves(b"@stats_delete\0\0\0") && word != halves(b"@stats_set_aux\0\0") {
+        return 0;
+    }
+    let event = ExtentEvent {
+        key: InodeKey {
+            dev: 0,
+            _pad: 0,
+            ino: 0,
+        },
+        source: tp::DM_STATS_CHANGED,
+        _pad: 0,
+        start: 0,
+        length: 0,
+        // SAFETY: a helper without arguments or preconditions.
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    send(&event);
+    0
+}
+
 #[inline(always)]
 fn report(ctx: &TracePointContext, source: u32) -> u32 {
     // SAFETY: LAYOUTS is plain data in .rodata; volatile keeps the compiler from folding the
@@ -106,13 +168,19 @@ fn report(ctx: &TracePointContext, source: u32) -> u32 {
         // SAFETY: a helper without arguments or preconditions.
         ktime_ns: unsafe { bpf_ktime_get_ns() },
     };
-    if EVENTS.output::<ExtentEvent>(&event, 0).is_err() {
+    send(&event);
+    0
+}
+
+/// Queues an event for user space, or counts it lost when the ring buffer is full.
+#[inline(always)]
+fn send(event: &ExtentEvent) {
+    if EVENTS.output::<ExtentEvent>(event, 0).is_err() {
         if let Some(lost) = LOST.get_ptr_mut(0) {
             // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
             unsafe { *lost += 1 };
         }
     }
-    0
 }
 
 /// Reads an unsigned field of 1, 2, 4 or 8 bytes; 0 when the tracepoint lacks it.

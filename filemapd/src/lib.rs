@@ -8,6 +8,7 @@ pub mod file_device;
 pub mod follow;
 pub mod group;
 pub mod monitor;
+pub mod notify;
 pub mod reconcile;
 pub mod sectors;
 pub mod watch;

@@ -11,6 +11,7 @@ use filemapd::{
     daemonize::daemonize,
     dmstats,
     ebpf::{Hub, Tracer},
+    notify::Notifier,
     fiemap,
     monitor::Monitor,
     sectors::SectorRange,
@@ -187,7 +188,11 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool) -> ExitCode {
                     Ok(tracer) => {
                         let names: Vec<&str> = tracer.attached().iter().map(|t| t.name).collect();
                         log::info!("eBPF trigger on {}", names.join(", "));
-                        monitor.use_ebpf(&Hub::spawn(tracer)).await?;
+                        let notifier = Notifier::spawn_or_warn();
+                        monitor.use_ebpf(&Hub::spawn(tracer), notifier.as_ref()).await?;
+                        if monitor.event_driven() {
+                            log::info!("Waking on events only (no check interval)");
+                        }
                     }
                     Err(e) => {
                         log::warn!("eBPF trigger unavailable ({e:#}): polling every {interval:?}")

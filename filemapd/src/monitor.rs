@@ -18,6 +18,7 @@ use crate::{
     args::{DaemonArgs, FollowMode},
     dmstats::StatsDevice,
     ebpf::{Change, EventFeed, Feed, Hub, Tracepoint},
+    notify::{Notices, Notifier},
     fiemap,
     file_device::{FileId, check_mappable, tracepoint_category},
     follow,
@@ -48,8 +49,13 @@ enum Trigger {
     /// Nothing: every interval, look whether the file changed (lvm2's way).
     Poll,
     /// The kernel: block-allocation tracepoints filtered to the watched inode. The interval
-    /// then only paces the checks for a deleted group or an unlinked file.
-    Ebpf { hub: Hub, feed: EventFeed },
+    /// then only paces the checks for a deleted group or an unlinked file, and not even that
+    /// when the kernel also reports region changes and inotify reports the file's fate.
+    Ebpf {
+        hub: Hub,
+        feed: EventFeed,
+        notices: Option<(Notifier, Notices)>,
+    },
 }
 
 /// The dm devices of the files a process monitors, opened once each (one control descriptor
@@ -74,6 +80,9 @@ const SETTLE: Duration = Duration::from_millis(10);
 /// How many such looks before giving up on an event's range (then the next event or change of
 /// size catches up).
 const SETTLE_TRIES: u32 = 100;
+/// After another process deleted or relabelled regions, how long to let it finish (dmstats
+/// deletes a group region by region) before looking at the group.
+const REGIONS_QUIET: Duration = Duration::from_millis(100);
 
 /// What the last look at the file saw; a change means the regions may be stale.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,8 +181,9 @@ impl Monitor {
     }
 
     /// Switches to the eBPF trigger: the hub's programs now wake this monitor for its inode.
+    /// With `notifier` too (and a hub that sees region changes), nothing else wakes it.
     /// A file on a file system none of the programs watch keeps polling (said once).
-    pub async fn use_ebpf(&mut self, hub: &Hub) -> anyhow::Result<()> {
+    pub async fn use_ebpf(&mut self, hub: &Hub, notifier: Option<&Notifier>) -> anyhow::Result<()> {
         let category = tracepoint_category(&self.file);
         if !category.is_some_and(|c| hub.covers(c)) {
             warn!(
@@ -185,11 +195,25 @@ impl Monitor {
             return Ok(());
         }
         let feed = hub.watch(self.file_id.inode_key()).await?;
+        let notices = match notifier.filter(|_| hub.sees_region_changes()) {
+            Some(notifier) => Some((notifier.clone(), self.notices(notifier)?)),
+            None => None,
+        };
         self.trigger = Trigger::Ebpf {
             hub: hub.clone(),
             feed,
+            notices,
         };
         Ok(())
+    }
+
+    fn notices(&self, notifier: &Notifier) -> anyhow::Result<Notices> {
+        notifier.watch(&self.path, self.mode == FollowMode::Path)
+    }
+
+    /// Whether only events wake this monitor (no interval timer at all).
+    pub fn event_driven(&self) -> bool {
+        matches!(self.trigger, Trigger::Ebpf { notices: Some(_), .. })
     }
 
     /// Descriptors the daemon still needs after detaching.
@@ -205,9 +229,12 @@ impl Monitor {
             };
             self.group_id = group.id;
             if self.mode == FollowMode::Path && self.follow_path()? {
-                if let Trigger::Ebpf { hub, feed } = &mut self.trigger {
+                if let Trigger::Ebpf { hub, feed, notices } = &mut self.trigger {
                     // Dropping the old feed unwatches the old inode.
                     *feed = hub.watch(self.file_id.inode_key()).await?;
+                    if let Some((notifier, notices)) = notices {
+                        *notices = notifier.watch(&self.path, true)?;
+                    }
                 }
                 force = true;
             }
@@ -215,11 +242,11 @@ impl Monitor {
                 return Ok(Exit::NoExtents);
             }
             force = self.wait().await?;
-            if self.mode == FollowMode::Inode
-                && follow::unlinked(&self.file)?
-                && !follow::held_elsewhere(self.file_id)
-            {
-                return Ok(Exit::UnlinkedAndClosed);
+            if self.mode == FollowMode::Inode && follow::unlinked(&self.file)? {
+                if !follow::held_elsewhere(self.file_id) {
+                    return Ok(Exit::UnlinkedAndClosed);
+                }
+                debug!("{} is unlinked but held by another process", self.path.display());
             }
         }
     }
@@ -227,45 +254,86 @@ impl Monitor {
     /// Sleeps until the next check; true when the file must be mapped again whatever its size
     /// says (events arrived, or a recheck after events is due).
     async fn wait(&mut self) -> anyhow::Result<bool> {
-        let recheck_due = self.recheck.map(|(at, _)| at);
-        let deadline = recheck_due.unwrap_or_else(|| Instant::now() + self.interval);
-        let Trigger::Ebpf { feed, .. } = &mut self.trigger else {
-            debug!("Waiting for check interval");
-            tokio::time::sleep_until(deadline.into()).await;
-            return Ok(recheck_due.is_some());
-        };
-        tokio::select! {
-            batch = feed.next() => {
-                let block_size = self.file.metadata()?.blksize();
-                let mut span = Some(self.changed_span.unwrap_or((u64::MAX, 0)));
-                for item in batch? {
-                    let (tp, start, len) = match item {
-                        Feed::Event(event) => match Tracepoint::by_index(event.source) {
-                            Some(tp) => {
-                                let (start, len) = tp.byte_range(event.start, event.length, block_size);
-                                (tp, start, len)
-                            }
-                            None => continue,
-                        },
-                        Feed::Lost => {
-                            span = None;
-                            continue;
-                        }
-                    };
-                    debug!("event {}: {:?} bytes {start}+{len}", tp.name, tp.change);
-                    if tp.change == Change::Allocated && len > 0 {
-                        self.unsettled.push((start, len));
-                    }
-                    // An event without a range means: read the whole file.
-                    span = span.filter(|_| len > 0).map(|(lo, hi)| (lo.min(start), hi.max(start.saturating_add(len))));
+        loop {
+            let recheck_due = self.recheck.map(|(at, _)| at);
+            let event_driven = self.event_driven();
+            let deadline = recheck_due
+                .or((!event_driven).then(|| Instant::now() + self.interval))
+                .map(tokio::time::Instant::from);
+            let Trigger::Ebpf { feed, notices, .. } = &mut self.trigger else {
+                debug!("Waiting for check interval");
+                tokio::time::sleep_until(deadline.expect("polling has a deadline")).await;
+                return Ok(recheck_due.is_some());
+            };
+            let notice = async {
+                match notices {
+                    Some((_, notices)) => notices.next().await,
+                    None => std::future::pending().await,
                 }
-                self.changed_span = if self.extents.is_empty() { None } else { span };
-                // Removals fire before the blocks go: look once more shortly after.
-                self.recheck = Some((Instant::now() + SETTLE, SETTLE_TRIES));
-                Ok(true)
+            };
+            let timer = async {
+                match deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                batch = feed.next() => {
+                    if self.take_events(batch?)? {
+                        return Ok(true);
+                    }
+                    // Only region changes: wait for them to be over.
+                }
+                notice = notice => {
+                    notice?;
+                    return Ok(false);
+                }
+                _ = timer => return Ok(recheck_due.is_some()),
             }
-            _ = tokio::time::sleep_until(deadline.into()) => Ok(recheck_due.is_some()),
         }
+    }
+
+    /// Notes what a batch of events says changed, and arranges a look shortly after. Returns
+    /// whether the file's extents may have changed (not only other processes' regions).
+    fn take_events(&mut self, batch: Vec<Feed>) -> anyhow::Result<bool> {
+        let block_size = self.file.metadata()?.blksize();
+        let mut span = Some(self.changed_span.unwrap_or((u64::MAX, 0)));
+        let mut extents_changed = false;
+        for item in batch {
+            let event = match item {
+                Feed::Event(event) => event,
+                Feed::Lost => {
+                    span = None; // events were lost: read the whole file
+                    extents_changed = true;
+                    continue;
+                }
+                Feed::RegionsChanged => {
+                    // Look again once the other process is done (each change postpones).
+                    let at = Instant::now() + REGIONS_QUIET;
+                    self.recheck = Some((at, SETTLE_TRIES));
+                    continue;
+                }
+            };
+            let Some(tp) = Tracepoint::by_index(event.source) else {
+                continue;
+            };
+            extents_changed = true;
+            let (start, len) = tp.byte_range(event.start, event.length, block_size);
+            debug!("event {}: {:?} bytes {start}+{len}", tp.name, tp.change);
+            if tp.change == Change::Allocated && len > 0 {
+                self.unsettled.push((start, len));
+            }
+            // An event without a range means: read the whole file.
+            span = span
+                .filter(|_| len > 0)
+                .map(|(lo, hi)| (lo.min(start), hi.max(start.saturating_add(len))));
+        }
+        if extents_changed {
+            self.changed_span = if self.extents.is_empty() { None } else { span };
+            // Removals fire before the blocks go: look once more shortly after.
+            self.recheck = Some((Instant::now() + SETTLE, SETTLE_TRIES));
+        }
+        Ok(extents_changed)
     }
 
     /// Whether the file may have new or fewer extents since the last update.

@@ -13,6 +13,7 @@ use crate::{
     args::FollowMode,
     ebpf::{Hub, Tracer},
     monitor::{Devices, Monitor},
+    notify::Notifier,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,8 +78,9 @@ pub async fn run(entries: &[WatchEntry], interval: Duration, ebpf: bool) -> anyh
         match Tracer::load(2 * entries.len() as u32) {
             Ok(tracer) => {
                 let hub = Hub::spawn(tracer);
+                let notifier = Notifier::spawn_or_warn();
                 for monitor in &mut monitors {
-                    monitor.use_ebpf(&hub).await?;
+                    monitor.use_ebpf(&hub, notifier.as_ref()).await?;
                 }
                 info!("eBPF trigger for {} file(s)", monitors.len());
             }

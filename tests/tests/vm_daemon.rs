@@ -1161,3 +1161,61 @@ fn ebpf_path_mode_watches_the_replacement() {
         log.join("\n")
     );
 }
+
+/// With eBPF, an idle daemon sleeps until something happens: the kernel reports another
+/// process's region changes (kprobe on dm_stats_message) and inotify the file's unlinking and
+/// closing, so even with an hour-long interval a deleted group and an unlinked, closed file
+/// each stop their daemon at once.
+#[test]
+fn ebpf_daemons_wake_on_events_only() {
+    require_device_mapper();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let (first, second) = (dmfs.mount.dir.join("a.img"), dmfs.mount.dir.join("b.img"));
+    let mut daemons = Vec::new();
+    for path in [&first, &second] {
+        write_and_sync(path, 0, 1 << 20).unwrap();
+        let group = map_without_daemon(path).unwrap().to_string();
+        let p = path.to_string_lossy().into_owned();
+        let args = ["--ebpf", "--interval", "3600", "0", &group, &p, "inode", "1", "2"];
+        let mut daemon = LoggedDaemon::start(&args, path, &[]);
+        daemon.wait_for_line("Waking on events only");
+        wait_tiled(&dmfs, path, &path.file_name().unwrap().to_string_lossy(), "start-up");
+        daemons.push((daemon, group));
+    }
+
+    // Idle: not one context switch while nothing happens.
+    let pid = daemons[0].0.child.id();
+    let switches = || {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches"))
+            .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
+            .sum::<u64>()
+    };
+    let before = switches();
+    std::thread::sleep(Duration::from_secs(2)); // the interval measured, not a synchronisation
+    assert_eq!(switches(), before, "the idle eBPF daemon woke up");
+
+    // A user deletes the first group: its daemon stops, the other one keeps running.
+    run("dmstats", &["delete", "--groupid", &daemons[0].1, &dmfs.name]).unwrap();
+    assert!(
+        wait_for_exit(pid as i32, EXIT).unwrap(),
+        "the daemon outlived its group"
+    );
+    let (mut second_daemon, _) = daemons.pop().unwrap();
+    assert!(second_daemon.child.try_wait().unwrap().is_none(), "the other daemon stopped");
+
+    // The second file is unlinked while another process holds it, then closed.
+    let mut holder = Command::new("sleep")
+        .arg("600")
+        .stdin(fs::File::open(&second).unwrap())
+        .spawn()
+        .unwrap();
+    fs::remove_file(&second).unwrap();
+    second_daemon.wait_for_line("is unlinked but held");
+    assert!(second_daemon.child.try_wait().unwrap().is_none(), "exited while held");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    second_daemon.wait_for_line("File unlinked and closed: exiting.");
+}

@@ -37,7 +37,19 @@ pub fn run() -> anyhow::Result<()> {
     nightly_with_rust_src()?;
     bpf_linker()?;
     virtme_ng()?;
+    tracefs()?;
     Ok(())
+}
+
+/// The host eBPF tests read tracepoint formats from tracefs, which not every machine mounts
+/// (this one's /sys/kernel/tracing comes empty).
+fn tracefs() -> anyhow::Result<()> {
+    let dir = Path::new("/sys/kernel/tracing");
+    if dir.join("events").is_dir() || Path::new("/sys/kernel/debug/tracing/events").is_dir() {
+        return Ok(());
+    }
+    eprintln!("setup: mounting tracefs on {}", dir.display());
+    cmd::status(Command::new("mount").args(["-t", "tracefs", "nodev"]).arg(dir))
 }
 
 fn require_root() -> anyhow::Result<()> {

@@ -2,16 +2,18 @@
 //! watch list, and routes each event to the feed of the file it concerns.
 use std::collections::HashMap;
 
-use filemapd_common::{ExtentEvent, InodeKey};
+use filemapd_common::{ExtentEvent, InodeKey, tracepoint};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Tracer;
 
-/// What a feed receives: events for its inode, or word that events were lost (map everything).
+/// What a feed receives: events for its inode, word that events were lost (map everything),
+/// or word that another process deleted or relabelled dm-stats regions (check the group).
 #[derive(Clone, Copy, Debug)]
 pub enum Feed {
     Event(ExtentEvent),
     Lost,
+    RegionsChanged,
 }
 
 enum Request {
@@ -29,6 +31,7 @@ pub struct Hub {
     requests: mpsc::UnboundedSender<Request>,
     /// Tracepoint categories ("ext4", "xfs") with at least one attached program.
     categories: Vec<&'static str>,
+    sees_region_changes: bool,
 }
 
 /// One file's share of the events.
@@ -44,12 +47,19 @@ impl Hub {
         let mut categories: Vec<&'static str> =
             tracer.attached().iter().map(|t| t.category).collect();
         categories.dedup();
+        let sees_region_changes = tracer.sees_region_changes();
         let (requests, receiver) = mpsc::unbounded_channel();
         tokio::spawn(route(tracer, receiver));
         Hub {
             requests,
             categories,
+            sees_region_changes,
         }
+    }
+
+    /// Whether feeds hear of other processes' region changes (so groups need no polling).
+    pub fn sees_region_changes(&self) -> bool {
+        self.sees_region_changes
     }
 
     /// Whether any program watches file systems of this tracepoint category.
@@ -126,7 +136,11 @@ async fn route(mut tracer: Tracer, mut requests: mpsc::UnboundedReceiver<Request
                     }
                 };
                 for event in events {
-                    if let Some(feed) = feeds.get(&event.key) {
+                    if event.source == tracepoint::DM_STATS_CHANGED {
+                        for feed in feeds.values() {
+                            let _ = feed.send(Feed::RegionsChanged);
+                        }
+                    } else if let Some(feed) = feeds.get(&event.key) {
                         let _ = feed.send(Feed::Event(event));
                     }
                 }

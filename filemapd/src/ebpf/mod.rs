@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{KProbe, TracePoint},
 };
 use filemapd_common::{ExtentEvent, InodeKey, LAYOUTS_LEN, TracepointLayout, names};
 use tokio::io::unix::AsyncFd;
@@ -27,6 +27,8 @@ pub struct Tracer {
     events: AsyncFd<RingBuf<MapData>>,
     lost: PerCpuArray<MapData, u64>,
     attached: Vec<&'static Tracepoint>,
+    /// Whether the kprobe on dm-stats' message handler is attached (it needs dm loaded).
+    sees_region_changes: bool,
 }
 
 impl Tracer {
@@ -48,8 +50,10 @@ impl Tracer {
         if present.is_empty() {
             bail!("none of filemapd's tracepoints exist on this kernel");
         }
+        let own_tgid = std::process::id();
         let mut ebpf = EbpfLoader::new()
             .override_global(names::LAYOUTS, &layouts, true)
+            .override_global(names::OWN_TGID, &own_tgid, true)
             .map_max_entries(names::WATCHED, max_watched.max(1))
             .load(OBJECT)
             .context("loading the eBPF object")?;
@@ -67,6 +71,13 @@ impl Tracer {
                 .with_context(|| format!("attaching to {}:{}", tp.category, tp.name))?;
             attached.push(tp);
         }
+        let sees_region_changes = match attach_region_probe(&mut ebpf) {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!("no word of other processes' region changes: {e:#}");
+                false
+            }
+        };
         let watched = HashMap::try_from(take_map(&mut ebpf, names::WATCHED)?)?;
         let ring = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)?;
         // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, so the fd stays
@@ -80,7 +91,14 @@ impl Tracer {
             events,
             lost,
             attached,
+            sees_region_changes,
         })
+    }
+
+    /// Whether events report other processes deleting regions or rewriting their aux_data
+    /// (so a deleted group needs no polling to be noticed).
+    pub fn sees_region_changes(&self) -> bool {
+        self.sees_region_changes
     }
 
     /// The tracepoints the programs are attached to.
@@ -125,6 +143,19 @@ impl Tracer {
     pub fn lost_events(&self) -> anyhow::Result<u64> {
         Ok(self.lost.get(&0, 0)?.iter().sum())
     }
+}
+
+/// The kprobe on `dm_stats_message` (in dm-mod, so absent where device-mapper is not loaded).
+fn attach_region_probe(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let program: &mut KProbe = ebpf
+        .program_mut(names::DM_STATS_MESSAGE)
+        .context("the kprobe program is missing from the eBPF object")?
+        .try_into()?;
+    program.load().context("verifying the dm-stats kprobe")?;
+    program
+        .attach(names::DM_STATS_MESSAGE, 0)
+        .context("attaching a kprobe to dm_stats_message")?;
+    Ok(())
 }
 
 /// The layout of one tracepoint on this kernel, `None` when the kernel lacks the tracepoint.

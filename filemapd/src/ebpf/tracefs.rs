@@ -20,7 +20,10 @@ pub fn root() -> anyhow::Result<PathBuf> {
             return Ok(dir);
         }
     }
-    bail!("tracefs is not mounted (looked in /sys/kernel/tracing and /sys/kernel/debug/tracing)")
+    bail!(
+        "tracefs is not mounted (looked in /sys/kernel/tracing and /sys/kernel/debug/tracing; \
+         `mount -t tracefs nodev /sys/kernel/tracing` mounts it)"
+    )
 }
 
 /// The `format` description of one tracepoint, or `None` when the kernel lacks it.

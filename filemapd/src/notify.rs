@@ -1,0 +1,164 @@
+//! Word from inotify that a monitored file may have been unlinked, closed by its last other
+//! holder, or replaced at its path: with it (and eBPF for extents and groups) an idle
+//! monitor needs no timer at all. One inotify instance serves every monitor of the process
+//! (the kernel allows only 128 instances per user by default; watch mode has thousands of
+//! files), and a task routes its events to the monitors by watch descriptor.
+use std::{
+    collections::HashMap,
+    os::fd::AsFd as _,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context as _;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+/// On the file: its link count changed (unlink), someone closed it, it went away or moved.
+const FILE_EVENTS: AddWatchFlags = AddWatchFlags::IN_ATTRIB
+    .union(AddWatchFlags::IN_CLOSE_WRITE)
+    .union(AddWatchFlags::IN_CLOSE_NOWRITE)
+    .union(AddWatchFlags::IN_DELETE_SELF)
+    .union(AddWatchFlags::IN_MOVE_SELF);
+/// On its directory (path mode): a name appeared or went.
+const DIR_EVENTS: AddWatchFlags = AddWatchFlags::IN_CREATE
+    .union(AddWatchFlags::IN_MOVED_TO)
+    .union(AddWatchFlags::IN_DELETE)
+    .union(AddWatchFlags::IN_MOVED_FROM);
+
+/// Who listens on each watch descriptor. One inode has one descriptor however often it is
+/// watched (two monitors in one directory share it), hence the lists.
+type Routes = HashMap<WatchDescriptor, Vec<(u64, mpsc::UnboundedSender<()>)>>;
+
+/// A handle on the process's inotify instance; cheap to clone.
+#[derive(Clone)]
+pub struct Notifier {
+    inotify: Arc<AsyncFd<Instance>>,
+    routes: Arc<Mutex<(Routes, u64)>>,
+}
+
+/// One monitor's notices: each `next` returns once something happened to its file.
+pub struct Notices {
+    notifier: Notifier,
+    watches: Vec<(WatchDescriptor, u64)>,
+    receiver: mpsc::UnboundedReceiver<()>,
+}
+
+impl Notifier {
+    /// Opens the inotify instance and starts the routing task on the current runtime.
+    pub fn spawn() -> anyhow::Result<Self> {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .context("creating an inotify instance")?;
+        // SAFETY: Instance owns the inotify descriptor and lives inside the AsyncFd, so the
+        // descriptor stays open for as long as it is registered.
+        let inotify = unsafe { AsyncFd::register(Instance(inotify)) }
+            .context("registering inotify with tokio")?;
+        let notifier = Notifier {
+            inotify: Arc::new(inotify),
+            routes: Arc::default(),
+        };
+        tokio::spawn(route(notifier.clone()));
+        Ok(notifier)
+    }
+
+    /// [`Notifier::spawn`], or `None` after a warning: monitors then check every interval.
+    pub fn spawn_or_warn() -> Option<Self> {
+        Self::spawn()
+            .inspect_err(|e| log::warn!("{e:#}: checking files every interval"))
+            .ok()
+    }
+
+    /// Notices for the file at `path` (and, when `with_directory`, for names coming and going
+    /// in its directory).
+    pub fn watch(&self, path: &Path, with_directory: bool) -> anyhow::Result<Notices> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let mut notices = Notices {
+            notifier: self.clone(),
+            watches: Vec::new(),
+            receiver,
+        };
+        let mut targets = vec![(path, FILE_EVENTS)];
+        if with_directory {
+            targets.push((path.parent().unwrap_or(Path::new("/")), DIR_EVENTS));
+        }
+        for (target, events) in targets {
+            let wd = self
+                .inotify
+                .get_ref()
+                .0
+                .add_watch(target, events)
+                .with_context(|| format!("inotify watch on {}", target.display()))?;
+            let mut routes = self.routes.lock().unwrap();
+            let (table, next_id) = &mut *routes;
+            *next_id += 1;
+            table.entry(wd).or_default().push((*next_id, sender.clone()));
+            notices.watches.push((wd, *next_id));
+        }
+        Ok(notices)
+    }
+}
+
+impl Notices {
+    /// Waits for the next notice and swallows any that queued behind it.
+    pub async fn next(&mut self) -> anyhow::Result<()> {
+        self.receiver
+            .recv()
+            .await
+            .context("the inotify task has stopped")?;
+        while self.receiver.try_recv().is_ok() {}
+        Ok(())
+    }
+}
+
+impl Drop for Notices {
+    fn drop(&mut self) {
+        let mut routes = self.notifier.routes.lock().unwrap();
+        for (wd, id) in self.watches.drain(..) {
+            let Some(listeners) = routes.0.get_mut(&wd) else {
+                continue;
+            };
+            listeners.retain(|(other, _)| *other != id);
+            if listeners.is_empty() {
+                routes.0.remove(&wd);
+                // Fails harmlessly when the kernel already dropped it (file deleted).
+                let _ = self.notifier.inotify.get_ref().0.rm_watch(wd);
+            }
+        }
+    }
+}
+
+async fn route(notifier: Notifier) {
+    loop {
+        let mut guard = match notifier.inotify.readable().await {
+            Ok(guard) => guard,
+            Err(e) => {
+                log::error!("waiting for inotify: {e}");
+                return;
+            }
+        };
+        match notifier.inotify.get_ref().0.read_events() {
+            Ok(events) => {
+                let routes = notifier.routes.lock().unwrap();
+                for event in events {
+                    for (_, listener) in routes.0.get(&event.wd).into_iter().flatten() {
+                        let _ = listener.send(());
+                    }
+                }
+            }
+            Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+            Err(e) => {
+                log::error!("reading inotify events: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// nix's Inotify offers AsFd only; tokio's AsyncFd wants AsRawFd.
+struct Instance(Inotify);
+
+impl std::os::fd::AsRawFd for Instance {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}

@@ -1,0 +1,114 @@
+//! What a monitor process costs while it runs: CPU time, wake-ups and memory, read from
+//! /proc; and the idle benchmark built on it.
+use std::{fs, os::unix::fs::MetadataExt as _, time::Duration};
+
+use filemapd::dmstats::StatsDevice;
+use filemapd_tests::{DmFs, FsKind, map_without_daemon, write_and_sync};
+
+use crate::{
+    monitors::{Monitor, wait_covered},
+    report,
+};
+
+/// A process's use of the machine so far, summed over its threads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Usage {
+    /// Time on a CPU (schedstat: nanoseconds, not clock ticks).
+    pub cpu: Duration,
+    /// Context switches, voluntary or not: each is a wake-up of one of its threads.
+    pub wakeups: u64,
+}
+
+impl Usage {
+    pub fn of(pid: u32) -> Usage {
+        let mut usage = Usage::default();
+        for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let dir = task.unwrap().path();
+            let (Ok(schedstat), Ok(status)) = (
+                fs::read_to_string(dir.join("schedstat")),
+                fs::read_to_string(dir.join("status")),
+            ) else {
+                continue; // the thread ended meanwhile
+            };
+            let ns: u64 = schedstat
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            usage.cpu += Duration::from_nanos(ns);
+            usage.wakeups += ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"]
+                .iter()
+                .map(|key| status_field(&status, key))
+                .sum::<u64>();
+        }
+        usage
+    }
+
+    pub fn since(self, earlier: Usage) -> Usage {
+        Usage {
+            cpu: self.cpu.saturating_sub(earlier.cpu),
+            wakeups: self.wakeups.saturating_sub(earlier.wakeups),
+        }
+    }
+
+    /// Scaled to one minute of `over`.
+    pub fn per_minute(self, over: Duration) -> (f64, f64) {
+        let scale = 60.0 / over.as_secs_f64();
+        (
+            self.wakeups as f64 * scale,
+            self.cpu.as_secs_f64() * 1000.0 * scale,
+        )
+    }
+}
+
+/// Resident memory in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    status_field(
+        &fs::read_to_string(format!("/proc/{pid}/status")).unwrap(),
+        "VmRSS:",
+    )
+}
+
+fn status_field(status: &str, key: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One monitored file nobody touches: what each monitor costs per minute.
+pub fn run_idle(over: Duration) {
+    report!("## Idle cost: one monitored file, nobody writes\n");
+    report!(
+        "ext4, a 1 MiB file in its group; each monitor runs with its defaults for {} s after its",
+        over.as_secs()
+    );
+    report!("first map. Wake-ups: context switches of all its threads (/proc/PID/task/*/status);");
+    report!("CPU: time on a CPU (/proc/PID/task/*/schedstat). Both scaled to one minute.\n");
+    report!("| monitor | wake-ups / min | CPU ms / min | RSS KiB |");
+    report!("| --- | --- | --- | --- |");
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let path = dmfs.mount.dir.join("idle.img");
+    write_and_sync(&path, 0, 1 << 20).unwrap();
+    let device = StatsDevice::for_st_dev(fs::metadata(&path).unwrap().dev()).unwrap();
+    for monitor in Monitor::ALL {
+        let group = map_without_daemon(&path).unwrap();
+        let running = monitor.spawn(&path, group).unwrap();
+        assert!(wait_covered(&device, &path, 0, 1 << 20, Duration::from_secs(60)));
+        // Past start-up (eBPF loading, the first map) before counting.
+        std::thread::sleep(Duration::from_secs(2));
+        let before = Usage::of(running.pid());
+        std::thread::sleep(over);
+        let (wakeups, cpu_ms) = Usage::of(running.pid()).since(before).per_minute(over);
+        report!(
+            "| {} | {wakeups:.0} | {cpu_ms:.1} | {} |",
+            monitor.name(),
+            rss_kib(running.pid())
+        );
+        drop(running);
+        filemapd_tests::run("dmstats", &["delete", "--allregions", &dmfs.name]).unwrap();
+    }
+    report!("\nTarget: 0 wake-ups for filemapd --ebpf.\n");
+}
