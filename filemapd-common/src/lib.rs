@@ -65,8 +65,8 @@ pub mod tracepoint {
     pub const XFS_BMAP_POST_UPDATE: u32 = 6;
     /// Number of entries above.
     pub const COUNT: usize = 7;
-    /// Not a tracepoint: the kprobe on dm-stats' message handler saw another process delete a
-    /// region or rewrite its aux_data (which is where groups live). The event names no inode.
+    /// Not a tracepoint: dm-stats' message handler returned from another process's deletion
+    /// of a region or rewrite of its aux_data (where groups live). The event names no inode.
     pub const DM_STATS_CHANGED: u32 = 0x100;
 }
 
@@ -81,8 +81,11 @@ pub mod names {
     pub const LAYOUTS: &str = "LAYOUTS";
     /// Global: the loading process's tgid, whose own dm-stats messages are not reported.
     pub const OWN_TGID: &str = "OWN_TGID";
-    /// The kprobe program, named like the kernel function it probes.
+    /// The kernel function whose calls tell of region changes, and the name of the kprobe
+    /// program on its entry.
     pub const DM_STATS_MESSAGE: &str = "dm_stats_message";
+    /// The kretprobe program on its return (when the change has been made).
+    pub const DM_STATS_MESSAGE_RETURN: &str = "dm_stats_message_return";
 }
 
 #[cfg(feature = "user")]

@@ -13,9 +13,9 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes,
     },
-    macros::{kprobe, map, tracepoint},
+    macros::{kprobe, kretprobe, map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
-    programs::{ProbeContext, TracePointContext},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use filemapd_common::{
     ExtentEvent, Field, InodeKey, LAYOUTS_LEN, TracepointLayout, tracepoint as tp,
@@ -47,6 +47,11 @@ static LAYOUTS: [TracepointLayout; LAYOUTS_LEN] = [TracepointLayout {
 }; LAYOUTS_LEN];
 
 const NO_FIELD: Field = Field { offset: 0, size: 0 };
+
+/// Threads inside dm_stats_message with a message that changes regions (entry seen, return
+/// not yet): the return reports it, once the change is made.
+#[map]
+static CHANGING: HashMap<u64, u8> = HashMap::with_max_entries(256, 0);
 
 /// The daemon's own tgid: its own region changes are not news to it. Set at load time.
 #[unsafe(no_mangle)]
@@ -88,39 +93,25 @@ pub fn xfs_bmap_post_update(ctx: TracePointContext) -> u32 {
 }
 
 /// `int dm_stats_message(struct mapped_device *md, unsigned argc, char **argv, ...)`: every
-/// `@stats_*` message to any dm device passes here. Reports `@stats_delete` and
-/// `@stats_set_aux` from other processes; listing and printing (which every monitor does) are
-/// dropped here, so monitors never wake each other up.
+/// `@stats_*` message to any dm device passes here. Notes `@stats_delete` and `@stats_set_aux`
+/// from other processes; listing and printing (which every monitor does) are dropped here, so
+/// monitors never wake each other up.
 #[kprobe]
 pub fn dm_stats_message(ctx: ProbeContext) -> u32 {
+    let thread = bpf_get_current_pid_tgid();
     // SAFETY: OWN_TGID is plain data in .rodata that user space sets at load time.
     let own = unsafe { core::ptr::read_volatile(&OWN_TGID) };
-    if (bpf_get_current_pid_tgid() >> 32) as u32 == own {
+    if (thread >> 32) as u32 == own || !changes_regions(&ctx) {
         return 0;
     }
-    let Some(argv) = ctx.arg::<*const *const u8>(2) else {
-        return 0;
-    };
-    // SAFETY: argv is the kernel's argument vector for this call; the helpers check access.
-    let Ok(word) = (unsafe { bpf_probe_read_kernel(argv) }) else {
-        return 0;
-    };
-    // Zeroed, so that what follows the string's NUL is zero too.
-    let mut text = [0u8; 16];
-    // SAFETY: as above; the helper stops at the buffer's end.
-    if unsafe { bpf_probe_read_kernel_str_bytes(word, &mut text) }.is_err() {
-        return 0;
-    }
-    // Compared as two integers (no memcmp in BPF). dmstats spells messages in lower case.
-    let halves = |t: &[u8; 16]| {
-        let mut head = [0u8; 8];
-        let mut tail = [0u8; 8];
-        head.copy_from_slice(&t[..8]);
-        tail.copy_from_slice(&t[8..]);
-        (u64::from_le_bytes(head), u64::from_le_bytes(tail))
-    };
-    let word = halves(&text);
-    if word != halves(b"@stats_delete\0\0\0") && word != halves(b"@stats_set_aux\0\0") {
+    let _ = CHANGING.insert(&thread, &1, 0);
+    0
+}
+
+/// The return of a noted call: the region change is made, tell user space.
+#[kretprobe]
+pub fn dm_stats_message_return(_ctx: RetProbeContext) -> u32 {
+    if CHANGING.remove(&bpf_get_current_pid_tgid()).is_err() {
         return 0;
     }
     let event = ExtentEvent {
@@ -138,6 +129,34 @@ pub fn dm_stats_message(ctx: ProbeContext) -> u32 {
     };
     send(&event);
     0
+}
+
+/// Whether the message (argv[0]) is `@stats_delete` or `@stats_set_aux`.
+#[inline(always)]
+fn changes_regions(ctx: &ProbeContext) -> bool {
+    let Some(argv) = ctx.arg::<*const *const u8>(2) else {
+        return false;
+    };
+    // SAFETY: argv is the kernel's argument vector for this call; the helpers check access.
+    let Ok(word) = (unsafe { bpf_probe_read_kernel(argv) }) else {
+        return false;
+    };
+    // Zeroed, so that what follows the string's NUL is zero too.
+    let mut text = [0u8; 16];
+    // SAFETY: as above; the helper stops at the buffer's end.
+    if unsafe { bpf_probe_read_kernel_str_bytes(word, &mut text) }.is_err() {
+        return false;
+    }
+    // Compared as two integers (no memcmp in BPF). dmstats spells messages in lower case.
+    let halves = |t: &[u8; 16]| {
+        let mut head = [0u8; 8];
+        let mut tail = [0u8; 8];
+        head.copy_from_slice(&t[..8]);
+        tail.copy_from_slice(&t[8..]);
+        (u64::from_le_bytes(head), u64::from_le_bytes(tail))
+    };
+    let word = halves(&text);
+    word == halves(b"@stats_delete\0\0\0") || word == halves(b"@stats_set_aux\0\0")
 }
 
 #[inline(always)]

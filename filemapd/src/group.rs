@@ -77,12 +77,15 @@ pub struct Group {
 }
 
 /// What an update did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Outcome {
     /// The group's id afterwards (changes when the leader's extent went away).
     pub group_id: u64,
     pub created: usize,
     pub deleted: usize,
+    /// The group as the update left it, as a fresh listing would show it (as long as no other
+    /// process changed regions meanwhile).
+    pub group: Group,
 }
 
 impl Group {
@@ -153,16 +156,15 @@ impl Group {
             self.members.iter().map(|r| (r.id, r.range)).collect();
         let plan = reconcile::plan(&members, extents, mapping);
         let marker = pending_marker(self.id);
-        let mut outcome = Outcome {
-            group_id: self.id,
-            ..Outcome::default()
-        };
+        let mut after = self.clone();
+        after.strays.clear();
+        let mut deleted = 0;
 
         for stray in &self.strays {
             device
                 .delete(stray.id)
                 .with_context(|| format!("deleting stray region {}", stray.id))?;
-            outcome.deleted += 1;
+            deleted += 1;
         }
         // Kept members still marked from an interrupted pass.
         for region in self
@@ -172,10 +174,16 @@ impl Group {
         {
             if plan.keep.binary_search(&region.id).is_ok() {
                 device.set_aux(region.id, "-")?;
+                after.relabel(region.id, "-");
             }
         }
         if plan.is_noop() {
-            return Ok(outcome);
+            return Ok(Outcome {
+                group_id: self.id,
+                created: 0,
+                deleted,
+                group: after,
+            });
         }
         if plan.keep.is_empty() && plan.create.is_empty() {
             bail!(
@@ -231,9 +239,43 @@ impl Group {
         for &id in created.iter().filter(|&&id| id != leader) {
             device.set_aux(id, "-")?;
         }
-        outcome.group_id = leader;
-        outcome.created = created.len();
-        outcome.deleted += plan.delete.len();
-        Ok(outcome)
+
+        // What the device now holds, as a listing would show it.
+        after
+            .members
+            .retain(|r| plan.keep.binary_search(&r.id).is_ok());
+        after.members.extend(
+            created
+                .iter()
+                .zip(&plan.create)
+                .map(|(&id, &range)| Region {
+                    id,
+                    range,
+                    step: range.len,
+                    program_id: self.program_id.clone(),
+                    aux_data: "-".to_string(),
+                    settings: self.settings.clone(),
+                }),
+        );
+        after.members.sort_unstable_by_key(|r| r.id);
+        if leader != self.id {
+            after.relabel(self.id, &moved_marker(&descriptor));
+        }
+        after.relabel(leader, &descriptor.to_string());
+        after.id = leader;
+        after.descriptor = descriptor;
+        Ok(Outcome {
+            group_id: leader,
+            created: created.len(),
+            deleted: deleted + plan.delete.len(),
+            group: after,
+        })
+    }
+
+    /// Notes a member's new aux_data.
+    fn relabel(&mut self, id: u64, aux_data: &str) {
+        if let Some(region) = self.members.iter_mut().find(|r| r.id == id) {
+            region.aux_data = aux_data.to_string();
+        }
     }
 }

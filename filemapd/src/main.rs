@@ -11,9 +11,9 @@ use filemapd::{
     daemonize::daemonize,
     dmstats,
     ebpf::{Hub, Tracer},
-    notify::Notifier,
     fiemap,
     monitor::Monitor,
+    notify::Notifier,
     sectors::SectorRange,
 };
 
@@ -189,7 +189,9 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool) -> ExitCode {
                         let names: Vec<&str> = tracer.attached().iter().map(|t| t.name).collect();
                         log::info!("eBPF trigger on {}", names.join(", "));
                         let notifier = Notifier::spawn_or_warn();
-                        monitor.use_ebpf(&Hub::spawn(tracer), notifier.as_ref()).await?;
+                        monitor
+                            .use_ebpf(&Hub::spawn(tracer), notifier.as_ref())
+                            .await?;
                         if monitor.event_driven() {
                             log::info!("Waking on events only (no check interval)");
                         }

@@ -18,12 +18,13 @@ use crate::{
     args::{DaemonArgs, FollowMode},
     dmstats::StatsDevice,
     ebpf::{Change, EventFeed, Feed, Hub, Tracepoint},
-    notify::{Notices, Notifier},
     fiemap,
     file_device::{FileId, check_mappable, tracepoint_category},
     follow,
     group::Group,
+    notify::{Notices, Notifier},
     reconcile::Mapping,
+    sectors::SectorRange,
 };
 
 /// Why the daemon stopped without an error.
@@ -111,6 +112,10 @@ pub struct Monitor {
     extents: Vec<fiemap::Extent>,
     /// Logical bytes that events said changed since the last full read; `None`: read it all.
     changed_span: Option<(u64, u64)>,
+    /// Event-driven mode: the group as this monitor's last pass left it. Trusted until the
+    /// kernel reports another process's region change (or lost events), so that a pass
+    /// needs no `@stats_list` (costly for a file with thousands of regions).
+    known_group: Option<Group>,
 }
 
 impl Monitor {
@@ -173,6 +178,7 @@ impl Monitor {
             recheck: None,
             extents: Vec::new(),
             changed_span: None,
+            known_group: None,
         })
     }
 
@@ -213,7 +219,13 @@ impl Monitor {
 
     /// Whether only events wake this monitor (no interval timer at all).
     pub fn event_driven(&self) -> bool {
-        matches!(self.trigger, Trigger::Ebpf { notices: Some(_), .. })
+        matches!(
+            self.trigger,
+            Trigger::Ebpf {
+                notices: Some(_),
+                ..
+            }
+        )
     }
 
     /// Descriptors the daemon still needs after detaching.
@@ -224,8 +236,12 @@ impl Monitor {
     pub async fn run(&mut self) -> anyhow::Result<Exit> {
         let mut force = true;
         loop {
-            let Some(group) = Group::load(&self.device, self.group_id)? else {
-                return Ok(Exit::GroupRemoved);
+            let group = match self.known_group.take() {
+                Some(group) => group,
+                None => match Group::load(&self.device, self.group_id)? {
+                    Some(group) => group,
+                    None => return Ok(Exit::GroupRemoved),
+                },
             };
             self.group_id = group.id;
             if self.mode == FollowMode::Path && self.follow_path()? {
@@ -238,15 +254,26 @@ impl Monitor {
                 }
                 force = true;
             }
-            if (force || self.changed()?) && self.update(&group)? {
-                return Ok(Exit::NoExtents);
+            let group = if force || self.changed()? {
+                match self.update(group)? {
+                    Some(group) => group,
+                    None => return Ok(Exit::NoExtents),
+                }
+            } else {
+                group
+            };
+            if self.event_driven() {
+                self.known_group = Some(group);
             }
             force = self.wait().await?;
             if self.mode == FollowMode::Inode && follow::unlinked(&self.file)? {
                 if !follow::held_elsewhere(self.file_id) {
                     return Ok(Exit::UnlinkedAndClosed);
                 }
-                debug!("{} is unlinked but held by another process", self.path.display());
+                debug!(
+                    "{} is unlinked but held by another process",
+                    self.path.display()
+                );
             }
         }
     }
@@ -303,11 +330,14 @@ impl Monitor {
             let event = match item {
                 Feed::Event(event) => event,
                 Feed::Lost => {
-                    span = None; // events were lost: read the whole file
+                    // Events were lost: read the whole file, list the group again.
+                    span = None;
                     extents_changed = true;
+                    self.known_group = None;
                     continue;
                 }
                 Feed::RegionsChanged => {
+                    self.known_group = None;
                     // Look again once the other process is done (each change postpones).
                     let at = Instant::now() + REGIONS_QUIET;
                     self.recheck = Some((at, SETTLE_TRIES));
@@ -348,8 +378,9 @@ impl Monitor {
         Ok(last.unplaced || (m.blocks(), m.size()) != (last.blocks, last.size))
     }
 
-    /// Maps the file and brings the group in line. Returns true when the file has no extents.
-    fn update(&mut self, group: &Group) -> anyhow::Result<bool> {
+    /// Maps the file and brings the group in line. Returns the group as it is now, or `None`
+    /// when the file has no extents.
+    fn update(&mut self, group: Group) -> anyhow::Result<Option<Group>> {
         let metadata = self
             .file
             .metadata()
@@ -385,14 +416,15 @@ impl Monitor {
         if self.recheck.is_none() {
             self.changed_span = None;
         }
-        self.extents = extents.clone();
-        if extents.is_empty() {
-            return Ok(true);
-        }
         let ranges = fiemap::device_ranges(&extents);
+        let no_extents = extents.is_empty();
+        self.extents = extents;
+        if no_extents {
+            return Ok(None);
+        }
         if ranges.is_empty() {
             debug!("all extents of {} await allocation", self.path.display());
-            return Ok(false);
+            return Ok(Some(group));
         }
         // With eBPF, regions tile the extents so that a growing extent keeps its counters;
         // polling keeps lvm2's one region per extent.
@@ -411,7 +443,32 @@ impl Monitor {
             );
         }
         self.group_id = outcome.group_id;
-        Ok(false)
+        if cfg!(debug_assertions) && self.event_driven() {
+            self.check_remembered(&outcome.group)?;
+        }
+        Ok(Some(outcome.group))
+    }
+
+    /// Debug builds (the tests): the group as an update says it left it must be what the
+    /// kernel lists, or the event-driven mode, which lists only after others' changes, drifts.
+    fn check_remembered(&self, remembered: &Group) -> anyhow::Result<()> {
+        let listed = Group::load(&self.device, remembered.id)?;
+        let fields = |g: &Group| -> Vec<(u64, SectorRange, String)> {
+            g.members
+                .iter()
+                .map(|r| (r.id, r.range, r.aux_data.clone()))
+                .collect()
+        };
+        let listed = listed.as_ref().map(fields);
+        if listed.as_ref() != Some(&fields(remembered)) {
+            bail!(
+                "group {} as remembered differs from the kernel's listing:\n  remembered {:?}\n  listed {:?}",
+                remembered.id,
+                fields(remembered),
+                listed
+            );
+        }
+        Ok(())
     }
 
     /// Drops the event ranges FIEMAP now shows placed, and decides whether to look again soon.

@@ -91,7 +91,10 @@ impl Notifier {
             let mut routes = self.routes.lock().unwrap();
             let (table, next_id) = &mut *routes;
             *next_id += 1;
-            table.entry(wd).or_default().push((*next_id, sender.clone()));
+            table
+                .entry(wd)
+                .or_default()
+                .push((*next_id, sender.clone()));
             notices.watches.push((wd, *next_id));
         }
         Ok(notices)

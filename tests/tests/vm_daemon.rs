@@ -1176,10 +1176,25 @@ fn ebpf_daemons_wake_on_events_only() {
         write_and_sync(path, 0, 1 << 20).unwrap();
         let group = map_without_daemon(path).unwrap().to_string();
         let p = path.to_string_lossy().into_owned();
-        let args = ["--ebpf", "--interval", "3600", "0", &group, &p, "inode", "1", "2"];
+        let args = [
+            "--ebpf",
+            "--interval",
+            "3600",
+            "0",
+            &group,
+            &p,
+            "inode",
+            "1",
+            "2",
+        ];
         let mut daemon = LoggedDaemon::start(&args, path, &[]);
         daemon.wait_for_line("Waking on events only");
-        wait_tiled(&dmfs, path, &path.file_name().unwrap().to_string_lossy(), "start-up");
+        wait_tiled(
+            &dmfs,
+            path,
+            &path.file_name().unwrap().to_string_lossy(),
+            "start-up",
+        );
         daemons.push((daemon, group));
     }
 
@@ -1198,13 +1213,20 @@ fn ebpf_daemons_wake_on_events_only() {
     assert_eq!(switches(), before, "the idle eBPF daemon woke up");
 
     // A user deletes the first group: its daemon stops, the other one keeps running.
-    run("dmstats", &["delete", "--groupid", &daemons[0].1, &dmfs.name]).unwrap();
+    run(
+        "dmstats",
+        &["delete", "--groupid", &daemons[0].1, &dmfs.name],
+    )
+    .unwrap();
     assert!(
         wait_for_exit(pid as i32, EXIT).unwrap(),
         "the daemon outlived its group"
     );
     let (mut second_daemon, _) = daemons.pop().unwrap();
-    assert!(second_daemon.child.try_wait().unwrap().is_none(), "the other daemon stopped");
+    assert!(
+        second_daemon.child.try_wait().unwrap().is_none(),
+        "the other daemon stopped"
+    );
 
     // The second file is unlinked while another process holds it, then closed.
     let mut holder = Command::new("sleep")
@@ -1214,7 +1236,10 @@ fn ebpf_daemons_wake_on_events_only() {
         .unwrap();
     fs::remove_file(&second).unwrap();
     second_daemon.wait_for_line("is unlinked but held");
-    assert!(second_daemon.child.try_wait().unwrap().is_none(), "exited while held");
+    assert!(
+        second_daemon.child.try_wait().unwrap().is_none(),
+        "exited while held"
+    );
     holder.kill().unwrap();
     holder.wait().unwrap();
     second_daemon.wait_for_line("File unlinked and closed: exiting.");

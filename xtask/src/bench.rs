@@ -8,6 +8,7 @@ use anyhow::{Context as _, ensure};
 use crate::{cmd, setup, vm};
 
 const DEFAULT_STEPS: u32 = 200;
+const VM_MEMORY: &str = "8G";
 
 pub fn run() -> anyhow::Result<()> {
     setup::run()?;
@@ -35,15 +36,21 @@ pub fn run() -> anyhow::Result<()> {
     )?;
     let bench = root.join("target/release/filemapd-bench");
     // Knobs pass through to the benchmark (fewer steps, a subset) for quick looks.
-    let knobs: String = ["FILEMAPD_BENCH_ONLY", "FILEMAPD_BENCH_IDLE_SECS", "FILEMAPD_BENCH_ROUNDS"]
-        .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v} ")))
-        .collect();
+    let knobs: String = [
+        "FILEMAPD_BENCH_ONLY",
+        "FILEMAPD_BENCH_IDLE_SECS",
+        "FILEMAPD_BENCH_ROUNDS",
+    ]
+    .iter()
+    .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v} ")))
+    .collect();
     let script = format!(
         "modprobe -a dm_mod loop && uname -r && FILEMAPD_BENCH_STEPS={steps} {knobs}{}",
         bench.display()
     );
-    let out = vm::run(&script, Duration::from_secs(3 * 3600))?;
+    // dm-stats caps its memory at a quarter of the RAM: with 2 GiB, dmstats itself fails to
+    // map a 10,000-extent file ("Cannot allocate memory" at region 7805).
+    let out = vm::run_with_memory(&script, Duration::from_secs(3 * 3600), VM_MEMORY)?;
     ensure!(
         out.success,
         "the benchmark failed in the VM ({}):\n{}",
@@ -94,7 +101,7 @@ fn header(command: &str, guest_kernel: &str) -> anyhow::Result<String> {
     writeln!(
         md,
         "Machine: {cpus} host cores, host kernel {}; the benchmark runs in a VM under qemu software \
-         emulation (TCG, 2 vCPUs, 2 GiB), guest kernel {guest_kernel} (Debian), dm-linear over a loop \
+         emulation (TCG, 2 vCPUs, {VM_MEMORY} of RAM), guest kernel {guest_kernel} (Debian), dm-linear over a loop \
          device over tmpfs. Absolute times are those of an emulated machine: compare rows, not \
          numbers with other machines.\n",
         host_kernel.trim()

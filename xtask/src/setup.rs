@@ -49,7 +49,11 @@ fn tracefs() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("setup: mounting tracefs on {}", dir.display());
-    cmd::status(Command::new("mount").args(["-t", "tracefs", "nodev"]).arg(dir))
+    cmd::status(
+        Command::new("mount")
+            .args(["-t", "tracefs", "nodev"])
+            .arg(dir),
+    )
 }
 
 fn require_root() -> anyhow::Result<()> {

@@ -62,9 +62,14 @@ pub fn kernel() -> anyhow::Result<PathBuf> {
         .context("no kernel in /boot (linux-image-amd64): run `cargo xtask setup`")
 }
 
-/// Boots the VM, runs `script` with /bin/sh inside it, and returns its status and output.
-/// Kills the whole qemu process group if it is not done within `timeout`.
+/// Boots the VM (2 GiB), runs `script` with /bin/sh inside it, and returns its status and
+/// output. Kills the whole qemu process group if it is not done within `timeout`.
 pub fn run(script: &str, timeout: Duration) -> anyhow::Result<VmOutput> {
+    run_with_memory(script, timeout, "2G")
+}
+
+/// [`run`] with another amount of guest memory (vng's `--memory` syntax).
+pub fn run_with_memory(script: &str, timeout: Duration, memory: &str) -> anyhow::Result<VmOutput> {
     let kernel = kernel()?;
     if !crate::cmd::succeeds(Command::new("qemu-system-x86_64").arg("--version")) {
         bail!("qemu-system-x86_64 not found: run `cargo xtask setup`");
@@ -72,7 +77,7 @@ pub fn run(script: &str, timeout: Duration) -> anyhow::Result<VmOutput> {
     kill_vm_on_signals();
     let started = Instant::now();
     let mut child = Command::new(crate::setup::vng())
-        .args(["--disable-kvm", "--memory", "2G", "--cpus", "2", "--run"])
+        .args(["--disable-kvm", "--memory", memory, "--cpus", "2", "--run"])
         .arg(&kernel)
         .arg("--exec")
         .arg(script)

@@ -145,16 +145,21 @@ impl Tracer {
     }
 }
 
-/// The kprobe on `dm_stats_message` (in dm-mod, so absent where device-mapper is not loaded).
+/// The probes on `dm_stats_message`'s entry and return (in dm-mod, so absent where
+/// device-mapper is not loaded).
 fn attach_region_probe(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    let program: &mut KProbe = ebpf
-        .program_mut(names::DM_STATS_MESSAGE)
-        .context("the kprobe program is missing from the eBPF object")?
-        .try_into()?;
-    program.load().context("verifying the dm-stats kprobe")?;
-    program
-        .attach(names::DM_STATS_MESSAGE, 0)
-        .context("attaching a kprobe to dm_stats_message")?;
+    for name in [names::DM_STATS_MESSAGE, names::DM_STATS_MESSAGE_RETURN] {
+        let program: &mut KProbe = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} is missing from the eBPF object"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("verifying program {name}"))?;
+        program
+            .attach(names::DM_STATS_MESSAGE, 0)
+            .with_context(|| format!("attaching {name} to {}", names::DM_STATS_MESSAGE))?;
+    }
     Ok(())
 }
 

@@ -49,16 +49,30 @@ struct Outcome {
 
 pub fn run(rounds: usize) {
     report!("## Counted IO and writer interference\n");
-    report!("A 1 MiB file is mapped (`dmstats create --filemap --nomonitor`), a monitor started, and a");
-    report!("writer adds 256 MiB. Counted: sectors written per the group's regions (`@stats_print`)");
-    report!("once the monitor has caught up, as a share of the bytes the writer wrote. Throughput:");
-    report!("the writer's bytes over its time including the final fsync. Each cell is the median of");
-    report!("{rounds} rounds; each round runs every monitor once, in a rotating order, on a fresh file");
+    report!(
+        "A 1 MiB file is mapped (`dmstats create --filemap --nomonitor`), a monitor started, and a"
+    );
+    report!(
+        "writer adds 256 MiB. Counted: sectors written per the group's regions (`@stats_print`)"
+    );
+    report!(
+        "once the monitor has caught up, as a share of the bytes the writer wrote. Throughput:"
+    );
+    report!(
+        "the writer's bytes over its time including the final fsync. Each cell is the median of"
+    );
+    report!(
+        "{rounds} rounds; each round runs every monitor once, in a rotating order, on a fresh file"
+    );
     report!("system. Slowdown: against no monitor, from the medians.\n");
     report!("| fs | writer | monitor | MiB written | MB/s | slowdown | counted | uncounted |");
     report!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    const MONITORS: [Monitor; 4] =
-        [Monitor::Nothing, Monitor::Ebpf, Monitor::Polling, Monitor::Reference];
+    const MONITORS: [Monitor; 4] = [
+        Monitor::Nothing,
+        Monitor::Ebpf,
+        Monitor::Polling,
+        Monitor::Reference,
+    ];
     for fs_kind in [FsKind::Ext4, FsKind::Xfs] {
         for pattern in [Pattern::Sequential, Pattern::VmImage] {
             let mut outcomes: Vec<Vec<Outcome>> = MONITORS.iter().map(|_| Vec::new()).collect();
@@ -70,13 +84,15 @@ pub fn run(rounds: usize) {
             }
             let rate = |o: &Outcome| o.written as f64 / o.elapsed.as_secs_f64() / 1e6;
             let share = |o: &Outcome| {
-                o.counted.map(|sectors| (sectors * 512) as f64 / o.written as f64 * 100.0)
+                o.counted
+                    .map(|sectors| (sectors * 512) as f64 / o.written as f64 * 100.0)
             };
             let median_rate = |runs: &[Outcome]| median(runs.iter().map(rate).collect());
             let baseline = median_rate(&outcomes[0]);
             for (monitor, runs) in MONITORS.iter().zip(&outcomes) {
                 let rate = median_rate(runs);
-                let (counted, uncounted) = match runs.iter().map(share).collect::<Option<Vec<_>>>() {
+                let (counted, uncounted) = match runs.iter().map(share).collect::<Option<Vec<_>>>()
+                {
                     Some(shares) => {
                         let counted = median(shares);
                         let behind = runs.iter().filter(|o| !o.covered).count();
@@ -85,7 +101,10 @@ pub fn run(rounds: usize) {
                         } else {
                             String::new()
                         };
-                        (format!("{counted:.1} %{note}"), format!("{:.1} %", 100.0 - counted))
+                        (
+                            format!("{counted:.1} %{note}"),
+                            format!("{:.1} %", 100.0 - counted),
+                        )
                     }
                     None => ("—".into(), "—".into()),
                 };
@@ -115,7 +134,13 @@ fn measure(fs_kind: FsKind, pattern: Pattern, monitor: Monitor) -> Outcome {
     let group = map_without_daemon(&path).unwrap();
     let device = StatsDevice::for_st_dev(fs::metadata(&path).unwrap().dev()).unwrap();
     let running = monitor.spawn(&path, group);
-    assert!(wait_covered(&device, &path, 0, HEAD, Duration::from_secs(60)));
+    assert!(wait_covered(
+        &device,
+        &path,
+        0,
+        HEAD,
+        Duration::from_secs(60)
+    ));
     let started = Instant::now();
     let written = match pattern {
         Pattern::Sequential => write_sequential(&path),
@@ -123,8 +148,8 @@ fn measure(fs_kind: FsKind, pattern: Pattern, monitor: Monitor) -> Outcome {
     };
     let elapsed = started.elapsed();
     let size = fs::metadata(&path).unwrap().size();
-    let covered = running.is_some()
-        && wait_covered(&device, &path, 0, size, Duration::from_secs(30));
+    let covered =
+        running.is_some() && wait_covered(&device, &path, 0, size, Duration::from_secs(30));
     let counted = running.map(|monitor| {
         drop(monitor);
         group_sectors_written(&device)

@@ -22,9 +22,16 @@ const MISS_AFTER: Duration = Duration::from_secs(2);
 
 pub fn run(steps: usize) {
     report!("## Latency: writer's fsync returned → a region covers the new data\n");
-    report!("Each step appends 64 KiB with fsync after a random pause of 0–500 ms, then the benchmark");
-    report!("spins on `@stats_list` until group regions cover every sector FIEMAP shows for the new");
-    report!("bytes. \"missed\": steps whose new data had no region {} s after fsync (counted as", MISS_AFTER.as_secs());
+    report!(
+        "Each step appends 64 KiB with fsync after a random pause of 0–500 ms, then the benchmark"
+    );
+    report!(
+        "spins on `@stats_list` until group regions cover every sector FIEMAP shows for the new"
+    );
+    report!(
+        "bytes. \"missed\": steps whose new data had no region {} s after fsync (counted as",
+        MISS_AFTER.as_secs()
+    );
     report!("slower than any measured step in the percentiles).\n");
     report!("| fs | monitor | steps | missed | median ms | p99 ms | max ms |");
     report!("| --- | --- | --- | --- | --- | --- | --- |");

@@ -43,7 +43,10 @@ fn main() {
         counted::run(env_number("FILEMAPD_BENCH_ROUNDS", 3));
     }
     if wanted("idle") {
-        usage::run_idle(Duration::from_secs(env_number("FILEMAPD_BENCH_IDLE_SECS", 60)));
+        usage::run_idle(Duration::from_secs(env_number(
+            "FILEMAPD_BENCH_IDLE_SECS",
+            60,
+        )));
     }
     if wanted("scale") {
         scale::run();

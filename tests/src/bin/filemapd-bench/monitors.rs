@@ -91,7 +91,8 @@ pub fn wait_covered(
     let wanted = fiemap::device_ranges(&fiemap::read_extents(&file, offset, len, false).unwrap());
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        let mut regions: Vec<SectorRange> = device.list(None).unwrap().iter().map(|r| r.range).collect();
+        let mut regions: Vec<SectorRange> =
+            device.list(None).unwrap().iter().map(|r| r.range).collect();
         regions.sort_unstable_by_key(|r| r.start);
         if !wanted.is_empty() && wanted.iter().all(|w| covered(w, &regions)) {
             return true;

@@ -42,12 +42,20 @@ fn many_extents() {
         punch(&file, (2 * i + 1) * BLOCK, BLOCK);
     }
     file.sync_all().unwrap();
-    let extents = fiemap::read_extents(&file, 0, u64::MAX, false).unwrap().len();
+    let extents = fiemap::read_extents(&file, 0, u64::MAX, false)
+        .unwrap()
+        .len();
     let device = StatsDevice::for_st_dev(file.metadata().unwrap().dev()).unwrap();
     let size = file.metadata().unwrap().size();
-    report!("ext4, {extents} extents. Each of {UPDATES} updates writes one 4 KiB block into a hole");
-    report!("(with fsync). Latency: fsync → a region covers it. CPU: the monitor's CPU time from the");
-    report!("write until a second after the region appeared, idle polling included (see idle CPU).\n");
+    report!(
+        "ext4, {extents} extents. Each of {UPDATES} updates writes one 4 KiB block into a hole"
+    );
+    report!(
+        "(with fsync). Latency: fsync → a region covers it. CPU: the monitor's CPU time from the"
+    );
+    report!(
+        "write until a second after the region appeared, idle polling included (see idle CPU).\n"
+    );
     report!("| monitor | first map s | idle CPU ms/s | median update ms | median update CPU ms |");
     report!("| --- | --- | --- | --- | --- |");
     let mut medians = Vec::new();
@@ -55,7 +63,13 @@ fn many_extents() {
         let group = map_without_daemon(&path).unwrap();
         let started = Instant::now();
         let running = monitor.spawn(&path, group).unwrap();
-        assert!(wait_covered(&device, &path, 0, size, Duration::from_secs(600)));
+        assert!(wait_covered(
+            &device,
+            &path,
+            0,
+            size,
+            Duration::from_secs(600)
+        ));
         let first_map = started.elapsed();
         let idle = cpu_over(&running, Duration::from_secs(5));
         let (mut latencies, mut cpus) = (Vec::new(), Vec::new());
@@ -64,7 +78,13 @@ fn many_extents() {
             let before = Usage::of(running.pid());
             write_and_sync(&path, hole, BLOCK as usize).unwrap();
             let synced = Instant::now();
-            assert!(wait_covered(&device, &path, hole, BLOCK, Duration::from_secs(60)));
+            assert!(wait_covered(
+                &device,
+                &path,
+                hole,
+                BLOCK,
+                Duration::from_secs(60)
+            ));
             latencies.push(synced.elapsed());
             std::thread::sleep(Duration::from_secs(1));
             cpus.push(Usage::of(running.pid()).since(before).cpu);
@@ -104,7 +124,12 @@ fn punch(file: &fs::File, offset: u64, len: u64) {
             len as i64,
         )
     };
-    assert_eq!(rc, 0, "punching a hole: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "punching a hole: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 fn cpu_over(running: &Running, over: Duration) -> Duration {
@@ -131,13 +156,23 @@ fn many_files(files: usize) {
     }
     let config_path = dir.join("watch.conf");
     fs::write(&config_path, config).unwrap();
-    report!("ext4, {files} files of 64 KiB, one group each. Measured once every file has had its first");
-    report!("map (the process has been quiet... or busy, for polling) for 10 s, over 30 s. Latency: one");
+    report!(
+        "ext4, {files} files of 64 KiB, one group each. Measured once every file has had its first"
+    );
+    report!(
+        "map (the process has been quiet... or busy, for polling) for 10 s, over 30 s. Latency: one"
+    );
     report!("file grows by 64 KiB (fsync) → a region covers it, median of 5.\n");
     report!("| mode | RSS MiB | wake-ups / min | CPU ms / min | growth latency ms |");
     report!("| --- | --- | --- | --- | --- |");
     for ebpf in [true, false] {
-        let mut cmd = Command::new(std::env::current_exe().unwrap().parent().unwrap().join("filemapd"));
+        let mut cmd = Command::new(
+            std::env::current_exe()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .join("filemapd"),
+        );
         cmd.args(["watch", "--config", &config_path.to_string_lossy()]);
         if ebpf {
             cmd.arg("--ebpf");
@@ -162,8 +197,16 @@ fn many_files(files: usize) {
         let median = quantile(&latencies, 0.5);
         report!(
             "| {} | {rss:.1} | {wakeups:.0} | {cpu_ms:.0} | {} |",
-            if ebpf { "filemapd watch --ebpf" } else { "filemapd watch (polling, 0.5 s)" },
-            if median == Duration::MAX { "> 30000".to_string() } else { format!("{:.1}", ms(median)) }
+            if ebpf {
+                "filemapd watch --ebpf"
+            } else {
+                "filemapd watch (polling, 0.5 s)"
+            },
+            if median == Duration::MAX {
+                "> 30000".to_string()
+            } else {
+                format!("{:.1}", ms(median))
+            }
         );
     }
     report!("\nTarget: < 50 MiB RSS for 1,000 files.\n");

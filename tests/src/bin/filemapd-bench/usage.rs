@@ -96,7 +96,13 @@ pub fn run_idle(over: Duration) {
     for monitor in Monitor::ALL {
         let group = map_without_daemon(&path).unwrap();
         let running = monitor.spawn(&path, group).unwrap();
-        assert!(wait_covered(&device, &path, 0, 1 << 20, Duration::from_secs(60)));
+        assert!(wait_covered(
+            &device,
+            &path,
+            0,
+            1 << 20,
+            Duration::from_secs(60)
+        ));
         // Past start-up (eBPF loading, the first map) before counting.
         std::thread::sleep(Duration::from_secs(2));
         let before = Usage::of(running.pid());
