@@ -124,7 +124,15 @@ impl Group {
 
     /// Lists the device and finds the group, following (and finishing) a leader move.
     pub fn load(device: &StatsDevice, group_id: u64) -> anyhow::Result<Option<Group>> {
-        let regions = device.list(None)?;
+        Self::load_from(device, &device.list(None)?, group_id)
+    }
+
+    /// [`Group::load`] from a listing already taken (one listing can serve many groups).
+    pub fn load_from(
+        device: &StatsDevice,
+        regions: &[Region],
+        group_id: u64,
+    ) -> anyhow::Result<Option<Group>> {
         let Some(old) = regions.iter().find(|r| r.id == group_id) else {
             return Ok(None);
         };
@@ -139,15 +147,16 @@ impl Group {
                 device.set_aux(new_id, &descriptor.to_string())?;
                 return Group::load(device, new_id);
             }
-            return Group::find(&regions, new_id);
+            return Group::find(regions, new_id);
         }
-        Group::find(&regions, group_id)
+        Group::find(regions, group_id)
     }
 
     /// Changes the group's regions to cover `extents`; regions outside the group are never
     /// touched. On a failure half-way, the regions created so far are deleted again.
+    /// Consumes the group (it may have thousands of members): the outcome carries it on.
     pub fn update(
-        &self,
+        self,
         device: &StatsDevice,
         extents: &[SectorRange],
         mapping: Mapping,
@@ -156,8 +165,6 @@ impl Group {
             self.members.iter().map(|r| (r.id, r.range)).collect();
         let plan = reconcile::plan(&members, extents, mapping);
         let marker = pending_marker(self.id);
-        let mut after = self.clone();
-        after.strays.clear();
         let mut deleted = 0;
 
         for stray in &self.strays {
@@ -167,6 +174,7 @@ impl Group {
             deleted += 1;
         }
         // Kept members still marked from an interrupted pass.
+        let mut unmarked = Vec::new();
         for region in self
             .members
             .iter()
@@ -174,7 +182,7 @@ impl Group {
         {
             if plan.keep.binary_search(&region.id).is_ok() {
                 device.set_aux(region.id, "-")?;
-                after.relabel(region.id, "-");
+                unmarked.push(region.id);
             }
         }
         if plan.is_noop() {
@@ -182,7 +190,7 @@ impl Group {
                 group_id: self.id,
                 created: 0,
                 deleted,
-                group: after,
+                group: self.as_left(&unmarked),
             });
         }
         if plan.keep.is_empty() && plan.create.is_empty() {
@@ -241,6 +249,8 @@ impl Group {
         }
 
         // What the device now holds, as a listing would show it.
+        let old_id = self.id;
+        let mut after = self.as_left(&unmarked);
         after
             .members
             .retain(|r| plan.keep.binary_search(&r.id).is_ok());
@@ -252,14 +262,14 @@ impl Group {
                     id,
                     range,
                     step: range.len,
-                    program_id: self.program_id.clone(),
+                    program_id: after.program_id.clone(),
                     aux_data: "-".to_string(),
-                    settings: self.settings.clone(),
+                    settings: after.settings.clone(),
                 }),
         );
         after.members.sort_unstable_by_key(|r| r.id);
-        if leader != self.id {
-            after.relabel(self.id, &moved_marker(&descriptor));
+        if leader != old_id {
+            after.relabel(old_id, &moved_marker(&descriptor));
         }
         after.relabel(leader, &descriptor.to_string());
         after.id = leader;
@@ -270,6 +280,15 @@ impl Group {
             deleted: deleted + plan.delete.len(),
             group: after,
         })
+    }
+
+    /// The group after its strays were deleted and `unmarked` members relabelled `-`.
+    fn as_left(mut self, unmarked: &[u64]) -> Group {
+        self.strays.clear();
+        for &id in unmarked {
+            self.relabel(id, "-");
+        }
+        self
     }
 
     /// Notes a member's new aux_data.

@@ -16,7 +16,7 @@ use log::{debug, info, warn};
 
 use crate::{
     args::{DaemonArgs, FollowMode},
-    dmstats::StatsDevice,
+    dmstats::{StatsDevice, region::Region},
     ebpf::{Change, EventFeed, Feed, Hub, Tracepoint},
     fiemap,
     file_device::{FileId, check_mappable, tracepoint_category},
@@ -60,18 +60,30 @@ enum Trigger {
 }
 
 /// The dm devices of the files a process monitors, opened once each (one control descriptor
-/// and one place to list regions per device, however many files live on it).
+/// per device, however many files live on it), and each device's region listing as it was
+/// when the monitors started: a thousand files on one device need one `@stats_list`, not a
+/// thousand.
 #[derive(Default)]
-pub struct Devices(HashMap<u64, Arc<StatsDevice>>);
+pub struct Devices(HashMap<u64, (Arc<StatsDevice>, Option<Vec<Region>>)>);
 
 impl Devices {
     pub fn for_st_dev(&mut self, st_dev: u64) -> anyhow::Result<Arc<StatsDevice>> {
-        if let Some(device) = self.0.get(&st_dev) {
+        if let Some((device, _)) = self.0.get(&st_dev) {
             return Ok(Arc::clone(device));
         }
         let device = Arc::new(StatsDevice::for_st_dev(st_dev)?);
-        self.0.insert(st_dev, Arc::clone(&device));
+        self.0.insert(st_dev, (Arc::clone(&device), None));
         Ok(device)
+    }
+
+    /// The group as the start-up listing of its device shows it.
+    fn group_at_start(&mut self, st_dev: u64, group_id: u64) -> anyhow::Result<Option<Group>> {
+        let device = self.for_st_dev(st_dev)?;
+        let (_, listing) = self.0.get_mut(&st_dev).expect("opened above");
+        if listing.is_none() {
+            *listing = Some(device.list(None)?);
+        }
+        Group::load_from(&device, listing.as_deref().unwrap_or_default(), group_id)
     }
 }
 
@@ -112,9 +124,10 @@ pub struct Monitor {
     extents: Vec<fiemap::Extent>,
     /// Logical bytes that events said changed since the last full read; `None`: read it all.
     changed_span: Option<(u64, u64)>,
-    /// Event-driven mode: the group as this monitor's last pass left it. Trusted until the
-    /// kernel reports another process's region change (or lost events), so that a pass
-    /// needs no `@stats_list` (costly for a file with thousands of regions).
+    /// The group as found at start-up for the first pass; afterwards, in event-driven mode
+    /// only, as the last pass left it. Trusted until the kernel reports another process's
+    /// region change (or lost events), so that a pass needs no `@stats_list` (costly for a
+    /// file with thousands of regions). Polling lists every pass, as lvm2 does.
     known_group: Option<Group>,
 }
 
@@ -161,9 +174,9 @@ impl Monitor {
         let device = devices
             .for_st_dev(metadata.dev())
             .with_context(|| format!("{} is not on a device-mapper device", path.display()))?;
-        if Group::load(&device, group_id)?.is_none() {
+        let Some(group) = devices.group_at_start(metadata.dev(), group_id)? else {
             bail!("group {group_id} does not exist on {}", device.name());
-        }
+        };
         Ok(Self {
             path: path.to_path_buf(),
             mode,
@@ -178,7 +191,8 @@ impl Monitor {
             recheck: None,
             extents: Vec::new(),
             changed_span: None,
-            known_group: None,
+            // The first pass starts from the group just found.
+            known_group: Some(group),
         })
     }
 

@@ -737,6 +737,25 @@ impl LoggedDaemon {
         }
     }
 
+    /// `filemapd --ebpf --interval 3600` in inode mode, foreground: an hour-long interval, so
+    /// that only events can make it act in time.
+    fn ebpf_inode(file: &Path, group: &str, verbose: u8) -> Self {
+        let p = file.to_string_lossy().into_owned();
+        let verbose = verbose.to_string();
+        let args = [
+            "--ebpf",
+            "--interval",
+            "3600",
+            "0",
+            group,
+            &p,
+            "inode",
+            "1",
+            &verbose,
+        ];
+        Self::start(&args, file, &[])
+    }
+
     /// Blocks until a log line containing `text` arrives (the daemon's own event).
     fn wait_for_line(&mut self, text: &str) {
         loop {
@@ -782,21 +801,7 @@ fn ebpf_updates_without_waiting_for_the_interval(fs_kind: FsKind) {
     write_and_sync(&path, 0, 2 << 20).unwrap();
     let group = map_without_daemon(&path).unwrap().to_string();
     let p = path.to_string_lossy().into_owned();
-    let mut daemon = LoggedDaemon::start(
-        &[
-            "--ebpf",
-            "--interval",
-            "3600",
-            "0",
-            &group,
-            &p,
-            "inode",
-            "1",
-            "2",
-        ],
-        &path,
-        &[],
-    );
+    let mut daemon = LoggedDaemon::ebpf_inode(&path, &group, 2);
     daemon.wait_for_line("eBPF trigger on");
     wait_tiled(&dmfs, &path, "vm.img", "start-up"); // the first pass maps the file
 
@@ -954,21 +959,7 @@ fn growth_keeps_the_counters(fs_kind: FsKind) {
     write_and_sync(&path, 0, 2 << 20).unwrap();
     let group = map_without_daemon(&path).unwrap().to_string();
     let p = path.to_string_lossy().into_owned();
-    let mut daemon = LoggedDaemon::start(
-        &[
-            "--ebpf",
-            "--interval",
-            "3600",
-            "0",
-            &group,
-            &p,
-            "inode",
-            "1",
-            "1",
-        ],
-        &path,
-        &[],
-    );
+    let mut daemon = LoggedDaemon::ebpf_inode(&path, &group, 1);
     daemon.wait_for_line("eBPF trigger on");
     wait_tiled(&dmfs, &path, "vm.img", "start-up");
 
@@ -1175,19 +1166,7 @@ fn ebpf_daemons_wake_on_events_only() {
     for path in [&first, &second] {
         write_and_sync(path, 0, 1 << 20).unwrap();
         let group = map_without_daemon(path).unwrap().to_string();
-        let p = path.to_string_lossy().into_owned();
-        let args = [
-            "--ebpf",
-            "--interval",
-            "3600",
-            "0",
-            &group,
-            &p,
-            "inode",
-            "1",
-            "2",
-        ];
-        let mut daemon = LoggedDaemon::start(&args, path, &[]);
+        let mut daemon = LoggedDaemon::ebpf_inode(path, &group, 2);
         daemon.wait_for_line("Waking on events only");
         wait_tiled(
             &dmfs,

@@ -61,6 +61,22 @@ impl Usage {
     }
 }
 
+/// Waits until the process is past its start-up work: until it used under 2 % of a CPU over
+/// two seconds, or `limit` passed (a polling monitor may never be that quiet). Returns how
+/// long it took, or `None` at the limit.
+pub fn quiet(pid: u32, limit: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    let window = Duration::from_secs(2);
+    while started.elapsed() < limit {
+        let before = Usage::of(pid);
+        std::thread::sleep(window);
+        if Usage::of(pid).since(before).cpu < window / 50 {
+            return Some(started.elapsed());
+        }
+    }
+    None
+}
+
 /// Resident memory in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     status_field(
@@ -104,7 +120,7 @@ pub fn run_idle(over: Duration) {
             Duration::from_secs(60)
         ));
         // Past start-up (eBPF loading, the first map) before counting.
-        std::thread::sleep(Duration::from_secs(2));
+        quiet(running.pid(), Duration::from_secs(10));
         let before = Usage::of(running.pid());
         std::thread::sleep(over);
         let (wakeups, cpu_ms) = Usage::of(running.pid()).since(before).per_minute(over);
