@@ -190,7 +190,7 @@ impl Group {
                 group_id: self.id,
                 created: 0,
                 deleted,
-                group: self.as_left(&unmarked),
+                group: self.into_left(&unmarked),
             });
         }
         if plan.keep.is_empty() && plan.create.is_empty() {
@@ -250,7 +250,7 @@ impl Group {
 
         // What the device now holds, as a listing would show it.
         let old_id = self.id;
-        let mut after = self.as_left(&unmarked);
+        let mut after = self.into_left(&unmarked);
         after
             .members
             .retain(|r| plan.keep.binary_search(&r.id).is_ok());
@@ -283,7 +283,7 @@ impl Group {
     }
 
     /// The group after its strays were deleted and `unmarked` members relabelled `-`.
-    fn as_left(mut self, unmarked: &[u64]) -> Group {
+    fn into_left(mut self, unmarked: &[u64]) -> Group {
         self.strays.clear();
         for &id in unmarked {
             self.relabel(id, "-");
