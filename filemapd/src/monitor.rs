@@ -129,6 +129,8 @@ pub struct Monitor {
     /// region change (or lost events), so that a pass needs no `@stats_list` (costly for a
     /// file with thousands of regions). Polling lists every pass, as lvm2 does.
     known_group: Option<Group>,
+    /// Whether an update has run (the start-up group was never reconciled with `extents`).
+    first_done: bool,
 }
 
 impl Monitor {
@@ -193,6 +195,7 @@ impl Monitor {
             changed_span: None,
             // The first pass starts from the group just found.
             known_group: Some(group),
+            first_done: false,
         })
     }
 
@@ -250,6 +253,7 @@ impl Monitor {
     pub async fn run(&mut self) -> anyhow::Result<Exit> {
         let mut force = true;
         loop {
+            let remembered = self.known_group.is_some();
             let group = match self.known_group.take() {
                 Some(group) => group,
                 None => match Group::load(&self.device, self.group_id)? {
@@ -269,7 +273,7 @@ impl Monitor {
                 force = true;
             }
             let group = if force || self.changed()? {
-                match self.update(group)? {
+                match self.update(group, remembered)? {
                     Some(group) => group,
                     None => return Ok(Exit::NoExtents),
                 }
@@ -393,8 +397,8 @@ impl Monitor {
     }
 
     /// Maps the file and brings the group in line. Returns the group as it is now, or `None`
-    /// when the file has no extents.
-    fn update(&mut self, group: Group) -> anyhow::Result<Option<Group>> {
+    /// when the file has no extents. `remembered`: the group is as the last update left it.
+    fn update(&mut self, group: Group, remembered: bool) -> anyhow::Result<Option<Group>> {
         let metadata = self
             .file
             .metadata()
@@ -430,6 +434,12 @@ impl Monitor {
         if self.recheck.is_none() {
             self.changed_span = None;
         }
+        // The group was brought in line with these very extents last time: nothing to do
+        // (the common case while an event's extent settles; saves walking thousands of them).
+        if remembered && self.first_done && extents == self.extents {
+            return Ok(Some(group));
+        }
+        self.first_done = true;
         let ranges = fiemap::device_ranges(&extents);
         let no_extents = extents.is_empty();
         self.extents = extents;
@@ -535,6 +545,7 @@ impl Monitor {
         self.file_id = id;
         self.last = None;
         self.extents.clear();
+        self.first_done = false;
         self.changed_span = None;
         Ok(true)
     }
