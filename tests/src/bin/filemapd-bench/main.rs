@@ -19,10 +19,14 @@ use std::{path::PathBuf, time::Duration};
 /// Marks the lines of the report in the VM's console output.
 pub const OUT: &str = "BENCH|";
 
-/// Prints one line of the report.
+/// Prints lines of the report (each marked, blank ones too).
 #[macro_export]
 macro_rules! report {
-    ($($arg:tt)*) => { println!("{}{}", $crate::OUT, format!($($arg)*)) };
+    ($($arg:tt)*) => {
+        for line in format!($($arg)*).split('\n') {
+            println!("{}{line}", $crate::OUT);
+        }
+    };
 }
 
 fn main() {
