@@ -79,12 +79,10 @@ pub struct Group {
 /// What an update did.
 #[derive(Clone, Debug)]
 pub struct Outcome {
-    /// The group's id afterwards (changes when the leader's extent went away).
-    pub group_id: u64,
     pub created: usize,
     pub deleted: usize,
     /// The group as the update left it, as a fresh listing would show it (as long as no other
-    /// process changed regions meanwhile).
+    /// process changed regions meanwhile). Its id changes when the leader's extent went away.
     pub group: Group,
 }
 
@@ -187,7 +185,6 @@ impl Group {
         }
         if plan.is_noop() {
             return Ok(Outcome {
-                group_id: self.id,
                 created: 0,
                 deleted,
                 group: self.into_left(&unmarked),
@@ -275,7 +272,6 @@ impl Group {
         after.id = leader;
         after.descriptor = descriptor;
         Ok(Outcome {
-            group_id: leader,
             created: created.len(),
             deleted: deleted + plan.delete.len(),
             group: after,

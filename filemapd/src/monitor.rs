@@ -55,7 +55,7 @@ enum Trigger {
     Ebpf {
         hub: Hub,
         feed: EventFeed,
-        notices: Option<(Notifier, Notices)>,
+        notices: Option<Notices>,
     },
 }
 
@@ -129,8 +129,6 @@ pub struct Monitor {
     /// region change (or lost events), so that a pass needs no `@stats_list` (costly for a
     /// file with thousands of regions). Polling lists every pass, as lvm2 does.
     known_group: Option<Group>,
-    /// Whether an update has run (the start-up group was never reconciled with `extents`).
-    first_done: bool,
 }
 
 impl Monitor {
@@ -195,7 +193,6 @@ impl Monitor {
             changed_span: None,
             // The first pass starts from the group just found.
             known_group: Some(group),
-            first_done: false,
         })
     }
 
@@ -219,7 +216,7 @@ impl Monitor {
         }
         let feed = hub.watch(self.file_id.inode_key()).await?;
         let notices = match notifier.filter(|_| hub.sees_region_changes()) {
-            Some(notifier) => Some((notifier.clone(), self.notices(notifier)?)),
+            Some(notifier) => Some(notifier.watch(&self.path, self.mode == FollowMode::Path)?),
             None => None,
         };
         self.trigger = Trigger::Ebpf {
@@ -228,10 +225,6 @@ impl Monitor {
             notices,
         };
         Ok(())
-    }
-
-    fn notices(&self, notifier: &Notifier) -> anyhow::Result<Notices> {
-        notifier.watch(&self.path, self.mode == FollowMode::Path)
     }
 
     /// Whether only events wake this monitor (no interval timer at all).
@@ -266,8 +259,8 @@ impl Monitor {
                 if let Trigger::Ebpf { hub, feed, notices } = &mut self.trigger {
                     // Dropping the old feed unwatches the old inode.
                     *feed = hub.watch(self.file_id.inode_key()).await?;
-                    if let Some((notifier, notices)) = notices {
-                        *notices = notifier.watch(&self.path, true)?;
+                    if let Some(notices) = notices {
+                        *notices = notices.notifier().watch(&self.path, true)?;
                     }
                 }
                 force = true;
@@ -312,7 +305,7 @@ impl Monitor {
             };
             let notice = async {
                 match notices {
-                    Some((_, notices)) => notices.next().await,
+                    Some(notices) => notices.next().await,
                     None => std::future::pending().await,
                 }
             };
@@ -399,6 +392,8 @@ impl Monitor {
     /// Maps the file and brings the group in line. Returns the group as it is now, or `None`
     /// when the file has no extents. `remembered`: the group is as the last update left it.
     fn update(&mut self, group: Group, remembered: bool) -> anyhow::Result<Option<Group>> {
+        // Whether an update has run on this file (the start-up group was never reconciled).
+        let looked_before = self.last.is_some();
         let metadata = self
             .file
             .metadata()
@@ -436,10 +431,9 @@ impl Monitor {
         }
         // The group was brought in line with these very extents last time: nothing to do
         // (the common case while an event's extent settles; saves walking thousands of them).
-        if remembered && self.first_done && extents == self.extents {
+        if remembered && looked_before && extents == self.extents {
             return Ok(Some(group));
         }
-        self.first_done = true;
         let ranges = fiemap::device_ranges(&extents);
         let no_extents = extents.is_empty();
         self.extents = extents;
@@ -460,13 +454,13 @@ impl Monitor {
         if outcome.created + outcome.deleted > 0 {
             info!(
                 "Updated group {}: {} region(s), {} created, {} deleted",
-                outcome.group_id,
+                outcome.group.id,
                 ranges.len(),
                 outcome.created,
                 outcome.deleted
             );
         }
-        self.group_id = outcome.group_id;
+        self.group_id = outcome.group.id;
         if cfg!(debug_assertions) && self.event_driven() {
             self.check_remembered(&outcome.group)?;
         }
@@ -545,7 +539,6 @@ impl Monitor {
         self.file_id = id;
         self.last = None;
         self.extents.clear();
-        self.first_done = false;
         self.changed_span = None;
         Ok(true)
     }

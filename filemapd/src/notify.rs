@@ -102,6 +102,11 @@ impl Notifier {
 }
 
 impl Notices {
+    /// The instance these come from (to watch a replacement file).
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
     /// Waits for the next notice and swallows any that queued behind it.
     pub async fn next(&mut self) -> anyhow::Result<()> {
         self.receiver

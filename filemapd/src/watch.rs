@@ -73,6 +73,7 @@ pub async fn run(entries: &[WatchEntry], interval: Duration, ebpf: bool) -> anyh
             &mut devices,
         )?);
     }
+    drop(devices); // the start-up listings: each monitor has its group now
     if ebpf {
         // Twice the files: a path-mode monitor watches its new file before letting the old go.
         match Tracer::load(2 * entries.len() as u32) {

@@ -402,3 +402,30 @@ pub fn map_without_daemon(path: &Path) -> anyhow::Result<u64> {
         ],
     )?)
 }
+
+/// How often the process's threads have been switched out (voluntarily or not), summed over
+/// all its threads (/proc/PID/status alone counts only the main thread): each is a wake-up.
+pub fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        // A thread that ended meanwhile has no status left: it counts no more.
+        .filter_map(|task| fs::read_to_string(task.path().join("status")).ok())
+        .map(|status| {
+            status_field(&status, "voluntary_ctxt_switches:")
+                + status_field(&status, "nonvoluntary_ctxt_switches:")
+        })
+        .sum()
+}
+
+/// The number after `key` in a /proc status text (0 when missing).
+pub fn status_field(status: &str, key: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}

@@ -15,8 +15,9 @@ use filemapd::{
     sectors::{SectorRange, join_adjacent},
 };
 use filemapd_tests::{
-    DmFs, FsKind, created_group_id, dmstats_list_regions, map_without_daemon, pids_of, punch_hole,
-    require_device_mapper, run, run_env, wait_for_exit, wait_until, write_and_sync,
+    DmFs, FsKind, context_switches, created_group_id, dmstats_list_regions, map_without_daemon,
+    pids_of, punch_hole, require_device_mapper, run, run_env, wait_for_exit, wait_until,
+    write_and_sync,
 };
 
 /// Generous bounds for an emulated VM; only reached when something is wrong.
@@ -228,6 +229,15 @@ fn grow_shrink_and_group_delete(fs_kind: FsKind) {
     );
 }
 
+/// Another process that keeps `path` open until killed.
+fn hold_open(path: &Path) -> std::process::Child {
+    Command::new("sleep")
+        .arg("600")
+        .stdin(fs::File::open(path).unwrap())
+        .spawn()
+        .unwrap()
+}
+
 fn inode_mode_exits_when_unlinked_and_closed(fs_kind: FsKind) {
     require_device_mapper();
     let dmfs = DmFs::new(fs_kind).unwrap();
@@ -235,11 +245,7 @@ fn inode_mode_exits_when_unlinked_and_closed(fs_kind: FsKind) {
     write_and_sync(&path, 0, 2 << 20).unwrap();
     let (_, pid) = map_and_monitor(&path, &["--follow", "inode"]);
     // Another process holds the file: unlinking alone must not stop the daemon.
-    let mut holder = Command::new("sleep")
-        .arg("600")
-        .stdin(fs::File::open(&path).unwrap())
-        .spawn()
-        .unwrap();
+    let mut holder = hold_open(&path);
     fs::remove_file(&path).unwrap();
     let exited_while_held = wait_for_exit(pid, Duration::from_secs(3)).unwrap();
     holder.kill().unwrap();
@@ -1177,19 +1183,15 @@ fn ebpf_daemons_wake_on_events_only() {
         daemons.push((daemon, group));
     }
 
-    // Idle: not one context switch while nothing happens.
+    // Idle: not one context switch of any of its threads while nothing happens.
     let pid = daemons[0].0.child.id();
-    let switches = || {
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .filter(|l| l.contains("ctxt_switches"))
-            .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
-            .sum::<u64>()
-    };
-    let before = switches();
+    let before = context_switches(pid);
     std::thread::sleep(Duration::from_secs(2)); // the interval measured, not a synchronisation
-    assert_eq!(switches(), before, "the idle eBPF daemon woke up");
+    assert_eq!(
+        context_switches(pid),
+        before,
+        "the idle eBPF daemon woke up"
+    );
 
     // A user deletes the first group: its daemon stops, the other one keeps running.
     run(
@@ -1208,11 +1210,7 @@ fn ebpf_daemons_wake_on_events_only() {
     );
 
     // The second file is unlinked while another process holds it, then closed.
-    let mut holder = Command::new("sleep")
-        .arg("600")
-        .stdin(fs::File::open(&second).unwrap())
-        .spawn()
-        .unwrap();
+    let mut holder = hold_open(&second);
     fs::remove_file(&second).unwrap();
     second_daemon.wait_for_line("is unlinked but held");
     assert!(

@@ -33,7 +33,7 @@ pub fn run(path: &Path, mut group_id: u64) {
             let outcome = group
                 .update(&device, &fiemap::device_ranges(&extents), Mapping::Exact)
                 .unwrap();
-            group_id = outcome.group_id;
+            group_id = outcome.group.id;
         }
         std::thread::sleep(Duration::from_millis(500));
     }

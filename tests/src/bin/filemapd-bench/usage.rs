@@ -3,7 +3,9 @@
 use std::{fs, os::unix::fs::MetadataExt as _, time::Duration};
 
 use filemapd::dmstats::StatsDevice;
-use filemapd_tests::{DmFs, FsKind, map_without_daemon, write_and_sync};
+use filemapd_tests::{
+    DmFs, FsKind, context_switches, map_without_daemon, status_field, write_and_sync,
+};
 
 use crate::{
     monitors::{Monitor, wait_covered},
@@ -21,27 +23,23 @@ pub struct Usage {
 
 impl Usage {
     pub fn of(pid: u32) -> Usage {
-        let mut usage = Usage::default();
+        let mut cpu = Duration::ZERO;
         for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-            let dir = task.unwrap().path();
-            let (Ok(schedstat), Ok(status)) = (
-                fs::read_to_string(dir.join("schedstat")),
-                fs::read_to_string(dir.join("status")),
-            ) else {
-                continue; // the thread ended meanwhile
+            // A thread that ended meanwhile has no schedstat left.
+            let Ok(schedstat) = fs::read_to_string(task.unwrap().path().join("schedstat")) else {
+                continue;
             };
             let ns: u64 = schedstat
                 .split_whitespace()
                 .next()
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
-            usage.cpu += Duration::from_nanos(ns);
-            usage.wakeups += ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"]
-                .iter()
-                .map(|key| status_field(&status, key))
-                .sum::<u64>();
+            cpu += Duration::from_nanos(ns);
         }
-        usage
+        Usage {
+            cpu,
+            wakeups: context_switches(pid),
+        }
     }
 
     pub fn since(self, earlier: Usage) -> Usage {
@@ -83,15 +81,6 @@ pub fn rss_kib(pid: u32) -> u64 {
         &fs::read_to_string(format!("/proc/{pid}/status")).unwrap(),
         "VmRSS:",
     )
-}
-
-fn status_field(status: &str, key: &str) -> u64 {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 /// One monitored file nobody touches: what each monitor costs per minute.
