@@ -15,11 +15,16 @@
 //! and names its successor), then the new leader gets the descriptor. Killed anywhere, the next
 //! pass finds the markers: a MOVED old leader is followed (and the move finished), marked
 //! regions outside the group are ours and get deleted, marked members get planned again.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
 use anyhow::{Context as _, bail};
 
 use crate::{
     dmstats::{GroupDescriptor, Region, RegionSettings, StatsDevice},
-    reconcile::{self, Mapping},
+    reconcile::{self, Mapping, Piece, Plan},
     sectors::SectorRange,
 };
 
@@ -64,14 +69,17 @@ fn moved_marker(descriptor: &GroupDescriptor) -> String {
     )
 }
 
-/// A group as listed now: its leader's descriptor and settings, and its member regions.
+/// A group as listed now: its leader's descriptor and settings, and its member regions,
+/// indexed by id and by place so that a pass touches only the regions near a change.
 #[derive(Clone, Debug)]
 pub struct Group {
     pub id: u64,
     pub descriptor: GroupDescriptor,
     pub program_id: String,
     pub settings: RegionSettings,
-    pub members: Vec<Region>,
+    members: BTreeMap<u64, Region>,
+    /// The members by place: (range, id).
+    by_place: BTreeSet<(SectorRange, u64)>,
     /// Regions outside the group marked pending for it (left by an interrupted update).
     pub strays: Vec<Region>,
 }
@@ -81,9 +89,21 @@ pub struct Group {
 pub struct Outcome {
     pub created: usize,
     pub deleted: usize,
+    /// Regions that left because a longer one took their place (they had counted nothing).
+    pub fused: usize,
+    /// Time spent in `@stats_create`, during which the device was suspended.
+    pub creating: Duration,
     /// The group as the update left it, as a fresh listing would show it (as long as no other
     /// process changed regions meanwhile). Its id changes when the leader's extent went away.
     pub group: Group,
+}
+
+/// Whether a region has counted nothing yet (so replacing it loses nothing).
+pub type CountedNothing<'a> = &'a dyn Fn(&StatsDevice, u64) -> anyhow::Result<bool>;
+
+/// The default test for [`Group::apply`]: all of `@stats_print`'s counters are zero.
+pub fn counted_nothing(device: &StatsDevice, id: u64) -> anyhow::Result<bool> {
+    Ok(device.counters(id)? == Default::default())
 }
 
 impl Group {
@@ -99,25 +119,23 @@ impl Group {
             return Ok(None);
         }
         log::debug!("Found group_id {group_id}: alias=\"{}\"", descriptor.alias);
-        let members: Vec<Region> = regions
-            .iter()
-            .filter(|r| descriptor.members.binary_search(&r.id).is_ok())
-            .cloned()
-            .collect();
-        let strays = regions
-            .iter()
-            .filter(|r| pending_for(r) == Some(group_id))
-            .filter(|r| descriptor.members.binary_search(&r.id).is_err())
-            .cloned()
-            .collect();
-        Ok(Some(Group {
+        let mut group = Group {
             id: group_id,
             program_id: leader.program_id.clone(),
             settings: leader.settings.clone(),
+            members: BTreeMap::new(),
+            by_place: BTreeSet::new(),
+            strays: Vec::new(),
             descriptor,
-            members,
-            strays,
-        }))
+        };
+        for region in regions {
+            if group.descriptor.members.contains(region.id) {
+                group.add(region.clone());
+            } else if pending_for(region) == Some(group_id) {
+                group.strays.push(region.clone());
+            }
+        }
+        Ok(Some(group))
     }
 
     /// Lists the device and finds the group, following (and finishing) a leader move.
@@ -150,47 +168,147 @@ impl Group {
         Group::find(regions, group_id)
     }
 
-    /// Changes the group's regions to cover `extents`; regions outside the group are never
-    /// touched. On a failure half-way, the regions created so far are deleted again.
-    /// Consumes the group (it may have thousands of members): the outcome carries it on.
+    /// The member regions, in id order.
+    pub fn members(&self) -> impl Iterator<Item = &Region> {
+        self.members.values()
+    }
+
+    pub fn member_count(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Every member as (id, range), for a plan of the whole file.
+    pub fn places(&self) -> Vec<(u64, SectorRange)> {
+        self.by_place
+            .iter()
+            .map(|&(range, id)| (id, range))
+            .collect()
+    }
+
+    /// The members overlapping any of `ranges`, as (id, range): O(k log n) for k found.
+    /// Members of a consistent group do not overlap, so walking back from a range's end stops
+    /// at the first member that ends before the range starts.
+    pub fn places_near(&self, ranges: &[SectorRange]) -> Vec<(u64, SectorRange)> {
+        let mut found = BTreeMap::new();
+        for range in ranges {
+            let upto = (SectorRange::new(range.end(), 0), 0);
+            for &(place, id) in self.by_place.range(..upto).rev() {
+                if place.end() <= range.start {
+                    break;
+                }
+                found.insert(id, place);
+            }
+        }
+        found.into_iter().collect()
+    }
+
+    fn add(&mut self, region: Region) {
+        self.by_place.insert((region.range, region.id));
+        self.members.insert(region.id, region);
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(region) = self.members.remove(&id) {
+            self.by_place.remove(&(region.range, id));
+        }
+    }
+
+    /// Changes the group's regions to cover `extents` (the whole file), planned over every
+    /// member; regions outside the group are never touched.
     pub fn update(
         self,
         device: &StatsDevice,
         extents: &[SectorRange],
         mapping: Mapping,
     ) -> anyhow::Result<Outcome> {
-        let members: Vec<(u64, SectorRange)> =
-            self.members.iter().map(|r| (r.id, r.range)).collect();
-        let plan = reconcile::plan(&members, extents, mapping);
+        let plan = reconcile::plan(&self.places(), extents, mapping);
+        self.apply(device, &plan, &counted_nothing)
+    }
+
+    /// Carries out `plan` (whose ids must all be members). On a failure half-way, the regions
+    /// created so far are deleted again. An `extend` replaces its region by a longer one when
+    /// `counted_nothing` says the region has counted nothing yet, and adds a region after it
+    /// otherwise. Consumes the group (it may have thousands of members): the outcome carries it
+    /// on, changed in O(plan · log n).
+    pub fn apply(
+        mut self,
+        device: &StatsDevice,
+        plan: &Plan,
+        counted_nothing: CountedNothing,
+    ) -> anyhow::Result<Outcome> {
         let marker = pending_marker(self.id);
         let mut deleted = 0;
 
-        for stray in &self.strays {
+        for stray in std::mem::take(&mut self.strays) {
             device
                 .delete(stray.id)
                 .with_context(|| format!("deleting stray region {}", stray.id))?;
             deleted += 1;
         }
         // Kept members still marked from an interrupted pass.
-        let mut unmarked = Vec::new();
-        for region in self
-            .members
+        let marked: Vec<u64> = plan
+            .keep
             .iter()
-            .filter(|r| r.id != self.id && pending_for(r).is_some())
-        {
-            if plan.keep.binary_search(&region.id).is_ok() {
-                device.set_aux(region.id, "-")?;
-                unmarked.push(region.id);
-            }
+            .copied()
+            .filter(|&id| id != self.id)
+            .filter(|id| {
+                self.members
+                    .get(id)
+                    .is_some_and(|r| pending_for(r).is_some())
+            })
+            .collect();
+        for id in marked {
+            device.set_aux(id, "-")?;
+            self.relabel(id, "-");
         }
         if plan.is_noop() {
             return Ok(Outcome {
                 created: 0,
                 deleted,
-                group: self.into_left(&unmarked),
+                fused: 0,
+                creating: Duration::ZERO,
+                group: self,
             });
         }
-        if plan.keep.is_empty() && plan.create.is_empty() {
+
+        // Fuse runs: the kept regions of a run that have counted nothing leave, and one new
+        // region covers them with the gaps beside them; a region that has counted something
+        // (or leads the group: replacing it would change the group's id at every growth)
+        // stays and splits the run. The longer region exists before the old ones go, so IO
+        // to them meanwhile is counted in both and kept; IO between reading a region's
+        // counters and creating its successor (one message) would be lost with it.
+        let mut create: Vec<SectorRange> = plan.create.clone();
+        let mut leaving: Vec<u64> = plan.delete.clone();
+        for run in &plan.fuse {
+            let mut part: Option<(SectorRange, bool)> = None; // (span, holds a gap)
+            let mut absorbed = Vec::new();
+            for piece in run {
+                let joins = match *piece {
+                    Piece::Gap(_) => true,
+                    Piece::Kept(id, _) => id != self.id && counted_nothing(device, id)?,
+                };
+                if !joins {
+                    flush_part(part.take(), &mut absorbed, &mut create, &mut leaving);
+                    continue;
+                }
+                if let Piece::Kept(id, _) = *piece {
+                    absorbed.push(id);
+                }
+                let range = piece.range();
+                part = Some(match part {
+                    None => (range, matches!(piece, Piece::Gap(_))),
+                    Some((span, gap)) => (
+                        SectorRange::new(span.start, range.end() - span.start),
+                        gap || matches!(piece, Piece::Gap(_)),
+                    ),
+                });
+            }
+            flush_part(part, &mut absorbed, &mut create, &mut leaving);
+        }
+        let fused = leaving.len() - plan.delete.len();
+        leaving.sort_unstable();
+        let survivors = self.members.len() - leaving.len();
+        if survivors == 0 && create.is_empty() {
             bail!(
                 "the file has no extents: nothing to keep the group {} on",
                 self.id
@@ -199,8 +317,9 @@ impl Group {
 
         // 1. Create the arrivals, marked for this group; then mark the leavers for the group
         //    as it will be (the leader keeps its descriptor until the switch).
-        let mut created = Vec::with_capacity(plan.create.len());
-        for &range in &plan.create {
+        let mut created = Vec::with_capacity(create.len());
+        let started = Instant::now();
+        for &range in &create {
             match device.create(range, &self.settings, &self.program_id, &marker) {
                 Ok(id) => created.push(id),
                 Err(e) => {
@@ -214,28 +333,33 @@ impl Group {
                 }
             }
         }
-        let mut new_members = plan.keep.clone();
-        new_members.extend(&created);
-        let descriptor = self.descriptor.with_members(new_members);
+        let creating = started.elapsed();
+        let mut members = self.descriptor.members.clone();
+        for id in &leaving {
+            members.remove(*id);
+        }
+        members.extend(created.iter().copied());
+        let descriptor = self.descriptor.with_members(members);
         let leader = descriptor
             .leader()
             .expect("a group with regions has a leader");
-        for &id in plan.delete.iter().filter(|&&id| id != self.id) {
+        for &id in leaving.iter().filter(|&&id| id != self.id) {
             device.set_aux(id, &pending_marker(leader))?;
         }
         crash_point("created");
 
         // 2. The switch. A moving group first hands the new descriptor to its old leader
         //    (dissolving the old group), then installs it on the new leader.
-        if leader != self.id {
-            device.set_aux(self.id, &moved_marker(&descriptor))?;
-            log::info!("group_id changed from {} to {leader}", self.id);
+        let old_id = self.id;
+        if leader != old_id {
+            device.set_aux(old_id, &moved_marker(&descriptor))?;
+            log::info!("group_id changed from {old_id} to {leader}");
             crash_point("switched");
         }
         device.set_aux(leader, &descriptor.to_string())?;
 
         // 3. Remove the leavers, unmark the arrivals.
-        for &id in &plan.delete {
+        for &id in &leaving {
             device
                 .delete(id)
                 .with_context(|| format!("deleting region {id}"))?;
@@ -244,53 +368,61 @@ impl Group {
         for &id in created.iter().filter(|&&id| id != leader) {
             device.set_aux(id, "-")?;
         }
+        // A retired leader that stays a member (a new region took a lower id) drops its MOVED
+        // marker: the new leader holds the descriptor now.
+        let retired_member = leader != old_id && !leaving.contains(&old_id);
+        if retired_member {
+            device.set_aux(old_id, "-")?;
+        }
 
         // What the device now holds, as a listing would show it.
-        let old_id = self.id;
-        let mut after = self.into_left(&unmarked);
-        after
-            .members
-            .retain(|r| plan.keep.binary_search(&r.id).is_ok());
-        after.members.extend(
-            created
-                .iter()
-                .zip(&plan.create)
-                .map(|(&id, &range)| Region {
-                    id,
-                    range,
-                    step: range.len,
-                    program_id: after.program_id.clone(),
-                    aux_data: "-".to_string(),
-                    settings: after.settings.clone(),
-                }),
-        );
-        after.members.sort_unstable_by_key(|r| r.id);
-        if leader != old_id {
-            after.relabel(old_id, &moved_marker(&descriptor));
+        for &id in &leaving {
+            self.remove(id);
         }
-        after.relabel(leader, &descriptor.to_string());
-        after.id = leader;
-        after.descriptor = descriptor;
+        for (&id, &range) in created.iter().zip(&create) {
+            self.add(Region {
+                id,
+                range,
+                step: range.len,
+                program_id: self.program_id.clone(),
+                aux_data: "-".to_string(),
+                settings: self.settings.clone(),
+            });
+        }
+        if retired_member {
+            self.relabel(old_id, "-");
+        }
+        self.relabel(leader, &descriptor.to_string());
+        self.id = leader;
+        self.descriptor = descriptor;
         Ok(Outcome {
             created: created.len(),
-            deleted: deleted + plan.delete.len(),
-            group: after,
+            deleted: deleted + leaving.len(),
+            fused,
+            creating,
+            group: self,
         })
-    }
-
-    /// The group after its strays were deleted and `unmarked` members relabelled `-`.
-    fn into_left(mut self, unmarked: &[u64]) -> Group {
-        self.strays.clear();
-        for &id in unmarked {
-            self.relabel(id, "-");
-        }
-        self
     }
 
     /// Notes a member's new aux_data.
     fn relabel(&mut self, id: u64, aux_data: &str) {
-        if let Some(region) = self.members.iter_mut().find(|r| r.id == id) {
+        if let Some(region) = self.members.get_mut(&id) {
             region.aux_data = aux_data.to_string();
         }
     }
+}
+
+/// Ends one part of a fuse run: a part holding a gap becomes one region, and the regions it
+/// absorbed leave; a part of kept regions alone stays as it is.
+fn flush_part(
+    part: Option<(SectorRange, bool)>,
+    absorbed: &mut Vec<u64>,
+    create: &mut Vec<SectorRange>,
+    leaving: &mut Vec<u64>,
+) {
+    if let Some((span, true)) = part {
+        create.push(span);
+        leaving.append(absorbed);
+    }
+    absorbed.clear();
 }

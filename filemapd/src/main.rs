@@ -14,6 +14,7 @@ use filemapd::{
     fiemap,
     monitor::Monitor,
     notify::Notifier,
+    reconcile::Mapping,
     sectors::SectorRange,
 };
 
@@ -21,7 +22,7 @@ use filemapd::{
 #[command(
     version,
     about = "Keeps a dm-stats region group in step with a file's extents (drop-in dmfilemapd)",
-    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch --config <FILE> [--ebpf] [--interval <S>] [-v...]\n       filemapd show <FILE> [GROUP_ID]",
+    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch --config <FILE> [--ebpf] [--exact] [--interval <S>] [-v...]\n       filemapd show <FILE> [GROUP_ID]",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -34,6 +35,11 @@ struct Cli {
     /// polling with a warning where eBPF cannot be used. Also set by FILEMAPD_EBPF=1.
     #[arg(long)]
     ebpf: bool,
+    /// Keep lvm2's mapping, one region per extent: a grown extent's region is replaced and
+    /// its counters lost. Default: regions tile the extents and keep their counters. Also set
+    /// by FILEMAPD_EXACT=1.
+    #[arg(long)]
+    exact: bool,
     /// dmfilemapd's positional arguments.
     #[arg(value_name = "ARGS")]
     daemon_args: Vec<String>,
@@ -50,6 +56,9 @@ enum Command {
         /// Wake on the kernel's block-allocation events (eBPF); falls back to polling.
         #[arg(long)]
         ebpf: bool,
+        /// One region per extent, as lvm2 maps (see the daemon's --exact).
+        #[arg(long)]
+        exact: bool,
         /// Seconds between checks (eBPF: only for deleted groups and unlinked files).
         #[arg(long, default_value = "0.5", value_parser = parse_interval)]
         interval: Duration,
@@ -84,7 +93,12 @@ fn main() -> ExitCode {
         .unwrap_or("");
     if invoked_as == "dmfilemapd" {
         return match args::parse(&argv[1..]) {
-            Ok(args) => run_daemon(&args, Duration::from_millis(500), ebpf_from_env()),
+            Ok(args) => run_daemon(
+                &args,
+                Duration::from_millis(500),
+                ebpf_from_env(),
+                mapping(false),
+            ),
             Err(e) => fail(&e.to_string()),
         };
     }
@@ -98,11 +112,12 @@ fn main() -> ExitCode {
         Some(Command::Watch {
             config,
             ebpf,
+            exact,
             interval,
             verbose,
         }) => {
             init_logging(verbose);
-            watch(&config, interval, ebpf || ebpf_from_env())
+            watch(&config, interval, ebpf || ebpf_from_env(), mapping(exact))
         }
         Some(Command::Show { path, group_id }) => {
             init_logging(0);
@@ -112,7 +127,12 @@ fn main() -> ExitCode {
             }
         }
         None => match args::parse(&cli.daemon_args) {
-            Ok(args) => run_daemon(&args, cli.interval, cli.ebpf || ebpf_from_env()),
+            Ok(args) => run_daemon(
+                &args,
+                cli.interval,
+                cli.ebpf || ebpf_from_env(),
+                mapping(cli.exact),
+            ),
             Err(e) => fail(&e.to_string()),
         },
     }
@@ -122,6 +142,16 @@ fn main() -> ExitCode {
 /// the environment dmstats passes on: FILEMAPD_EBPF=1.
 fn ebpf_from_env() -> bool {
     std::env::var_os("FILEMAPD_EBPF").is_some_and(|v| v == "1")
+}
+
+/// Tiles unless `--exact` or FILEMAPD_EXACT=1 (for the daemons dmstats starts) asks for lvm2's
+/// one region per extent.
+fn mapping(exact: bool) -> Mapping {
+    if exact || std::env::var_os("FILEMAPD_EXACT").is_some_and(|v| v == "1") {
+        Mapping::Exact
+    } else {
+        Mapping::Tiled
+    }
 }
 
 fn fail(message: &str) -> ExitCode {
@@ -137,7 +167,7 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-fn watch(config: &PathBuf, interval: Duration, ebpf: bool) -> ExitCode {
+fn watch(config: &PathBuf, interval: Duration, ebpf: bool, mapping: Mapping) -> ExitCode {
     let entries = match fs::read_to_string(config)
         .with_context(|| format!("reading {}", config.display()))
         .and_then(|text| filemapd::watch::parse_config(&text))
@@ -150,7 +180,7 @@ fn watch(config: &PathBuf, interval: Duration, ebpf: bool) -> ExitCode {
         .build();
     let result = runtime
         .context("starting the runtime")
-        .and_then(|rt| rt.block_on(filemapd::watch::run(&entries, interval, ebpf)));
+        .and_then(|rt| rt.block_on(filemapd::watch::run(&entries, interval, ebpf, mapping)));
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -158,7 +188,7 @@ fn watch(config: &PathBuf, interval: Duration, ebpf: bool) -> ExitCode {
     }
 }
 
-fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool) -> ExitCode {
+fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool, mapping: Mapping) -> ExitCode {
     init_logging(args.verbose);
     log::info!(
         "Starting dmfilemapd with fd={}, group_id={} mode={}, path=\"{}\"",
@@ -171,6 +201,9 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool) -> ExitCode {
         Ok(monitor) => monitor,
         Err(e) => return fail(&format!("{e:#}")),
     };
+    if mapping == Mapping::Exact {
+        monitor.use_exact_mapping();
+    }
     if !args.foreground {
         if let Err(e) = daemonize(&monitor.open_fds(), args.verbose) {
             return fail(&format!("{e:#}"));
@@ -204,6 +237,7 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool) -> ExitCode {
             monitor.run().await
         })
     });
+    log::info!("{}", monitor.tally());
     match result {
         Ok(exit) => {
             log::info!("{}", exit.message());

@@ -18,13 +18,15 @@ use crate::{
     args::{DaemonArgs, FollowMode},
     dmstats::{StatsDevice, region::Region},
     ebpf::{Change, EventFeed, Feed, Hub, Tracepoint},
-    fiemap,
     file_device::{FileId, check_mappable, tracepoint_category},
+    file_view::{FileView, Reading},
     follow,
-    group::Group,
+    group::{Group, counted_nothing},
     notify::{Notices, Notifier},
-    reconcile::Mapping,
+    pacing::Pacer,
+    reconcile::{self, Mapping, Plan},
     sectors::SectorRange,
+    tally::Tally,
 };
 
 /// Why the daemon stopped without an error.
@@ -97,15 +99,6 @@ const SETTLE_TRIES: u32 = 100;
 /// deletes a group region by region) before looking at the group.
 const REGIONS_QUIET: Duration = Duration::from_millis(100);
 
-/// What the last look at the file saw; a change means the regions may be stale.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FileState {
-    blocks: u64,
-    size: u64,
-    /// Extents without a place yet (delayed allocation): look again until they have one.
-    unplaced: bool,
-}
-
 pub struct Monitor {
     path: PathBuf,
     mode: FollowMode,
@@ -114,16 +107,17 @@ pub struct Monitor {
     device: Arc<StatsDevice>,
     group_id: u64,
     interval: Duration,
-    last: Option<FileState>,
+    mapping: Mapping,
     trigger: Trigger,
-    /// Logical byte ranges that events said were allocated and FIEMAP has not shown yet.
-    unsettled: Vec<(u64, u64)>,
+    /// The file's extents as last read and what events said changed since.
+    view: FileView,
     /// When to look at the file again regardless of its size (after events).
     recheck: Option<(Instant, u32)>,
-    /// The file's extents as last read, so that events need only their range re-read.
-    extents: Vec<fiemap::Extent>,
-    /// Logical bytes that events said changed since the last full read; `None`: read it all.
-    changed_span: Option<(u64, u64)>,
+    /// The recheck is for another process's region changes: not paced.
+    regions_changed: bool,
+    /// Region creations' budget of device time.
+    pacer: Pacer,
+    tally: Tally,
     /// The group as found at start-up for the first pass; afterwards, in event-driven mode
     /// only, as the last pass left it. Trusted until the kernel reports another process's
     /// region change (or lost events), so that a pass needs no `@stats_list` (costly for a
@@ -185,12 +179,13 @@ impl Monitor {
             device,
             group_id,
             interval,
-            last: None,
+            mapping: Mapping::Tiled,
             trigger: Trigger::Poll,
-            unsettled: Vec::new(),
+            view: FileView::default(),
             recheck: None,
-            extents: Vec::new(),
-            changed_span: None,
+            regions_changed: false,
+            pacer: Pacer::default(),
+            tally: Tally::default(),
             // The first pass starts from the group just found.
             known_group: Some(group),
         })
@@ -198,6 +193,17 @@ impl Monitor {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Keeps lvm2's mapping, one region per extent (a grown extent's region is replaced and
+    /// its counters lost), instead of tiles.
+    pub fn use_exact_mapping(&mut self) {
+        self.mapping = Mapping::Exact;
+    }
+
+    /// What the monitor did so far.
+    pub fn tally(&self) -> Tally {
+        self.tally
     }
 
     /// Switches to the eBPF trigger: the hub's programs now wake this monitor for its inode.
@@ -265,7 +271,7 @@ impl Monitor {
                 }
                 force = true;
             }
-            let group = if force || self.changed()? {
+            let group = if force || self.view.changed(&self.file)? {
                 match self.update(group, remembered)? {
                     Some(group) => group,
                     None => return Ok(Exit::NoExtents),
@@ -290,13 +296,33 @@ impl Monitor {
     }
 
     /// Sleeps until the next check; true when the file must be mapped again whatever its size
-    /// says (events arrived, or a recheck after events is due).
+    /// says (events arrived, or a recheck after events is due). A pass that is due waits while
+    /// region creations have spent their budget (see [`crate::pacing`]); events arriving
+    /// meanwhile join it.
     async fn wait(&mut self) -> anyhow::Result<bool> {
+        let mut pass_due: Option<Instant> = None;
+        let mut paced = false;
         loop {
+            let now = Instant::now();
             let recheck_due = self.recheck.map(|(at, _)| at);
             let event_driven = self.event_driven();
-            let deadline = recheck_due
-                .or((!event_driven).then(|| Instant::now() + self.interval))
+            let due = pass_due.into_iter().chain(recheck_due).min();
+            let deadline = due.map(|due| {
+                if self.regions_changed {
+                    return due;
+                }
+                let ready = self.pacer.ready_at(now);
+                if ready > due && !paced {
+                    paced = true;
+                    self.tally.paced += 1;
+                }
+                due.max(ready)
+            });
+            if pass_due.is_some() && deadline.is_some_and(|at| at <= now) {
+                return Ok(true);
+            }
+            let deadline = deadline
+                .or((!event_driven).then(|| now + self.interval))
                 .map(tokio::time::Instant::from);
             let Trigger::Ebpf { feed, notices, .. } = &mut self.trigger else {
                 debug!("Waiting for check interval");
@@ -318,7 +344,7 @@ impl Monitor {
             tokio::select! {
                 batch = feed.next() => {
                     if self.take_events(batch?)? {
-                        return Ok(true);
+                        pass_due.get_or_insert(Instant::now());
                     }
                     // Only region changes: wait for them to be over.
                 }
@@ -326,7 +352,7 @@ impl Monitor {
                     notice?;
                     return Ok(false);
                 }
-                _ = timer => return Ok(recheck_due.is_some()),
+                _ = timer => return Ok(pass_due.is_some() || recheck_due.is_some()),
             }
         }
     }
@@ -335,127 +361,80 @@ impl Monitor {
     /// whether the file's extents may have changed (not only other processes' regions).
     fn take_events(&mut self, batch: Vec<Feed>) -> anyhow::Result<bool> {
         let block_size = self.file.metadata()?.blksize();
-        let mut span = Some(self.changed_span.unwrap_or((u64::MAX, 0)));
         let mut extents_changed = false;
         for item in batch {
-            let event = match item {
-                Feed::Event(event) => event,
+            match item {
                 Feed::Lost => {
                     // Events were lost: read the whole file, list the group again.
-                    span = None;
-                    extents_changed = true;
+                    self.view.note_unknown_change();
                     self.known_group = None;
-                    continue;
+                    extents_changed = true;
                 }
                 Feed::RegionsChanged => {
                     self.known_group = None;
+                    self.regions_changed = true;
                     // Look again once the other process is done (each change postpones).
                     let at = Instant::now() + REGIONS_QUIET;
                     self.recheck = Some((at, SETTLE_TRIES));
-                    continue;
                 }
-            };
-            let Some(tp) = Tracepoint::by_index(event.source) else {
-                continue;
-            };
-            extents_changed = true;
-            let (start, len) = tp.byte_range(event.start, event.length, block_size);
-            debug!("event {}: {:?} bytes {start}+{len}", tp.name, tp.change);
-            if tp.change == Change::Allocated && len > 0 {
-                self.unsettled.push((start, len));
+                Feed::Event(event) => {
+                    let Some(tp) = Tracepoint::by_index(event.source) else {
+                        continue;
+                    };
+                    let (start, len) = tp.byte_range(event.start, event.length, block_size);
+                    debug!("event {}: {:?} bytes {start}+{len}", tp.name, tp.change);
+                    self.view
+                        .note_event(start, len, tp.change == Change::Allocated);
+                    self.tally.events += 1;
+                    extents_changed = true;
+                }
             }
-            // An event without a range means: read the whole file.
-            span = span
-                .filter(|_| len > 0)
-                .map(|(lo, hi)| (lo.min(start), hi.max(start.saturating_add(len))));
         }
         if extents_changed {
-            self.changed_span = if self.extents.is_empty() { None } else { span };
             // Removals fire before the blocks go: look once more shortly after.
             self.recheck = Some((Instant::now() + SETTLE, SETTLE_TRIES));
         }
         Ok(extents_changed)
     }
 
-    /// Whether the file may have new or fewer extents since the last update.
-    fn changed(&self) -> anyhow::Result<bool> {
-        let Some(last) = self.last else {
-            return Ok(true);
-        };
-        let m = self
-            .file
-            .metadata()
-            .context("fstat of the monitored file")?;
-        Ok(last.unplaced || (m.blocks(), m.size()) != (last.blocks, last.size))
-    }
-
     /// Maps the file and brings the group in line. Returns the group as it is now, or `None`
-    /// when the file has no extents. `remembered`: the group is as the last update left it.
+    /// when the file has no extents. `remembered`: the group is as the last update left it,
+    /// so a change that events confined to a stretch of the file is planned there alone.
     fn update(&mut self, group: Group, remembered: bool) -> anyhow::Result<Option<Group>> {
-        // Whether an update has run on this file (the start-up group was never reconciled).
-        let looked_before = self.last.is_some();
-        let metadata = self
-            .file
-            .metadata()
-            .context("fstat of the monitored file")?;
-        let extents = match self.changed_span {
-            // After events: re-read only what they named, keep the rest from the last read.
-            Some((lo, hi)) if self.recheck.is_some() && lo < hi => {
-                // Widen the range to the cached extents it cuts into: FIEMAP of the wider range
-                // then tells the whole truth about every extent the splice replaces.
-                let (lo, hi) = self
-                    .extents
-                    .iter()
-                    .filter(|e| e.logical < hi && lo < e.logical + e.length)
-                    .fold((lo, hi), |(lo, hi), e| {
-                        (lo.min(e.logical), hi.max(e.logical + e.length))
-                    });
-                let fresh =
-                    fiemap::read_extents(&self.file, lo, hi - lo, false).with_context(|| {
-                        format!("FIEMAP of {} bytes {lo}..{hi}", self.path.display())
-                    })?;
-                fiemap::splice(&self.extents, lo, hi, fresh)
-            }
-            _ => fiemap::read_extents(&self.file, 0, u64::MAX, false)
-                .with_context(|| format!("FIEMAP of {}", self.path.display()))?,
-        };
-        let unplaced = extents.iter().any(|e| !e.is_placed());
-        self.last = Some(FileState {
-            blocks: metadata.blocks(),
-            size: metadata.size(),
-            unplaced,
-        });
-        self.settle(&extents);
-        if self.recheck.is_none() {
-            self.changed_span = None;
-        }
-        // The group was brought in line with these very extents last time: nothing to do
-        // (the common case while an event's extent settles; saves walking thousands of them).
-        if remembered && looked_before && extents == self.extents {
-            return Ok(Some(group));
-        }
-        let ranges = fiemap::device_ranges(&extents);
-        let no_extents = extents.is_empty();
-        self.extents = extents;
-        if no_extents {
+        self.tally.passes += 1;
+        self.regions_changed = false;
+        let reading = self.view.read(&self.file, &self.path, remembered)?;
+        self.settle();
+        if self.view.map().is_empty() {
             return Ok(None);
         }
-        if ranges.is_empty() {
-            debug!("all extents of {} await allocation", self.path.display());
-            return Ok(Some(group));
-        }
-        // With eBPF, regions tile the extents so that a growing extent keeps its counters;
-        // polling keeps lvm2's one region per extent.
-        let mapping = match self.trigger {
-            Trigger::Ebpf { .. } => Mapping::Tiled,
-            Trigger::Poll => Mapping::Exact,
+        let plan = match reading {
+            Reading::Stretch(change) if change.unchanged => return Ok(Some(group)),
+            Reading::Stretch(change) => {
+                let mut near: Vec<SectorRange> = change.before.clone();
+                near.extend(&change.after);
+                let members = group.places_near(&near);
+                reconcile::plan_window(&members, &change.before, &change.after, self.mapping)
+            }
+            Reading::Whole => None,
         };
-        let outcome = group.update(&self.device, &ranges, mapping)?;
+        let plan = match plan {
+            Some(plan) => plan,
+            None => match self.whole_plan(&group) {
+                Some(plan) => plan,
+                None => return Ok(Some(group)),
+            },
+        };
+        let outcome = group.apply(&self.device, &plan, &counted_nothing)?;
+        self.pacer.charge(outcome.creating, Instant::now());
+        self.tally.created += outcome.created as u64;
+        self.tally.deleted += outcome.deleted as u64;
+        self.tally.fused += outcome.fused as u64;
         if outcome.created + outcome.deleted > 0 {
             info!(
                 "Updated group {}: {} region(s), {} created, {} deleted",
                 outcome.group.id,
-                ranges.len(),
+                outcome.group.member_count(),
                 outcome.created,
                 outcome.deleted
             );
@@ -467,13 +446,23 @@ impl Monitor {
         Ok(Some(outcome.group))
     }
 
+    /// A plan over every extent and region; `None` while no extent has a place yet.
+    fn whole_plan(&mut self, group: &Group) -> Option<Plan> {
+        self.tally.whole_passes += 1;
+        let ranges = self.view.map().device_ranges();
+        if ranges.is_empty() {
+            debug!("all extents of {} await allocation", self.path.display());
+            return None;
+        }
+        Some(reconcile::plan(&group.places(), &ranges, self.mapping))
+    }
+
     /// Debug builds (the tests): the group as an update says it left it must be what the
     /// kernel lists, or the event-driven mode, which lists only after others' changes, drifts.
     fn check_remembered(&self, remembered: &Group) -> anyhow::Result<()> {
         let listed = Group::load(&self.device, remembered.id)?;
         let fields = |g: &Group| -> Vec<(u64, SectorRange, String)> {
-            g.members
-                .iter()
+            g.members()
                 .map(|r| (r.id, r.range, r.aux_data.clone()))
                 .collect()
         };
@@ -489,32 +478,28 @@ impl Monitor {
         Ok(())
     }
 
-    /// Drops the event ranges FIEMAP now shows placed, and decides whether to look again soon.
-    fn settle(&mut self, extents: &[fiemap::Extent]) {
-        let placed = |&(start, len): &(u64, u64)| {
-            extents
-                .iter()
-                .filter(|e| e.is_placed())
-                .any(|e| e.logical <= start && start + len <= e.logical + e.length)
-        };
-        self.unsettled.retain(|range| !placed(range));
+    /// Decides whether to look again soon after events: while their ranges have not shown
+    /// placed in FIEMAP, for at most SETTLE_TRIES looks.
+    fn settle(&mut self) {
         self.recheck = match self.recheck.take() {
             None => None,
             Some((_, 0)) => {
-                if !self.unsettled.is_empty() {
+                if !self.view.unsettled().is_empty() {
                     debug!(
                         "event ranges {:?} never showed in FIEMAP; giving up on them",
-                        self.unsettled
+                        self.view.unsettled()
                     );
-                    self.unsettled.clear();
                 }
                 None
             }
             // The first look after events is always followed by one more (removals fire before
             // the blocks go); after that, look again only while event ranges are outstanding.
-            Some((_, tries)) if tries < SETTLE_TRIES && self.unsettled.is_empty() => None,
+            Some((_, tries)) if tries < SETTLE_TRIES && self.view.unsettled().is_empty() => None,
             Some((_, tries)) => Some((Instant::now() + SETTLE, tries - 1)),
         };
+        if self.recheck.is_none() {
+            self.view.forget_span();
+        }
     }
 
     /// Path mode: if the path now names another file, switch to it (same device only).
@@ -537,9 +522,7 @@ impl Monitor {
         );
         self.file = file;
         self.file_id = id;
-        self.last = None;
-        self.extents.clear();
-        self.changed_span = None;
+        self.view.reset();
         Ok(true)
     }
 }

@@ -3,10 +3,14 @@
 //!
 //! Two mappings: `Exact` is lvm2's (one region per extent, so an extent that grows loses its
 //! region and its counters); `Tiled` keeps every region that still lies inside an extent and
-//! adds regions for the parts no region covers, so counters survive growth.
+//! adds regions for the parts no region covers, so counters survive growth. Parts next to
+//! kept regions are offered as a `fuse` run: the daemon replaces the kept regions of the run
+//! that have counted nothing yet, together with the new parts, by one region, so that an
+//! extent growing step by step (appends, a storm of writes) keeps few tiles.
 //!
 //! lvm2 matches each extent with a linear search over the regions (quadratic in the extent
-//! count). Here both sides are sorted once and walked together: O(n log n).
+//! count). Here both sides are sorted once and walked together: O(n log n) for the whole file,
+//! and [`plan_window`] plans only the part of the file an event changed.
 use crate::sectors::SectorRange;
 
 /// What to do to a group so that its regions equal the file's extents, one region per extent.
@@ -16,6 +20,11 @@ pub struct Plan {
     pub keep: Vec<u64>,
     /// Extents without a region: create one each.
     pub create: Vec<SectorRange>,
+    /// Tiled only: runs of adjacent pieces, each new part (`Gap`) next to kept regions
+    /// (`Kept`, which are in `keep` too). Kept regions that have counted nothing may be fused
+    /// with the gaps beside them into one region; the others stay, and the gaps become
+    /// regions of their own.
+    pub fuse: Vec<Vec<Piece>>,
     /// Regions of the group that match no extent (or duplicate a kept one): delete.
     pub delete: Vec<u64>,
 }
@@ -23,7 +32,24 @@ pub struct Plan {
 impl Plan {
     /// Whether the group already matches the file.
     pub fn is_noop(&self) -> bool {
-        self.create.is_empty() && self.delete.is_empty()
+        self.create.is_empty() && self.fuse.is_empty() && self.delete.is_empty()
+    }
+}
+
+/// A piece of a run that may be fused into one region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Piece {
+    /// Sectors no region covers.
+    Gap(SectorRange),
+    /// A kept region.
+    Kept(u64, SectorRange),
+}
+
+impl Piece {
+    pub fn range(&self) -> SectorRange {
+        match *self {
+            Piece::Gap(range) | Piece::Kept(_, range) => range,
+        }
     }
 }
 
@@ -91,15 +117,19 @@ fn plan_tiled(members: &[(u64, SectorRange)], extents: &[SectorRange]) -> Plan {
             result.delete.push(regions[r].1);
             r += 1;
         }
+        // The extent as pieces: kept regions and the gaps between them.
+        let mut pieces = Vec::new();
         let mut covered_to = extent.start;
         while r < regions.len() && regions[r].0.start < extent.end() {
             let (range, id) = regions[r];
             if range.start >= covered_to && range.end() <= extent.end() {
                 if range.start > covered_to {
-                    result
-                        .create
-                        .push(SectorRange::new(covered_to, range.start - covered_to));
+                    pieces.push(Piece::Gap(SectorRange::new(
+                        covered_to,
+                        range.start - covered_to,
+                    )));
                 }
+                pieces.push(Piece::Kept(id, range));
                 result.keep.push(id);
                 covered_to = range.end();
             } else {
@@ -109,15 +139,75 @@ fn plan_tiled(members: &[(u64, SectorRange)], extents: &[SectorRange]) -> Plan {
             r += 1;
         }
         if covered_to < extent.end() {
-            result
-                .create
-                .push(SectorRange::new(covered_to, extent.end() - covered_to));
+            pieces.push(Piece::Gap(SectorRange::new(
+                covered_to,
+                extent.end() - covered_to,
+            )));
         }
+        runs_around_gaps(&pieces, &mut result);
     }
     result.delete.extend(regions[r..].iter().map(|&(_, id)| id));
     result.keep.sort_unstable();
     result.delete.sort_unstable();
     result
+}
+
+/// Groups an extent's pieces into runs around its gaps: a gap alone is a region to create; a
+/// gap with the kept regions touching it is a run to fuse. Only regions touching a gap are
+/// offered, so fusing costs a look at two regions per gap, not at every tile of the extent.
+fn runs_around_gaps(pieces: &[Piece], result: &mut Plan) {
+    let is_gap = |i: usize| matches!(pieces.get(i), Some(Piece::Gap(_)));
+    let mut run: Vec<Piece> = Vec::new();
+    let flush = |run: &mut Vec<Piece>, result: &mut Plan| {
+        match run.as_slice() {
+            [] => {}
+            [Piece::Gap(range)] => result.create.push(*range),
+            _ => result.fuse.push(run.clone()),
+        }
+        run.clear();
+    };
+    for (i, piece) in pieces.iter().enumerate() {
+        let joins = match piece {
+            Piece::Gap(_) => true,
+            Piece::Kept(..) => is_gap(i + 1) || (i > 0 && is_gap(i - 1)),
+        };
+        // Two kept regions in a row: each belongs to the gap on its side.
+        if joins {
+            if let (Piece::Kept(..), Some(Piece::Kept(..))) = (piece, run.last()) {
+                flush(&mut run, result);
+            }
+            run.push(*piece);
+        } else {
+            flush(&mut run, result);
+        }
+    }
+    flush(&mut run, result);
+}
+
+/// Plans one window of the file after an event: `before` and `after` are the merged device
+/// ranges the window's extents covered before and after the change (every other range of the
+/// file is unchanged), `members` the group's regions that overlap either. O(window), whatever
+/// the size of the file.
+///
+/// Returns `None` when a member does not lie inside a `before` range: the group did not match
+/// the file as remembered (another process, or a change no event named), so only a plan of the
+/// whole file can be trusted.
+pub fn plan_window(
+    members: &[(u64, SectorRange)],
+    before: &[SectorRange],
+    after: &[SectorRange],
+    mapping: Mapping,
+) -> Option<Plan> {
+    let mut before = before.to_vec();
+    before.sort_unstable();
+    let inside_before = |range: &SectorRange| {
+        let i = before.partition_point(|b| b.start <= range.start);
+        i > 0 && range.end() <= before[i - 1].end()
+    };
+    if !members.iter().all(|(_, range)| inside_before(range)) {
+        return None;
+    }
+    Some(plan(members, after, mapping))
 }
 
 #[cfg(test)]
@@ -154,7 +244,8 @@ mod tests {
             Plan {
                 keep: vec![0],
                 create: vec![r(300, 16)],
-                delete: vec![1]
+                delete: vec![1],
+                ..Plan::default()
             }
         );
     }
@@ -171,7 +262,8 @@ mod tests {
             Plan {
                 keep: vec![4],
                 create: vec![r(500, 8)],
-                delete: vec![5]
+                delete: vec![5],
+                ..Plan::default()
             }
         );
     }
@@ -187,8 +279,8 @@ mod tests {
             p,
             Plan {
                 keep: vec![2],
-                create: vec![],
-                delete: vec![7]
+                delete: vec![7],
+                ..Plan::default()
             }
         );
     }
@@ -199,27 +291,45 @@ mod tests {
         assert_eq!(
             p,
             Plan {
-                keep: vec![],
-                create: vec![],
-                delete: vec![0]
+                delete: vec![0],
+                ..Plan::default()
             }
         );
     }
 
-    /// Applies a plan the way the daemon would, with fresh ids for created regions.
-    fn apply(members: &[(u64, SectorRange)], p: &Plan) -> Vec<(u64, SectorRange)> {
-        let first_new = members.iter().map(|&(id, _)| id + 1).max().unwrap_or(0);
+    /// Applies a plan the way the daemon would, with fresh ids for created regions. `absorb`:
+    /// every kept region in a fuse run has counted nothing (the run becomes one region);
+    /// otherwise each has counted something (the run's gaps become regions).
+    fn apply(members: &[(u64, SectorRange)], p: &Plan, absorb: bool) -> Vec<(u64, SectorRange)> {
+        let mut next_id = members.iter().map(|&(id, _)| id + 1).max().unwrap_or(0);
+        let mut gone: Vec<u64> = p.delete.clone();
+        let mut fresh = Vec::new();
+        fresh.extend(p.create.iter().copied());
+        for run in &p.fuse {
+            if absorb {
+                let start = run[0].range().start;
+                let end = run.last().unwrap().range().end();
+                fresh.push(SectorRange::new(start, end - start));
+                gone.extend(run.iter().filter_map(|piece| match piece {
+                    Piece::Kept(id, _) => Some(*id),
+                    Piece::Gap(_) => None,
+                }));
+            } else {
+                fresh.extend(run.iter().filter_map(|piece| match piece {
+                    Piece::Gap(range) => Some(*range),
+                    Piece::Kept(..) => None,
+                }));
+            }
+        }
         let mut out: Vec<_> = members
             .iter()
-            .filter(|(id, _)| !p.delete.contains(id))
+            .filter(|(id, _)| !gone.contains(id))
             .copied()
             .collect();
-        out.extend(
-            p.create
-                .iter()
-                .enumerate()
-                .map(|(i, &range)| (first_new + i as u64, range)),
-        );
+        for range in fresh {
+            out.push((next_id, range));
+            next_id += 1;
+        }
         out
     }
 
@@ -257,7 +367,7 @@ mod tests {
             all.sort_unstable();
             prop_assert_eq!(touched, all);
 
-            let after = apply(&members, &p);
+            let after = apply(&members, &p, false);
             prop_assert_eq!(sorted_ranges(&after), extents.clone());
             // Idempotent: planning again changes nothing.
             prop_assert!(plan(&after, &extents, Mapping::Exact).is_noop());
@@ -280,8 +390,8 @@ mod tests {
             p,
             Plan {
                 keep: vec![0, 1],
-                create: vec![r(308, 16)],
-                delete: vec![]
+                fuse: vec![vec![Piece::Kept(1, r(300, 8)), Piece::Gap(r(308, 16))]],
+                ..Plan::default()
             }
         );
     }
@@ -297,8 +407,9 @@ mod tests {
             p,
             Plan {
                 keep: vec![0],
-                create: vec![r(108, 8)],
-                delete: vec![1]
+                fuse: vec![vec![Piece::Kept(0, r(100, 8)), Piece::Gap(r(108, 8))]],
+                delete: vec![1],
+                ..Plan::default()
             }
         );
     }
@@ -314,10 +425,74 @@ mod tests {
             p,
             Plan {
                 keep: vec![0, 2],
-                create: vec![r(108, 12), r(128, 4)],
-                delete: vec![1]
+                fuse: vec![vec![
+                    Piece::Kept(0, r(100, 8)),
+                    Piece::Gap(r(108, 12)),
+                    Piece::Kept(2, r(120, 8)),
+                    Piece::Gap(r(128, 4))
+                ]],
+                delete: vec![1],
+                ..Plan::default()
             }
         );
+    }
+
+    /// Whether `regions` cover each sector of `extents` exactly once, and nothing else.
+    fn tiles_exactly(regions: &[(u64, SectorRange)], extents: &[SectorRange]) -> bool {
+        let mut tiles: Vec<SectorRange> = regions.iter().map(|&(_, r)| r).collect();
+        tiles.sort_unstable();
+        let disjoint = tiles.windows(2).all(|pair| pair[0].end() <= pair[1].start);
+        let mut wanted = extents.to_vec();
+        wanted.sort_unstable();
+        disjoint && join_adjacent(tiles) == join_adjacent(wanted)
+    }
+
+    /// Regions as a consistent pass leaves them: one per extent (exact), or each extent cut
+    /// into tiles at the sector offsets `cuts` suggests (tiled).
+    fn tile(extents: &[SectorRange], cuts: &[u64], mapping: Mapping) -> Vec<(u64, SectorRange)> {
+        let mut cuts = cuts.iter().cycle();
+        let mut out = Vec::new();
+        for extent in extents {
+            let mut at = extent.start;
+            while at < extent.end() {
+                let len = match mapping {
+                    Mapping::Exact => extent.len,
+                    Mapping::Tiled => {
+                        (cuts.next().copied().unwrap_or(1) * 8).min(extent.end() - at)
+                    }
+                };
+                out.push((out.len() as u64, r(at, len)));
+                at += len;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn only_regions_touching_a_gap_join_a_run() {
+        // 0 and 1 are inside the extent, 2 sits between two gaps, 3 ends the extent.
+        let p = plan(
+            &[
+                (0, r(100, 8)),
+                (1, r(108, 8)),
+                (2, r(124, 8)),
+                (3, r(140, 8)),
+            ],
+            &[r(100, 48), r(300, 8)],
+            Mapping::Tiled,
+        );
+        assert_eq!(p.create, vec![r(300, 8)]);
+        assert_eq!(
+            p.fuse,
+            vec![vec![
+                Piece::Kept(1, r(108, 8)),
+                Piece::Gap(r(116, 8)),
+                Piece::Kept(2, r(124, 8)),
+                Piece::Gap(r(132, 8)),
+                Piece::Kept(3, r(140, 8)),
+            ]]
+        );
+        assert_eq!(p.keep, vec![0, 1, 2, 3]);
     }
 
     fn disjoint_extents() -> impl Strategy<Value = Vec<SectorRange>> {
@@ -350,17 +525,11 @@ mod tests {
             touched.sort_unstable();
             prop_assert_eq!(touched, (0..members.len() as u64).collect::<Vec<_>>());
 
-            let after = apply(&members, &p);
-            // Each sector of each extent in exactly one region, and nowhere else.
-            let mut tiles: Vec<SectorRange> = after.iter().map(|&(_, r)| r).collect();
-            tiles.sort_unstable();
-            for pair in tiles.windows(2) {
-                prop_assert!(pair[0].end() <= pair[1].start, "overlapping regions {:?}", pair);
+            for absorb in [false, true] {
+                let after = apply(&members, &p, absorb);
+                prop_assert!(tiles_exactly(&after, &extents), "{:?} after {:?}", after, p);
+                prop_assert!(plan(&after, &extents, Mapping::Tiled).is_noop());
             }
-            let mut wanted = extents.clone();
-            wanted.sort_unstable();
-            prop_assert_eq!(join_adjacent(tiles), join_adjacent(wanted));
-            prop_assert!(plan(&after, &extents, Mapping::Tiled).is_noop());
             // A member lying wholly inside an extent without overlapping a kept one is kept.
             for &(id, range) in &members {
                 let inside = extents.iter().any(|e| e.start <= range.start && range.end() <= e.end());
@@ -368,6 +537,67 @@ mod tests {
                     prop_assert!(p.delete.contains(&id));
                 }
             }
+        }
+
+        #[test]
+        fn a_window_plan_ends_where_the_whole_file_plan_ends(
+            before in disjoint_extents(),
+            window in (0usize..20, 0usize..4),
+            replacement in disjoint_extents(),
+            grow_by in proptest::option::of(1u64..5),
+            cuts in proptest::collection::vec(1u64..6, 0..40),
+            mapping in prop_oneof![Just(Mapping::Exact), Just(Mapping::Tiled)],
+        ) {
+            // The group tiles the file's ranges as a consistent earlier pass left it.
+            let members = tile(&before, &cuts, mapping);
+            // Ranges [from, to) change: the replacement goes into the space they held, shifted
+            // past the end of the device so that nothing else overlaps it.
+            let from = window.0.min(before.len());
+            let to = (from + window.1).min(before.len());
+            let shift = before.last().map_or(0, |e| e.end()) + 8;
+            let old_window: Vec<SectorRange> = before[from..to].to_vec();
+            let new_window: Vec<SectorRange> = match grow_by {
+                // The window's ranges grow in place, up to the next range of the file.
+                Some(by) => (from..to)
+                    .map(|i| {
+                        let limit = before.get(i + 1).map_or(u64::MAX, |next| next.start);
+                        let end = (before[i].end() + by * 8).min(limit);
+                        r(before[i].start, end - before[i].start)
+                    })
+                    .collect(),
+                None => replacement.iter().map(|e| r(e.start + shift, e.len)).collect(),
+            };
+            let mut after_all: Vec<SectorRange> = before[..from].to_vec();
+            after_all.extend(&new_window);
+            after_all.extend(&before[to..]);
+
+            let near: Vec<(u64, SectorRange)> = members
+                .iter()
+                .filter(|(_, m)| {
+                    old_window.iter().chain(&new_window).any(|w| m.start < w.end() && w.start < m.end())
+                })
+                .copied()
+                .collect();
+            let local = plan_window(&near, &old_window, &new_window, mapping)
+                .expect("a consistent group is planned locally");
+            let whole = plan(&members, &after_all, mapping);
+            prop_assert_eq!(&local.create, &whole.create);
+            prop_assert_eq!(&local.fuse, &whole.fuse);
+            prop_assert_eq!(&local.delete, &whole.delete);
+            prop_assert_eq!(
+                sorted_ranges(&apply(&members, &local, true)),
+                sorted_ranges(&apply(&members, &whole, true))
+            );
+        }
+
+        #[test]
+        fn a_window_plan_refuses_a_group_that_does_not_match(
+            before in disjoint_extents(),
+        ) {
+            prop_assume!(!before.is_empty());
+            // A region sticking out of the remembered ranges: only a whole plan can be trusted.
+            let stray = r(before[0].start, before[0].len + 1);
+            prop_assert!(plan_window(&[(9, stray)], &before, &before, Mapping::Tiled).is_none());
         }
 
         #[test]

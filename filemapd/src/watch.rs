@@ -14,6 +14,7 @@ use crate::{
     ebpf::{Hub, Tracer},
     monitor::{Devices, Monitor},
     notify::Notifier,
+    reconcile::Mapping,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,18 +61,27 @@ pub fn parse_config(text: &str) -> anyhow::Result<Vec<WatchEntry>> {
 
 /// Monitors every entry until each one's group is gone (or its file is). Returns false if any
 /// monitor stopped on an error.
-pub async fn run(entries: &[WatchEntry], interval: Duration, ebpf: bool) -> anyhow::Result<bool> {
+pub async fn run(
+    entries: &[WatchEntry],
+    interval: Duration,
+    ebpf: bool,
+    mapping: Mapping,
+) -> anyhow::Result<bool> {
     raise_open_file_limit();
     let mut devices = Devices::default();
     let mut monitors = Vec::with_capacity(entries.len());
     for entry in entries {
-        monitors.push(Monitor::open(
+        let mut monitor = Monitor::open(
             &entry.path,
             entry.group_id,
             entry.mode,
             interval,
             &mut devices,
-        )?);
+        )?;
+        if mapping == Mapping::Exact {
+            monitor.use_exact_mapping();
+        }
+        monitors.push(monitor);
     }
     drop(devices); // the start-up listings: each monitor has its group now
     if ebpf {
@@ -93,6 +103,7 @@ pub async fn run(entries: &[WatchEntry], interval: Duration, ebpf: bool) -> anyh
     for mut monitor in monitors {
         tasks.spawn(async move {
             let result = monitor.run().await;
+            info!("{}: {}", monitor.path().display(), monitor.tally());
             (monitor.path().to_path_buf(), result)
         });
     }

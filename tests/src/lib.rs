@@ -9,6 +9,9 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
+pub mod daemon;
+pub mod writers;
+
 /// Runs a command; its stdout, or an error with its stderr.
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     run_env(program, args, &[])

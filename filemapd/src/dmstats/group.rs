@@ -5,7 +5,9 @@
 //! lvm2 quotes it (`"img":`). We read both and write back the spelling we read, byte for byte.
 use std::fmt;
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
+
+use super::id_set::IdSet;
 
 const TAG: &str = "DMS_GROUP=";
 
@@ -15,8 +17,8 @@ pub struct GroupDescriptor {
     pub alias: String,
     /// Whether the alias was written inside double quotes.
     pub quoted: bool,
-    /// Member region ids, ascending, without duplicates. The first is the leader.
-    pub members: Vec<u64>,
+    /// Member region ids. The lowest is the leader.
+    pub members: IdSet,
     /// What followed `#`: the user's own aux_data (`-` when none). `None` when there was no `#`.
     pub user_aux: Option<String>,
 }
@@ -45,7 +47,7 @@ impl GroupDescriptor {
             Some((members, user)) => (members, Some(user.to_string())),
             None => (rest, None),
         };
-        let members = parse_members(members)
+        let members = IdSet::parse(members)
             .with_context(|| format!("bad member list in group descriptor {aux_data:?}"))?;
         Ok(Some(Self {
             alias: alias.to_string(),
@@ -57,13 +59,11 @@ impl GroupDescriptor {
 
     /// The leader: the lowest member id.
     pub fn leader(&self) -> Option<u64> {
-        self.members.first().copied()
+        self.members.first()
     }
 
     /// A descriptor for a new set of members, keeping alias, spelling and user aux_data.
-    pub fn with_members(&self, mut members: Vec<u64>) -> Self {
-        members.sort_unstable();
-        members.dedup();
+    pub fn with_members(&self, members: IdSet) -> Self {
         Self {
             members,
             ..self.clone()
@@ -93,58 +93,12 @@ impl fmt::Display for GroupDescriptor {
         } else {
             write!(f, "{}:", self.alias)?;
         }
-        f.write_str(&format_members(&self.members))?;
+        write!(f, "{}", self.members)?;
         if let Some(user) = &self.user_aux {
             write!(f, "#{user}")?;
         }
         Ok(())
     }
-}
-
-/// Parses range notation (`0-3,5,9-10`) into ascending, distinct ids.
-pub fn parse_members(list: &str) -> anyhow::Result<Vec<u64>> {
-    let mut ids = Vec::new();
-    for item in list.split(',') {
-        let (first, last) = match item.split_once('-') {
-            Some((a, b)) => (a, b),
-            None => (item, item),
-        };
-        let first: u64 = first
-            .parse()
-            .with_context(|| format!("bad region id {first:?}"))?;
-        let last: u64 = last
-            .parse()
-            .with_context(|| format!("bad region id {last:?}"))?;
-        if first > last {
-            bail!("descending range {item:?}");
-        }
-        ids.extend(first..=last);
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    Ok(ids)
-}
-
-/// Formats ascending ids in range notation as libdm does: runs of two or more as `a-b`.
-pub fn format_members(ids: &[u64]) -> String {
-    let mut out = String::new();
-    let mut i = 0;
-    while i < ids.len() {
-        let mut j = i;
-        while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
-            j += 1;
-        }
-        if !out.is_empty() {
-            out.push(',');
-        }
-        if i == j {
-            out.push_str(&ids[i].to_string());
-        } else {
-            out.push_str(&format!("{}-{}", ids[i], ids[j]));
-        }
-        i = j + 1;
-    }
-    out
 }
 
 #[cfg(test)]
@@ -159,7 +113,7 @@ mod tests {
             .unwrap();
         assert_eq!(g.alias, "img");
         assert!(!g.quoted);
-        assert_eq!(g.members, vec![0]);
+        assert_eq!(g.members.to_vec(), vec![0]);
         assert_eq!(g.user_aux.as_deref(), Some("-"));
         assert_eq!(g.to_string(), "DMS_GROUP=img:0#-");
     }
@@ -171,7 +125,7 @@ mod tests {
             .unwrap();
         assert_eq!(g.alias, "img");
         assert!(g.quoted);
-        assert_eq!(g.members, vec![0, 1]);
+        assert_eq!(g.members.to_vec(), vec![0, 1]);
         assert_eq!(g.to_string(), "DMS_GROUP=\"img\":0-1#-");
     }
 
@@ -181,7 +135,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(g.alias, "");
-        assert_eq!(g.members, vec![3, 4, 5, 9]);
+        assert_eq!(g.members.to_vec(), vec![3, 4, 5, 9]);
         assert_eq!(g.leader(), Some(3));
         assert_eq!(g.user_aux.as_deref(), Some("mydata"));
         assert_eq!(g.to_string(), "DMS_GROUP=:3-5,9#mydata");
@@ -193,7 +147,8 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(
-            g.with_members(vec![7, 2, 3, 2]).to_string(),
+            g.with_members([7, 2, 3, 2].into_iter().collect())
+                .to_string(),
             "DMS_GROUP=f1:2-3,7#-"
         );
     }
@@ -230,30 +185,22 @@ mod tests {
 
     #[test]
     fn member_notation_matches_libdm() {
-        assert_eq!(format_members(&[0]), "0");
-        assert_eq!(format_members(&[0, 1]), "0-1");
-        assert_eq!(format_members(&[0, 1, 2, 3, 5, 9, 10]), "0-3,5,9-10");
-        assert_eq!(format_members(&[]), "");
+        let notation = |ids: &[u64]| ids.iter().copied().collect::<IdSet>().to_string();
+        assert_eq!(notation(&[0]), "0");
+        assert_eq!(notation(&[0, 1]), "0-1");
+        assert_eq!(notation(&[0, 1, 2, 3, 5, 9, 10]), "0-3,5,9-10");
+        assert_eq!(notation(&[]), "");
     }
 
     proptest! {
         #[test]
-        fn member_notation_round_trips(mut ids in proptest::collection::vec(0u64..200, 1..60)) {
-            ids.sort_unstable();
-            ids.dedup();
-            prop_assert_eq!(parse_members(&format_members(&ids)).unwrap(), ids);
-        }
-
-        #[test]
         fn descriptors_round_trip_byte_for_byte(
             alias in "[a-zA-Z0-9_.-]{0,12}",
             quoted: bool,
-            mut ids in proptest::collection::vec(0u64..500, 1..40),
+            ids in proptest::collection::vec(0u64..500, 1..40),
             user in proptest::option::of("[a-z0-9=-]{1,8}"),
         ) {
-            ids.sort_unstable();
-            ids.dedup();
-            let g = GroupDescriptor { alias, quoted, members: ids, user_aux: user };
+            let g = GroupDescriptor { alias, quoted, members: ids.into_iter().collect(), user_aux: user };
             let text = g.to_string();
             prop_assert_eq!(GroupDescriptor::parse(&text).unwrap().unwrap(), g.clone());
             prop_assert_eq!(GroupDescriptor::parse(&text).unwrap().unwrap().to_string(), text);

@@ -1,6 +1,7 @@
 //! dm-stats on one device-mapper device: the `@stats_*` target messages, sent through
 //! devicemapper-rs's DM_TARGET_MSG support.
 pub mod group;
+pub mod id_set;
 pub mod region;
 
 use anyhow::{Context as _, bail};
@@ -138,7 +139,7 @@ pub fn group_members(
     }
     let members = regions
         .iter()
-        .filter(|r| descriptor.members.binary_search(&r.id).is_ok())
+        .filter(|r| descriptor.members.contains(r.id))
         .cloned()
         .collect();
     Ok(Some((descriptor, members)))

@@ -120,19 +120,23 @@ pub struct Counters {
 }
 
 /// Parses a `@stats_print` answer and sums its areas: `<start>+<len> <counter>...` per line.
+/// The eleven counters come first; regions with precise timestamps or a histogram add columns
+/// after them (nanosecond totals, `a:b:c` bucket counts) that are zero whenever the IO counts
+/// are, and are not read here.
 pub fn parse_counters(text: &str) -> anyhow::Result<Counters> {
     let mut total = Counters::default();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let values: Vec<u64> = line
             .split_ascii_whitespace()
             .skip(1)
+            .take(11)
             .map(|v| {
                 v.parse()
                     .with_context(|| format!("bad counter {v:?} in {line:?}"))
             })
             .collect::<anyhow::Result<_>>()?;
         ensure!(
-            values.len() >= 11,
+            values.len() == 11,
             "@stats_print line has {} counters: {line:?}",
             values.len()
         );
@@ -156,6 +160,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn counters_of_precise_regions_with_a_histogram() {
+        // As Debian's 6.1 kernel prints a region with precise_timestamps and histogram:10,20.
+        let c = parse_counters("270336+4096 1 0 8 0 2 0 16 3 0 3 3 0 0 1:0:2\n").unwrap();
+        assert_eq!(
+            (c.reads, c.sectors_read, c.writes, c.sectors_written),
+            (1, 8, 2, 16)
+        );
+        assert_eq!(c.io_ms, 3);
+    }
+
+    #[test]
     fn parses_the_reference_example() {
         let regions = parse_list(
             "0: 278528+32768 32768 dmstats DMS_GROUP=f1:0-1#-\n1: 270336+8192 8192 dmstats -\n",
@@ -166,7 +181,10 @@ mod tests {
         assert_eq!(regions[0].range, SectorRange::new(278528, 32768));
         assert_eq!(regions[0].step, 32768);
         assert_eq!(regions[0].program_id, "dmstats");
-        assert_eq!(regions[0].group().unwrap().unwrap().members, vec![0, 1]);
+        assert_eq!(
+            regions[0].group().unwrap().unwrap().members.to_vec(),
+            vec![0, 1]
+        );
         assert_eq!(regions[1].aux_data, "-");
         assert_eq!(regions[1].group().unwrap(), None);
     }

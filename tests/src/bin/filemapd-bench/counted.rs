@@ -2,18 +2,19 @@
 //! what it wrote did the group's regions count (`@stats_print`), and how fast was the writer
 //! with each monitor beside it?
 use std::{
-    alloc::{Layout, alloc_zeroed, dealloc},
     fs,
-    os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _},
+    os::unix::fs::{FileExt as _, MetadataExt as _},
     path::Path,
     time::{Duration, Instant},
 };
 
 use filemapd::dmstats::StatsDevice;
-use filemapd_tests::{DmFs, FsKind, map_without_daemon, write_and_sync};
+use filemapd_tests::{
+    DmFs, FsKind, map_without_daemon, write_and_sync, writers::random_direct_writes,
+};
 
 use crate::{
-    monitors::{Monitor, Rng, group_sectors_written, wait_covered},
+    monitors::{Monitor, group_sectors_written, wait_covered},
     report,
 };
 
@@ -173,50 +174,5 @@ fn write_sequential(path: &Path) -> u64 {
 }
 
 fn write_random_direct(path: &Path) -> u64 {
-    const CHUNK: usize = 64 << 10;
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap();
-    file.set_len(HEAD + GROWTH).unwrap();
-    let buffer = AlignedBuffer::new(CHUNK);
-    let chunks = GROWTH / CHUNK as u64;
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
-    for _ in 0..chunks {
-        let offset = HEAD + rng.below(chunks) * CHUNK as u64;
-        file.write_all_at(buffer.bytes(), offset).unwrap();
-    }
-    file.sync_all().unwrap();
-    chunks * CHUNK as u64
-}
-
-/// A page-aligned buffer, as O_DIRECT wants.
-struct AlignedBuffer {
-    ptr: *mut u8,
-    layout: Layout,
-}
-
-impl AlignedBuffer {
-    fn new(len: usize) -> Self {
-        let layout = Layout::from_size_align(len, 4096).unwrap();
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        assert!(!ptr.is_null());
-        // SAFETY: ptr points to len bytes we own.
-        unsafe { std::ptr::write_bytes(ptr, 0x5a, len) };
-        Self { ptr, layout }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: ptr points to layout.size() initialised bytes, alive as long as self.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuffer {
-    fn drop(&mut self) {
-        // SAFETY: allocated in new with this layout.
-        unsafe { dealloc(self.ptr, self.layout) };
-    }
+    random_direct_writes(path, HEAD, GROWTH, 0x2545_f491_4f6c_dd1d)
 }

@@ -8,10 +8,10 @@ use std::{
 };
 
 use filemapd::dmstats::StatsDevice;
-use filemapd_tests::{DmFs, FsKind, map_without_daemon, write_and_sync};
+use filemapd_tests::{DmFs, FsKind, map_without_daemon, write_and_sync, writers::Rng};
 
 use crate::{
-    monitors::{Monitor, Rng, wait_covered},
+    monitors::{Monitor, wait_covered},
     ms, quantile, report,
 };
 

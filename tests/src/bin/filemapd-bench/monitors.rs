@@ -127,28 +127,7 @@ pub fn group_sectors_written(device: &StatsDevice) -> u64 {
         .find_map(|r| Group::find(&regions, r.id).unwrap())
         .expect("the device holds a group");
     group
-        .members
-        .iter()
+        .members()
         .map(|m| device.counters(m.id).unwrap().sectors_written)
         .sum()
-}
-
-/// xorshift64: reproducible pseudo-random numbers without a dependency.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    pub fn duration_below(&mut self, max: Duration) -> Duration {
-        max.mul_f64((self.next() >> 11) as f64 / (1u64 << 53) as f64)
-    }
 }

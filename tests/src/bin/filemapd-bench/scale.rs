@@ -201,7 +201,11 @@ fn many_files(files: usize) {
             write_and_sync(path, offset, 64 << 10).unwrap();
             let synced = Instant::now();
             let covered = wait_covered(&device, path, offset, 64 << 10, Duration::from_secs(30));
-            latencies.push(covered.then(|| synced.elapsed()).unwrap_or(Duration::MAX));
+            latencies.push(if covered {
+                synced.elapsed()
+            } else {
+                Duration::MAX
+            });
         }
         latencies.sort_unstable();
         let median = quantile(&latencies, 0.5);
@@ -234,7 +238,7 @@ fn make_group(device: &StatsDevice, path: &Path, alias: &str) -> u64 {
     let descriptor = GroupDescriptor {
         alias: alias.to_string(),
         quoted: false,
-        members: vec![id],
+        members: [id].into_iter().collect(),
         user_aux: Some("-".to_string()),
     };
     device.set_aux(id, &descriptor.to_string()).unwrap();

@@ -1,0 +1,305 @@
+//! The file's extents as last read, indexed by logical offset, so that an event costs a FIEMAP
+//! of the range it names and a look at that part of the map, not a walk over every extent.
+//!
+//! Regions follow the *merged* device ranges ([`fiemap::device_ranges`]): placed extents that
+//! follow each other physically form one range, across holes in the file. So what a change to
+//! one logical span does to the ranges reaches as far as the physically contiguous runs on
+//! either side of it; [`ExtentMap::replace`] reports the ranges of that stretch before and
+//! after, which is all a plan of the change needs.
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::{
+    fiemap::{self, Extent, extent_flags},
+    sectors::SectorRange,
+};
+
+#[derive(Clone, Debug, Default)]
+pub struct ExtentMap {
+    /// logical byte offset → extent (without the LAST flag, which only ends a FIEMAP read).
+    extents: BTreeMap<u64, Extent>,
+    /// How many extents await a place (delayed allocation).
+    unplaced: usize,
+}
+
+/// What re-reading one stretch of the file changed on the device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StretchChange {
+    /// The merged device ranges that the change took away and those it brought; every other
+    /// range of the file is the same before and after.
+    pub before: Vec<SectorRange>,
+    pub after: Vec<SectorRange>,
+    /// Whether the stretch's extents are exactly as they were.
+    pub unchanged: bool,
+}
+
+impl ExtentMap {
+    pub fn new(extents: Vec<Extent>) -> Self {
+        let mut map = Self::default();
+        for extent in extents {
+            map.insert(extent);
+        }
+        map
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.extents.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.extents.len()
+    }
+
+    /// Whether some extent has no place yet.
+    pub fn has_unplaced(&self) -> bool {
+        self.unplaced > 0
+    }
+
+    /// The merged device ranges of the whole file.
+    pub fn device_ranges(&self) -> Vec<SectorRange> {
+        fiemap::device_ranges(&self.extents.values().copied().collect::<Vec<_>>())
+    }
+
+    /// Whether a placed extent holds the logical bytes `start..start + len`.
+    pub fn holds_placed(&self, start: u64, len: u64) -> bool {
+        self.extents
+            .range(..=start)
+            .next_back()
+            .is_some_and(|(_, e)| e.is_placed() && start + len <= e.logical + e.length)
+    }
+
+    /// Widens the logical span `lo..hi` to the whole extents it cuts into: FIEMAP of the
+    /// wider span then tells the whole truth about every extent a [`replace`](Self::replace)
+    /// drops (a hole punched into an extent's tail would otherwise lose its head).
+    pub fn widen(&self, lo: u64, hi: u64) -> (u64, u64) {
+        let lo = match self.extents.range(..lo).next_back() {
+            Some((_, e)) if e.logical + e.length > lo => e.logical,
+            _ => lo,
+        };
+        let hi = match self.extents.range(..hi).next_back() {
+            Some((_, e)) if e.logical + e.length > hi => e.logical + e.length,
+            _ => hi,
+        };
+        (lo, hi)
+    }
+
+    /// Replaces what the map says of the logical span `lo..hi` with `fresh`, a FIEMAP of that
+    /// span (whole extents overlapping it, which may reach beyond it). O((k + r) log n) for k
+    /// extents in the span and r in the physically contiguous runs on either side.
+    pub fn replace(&mut self, lo: u64, hi: u64, fresh: Vec<Extent>) -> StretchChange {
+        let lo = fresh.iter().map(|e| e.logical).fold(lo, u64::min);
+        let hi = fresh
+            .iter()
+            .map(|e| e.logical.saturating_add(e.length))
+            .fold(hi, u64::max);
+        let (lo, hi) = self.widen(lo, hi);
+        let (from, to) = (self.run_start_before(lo), self.run_end_after(hi));
+
+        let old_stretch = self.stretch(from, to);
+        let dropped: Vec<u64> = self.extents.range(lo..hi).map(|(&at, _)| at).collect();
+        for at in dropped {
+            if let Some(extent) = self.extents.remove(&at)
+                && !extent.is_placed()
+            {
+                self.unplaced -= 1;
+            }
+        }
+        for extent in fresh {
+            self.insert(extent);
+        }
+        let new_stretch = self.stretch(from, to);
+        // Ranges the stretch holds before and after alike did not change: leave them out.
+        let mut before = fiemap::device_ranges(&old_stretch);
+        let mut after = fiemap::device_ranges(&new_stretch);
+        let common: BTreeSet<SectorRange> = before
+            .iter()
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .intersection(&after.iter().copied().collect())
+            .copied()
+            .collect();
+        before.retain(|r| !common.contains(r));
+        after.retain(|r| !common.contains(r));
+        StretchChange {
+            before,
+            after,
+            unchanged: old_stretch == new_stretch,
+        }
+    }
+
+    fn insert(&mut self, mut extent: Extent) {
+        extent.flags &= !extent_flags::LAST;
+        if !extent.is_placed() {
+            self.unplaced += 1;
+        }
+        if let Some(old) = self.extents.insert(extent.logical, extent)
+            && !old.is_placed()
+        {
+            self.unplaced -= 1;
+        }
+    }
+
+    fn stretch(&self, from: u64, to: u64) -> Vec<Extent> {
+        self.extents.range(from..to).map(|(_, e)| *e).collect()
+    }
+
+    /// Where the physically contiguous run of placed extents ending before `lo` starts (`lo`
+    /// when none ends before it): no range of the file crosses that offset.
+    fn run_start_before(&self, lo: u64) -> u64 {
+        let mut placed = self
+            .extents
+            .range(..lo)
+            .rev()
+            .map(|(_, e)| e)
+            .filter(|e| e.is_placed());
+        let Some(mut first) = placed.next() else {
+            return lo;
+        };
+        for earlier in placed {
+            if earlier.physical + earlier.length != first.physical {
+                break;
+            }
+            first = earlier;
+        }
+        first.logical
+    }
+
+    /// Where the physically contiguous run of placed extents starting at or after `hi` ends.
+    fn run_end_after(&self, hi: u64) -> u64 {
+        let mut placed = self
+            .extents
+            .range(hi..)
+            .map(|(_, e)| e)
+            .filter(|e| e.is_placed());
+        let Some(mut last) = placed.next() else {
+            return hi;
+        };
+        for later in placed {
+            if last.physical + last.length != later.physical {
+                break;
+            }
+            last = later;
+        }
+        last.logical + last.length
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ext(logical: u64, physical: u64, length: u64) -> Extent {
+        Extent {
+            logical,
+            physical,
+            length,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn growth_at_the_end_reports_the_grown_range_only() {
+        let mut map = ExtentMap::new(vec![ext(0, 1 << 20, 4096), ext(1 << 20, 8 << 20, 4096)]);
+        let change = map.replace(4096 + (1 << 20), 4096, vec![ext(1 << 20, 8 << 20, 8192)]);
+        assert_eq!(change.before, vec![SectorRange::new(16384, 8)]);
+        assert_eq!(change.after, vec![SectorRange::new(16384, 16)]);
+        assert!(!change.unchanged);
+        assert_eq!(
+            map.device_ranges(),
+            vec![SectorRange::new(2048, 8), SectorRange::new(16384, 16)]
+        );
+    }
+
+    #[test]
+    fn a_change_reaches_the_physically_contiguous_neighbours() {
+        // Extents 0 and 2 are physically contiguous around a hole at 4 KiB; filling the hole
+        // elsewhere splits nothing, but the stretch spans the whole run.
+        let mut map = ExtentMap::new(vec![ext(0, 4096, 4096), ext(8192, 8192, 4096)]);
+        let change = map.replace(4096, 4096, vec![ext(4096, 1 << 20, 4096)]);
+        assert_eq!(change.before, vec![SectorRange::new(8, 16)]);
+        assert_eq!(
+            change.after,
+            vec![
+                SectorRange::new(8, 8),
+                SectorRange::new(2048, 8),
+                SectorRange::new(16, 8)
+            ]
+        );
+        // Untouched neighbours that stay as they were are left out.
+        let change = map.replace(4096, 4096, vec![ext(4096, 4 << 20, 4096)]);
+        assert_eq!(change.before, vec![SectorRange::new(2048, 8)]);
+        assert_eq!(change.after, vec![SectorRange::new(8192, 8)]);
+    }
+
+    fn file() -> impl Strategy<Value = Vec<Extent>> {
+        // Logical extents of 1..4 blocks with gaps; physical places often contiguous.
+        proptest::collection::vec((0u64..2, 1u64..4, 0u64..3, any::<bool>()), 0..25).prop_map(|v| {
+            let (mut logical, mut physical) = (0, 1000);
+            v.into_iter()
+                .map(|(gap, len, jump, placed)| {
+                    logical += gap * 4096;
+                    physical += jump * 4096;
+                    let mut e = ext(logical, physical, len * 4096);
+                    if !placed {
+                        e.flags = extent_flags::DELALLOC;
+                    }
+                    logical += len * 4096;
+                    physical += len * 4096;
+                    e
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        /// Replacing a span with what the new file holds there gives the new file's map, and
+        /// the reported stretch accounts for every range that changed.
+        #[test]
+        fn replacing_a_span_is_rereading_the_file(
+            old in file(),
+            new in file(),
+            span in (0u64..30, 1u64..30),
+        ) {
+            let (lo, hi) = (span.0 * 4096, (span.0 + span.1) * 4096);
+            // The new file: the old one outside lo..hi (after widening), the new one inside.
+            let mut map = ExtentMap::new(old.clone());
+            let (wlo, whi) = map.widen(lo, hi);
+            let fresh: Vec<Extent> = new
+                .iter()
+                .filter(|e| e.logical < whi && wlo < e.logical + e.length)
+                .copied()
+                .collect();
+            let flo = fresh.iter().map(|e| e.logical).fold(wlo, u64::min);
+            let fhi = fresh.iter().map(|e| e.logical + e.length).fold(whi, u64::max);
+            let (flo, fhi) = map.widen(flo, fhi);
+            let mut whole: Vec<Extent> = old
+                .iter()
+                .filter(|e| e.logical + e.length <= flo || e.logical >= fhi)
+                .copied()
+                .chain(fresh.iter().copied())
+                .collect();
+            whole.sort_by_key(|e| e.logical);
+            // Physically overlapping extents cannot exist in one file: skip such pairs.
+            let mut places: Vec<(u64, u64)> = whole.iter().filter(|e| e.is_placed()).map(|e| (e.physical, e.length)).collect();
+            places.sort_unstable();
+            prop_assume!(places.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
+
+            let before_all = map.device_ranges();
+            let change = map.replace(wlo, whi, fresh);
+            let after_all = fiemap::device_ranges(&whole);
+            prop_assert_eq!(map.device_ranges(), after_all.clone());
+            prop_assert_eq!(map.has_unplaced(), whole.iter().any(|e| !e.is_placed()));
+            // before_all minus the stretch's old ranges, plus its new ones, is after_all.
+            let mut rebuilt: Vec<SectorRange> = before_all
+                .iter()
+                .filter(|r| !change.before.contains(r))
+                .copied()
+                .chain(change.after.iter().copied())
+                .collect();
+            rebuilt.sort_unstable();
+            let mut expected = after_all;
+            expected.sort_unstable();
+            prop_assert_eq!(rebuilt, expected);
+        }
+    }
+}

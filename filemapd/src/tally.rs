@@ -1,0 +1,35 @@
+//! What a monitor did over its life, logged when it stops: the figures a storm test and an
+//! operator read (how many events became how many passes, regions made and removed).
+use std::fmt;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Allocation or removal events for the file.
+    pub events: u64,
+    /// Passes that looked at the file.
+    pub passes: u64,
+    /// Of those, passes that read and planned the whole file (the rest: a changed stretch).
+    pub whole_passes: u64,
+    /// Passes held back because region creations had spent their device-time budget.
+    pub paced: u64,
+    pub created: u64,
+    pub deleted: u64,
+    /// Regions replaced by a longer one because they had counted nothing yet.
+    pub fused: u64,
+}
+
+impl fmt::Display for Tally {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} events, {} passes ({} of the whole file), {} paced, {} regions created, {} deleted ({} fused into longer ones)",
+            self.events,
+            self.passes,
+            self.whole_passes,
+            self.paced,
+            self.created,
+            self.deleted,
+            self.fused
+        )
+    }
+}

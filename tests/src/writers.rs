@@ -1,0 +1,80 @@
+//! Writers that make files grow the way VM images do, shared by the VM tests and the bench.
+use std::{
+    alloc::{Layout, alloc_zeroed, dealloc},
+    fs,
+    os::unix::fs::{FileExt as _, OpenOptionsExt as _},
+    path::Path,
+    time::Duration,
+};
+
+/// A VM image with cache=none: 64 KiB O_DIRECT writes at random 64 KiB-aligned offsets of the
+/// sparse span `head..head + span`, as many bytes as the span (so some land twice), then one
+/// fsync. The file is first sized to the span's end. Returns the bytes written.
+pub fn random_direct_writes(path: &Path, head: u64, span: u64, seed: u64) -> u64 {
+    const CHUNK: usize = 64 << 10;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    file.set_len(head + span).unwrap();
+    let buffer = AlignedBuffer::new(CHUNK);
+    let chunks = span / CHUNK as u64;
+    let mut rng = Rng(seed);
+    for _ in 0..chunks {
+        let offset = head + rng.below(chunks) * CHUNK as u64;
+        file.write_all_at(buffer.bytes(), offset).unwrap();
+    }
+    file.sync_all().unwrap();
+    chunks * CHUNK as u64
+}
+
+/// xorshift64: reproducible pseudo-random numbers without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    pub fn duration_below(&mut self, max: Duration) -> Duration {
+        max.mul_f64((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
+    }
+}
+
+/// A page-aligned buffer, as O_DIRECT wants.
+struct AlignedBuffer {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl AlignedBuffer {
+    fn new(len: usize) -> Self {
+        let layout = Layout::from_size_align(len, 4096).unwrap();
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        assert!(!ptr.is_null());
+        // SAFETY: ptr points to len bytes we own.
+        unsafe { std::ptr::write_bytes(ptr, 0x5a, len) };
+        Self { ptr, layout }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: ptr points to layout.size() initialised bytes, alive as long as self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new with this layout.
+        unsafe { dealloc(self.ptr, self.layout) };
+    }
+}

@@ -1,0 +1,278 @@
+//! Growth against real device-mapper (run inside the VM by `cargo xtask test`): regions tile a
+//! growing file and keep their counters whatever wakes the daemon, few regions per extent
+//! after many appends, a storm of allocations in few passes, and lvm2's exact mapping on
+//! request.
+use std::path::Path;
+
+use filemapd::dmstats::StatsDevice;
+use filemapd_tests::{
+    DmFs, FsKind,
+    daemon::{
+        EXIT, LoggedDaemon, append, device_of, file_ranges, group_by_alias, map_and_monitor_with,
+        wait_converged, wait_converged_exactly,
+    },
+    map_without_daemon, require_device_mapper, run, wait_for_exit, write_and_sync,
+    writers::random_direct_writes,
+};
+
+/// Reads the whole file with O_DIRECT, so that its group's regions count it.
+fn read_past_the_cache(path: &Path) {
+    run(
+        "dd",
+        &[
+            &format!("if={}", path.display()),
+            "of=/dev/null",
+            "bs=64k",
+            "iflag=direct",
+            "status=none",
+        ],
+    )
+    .unwrap();
+}
+
+/// Sectors read as the group's regions count them.
+fn group_sectors_read(device: &StatsDevice, alias: &str) -> u64 {
+    let (_, members) = group_by_alias(device, alias).unwrap();
+    members
+        .iter()
+        .map(|r| device.counters(r.id).unwrap().sectors_read)
+        .sum()
+}
+
+/// Deletes the group with dmstats and waits for its daemon to go.
+fn delete_group(dmfs: &DmFs, path: &Path, alias: &str, pid: i32) {
+    let (current, _) = group_by_alias(&device_of(path), alias).unwrap();
+    run(
+        "dmstats",
+        &["delete", "--groupid", &current.to_string(), &dmfs.name],
+    )
+    .unwrap();
+    assert!(
+        wait_for_exit(pid, EXIT).unwrap(),
+        "daemon {pid} outlived its group"
+    );
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Launch {
+    /// `filemapd --ebpf` started by hand.
+    Ebpf,
+    /// Debian's dmstats starts the drop-in without FILEMAPD_EBPF: it polls.
+    DropInPolling,
+}
+
+/// The point of tiling: when the last extent grows, its region (and its counters) stays, a new
+/// region covers the new part, and dmstats still reports the group as the whole file.
+fn growth_keeps_the_counters(fs_kind: FsKind, launch: Launch) {
+    require_device_mapper();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let path = dmfs.mount.dir.join("vm.img");
+    write_and_sync(&path, 0, 2 << 20).unwrap();
+    let (daemon, pid) = match launch {
+        Launch::Ebpf => {
+            let group = map_without_daemon(&path).unwrap().to_string();
+            let mut daemon = LoggedDaemon::ebpf_inode(&path, &group, 1);
+            daemon.wait_for_line("eBPF trigger on");
+            let pid = daemon.child.id() as i32;
+            (Some(daemon), pid)
+        }
+        Launch::DropInPolling => (None, map_and_monitor_with(&path, &[], &[]).1),
+    };
+    wait_converged(&dmfs, &path, "vm.img", "start-up");
+
+    read_past_the_cache(&path);
+    let device = device_of(&path);
+    let (_, before) = group_by_alias(&device, "vm.img").unwrap();
+    let counted: Vec<_> = before
+        .iter()
+        .map(|r| (r.id, r.range, device.counters(r.id).unwrap()))
+        .collect();
+    let sectors_read: u64 = counted.iter().map(|(_, _, c)| c.sectors_read).sum();
+    assert_eq!(
+        sectors_read, 4096,
+        "2 MiB read with O_DIRECT should count 4096 sectors: {counted:?}"
+    );
+
+    append(&path, 4);
+    wait_converged(
+        &dmfs,
+        &path,
+        "vm.img",
+        &format!("growing the file ({launch:?})"),
+    );
+    let (_, after) = group_by_alias(&device, "vm.img").unwrap();
+    for (id, range, counters) in &counted {
+        let region = after.iter().find(|r| r.id == *id);
+        assert!(
+            region.is_some_and(|r| r.range == *range),
+            "region {id} ({range}) did not survive growth: {after:?}"
+        );
+        let now = device.counters(*id).unwrap();
+        assert!(
+            now.sectors_read >= counters.sectors_read,
+            "region {id} lost counters: {counters:?} -> {now:?}"
+        );
+        eprintln!(
+            "@stats_print {id} before growth: {counters:?}\n@stats_print {id} after growth: {now:?}"
+        );
+    }
+    assert!(
+        after.len() > before.len(),
+        "no region was added for the new part"
+    );
+
+    // dmstats sees one group covering the whole file.
+    let listing = run("dmstats", &["list", "--units", "s", &dmfs.name]).unwrap();
+    let group_rows: Vec<Vec<&str>> = listing
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|cols| cols.len() >= 6 && cols[3] == "group")
+        .collect();
+    assert_eq!(group_rows.len(), 1, "{listing}");
+    let file_sectors: u64 = file_ranges(&path).iter().map(|r| r.len).sum();
+    assert_eq!(
+        group_rows[0][5].parse::<u64>().unwrap(),
+        file_sectors,
+        "{listing}"
+    );
+    eprintln!("dmstats list after growth:\n{listing}");
+    delete_group(&dmfs, &path, "vm.img", pid);
+    drop(daemon);
+}
+
+#[test]
+fn ext4_growth_keeps_the_counters() {
+    growth_keeps_the_counters(FsKind::Ext4, Launch::Ebpf);
+}
+#[test]
+fn xfs_growth_keeps_the_counters() {
+    growth_keeps_the_counters(FsKind::Xfs, Launch::Ebpf);
+}
+#[test]
+fn ext4_growth_keeps_the_counters_in_the_polling_drop_in() {
+    growth_keeps_the_counters(FsKind::Ext4, Launch::DropInPolling);
+}
+#[test]
+fn xfs_growth_keeps_the_counters_in_the_polling_drop_in() {
+    growth_keeps_the_counters(FsKind::Xfs, Launch::DropInPolling);
+}
+
+/// 200 fsync'd 64 KiB appends under a dmstats-launched eBPF daemon: regions that counted
+/// nothing are fused with the growth beside them, so each extent ends with few regions, and
+/// the IO counted before the growth is still counted after it.
+fn appends_keep_few_regions_per_extent(fs_kind: FsKind) {
+    const APPENDS: u64 = 200;
+    const MOST_REGIONS_PER_EXTENT: usize = 4;
+    require_device_mapper();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let path = dmfs.mount.dir.join("vm.img");
+    write_and_sync(&path, 0, 1 << 20).unwrap();
+    let (_, pid) = map_and_monitor_with(&path, &[], &[("FILEMAPD_EBPF", "1")]);
+    wait_converged(&dmfs, &path, "vm.img", "start-up");
+    read_past_the_cache(&path);
+    let device = device_of(&path);
+    let counted_before = group_sectors_read(&device, "vm.img");
+    assert_eq!(counted_before, 2048, "1 MiB read with O_DIRECT");
+
+    for i in 0..APPENDS {
+        write_and_sync(&path, (1 << 20) + i * (64 << 10), 64 << 10).unwrap();
+    }
+    wait_converged(&dmfs, &path, "vm.img", "200 appends");
+    let extents = file_ranges(&path).len();
+    let (_, members) = group_by_alias(&device, "vm.img").unwrap();
+    eprintln!(
+        "{fs_kind:?}: {APPENDS} appends → {extents} extent(s), {} region(s)",
+        members.len()
+    );
+    assert!(
+        members.len() <= MOST_REGIONS_PER_EXTENT * extents,
+        "{} regions for {extents} extents:\n{}",
+        members.len(),
+        run("dmstats", &["list", "--units", "s", &dmfs.name]).unwrap()
+    );
+    assert_eq!(
+        group_sectors_read(&device, "vm.img"),
+        counted_before,
+        "IO counted before the growth was lost"
+    );
+    delete_group(&dmfs, &path, "vm.img", pid);
+}
+
+#[test]
+fn ext4_appends_keep_few_regions_per_extent() {
+    appends_keep_few_regions_per_extent(FsKind::Ext4);
+}
+#[test]
+fn xfs_appends_keep_few_regions_per_extent() {
+    appends_keep_few_regions_per_extent(FsKind::Xfs);
+}
+
+/// The figure `name` in the daemon's closing tally line ("N events, N passes (...)").
+fn tally_figure(tally: &str, name: &str) -> u64 {
+    let words: Vec<&str> = tally.split_whitespace().collect();
+    let at = words
+        .iter()
+        .position(|w| w.trim_end_matches(',') == name)
+        .unwrap_or_else(|| panic!("no {name:?} in {tally:?}"));
+    words[at - 1].parse().unwrap()
+}
+
+/// A storm of allocations (random 64 KiB O_DIRECT writes into a sparse span, each allocating)
+/// ends covered, in far fewer passes than events: as the daemon counts them in its tally.
+fn a_storm_takes_few_passes(fs_kind: FsKind) {
+    require_device_mapper();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let path = dmfs.mount.dir.join("vm.img");
+    write_and_sync(&path, 0, 1 << 20).unwrap();
+    let group = map_without_daemon(&path).unwrap().to_string();
+    let mut daemon = LoggedDaemon::ebpf_inode(&path, &group, 1);
+    daemon.wait_for_line("Waking on events only");
+    wait_converged(&dmfs, &path, "vm.img", "start-up");
+
+    random_direct_writes(&path, 1 << 20, 64 << 20, 0x9e37_79b9_7f4a_7c15);
+    wait_converged(&dmfs, &path, "vm.img", "the storm");
+
+    let (current, _) = group_by_alias(&device_of(&path), "vm.img").unwrap();
+    run(
+        "dmstats",
+        &["delete", "--groupid", &current.to_string(), &dmfs.name],
+    )
+    .unwrap();
+    daemon.wait_for_line("passes (");
+    let log = daemon.stop();
+    let tally = log.iter().find(|l| l.contains("passes (")).unwrap();
+    let (events, passes) = (tally_figure(tally, "events"), tally_figure(tally, "passes"));
+    eprintln!("{fs_kind:?}: {tally}");
+    assert!(
+        events >= 256,
+        "the storm's allocations should be events: {tally}"
+    );
+    assert!(
+        passes * 4 <= events,
+        "a storm of {events} events took {passes} passes: {tally}"
+    );
+}
+
+#[test]
+fn ext4_a_storm_takes_few_passes() {
+    a_storm_takes_few_passes(FsKind::Ext4);
+}
+#[test]
+fn xfs_a_storm_takes_few_passes() {
+    a_storm_takes_few_passes(FsKind::Xfs);
+}
+
+/// FILEMAPD_EXACT=1 in dmstats' environment keeps lvm2's mapping: one region per extent, a
+/// grown extent's region replaced.
+#[test]
+fn exact_mapping_on_request() {
+    require_device_mapper();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let path = dmfs.mount.dir.join("vm.img");
+    write_and_sync(&path, 0, 2 << 20).unwrap();
+    let (_, pid) = map_and_monitor_with(&path, &[], &[("FILEMAPD_EXACT", "1")]);
+    wait_converged_exactly(&dmfs, &path, "vm.img", "start-up");
+    append(&path, 4);
+    wait_converged_exactly(&dmfs, &path, "vm.img", "growing the file");
+    delete_group(&dmfs, &path, "vm.img", pid);
+}
