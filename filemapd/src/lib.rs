@@ -1,18 +1,12 @@
 //! filemapd: keeps a dm-stats region group in step with one file's extents.
-pub mod args;
-pub mod daemonize;
-pub mod dmstats;
-pub mod ebpf;
-pub mod extent_map;
-pub mod fiemap;
-pub mod file_device;
-pub mod file_view;
-pub mod follow;
-pub mod group;
-pub mod monitor;
-pub mod notify;
-pub mod pacing;
+//!
+//! One folder per concern: `file` (what the file looks like: FIEMAP, the extent map, following
+//! the file), `stats` (what the kernel counts: dm-stats messages, regions, groups), `wake`
+//! (when to look again: eBPF, inotify, pacing), `reconcile` (the pure plan from one to the
+//! other), and `daemon` (the loop that ties them, its command line and its many-file mode).
+pub mod daemon;
+pub mod file;
 pub mod reconcile;
 pub mod sectors;
-pub mod tally;
-pub mod watch;
+pub mod stats;
+pub mod wake;

@@ -7,15 +7,15 @@ use std::{fs, os::unix::fs::MetadataExt as _, path::PathBuf, process::ExitCode, 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use filemapd::{
-    args::{self, DaemonArgs},
-    daemonize::daemonize,
-    dmstats,
-    ebpf::{Hub, Tracer},
-    fiemap,
-    monitor::Monitor,
-    notify::Notifier,
+    daemon::args::{self, DaemonArgs},
+    daemon::daemonize::daemonize,
+    daemon::monitor::Monitor,
+    file::fiemap,
     reconcile::Mapping,
     sectors::SectorRange,
+    stats,
+    wake::ebpf::{Hub, Tracer},
+    wake::notify::Notifier,
 };
 
 #[derive(Parser)]
@@ -170,7 +170,7 @@ fn init_logging(verbose: u8) {
 fn watch(config: &PathBuf, interval: Duration, ebpf: bool, mapping: Mapping) -> ExitCode {
     let entries = match fs::read_to_string(config)
         .with_context(|| format!("reading {}", config.display()))
-        .and_then(|text| filemapd::watch::parse_config(&text))
+        .and_then(|text| filemapd::daemon::watch::parse_config(&text))
     {
         Ok(entries) => entries,
         Err(e) => return fail(&format!("{e:#}")),
@@ -178,9 +178,11 @@ fn watch(config: &PathBuf, interval: Duration, ebpf: bool, mapping: Mapping) -> 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
-    let result = runtime
-        .context("starting the runtime")
-        .and_then(|rt| rt.block_on(filemapd::watch::run(&entries, interval, ebpf, mapping)));
+    let result = runtime.context("starting the runtime").and_then(|rt| {
+        rt.block_on(filemapd::daemon::watch::run(
+            &entries, interval, ebpf, mapping,
+        ))
+    });
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -234,7 +236,7 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool, mapping: Mappin
                     }
                 }
             }
-            monitor.run().await
+            monitor.run_until_terminated().await
         })
     });
     log::info!("{}", monitor.tally());
@@ -258,7 +260,7 @@ fn show(path: &PathBuf, group_id: Option<u64>) -> anyhow::Result<()> {
         bail!("{} is not a regular file", path.display());
     }
     let extents = fiemap::device_ranges(&fiemap::read_extents(&file, 0, u64::MAX, false)?);
-    let device = dmstats::StatsDevice::for_st_dev(metadata.dev())
+    let device = stats::StatsDevice::for_st_dev(metadata.dev())
         .with_context(|| format!("{} is not on a device-mapper device", path.display()))?;
     let regions = device.list(None)?;
     let group_id = match group_id {
@@ -269,7 +271,7 @@ fn show(path: &PathBuf, group_id: Option<u64>) -> anyhow::Result<()> {
             .map(|r| r.id)
             .with_context(|| format!("no group on {} covers {}", device.name(), path.display()))?,
     };
-    let (descriptor, members) = dmstats::group_members(&regions, group_id)?
+    let (descriptor, members) = stats::group_members(&regions, group_id)?
         .with_context(|| format!("no group {group_id} on {}", device.name()))?;
     println!(
         "{} on {} ({}:{}), group {group_id} alias {:?}",

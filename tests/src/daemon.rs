@@ -9,9 +9,9 @@ use std::{
 };
 
 use filemapd::{
-    dmstats::{Region, StatsDevice},
-    fiemap,
+    file::fiemap,
     sectors::{SectorRange, join_adjacent},
+    stats::{Region, StatsDevice},
 };
 
 use crate::{

@@ -212,9 +212,14 @@ pub struct DmFs {
 
 impl DmFs {
     pub fn new(fs: FsKind) -> anyhow::Result<Self> {
+        Self::with_size(fs, 512)
+    }
+
+    /// A file system of `mib` MiB (the backing image is sparse, on /tmp).
+    pub fn with_size(fs: FsKind, mib: u64) -> anyhow::Result<Self> {
         let name = format!("filemapd-test-{}", fs.name());
         let scratch = ScratchDir::new(Path::new("/tmp"), &name)?;
-        let lo = LoopDevice::attach_new_image(&scratch.0.join("backing.img"), 512)?;
+        let lo = LoopDevice::attach_new_image(&scratch.0.join("backing.img"), mib)?;
         let dm = DmLinear::create(&name, &lo.path)?;
         let mount = Mount::new(&dm.path, fs, &scratch.0.join("mnt"))?;
         Ok(Self {

@@ -3,9 +3,9 @@
 use std::{fs, os::unix::fs::MetadataExt as _, path::Path, time::Duration};
 
 use filemapd::{
-    ebpf::{Change, Tracepoint, Tracer},
-    fiemap,
-    file_device::FileId,
+    file::fiemap,
+    file::identity::FileId,
+    wake::ebpf::{Change, Tracepoint, Tracer},
 };
 use filemapd_common::ExtentEvent;
 use filemapd_tests::{FsKind, LoopFs, ScratchDir, punch_hole, require_root, run, write_and_sync};

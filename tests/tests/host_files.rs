@@ -1,7 +1,7 @@
 //! File checks on this machine's kernel: what filemapd refuses to map, and why.
 use std::{fs, path::Path};
 
-use filemapd::file_device::check_mappable;
+use filemapd::file::identity::check_mappable;
 use filemapd_tests::{FsKind, LoopFs, ScratchDir, require_root, write_and_sync};
 
 #[test]
@@ -53,7 +53,8 @@ fn file_systems_map_to_their_tracepoint_category() {
         let loopfs = LoopFs::new(&dir, fs_kind).unwrap();
         let path = loopfs.mount.dir.join("f");
         write_and_sync(&path, 0, 4096).unwrap();
-        let category = filemapd::file_device::tracepoint_category(&fs::File::open(&path).unwrap());
+        let category =
+            filemapd::file::identity::tracepoint_category(&fs::File::open(&path).unwrap());
         assert_eq!(category, expected, "{}", fs_kind.name());
     }
 }

@@ -3,7 +3,7 @@
 //! file's extents as FIEMAP and `filefrag -v` report them — on ext4 and on xfs.
 use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
 
-use filemapd::{dmstats, fiemap, sectors::SectorRange};
+use filemapd::{file::fiemap, sectors::SectorRange, stats};
 use filemapd_tests::{
     DmFs, FsKind, dmstats_list_regions, filefrag_sectors, map_without_daemon, punch_hole,
     require_device_mapper, run, write_and_sync,
@@ -28,9 +28,9 @@ fn debian_filemap_matches_fiemap(fs_kind: FsKind) {
 
     // filemapd's view of the group, through its own dm code.
     let st_dev = fs::metadata(&path).unwrap().dev();
-    let device = dmstats::StatsDevice::for_st_dev(st_dev).unwrap();
+    let device = stats::StatsDevice::for_st_dev(st_dev).unwrap();
     let regions = device.list(None).unwrap();
-    let (descriptor, members) = dmstats::group_members(&regions, group_id)
+    let (descriptor, members) = stats::group_members(&regions, group_id)
         .unwrap()
         .unwrap_or_else(|| panic!("group {group_id} not found in {regions:#?}"));
     assert_eq!(

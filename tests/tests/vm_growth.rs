@@ -4,7 +4,7 @@
 //! request.
 use std::path::Path;
 
-use filemapd::dmstats::StatsDevice;
+use filemapd::stats::StatsDevice;
 use filemapd_tests::{
     DmFs, FsKind,
     daemon::{

@@ -5,13 +5,14 @@ use std::{fmt::Write as _, process::Command, time::Duration};
 
 use anyhow::{Context as _, ensure};
 
-use crate::{cmd, setup, vm};
+use crate::{cmd, lvm2, setup, vm};
 
 const DEFAULT_STEPS: u32 = 200;
 const VM_MEMORY: &str = "8G";
 
 pub fn run() -> anyhow::Result<()> {
     setup::run()?;
+    let lvm2 = lvm2::build()?;
     let steps: u32 = std::env::var("FILEMAPD_BENCH_STEPS")
         .ok()
         .map(|s| s.parse().context("FILEMAPD_BENCH_STEPS must be a number"))
@@ -45,7 +46,10 @@ pub fn run() -> anyhow::Result<()> {
     .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v} ")))
     .collect();
     let script = format!(
-        "modprobe -a dm_mod loop && uname -r && FILEMAPD_BENCH_STEPS={steps} {knobs}{}",
+        "modprobe -a dm_mod loop && uname -r && FILEMAPD_BENCH_STEPS={steps} \
+         FILEMAPD_BENCH_LVM2={} FILEMAPD_BENCH_LVM2_LIB={} {knobs}{}",
+        lvm2.daemon.display(),
+        lvm2.lib_dir.display(),
         bench.display()
     );
     // dm-stats caps its memory at a quarter of the RAM: with 2 GiB, dmstats itself fails to
@@ -94,9 +98,9 @@ fn header(command: &str, guest_kernel: &str) -> anyhow::Result<String> {
         md,
         "Produced by `{command}`; regenerate with the same command. The monitors compared, \
          side by side in one run: filemapd with its eBPF trigger, filemapd polling (lvm2's 0.5 s \
-         interval), and a re-creation of lvm2's dmfilemapd policy (500 ms loop, inotify + \
-         st_blocks, FIEMAP_FLAG_SYNC, full exact re-map) that lives in the benchmark \
-         (tests/src/bin/filemapd-bench/reference.rs), not in the product.\n"
+         interval; both tile, the default), and **lvm2's own dmfilemapd** (2.03.16, built by the \
+         bench from Debian's lvm2 source package, the source of the VM's dmstats 1.02.185, and \
+         run with its own libdevmapper).\n"
     )?;
     writeln!(
         md,

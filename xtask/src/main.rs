@@ -2,6 +2,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod lvm2;
 mod setup;
 mod test;
 mod vm;

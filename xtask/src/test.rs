@@ -106,7 +106,7 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<(String, bool)> {
 }
 
 /// Device-mapper test targets; all run in one VM boot.
-const VM_TEST_TARGETS: &[&str] = &["vm_dm", "vm_daemon", "vm_growth"];
+const VM_TEST_TARGETS: &[&str] = &["vm_dm", "vm_daemon", "vm_ebpf", "vm_growth"];
 
 /// Builds the VM test binaries (and the daemon they launch) on the host and runs them inside
 /// one VM boot.

@@ -1,20 +1,17 @@
 //! The benchmarks `cargo xtask bench` runs inside the device-mapper VM. Each compares, in one
-//! run and on the same kernel, filemapd with eBPF, filemapd polling, and a re-creation of
-//! lvm2's policy (500 ms loop, inotify + st_blocks, FIEMAP_FLAG_SYNC, full exact re-map) that
-//! lives here, in the benchmark, not in the product.
+//! run and on the same kernel, filemapd with eBPF, filemapd polling, and lvm2's own
+//! dmfilemapd (built by xtask from Debian's source; FILEMAPD_BENCH_LVM2 names it).
 //!
 //! Output: the markdown body of BENCHMARKS.md, each line prefixed with [`OUT`] so that xtask
-//! can pick it out of the VM's console. `filemapd-bench reference PATH GROUP` runs the lvm2
-//! policy as a process of its own, so that its CPU time and wake-ups can be read like
-//! filemapd's.
+//! can pick it out of the VM's console.
+mod appends;
 mod counted;
 mod latency;
 mod monitors;
-mod reference;
 mod scale;
 mod usage;
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 /// Marks the lines of the report in the VM's console output.
 pub const OUT: &str = "BENCH|";
@@ -30,21 +27,18 @@ macro_rules! report {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("reference") {
-        let path = PathBuf::from(&args[2]);
-        let group: u64 = args[3].parse().expect("group id");
-        reference::run(&path, group);
-        return;
-    }
     let steps: usize = env_number("FILEMAPD_BENCH_STEPS", 200);
     let only = std::env::var("FILEMAPD_BENCH_ONLY").unwrap_or_default();
     let wanted = |name: &str| only.is_empty() || only.split(',').any(|o| o == name);
     if wanted("latency") {
         latency::run(steps);
     }
+    let rounds = env_number("FILEMAPD_BENCH_ROUNDS", 5);
     if wanted("counted") {
-        counted::run(env_number("FILEMAPD_BENCH_ROUNDS", 3));
+        counted::run(rounds);
+    }
+    if wanted("appends") {
+        appends::run(rounds);
     }
     if wanted("idle") {
         usage::run_idle(Duration::from_secs(env_number(
@@ -71,4 +65,15 @@ pub fn ms(d: Duration) -> f64 {
 /// The value at quantile `q` of sorted `values`.
 pub fn quantile<T: Copy>(sorted: &[T], q: f64) -> T {
     sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+/// Median and spread (lowest–highest) of some rounds' values, as a table cell.
+pub fn median_and_spread(mut values: Vec<f64>, decimals: usize) -> String {
+    values.sort_unstable_by(f64::total_cmp);
+    format!(
+        "{:.decimals$} ({:.decimals$}–{:.decimals$})",
+        quantile(&values, 0.5),
+        values[0],
+        values[values.len() - 1]
+    )
 }

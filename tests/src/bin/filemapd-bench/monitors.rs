@@ -2,80 +2,132 @@
 //! what they did to the kernel's region table.
 use std::{
     fs,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use filemapd::{dmstats::StatsDevice, fiemap, group::Group, sectors::SectorRange};
+use filemapd::{
+    file::fiemap,
+    sectors::SectorRange,
+    stats::{Counters, Group, StatsDevice},
+};
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Monitor {
     /// No monitor: the writer alone (the baseline for interference).
     Nothing,
     Ebpf,
     Polling,
-    Reference,
+    /// lvm2's own dmfilemapd, built by `cargo xtask bench` from Debian's source.
+    Lvm2,
 }
 
 impl Monitor {
-    pub const ALL: [Monitor; 3] = [Monitor::Ebpf, Monitor::Polling, Monitor::Reference];
+    pub const ALL: [Monitor; 3] = [Monitor::Ebpf, Monitor::Polling, Monitor::Lvm2];
 
     pub fn name(self) -> &'static str {
         match self {
             Monitor::Nothing => "no monitor",
             Monitor::Ebpf => "filemapd --ebpf",
             Monitor::Polling => "filemapd (polling, 0.5 s)",
-            Monitor::Reference => "lvm2 policy (re-created)",
+            Monitor::Lvm2 => "lvm2 dmfilemapd 2.03.16 (real)",
         }
     }
 
-    /// Starts the monitor on `path` and its group; `None` for [`Monitor::Nothing`]. filemapd
-    /// runs with its defaults (0.5 s interval), as dmstats would start it.
+    /// Starts the monitor on `path` and its group; `None` for [`Monitor::Nothing`]. Each runs
+    /// with its defaults (0.5 s interval), in the foreground, in inode mode, as dmstats would
+    /// start it; filemapd logs at info level to a file, for the tally it writes when it stops.
     pub fn spawn(self, path: &Path, group: u64) -> Option<Running> {
-        let exe = std::env::current_exe().unwrap();
         let p = path.to_string_lossy().into_owned();
         let g = group.to_string();
+        let mut log = None;
         let mut cmd = match self {
             Monitor::Nothing => return None,
-            Monitor::Reference => {
-                let mut cmd = Command::new(&exe);
-                cmd.args(["reference", &p, &g]);
+            Monitor::Lvm2 => {
+                let (daemon, lib) = (
+                    lvm2_env("FILEMAPD_BENCH_LVM2"),
+                    lvm2_env("FILEMAPD_BENCH_LVM2_LIB"),
+                );
+                let mut cmd = Command::new(daemon);
+                cmd.args(["0", &g, &p, "inode", "1", "0"])
+                    .env("LD_LIBRARY_PATH", lib)
+                    .stderr(Stdio::null());
                 cmd
             }
             Monitor::Ebpf | Monitor::Polling => {
+                let exe = std::env::current_exe().unwrap();
                 let mut cmd = Command::new(exe.parent().unwrap().join("filemapd"));
                 if self == Monitor::Ebpf {
                     cmd.arg("--ebpf");
                 }
-                cmd.args(["0", &g, &p, "inode", "1"])
-                    .stdin(fs::File::open(path).unwrap());
+                let file = PathBuf::from(format!("/tmp/filemapd-bench-{}.log", std::process::id()));
+                cmd.args(["0", &g, &p, "inode", "1", "1"])
+                    .stderr(fs::File::create(&file).unwrap());
+                log = Some(file);
                 cmd
             }
         };
-        cmd.stdout(Stdio::null());
-        Some(Running(cmd.spawn().unwrap()))
+        cmd.stdin(fs::File::open(path).unwrap())
+            .stdout(Stdio::null());
+        Some(Running {
+            child: cmd.spawn().unwrap(),
+            log,
+        })
     }
 }
 
+fn lvm2_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the benchmark with `cargo xtask bench`, which builds lvm2's dmfilemapd")
+    })
+}
+
 /// A monitor process, killed when dropped.
-pub struct Running(Child);
+pub struct Running {
+    child: Child,
+    /// filemapd's log.
+    log: Option<PathBuf>,
+}
 
 impl Running {
-    pub fn new(child: Child) -> Self {
-        Self(child)
+    /// A process started elsewhere (a `filemapd watch`).
+    pub fn of(child: Child) -> Self {
+        Self { child, log: None }
     }
 
     pub fn pid(&self) -> u32 {
-        self.0.id()
+        self.child.id()
+    }
+
+    /// Stops the monitor with SIGTERM (filemapd ends between passes and logs its tally) and
+    /// returns filemapd's tally line, if it wrote one.
+    pub fn stop(mut self) -> Option<String> {
+        // SAFETY: kill with a child's pid and a valid signal.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let log = fs::read_to_string(self.log.as_ref()?).ok()?;
+        log.lines()
+            .find(|l| l.contains(" passes ("))
+            .map(str::to_string)
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(log) = &self.log {
+            let _ = fs::remove_file(log);
+        }
     }
+}
+
+/// The figure before `name` in a tally line ("12 events, 3 passes (...), ... 4 regions created").
+pub fn tally_figure(tally: &str, name: &str) -> Option<u64> {
+    let words: Vec<&str> = tally.split_whitespace().collect();
+    let at = words.iter().position(|w| w.trim_end_matches(',') == name)?;
+    words.get(at.checked_sub(1)?)?.parse().ok()
 }
 
 /// Spins (this is the measuring instrument) until regions cover the sectors backing the
@@ -118,16 +170,25 @@ fn covered(wanted: &SectorRange, regions: &[SectorRange]) -> bool {
     false
 }
 
-/// Sectors written as counted by the regions of the (one) group on `device`. Stop the monitor
-/// first: it could delete a region between the listing and the reading.
-pub fn group_sectors_written(device: &StatsDevice) -> u64 {
+/// The (one) group on `device`, or `None` when no region carries a group descriptor any more
+/// (lvm2's daemon was seen to lose its group: a result to report, not a crash).
+pub fn the_group(device: &StatsDevice) -> Option<Group> {
     let regions = device.list(None).unwrap();
-    let group = regions
+    regions
         .iter()
-        .find_map(|r| Group::find(&regions, r.id).unwrap())
-        .expect("the device holds a group");
-    group
-        .members()
-        .map(|m| device.counters(m.id).unwrap().sectors_written)
-        .sum()
+        .find_map(|r| Group::find(&regions, r.id).ok().flatten())
+}
+
+/// Counters summed over the regions of the (one) group on `device`. Stop the monitor first:
+/// it could delete a region between the listing and the reading.
+pub fn group_counters(device: &StatsDevice) -> Option<Counters> {
+    let group = the_group(device)?;
+    Some(group.members().fold(Counters::default(), |sum, m| {
+        let c = device.counters(m.id).unwrap();
+        Counters {
+            sectors_read: sum.sectors_read + c.sectors_read,
+            sectors_written: sum.sectors_written + c.sectors_written,
+            ..sum
+        }
+    }))
 }

@@ -2,7 +2,7 @@
 //! /proc; and the idle benchmark built on it.
 use std::{fs, os::unix::fs::MetadataExt as _, time::Duration};
 
-use filemapd::dmstats::StatsDevice;
+use filemapd::stats::StatsDevice;
 use filemapd_tests::{
     DmFs, FsKind, context_switches, map_without_daemon, status_field, write_and_sync,
 };

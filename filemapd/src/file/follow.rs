@@ -4,7 +4,7 @@ use std::{fs::File, os::unix::fs::MetadataExt as _, path::Path, time::Duration};
 
 use anyhow::Context as _;
 
-use crate::file_device::FileId;
+use crate::file::identity::FileId;
 
 /// Whether any process other than this one holds the file open. Scans /proc/*/fd and compares
 /// device and inode (a deleted file's descriptor still stats as the file).

@@ -10,11 +10,12 @@ use log::{error, info, warn};
 use tokio::task::JoinSet;
 
 use crate::{
-    args::FollowMode,
-    ebpf::{Hub, Tracer},
-    monitor::{Devices, Monitor},
-    notify::Notifier,
+    daemon::args::FollowMode,
+    daemon::monitor::Monitor,
     reconcile::Mapping,
+    stats::Devices,
+    wake::ebpf::{Hub, Tracer},
+    wake::notify::Notifier,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -23,9 +23,9 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    dmstats::{GroupDescriptor, Region, RegionSettings, StatsDevice},
     reconcile::{self, Mapping, Piece, Plan},
     sectors::SectorRange,
+    stats::{GroupDescriptor, Region, RegionSettings, StatsDevice},
 };
 
 const PENDING_TAG: &str = "DMS_FILEMAPD_PENDING=";

@@ -5,8 +5,8 @@ use std::{fs::File, os::unix::fs::MetadataExt as _, path::Path};
 use anyhow::Context as _;
 
 use crate::{
-    extent_map::{ExtentMap, StretchChange},
-    fiemap,
+    file::extent_map::{ExtentMap, StretchChange},
+    file::fiemap,
 };
 
 /// What the last look at the file saw; a change means the regions may be stale.

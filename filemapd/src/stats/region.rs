@@ -6,7 +6,7 @@
 //! program_id nor aux_data can hold white space (a message splits on it); `-` means empty.
 use anyhow::{Context as _, bail, ensure};
 
-use super::group::GroupDescriptor;
+use super::descriptor::GroupDescriptor;
 use crate::sectors::SectorRange;
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
-    fiemap::{self, Extent, extent_flags},
+    file::fiemap::{self, Extent, extent_flags},
     sectors::SectorRange,
 };
 

@@ -1,14 +1,11 @@
 //! dm-stats on one device-mapper device: the `@stats_*` target messages, sent through
-//! devicemapper-rs's DM_TARGET_MSG support.
-pub mod group;
-pub mod id_set;
-pub mod region;
+//! devicemapper-rs's DM_TARGET_MSG support; and the devices a process monitors, opened once.
+use std::{collections::HashMap, sync::Arc};
 
 use anyhow::{Context as _, bail};
 use devicemapper::{DM, DevId, DmName, DmNameBuf};
 
-pub use group::GroupDescriptor;
-pub use region::{Counters, Region, RegionSettings};
+use super::{Counters, Group, GroupDescriptor, Region, RegionSettings, region};
 
 use crate::sectors::SectorRange;
 
@@ -120,6 +117,34 @@ impl StatsDevice {
     pub fn counters(&self, id: u64) -> anyhow::Result<Counters> {
         region::parse_counters(&self.message(&format!("@stats_print {id}"))?)
             .with_context(|| format!("device {}: region {id} counters", &*self.name))
+    }
+}
+
+/// The dm devices of the files a process monitors, opened once each (one control descriptor
+/// per device, however many files live on it), and each device's region listing as it was
+/// when the monitors started: a thousand files on one device need one `@stats_list`, not a
+/// thousand.
+#[derive(Default)]
+pub struct Devices(HashMap<u64, (Arc<StatsDevice>, Option<Vec<Region>>)>);
+
+impl Devices {
+    pub fn for_st_dev(&mut self, st_dev: u64) -> anyhow::Result<Arc<StatsDevice>> {
+        if let Some((device, _)) = self.0.get(&st_dev) {
+            return Ok(Arc::clone(device));
+        }
+        let device = Arc::new(StatsDevice::for_st_dev(st_dev)?);
+        self.0.insert(st_dev, (Arc::clone(&device), None));
+        Ok(device)
+    }
+
+    /// The group as the start-up listing of its device shows it.
+    pub fn group_at_start(&mut self, st_dev: u64, group_id: u64) -> anyhow::Result<Option<Group>> {
+        let device = self.for_st_dev(st_dev)?;
+        let (_, listing) = self.0.get_mut(&st_dev).expect("opened above");
+        if listing.is_none() {
+            *listing = Some(device.list(None)?);
+        }
+        Group::load_from(&device, listing.as_deref().unwrap_or_default(), group_id)
     }
 }
 

@@ -11,6 +11,10 @@
 //! lvm2 matches each extent with a linear search over the regions (quadratic in the extent
 //! count). Here both sides are sorted once and walked together: O(n log n) for the whole file,
 //! and [`plan_window`] plans only the part of the file an event changed.
+mod window;
+
+pub use window::plan_window;
+
 use crate::sectors::SectorRange;
 
 /// What to do to a group so that its regions equal the file's extents, one region per extent.
@@ -182,32 +186,6 @@ fn runs_around_gaps(pieces: &[Piece], result: &mut Plan) {
         }
     }
     flush(&mut run, result);
-}
-
-/// Plans one window of the file after an event: `before` and `after` are the merged device
-/// ranges the window's extents covered before and after the change (every other range of the
-/// file is unchanged), `members` the group's regions that overlap either. O(window), whatever
-/// the size of the file.
-///
-/// Returns `None` when a member does not lie inside a `before` range: the group did not match
-/// the file as remembered (another process, or a change no event named), so only a plan of the
-/// whole file can be trusted.
-pub fn plan_window(
-    members: &[(u64, SectorRange)],
-    before: &[SectorRange],
-    after: &[SectorRange],
-    mapping: Mapping,
-) -> Option<Plan> {
-    let mut before = before.to_vec();
-    before.sort_unstable();
-    let inside_before = |range: &SectorRange| {
-        let i = before.partition_point(|b| b.start <= range.start);
-        i > 0 && range.end() <= before[i - 1].end()
-    };
-    if !members.iter().all(|(_, range)| inside_before(range)) {
-        return None;
-    }
-    Some(plan(members, after, mapping))
 }
 
 #[cfg(test)]

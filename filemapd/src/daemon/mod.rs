@@ -1,0 +1,7 @@
+//! The daemon: lvm2's command line, detaching, the loop that keeps one group in step with one
+//! file, many files in one process, and what it all did.
+pub mod args;
+pub mod daemonize;
+pub mod monitor;
+pub mod tally;
+pub mod watch;

@@ -1,0 +1,309 @@
+//! The daemon: one file, one group, one loop. Each pass: is the group still there, does the
+//! file (or, in path mode, the file at the path) still match its regions, wait, is the file
+//! gone. All dm and FIEMAP details live in other modules.
+mod pass;
+mod wait;
+
+use std::{
+    fs::File,
+    os::fd::{AsRawFd as _, FromRawFd as _},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use log::{debug, info, warn};
+
+use crate::{
+    daemon::args::{DaemonArgs, FollowMode},
+    daemon::tally::Tally,
+    file::follow,
+    file::identity::{FileId, check_mappable, tracepoint_category},
+    file::view::FileView,
+    reconcile::Mapping,
+    stats::group::Group,
+    stats::{Devices, StatsDevice},
+    wake::ebpf::{EventFeed, Hub},
+    wake::notify::{Notices, Notifier},
+    wake::pacing::Pacer,
+};
+
+/// Why the daemon stopped without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    GroupRemoved,
+    NoExtents,
+    UnlinkedAndClosed,
+    /// SIGTERM, between passes.
+    Terminated,
+}
+
+impl Exit {
+    pub fn message(self) -> &'static str {
+        match self {
+            Exit::GroupRemoved => "Filemap group removed: exiting.",
+            Exit::NoExtents => "File contains no extents: exiting.",
+            Exit::UnlinkedAndClosed => "File unlinked and closed: exiting.",
+            Exit::Terminated => "Terminated: exiting.",
+        }
+    }
+}
+
+/// What wakes the daemon besides its check interval.
+enum Trigger {
+    /// Nothing: every interval, look whether the file changed (lvm2's way).
+    Poll,
+    /// The kernel: block-allocation tracepoints filtered to the watched inode. The interval
+    /// then only paces the checks for a deleted group or an unlinked file, and not even that
+    /// when the kernel also reports region changes and inotify reports the file's fate.
+    Ebpf {
+        hub: Hub,
+        feed: EventFeed,
+        notices: Option<Notices>,
+    },
+}
+
+/// How soon to look again after an event whose effect FIEMAP did not show yet (the tracepoints
+/// fire while the file system is still inserting or removing the extent).
+const SETTLE: Duration = Duration::from_millis(10);
+/// How many such looks before giving up on an event's range (then the next event or change of
+/// size catches up).
+const SETTLE_TRIES: u32 = 100;
+/// After another process deleted or relabelled regions, how long to let it finish (dmstats
+/// deletes a group region by region) before looking at the group.
+const REGIONS_QUIET: Duration = Duration::from_millis(100);
+
+pub struct Monitor {
+    path: PathBuf,
+    mode: FollowMode,
+    file: File,
+    file_id: FileId,
+    device: Arc<StatsDevice>,
+    group_id: u64,
+    interval: Duration,
+    mapping: Mapping,
+    trigger: Trigger,
+    /// The file's extents as last read and what events said changed since.
+    view: FileView,
+    /// When to look at the file again regardless of its size (after events).
+    recheck: Option<(Instant, u32)>,
+    /// The recheck is for another process's region changes: not paced.
+    regions_changed: bool,
+    /// Region creations' budget of device time.
+    pacer: Pacer,
+    tally: Tally,
+    /// The group as found at start-up for the first pass; afterwards, in event-driven mode
+    /// only, as the last pass left it. Trusted until the kernel reports another process's
+    /// region change (or lost events), so that a pass needs no `@stats_list` (costly for a
+    /// file with thousands of regions). Polling lists every pass, as lvm2 does.
+    known_group: Option<Group>,
+}
+
+impl Monitor {
+    /// Takes over the descriptor dmstats passed and checks everything that can be checked
+    /// before the daemon detaches: the file, its device, the group.
+    pub fn new(args: &DaemonArgs, interval: Duration) -> anyhow::Result<Self> {
+        // SAFETY: fstat succeeds only on an open descriptor, which we then own: dmstats opened
+        // it for us and keeps no use of it.
+        nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(args.fd) })
+            .with_context(|| format!("file descriptor {} is not open", args.fd))?;
+        let file = unsafe { File::from_raw_fd(args.fd) };
+        Self::with_file(
+            file,
+            &args.path,
+            args.group_id,
+            args.mode,
+            interval,
+            &mut Devices::default(),
+        )
+    }
+
+    /// Opens the file itself (for `filemapd watch`), sharing device handles through `devices`.
+    pub fn open(
+        path: &Path,
+        group_id: u64,
+        mode: FollowMode,
+        interval: Duration,
+        devices: &mut Devices,
+    ) -> anyhow::Result<Self> {
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        Self::with_file(file, path, group_id, mode, interval, devices)
+    }
+
+    fn with_file(
+        file: File,
+        path: &Path,
+        group_id: u64,
+        mode: FollowMode,
+        interval: Duration,
+        devices: &mut Devices,
+    ) -> anyhow::Result<Self> {
+        let metadata = check_mappable(&file, path)?;
+        let device = devices
+            .for_st_dev(metadata.dev())
+            .with_context(|| format!("{} is not on a device-mapper device", path.display()))?;
+        let Some(group) = devices.group_at_start(metadata.dev(), group_id)? else {
+            bail!("group {group_id} does not exist on {}", device.name());
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            mode,
+            file_id: FileId::of(&metadata),
+            file,
+            device,
+            group_id,
+            interval,
+            mapping: Mapping::Tiled,
+            trigger: Trigger::Poll,
+            view: FileView::default(),
+            recheck: None,
+            regions_changed: false,
+            pacer: Pacer::default(),
+            tally: Tally::default(),
+            // The first pass starts from the group just found.
+            known_group: Some(group),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Keeps lvm2's mapping, one region per extent (a grown extent's region is replaced and
+    /// its counters lost), instead of tiles.
+    pub fn use_exact_mapping(&mut self) {
+        self.mapping = Mapping::Exact;
+    }
+
+    /// What the monitor did so far.
+    pub fn tally(&self) -> Tally {
+        self.tally
+    }
+
+    /// Switches to the eBPF trigger: the hub's programs now wake this monitor for its inode.
+    /// With `notifier` too (and a hub that sees region changes), nothing else wakes it.
+    /// A file on a file system none of the programs watch keeps polling (said once).
+    pub async fn use_ebpf(&mut self, hub: &Hub, notifier: Option<&Notifier>) -> anyhow::Result<()> {
+        let category = tracepoint_category(&self.file);
+        if !category.is_some_and(|c| hub.covers(c)) {
+            warn!(
+                "{}: no eBPF tracepoint reports allocations on its file system ({}): polling every {:?}",
+                self.path.display(),
+                category.unwrap_or("unsupported"),
+                self.interval
+            );
+            return Ok(());
+        }
+        let feed = hub.watch(self.file_id.inode_key()).await?;
+        let notices = match notifier.filter(|_| hub.sees_region_changes()) {
+            Some(notifier) => Some(notifier.watch(&self.path, self.mode == FollowMode::Path)?),
+            None => None,
+        };
+        self.trigger = Trigger::Ebpf {
+            hub: hub.clone(),
+            feed,
+            notices,
+        };
+        Ok(())
+    }
+
+    /// Whether only events wake this monitor (no interval timer at all).
+    pub fn event_driven(&self) -> bool {
+        matches!(
+            self.trigger,
+            Trigger::Ebpf {
+                notices: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// Descriptors the daemon still needs after detaching.
+    pub fn open_fds(&self) -> Vec<i32> {
+        vec![self.file.as_raw_fd(), self.device.control_fd()]
+    }
+
+    /// Keeps the group in step until it, or the file, goes; or until SIGTERM, which ends the
+    /// daemon between passes (a pass has no await point, so it is never cut short).
+    pub async fn run_until_terminated(&mut self) -> anyhow::Result<Exit> {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            exit = self.run() => exit,
+            _ = terminate.recv() => Ok(Exit::Terminated),
+        }
+    }
+
+    pub async fn run(&mut self) -> anyhow::Result<Exit> {
+        let mut force = true;
+        loop {
+            let remembered = self.known_group.is_some();
+            let group = match self.known_group.take() {
+                Some(group) => group,
+                None => match Group::load(&self.device, self.group_id)? {
+                    Some(group) => group,
+                    None => return Ok(Exit::GroupRemoved),
+                },
+            };
+            self.group_id = group.id;
+            if self.mode == FollowMode::Path && self.follow_path()? {
+                if let Trigger::Ebpf { hub, feed, notices } = &mut self.trigger {
+                    // Dropping the old feed unwatches the old inode.
+                    *feed = hub.watch(self.file_id.inode_key()).await?;
+                    if let Some(notices) = notices {
+                        *notices = notices.notifier().watch(&self.path, true)?;
+                    }
+                }
+                force = true;
+            }
+            let group = if force || self.view.changed(&self.file)? {
+                match self.update(group, remembered)? {
+                    Some(group) => group,
+                    None => return Ok(Exit::NoExtents),
+                }
+            } else {
+                group
+            };
+            if self.event_driven() {
+                self.known_group = Some(group);
+            }
+            force = self.wait().await?;
+            if self.mode == FollowMode::Inode && follow::unlinked(&self.file)? {
+                if !follow::held_elsewhere(self.file_id) {
+                    return Ok(Exit::UnlinkedAndClosed);
+                }
+                debug!(
+                    "{} is unlinked but held by another process",
+                    self.path.display()
+                );
+            }
+        }
+    }
+
+    /// Path mode: if the path now names another file, switch to it (same device only).
+    /// Returns whether it switched.
+    fn follow_path(&mut self) -> anyhow::Result<bool> {
+        if follow::id_at(&self.path) == Some(self.file_id) {
+            return Ok(false);
+        }
+        let file = follow::reopen(&self.path)?;
+        let metadata = check_mappable(&file, &self.path)?;
+        let id = FileId::of(&metadata);
+        if id.st_dev != self.file_id.st_dev {
+            bail!("{} moved to another device", self.path.display());
+        }
+        info!(
+            "{} was replaced (inode {} -> {})",
+            self.path.display(),
+            self.file_id.ino,
+            id.ino
+        );
+        self.file = file;
+        self.file_id = id;
+        self.view.reset();
+        Ok(true)
+    }
+}

@@ -1,0 +1,125 @@
+//! One pass: read what changed in the file, plan the regions near it (or the whole file),
+//! carry the plan out, and decide whether to look again soon.
+use std::time::Instant;
+
+use anyhow::bail;
+use log::{debug, info};
+
+use super::{Monitor, SETTLE, SETTLE_TRIES};
+use crate::{
+    file::view::Reading,
+    reconcile::{self, Plan},
+    sectors::SectorRange,
+    stats::{Group, group::counted_nothing},
+};
+
+impl Monitor {
+    /// Maps the file and brings the group in line. Returns the group as it is now, or `None`
+    /// when the file has no extents. `remembered`: the group is as the last update left it,
+    /// so a change that events confined to a stretch of the file is planned there alone.
+    pub(super) fn update(
+        &mut self,
+        group: Group,
+        remembered: bool,
+    ) -> anyhow::Result<Option<Group>> {
+        self.tally.passes += 1;
+        self.regions_changed = false;
+        let reading = self.view.read(&self.file, &self.path, remembered)?;
+        self.settle();
+        if self.view.map().is_empty() {
+            return Ok(None);
+        }
+        let plan = match reading {
+            Reading::Stretch(change) if change.unchanged => return Ok(Some(group)),
+            Reading::Stretch(change) => {
+                let mut near: Vec<SectorRange> = change.before.clone();
+                near.extend(&change.after);
+                let members = group.places_near(&near);
+                reconcile::plan_window(&members, &change.before, &change.after, self.mapping)
+            }
+            Reading::Whole => None,
+        };
+        let plan = match plan {
+            Some(plan) => plan,
+            None => match self.whole_plan(&group) {
+                Some(plan) => plan,
+                None => return Ok(Some(group)),
+            },
+        };
+        let outcome = group.apply(&self.device, &plan, &counted_nothing)?;
+        self.pacer.charge(outcome.creating, Instant::now());
+        self.tally.created += outcome.created as u64;
+        self.tally.deleted += outcome.deleted as u64;
+        self.tally.fused += outcome.fused as u64;
+        if outcome.created + outcome.deleted > 0 {
+            info!(
+                "Updated group {}: {} region(s), {} created, {} deleted",
+                outcome.group.id,
+                outcome.group.member_count(),
+                outcome.created,
+                outcome.deleted
+            );
+        }
+        self.group_id = outcome.group.id;
+        if cfg!(debug_assertions) && self.event_driven() {
+            self.check_remembered(&outcome.group)?;
+        }
+        Ok(Some(outcome.group))
+    }
+
+    /// A plan over every extent and region; `None` while no extent has a place yet.
+    fn whole_plan(&mut self, group: &Group) -> Option<Plan> {
+        self.tally.whole_passes += 1;
+        let ranges = self.view.map().device_ranges();
+        if ranges.is_empty() {
+            debug!("all extents of {} await allocation", self.path.display());
+            return None;
+        }
+        Some(reconcile::plan(&group.places(), &ranges, self.mapping))
+    }
+
+    /// Debug builds (the tests): the group as an update says it left it must be what the
+    /// kernel lists, or the event-driven mode, which lists only after others' changes, drifts.
+    fn check_remembered(&self, remembered: &Group) -> anyhow::Result<()> {
+        let listed = Group::load(&self.device, remembered.id)?;
+        let fields = |g: &Group| -> Vec<(u64, SectorRange, String)> {
+            g.members()
+                .map(|r| (r.id, r.range, r.aux_data.clone()))
+                .collect()
+        };
+        let listed = listed.as_ref().map(fields);
+        if listed.as_ref() != Some(&fields(remembered)) {
+            bail!(
+                "group {} as remembered differs from the kernel's listing:\n  remembered {:?}\n  listed {:?}",
+                remembered.id,
+                fields(remembered),
+                listed
+            );
+        }
+        Ok(())
+    }
+
+    /// Decides whether to look again soon after events: while their ranges have not shown
+    /// placed in FIEMAP, for at most SETTLE_TRIES looks.
+    fn settle(&mut self) {
+        self.recheck = match self.recheck.take() {
+            None => None,
+            Some((_, 0)) => {
+                if !self.view.unsettled().is_empty() {
+                    debug!(
+                        "event ranges {:?} never showed in FIEMAP; giving up on them",
+                        self.view.unsettled()
+                    );
+                }
+                None
+            }
+            // The first look after events is always followed by one more (removals fire before
+            // the blocks go); after that, look again only while event ranges are outstanding.
+            Some((_, tries)) if tries < SETTLE_TRIES && self.view.unsettled().is_empty() => None,
+            Some((_, tries)) => Some((Instant::now() + SETTLE, tries - 1)),
+        };
+        if self.recheck.is_none() {
+            self.view.forget_span();
+        }
+    }
+}
