@@ -175,6 +175,36 @@ fn wait_for(dmfs: &DmFs, path: &Path, what: &str, check: impl FnMut() -> anyhow:
     });
 }
 
+/// `dmstats delete --groupid` of the group now called `alias` (its id may have changed since
+/// it was made); returns that id.
+pub fn delete_group(dmfs: &DmFs, path: &Path, alias: &str) -> u64 {
+    let (current, _) = group_by_alias(&device_of(path), alias)
+        .unwrap_or_else(|| panic!("no group {alias:?} on {}", dmfs.name));
+    run(
+        "dmstats",
+        &["delete", "--groupid", &current.to_string(), &dmfs.name],
+    )
+    .unwrap();
+    current
+}
+
+/// [`delete_group`], then waits for the group's daemon `pid` to stop.
+pub fn delete_group_and_wait(dmfs: &DmFs, path: &Path, alias: &str, pid: i32) {
+    let group = delete_group(dmfs, path, alias);
+    assert!(
+        crate::wait_for_exit(pid, EXIT).unwrap(),
+        "daemon {pid} still runs after its group {group} was deleted"
+    );
+}
+
+/// The figure before `name` in filemapd's closing tally line ("12 events, 3 passes (...),
+/// ... 4 regions created, ...").
+pub fn tally_figure(tally: &str, name: &str) -> Option<u64> {
+    let words: Vec<&str> = tally.split_whitespace().collect();
+    let at = words.iter().position(|w| w.trim_end_matches(',') == name)?;
+    words.get(at.checked_sub(1)?)?.parse().ok()
+}
+
 pub fn append(path: &Path, mib: u64) {
     let len = fs::metadata(path).unwrap().len();
     write_and_sync(path, len, (mib << 20) as usize).unwrap();

@@ -7,9 +7,9 @@ use filemapd::sectors::SectorRange;
 use filemapd_tests::{
     DmFs, FsKind,
     daemon::{
-        CONVERGE, EXIT, append, device_of, drop_in_dir, file_ranges, filemapd_binary,
-        group_by_alias, hold_open, map_and_monitor, region_line, region_table, run_drop_in,
-        user_region, wait_converged,
+        CONVERGE, EXIT, append, delete_group, delete_group_and_wait, device_of, drop_in_dir,
+        file_ranges, filemapd_binary, group_by_alias, hold_open, map_and_monitor, region_line,
+        region_table, run_drop_in, user_region, wait_converged,
     },
     map_without_daemon, punch_hole, require_device_mapper, run, wait_for_exit, wait_until,
     write_and_sync,
@@ -43,12 +43,7 @@ fn grow_shrink_and_group_delete(fs_kind: FsKind) {
         mine,
         "the user's region changed"
     );
-    let (current, _) = group_by_alias(&device_of(&path), "disk.img").unwrap();
-    run(
-        "dmstats",
-        &["delete", "--groupid", &current.to_string(), &dmfs.name],
-    )
-    .unwrap();
+    let current = delete_group(&dmfs, &path, "disk.img");
     assert!(
         wait_for_exit(pid, EXIT).unwrap(),
         "daemon {pid} still runs after its group {current} (was {group_id}) was deleted"
@@ -99,13 +94,7 @@ fn path_mode_follows_a_replaced_file(fs_kind: FsKind) {
         old,
         "the replacement should sit elsewhere"
     );
-    let (current, _) = group_by_alias(&device_of(&path), "vm.img").unwrap();
-    run(
-        "dmstats",
-        &["delete", "--groupid", &current.to_string(), &dmfs.name],
-    )
-    .unwrap();
-    assert!(wait_for_exit(pid, EXIT).unwrap());
+    delete_group_and_wait(&dmfs, &path, "vm.img", pid);
 }
 
 fn new_regions_keep_precise_bounds_and_alias(fs_kind: FsKind) {

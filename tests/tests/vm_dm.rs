@@ -30,9 +30,10 @@ fn debian_filemap_matches_fiemap(fs_kind: FsKind) {
     let st_dev = fs::metadata(&path).unwrap().dev();
     let device = stats::StatsDevice::for_st_dev(st_dev).unwrap();
     let regions = device.list(None).unwrap();
-    let (descriptor, members) = stats::group_members(&regions, group_id)
+    let group = stats::Group::find(&regions, group_id)
         .unwrap()
         .unwrap_or_else(|| panic!("group {group_id} not found in {regions:#?}"));
+    let (descriptor, members): (_, Vec<_>) = (&group.descriptor, group.members().collect());
     assert_eq!(
         descriptor.alias, "data.img",
         "dmstats names a filemap group after the file"

@@ -7,8 +7,8 @@ use std::{fs, time::Duration};
 use filemapd_tests::{
     DmFs, FsKind, context_switches,
     daemon::{
-        CONVERGE, EXIT, LoggedDaemon, append, device_of, drop_in_dir, group_by_alias, hold_open,
-        wait_converged,
+        CONVERGE, EXIT, LoggedDaemon, append, delete_group_and_wait, device_of, drop_in_dir,
+        group_by_alias, hold_open, wait_converged,
     },
     map_without_daemon, pids_of, punch_hole, require_device_mapper, run, run_env, wait_for_exit,
     wait_until, write_and_sync,
@@ -163,13 +163,7 @@ fn dmstats_launched_daemons_use_ebpf_when_asked() {
     .unwrap();
     append(&path, 4);
     wait_converged(&dmfs, &path, "vm.img", "appending 4 MiB");
-    let (current, _) = group_by_alias(&device_of(&path), "vm.img").unwrap();
-    run(
-        "dmstats",
-        &["delete", "--groupid", &current.to_string(), &dmfs.name],
-    )
-    .unwrap();
-    assert!(wait_for_exit(pids[0], EXIT).unwrap());
+    delete_group_and_wait(&dmfs, &path, "vm.img", pids[0]);
 }
 
 /// `filemapd watch`: one process, one set of eBPF programs, files on ext4 and xfs.

@@ -8,8 +8,8 @@ use filemapd::stats::StatsDevice;
 use filemapd_tests::{
     DmFs, FsKind,
     daemon::{
-        EXIT, LoggedDaemon, append, device_of, file_ranges, group_by_alias, map_and_monitor_with,
-        wait_converged, wait_converged_exactly,
+        LoggedDaemon, append, delete_group, delete_group_and_wait, device_of, file_ranges,
+        group_by_alias, map_and_monitor_with, tally_figure, wait_converged, wait_converged_exactly,
     },
     map_without_daemon, require_device_mapper, run, wait_for_exit, write_and_sync,
     writers::random_direct_writes,
@@ -37,20 +37,6 @@ fn group_sectors_read(device: &StatsDevice, alias: &str) -> u64 {
         .iter()
         .map(|r| device.counters(r.id).unwrap().sectors_read)
         .sum()
-}
-
-/// Deletes the group with dmstats and waits for its daemon to go.
-fn delete_group(dmfs: &DmFs, path: &Path, alias: &str, pid: i32) {
-    let (current, _) = group_by_alias(&device_of(path), alias).unwrap();
-    run(
-        "dmstats",
-        &["delete", "--groupid", &current.to_string(), &dmfs.name],
-    )
-    .unwrap();
-    assert!(
-        wait_for_exit(pid, EXIT).unwrap(),
-        "daemon {pid} outlived its group"
-    );
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -136,7 +122,7 @@ fn growth_keeps_the_counters(fs_kind: FsKind, launch: Launch) {
         "{listing}"
     );
     eprintln!("dmstats list after growth:\n{listing}");
-    delete_group(&dmfs, &path, "vm.img", pid);
+    delete_group_and_wait(&dmfs, &path, "vm.img", pid);
     drop(daemon);
 }
 
@@ -195,7 +181,7 @@ fn appends_keep_few_regions_per_extent(fs_kind: FsKind) {
         counted_before,
         "IO counted before the growth was lost"
     );
-    delete_group(&dmfs, &path, "vm.img", pid);
+    delete_group_and_wait(&dmfs, &path, "vm.img", pid);
 }
 
 #[test]
@@ -205,16 +191,6 @@ fn ext4_appends_keep_few_regions_per_extent() {
 #[test]
 fn xfs_appends_keep_few_regions_per_extent() {
     appends_keep_few_regions_per_extent(FsKind::Xfs);
-}
-
-/// The figure `name` in the daemon's closing tally line ("N events, N passes (...)").
-fn tally_figure(tally: &str, name: &str) -> u64 {
-    let words: Vec<&str> = tally.split_whitespace().collect();
-    let at = words
-        .iter()
-        .position(|w| w.trim_end_matches(',') == name)
-        .unwrap_or_else(|| panic!("no {name:?} in {tally:?}"));
-    words[at - 1].parse().unwrap()
 }
 
 /// A storm of allocations (random 64 KiB O_DIRECT writes into a sparse span, each allocating)
@@ -232,16 +208,13 @@ fn a_storm_takes_few_passes(fs_kind: FsKind) {
     random_direct_writes(&path, 1 << 20, 64 << 20, 0x9e37_79b9_7f4a_7c15);
     wait_converged(&dmfs, &path, "vm.img", "the storm");
 
-    let (current, _) = group_by_alias(&device_of(&path), "vm.img").unwrap();
-    run(
-        "dmstats",
-        &["delete", "--groupid", &current.to_string(), &dmfs.name],
-    )
-    .unwrap();
+    delete_group(&dmfs, &path, "vm.img");
     daemon.wait_for_line("passes (");
     let log = daemon.stop();
     let tally = log.iter().find(|l| l.contains("passes (")).unwrap();
-    let (events, passes) = (tally_figure(tally, "events"), tally_figure(tally, "passes"));
+    let figure =
+        |name| tally_figure(tally, name).unwrap_or_else(|| panic!("no {name} in {tally:?}"));
+    let (events, passes) = (figure("events"), figure("passes"));
     eprintln!("{fs_kind:?}: {tally}");
     assert!(
         events >= 256,
@@ -274,5 +247,5 @@ fn exact_mapping_on_request() {
     wait_converged_exactly(&dmfs, &path, "vm.img", "start-up");
     append(&path, 4);
     wait_converged_exactly(&dmfs, &path, "vm.img", "growing the file");
-    delete_group(&dmfs, &path, "vm.img", pid);
+    delete_group_and_wait(&dmfs, &path, "vm.img", pid);
 }

@@ -1,6 +1,8 @@
 //! lvm2's own dmfilemapd, built from Debian's lvm2 source package (2.03.16, the source of the
 //! dmstats 1.02.185 in the VM), for the bench to run beside filemapd. Built outside the
-//! repository, under [`BUILD_ROOT`], and never committed; a second run finds it built.
+//! repository, under [`BUILD_ROOT`], and never committed; a second run finds it built. The VM
+//! does not see /var (virtme-ng lays tmpfs over it), so the daemon and its libdevmapper are
+//! copied into the workspace's target directory (build output, ignored by git).
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -25,9 +27,25 @@ pub struct Reference {
 }
 
 pub fn build() -> anyhow::Result<Reference> {
-    if let Some(found) = built()? {
-        return Ok(found);
-    }
+    let built = match built()? {
+        Some(found) => found,
+        None => build_from_source()?,
+    };
+    let dir = cmd::workspace_root().join("target/lvm2-reference");
+    fs::create_dir_all(&dir)?;
+    let daemon = dir.join("dmfilemapd");
+    fs::copy(&built.daemon, &daemon)?;
+    fs::copy(
+        built.lib_dir.join("libdevmapper.so.1.02"),
+        dir.join("libdevmapper.so.1.02"),
+    )?;
+    Ok(Reference {
+        daemon,
+        lib_dir: dir,
+    })
+}
+
+fn build_from_source() -> anyhow::Result<Reference> {
     eprintln!("bench: building lvm2's dmfilemapd from Debian's source under {BUILD_ROOT}");
     source_entry()?;
     cmd::status(

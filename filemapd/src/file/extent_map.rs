@@ -231,6 +231,31 @@ mod tests {
         assert_eq!(change.after, vec![SectorRange::new(8192, 8)]);
     }
 
+    /// 100,000 one-block extents, every other block a hole; a hole filled in place joins three
+    /// extents into one range, and the map reports just that.
+    #[test]
+    fn a_hole_filled_among_100k_extents_reports_three_ranges_becoming_one() {
+        let block = 4096;
+        let extents: Vec<Extent> = (0..100_000)
+            .map(|i| ext(2 * i * block, (1 << 30) + 2 * i * block, block))
+            .collect();
+        let mut map = ExtentMap::new(extents);
+        let k = 77_777;
+        let hole = (2 * k + 1) * block;
+        // The event names the hole; FIEMAP of it returns the whole merged extent.
+        let (lo, hi) = map.widen(hole, hole + block);
+        let fresh = vec![ext(2 * k * block, (1 << 30) + 2 * k * block, 3 * block)];
+        let change = map.replace(lo, hi, fresh);
+        let sector = |bytes: u64| bytes >> 9;
+        let at = sector((1 << 30) + 2 * k * block);
+        assert_eq!(
+            change.before,
+            vec![SectorRange::new(at, 8), SectorRange::new(at + 16, 8)]
+        );
+        assert_eq!(change.after, vec![SectorRange::new(at, 24)]);
+        assert_eq!(map.len(), 100_000 - 1);
+    }
+
     fn file() -> impl Strategy<Value = Vec<Extent>> {
         // Logical extents of 1..4 blocks with gaps; physical places often contiguous.
         proptest::collection::vec((0u64..2, 1u64..4, 0u64..3, any::<bool>()), 0..25).prop_map(|v| {

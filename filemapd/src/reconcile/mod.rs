@@ -446,6 +446,35 @@ mod tests {
         out
     }
 
+    /// The bench's case at its own scale: 100,000 one-block extents, a hole filled, three
+    /// extents become one range. The window plan (two regions near it) equals the plan of the
+    /// whole file.
+    #[test]
+    fn a_window_plan_at_100k_extents_matches_the_whole_plan() {
+        let extents: Vec<SectorRange> = (0..100_000).map(|i| r(16 * i, 8)).collect();
+        let members: Vec<(u64, SectorRange)> = extents
+            .iter()
+            .enumerate()
+            .map(|(i, &e)| (i as u64, e))
+            .collect();
+        let k = 54_321;
+        let before = vec![extents[k], extents[k + 1]];
+        let after = vec![r(16 * k as u64, 24)];
+        let mut whole_file = extents.clone();
+        whole_file.splice(k..k + 2, after.clone());
+        let near = vec![members[k], members[k + 1]];
+        for mapping in [Mapping::Exact, Mapping::Tiled] {
+            let local = plan_window(&near, &before, &after, mapping).unwrap();
+            let whole = plan(&members, &whole_file, mapping);
+            assert_eq!(
+                (&local.create, &local.fuse, &local.delete),
+                (&whole.create, &whole.fuse, &whole.delete),
+                "{mapping:?}"
+            );
+            assert!(!local.is_noop());
+        }
+    }
+
     #[test]
     fn only_regions_touching_a_gap_join_a_run() {
         // 0 and 1 are inside the extent, 2 sits between two gaps, 3 ends the extent.

@@ -5,7 +5,7 @@ use std::{collections::HashMap, sync::Arc};
 use anyhow::{Context as _, bail};
 use devicemapper::{DM, DevId, DmName, DmNameBuf};
 
-use super::{Counters, Group, GroupDescriptor, Region, RegionSettings, region};
+use super::{Counters, Group, Region, RegionSettings, region};
 
 use crate::sectors::SectorRange;
 
@@ -145,48 +145,5 @@ impl Devices {
             *listing = Some(device.list(None)?);
         }
         Group::load_from(&device, listing.as_deref().unwrap_or_default(), group_id)
-    }
-}
-
-/// The regions of the group led by `group_id`, in id order, with the leader's descriptor.
-pub fn group_members(
-    regions: &[Region],
-    group_id: u64,
-) -> anyhow::Result<Option<(GroupDescriptor, Vec<Region>)>> {
-    let Some(leader) = regions.iter().find(|r| r.id == group_id) else {
-        return Ok(None);
-    };
-    let Some(descriptor) = leader.group()? else {
-        return Ok(None);
-    };
-    if descriptor.leader() != Some(group_id) {
-        return Ok(None);
-    }
-    let members = regions
-        .iter()
-        .filter(|r| descriptor.members.contains(r.id))
-        .cloned()
-        .collect();
-    Ok(Some((descriptor, members)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_a_groups_members_and_ignores_other_regions() {
-        let regions = region::parse_list(
-            "0: 100+8 8 dmstats DMS_GROUP=f:0,2#-\n1: 300+8 8 dmstats -\n2: 200+8 8 dmstats -\n",
-        )
-        .unwrap();
-        let (descriptor, members) = group_members(&regions, 0).unwrap().unwrap();
-        assert_eq!(descriptor.alias, "f");
-        assert_eq!(members.iter().map(|r| r.id).collect::<Vec<_>>(), vec![0, 2]);
-        assert!(
-            group_members(&regions, 1).unwrap().is_none(),
-            "region 1 leads no group"
-        );
-        assert!(group_members(&regions, 7).unwrap().is_none(), "no region 7");
     }
 }

@@ -426,3 +426,37 @@ fn flush_part(
     }
     absorbed.clear();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::region::parse_list;
+
+    #[test]
+    fn finds_a_groups_members_and_strays_and_ignores_other_regions() {
+        let regions = parse_list(
+            "0: 100+8 8 dmstats DMS_GROUP=f:0,2#-\n1: 300+8 8 dmstats -\n2: 200+8 8 dmstats -\n\
+             3: 400+8 8 dmstats DMS_FILEMAPD_PENDING=0\n",
+        )
+        .unwrap();
+        let group = Group::find(&regions, 0).unwrap().unwrap();
+        assert_eq!(group.descriptor.alias, "f");
+        assert_eq!(
+            group.members().map(|r| r.id).collect::<Vec<_>>(),
+            vec![0, 2]
+        );
+        assert_eq!(
+            group.strays.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![3]
+        );
+        assert_eq!(
+            group.places_near(&[SectorRange::new(196, 8)]),
+            vec![(2, SectorRange::new(200, 8))]
+        );
+        assert!(
+            Group::find(&regions, 1).unwrap().is_none(),
+            "region 1 leads no group"
+        );
+        assert!(Group::find(&regions, 7).unwrap().is_none(), "no region 7");
+    }
+}

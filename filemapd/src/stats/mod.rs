@@ -7,6 +7,6 @@ pub mod id_set;
 pub mod region;
 
 pub use descriptor::GroupDescriptor;
-pub use device::{Devices, StatsDevice, group_members};
+pub use device::{Devices, StatsDevice};
 pub use group::Group;
 pub use region::{Counters, Region, RegionSettings};

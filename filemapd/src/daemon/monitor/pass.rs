@@ -47,7 +47,8 @@ impl Monitor {
             },
         };
         let outcome = group.apply(&self.device, &plan, &counted_nothing)?;
-        self.pacer.charge(outcome.creating, Instant::now());
+        self.pacer
+            .charge(outcome.created, outcome.creating, Instant::now());
         self.tally.created += outcome.created as u64;
         self.tally.deleted += outcome.deleted as u64;
         self.tally.fused += outcome.fused as u64;

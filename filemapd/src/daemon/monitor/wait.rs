@@ -25,7 +25,7 @@ impl Monitor {
                     return due;
                 }
                 let ready = self.pacer.ready_at(now);
-                if ready > due && !paced {
+                if ready > due.max(now) && !paced {
                     paced = true;
                     self.tally.paced += 1;
                 }

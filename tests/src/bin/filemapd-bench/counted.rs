@@ -10,12 +10,13 @@ use std::{
 
 use filemapd::stats::StatsDevice;
 use filemapd_tests::{
-    DmFs, FsKind, map_without_daemon, write_and_sync, writers::random_direct_writes,
+    DmFs, FsKind, daemon::tally_figure, map_without_daemon, write_and_sync,
+    writers::random_direct_writes,
 };
 
 use crate::{
     median_and_spread,
-    monitors::{Monitor, group_counters, tally_figure, the_group, wait_covered},
+    monitors::{Monitor, group_counters, the_group, wait_covered},
     report,
 };
 

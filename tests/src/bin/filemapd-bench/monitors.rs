@@ -123,13 +123,6 @@ impl Drop for Running {
     }
 }
 
-/// The figure before `name` in a tally line ("12 events, 3 passes (...), ... 4 regions created").
-pub fn tally_figure(tally: &str, name: &str) -> Option<u64> {
-    let words: Vec<&str> = tally.split_whitespace().collect();
-    let at = words.iter().position(|w| w.trim_end_matches(',') == name)?;
-    words.get(at.checked_sub(1)?)?.parse().ok()
-}
-
 /// Spins (this is the measuring instrument) until regions cover the sectors backing the
 /// logical bytes `offset..offset+len` of `path`; false if they do not within `limit`.
 pub fn wait_covered(
