@@ -11,7 +11,7 @@ use filemapd_tests::{
         LoggedDaemon, append, delete_group, delete_group_and_wait, device_of, file_ranges,
         group_by_alias, map_and_monitor_with, tally_figure, wait_converged, wait_converged_exactly,
     },
-    map_without_daemon, require_device_mapper, run, wait_for_exit, write_and_sync,
+    map_without_daemon, require_device_mapper, run, write_and_sync,
     writers::random_direct_writes,
 };
 

@@ -39,7 +39,7 @@ pub fn run() {
 fn many_extents(extents: u64, monitors: &[Monitor], updates: u64) {
     report!("## Scale: one file with {extents} extents\n");
     // Room for the file (two blocks an extent) and the file system's own blocks.
-    let mib = (2 * extents * BLOCK >> 20) + 256;
+    let mib = ((2 * extents * BLOCK) >> 20) + 256;
     let dmfs = DmFs::with_size(FsKind::Ext4, mib.max(512)).unwrap();
     let path = dmfs.mount.dir.join("fragmented.img");
     write_and_sync(&path, 0, (2 * extents * BLOCK) as usize).unwrap();
