@@ -107,12 +107,9 @@ pub fn group_by_alias(device: &StatsDevice, alias: &str) -> Option<(u64, Vec<Reg
 /// Whether the group's regions tile the file's extents (each sector in exactly one region;
 /// a grown extent may be covered by several), and dmstats lists exactly those regions there.
 pub fn converged(dmfs: &DmFs, path: &Path, alias: &str) -> anyhow::Result<bool> {
-    let Some((_, members)) = group_by_alias(&device_of(path), alias) else {
+    let Some((ours, wanted)) = group_and_file(path, alias) else {
         return Ok(false);
     };
-    let mut ours: Vec<SectorRange> = members.iter().map(|r| r.range).collect();
-    ours.sort_unstable();
-    let wanted = file_ranges(path);
     let disjoint = ours.windows(2).all(|w| w[0].end() <= w[1].start);
     Ok(disjoint
         && join_adjacent(ours.clone()) == join_adjacent(wanted.clone())
@@ -121,13 +118,19 @@ pub fn converged(dmfs: &DmFs, path: &Path, alias: &str) -> anyhow::Result<bool> 
 
 /// Whether the group holds exactly one region per extent (lvm2's mapping, `--exact`).
 pub fn converged_exactly(dmfs: &DmFs, path: &Path, alias: &str) -> anyhow::Result<bool> {
-    let Some((_, members)) = group_by_alias(&device_of(path), alias) else {
+    let Some((ours, wanted)) = group_and_file(path, alias) else {
         return Ok(false);
     };
+    Ok(ours == wanted && dmstats_rows_within(dmfs, &wanted)? == wanted)
+}
+
+/// The group's regions (sorted) and the file's extents as regions should be, or `None`
+/// while no group has that alias.
+fn group_and_file(path: &Path, alias: &str) -> Option<(Vec<SectorRange>, Vec<SectorRange>)> {
+    let (_, members) = group_by_alias(&device_of(path), alias)?;
     let mut ours: Vec<SectorRange> = members.iter().map(|r| r.range).collect();
     ours.sort_unstable();
-    let wanted = file_ranges(path);
-    Ok(ours == wanted && dmstats_rows_within(dmfs, &wanted)? == wanted)
+    Some((ours, file_ranges(path)))
 }
 
 /// The regions `dmstats list` shows inside `ranges`, sorted.

@@ -4,7 +4,7 @@
 //! request.
 use std::path::Path;
 
-use filemapd::stats::StatsDevice;
+use filemapd::stats::{Counters, StatsDevice};
 use filemapd_tests::{
     DmFs, FsKind,
     daemon::{
@@ -33,10 +33,8 @@ fn read_past_the_cache(path: &Path) {
 /// Sectors read as the group's regions count them.
 fn group_sectors_read(device: &StatsDevice, alias: &str) -> u64 {
     let (_, members) = group_by_alias(device, alias).unwrap();
-    members
-        .iter()
-        .map(|r| device.counters(r.id).unwrap().sectors_read)
-        .sum()
+    let counters: Counters = members.iter().map(|r| device.counters(r.id).unwrap()).sum();
+    counters.sectors_read
 }
 
 #[derive(Clone, Copy, Debug)]

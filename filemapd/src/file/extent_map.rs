@@ -231,6 +231,28 @@ mod tests {
         assert_eq!(change.after, vec![SectorRange::new(8192, 8)]);
     }
 
+    #[test]
+    fn extents_that_vanished_from_the_span_are_dropped() {
+        // A truncate to 4 KiB: the span from 4 KiB on now maps only the shortened first extent.
+        let mut map = ExtentMap::new(vec![ext(0, 4096, 8192), ext(1 << 20, 1 << 24, 8192)]);
+        let (lo, hi) = map.widen(4096, u64::MAX);
+        map.replace(lo, hi, vec![ext(0, 4096, 4096)]);
+        assert_eq!(map.device_ranges(), vec![SectorRange::new(8, 8)]);
+        assert_eq!(map.len(), 1);
+    }
+
+    #[test]
+    fn a_merged_extent_replaces_its_parts_and_the_flag_last_is_dropped() {
+        let mut map = ExtentMap::new(vec![ext(0, 4096, 4096), ext(4096, 8192, 4096)]);
+        let mut merged = ext(0, 4096, 12288);
+        merged.flags = extent_flags::LAST;
+        let change = map.replace(4096, 8192, vec![merged]);
+        assert_eq!(map.len(), 1);
+        assert_eq!(change.before, vec![SectorRange::new(8, 16)]);
+        assert_eq!(change.after, vec![SectorRange::new(8, 24)]);
+        assert!(!change.unchanged);
+    }
+
     /// 100,000 one-block extents, every other block a hole; a hole filled in place joins three
     /// extents into one range, and the map reports just that.
     #[test]

@@ -117,37 +117,6 @@ pub fn read_extents(file: &impl AsFd, start: u64, len: u64, sync: bool) -> io::R
     Ok(extents)
 }
 
-/// Replaces what `cached` says about the logical bytes `lo..hi` with `fresh`, a FIEMAP of that
-/// range. FIEMAP returns whole extents overlapping the range, so every cached extent touching
-/// it is dropped and the fresh ones stand in; the rest of the file keeps its cached extents.
-/// The caller widens `lo..hi` to whole cached extents first: a cached extent cut by the range
-/// but no longer touching it (a hole punched into its tail) would otherwise be lost.
-pub fn splice(cached: &[Extent], lo: u64, hi: u64, fresh: Vec<Extent>) -> Vec<Extent> {
-    // Fresh extents may reach beyond the range (the file system merged neighbours): whatever
-    // they cover replaces the cache too.
-    let lo = fresh.iter().map(|e| e.logical).fold(lo, u64::min);
-    let hi = fresh
-        .iter()
-        .map(|e| e.logical.saturating_add(e.length))
-        .fold(hi, u64::max);
-    let mut out: Vec<Extent> = cached
-        .iter()
-        .filter(|e| e.logical + e.length <= lo || e.logical >= hi)
-        .copied()
-        .chain(fresh)
-        .collect();
-    out.sort_unstable_by_key(|e| e.logical);
-    out.dedup_by_key(|e| e.logical);
-    // Only the file's last extent may carry LAST.
-    let count = out.len();
-    for (i, extent) in out.iter_mut().enumerate() {
-        if i + 1 < count {
-            extent.flags &= !extent_flags::LAST;
-        }
-    }
-    out
-}
-
 /// The sector ranges a file occupies on its device, as lvm2 maps them into regions: placed
 /// extents only, physically contiguous neighbours merged into one range, bytes → sectors.
 pub fn device_ranges(extents: &[Extent]) -> Vec<SectorRange> {
@@ -215,52 +184,6 @@ mod tests {
         // lvm2 merges on physical adjacency alone; a hole in the file does not split a region.
         let extents = [ext(0, 0x10000, 4096, 0), ext(1 << 20, 0x11000, 4096, 0)];
         assert_eq!(device_ranges(&extents), vec![SectorRange::new(128, 16)]);
-    }
-
-    #[test]
-    fn splice_replaces_only_the_changed_range() {
-        let cached = [
-            ext(0, 100 << 12, 4096, 0),
-            ext(4096, 200 << 12, 4096, 0),
-            ext(8192, 300 << 12, 4096, extent_flags::LAST),
-        ];
-        // The middle extent moved, and the file grew by an extent.
-        let fresh = vec![ext(4096, 500 << 12, 4096, 0)];
-        let tail = vec![ext(12288, 600 << 12, 4096, extent_flags::LAST)];
-        let spliced = splice(&splice(&cached, 4096, 8192, fresh), 12288, 16384, tail);
-        assert_eq!(
-            spliced,
-            vec![
-                ext(0, 100 << 12, 4096, 0),
-                ext(4096, 500 << 12, 4096, 0),
-                ext(8192, 300 << 12, 4096, 0),
-                ext(12288, 600 << 12, 4096, extent_flags::LAST),
-            ]
-        );
-    }
-
-    #[test]
-    fn splice_drops_extents_that_vanished_from_the_range() {
-        let cached = [
-            ext(0, 4096, 8192, 0),
-            ext(1 << 20, 1 << 24, 8192, extent_flags::LAST),
-        ];
-        // A truncate to 4 KiB: the range from 4 KiB on now maps only the shortened first extent.
-        let fresh = vec![ext(0, 4096, 4096, extent_flags::LAST)];
-        assert_eq!(
-            splice(&cached, 4096, u64::MAX, fresh),
-            vec![ext(0, 4096, 4096, extent_flags::LAST)]
-        );
-    }
-
-    #[test]
-    fn splice_lets_a_merged_extent_replace_its_parts() {
-        let cached = [
-            ext(0, 4096, 4096, 0),
-            ext(4096, 8192, 4096, extent_flags::LAST),
-        ];
-        let fresh = vec![ext(0, 4096, 12288, extent_flags::LAST)];
-        assert_eq!(splice(&cached, 4096, 8192, fresh.clone()), fresh);
     }
 
     #[test]

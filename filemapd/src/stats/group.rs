@@ -23,7 +23,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    reconcile::{self, Mapping, Piece, Plan},
+    reconcile::{Piece, Plan},
     sectors::SectorRange,
     stats::{GroupDescriptor, Region, RegionSettings, StatsDevice},
 };
@@ -98,11 +98,9 @@ pub struct Outcome {
     pub group: Group,
 }
 
-/// Whether a region has counted nothing yet (so replacing it loses nothing).
-pub type CountedNothing<'a> = &'a dyn Fn(&StatsDevice, u64) -> anyhow::Result<bool>;
-
-/// The default test for [`Group::apply`]: all of `@stats_print`'s counters are zero.
-pub fn counted_nothing(device: &StatsDevice, id: u64) -> anyhow::Result<bool> {
+/// Whether a region has counted nothing yet (all of `@stats_print`'s counters zero), so that
+/// replacing it loses nothing.
+fn counted_nothing(device: &StatsDevice, id: u64) -> anyhow::Result<bool> {
     Ok(device.counters(id)? == Default::default())
 }
 
@@ -213,29 +211,11 @@ impl Group {
         }
     }
 
-    /// Changes the group's regions to cover `extents` (the whole file), planned over every
-    /// member; regions outside the group are never touched.
-    pub fn update(
-        self,
-        device: &StatsDevice,
-        extents: &[SectorRange],
-        mapping: Mapping,
-    ) -> anyhow::Result<Outcome> {
-        let plan = reconcile::plan(&self.places(), extents, mapping);
-        self.apply(device, &plan, &counted_nothing)
-    }
-
-    /// Carries out `plan` (whose ids must all be members). On a failure half-way, the regions
-    /// created so far are deleted again. An `extend` replaces its region by a longer one when
-    /// `counted_nothing` says the region has counted nothing yet, and adds a region after it
-    /// otherwise. Consumes the group (it may have thousands of members): the outcome carries it
-    /// on, changed in O(plan · log n).
-    pub fn apply(
-        mut self,
-        device: &StatsDevice,
-        plan: &Plan,
-        counted_nothing: CountedNothing,
-    ) -> anyhow::Result<Outcome> {
+    /// Carries out `plan` (whose ids must all be members); regions outside the group are never
+    /// touched. On a failure half-way, the regions created so far are deleted again. Consumes
+    /// the group (it may have thousands of members): the outcome carries it on, changed in
+    /// O(plan · log n).
+    pub fn apply(mut self, device: &StatsDevice, plan: &Plan) -> anyhow::Result<Outcome> {
         let marker = pending_marker(self.id);
         let mut deleted = 0;
 

@@ -124,35 +124,57 @@ pub struct Counters {
 /// after them (nanosecond totals, `a:b:c` bucket counts) that are zero whenever the IO counts
 /// are, and are not read here.
 pub fn parse_counters(text: &str) -> anyhow::Result<Counters> {
-    let mut total = Counters::default();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let values: Vec<u64> = line
-            .split_ascii_whitespace()
-            .skip(1)
-            .take(11)
-            .map(|v| {
-                v.parse()
-                    .with_context(|| format!("bad counter {v:?} in {line:?}"))
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let values: Vec<u64> = line
+                .split_ascii_whitespace()
+                .skip(1)
+                .take(11)
+                .map(|v| {
+                    v.parse()
+                        .with_context(|| format!("bad counter {v:?} in {line:?}"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            ensure!(
+                values.len() == 11,
+                "@stats_print line has {} counters: {line:?}",
+                values.len()
+            );
+            Ok(Counters {
+                reads: values[0],
+                reads_merged: values[1],
+                sectors_read: values[2],
+                read_ms: values[3],
+                writes: values[4],
+                writes_merged: values[5],
+                sectors_written: values[6],
+                write_ms: values[7],
+                in_flight: values[8],
+                io_ms: values[9],
+                weighted_io_ms: values[10],
             })
-            .collect::<anyhow::Result<_>>()?;
-        ensure!(
-            values.len() == 11,
-            "@stats_print line has {} counters: {line:?}",
-            values.len()
-        );
-        total.reads += values[0];
-        total.reads_merged += values[1];
-        total.sectors_read += values[2];
-        total.read_ms += values[3];
-        total.writes += values[4];
-        total.writes_merged += values[5];
-        total.sectors_written += values[6];
-        total.write_ms += values[7];
-        total.in_flight += values[8];
-        total.io_ms += values[9];
-        total.weighted_io_ms += values[10];
+        })
+        .sum()
+}
+
+/// Counters of several areas or regions, added up.
+impl std::iter::Sum for Counters {
+    fn sum<I: Iterator<Item = Counters>>(counters: I) -> Counters {
+        counters.fold(Counters::default(), |a, b| Counters {
+            reads: a.reads + b.reads,
+            reads_merged: a.reads_merged + b.reads_merged,
+            sectors_read: a.sectors_read + b.sectors_read,
+            read_ms: a.read_ms + b.read_ms,
+            writes: a.writes + b.writes,
+            writes_merged: a.writes_merged + b.writes_merged,
+            sectors_written: a.sectors_written + b.sectors_written,
+            write_ms: a.write_ms + b.write_ms,
+            in_flight: a.in_flight + b.in_flight,
+            io_ms: a.io_ms + b.io_ms,
+            weighted_io_ms: a.weighted_io_ms + b.weighted_io_ms,
+        })
     }
-    Ok(total)
 }
 
 #[cfg(test)]

@@ -91,7 +91,7 @@ pub struct Monitor {
     recheck: Option<(Instant, u32)>,
     /// The recheck is for another process's region changes: not paced.
     regions_changed: bool,
-    /// Region creations' budget of device time.
+    /// How often passes may run and create regions (storm control).
     pacer: Pacer,
     tally: Tally,
     /// The group as found at start-up for the first pass; afterwards, in event-driven mode

@@ -10,7 +10,7 @@ use crate::{
     file::view::Reading,
     reconcile::{self, Plan},
     sectors::SectorRange,
-    stats::{Group, group::counted_nothing},
+    stats::Group,
 };
 
 impl Monitor {
@@ -46,7 +46,7 @@ impl Monitor {
                 None => return Ok(Some(group)),
             },
         };
-        let outcome = group.apply(&self.device, &plan, &counted_nothing)?;
+        let outcome = group.apply(&self.device, &plan)?;
         self.pacer
             .charge(outcome.created, outcome.creating, Instant::now());
         self.tally.created += outcome.created as u64;

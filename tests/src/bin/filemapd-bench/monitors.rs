@@ -176,12 +176,10 @@ pub fn the_group(device: &StatsDevice) -> Option<Group> {
 /// it could delete a region between the listing and the reading.
 pub fn group_counters(device: &StatsDevice) -> Option<Counters> {
     let group = the_group(device)?;
-    Some(group.members().fold(Counters::default(), |sum, m| {
-        let c = device.counters(m.id).unwrap();
-        Counters {
-            sectors_read: sum.sectors_read + c.sectors_read,
-            sectors_written: sum.sectors_written + c.sectors_written,
-            ..sum
-        }
-    }))
+    Some(
+        group
+            .members()
+            .map(|m| device.counters(m.id).unwrap())
+            .sum(),
+    )
 }
