@@ -12,6 +12,9 @@ pub struct Tally {
     pub whole_passes: u64,
     /// Passes held back because region creations had spent their device-time budget.
     pub paced: u64,
+    /// Passes that created only part of what their plan needed (storm control) and left the
+    /// rest to later passes.
+    pub deferred: u64,
     pub created: u64,
     pub deleted: u64,
     /// Regions replaced by a longer one because they had counted nothing yet.
@@ -22,11 +25,12 @@ impl fmt::Display for Tally {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} events, {} passes ({} of the whole file), {} paced, {} regions created, {} deleted ({} fused into longer ones)",
+            "{} events, {} passes ({} of the whole file), {} paced, {} deferred, {} regions created, {} deleted ({} fused into longer ones)",
             self.events,
             self.passes,
             self.whole_passes,
             self.paced,
+            self.deferred,
             self.created,
             self.deleted,
             self.fused

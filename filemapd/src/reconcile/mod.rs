@@ -38,6 +38,40 @@ impl Plan {
     pub fn is_noop(&self) -> bool {
         self.create.is_empty() && self.fuse.is_empty() && self.delete.is_empty()
     }
+
+    /// The most regions carrying out the plan may create (a fuse run creates at most one per
+    /// gap).
+    pub fn creations(&self) -> usize {
+        self.create.len() + self.fuse.iter().map(|run| gaps_in(run)).sum::<usize>()
+    }
+
+    /// The part of the plan that creates at most `allowance` regions, and whether some
+    /// creations were left out. Creations are left out whole, in order; so that a storm's
+    /// backlog always shrinks, the first one stays whatever it costs (a fuse run may create
+    /// several). Deletions all stay (they suspend nothing); the kept regions of a run left
+    /// out simply stay as they are.
+    pub fn within(mut self, allowance: usize) -> (Plan, bool) {
+        if self.creations() <= allowance.max(1) {
+            return (self, false);
+        }
+        let mut left = allowance;
+        let mut first = true;
+        let mut fits = |cost: usize| {
+            let fits = first || cost <= left;
+            if fits {
+                left = left.saturating_sub(cost);
+                first = false;
+            }
+            fits
+        };
+        self.create.retain(|_| fits(1));
+        self.fuse.retain(|run| fits(gaps_in(run)));
+        (self, true)
+    }
+}
+
+fn gaps_in(run: &[Piece]) -> usize {
+    run.iter().filter(|p| matches!(p, Piece::Gap(_))).count()
 }
 
 /// A piece of a run that may be fused into one region.
@@ -196,6 +230,33 @@ mod tests {
 
     fn r(start: u64, len: u64) -> SectorRange {
         SectorRange::new(start, len)
+    }
+
+    #[test]
+    fn a_plan_within_an_allowance_creates_no_more_keeps_its_deletions_and_says_so() {
+        let members = [(1, r(100, 8)), (2, r(500, 8)), (3, r(900, 8))];
+        // Region 2's extent is gone; 1 grew (a fuse run with one gap); four extents are new.
+        let extents = [
+            r(100, 16),
+            r(200, 8),
+            r(300, 8),
+            r(400, 8),
+            r(700, 8),
+            r(900, 8),
+        ];
+        let plan = plan(&members, &extents, Mapping::Tiled);
+        assert_eq!(plan.creations(), 5);
+        let (whole, deferred) = plan.clone().within(5);
+        assert!(!deferred);
+        assert_eq!(whole, plan);
+
+        let (part, deferred) = plan.clone().within(2);
+        assert!(deferred);
+        assert_eq!(part.creations(), 2);
+        assert_eq!(part.delete, plan.delete, "deletions are never held back");
+        assert_eq!(part.keep, plan.keep);
+        // Zero still makes progress.
+        assert_eq!(plan.within(0).0.creations(), 1);
     }
 
     #[test]
@@ -544,6 +605,34 @@ mod tests {
                     prop_assert!(p.delete.contains(&id));
                 }
             }
+        }
+
+        #[test]
+        fn plans_held_to_an_allowance_converge_to_the_same_tiling(
+            old in ranges(),
+            extents in disjoint_extents(),
+            allowance in 0usize..4,
+            absorb in proptest::bool::ANY,
+        ) {
+            let mut members: Vec<(u64, SectorRange)> =
+                old.into_iter().enumerate().map(|(i, r)| (i as u64, r)).collect();
+            let backlog = plan(&members, &extents, Mapping::Tiled).creations();
+            let mut rounds = 0;
+            loop {
+                let p = plan(&members, &extents, Mapping::Tiled);
+                let (part, deferred) = p.clone().within(allowance);
+                // Over the allowance only by the one creation that always goes.
+                prop_assert!(
+                    part.creations() <= allowance || part.create.len() + part.fuse.len() == 1
+                );
+                members = apply(&members, &part, absorb);
+                if !deferred {
+                    break;
+                }
+                rounds += 1;
+                prop_assert!(rounds <= backlog, "the backlog must shrink every round");
+            }
+            prop_assert!(tiles_exactly(&members, &extents), "{:?}", members);
         }
 
         #[test]

@@ -57,6 +57,19 @@ impl StatsDevice {
         (self.major, self.minor)
     }
 
+    /// The device's IO so far: (IOs completed, IOs in flight), from its block-layer statistics
+    /// in sysfs; `None` when they cannot be read.
+    pub fn io_activity(&self) -> Option<(u64, u64)> {
+        let path = format!("/sys/dev/block/{}:{}/stat", self.major, self.minor);
+        let text = std::fs::read_to_string(path).ok()?;
+        let fields: Vec<u64> = text
+            .split_whitespace()
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        // Fields 1 and 5: reads and writes completed; field 9: IOs in flight.
+        Some((fields.first()? + fields.get(4)?, *fields.get(8)?))
+    }
+
     /// Sends one `@stats_*` message; the answer, or "" when the kernel returned none.
     fn message(&self, msg: &str) -> anyhow::Result<String> {
         log::trace!("dm message to {}: {msg}", &*self.name);

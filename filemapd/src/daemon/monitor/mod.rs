@@ -71,6 +71,9 @@ const SETTLE: Duration = Duration::from_millis(10);
 /// How many such looks before giving up on an event's range (then the next event or change of
 /// size catches up).
 const SETTLE_TRIES: u32 = 100;
+/// After a pass left creations for later (storm control), how long before the next takes up
+/// the backlog: long enough that each such pass creates a batch, not one region.
+const BACKLOG_PAUSE: Duration = Duration::from_millis(250);
 /// After another process deleted or relabelled regions, how long to let it finish (dmstats
 /// deletes a group region by region) before looking at the group.
 const REGIONS_QUIET: Duration = Duration::from_millis(100);
@@ -93,6 +96,8 @@ pub struct Monitor {
     regions_changed: bool,
     /// How often passes may run and create regions (storm control).
     pacer: Pacer,
+    /// The device's completed IOs at the last pass (is it idle now?).
+    io_seen: Option<u64>,
     tally: Tally,
     /// The group as found at start-up for the first pass; afterwards, in event-driven mode
     /// only, as the last pass left it. Trusted until the kernel reports another process's
@@ -161,6 +166,7 @@ impl Monitor {
             recheck: None,
             regions_changed: false,
             pacer: Pacer::default(),
+            io_seen: None,
             tally: Tally::default(),
             // The first pass starts from the group just found.
             known_group: Some(group),

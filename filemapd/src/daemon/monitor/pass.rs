@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::bail;
 use log::{debug, info};
 
-use super::{Monitor, SETTLE, SETTLE_TRIES};
+use super::{BACKLOG_PAUSE, Monitor, SETTLE, SETTLE_TRIES};
 use crate::{
     file::view::Reading,
     reconcile::{self, Plan},
@@ -46,9 +46,17 @@ impl Monitor {
                 None => return Ok(Some(group)),
             },
         };
+        let idle = self.device_idle();
+        let (plan, deferred) = plan.within(self.pacer.creation_allowance(Instant::now(), idle));
         let outcome = group.apply(&self.device, &plan)?;
         self.pacer
-            .charge(outcome.created, outcome.creating, Instant::now());
+            .charge(outcome.created, outcome.creating, idle, Instant::now());
+        if deferred {
+            // The rest of the plan waits for the budgets: plan the whole file again then.
+            self.tally.deferred += 1;
+            self.view.note_unknown_change();
+            self.recheck = Some((Instant::now() + BACKLOG_PAUSE, SETTLE_TRIES));
+        }
         self.tally.created += outcome.created as u64;
         self.tally.deleted += outcome.deleted as u64;
         self.tally.fused += outcome.fused as u64;
@@ -66,6 +74,14 @@ impl Monitor {
             self.check_remembered(&outcome.group)?;
         }
         Ok(Some(outcome.group))
+    }
+
+    /// Whether the device did no IO since the last look and has none in flight, so that
+    /// suspending it for region creations holds up nobody.
+    fn device_idle(&mut self) -> bool {
+        let activity = self.device.io_activity();
+        let last = std::mem::replace(&mut self.io_seen, activity.map(|(done, _)| done));
+        matches!(activity, Some((done, 0)) if last == Some(done))
     }
 
     /// A plan over every extent and region; `None` while no extent has a place yet.

@@ -8,6 +8,7 @@ mod appends;
 mod counted;
 mod latency;
 mod monitors;
+mod region_cost;
 mod scale;
 mod usage;
 
@@ -36,6 +37,9 @@ fn main() {
     let rounds = env_number("FILEMAPD_BENCH_ROUNDS", 5);
     if wanted("counted") {
         counted::run(rounds);
+    }
+    if wanted("cost") {
+        region_cost::run(rounds);
     }
     if wanted("appends") {
         appends::run(rounds);

@@ -134,7 +134,8 @@ pub fn wait_covered(
 ) -> bool {
     let file = fs::File::open(path).unwrap();
     let wanted = fiemap::device_ranges(&fiemap::read_extents(&file, offset, len, false).unwrap());
-    let deadline = Instant::now() + limit;
+    let started = Instant::now();
+    let deadline = started + limit;
     while Instant::now() < deadline {
         let mut regions: Vec<SectorRange> =
             device.list(None).unwrap().iter().map(|r| r.range).collect();
@@ -142,7 +143,11 @@ pub fn wait_covered(
         if !wanted.is_empty() && wanted.iter().all(|w| covered(w, &regions)) {
             return true;
         }
-        std::thread::sleep(Duration::from_micros(200));
+        // Fine-grained for latencies, coarse when catching up takes seconds: each listing
+        // holds dm-stats' mutex, which the monitor's creations need too.
+        let pause =
+            (started.elapsed() / 50).clamp(Duration::from_micros(200), Duration::from_millis(20));
+        std::thread::sleep(pause);
     }
     false
 }

@@ -26,8 +26,10 @@ const BLOCK: u64 = 4096;
 pub fn run() {
     many_extents(10_000, &Monitor::ALL, 10);
     // lvm2 plans in O(extents²) (a linear search per extent): a few updates say enough. In
-    // the bench VM's 8 GiB dm-stats refuses region 31,537 of 100,000 (its memory cap, a
-    // share of the RAM): 30,000 is the largest round count it holds.
+    // the bench VM's 8 GiB dm-stats refuses region 31,537 of 100,000: it caps its memory at a
+    // quarter of the RAM, and each region's struct dm_stat holds a pointer per possible CPU
+    // (64 KiB with Debian's NR_CPUS=8192). 30,000 is the largest round count it holds;
+    // 100,000 would need ~26 GiB of guest RAM, more than the host has.
     many_extents(30_000, &[Monitor::Ebpf, Monitor::Lvm2], 5);
     many_files(1000);
 }
