@@ -1,7 +1,8 @@
-//! `cargo xtask setup | test | demo | vm`: everything filemapd needs besides cargo itself.
+//! `cargo xtask setup | test | demo | bench | fuzz | vm`: everything filemapd needs besides cargo itself.
 mod bench;
 mod cmd;
 mod demo;
+mod fuzz;
 mod lvm2;
 mod setup;
 mod test;
@@ -28,6 +29,15 @@ enum Task {
     Demo,
     /// Run the benchmarks in the VM and write BENCHMARKS.md (FILEMAPD_BENCH_STEPS, default 200).
     Bench,
+    /// Fuzz the parsers (cargo-fuzz on the nightly) for some seconds per target.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (stats_list, group_descriptor, daemon_argv, watch_config).
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Run a shell command inside the device-mapper VM.
     Vm {
         /// The command line, run by /bin/sh in the guest.
@@ -41,6 +51,9 @@ fn main() -> ExitCode {
         Task::Test => test::run(),
         Task::Demo => demo::run(),
         Task::Bench => bench::run(),
+        Task::Fuzz { seconds, target } => {
+            setup::run().and_then(|()| fuzz::run(seconds, target.as_deref()))
+        }
         Task::Vm { command } => setup::run().and_then(|()| {
             let out = vm::run(&command, vm::DEFAULT_TIMEOUT)?;
             print!("{}", out.output);

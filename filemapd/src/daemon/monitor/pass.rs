@@ -48,7 +48,15 @@ impl Monitor {
         };
         let idle = self.device_idle();
         let (plan, deferred) = plan.within(self.pacer.creation_allowance(Instant::now(), idle));
+        let applying = Instant::now();
         let outcome = group.apply(&self.device, &plan)?;
+        debug!(
+            "applied a plan in {:?} ({:?} of it creating {} region(s){})",
+            applying.elapsed(),
+            outcome.creating,
+            outcome.created,
+            if idle { " on an idle device" } else { "" }
+        );
         self.pacer
             .charge(outcome.created, outcome.creating, idle, Instant::now());
         if deferred {
