@@ -23,7 +23,10 @@ pub fn run(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
     install_cargo_fuzz(&toolchain)?;
     let targets: Vec<&str> = match only {
         Some(name) if TARGETS.contains(&name) => vec![name],
-        Some(name) => bail!("no fuzz target {name:?} (there are: {})", TARGETS.join(", ")),
+        Some(name) => bail!(
+            "no fuzz target {name:?} (there are: {})",
+            TARGETS.join(", ")
+        ),
         None => TARGETS.to_vec(),
     };
     for target in targets {
@@ -73,11 +76,12 @@ fn install_cargo_fuzz(toolchain: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("installing cargo-fuzz (cargo install, once)");
-    cmd::status(
-        Command::new("cargo")
-            .arg(format!("+{toolchain}"))
-            .args(["install", "cargo-fuzz", "--locked", "--quiet"]),
-    )
+    cmd::status(Command::new("cargo").arg(format!("+{toolchain}")).args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--quiet",
+    ]))
 }
 
 /// A `stat::<name>: <value>` line of libFuzzer's final statistics.
