@@ -54,7 +54,12 @@ pub fn run() -> anyhow::Result<()> {
     );
     // dm-stats caps its memory at a quarter of the RAM: with 2 GiB, dmstats itself fails to
     // map a 10,000-extent file ("Cannot allocate memory" at region 7805).
-    let out = vm::run_with_memory(&script, Duration::from_secs(3 * 3600), VM_MEMORY)?;
+    let out = vm::run_on(
+        vm::KERNEL_SERIES[0],
+        &script,
+        Duration::from_secs(3 * 3600),
+        VM_MEMORY,
+    )?;
     ensure!(
         out.success,
         "the benchmark failed in the VM ({}):\n{}",

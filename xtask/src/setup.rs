@@ -6,12 +6,13 @@ use anyhow::{Context as _, bail};
 
 use crate::cmd::{self, succeeds};
 
-/// Debian packages: the VM (qemu, Debian's kernel and busybox for virtme-ng's initramfs), the
+/// Debian packages: the VM (qemu, Debian's 6.1 and 6.12 kernels and busybox for virtme-ng's initramfs), the
 /// tools the tests drive (mkfs for ext4/xfs/btrfs, losetup, dmsetup/dmstats, filefrag, fallocate), LLVM 22 for
 /// bpf-linker, and libdevmapper + libclang for devicemapper-rs's bindings.
 const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "linux-image-amd64",
+    "linux-image-6.12-amd64",
     "busybox-static",
     "kmod",
     "e2fsprogs",

@@ -1,5 +1,5 @@
 //! `cargo xtask test`: unit tests, eBPF tests on this kernel, device-mapper tests in one VM
-//! boot; ends with one line `N passed, N failed`.
+//! boot per Debian kernel series (6.1 and 6.12); ends with one line `N passed, N failed`.
 use std::{
     io::{BufRead as _, BufReader},
     path::PathBuf,
@@ -66,12 +66,21 @@ pub fn run() -> anyhow::Result<()> {
     ])?;
     tally.add("host tests", &out, ok);
 
-    eprintln!("== device-mapper tests in the VM");
-    match vm_tests() {
-        Ok((out, ok)) => tally.add("VM tests", &out, ok),
-        Err(e) => {
-            eprintln!("VM tests could not run: {e:#}");
-            tally.add("VM tests", "", false);
+    for series in vm::KERNEL_SERIES {
+        let stage = format!("VM tests on {series}");
+        match vm::kernel(series) {
+            Ok(kernel) => eprintln!(
+                "== device-mapper tests in the VM, kernel {}",
+                kernel.display()
+            ),
+            Err(e) => eprintln!("== device-mapper tests in the VM: {e:#}"),
+        }
+        match vm_tests(series) {
+            Ok((out, ok)) => tally.add(&stage, &out, ok),
+            Err(e) => {
+                eprintln!("{stage} could not run: {e:#}");
+                tally.add(&stage, "", false);
+            }
         }
     }
 
@@ -109,8 +118,8 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<(String, bool)> {
 const VM_TEST_TARGETS: &[&str] = &["vm_dm", "vm_daemon", "vm_ebpf", "vm_growth"];
 
 /// Builds the VM test binaries (and the daemon they launch) on the host and runs them inside
-/// one VM boot.
-fn vm_tests() -> anyhow::Result<(String, bool)> {
+/// one VM boot on a kernel of `series`.
+fn vm_tests(series: &str) -> anyhow::Result<(String, bool)> {
     cmd::status(
         Command::new(env!("CARGO"))
             .args(["build", "-p", "filemapd"])
@@ -125,9 +134,9 @@ fn vm_tests() -> anyhow::Result<(String, bool)> {
         ));
     }
     script.push_str("; exit $status");
-    let out = vm::run(&script, vm::DEFAULT_TIMEOUT)?;
+    let out = vm::run_on(series, &script, vm::DEFAULT_TIMEOUT, "2G")?;
     println!("{}", out.output);
-    eprintln!("(VM boot + tests: {:.1?})", out.elapsed);
+    eprintln!("(VM boot + tests on {series}: {:.1?})", out.elapsed);
     Ok((out.output, out.success))
 }
 
