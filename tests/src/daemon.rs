@@ -4,7 +4,7 @@ use std::{
     fs,
     os::unix::fs::{MetadataExt as _, symlink},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -244,12 +244,22 @@ pub fn hold_open(path: &Path) -> std::process::Child {
 
 /// Runs the drop-in in the foreground on the file (as fd 0) and returns (exit code, stderr).
 pub fn run_drop_in(args: &[&str], stdin: &Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let out = Command::new(drop_in_dir().join("dmfilemapd"))
+    let mut child = Command::new(drop_in_dir().join("dmfilemapd"))
         .args(args)
         .stdin(fs::File::open(stdin).unwrap())
         .envs(env.iter().copied())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    // A daemon expected to end that keeps running is a failure, not a wait for whatever
+    // change might stop it later.
+    if !crate::wait_for_exit(child.id() as i32, EXIT).unwrap() {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        panic!("dmfilemapd {args:?} with {env:?} did not exit within {EXIT:?}");
+    }
+    let out = child.wait_with_output().unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

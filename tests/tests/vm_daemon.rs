@@ -365,23 +365,12 @@ fn converges_after_a_kill_at_any_point(fs_kind: FsKind) {
         punch_hole(&path, round as u64 * (512 << 10), 512 << 10).unwrap();
         let (group, _) = group_by_alias(&device_of(&path), "vm.img").unwrap();
         let group = group.to_string();
-        let mut crashing = Command::new(drop_in_dir().join("dmfilemapd"))
-            .args(["0", &group, &p, "inode", "1", "1"])
-            .stdin(fs::File::open(&path).unwrap())
-            .env("FILEMAPD_TEST_CRASH_AT", point)
-            .spawn()
-            .unwrap();
-        if !wait_for_exit(crashing.id() as i32, EXIT).unwrap() {
-            crashing.kill().unwrap();
-            crashing.wait().unwrap();
-            panic!("the daemon never reached crash point {point} within {EXIT:?}");
-        }
-        let status = crashing.wait().unwrap();
-        assert_eq!(
-            status.code(),
-            None,
-            "expected an abort at {point}: {status}"
+        let (code, stderr) = run_drop_in(
+            &["0", &group, &p, "inode", "1", "1"],
+            &path,
+            &[("FILEMAPD_TEST_CRASH_AT", point)],
         );
+        assert_eq!(code, None, "expected an abort at {point}: {stderr}");
         assert_eq!(
             region_line(&dmfs, |r| r.range == SectorRange::new(8, 16)),
             mine

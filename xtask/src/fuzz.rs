@@ -48,12 +48,11 @@ pub fn run(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
             .context("cannot start cargo fuzz")?;
         let log = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let lines: Vec<&str> = log.lines().collect();
             bail!(
                 "fuzz target {target} failed ({}):\n{}",
                 out.status,
-                tail.join("\n")
+                lines[lines.len().saturating_sub(40)..].join("\n")
             );
         }
         let executions = final_stat(&log, "number_of_executed_units").unwrap_or(0);

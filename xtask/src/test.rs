@@ -66,16 +66,21 @@ pub fn run() -> anyhow::Result<()> {
     ])?;
     tally.add("host tests", &out, ok);
 
+    let script = vm_script();
     for series in vm::KERNEL_SERIES {
         let stage = format!("VM tests on {series}");
-        match vm::kernel(series) {
-            Ok(kernel) => eprintln!(
-                "== device-mapper tests in the VM, kernel {}",
-                kernel.display()
-            ),
-            Err(e) => eprintln!("== device-mapper tests in the VM: {e:#}"),
-        }
-        match vm_tests(series) {
+        let run = script
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e:#}"))
+            .and_then(|script| {
+                let kernel = vm::kernel(series)?;
+                eprintln!(
+                    "== device-mapper tests in the VM, kernel {}",
+                    kernel.display()
+                );
+                vm_tests(series, script)
+            });
+        match run {
             Ok((out, ok)) => tally.add(&stage, &out, ok),
             Err(e) => {
                 eprintln!("{stage} could not run: {e:#}");
@@ -117,9 +122,9 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<(String, bool)> {
 /// Device-mapper test targets; all run in one VM boot.
 const VM_TEST_TARGETS: &[&str] = &["vm_dm", "vm_daemon", "vm_ebpf", "vm_growth"];
 
-/// Builds the VM test binaries (and the daemon they launch) on the host and runs them inside
-/// one VM boot on a kernel of `series`.
-fn vm_tests(series: &str) -> anyhow::Result<(String, bool)> {
+/// Builds the VM test binaries (and the daemon they launch) on the host, once for every
+/// kernel, and returns the guest script that runs them all.
+fn vm_script() -> anyhow::Result<String> {
     cmd::status(
         Command::new(env!("CARGO"))
             .args(["build", "-p", "filemapd"])
@@ -134,7 +139,12 @@ fn vm_tests(series: &str) -> anyhow::Result<(String, bool)> {
         ));
     }
     script.push_str("; exit $status");
-    let out = vm::run_on(series, &script, vm::DEFAULT_TIMEOUT, "2G")?;
+    Ok(script)
+}
+
+/// Runs the VM tests' `script` in one VM boot on a kernel of `series`.
+fn vm_tests(series: &str, script: &str) -> anyhow::Result<(String, bool)> {
+    let out = vm::run_on(series, script, vm::DEFAULT_TIMEOUT, "2G")?;
     println!("{}", out.output);
     eprintln!("(VM boot + tests on {series}: {:.1?})", out.elapsed);
     Ok((out.output, out.success))

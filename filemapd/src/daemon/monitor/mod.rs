@@ -96,7 +96,7 @@ pub struct Monitor {
     regions_changed: bool,
     /// How often passes may run and create regions (storm control).
     pacer: Pacer,
-    /// The device's completed IOs at the last pass (is it idle now?).
+    /// The device's completed IOs when a pass last asked whether it is idle.
     io_seen: Option<u64>,
     tally: Tally,
     /// The group as found at start-up for the first pass; afterwards, in event-driven mode

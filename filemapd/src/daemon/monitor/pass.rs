@@ -46,7 +46,8 @@ impl Monitor {
                 None => return Ok(Some(group)),
             },
         };
-        let idle = self.device_idle();
+        // Only a pass that creates regions suspends the device: only it needs to know.
+        let idle = plan.creations() > 0 && self.device_idle();
         let (plan, deferred) = plan.within(self.pacer.creation_allowance(Instant::now(), idle));
         let applying = Instant::now();
         let outcome = group.apply(&self.device, &plan)?;

@@ -14,7 +14,7 @@ use filemapd_tests::{
 };
 
 use crate::{
-    median_and_spread,
+    median, median_and_spread,
     monitors::{Monitor, group_counters, the_group, wait_covered},
     report,
 };
@@ -151,11 +151,6 @@ fn cell(values: impl Iterator<Item = Option<f64>>, decimals: usize) -> String {
     } else {
         median_and_spread(values, decimals)
     }
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_unstable_by(f64::total_cmp);
-    crate::quantile(&values, 0.5)
 }
 
 fn measure(fs_kind: FsKind, pattern: Pattern, monitor: Monitor) -> Outcome {

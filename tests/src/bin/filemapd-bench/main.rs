@@ -71,6 +71,12 @@ pub fn quantile<T: Copy>(sorted: &[T], q: f64) -> T {
     sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
 }
 
+/// The median of some rounds' values.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_unstable_by(f64::total_cmp);
+    quantile(&values, 0.5)
+}
+
 /// Median and spread (lowest–highest) of some rounds' values, as a table cell.
 pub fn median_and_spread(mut values: Vec<f64>, decimals: usize) -> String {
     values.sort_unstable_by(f64::total_cmp);

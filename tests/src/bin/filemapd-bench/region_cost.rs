@@ -9,7 +9,7 @@ use filemapd_tests::{
     DmFs, FsKind, map_without_daemon, write_and_sync, writers::random_direct_writes,
 };
 
-use crate::{median_and_spread, report};
+use crate::{median, median_and_spread, report};
 
 const HEAD: u64 = 1 << 20;
 const SPAN: u64 = 256 << 20;
@@ -56,12 +56,8 @@ pub fn run(rounds: usize) {
                 }
             }
         }
-        let median = |v: &[f64]| {
-            let mut v = v.to_vec();
-            v.sort_unstable_by(f64::total_cmp);
-            crate::quantile(&v, 0.5)
-        };
-        let slowdown = (median(&without) - median(&with)) / median(&without) * 100.0;
+        let baseline = median(without.clone());
+        let slowdown = (baseline - median(with.clone())) / baseline * 100.0;
         report!(
             "| {} | {} | {} | {} | {slowdown:+.1} % |",
             fs_kind.name(),

@@ -107,11 +107,7 @@ fn many_extents(extents: u64, monitors: &[Monitor], updates: u64) {
             let used = Usage::of(running.pid()).since(before).cpu;
             cpus.push(ms(used.saturating_sub(started.elapsed().mul_f64(idle))));
         }
-        let median = |v: &[f64]| {
-            let mut v = v.to_vec();
-            v.sort_unstable_by(f64::total_cmp);
-            (!v.is_empty()).then(|| quantile(&v, 0.5))
-        };
+        let median = |v: &[f64]| (!v.is_empty()).then(|| crate::median(v.to_vec()));
         medians.push((monitor, median(&latencies), median(&cpus)));
         let cell = |v: &[f64]| {
             if v.is_empty() {
