@@ -63,8 +63,10 @@ pub mod tracepoint {
     pub const XFS_BUNMAP: u32 = 4;
     pub const XFS_IEXT_INSERT: u32 = 5;
     pub const XFS_BMAP_POST_UPDATE: u32 = 6;
+    pub const EXT4_ES_REMOVE_EXTENT: u32 = 7;
+    pub const XFS_SWAP_EXTENT_AFTER: u32 = 8;
     /// Number of entries above.
-    pub const COUNT: usize = 7;
+    pub const COUNT: usize = 9;
     /// Not a tracepoint: dm-stats' message handler returned from another process's deletion
     /// of a region or rewrite of its aux_data (where groups live). The event names no inode.
     pub const DM_STATS_CHANGED: u32 = 0x100;

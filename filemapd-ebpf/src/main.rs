@@ -92,6 +92,16 @@ pub fn xfs_bmap_post_update(ctx: TracePointContext) -> u32 {
     report(&ctx, tp::XFS_BMAP_POST_UPDATE)
 }
 
+#[tracepoint]
+pub fn ext4_es_remove_extent(ctx: TracePointContext) -> u32 {
+    report(&ctx, tp::EXT4_ES_REMOVE_EXTENT)
+}
+
+#[tracepoint]
+pub fn xfs_swap_extent_after(ctx: TracePointContext) -> u32 {
+    report(&ctx, tp::XFS_SWAP_EXTENT_AFTER)
+}
+
 /// `int dm_stats_message(struct mapped_device *md, unsigned argc, char **argv, ...)`: every
 /// `@stats_*` message to any dm device passes here. Notes `@stats_delete` and `@stats_set_aux`
 /// from other processes; listing and printing (which every monitor does) are dropped here, so

@@ -71,8 +71,11 @@ async fn watched_inode_only(fs_kind: FsKind) {
         .iter()
         .map(|e| {
             let tp = Tracepoint::by_index(e.source).expect("known tracepoint");
-            let (start, len) = tp.byte_range(e.start, e.length, block_size);
-            (start, start + len)
+            // An event without a range names the whole file.
+            let (start, len) = tp
+                .byte_range(e.start, e.length, block_size)
+                .unwrap_or((0, u64::MAX));
+            (start, start.saturating_add(len))
         })
         .collect();
     let file = fs::File::open(&watched).unwrap();

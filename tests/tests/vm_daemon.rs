@@ -1,15 +1,15 @@
 //! The drop-in daemon against real device-mapper (run inside the VM by `cargo xtask test`):
 //! Debian's `dmstats create --filemap` launches filemapd installed as `dmfilemapd`, and the
 //! group follows the file as it grows, shrinks, is replaced or goes away — on ext4 and xfs.
-use std::{fs, path::Path, process::Command, time::Duration};
+use std::{fs, os::unix::fs::MetadataExt as _, path::Path, process::Command, time::Duration};
 
 use filemapd::sectors::SectorRange;
 use filemapd_tests::{
     DmFs, FsKind,
     daemon::{
         CONVERGE, EXIT, append, delete_group, delete_group_and_wait, device_of, drop_in_dir,
-        file_ranges, filemapd_binary, group_by_alias, hold_open, map_and_monitor, region_line,
-        region_table, run_drop_in, user_region, wait_converged,
+        file_ranges, filemapd_binary, group_by_alias, hold_open, map_and_monitor,
+        map_and_monitor_with, region_line, region_table, run_drop_in, user_region, wait_converged,
     },
     map_without_daemon, punch_hole, require_device_mapper, run, wait_for_exit, wait_until,
     write_and_sync,
@@ -489,4 +489,57 @@ fn ext4_precise_groups_stay_precise() {
 #[test]
 fn xfs_precise_groups_stay_precise() {
     precise_groups_stay_precise(FsKind::Xfs);
+}
+
+/// A defragmenter moves a file's blocks and leaves its size and block count as they were:
+/// lvm2's test (st_blocks, size) never sees it. Both a polling and an eBPF daemon must follow.
+fn follows_blocks_a_defragmenter_moved(fs_kind: FsKind) {
+    require_device_mapper();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let dir = &dmfs.mount.dir;
+    let (polled, traced) = (dir.join("polled.img"), dir.join("traced.img"));
+    // Interleave the two files with fillers, then drop the fillers: both files fragment and
+    // free space opens next to them. Four fragments fit in an ext4 inode, so that the block
+    // count (no extent tree block) stays the same when they merge.
+    for chunk in 0..4u64 {
+        for path in [&polled, &traced] {
+            write_and_sync(path, chunk << 16, 64 << 10).unwrap();
+        }
+        write_and_sync(&dir.join(format!("filler{chunk}")), 0, 64 << 10).unwrap();
+    }
+    for chunk in 0..4 {
+        fs::remove_file(dir.join(format!("filler{chunk}"))).unwrap();
+    }
+    let (_, polling) = map_and_monitor(&polled, &[]);
+    let (_, ebpf) = map_and_monitor_with(&traced, &[], &[("FILEMAPD_EBPF", "1")]);
+    for (path, alias) in [(&polled, "polled.img"), (&traced, "traced.img")] {
+        wait_converged(&dmfs, path, alias, "mapping");
+        let before = file_ranges(path);
+        let blocks = fs::metadata(path).unwrap().blocks();
+        let p = path.to_string_lossy();
+        match fs_kind {
+            FsKind::Xfs => run("xfs_fsr", &["-v", &p]),
+            _ => run("e4defrag", &[&p]),
+        }
+        .unwrap();
+        let after = file_ranges(path);
+        assert_ne!(after, before, "{alias}: the defragmenter moved nothing");
+        assert_eq!(fs::metadata(path).unwrap().blocks(), blocks);
+        wait_converged(&dmfs, path, alias, "defragmenting");
+    }
+    for (path, alias, pid) in [
+        (&polled, "polled.img", polling),
+        (&traced, "traced.img", ebpf),
+    ] {
+        delete_group_and_wait(&dmfs, path, alias, pid);
+    }
+}
+
+#[test]
+fn ext4_follows_blocks_a_defragmenter_moved() {
+    follows_blocks_a_defragmenter_moved(FsKind::Ext4);
+}
+#[test]
+fn xfs_follows_blocks_a_defragmenter_moved() {
+    follows_blocks_a_defragmenter_moved(FsKind::Xfs);
 }

@@ -77,6 +77,12 @@ const BACKLOG_PAUSE: Duration = Duration::from_millis(250);
 /// After another process deleted or relabelled regions, how long to let it finish (dmstats
 /// deletes a group region by region) before looking at the group.
 const REGIONS_QUIET: Duration = Duration::from_millis(100);
+/// Polling: how often to read the whole extent map even though size and block count are
+/// unchanged. Defragmenters (e4defrag, xfs_fsr) and copy-on-write to a reflinked file move
+/// blocks without changing either, and lvm2's test would never see it; one FIEMAP per file
+/// every 10 s (no dm message unless the map differs) bounds how long regions point at
+/// blocks the file gave away.
+const SWEEP: Duration = Duration::from_secs(10);
 
 pub struct Monitor {
     path: PathBuf,
@@ -104,6 +110,8 @@ pub struct Monitor {
     /// region change (or lost events), so that a pass needs no `@stats_list` (costly for a
     /// file with thousands of regions). Polling lists every pass, as lvm2 does.
     known_group: Option<Group>,
+    /// Polling: when the next whole-map read is due whatever stat says ([`SWEEP`]).
+    next_sweep: Instant,
 }
 
 impl Monitor {
@@ -170,6 +178,7 @@ impl Monitor {
             tally: Tally::default(),
             // The first pass starts from the group just found.
             known_group: Some(group),
+            next_sweep: Instant::now() + SWEEP,
         })
     }
 
@@ -265,6 +274,10 @@ impl Monitor {
                 }
                 force = true;
             }
+            if self.sweep_due() {
+                self.view.note_unknown_change();
+                force = true;
+            }
             let group = if force || self.view.changed(&self.file)? {
                 match self.update(group, remembered)? {
                     Some(group) => group,
@@ -287,6 +300,16 @@ impl Monitor {
                 );
             }
         }
+    }
+
+    /// Polling: whether the whole extent map is due for a read ([`SWEEP`]).
+    fn sweep_due(&mut self) -> bool {
+        let now = Instant::now();
+        if self.event_driven() || now < self.next_sweep {
+            return false;
+        }
+        self.next_sweep = now + SWEEP;
+        true
     }
 
     /// Path mode: if the path now names another file, switch to it (same device only).

@@ -94,10 +94,17 @@ impl Monitor {
                     let Some(tp) = Tracepoint::by_index(event.source) else {
                         continue;
                     };
-                    let (start, len) = tp.byte_range(event.start, event.length, block_size);
-                    debug!("event {}: {:?} bytes {start}+{len}", tp.name, tp.change);
-                    self.view
-                        .note_event(start, len, tp.change == Change::Allocated);
+                    match tp.byte_range(event.start, event.length, block_size) {
+                        Some((start, len)) => {
+                            debug!("event {}: {:?} bytes {start}+{len}", tp.name, tp.change);
+                            self.view
+                                .note_event(start, len, tp.change == Change::Allocated);
+                        }
+                        None => {
+                            debug!("event {}: {:?}", tp.name, tp.change);
+                            self.view.note_unknown_change();
+                        }
+                    }
                     self.tally.events += 1;
                     extents_changed = true;
                 }

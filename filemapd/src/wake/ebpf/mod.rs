@@ -180,11 +180,16 @@ fn layout_of(tp: &Tracepoint) -> anyhow::Result<Option<TracepointLayout>> {
         Some((name, mask)) => (field(name)?, mask),
         None => (Default::default(), 0),
     };
+    // A change of the whole file has no range: its start and length read as 0.
+    let (start, length) = match &tp.range {
+        Some(range) => (field(range.start.0)?, field(range.length.0)?),
+        None => Default::default(),
+    };
     Ok(Some(TracepointLayout {
         dev: field("dev")?,
         ino: field("ino")?,
-        start: field(tp.start.0)?,
-        length: field(tp.length.0)?,
+        start,
+        length,
         skip,
         _pad: 0,
         skip_mask,

@@ -15,6 +15,20 @@ pub enum Change {
     Allocated,
     /// Blocks are being removed from the file (truncate, punch hole).
     Removed,
+    /// The file's whole mapping was exchanged with another file's (a defragmenter): blocks
+    /// moved while the size and the block count stayed the same. No range: read it all.
+    Exchanged,
+}
+
+/// Where in the file an event's change lies, in the tracepoint's own fields.
+#[derive(Debug)]
+pub struct Range {
+    /// Field holding the first logical unit affected, and its unit.
+    pub start: (&'static str, Unit),
+    /// Field holding how many units are affected, or the last one affected.
+    pub length: (&'static str, Unit),
+    /// Whether `length` is really an inclusive end.
+    pub length_is_end: bool,
 }
 
 #[derive(Debug)]
@@ -25,12 +39,8 @@ pub struct Tracepoint {
     /// Also the name of the program in the eBPF object.
     pub name: &'static str,
     pub change: Change,
-    /// Field holding the first logical unit affected, and its unit.
-    pub start: (&'static str, Unit),
-    /// Field holding how many units are affected, or the last one affected.
-    pub length: (&'static str, Unit),
-    /// Whether `length` is really an inclusive end.
-    pub length_is_end: bool,
+    /// `None` for a change of the whole file ([`Change::Exchanged`]).
+    pub range: Option<Range>,
     /// Drop records whose field has all these bits set (see `TracepointLayout::skip`).
     pub skip: Option<(&'static str, u64)>,
 }
@@ -46,9 +56,11 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
         category: "ext4",
         name: "ext4_allocate_blocks",
         change: Change::Allocated,
-        start: ("logical", Unit::FsBlocks),
-        length: ("len", Unit::FsBlocks),
-        length_is_end: false,
+        range: Some(Range {
+            start: ("logical", Unit::FsBlocks),
+            length: ("len", Unit::FsBlocks),
+            length_is_end: false,
+        }),
         skip: None,
     },
     // xfs writeback turning delayed allocation into real blocks.
@@ -57,9 +69,11 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
         category: "xfs",
         name: "xfs_map_blocks_alloc",
         change: Change::Allocated,
-        start: ("startoff", Unit::FsBlocks),
-        length: ("blockcount", Unit::FsBlocks),
-        length_is_end: false,
+        range: Some(Range {
+            start: ("startoff", Unit::FsBlocks),
+            length: ("blockcount", Unit::FsBlocks),
+            length_is_end: false,
+        }),
         skip: None,
     },
     // xfs allocating at write time: direct IO, unwritten extents.
@@ -68,9 +82,11 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
         category: "xfs",
         name: "xfs_iomap_alloc",
         change: Change::Allocated,
-        start: ("startoff", Unit::FsBlocks),
-        length: ("blockcount", Unit::FsBlocks),
-        length_is_end: false,
+        range: Some(Range {
+            start: ("startoff", Unit::FsBlocks),
+            length: ("blockcount", Unit::FsBlocks),
+            length_is_end: false,
+        }),
         skip: None,
     },
     // ext4 truncate and punch hole, before the blocks go; `end` is inclusive (EXT_MAX_BLOCKS
@@ -80,9 +96,11 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
         category: "ext4",
         name: "ext4_ext_remove_space",
         change: Change::Removed,
-        start: ("start", Unit::FsBlocks),
-        length: ("end", Unit::FsBlocks),
-        length_is_end: true,
+        range: Some(Range {
+            start: ("start", Unit::FsBlocks),
+            length: ("end", Unit::FsBlocks),
+            length_is_end: true,
+        }),
         skip: None,
     },
     // xfs unmapping blocks from a file: truncate, punch hole, collapse.
@@ -91,9 +109,11 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
         category: "xfs",
         name: "xfs_bunmap",
         change: Change::Removed,
-        start: ("fileoff", Unit::FsBlocks),
-        length: ("len", Unit::FsBlocks),
-        length_is_end: false,
+        range: Some(Range {
+            start: ("fileoff", Unit::FsBlocks),
+            length: ("len", Unit::FsBlocks),
+            length_is_end: false,
+        }),
         skip: None,
     },
     // Any new extent in an xfs file's in-core extent list with real blocks: covers fallocate
@@ -103,9 +123,11 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
         category: "xfs",
         name: "xfs_iext_insert",
         change: Change::Allocated,
-        start: ("startoff", Unit::FsBlocks),
-        length: ("blockcount", Unit::FsBlocks),
-        length_is_end: false,
+        range: Some(Range {
+            start: ("startoff", Unit::FsBlocks),
+            length: ("blockcount", Unit::FsBlocks),
+            length_is_end: false,
+        }),
         skip: Some(("startblock", XFS_DELALLOC_STARTBLOCK)),
     },
     // An existing xfs extent grew, shrank or changed state (e.g. fallocate next to it).
@@ -114,10 +136,37 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
         category: "xfs",
         name: "xfs_bmap_post_update",
         change: Change::Allocated,
-        start: ("startoff", Unit::FsBlocks),
-        length: ("blockcount", Unit::FsBlocks),
-        length_is_end: false,
+        range: Some(Range {
+            start: ("startoff", Unit::FsBlocks),
+            length: ("blockcount", Unit::FsBlocks),
+            length_is_end: false,
+        }),
         skip: Some(("startblock", XFS_DELALLOC_STARTBLOCK)),
+    },
+    // ext4 dropping a range from its extent cache: truncate and punch (beside
+    // ext4_ext_remove_space), and e4defrag's extent swap (EXT4_IOC_MOVE_EXT), which fires no
+    // other event for the file. `len` is a count of blocks.
+    Tracepoint {
+        index: tp::EXT4_ES_REMOVE_EXTENT,
+        category: "ext4",
+        name: "ext4_es_remove_extent",
+        change: Change::Removed,
+        range: Some(Range {
+            start: ("lblk", Unit::FsBlocks),
+            length: ("len", Unit::FsBlocks),
+            length_is_end: false,
+        }),
+        skip: None,
+    },
+    // xfs_fsr swapped the file's extents with a defragmented copy's (XFS_IOC_SWAPEXT), for
+    // the file itself (`which` 0) and the copy (1); only the watched inode gets through.
+    Tracepoint {
+        index: tp::XFS_SWAP_EXTENT_AFTER,
+        category: "xfs",
+        name: "xfs_swap_extent_after",
+        change: Change::Exchanged,
+        range: None,
+        skip: None,
     },
 ];
 
@@ -126,18 +175,20 @@ impl Tracepoint {
         TRACEPOINTS.get(index as usize).filter(|t| t.index == index)
     }
 
-    /// The logical byte range an event names, given the inode's block size.
-    pub fn byte_range(&self, start: u64, length: u64, block_size: u64) -> (u64, u64) {
+    /// The logical byte range an event names, given the inode's block size; `None` when it
+    /// names the whole file.
+    pub fn byte_range(&self, start: u64, length: u64, block_size: u64) -> Option<(u64, u64)> {
+        let range = self.range.as_ref()?;
         let bytes = |value: u64, unit| match unit {
             Unit::FsBlocks => value.saturating_mul(block_size),
             Unit::Bytes => value,
         };
-        let length = if self.length_is_end {
+        let length = if range.length_is_end {
             length.saturating_sub(start).saturating_add(1)
         } else {
             length
         };
-        (bytes(start, self.start.1), bytes(length, self.length.1))
+        Some((bytes(start, range.start.1), bytes(length, range.length.1)))
     }
 }
 
@@ -157,13 +208,19 @@ mod tests {
     #[test]
     fn block_units_scale_by_block_size() {
         let t = Tracepoint::by_index(tp::EXT4_ALLOCATE_BLOCKS).unwrap();
-        assert_eq!(t.byte_range(3, 2, 4096), (12288, 8192));
+        assert_eq!(t.byte_range(3, 2, 4096), Some((12288, 8192)));
     }
 
     #[test]
     fn inclusive_ends_become_lengths() {
         let t = Tracepoint::by_index(tp::EXT4_EXT_REMOVE_SPACE).unwrap();
-        assert_eq!(t.byte_range(4, 7, 1024), (4096, 4096));
+        assert_eq!(t.byte_range(4, 7, 1024), Some((4096, 4096)));
         assert_eq!(t.change, Change::Removed);
+    }
+
+    #[test]
+    fn an_exchange_names_the_whole_file() {
+        let t = Tracepoint::by_index(tp::XFS_SWAP_EXTENT_AFTER).unwrap();
+        assert_eq!(t.byte_range(0, 0, 4096), None);
     }
 }
