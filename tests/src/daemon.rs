@@ -15,7 +15,7 @@ use filemapd::{
 };
 
 use crate::{
-    DmFs, created_group_id, dmstats_list_regions, pids_of, run, run_env, wait_until, write_and_sync,
+    DmFs, created_group_id, dmstats_group_rows, pids_of, run, run_env, wait_until, write_and_sync,
 };
 
 /// Generous bounds for an emulated VM; only reached when something is wrong.
@@ -107,42 +107,43 @@ pub fn group_by_alias(device: &StatsDevice, alias: &str) -> Option<(u64, Vec<Reg
 /// Whether the group's regions tile the file's extents (each sector in exactly one region;
 /// a grown extent may be covered by several), and dmstats lists exactly those regions there.
 pub fn converged(dmfs: &DmFs, path: &Path, alias: &str) -> anyhow::Result<bool> {
-    let Some((ours, wanted)) = group_and_file(path, alias) else {
+    converged_on(&dmfs.name, path, alias)
+}
+
+/// [`converged`] on the dm device called `device`.
+pub fn converged_on(device: &str, path: &Path, alias: &str) -> anyhow::Result<bool> {
+    let Some((id, ours, wanted)) = group_and_file(path, alias) else {
         return Ok(false);
     };
     let disjoint = ours.windows(2).all(|w| w[0].end() <= w[1].start);
     Ok(disjoint
         && join_adjacent(ours.clone()) == join_adjacent(wanted.clone())
-        && dmstats_rows_within(dmfs, &wanted)? == ours)
+        && dmstats_rows_of(device, id)? == ours)
 }
 
 /// Whether the group holds exactly one region per extent (lvm2's mapping, `--exact`).
 pub fn converged_exactly(dmfs: &DmFs, path: &Path, alias: &str) -> anyhow::Result<bool> {
-    let Some((ours, wanted)) = group_and_file(path, alias) else {
+    let Some((id, ours, wanted)) = group_and_file(path, alias) else {
         return Ok(false);
     };
-    Ok(ours == wanted && dmstats_rows_within(dmfs, &wanted)? == wanted)
+    Ok(ours == wanted && dmstats_rows_of(&dmfs.name, id)? == wanted)
 }
 
-/// The group's regions (sorted) and the file's extents as regions should be, or `None`
-/// while no group has that alias.
-fn group_and_file(path: &Path, alias: &str) -> Option<(Vec<SectorRange>, Vec<SectorRange>)> {
-    let (_, members) = group_by_alias(&device_of(path), alias)?;
+/// The group's id, its regions (sorted) and the file's extents as regions should be, or
+/// `None` while no group has that alias.
+fn group_and_file(path: &Path, alias: &str) -> Option<(u64, Vec<SectorRange>, Vec<SectorRange>)> {
+    let (id, members) = group_by_alias(&device_of(path), alias)?;
     let mut ours: Vec<SectorRange> = members.iter().map(|r| r.range).collect();
     ours.sort_unstable();
-    Some((ours, file_ranges(path)))
+    Some((id, ours, file_ranges(path)))
 }
 
-/// The regions `dmstats list` shows inside `ranges`, sorted.
-fn dmstats_rows_within(dmfs: &DmFs, ranges: &[SectorRange]) -> anyhow::Result<Vec<SectorRange>> {
-    let mut listed: Vec<SectorRange> = dmstats_list_regions(&dmfs.name)?
+/// The regions `dmstats list` shows in the group, sorted: Debian's tool must read the group
+/// as filemapd left it.
+fn dmstats_rows_of(device: &str, group_id: u64) -> anyhow::Result<Vec<SectorRange>> {
+    let mut listed: Vec<SectorRange> = dmstats_group_rows(device, group_id)?
         .into_iter()
         .map(|(s, l)| SectorRange::new(s, l))
-        .filter(|r| {
-            ranges
-                .iter()
-                .any(|w| w.start <= r.start && r.end() <= w.end())
-        })
         .collect();
     listed.sort_unstable();
     Ok(listed)

@@ -10,6 +10,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 
 pub mod daemon;
+pub mod torture;
 pub mod writers;
 
 /// Runs a command; its stdout, or an error with its stderr.
@@ -315,6 +316,19 @@ pub fn dmstats_list_regions(device: &str) -> anyhow::Result<Vec<(u64, u64)>> {
         .lines()
         .map(|line| line.split_whitespace().collect::<Vec<_>>())
         .filter(|cols| cols.len() >= 6 && cols[3] == "region")
+        .map(|cols| Ok((cols[4].parse()?, cols[5].parse()?)))
+        .collect()
+}
+
+/// The region rows `dmstats list --units s DEVICE` shows in group `group_id` (its GrpID
+/// column), as (start, length) in sectors.
+pub fn dmstats_group_rows(device: &str, group_id: u64) -> anyhow::Result<Vec<(u64, u64)>> {
+    let listing = run("dmstats", &["list", "--units", "s", device])?;
+    let group = group_id.to_string();
+    listing
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|cols| cols.len() >= 6 && cols[3] == "region" && cols[1] == group)
         .map(|cols| Ok((cols[4].parse()?, cols[5].parse()?)))
         .collect()
 }

@@ -1,4 +1,4 @@
-//! `cargo xtask setup | test | demo | bench | fuzz | vm`: everything filemapd needs besides cargo itself.
+//! `cargo xtask setup | test | demo | bench | fuzz | torture | vm`: everything filemapd needs besides cargo itself.
 mod bench;
 mod cmd;
 mod demo;
@@ -6,6 +6,7 @@ mod fuzz;
 mod lvm2;
 mod setup;
 mod test;
+mod torture;
 mod vm;
 
 use std::process::ExitCode;
@@ -38,6 +39,19 @@ enum Task {
         #[arg(long)]
         target: Option<String>,
     },
+    /// Run the seeded torture (random changes, kills, foreign regions, an oracle at every
+    /// checkpoint) in the device-mapper VM.
+    Torture {
+        /// How long to torture.
+        #[arg(long, default_value_t = 2.0)]
+        minutes: f64,
+        /// Replay a run (a failure prints its seed); default: from the clock.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// The Debian kernel series to boot (6.1 or 6.12).
+        #[arg(long, default_value = "6.1")]
+        kernel: String,
+    },
     /// Run a shell command inside the device-mapper VM.
     Vm {
         /// The command line, run by /bin/sh in the guest.
@@ -54,6 +68,11 @@ fn main() -> ExitCode {
         Task::Fuzz { seconds, target } => {
             setup::run().and_then(|()| fuzz::run(seconds, target.as_deref()))
         }
+        Task::Torture {
+            minutes,
+            seed,
+            kernel,
+        } => torture::run(minutes, seed, &kernel),
         Task::Vm { command } => setup::run().and_then(|()| {
             let out = vm::run(&command, vm::DEFAULT_TIMEOUT)?;
             print!("{}", out.output);

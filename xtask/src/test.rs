@@ -1,5 +1,6 @@
-//! `cargo xtask test`: unit tests, eBPF tests on this kernel, device-mapper tests in one VM
-//! boot per Debian kernel series (6.1 and 6.12); ends with one line `N passed, N failed`.
+//! `cargo xtask test`: unit tests, eBPF tests on this kernel, device-mapper tests and a
+//! two-minute torture run in one VM boot per Debian kernel series (6.1 and 6.12); ends with
+//! one line `N passed, N failed`.
 use std::{
     io::{BufRead as _, BufReader},
     path::PathBuf,
@@ -119,8 +120,9 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<(String, bool)> {
     Ok((out, child.wait()?.success()))
 }
 
-/// Device-mapper test targets; all run in one VM boot.
-const VM_TEST_TARGETS: &[&str] = &["vm_dm", "vm_daemon", "vm_ebpf", "vm_growth"];
+/// Device-mapper test targets; all run in one VM boot. The torture (two minutes, a seed from
+/// the clock) comes last and shows its seed and figures even when it passes.
+const VM_TEST_TARGETS: &[&str] = &["vm_dm", "vm_daemon", "vm_ebpf", "vm_growth", "vm_torture"];
 
 /// Builds the VM test binaries (and the daemon they launch) on the host, once for every
 /// kernel, and returns the guest script that runs them all.
@@ -133,8 +135,13 @@ fn vm_script() -> anyhow::Result<String> {
     let mut script = String::from("modprobe -a dm_mod loop || exit 1; status=0");
     for target in VM_TEST_TARGETS {
         let binary = test_binary(target)?;
+        let show = if *target == "vm_torture" {
+            " --nocapture"
+        } else {
+            ""
+        };
         script.push_str(&format!(
-            "; {} --test-threads=1 || status=1",
+            "; {} --test-threads=1{show} || status=1",
             binary.display()
         ));
     }

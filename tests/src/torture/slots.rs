@@ -1,0 +1,354 @@
+//! The torture's files and what keeps each one's group: a daemon Debian's dmstats launched
+//! (polling in inode mode, eBPF in path mode) or the shared `filemapd watch`.
+use std::{
+    fs,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+use crate::{
+    daemon::{CONVERGE, EXIT, device_of, drop_in_dir, filemapd_binary, group_by_alias},
+    map_without_daemon, pids_of, run, run_env, wait_for_exit, wait_until,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keeper {
+    /// `dmstats create --filemap --follow inode`, filemapd polling as lvm2 does.
+    PollingInode,
+    /// `dmstats create --filemap --follow path` with FILEMAPD_EBPF=1.
+    EbpfPath,
+    /// A group made with `--nomonitor`, kept by the one `filemapd watch --ebpf`.
+    Watch,
+}
+
+impl Keeper {
+    pub const ALL: [Keeper; 3] = [Keeper::PollingInode, Keeper::EbpfPath, Keeper::Watch];
+
+    pub fn mode(self) -> &'static str {
+        match self {
+            Keeper::EbpfPath => "path",
+            Keeper::PollingInode | Keeper::Watch => "inode",
+        }
+    }
+
+    fn env(self) -> Vec<(&'static str, &'static str)> {
+        match self {
+            Keeper::EbpfPath => vec![("FILEMAPD_EBPF", "1")],
+            _ => Vec::new(),
+        }
+    }
+
+    fn file_name(self) -> &'static str {
+        match self {
+            Keeper::PollingInode => "polling-inode.img",
+            Keeper::EbpfPath => "ebpf-path.img",
+            Keeper::Watch => "watched.img",
+        }
+    }
+}
+
+/// One watched file on one file system.
+pub struct Slot {
+    pub keeper: Keeper,
+    pub path: PathBuf,
+    /// The dm device's name.
+    pub device: String,
+    pub xfs: bool,
+    /// The last group id seen: a daemon relaunched after a kill mid-move needs the old one.
+    pub group_id: u64,
+    /// The dmstats-launched daemon (not for [`Keeper::Watch`]).
+    pub pid: Option<i32>,
+    /// The unlinked file, held open by the torture.
+    pub held: Option<fs::File>,
+    /// Files made so far (a new file replaces one unlinked and closed).
+    pub generation: u32,
+}
+
+impl Slot {
+    /// Makes the file and its group; a dmstats-launched keeper starts at once.
+    pub fn new(keeper: Keeper, dir: &Path, device: &str, xfs: bool) -> anyhow::Result<Self> {
+        let mut slot = Slot {
+            keeper,
+            path: dir.join(keeper.file_name()),
+            device: device.to_string(),
+            xfs,
+            group_id: 0,
+            pid: None,
+            held: None,
+            generation: 0,
+        };
+        slot.start_new_file()?;
+        Ok(slot)
+    }
+
+    pub fn alias(&self) -> String {
+        self.keeper.file_name().to_string()
+    }
+
+    pub fn name(&self) -> String {
+        format!("{}/{}", if self.xfs { "xfs" } else { "ext4" }, self.alias())
+    }
+
+    /// Where to reach the file: its path, or the held descriptor once it is unlinked.
+    pub fn io_path(&self) -> PathBuf {
+        match &self.held {
+            Some(file) => PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())),
+            None => self.path.clone(),
+        }
+    }
+
+    /// The file as another process can open it: the path, or the torture's held descriptor
+    /// through /proc once the file is unlinked (inode mode follows the inode, not the name).
+    pub fn path_for_others(&self) -> PathBuf {
+        match &self.held {
+            Some(file) => PathBuf::from(format!(
+                "/proc/{}/fd/{}",
+                std::process::id(),
+                file.as_raw_fd()
+            )),
+            None => self.path.clone(),
+        }
+    }
+
+    /// A fresh file at the path and a group for it, mapped the way the keeper's users map.
+    pub fn start_new_file(&mut self) -> anyhow::Result<()> {
+        super::ops::make_file(&self.path, 1 << 20)?;
+        self.generation += 1;
+        let path = self.path.to_string_lossy().into_owned();
+        self.group_id = match self.keeper {
+            Keeper::Watch => map_without_daemon(&self.path)?,
+            keeper => {
+                let search_path = format!(
+                    "{}:{}",
+                    drop_in_dir().display(),
+                    std::env::var("PATH").unwrap_or_default()
+                );
+                let mut env = keeper.env();
+                env.push(("PATH", &search_path));
+                let out = run_env(
+                    "dmstats",
+                    &["create", "--filemap", "--follow", keeper.mode(), &path],
+                    &env,
+                )?;
+                let id = crate::created_group_id(&out)?;
+                self.pid = Some(find_daemon(&path)?);
+                id
+            }
+        };
+        Ok(())
+    }
+
+    /// The group's current id, by its alias; the last one known while a move is unfinished.
+    pub fn current_group_id(&self) -> u64 {
+        group_by_alias(&device_of(&self.mount_dir()), &self.alias())
+            .map_or(self.group_id, |(id, _)| id)
+    }
+
+    fn mount_dir(&self) -> PathBuf {
+        self.path.parent().unwrap().to_path_buf()
+    }
+
+    /// SIGKILLs the slot's daemon and starts it again. `by_dmstats`: as an administrator would
+    /// after a quiet kill, with a hand-run `dmstats update_filemap` (lvm2's tool does not know
+    /// filemapd's in-flight markers, so only for a group left consistent); otherwise as dmstats
+    /// launches it (`dmfilemapd FD GROUP PATH MODE 0 0`), which finishes an interrupted update.
+    pub fn kill_and_relaunch(&mut self, by_dmstats: bool) -> anyhow::Result<()> {
+        let pid = self.pid.context("no daemon of ours to kill")?;
+        // SAFETY: signalling a process by pid.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        ensure!(wait_for_exit(pid, EXIT)?, "daemon {pid} survived SIGKILL");
+        self.group_id = self.current_group_id();
+        let path = self.path.to_string_lossy().into_owned();
+        let mut env = self.keeper.env();
+        if by_dmstats {
+            let search_path = format!(
+                "{}:{}",
+                drop_in_dir().display(),
+                std::env::var("PATH").unwrap_or_default()
+            );
+            env.push(("PATH", &search_path));
+            let out = run_env(
+                "dmstats",
+                &[
+                    "update_filemap",
+                    "--follow",
+                    self.keeper.mode(),
+                    "--groupid",
+                    &self.group_id.to_string(),
+                    &path,
+                ],
+                &env,
+            )?;
+            // "... group ID changed from A to B" when lvm2 had to move the leader.
+            if let Some(new) = out
+                .rsplit("to ")
+                .next()
+                .and_then(|t| t.trim().trim_end_matches('.').parse().ok())
+            {
+                self.group_id = new;
+            }
+        } else {
+            let file = fs::File::open(self.io_path())?;
+            // Verbose, with its log kept for a failure report.
+            let status = Command::new(drop_in_dir().join("dmfilemapd"))
+                .args([
+                    "0",
+                    &self.group_id.to_string(),
+                    &path,
+                    self.keeper.mode(),
+                    "0",
+                    "2",
+                ])
+                .stdin(file)
+                .stdout(Stdio::null())
+                .stderr(
+                    fs::File::options()
+                        .create(true)
+                        .append(true)
+                        .open(self.log_path())?,
+                )
+                .envs(env.iter().copied())
+                .status()?;
+            ensure!(status.success(), "relaunched dmfilemapd failed: {status}");
+        }
+        self.pid = Some(find_daemon(&path)?);
+        Ok(())
+    }
+
+    /// Closes the held, unlinked file: its (inode-mode) daemon must exit; the group it leaves
+    /// is deleted as its user would, and the slot starts over with a new file.
+    pub fn close_held(&mut self) -> anyhow::Result<()> {
+        self.held = None;
+        if let Some(pid) = self.pid.take() {
+            ensure!(
+                wait_for_exit(pid, EXIT)?,
+                "daemon {pid} still runs {EXIT:?} after its unlinked file was closed"
+            );
+        }
+        let id = self.current_group_id();
+        run(
+            "dmstats",
+            &["delete", "--groupid", &id.to_string(), &self.device],
+        )?;
+        self.start_new_file()
+    }
+
+    /// Where a relaunched daemon logs (dmstats-launched ones log nowhere at verbose 0).
+    pub fn log_path(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/tmp/torture-{}-{}.log",
+            if self.xfs { "xfs" } else { "ext4" },
+            self.alias()
+        ))
+    }
+
+    /// The last lines of the relaunched daemons' log.
+    pub fn log_tail(&self) -> String {
+        let log = fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// Whether the slot's daemon (if it has its own) still runs.
+    pub fn daemon_alive(&self) -> bool {
+        self.pid.is_none_or(alive)
+    }
+
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.pid.map(rss_kib)
+    }
+}
+
+/// The one dmfilemapd running on `path` (dmstats double-forks it: it shows up shortly after).
+fn find_daemon(path: &str) -> anyhow::Result<i32> {
+    let mut pids = Vec::new();
+    wait_until("dmfilemapd to start", CONVERGE, || {
+        pids = pids_of("dmfilemapd", path);
+        Ok(!pids.is_empty())
+    })?;
+    if pids.len() != 1 {
+        bail!("{} daemons for {path}: {pids:?}", pids.len());
+    }
+    Ok(pids[0])
+}
+
+/// Running and not a zombie.
+pub fn alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|s| !s.trim_start().starts_with('Z'))
+    })
+}
+
+pub fn rss_kib(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .map(|s| crate::status_field(&s, "VmRSS:"))
+        .unwrap_or(0)
+}
+
+/// The one `filemapd watch --ebpf` keeping every [`Keeper::Watch`] slot's group.
+pub struct Watcher {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Watcher {
+    pub fn start(slots: &[&Slot], scratch: &Path) -> anyhow::Result<Self> {
+        let config = scratch.join("watch.conf");
+        let log = scratch.join("watch.log");
+        let lines: String = slots
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} inode {}\n",
+                    s.current_group_id(),
+                    s.path_for_others().display()
+                )
+            })
+            .collect();
+        fs::write(&config, lines)?;
+        let child = Command::new(filemapd_binary())
+            .args(["watch", "--ebpf", "-vv", "--config"])
+            .arg(&config)
+            .stderr(fs::File::create(&log)?)
+            .stdout(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()?;
+        Ok(Self { child, log })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL, then a new watch over the same files with their groups' current ids (a group
+    /// whose leader moved has a new id; the operator's config would need it too).
+    pub fn kill_and_restart(&mut self, slots: &[&Slot], scratch: &Path) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        *self = Watcher::start(slots, scratch)?;
+        Ok(())
+    }
+
+    /// The watch's log, for a failure report.
+    pub fn log_tail(&self) -> String {
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
