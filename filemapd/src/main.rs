@@ -167,11 +167,8 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-fn watch(config: &PathBuf, interval: Duration, ebpf: bool, mapping: Mapping) -> ExitCode {
-    let entries = match fs::read_to_string(config)
-        .with_context(|| format!("reading {}", config.display()))
-        .and_then(|text| filemapd::daemon::watch::parse_config(&text))
-    {
+fn watch(config: &std::path::Path, interval: Duration, ebpf: bool, mapping: Mapping) -> ExitCode {
+    let entries = match filemapd::daemon::watch::read_config(config) {
         Ok(entries) => entries,
         Err(e) => return fail(&format!("{e:#}")),
     };

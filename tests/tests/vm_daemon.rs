@@ -7,8 +7,8 @@ use filemapd::sectors::SectorRange;
 use filemapd_tests::{
     DmFs, FsKind,
     daemon::{
-        CONVERGE, EXIT, append, delete_group, delete_group_and_wait, device_of, drop_in_dir,
-        file_ranges, filemapd_binary, group_by_alias, hold_open, map_and_monitor,
+        CONVERGE, EXIT, LoggedDaemon, append, delete_group, delete_group_and_wait, device_of,
+        drop_in_dir, file_ranges, filemapd_binary, group_by_alias, hold_open, map_and_monitor,
         map_and_monitor_with, region_line, region_table, run_drop_in, user_region, wait_converged,
     },
     map_without_daemon, punch_hole, require_device_mapper, run, wait_for_exit, wait_until,
@@ -542,4 +542,58 @@ fn ext4_follows_blocks_a_defragmenter_moved() {
 #[test]
 fn xfs_follows_blocks_a_defragmenter_moved() {
     follows_blocks_a_defragmenter_moved(FsKind::Xfs);
+}
+
+/// Path mode runs as root on a path that others may be able to write to. A symlink, another
+/// owner's file or a file of another device put at the path is not mapped: the group stays on
+/// the file it had (said once each) until a file of the same owner takes the path.
+#[test]
+fn path_mode_refuses_a_symlink_another_owners_file_and_another_device() {
+    require_device_mapper();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let dir = dmfs.mount.dir.clone();
+    let path = dir.join("vm.img");
+    write_and_sync(&path, 0, 2 << 20).unwrap();
+    let group = map_without_daemon(&path).unwrap().to_string();
+    let p = path.to_string_lossy().into_owned();
+    let mut daemon = LoggedDaemon::start(&["0", &group, &p, "path", "1", "1"], &path, &[]);
+    wait_converged(&dmfs, &path, "vm.img", "mapping");
+    let before = region_table(&dir);
+
+    let secret = dir.join("secret.img");
+    write_and_sync(&secret, 0, 1 << 20).unwrap();
+    let link = dir.join("vm.img.link");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    fs::rename(&link, &path).unwrap();
+    daemon.wait_for_line("(it is a symbolic link); the group stays on the file it had");
+    assert_eq!(region_table(&dir), before, "a symlink was followed");
+
+    let theirs = dir.join("theirs.img");
+    write_and_sync(&theirs, 0, 1 << 20).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(1234), Some(1234)).unwrap();
+    fs::rename(&theirs, &path).unwrap();
+    daemon.wait_for_line("(it belongs to uid 1234, the file it replaced to uid 0)");
+    assert_eq!(
+        region_table(&dir),
+        before,
+        "another owner's file was mapped"
+    );
+
+    let elsewhere = filemapd_tests::ScratchDir::new(Path::new("/tmp"), "elsewhere").unwrap();
+    let other_device = elsewhere.0.join("vm.img");
+    write_and_sync(&other_device, 0, 1 << 20).unwrap();
+    run("mount", &["--bind", &other_device.to_string_lossy(), &p]).unwrap();
+    daemon.wait_for_line("(it is on another device)");
+    run("umount", &[&p]).unwrap();
+    assert_eq!(
+        region_table(&dir),
+        before,
+        "a file of another device was mapped"
+    );
+
+    let ours = dir.join("vm.img.new");
+    write_and_sync(&ours, 0, 3 << 20).unwrap();
+    fs::rename(&ours, &path).unwrap();
+    wait_converged(&dmfs, &path, "vm.img", "a replacement by the owner");
+    daemon.stop();
 }

@@ -54,10 +54,12 @@ pub fn run() -> anyhow::Result<()> {
     let (out, ok) = cargo_test(&[])?;
     tally.add("unit tests", &out, ok);
 
-    eprintln!("== eBPF and file-system tests on the host kernel");
+    eprintln!("== eBPF and file-system tests on the host kernel, and the test crate's own");
     let (out, ok) = cargo_test(&[
         "-p",
         "filemapd-tests",
+        "--lib",
+        "--bins",
         "--test",
         "host_ebpf",
         "--test",
@@ -122,7 +124,14 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<(String, bool)> {
 
 /// Device-mapper test targets; all run in one VM boot. The torture (two minutes, a seed from
 /// the clock) comes last and shows its seed and figures even when it passes.
-const VM_TEST_TARGETS: &[&str] = &["vm_dm", "vm_daemon", "vm_ebpf", "vm_growth", "vm_torture"];
+const VM_TEST_TARGETS: &[&str] = &[
+    "vm_dm",
+    "vm_daemon",
+    "vm_ebpf",
+    "vm_growth",
+    "vm_faults",
+    "vm_torture",
+];
 
 /// Builds the VM test binaries (and the daemon they launch) on the host, once for every
 /// kernel, and returns the guest script that runs them all.

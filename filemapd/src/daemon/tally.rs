@@ -19,13 +19,15 @@ pub struct Tally {
     pub deleted: u64,
     /// Regions replaced by a longer one because they had counted nothing yet.
     pub fused: u64,
+    /// Times the kernel's ring buffer overflowed and the whole file was read again.
+    pub lost_rescans: u64,
 }
 
 impl fmt::Display for Tally {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} events, {} passes ({} of the whole file), {} paced, {} deferred, {} regions created, {} deleted ({} fused into longer ones)",
+            "{} events, {} passes ({} of the whole file), {} paced, {} deferred, {} regions created, {} deleted ({} fused into longer ones), {} rescans after lost events",
             self.events,
             self.passes,
             self.whole_passes,
@@ -33,7 +35,8 @@ impl fmt::Display for Tally {
             self.deferred,
             self.created,
             self.deleted,
-            self.fused
+            self.fused,
+            self.lost_rescans
         )
     }
 }

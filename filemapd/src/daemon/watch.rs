@@ -3,7 +3,11 @@
 //!
 //! The config has one file per line, `<group_id> <inode|path> <absolute path>` (the path last,
 //! so it may contain spaces); blank lines and lines starting with `#` are skipped.
-use std::{path::PathBuf, time::Duration};
+use std::{
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use log::{error, info, warn};
@@ -23,6 +27,39 @@ pub struct WatchEntry {
     pub group_id: u64,
     pub mode: FollowMode,
     pub path: PathBuf,
+}
+
+/// Reads and parses the config, refusing one that another user could have written: it names
+/// the files a root daemon maps.
+pub fn read_config(path: &Path) -> anyhow::Result<Vec<WatchEntry>> {
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let metadata = file
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if let Err(reason) = writable_only_by_trusted(metadata.mode(), metadata.uid(), me) {
+        bail!("refusing the config {}: {reason}", path.display());
+    }
+    let text =
+        std::io::read_to_string(file).with_context(|| format!("reading {}", path.display()))?;
+    parse_config(&text)
+}
+
+/// Whether a file with this mode and owner can be written only by root or by `me`.
+fn writable_only_by_trusted(mode: u32, owner: u32, me: u32) -> Result<(), String> {
+    if mode & 0o002 != 0 {
+        return Err(format!(
+            "any user can write it (mode {:o}; chmod o-w)",
+            mode & 0o7777
+        ));
+    }
+    if owner != 0 && owner != me {
+        return Err(format!(
+            "it belongs to uid {owner}, neither root nor this user"
+        ));
+    }
+    Ok(())
 }
 
 pub fn parse_config(text: &str) -> anyhow::Result<Vec<WatchEntry>> {
@@ -140,6 +177,18 @@ fn raise_open_file_limit() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_others_can_write_is_refused() {
+        assert!(writable_only_by_trusted(0o644, 0, 0).is_ok());
+        assert!(writable_only_by_trusted(0o664, 1000, 1000).is_ok());
+        assert!(writable_only_by_trusted(0o600, 0, 1000).is_ok());
+        let world = writable_only_by_trusted(0o666, 0, 0).unwrap_err();
+        assert!(world.contains("any user can write it (mode 666"), "{world}");
+        assert!(writable_only_by_trusted(0o1777, 0, 0).is_err());
+        let other = writable_only_by_trusted(0o644, 1000, 0).unwrap_err();
+        assert!(other.contains("uid 1000"), "{other}");
+    }
 
     #[test]
     fn reads_entries_and_skips_comments() {

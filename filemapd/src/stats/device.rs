@@ -3,11 +3,27 @@
 use std::{collections::HashMap, sync::Arc};
 
 use anyhow::{Context as _, bail};
-use devicemapper::{DM, DevId, DmName, DmNameBuf};
+use devicemapper::{DM, DevId, DmError, DmName, DmNameBuf, errors};
 
 use super::{Counters, Group, Region, RegionSettings, region};
 
 use crate::sectors::SectorRange;
+
+/// What a failed message means, in a line: devicemapper-rs's own text for an ioctl error
+/// spells out both ioctl headers, burying the errno. dm-stats answers ENOMEM when its regions
+/// would take more than a quarter of RAM, which deserves saying.
+fn describe(error: &DmError) -> String {
+    match error {
+        DmError::Core(errors::Error::Ioctl(_, _, _, errno)) => match **errno {
+            nix::errno::Errno::ENOMEM => {
+                "Cannot allocate memory (dm-stats keeps its regions within a quarter of RAM)"
+                    .to_string()
+            }
+            errno => errno.desc().to_string(),
+        },
+        other => other.to_string(),
+    }
+}
 
 /// A device-mapper device whose statistics we read and change.
 pub struct StatsDevice {
@@ -76,7 +92,13 @@ impl StatsDevice {
         let (_, answer) = self
             .dm
             .target_msg(&DevId::Name(&self.name), None, msg)
-            .with_context(|| format!("device {}: message \"{msg}\" failed", &*self.name))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "device {}: message \"{msg}\" failed: {}",
+                    &*self.name,
+                    describe(&e)
+                )
+            })?;
         Ok(answer.unwrap_or_default())
     }
 

@@ -112,6 +112,11 @@ pub struct Monitor {
     known_group: Option<Group>,
     /// Polling: when the next whole-map read is due whatever stat says ([`SWEEP`]).
     next_sweep: Instant,
+    /// The followed file's owner: path mode takes a replacement only from the same owner.
+    owner: u32,
+    /// Path mode: what the path named when a replacement was last refused (not retried, and
+    /// not warned about again, until the path names something else).
+    refused: Option<FileId>,
 }
 
 impl Monitor {
@@ -142,6 +147,13 @@ impl Monitor {
         devices: &mut Devices,
     ) -> anyhow::Result<Self> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        // Path mode follows the file's own name: a symlink in the config is resolved once, here
+        // (a symlink put at the path later is refused, see `follow::reopen`).
+        let path = match mode {
+            FollowMode::Path => &std::fs::canonicalize(path)
+                .with_context(|| format!("resolving {}", path.display()))?,
+            FollowMode::Inode => path,
+        };
         Self::with_file(file, path, group_id, mode, interval, devices)
     }
 
@@ -179,6 +191,8 @@ impl Monitor {
             // The first pass starts from the group just found.
             known_group: Some(group),
             next_sweep: Instant::now() + SWEEP,
+            owner: metadata.uid(),
+            refused: None,
         })
     }
 
@@ -211,7 +225,17 @@ impl Monitor {
             );
             return Ok(());
         }
-        let feed = hub.watch(self.file_id.inode_key()).await?;
+        let feed = match hub.watch(self.file_id.inode_key()).await {
+            Ok(feed) => feed,
+            Err(e) => {
+                warn!(
+                    "{}: the kernel filter has no room for it ({e:#}): polling every {:?}",
+                    self.path.display(),
+                    self.interval
+                );
+                return Ok(());
+            }
+        };
         let notices = match notifier.filter(|_| hub.sees_region_changes()) {
             Some(notifier) => Some(notifier.watch(&self.path, self.mode == FollowMode::Path)?),
             None => None,
@@ -265,13 +289,7 @@ impl Monitor {
             };
             self.group_id = group.id;
             if self.mode == FollowMode::Path && self.follow_path()? {
-                if let Trigger::Ebpf { hub, feed, notices } = &mut self.trigger {
-                    // Dropping the old feed unwatches the old inode.
-                    *feed = hub.watch(self.file_id.inode_key()).await?;
-                    if let Some(notices) = notices {
-                        *notices = notices.notifier().watch(&self.path, true)?;
-                    }
-                }
+                self.watch_new_inode().await?;
                 force = true;
             }
             if self.sweep_due() {
@@ -302,6 +320,32 @@ impl Monitor {
         }
     }
 
+    /// Path mode, after a switch: the kernel filter follows the new inode, or, when it has
+    /// no room for it, the monitor polls from now on (said once).
+    async fn watch_new_inode(&mut self) -> anyhow::Result<()> {
+        let Trigger::Ebpf { hub, feed, notices } = &mut self.trigger else {
+            return Ok(());
+        };
+        match hub.watch(self.file_id.inode_key()).await {
+            Ok(new_feed) => {
+                // Dropping the old feed unwatches the old inode.
+                *feed = new_feed;
+                if let Some(notices) = notices {
+                    *notices = notices.notifier().watch(&self.path, true)?;
+                }
+            }
+            Err(e) => {
+                warn!(
+                    "{}: the kernel filter has no room for the new file ({e:#}): polling every {:?}",
+                    self.path.display(),
+                    self.interval
+                );
+                self.trigger = Trigger::Poll;
+            }
+        }
+        Ok(())
+    }
+
     /// Polling: whether the whole extent map is due for a read ([`SWEEP`]).
     fn sweep_due(&mut self) -> bool {
         let now = Instant::now();
@@ -312,26 +356,35 @@ impl Monitor {
         true
     }
 
-    /// Path mode: if the path now names another file, switch to it (same device only).
+    /// Path mode: if the path now names another file, switch to it, unless it is refused
+    /// (see [`follow::reopen`]): then the group stays on the file it had, said once per file.
     /// Returns whether it switched.
     fn follow_path(&mut self) -> anyhow::Result<bool> {
-        if follow::id_at(&self.path) == Some(self.file_id) {
+        let now_there = follow::id_at(&self.path);
+        if now_there == Some(self.file_id) || (now_there.is_some() && now_there == self.refused) {
             return Ok(false);
         }
-        let file = follow::reopen(&self.path)?;
-        let metadata = check_mappable(&file, &self.path)?;
-        let id = FileId::of(&metadata);
-        if id.st_dev != self.file_id.st_dev {
-            bail!("{} moved to another device", self.path.display());
-        }
+        let replacement = match follow::reopen(&self.path, self.file_id.st_dev, self.owner)? {
+            Ok(replacement) => replacement,
+            Err(reason) => {
+                warn!(
+                    "{}: not following the file now at this path ({reason}); the group stays on the file it had",
+                    self.path.display()
+                );
+                self.refused = now_there;
+                return Ok(false);
+            }
+        };
+        let id = FileId::of(&replacement.metadata);
         info!(
             "{} was replaced (inode {} -> {})",
             self.path.display(),
             self.file_id.ino,
             id.ino
         );
-        self.file = file;
+        self.file = replacement.file;
         self.file_id = id;
+        self.refused = None;
         self.view.reset();
         Ok(true)
     }

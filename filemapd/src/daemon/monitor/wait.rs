@@ -79,6 +79,7 @@ impl Monitor {
             match item {
                 Feed::Lost => {
                     // Events were lost: read the whole file, list the group again.
+                    self.tally.lost_rescans += 1;
                     self.view.note_unknown_change();
                     self.known_group = None;
                     extents_changed = true;

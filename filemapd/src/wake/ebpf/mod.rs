@@ -51,12 +51,17 @@ impl Tracer {
             bail!("none of filemapd's tracepoints exist on this kernel");
         }
         let own_tgid = std::process::id();
-        let mut ebpf = EbpfLoader::new()
+        // The fault tests shrink the filter (more files than room) and the ring (overflow).
+        let max_watched = test_size("FILEMAPD_TEST_WATCH_ROOM").unwrap_or(max_watched);
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(names::LAYOUTS, &layouts, true)
             .override_global(names::OWN_TGID, &own_tgid, true)
-            .map_max_entries(names::WATCHED, max_watched.max(1))
-            .load(OBJECT)
-            .context("loading the eBPF object")?;
+            .map_max_entries(names::WATCHED, max_watched.max(1));
+        if let Some(bytes) = test_size("FILEMAPD_TEST_RING_BYTES") {
+            loader.map_max_entries(names::EVENTS, bytes);
+        }
+        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
         let mut attached = Vec::new();
         for tp in present {
             let program: &mut TracePoint = ebpf
@@ -143,6 +148,13 @@ impl Tracer {
     pub fn lost_events(&self) -> anyhow::Result<u64> {
         Ok(self.lost.get(&0, 0)?.iter().sum())
     }
+}
+
+/// A size the fault tests set through the environment (never set in production).
+fn test_size(variable: &str) -> Option<u32> {
+    let value = std::env::var(variable).ok()?.parse().ok()?;
+    log::warn!("{variable}={value}: a test size, not for production");
+    Some(value)
 }
 
 /// The probes on `dm_stats_message`'s entry and return (in dm-mod, so absent where
