@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use filemapd::{
     daemon::args::{self, DaemonArgs},
     daemon::daemonize::daemonize,
+    daemon::logging,
     daemon::monitor::Monitor,
     file::fiemap,
     reconcile::Mapping,
@@ -85,13 +86,20 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// The name the program was started as (`dmfilemapd` when dmstats starts it).
+fn invoked_as() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::env::args()
+            .next()
+            .and_then(|a| a.rsplit('/').next().map(str::to_string))
+            .unwrap_or_default()
+    })
+}
+
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
-    let invoked_as = argv
-        .first()
-        .and_then(|a| a.rsplit('/').next())
-        .unwrap_or("");
-    if invoked_as == "dmfilemapd" {
+    if invoked_as() == "dmfilemapd" {
         return match args::parse(&argv[1..]) {
             Ok(args) => run_daemon(
                 &args,
@@ -116,11 +124,11 @@ fn main() -> ExitCode {
             interval,
             verbose,
         }) => {
-            init_logging(verbose);
+            logging::init(verbose);
             watch(&config, interval, ebpf || ebpf_from_env(), mapping(exact))
         }
         Some(Command::Show { path, group_id }) => {
-            init_logging(0);
+            logging::init(0);
             match show(&path, group_id) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("{e:#}")),
@@ -160,13 +168,6 @@ fn fail(message: &str) -> ExitCode {
 }
 
 /// verbose 0: warnings and errors; 1..3: info, debug, trace. RUST_LOG overrides.
-fn init_logging(verbose: u8) {
-    let level = ["warn", "info", "debug", "trace"][usize::from(verbose.min(3))];
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
-        .format_timestamp_millis()
-        .init();
-}
-
 fn watch(config: &std::path::Path, interval: Duration, ebpf: bool, mapping: Mapping) -> ExitCode {
     let entries = match filemapd::daemon::watch::read_config(config) {
         Ok(entries) => entries,
@@ -188,7 +189,7 @@ fn watch(config: &std::path::Path, interval: Duration, ebpf: bool, mapping: Mapp
 }
 
 fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool, mapping: Mapping) -> ExitCode {
-    init_logging(args.verbose);
+    logging::init(args.verbose);
     log::info!(
         "Starting dmfilemapd with fd={}, group_id={} mode={}, path=\"{}\"",
         args.fd,
@@ -206,6 +207,10 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool, mapping: Mappin
     if !args.foreground {
         if let Err(e) = daemonize(&monitor.open_fds(), args.verbose) {
             return fail(&format!("{e:#}"));
+        }
+        if let Err(why) = logging::detach(invoked_as()) {
+            // Only seen where stderr still goes somewhere (verbose > 0).
+            log::debug!("no syslog ({why}): logging to stderr");
         }
     }
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -597,3 +597,69 @@ fn path_mode_refuses_a_symlink_another_owners_file_and_another_device() {
     wait_converged(&dmfs, &path, "vm.img", "a replacement by the owner");
     daemon.stop();
 }
+
+/// Listens on /dev/log as syslog does (the VM runs none); removed on drop.
+struct SyslogListener(std::os::unix::net::UnixDatagram);
+
+impl SyslogListener {
+    fn bind() -> Self {
+        let path = Path::new("/dev/log");
+        assert!(
+            !path.exists(),
+            "/dev/log already exists: this test must own it (run it in the test VM)"
+        );
+        let socket = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+        socket.set_read_timeout(Some(CONVERGE)).unwrap();
+        Self(socket)
+    }
+
+    /// The first message containing `text`; panics with what came instead after a time-out.
+    fn wait_for(&self, text: &str) -> String {
+        let mut seen = Vec::new();
+        let mut buffer = vec![0u8; 8192];
+        loop {
+            match self.0.recv(&mut buffer) {
+                Ok(n) => {
+                    let message = String::from_utf8_lossy(&buffer[..n]).into_owned();
+                    if message.contains(text) {
+                        return message;
+                    }
+                    seen.push(message);
+                }
+                Err(e) => panic!("no syslog message with {text:?} ({e}); got {seen:#?}"),
+            }
+        }
+    }
+}
+
+impl Drop for SyslogListener {
+    fn drop(&mut self) {
+        let _ = fs::remove_file("/dev/log");
+    }
+}
+
+/// A detached daemon logs to syslog (journald reads /dev/log), as `dmfilemapd[pid]` with the
+/// daemon facility. lvm2's logs nothing at verbose 0; filemapd keeps its warnings.
+#[test]
+fn a_detached_daemon_logs_its_warnings_to_syslog() {
+    require_device_mapper();
+    let syslog = SyslogListener::bind();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let dir = dmfs.mount.dir.clone();
+    let path = dir.join("vm.img");
+    write_and_sync(&path, 0, 2 << 20).unwrap();
+    let (_, pid) = map_and_monitor(&path, &["--follow", "path"]);
+    wait_converged(&dmfs, &path, "vm.img", "mapping");
+    let secret = dir.join("secret.img");
+    write_and_sync(&secret, 0, 1 << 20).unwrap();
+    let link = dir.join("vm.img.link");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    fs::rename(&link, &path).unwrap();
+    let message = syslog.wait_for("not following the file now at this path");
+    // <28>: facility daemon (3 << 3), severity warning (4).
+    assert!(
+        message.starts_with("<28>") && message.contains(&format!("dmfilemapd[{pid}]")),
+        "{message}"
+    );
+    delete_group_and_wait(&dmfs, &path, "vm.img", pid);
+}

@@ -34,12 +34,33 @@ const VIRTME_NG_VERSION: &str = "1.42";
 
 pub fn run() -> anyhow::Result<()> {
     require_root()?;
-    apt_packages()?;
-    nightly_with_rust_src()?;
-    bpf_linker()?;
-    virtme_ng()?;
+    let log = cmd::workspace_root().join("target/setup.log");
+    std::fs::create_dir_all(log.parent().unwrap())?;
+    apt_packages(&log)?;
+    nightly_with_rust_src(&log)?;
+    bpf_linker(&log)?;
+    virtme_ng(&log)?;
     tracefs()?;
     Ok(())
+}
+
+/// One line per step that has work to do, whatever the installer prints (that goes to `log`):
+/// `setup: installing X ... done in 42 s (log: target/setup.log)`.
+fn step(what: &str, log: &Path, work: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    eprint!("setup: {what} ...");
+    let _ = std::io::stderr().flush();
+    let started = std::time::Instant::now();
+    let result = work();
+    match &result {
+        Ok(()) => eprintln!(
+            " done in {:.0} s (log: {})",
+            started.elapsed().as_secs_f64(),
+            log.display()
+        ),
+        Err(_) => eprintln!(" failed"),
+    }
+    result
 }
 
 /// The host eBPF tests read tracepoint formats from tracefs, which not every machine mounts
@@ -67,7 +88,7 @@ fn require_root() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn apt_packages() -> anyhow::Result<()> {
+fn apt_packages(log: &Path) -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .copied()
@@ -83,17 +104,19 @@ fn apt_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("setup: installing {}", missing.join(" "));
-    cmd::status(Command::new("apt-get").args(["update", "-qq"]))?;
-    cmd::status(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            // No initramfs for the VM kernel: virtme-ng boots it with its own.
-            .env("INITRD", "No")
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-    .context("apt-get install failed")
+    step(&format!("installing {}", missing.join(" ")), log, || {
+        cmd::logged(Command::new("apt-get").args(["update", "-qq"]), log)?;
+        cmd::logged(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                // No initramfs for the VM kernel: virtme-ng boots it with its own.
+                .env("INITRD", "No")
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+            log,
+        )
+        .context("apt-get install failed")
+    })
 }
 
 /// The eBPF toolchain named in filemapd-ebpf/rust-toolchain.toml, with rust-src for build-std.
@@ -109,7 +132,7 @@ pub fn ebpf_toolchain() -> anyhow::Result<String> {
         .with_context(|| format!("no channel in {}", path.display()))
 }
 
-fn nightly_with_rust_src() -> anyhow::Result<()> {
+fn nightly_with_rust_src(log: &Path) -> anyhow::Result<()> {
     let toolchain = ebpf_toolchain()?;
     if !succeeds(Command::new("rustup").args(["run", &toolchain, "rustc", "--version"])) {
         bail!(
@@ -125,41 +148,48 @@ fn nightly_with_rust_src() -> anyhow::Result<()> {
     {
         return Ok(());
     }
-    eprintln!("setup: adding rust-src to {toolchain}");
-    cmd::status(Command::new("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "--toolchain",
-        &toolchain,
-    ]))
+    step(&format!("adding rust-src to {toolchain}"), log, || {
+        cmd::logged(
+            Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                &toolchain,
+            ]),
+            log,
+        )
+    })
 }
 
-fn bpf_linker() -> anyhow::Result<()> {
+fn bpf_linker(log: &Path) -> anyhow::Result<()> {
     if cmd::stdout(Command::new("bpf-linker").arg("--version"))
         .is_ok_and(|v| v.contains(BPF_LINKER_VERSION))
     {
         return Ok(());
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
     // Its build script finds LLVM through llvm-config, which Debian keeps off PATH.
     let path = format!(
         "/usr/lib/llvm-22/bin:{}",
         std::env::var("PATH").unwrap_or_default()
     );
-    cmd::status(
-        Command::new("cargo")
-            .args([
-                "install",
-                "--locked",
-                "bpf-linker",
-                "--version",
-                BPF_LINKER_VERSION,
-            ])
-            .args(["--no-default-features", "--features", "llvm-22"])
-            .env("PATH", path),
-    )
-    .context("installing bpf-linker failed")
+    let what = format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+    step(&what, log, || {
+        cmd::logged(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    "--locked",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                ])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("PATH", path),
+            log,
+        )
+        .context("installing bpf-linker failed")
+    })
 }
 
 /// virtme-ng's `vng`: on PATH, or in the scripts directory of the python3 that installed it
@@ -175,20 +205,28 @@ pub fn vng() -> std::path::PathBuf {
     }
 }
 
-fn virtme_ng() -> anyhow::Result<()> {
+fn virtme_ng(log: &Path) -> anyhow::Result<()> {
     if cmd::stdout(Command::new(vng()).arg("--version"))
         .is_ok_and(|v| v.contains(VIRTME_NG_VERSION))
     {
         return Ok(());
     }
-    eprintln!("setup: installing virtme-ng {VIRTME_NG_VERSION}");
-    cmd::status(Command::new("python3").args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--root-user-action=ignore",
-        &format!("virtme-ng=={VIRTME_NG_VERSION}"),
-    ]))
-    .context("pip install virtme-ng failed")
+    step(
+        &format!("installing virtme-ng {VIRTME_NG_VERSION}"),
+        log,
+        || {
+            cmd::logged(
+                Command::new("python3").args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--root-user-action=ignore",
+                    &format!("virtme-ng=={VIRTME_NG_VERSION}"),
+                ]),
+                log,
+            )
+            .context("pip install virtme-ng failed")
+        },
+    )
 }

@@ -1,7 +1,8 @@
-//! The daemon: lvm2's command line, detaching, the loop that keeps one group in step with one
+//! The daemon: lvm2's command line, detaching, where the log goes, the loop that keeps one group in step with one
 //! file, many files in one process, and what it all did.
 pub mod args;
 pub mod daemonize;
+pub mod logging;
 pub mod monitor;
 pub mod tally;
 pub mod watch;
