@@ -12,6 +12,7 @@ use filemapd::{
     daemon::logging,
     daemon::monitor::Monitor,
     file::fiemap,
+    oneshot,
     reconcile::Mapping,
     sectors::{SectorRange, join_adjacent},
     stats,
@@ -23,7 +24,7 @@ use filemapd::{
 #[command(
     version,
     about = "Keeps a dm-stats region group in step with a file's extents (drop-in dmfilemapd)",
-    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch --config <FILE> [--ebpf] [--exact] [--interval <S>] [-v...]\n       filemapd show <FILE> [GROUP_ID]",
+    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch --config <FILE> [--ebpf] [--exact] [--interval <S>] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -66,6 +67,29 @@ enum Command {
         /// Log more: -v info, -vv debug, -vvv trace.
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
+    },
+    /// Map a file into a new group as `dmstats create --filemap --nomonitor` does (a file that
+    /// has a group keeps it); for hosts whose dmstats lacks --filemap, and for scripts.
+    Map {
+        /// The file (on a device-mapper device).
+        path: PathBuf,
+        /// The group's alias (default: the file's name).
+        #[arg(long)]
+        alias: Option<String>,
+        /// The regions' program id.
+        #[arg(long, default_value = "dmstats")]
+        program_id: String,
+        /// Nanosecond timestamps (dm-stats' precise_timestamps).
+        #[arg(long)]
+        precise: bool,
+        /// Latency histogram bounds, e.g. 1ms,5ms,20ms (ns, us, ms, s; no unit: ms).
+        #[arg(long)]
+        bounds: Option<String>,
+    },
+    /// Delete the group that maps a file.
+    Unmap {
+        /// The file.
+        path: PathBuf,
     },
     /// Print a file's extents (FIEMAP, in sectors of its dm device) beside its group's regions.
     Show {
@@ -127,6 +151,37 @@ fn main() -> ExitCode {
             logging::init(verbose);
             watch(&config, interval, ebpf || ebpf_from_env(), mapping(exact))
         }
+        Some(Command::Map {
+            path,
+            alias,
+            program_id,
+            precise,
+            bounds,
+        }) => {
+            logging::init(0);
+            let result = bounds
+                .as_deref()
+                .map(|b| oneshot::parse_bounds(b, precise))
+                .transpose()
+                .and_then(|histogram| {
+                    let settings = stats::RegionSettings {
+                        precise_timestamps: precise,
+                        histogram: histogram.unwrap_or_default(),
+                    };
+                    oneshot::map(&path, alias.as_deref(), &program_id, settings)
+                });
+            match result {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("{e:#}")),
+            }
+        }
+        Some(Command::Unmap { path }) => {
+            logging::init(0);
+            match oneshot::unmap(&path) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("{e:#}")),
+            }
+        }
         Some(Command::Show { path, group_id }) => {
             logging::init(0);
             match show(&path, group_id) {
@@ -167,7 +222,6 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// verbose 0: warnings and errors; 1..3: info, debug, trace. RUST_LOG overrides.
 fn watch(config: &std::path::Path, interval: Duration, ebpf: bool, mapping: Mapping) -> ExitCode {
     let entries = match filemapd::daemon::watch::read_config(config) {
         Ok(entries) => entries,

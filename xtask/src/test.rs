@@ -129,6 +129,7 @@ const VM_TEST_TARGETS: &[&str] = &[
     "vm_daemon",
     "vm_ebpf",
     "vm_growth",
+    "vm_map",
     "vm_faults",
     "vm_torture",
 ];

@@ -33,14 +33,14 @@ const MOVED_TAG: &str = "DMS_FILEMAPD_MOVED=";
 
 /// For the kill-safety tests only: `FILEMAPD_TEST_CRASH_AT=<point>` aborts the process at that
 /// point of an update, as a kill would.
-fn crash_point(point: &str) {
+pub(crate) fn crash_point(point: &str) {
     if std::env::var_os("FILEMAPD_TEST_CRASH_AT").is_some_and(|p| p == point) {
         log::warn!("FILEMAPD_TEST_CRASH_AT={point}: aborting");
         std::process::abort();
     }
 }
 
-fn pending_marker(group_id: u64) -> String {
+pub(crate) fn pending_marker(group_id: u64) -> String {
     format!("{PENDING_TAG}{group_id}")
 }
 

@@ -4,6 +4,7 @@ pub mod descriptor;
 pub mod device;
 pub mod group;
 pub mod id_set;
+pub mod new_group;
 pub mod region;
 
 pub use descriptor::GroupDescriptor;
