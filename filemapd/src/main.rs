@@ -223,16 +223,12 @@ fn fail(message: &str) -> ExitCode {
 }
 
 fn watch(config: &std::path::Path, interval: Duration, ebpf: bool, mapping: Mapping) -> ExitCode {
-    let entries = match filemapd::daemon::watch::read_config(config) {
-        Ok(entries) => entries,
-        Err(e) => return fail(&format!("{e:#}")),
-    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
     let result = runtime.context("starting the runtime").and_then(|rt| {
         rt.block_on(filemapd::daemon::watch::run(
-            &entries, interval, ebpf, mapping,
+            config, interval, ebpf, mapping,
         ))
     });
     match result {

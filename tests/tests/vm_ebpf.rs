@@ -344,3 +344,47 @@ fn ebpf_daemons_wake_on_events_only() {
     holder.wait().unwrap();
     second_daemon.wait_for_line("File unlinked and closed: exiting.");
 }
+
+/// SIGHUP reads the config again: a file it now names is watched, one it no longer names is
+/// let go (its group stays as it is). SIGTERM then ends the watch between passes, exit 0.
+#[test]
+fn watch_reloads_on_sighup_and_ends_cleanly_on_sigterm() {
+    require_device_mapper();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let (a, b) = (dmfs.mount.dir.join("a.img"), dmfs.mount.dir.join("b.img"));
+    let mut lines = Vec::new();
+    for path in [&a, &b] {
+        write_and_sync(path, 0, 1 << 20).unwrap();
+        let group = map_without_daemon(path).unwrap();
+        lines.push(format!("{group} inode {}\n", path.display()));
+    }
+    let conf = dmfs.mount.dir.join("watch.conf");
+    fs::write(&conf, &lines[0]).unwrap();
+    let c = conf.to_string_lossy().into_owned();
+    let mut watch = LoggedDaemon::start(&["watch", "--ebpf", "-v", "--config", &c], &a, &[]);
+    watch.wait_for_line("watching 1 file(s)");
+    wait_converged(&dmfs, &a, "a.img", "start-up");
+
+    fs::write(&conf, &lines[1]).unwrap();
+    let pid = watch.child.id() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    watch.wait_for_line("SIGHUP: 1 file(s) watched (1 new, 1 let go)");
+    let (_, a_before) = group_by_alias(&device_of(&a), "a.img").unwrap();
+    append(&a, 2);
+    append(&b, 2);
+    wait_converged(&dmfs, &b, "b.img", "a reload that added it");
+    let (_, a_after) = group_by_alias(&device_of(&a), "a.img").unwrap();
+    assert_eq!(
+        a_after, a_before,
+        "a file the config no longer names was updated"
+    );
+
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    watch.wait_for_line("Terminated: exiting.");
+    let status = watch.child.wait().unwrap();
+    assert!(status.success(), "SIGTERM: {status}");
+    wait_converged(&dmfs, &b, "b.img", "SIGTERM");
+    watch.stop();
+}

@@ -4,6 +4,7 @@
 //! The config has one file per line, `<group_id> <inode|path> <absolute path>` (the path last,
 //! so it may contain spaces); blank lines and lines starting with `#` are skipped.
 use std::{
+    collections::HashMap,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::Duration,
@@ -11,18 +12,21 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use log::{error, info, warn};
-use tokio::task::JoinSet;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    task::{AbortHandle, JoinError, JoinSet},
+};
 
 use crate::{
     daemon::args::FollowMode,
-    daemon::monitor::Monitor,
+    daemon::monitor::{Exit, Monitor},
     reconcile::Mapping,
     stats::Devices,
     wake::ebpf::{Hub, Tracer},
     wake::notify::Notifier,
 };
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct WatchEntry {
     pub group_id: u64,
     pub mode: FollowMode,
@@ -97,65 +101,171 @@ pub fn parse_config(text: &str) -> anyhow::Result<Vec<WatchEntry>> {
     Ok(entries)
 }
 
-/// Monitors every entry until each one's group is gone (or its file is). Returns false if any
-/// monitor stopped on an error.
+/// Room in the kernel filter beyond twice the files at start (a path-mode monitor watches its
+/// new file before letting the old go), for files a reload adds. Past it, files poll.
+const FILTER_ROOM: u32 = 4096;
+
+/// Monitors the config's files until each one's group is gone (or its file is). SIGHUP reads
+/// the config again: files no longer named stop being watched (between passes; their groups
+/// stay), new ones start; the others go on untouched. SIGTERM ends every monitor between
+/// passes, with exit 0. Returns false if any monitor stopped on an error.
 pub async fn run(
-    entries: &[WatchEntry],
+    config: &Path,
     interval: Duration,
     ebpf: bool,
     mapping: Mapping,
 ) -> anyhow::Result<bool> {
+    let entries = read_config(config)?;
     raise_open_file_limit();
-    let mut devices = Devices::default();
-    let mut monitors = Vec::with_capacity(entries.len());
-    for entry in entries {
-        let mut monitor = Monitor::open(
-            &entry.path,
-            entry.group_id,
-            entry.mode,
-            interval,
-            &mut devices,
-        )?;
-        if mapping == Mapping::Exact {
-            monitor.use_exact_mapping();
+    let trigger = if ebpf {
+        match Tracer::load(2 * entries.len() as u32 + FILTER_ROOM) {
+            Ok(tracer) => Some((Hub::spawn(tracer), Notifier::spawn_or_warn())),
+            Err(e) => {
+                warn!("eBPF trigger unavailable ({e:#}): polling every {interval:?}");
+                None
+            }
         }
-        monitors.push(monitor);
+    } else {
+        None
+    };
+    let mut watch = Watch {
+        interval,
+        mapping,
+        trigger,
+        tasks: JoinSet::new(),
+        watching: HashMap::new(),
+        all_ok: true,
+    };
+    // A file that cannot be watched (gone, not on dm, no group) is said and skipped: one bad
+    // line must not leave a host's other images unwatched.
+    for entry in &entries {
+        if let Err(e) = watch.start(std::slice::from_ref(entry)).await {
+            error!("{}: not watched: {e:#}", entry.path.display());
+            watch.all_ok = false;
+        }
     }
-    drop(devices); // the start-up listings: each monitor has its group now
-    if ebpf {
-        // Twice the files: a path-mode monitor watches its new file before letting the old go.
-        match Tracer::load(2 * entries.len() as u32) {
-            Ok(tracer) => {
-                let hub = Hub::spawn(tracer);
-                let notifier = Notifier::spawn_or_warn();
-                for monitor in &mut monitors {
-                    monitor.use_ebpf(&hub, notifier.as_ref()).await?;
+    if watch.watching.is_empty() {
+        bail!("none of the files in {} can be watched", config.display());
+    }
+    if watch.trigger.is_some() {
+        info!("eBPF trigger for {} file(s)", watch.watching.len());
+    }
+    info!("watching {} file(s)", watch.watching.len());
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            joined = watch.tasks.join_next() => match joined {
+                None => break,
+                Some(joined) => watch.ended(joined),
+            },
+            _ = hangup.recv() => match read_config(config) {
+                Ok(entries) => watch.reload(&entries).await,
+                Err(e) => error!("SIGHUP: keeping the files watched now: {e:#}"),
+            },
+        }
+    }
+    Ok(watch.all_ok)
+}
+
+/// The files being watched, each by its own task.
+struct Watch {
+    interval: Duration,
+    mapping: Mapping,
+    trigger: Option<(Hub, Option<Notifier>)>,
+    tasks: JoinSet<(WatchEntry, anyhow::Result<Exit>)>,
+    watching: HashMap<WatchEntry, AbortHandle>,
+    all_ok: bool,
+}
+
+impl Watch {
+    /// Opens a monitor per entry (failing on the first that cannot be watched) and starts them.
+    /// Callers pass one entry at a time, so that one file's failure leaves the others watched.
+    async fn start(&mut self, entries: &[WatchEntry]) -> anyhow::Result<()> {
+        let mut devices = Devices::default();
+        let mut monitors = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let mut monitor = Monitor::open(
+                &entry.path,
+                entry.group_id,
+                entry.mode,
+                self.interval,
+                &mut devices,
+            )?;
+            if self.mapping == Mapping::Exact {
+                monitor.use_exact_mapping();
+            }
+            if let Some((hub, notifier)) = &self.trigger {
+                monitor.use_ebpf(hub, notifier.as_ref()).await?;
+            }
+            monitors.push((entry.clone(), monitor));
+        }
+        for (entry, mut monitor) in monitors {
+            let task = entry.clone();
+            let handle = self.tasks.spawn(async move {
+                let result = monitor.run_until_terminated().await;
+                info!("{}: {}", monitor.path().display(), monitor.tally());
+                (task, result)
+            });
+            self.watching.insert(entry, handle);
+        }
+        Ok(())
+    }
+
+    fn ended(&mut self, joined: Result<(WatchEntry, anyhow::Result<Exit>), JoinError>) {
+        match joined {
+            Ok((entry, result)) => {
+                self.watching.remove(&entry);
+                match result {
+                    Ok(exit) => info!("{}: {}", entry.path.display(), exit.message()),
+                    Err(e) => {
+                        error!("{}: {e:#}", entry.path.display());
+                        self.all_ok = false;
+                    }
                 }
-                info!("eBPF trigger for {} file(s)", monitors.len());
             }
-            Err(e) => warn!("eBPF trigger unavailable ({e:#}): polling every {interval:?}"),
-        }
-    }
-    info!("watching {} file(s)", monitors.len());
-    let mut tasks = JoinSet::new();
-    for mut monitor in monitors {
-        tasks.spawn(async move {
-            let result = monitor.run().await;
-            info!("{}: {}", monitor.path().display(), monitor.tally());
-            (monitor.path().to_path_buf(), result)
-        });
-    }
-    let mut all_ok = true;
-    while let Some(joined) = tasks.join_next().await {
-        match joined? {
-            (path, Ok(exit)) => info!("{}: {}", path.display(), exit.message()),
-            (path, Err(e)) => {
-                error!("{}: {e:#}", path.display());
-                all_ok = false;
+            Err(e) if e.is_cancelled() => {} // a reload let it go
+            Err(e) => {
+                error!("a monitor task failed: {e}");
+                self.all_ok = false;
             }
         }
     }
-    Ok(all_ok)
+
+    /// Stops watching what the config no longer names, starts what it newly names.
+    async fn reload(&mut self, entries: &[WatchEntry]) {
+        let gone: Vec<WatchEntry> = self
+            .watching
+            .keys()
+            .filter(|e| !entries.contains(e))
+            .cloned()
+            .collect();
+        for entry in &gone {
+            if let Some(handle) = self.watching.remove(entry) {
+                handle.abort();
+                info!(
+                    "{}: no longer watched (its group stays)",
+                    entry.path.display()
+                );
+            }
+        }
+        let new: Vec<WatchEntry> = entries
+            .iter()
+            .filter(|e| !self.watching.contains_key(e))
+            .cloned()
+            .collect();
+        // One at a time: a file that cannot be watched must not keep the others out.
+        for entry in &new {
+            if let Err(e) = self.start(std::slice::from_ref(entry)).await {
+                error!("{}: not watched: {e:#}", entry.path.display());
+            }
+        }
+        info!(
+            "SIGHUP: {} file(s) watched ({} new, {} let go)",
+            self.watching.len(),
+            new.len(),
+            gone.len()
+        );
+    }
 }
 
 /// Each watched file holds a descriptor: let the process use as many as its hard limit allows.

@@ -318,6 +318,10 @@ impl Watcher {
             .stdout(Stdio::null())
             .stdin(Stdio::null())
             .spawn()?;
+        // Ready once it has opened every file (a file unlinked before that could not be).
+        wait_until("filemapd watch to start", CONVERGE, || {
+            Ok(fs::read_to_string(&log)?.contains(&format!("watching {} file(s)", slots.len())))
+        })?;
         Ok(Self { child, log })
     }
 
