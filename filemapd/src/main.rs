@@ -5,7 +5,7 @@
 use std::{fs, os::unix::fs::MetadataExt as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use filemapd::{
     daemon::args::{self, DaemonArgs},
     daemon::daemonize::daemonize,
@@ -50,7 +50,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Monitor many files in one process: CONFIG has lines `<group_id> <inode|path> <path>`.
-    /// Runs in the foreground until every group is gone.
+    ///
+    /// Runs in the foreground until every group is gone. SIGHUP reads CONFIG again (files it no
+    /// longer names are let go, their groups kept; new ones are watched); SIGTERM stops every
+    /// monitor between passes and exits 0. A file that cannot be watched is said and skipped.
+    /// CONFIG must not be writable by other users. As a systemd service (Type=notify) it
+    /// reports ready once every file is watched.
     Watch {
         /// The list of files and their groups.
         #[arg(long)]
@@ -91,6 +96,9 @@ enum Command {
         /// The file.
         path: PathBuf,
     },
+    /// Write the manual pages (filemapd.8, filemapd-watch.8, ...) into DIR, for installers.
+    #[command(hide = true)]
+    ManPages { dir: PathBuf },
     /// Print a file's extents (FIEMAP, in sectors of its dm device) beside its group's regions.
     Show {
         /// The file.
@@ -182,6 +190,10 @@ fn main() -> ExitCode {
                 Err(e) => fail(&format!("{e:#}")),
             }
         }
+        Some(Command::ManPages { dir }) => match man_pages(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&format!("{e:#}")),
+        },
         Some(Command::Show { path, group_id }) => {
             logging::init(0);
             match show(&path, group_id) {
@@ -220,6 +232,25 @@ fn mapping(exact: bool) -> Mapping {
 fn fail(message: &str) -> ExitCode {
     eprintln!("{message}");
     ExitCode::FAILURE
+}
+
+/// One page for filemapd and one per visible subcommand, in section 8 (system daemons).
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut cli = Cli::command().disable_help_subcommand(true);
+    cli.build();
+    let subcommands: Vec<clap::Command> = cli
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .cloned()
+        .collect();
+    for page in std::iter::once(cli).chain(subcommands) {
+        let written = clap_mangen::Man::new(page)
+            .section("8")
+            .generate_to(dir)
+            .with_context(|| format!("writing a manual page into {}", dir.display()))?;
+        println!("{}", written.display());
+    }
+    Ok(())
 }
 
 fn watch(config: &std::path::Path, interval: Duration, ebpf: bool, mapping: Mapping) -> ExitCode {

@@ -345,8 +345,9 @@ fn ebpf_daemons_wake_on_events_only() {
     second_daemon.wait_for_line("File unlinked and closed: exiting.");
 }
 
-/// SIGHUP reads the config again: a file it now names is watched, one it no longer names is
-/// let go (its group stays as it is). SIGTERM then ends the watch between passes, exit 0.
+/// As a systemd service: READY=1 once its files are watched; SIGHUP reads the config again
+/// (a file it now names is watched, one it no longer names is let go, its group as it is);
+/// SIGTERM ends the watch between passes, exit 0.
 #[test]
 fn watch_reloads_on_sighup_and_ends_cleanly_on_sigterm() {
     require_device_mapper();
@@ -361,8 +362,20 @@ fn watch_reloads_on_sighup_and_ends_cleanly_on_sigterm() {
     let conf = dmfs.mount.dir.join("watch.conf");
     fs::write(&conf, &lines[0]).unwrap();
     let c = conf.to_string_lossy().into_owned();
-    let mut watch = LoggedDaemon::start(&["watch", "--ebpf", "-v", "--config", &c], &a, &[]);
+    // Where systemd would listen for Type=notify's READY=1.
+    let notify_path = dmfs.mount.dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(CONVERGE)).unwrap();
+    let n = notify_path.to_string_lossy().into_owned();
+    let mut watch = LoggedDaemon::start(
+        &["watch", "--ebpf", "-v", "--config", &c],
+        &a,
+        &[("NOTIFY_SOCKET", &n)],
+    );
     watch.wait_for_line("watching 1 file(s)");
+    let mut said = [0u8; 64];
+    let len = notify.recv(&mut said).expect("no word to NOTIFY_SOCKET");
+    assert_eq!(String::from_utf8_lossy(&said[..len]).trim(), "READY=1");
     wait_converged(&dmfs, &a, "a.img", "start-up");
 
     fs::write(&conf, &lines[1]).unwrap();

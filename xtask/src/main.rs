@@ -1,8 +1,9 @@
-//! `cargo xtask setup | test | demo | bench | fuzz | torture | vm`: everything filemapd needs besides cargo itself.
+//! `cargo xtask setup | test | demo | bench | fuzz | torture | install | vm`: everything filemapd needs besides cargo itself.
 mod bench;
 mod cmd;
 mod demo;
 mod fuzz;
+mod install;
 mod lvm2;
 mod setup;
 mod test;
@@ -52,6 +53,15 @@ enum Task {
         #[arg(long, default_value = "6.1")]
         kernel: String,
     },
+    /// Install filemapd on this host: binary, dmfilemapd link, man pages, systemd unit, config.
+    Install {
+        /// Where bin/, sbin/ and share/man/ go.
+        #[arg(long, default_value = "/usr/local")]
+        prefix: std::path::PathBuf,
+        /// Where systemd/system/ and filemapd/ go.
+        #[arg(long, default_value = "/etc")]
+        etc: std::path::PathBuf,
+    },
     /// Run a shell command inside the device-mapper VM.
     Vm {
         /// The command line, run by /bin/sh in the guest.
@@ -73,6 +83,7 @@ fn main() -> ExitCode {
             seed,
             kernel,
         } => torture::run(minutes, seed, &kernel),
+        Task::Install { prefix, etc } => setup::run().and_then(|()| install::run(&prefix, &etc)),
         Task::Vm { command } => setup::run().and_then(|()| {
             let out = vm::run(&command, vm::DEFAULT_TIMEOUT)?;
             print!("{}", out.output);

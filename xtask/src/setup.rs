@@ -27,6 +27,9 @@ const APT_PACKAGES: &[&str] = &[
     "libdevmapper-dev",
     "libclang-dev",
     "pkg-config",
+    // The installation check: systemd-analyze verify, man -l.
+    "systemd",
+    "man-db",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

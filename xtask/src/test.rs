@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{cmd, setup, vm};
+use crate::{cmd, install, setup, vm};
 
 #[derive(Default)]
 struct Tally {
@@ -54,6 +54,14 @@ pub fn run() -> anyhow::Result<()> {
     let (out, ok) = cargo_test(&[])?;
     tally.add("unit tests", &out, ok);
 
+    eprintln!("== installing into a staging root (checked by host_install)");
+    let staging = install::staging_root();
+    let _ = std::fs::remove_dir_all(&staging);
+    if let Err(e) = install::run(&staging.join("usr/local"), &staging.join("etc")) {
+        eprintln!("the staged installation failed: {e:#}");
+        tally.add("installation", "", false);
+    }
+
     eprintln!("== eBPF and file-system tests on the host kernel, and the test crate's own");
     let (out, ok) = cargo_test(&[
         "-p",
@@ -64,6 +72,8 @@ pub fn run() -> anyhow::Result<()> {
         "host_ebpf",
         "--test",
         "host_files",
+        "--test",
+        "host_install",
         "--",
         "--test-threads=1",
     ])?;

@@ -95,9 +95,6 @@ pub fn parse_config(text: &str) -> anyhow::Result<Vec<WatchEntry>> {
         };
         entries.push(parse().with_context(|| format!("config line {number}: {line:?}"))?);
     }
-    if entries.is_empty() {
-        bail!("the config names no files");
-    }
     Ok(entries)
 }
 
@@ -144,24 +141,46 @@ pub async fn run(
             watch.all_ok = false;
         }
     }
-    if watch.watching.is_empty() {
+    if watch.watching.is_empty() && !entries.is_empty() {
         bail!("none of the files in {} can be watched", config.display());
+    }
+    if entries.is_empty() {
+        info!(
+            "{} names no files yet: waiting for SIGHUP",
+            config.display()
+        );
     }
     if watch.trigger.is_some() {
         info!("eBPF trigger for {} file(s)", watch.watching.len());
     }
     info!("watching {} file(s)", watch.watching.len());
+    // systemd's Type=notify: the service is up once every file is watched.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        warn!("could not tell systemd the service is ready: {e}");
+    }
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    // Monitors end themselves on SIGTERM; this one ends a watch that has none.
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    // Files the config names now: once all of them have ended, so does the watch. With none
+    // named it waits for a reload.
+    let mut named = entries.len();
     loop {
         tokio::select! {
-            joined = watch.tasks.join_next() => match joined {
-                None => break,
-                Some(joined) => watch.ended(joined),
-            },
+            Some(joined) = watch.tasks.join_next(), if !watch.tasks.is_empty() => {
+                watch.ended(joined);
+                if watch.tasks.is_empty() && named > 0 {
+                    break;
+                }
+            }
             _ = hangup.recv() => match read_config(config) {
-                Ok(entries) => watch.reload(&entries).await,
+                Ok(entries) => {
+                    named = entries.len();
+                    watch.reload(&entries).await;
+                }
                 Err(e) => error!("SIGHUP: keeping the files watched now: {e:#}"),
             },
+            _ = terminate.recv(), if watch.tasks.is_empty() => break,
         }
     }
     Ok(watch.all_ok)
@@ -324,13 +343,17 @@ mod tests {
     }
 
     #[test]
+    fn a_config_without_files_is_empty_not_wrong() {
+        assert_eq!(parse_config("# nothing yet\n\n").unwrap(), vec![]);
+    }
+
+    #[test]
     fn bad_lines_name_their_number() {
         for (text, expected) in [
             ("x inode /a", "config line 1"),
             ("0 both /a", "bad mode"),
             ("0 inode a.img", "absolute"),
             ("0 inode", "absolute"),
-            ("# nothing\n", "names no files"),
             ("0 inode /a\n1 path rel", "config line 2"),
         ] {
             let err = format!("{:#}", parse_config(text).unwrap_err());

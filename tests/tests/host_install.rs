@@ -1,0 +1,108 @@
+//! What `cargo xtask install` puts in place, checked where `cargo xtask test` installed it
+//! (target/install-check): the unit passes systemd's own check, the manual pages render, the
+//! dmfilemapd name runs filemapd, and the config it ships watches nothing and only root writes.
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+fn root() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/install-check");
+    assert!(
+        root.join("usr/local/bin/filemapd").is_file(),
+        "{} holds no installation: run these tests through `cargo xtask test`, which installs there first",
+        root.display()
+    );
+    root
+}
+
+fn man_dir() -> PathBuf {
+    root().join("usr/local/share/man")
+}
+
+#[test]
+fn the_unit_passes_systemd_analyze_verify_without_a_word() {
+    let unit = root().join("etc/systemd/system/filemapd.service");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        // It also checks that the Documentation= pages exist.
+        .env("MANPATH", man_dir())
+        .output()
+        .expect("systemd-analyze (package systemd) is missing: run `cargo xtask setup`");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+    let text = fs::read_to_string(&unit).unwrap();
+    assert!(
+        text.contains("Type=notify") && !text.contains("@BINDIR@"),
+        "{text}"
+    );
+}
+
+#[test]
+fn every_manual_page_renders() {
+    let pages: Vec<PathBuf> = fs::read_dir(man_dir().join("man8"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    for name in [
+        "filemapd.8",
+        "filemapd-watch.8",
+        "filemapd-map.8",
+        "filemapd-unmap.8",
+    ] {
+        assert!(
+            pages.iter().any(|p| p.ends_with(name)),
+            "{name} missing: {pages:?}"
+        );
+    }
+    for page in &pages {
+        let out = Command::new("man")
+            .args(["-P", "cat", "-l"])
+            .arg(page)
+            .env("MANWIDTH", "80")
+            .output()
+            .expect("man (package man-db) is missing: run `cargo xtask setup`");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("NAME") && text.contains("SYNOPSIS"),
+            "{}: {}",
+            page.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn dmfilemapd_runs_filemapd_with_lvm2s_arguments() {
+    let link = root().join("usr/local/sbin/dmfilemapd");
+    assert_eq!(
+        fs::canonicalize(&link).unwrap(),
+        fs::canonicalize(root().join("usr/local/bin/filemapd")).unwrap()
+    );
+    // Parsed as lvm2's arguments: lvm2's error line, exit 1.
+    let out = Command::new(&link)
+        .args(["0", "x", "/a", "inode"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "Could not parse group identifier: x"
+    );
+}
+
+#[test]
+fn the_shipped_config_watches_nothing_and_only_root_writes_it() {
+    let config = root().join("etc/filemapd/watch.conf");
+    let mode = fs::metadata(&config).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644);
+    let text = fs::read_to_string(&config).unwrap();
+    assert!(
+        text.lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')),
+        "{text}"
+    );
+}
