@@ -322,6 +322,11 @@ impl LoggedDaemon {
     /// `filemapd --ebpf --interval 3600` in inode mode, foreground: an hour-long interval, so
     /// that only events can make it act in time.
     pub fn ebpf_inode(file: &Path, group: &str, verbose: u8) -> Self {
+        Self::ebpf_inode_with(file, group, verbose, &[])
+    }
+
+    /// [`LoggedDaemon::ebpf_inode`] with more variables in its environment.
+    pub fn ebpf_inode_with(file: &Path, group: &str, verbose: u8, env: &[(&str, &str)]) -> Self {
         let p = file.to_string_lossy().into_owned();
         let verbose = verbose.to_string();
         let args = [
@@ -335,7 +340,7 @@ impl LoggedDaemon {
             "1",
             &verbose,
         ];
-        Self::start(&args, file, &[])
+        Self::start(&args, file, env)
     }
 
     /// Blocks until a log line containing `text` arrives (the daemon's own event).

@@ -245,22 +245,8 @@ fn lost_events_are_counted_and_a_rescan_converges() {
     let path = dmfs.mount.dir.join("vm.img");
     write_and_sync(&path, 0, 1 << 20).unwrap();
     let group = map_without_daemon(&path).unwrap().to_string();
-    let p = path.to_string_lossy().into_owned();
-    let mut daemon = LoggedDaemon::start(
-        &[
-            "--ebpf",
-            "--interval",
-            "3600",
-            "0",
-            &group,
-            &p,
-            "inode",
-            "1",
-            "1",
-        ],
-        &path,
-        &[("FILEMAPD_TEST_RING_BYTES", "4096")],
-    );
+    let mut daemon =
+        LoggedDaemon::ebpf_inode_with(&path, &group, 1, &[("FILEMAPD_TEST_RING_BYTES", "4096")]);
     daemon.wait_for_line("Waking on events only");
     let pid = daemon.child.id() as i32;
     // SAFETY: signalling our own child.
