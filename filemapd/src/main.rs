@@ -24,7 +24,7 @@ use filemapd::{
 #[command(
     version,
     about = "Keeps a dm-stats region group in step with a file's extents (drop-in dmfilemapd)",
-    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch --config <FILE> [--ebpf] [--exact] [--interval <S>] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]",
+    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch [--config <FILE>] [PATH...] [--ebpf] [--exact] [--interval <S>] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -49,7 +49,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Monitor many files in one process: CONFIG has lines `<group_id> <inode|path> <path>`.
+    /// Monitor many files in one process: CONFIG has lines `<group_id> <inode|path> <path>`;
+    /// PATHs name files or directories, whose files get groups as dmstats makes them.
     ///
     /// Runs in the foreground until every group is gone. SIGHUP reads CONFIG again (files it no
     /// longer names are let go, their groups kept; new ones are watched); SIGTERM stops every
@@ -58,8 +59,11 @@ enum Command {
     /// reports ready once every file is watched.
     Watch {
         /// The list of files and their groups.
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(long, required_unless_present = "paths")]
+        config: Option<PathBuf>,
+        /// Files, or directories whose regular files are all watched; each file gets the group
+        /// it has, or one made as `dmstats create --filemap` makes it.
+        paths: Vec<PathBuf>,
         /// Wake on the kernel's block-allocation events (eBPF); falls back to polling.
         #[arg(long)]
         ebpf: bool,
@@ -151,13 +155,20 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Watch {
             config,
+            paths,
             ebpf,
             exact,
             interval,
             verbose,
         }) => {
             logging::init(verbose);
-            watch(&config, interval, ebpf || ebpf_from_env(), mapping(exact))
+            watch(
+                config.as_deref(),
+                &paths,
+                interval,
+                ebpf || ebpf_from_env(),
+                mapping(exact),
+            )
         }
         Some(Command::Map {
             path,
@@ -253,13 +264,19 @@ fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn watch(config: &std::path::Path, interval: Duration, ebpf: bool, mapping: Mapping) -> ExitCode {
+fn watch(
+    config: Option<&std::path::Path>,
+    paths: &[PathBuf],
+    interval: Duration,
+    ebpf: bool,
+    mapping: Mapping,
+) -> ExitCode {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
     let result = runtime.context("starting the runtime").and_then(|rt| {
         rt.block_on(filemapd::daemon::watch::run(
-            config, interval, ebpf, mapping,
+            config, paths, interval, ebpf, mapping,
         ))
     });
     match result {

@@ -41,6 +41,36 @@ pub fn map(
     program_id: &str,
     settings: RegionSettings,
 ) -> anyhow::Result<u64> {
+    let mapped = group_for(path, alias, program_id, settings)?;
+    match mapped.created {
+        Some(regions) => println!(
+            "{}: Created new group with {regions} region(s) as group ID {}.",
+            path.display(),
+            mapped.group
+        ),
+        None => println!(
+            "{}: already mapped as group ID {}.",
+            path.display(),
+            mapped.group
+        ),
+    }
+    Ok(mapped.group)
+}
+
+/// A file's group, and whether it was just made (with how many regions).
+pub struct Mapped {
+    pub group: u64,
+    pub created: Option<usize>,
+}
+
+/// The group mapping `path`: the one it has (its leftover markers cleared), else a new one
+/// made as dmstats makes it.
+pub fn group_for(
+    path: &Path,
+    alias: Option<&str>,
+    program_id: &str,
+    settings: RegionSettings,
+) -> anyhow::Result<Mapped> {
     let (file, device, extents) = open(path)?;
     let regions = device.list(None)?;
     let removed = new_group::remove_leftovers(&device, &regions, file)?;
@@ -53,8 +83,10 @@ pub fn map(
     let regions = device.list(None)?;
     if let Some(group) = new_group::find_for_file(&regions, &extents)? {
         new_group::finish(&device, &regions, group)?;
-        println!("{}: already mapped as group ID {group}.", path.display());
-        return Ok(group);
+        return Ok(Mapped {
+            group,
+            created: None,
+        });
     }
     let alias = match alias {
         Some(alias) => alias.to_string(),
@@ -70,12 +102,10 @@ pub fn map(
         settings,
     };
     let group = new_group::create(&device, &extents, &spec, file)?;
-    println!(
-        "{}: Created new group with {} region(s) as group ID {group}.",
-        path.display(),
-        extents.len()
-    );
-    Ok(group)
+    Ok(Mapped {
+        group,
+        created: Some(extents.len()),
+    })
 }
 
 /// Deletes the group mapping `path`.

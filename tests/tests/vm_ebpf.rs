@@ -401,3 +401,53 @@ fn watch_reloads_on_sighup_and_ends_cleanly_on_sigterm() {
     wait_converged(&dmfs, &b, "b.img", "SIGTERM");
     watch.stop();
 }
+
+/// `filemapd watch DIR FILE`: every regular file in the directory and the file named are
+/// watched. A file that has a group keeps it; the others get one as dmstats makes it, which
+/// Debian's dmstats lists by its alias. An empty file (no extents to map) is said and left out.
+#[test]
+fn watch_by_path_adopts_or_makes_each_files_group() {
+    require_device_mapper();
+    let dmfs = DmFs::new(FsKind::Xfs).unwrap();
+    let images = dmfs.mount.dir.join("images");
+    fs::create_dir(&images).unwrap();
+    let adopted = images.join("old.img");
+    write_and_sync(&adopted, 0, 1 << 20).unwrap();
+    let old_group = map_without_daemon(&adopted).unwrap();
+    let fresh = images.join("new.img");
+    write_and_sync(&fresh, 0, 2 << 20).unwrap();
+    fs::File::create(images.join("empty.img")).unwrap();
+    let single = dmfs.mount.dir.join("single.img");
+    write_and_sync(&single, 0, 1 << 20).unwrap();
+
+    let (i, s) = (
+        images.to_string_lossy().into_owned(),
+        single.to_string_lossy().into_owned(),
+    );
+    let mut watch = LoggedDaemon::start(&["watch", "--ebpf", "-v", &i, &s], &single, &[]);
+    watch.wait_for_line("watching 3 file(s)");
+    let device = device_of(&adopted);
+    assert_eq!(
+        group_by_alias(&device, "old.img").unwrap().0,
+        old_group,
+        "not adopted"
+    );
+    let listed = run("dmstats", &["list", "--group", &dmfs.name]).unwrap();
+    for alias in ["new.img", "single.img"] {
+        assert!(listed.contains(alias), "no group {alias}:\n{listed}");
+    }
+    for path in [&adopted, &fresh, &single] {
+        append(path, 2);
+    }
+    for path in [&adopted, &fresh, &single] {
+        let alias = path.file_name().unwrap().to_string_lossy().into_owned();
+        wait_converged(&dmfs, path, &alias, "appending 2 MiB");
+    }
+    let log = watch.stop();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("empty.img: not watched") && l.contains("no extents")),
+        "{}",
+        log.join("\n")
+    );
+}

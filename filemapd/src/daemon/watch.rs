@@ -1,8 +1,10 @@
-//! `filemapd watch --config FILE`: one process and one set of eBPF programs for many
-//! (file, group) pairs, as a VM host with many images wants.
+//! `filemapd watch [--config FILE] [PATH...]`: one process and one set of eBPF programs for
+//! many (file, group) pairs, as a VM host with many images wants.
 //!
 //! The config has one file per line, `<group_id> <inode|path> <absolute path>` (the path last,
-//! so it may contain spaces); blank lines and lines starting with `#` are skipped.
+//! so it may contain spaces); blank lines and lines starting with `#` are skipped. A PATH is a
+//! file or a directory (every regular file in it); each file gets the group it has, or one made
+//! as `dmstats create --filemap` makes it, and is followed by inode.
 use std::{
     collections::HashMap,
     os::unix::fs::MetadataExt as _,
@@ -20,8 +22,10 @@ use tokio::{
 use crate::{
     daemon::args::FollowMode,
     daemon::monitor::{Exit, Monitor},
+    oneshot,
     reconcile::Mapping,
     stats::Devices,
+    stats::RegionSettings,
     wake::ebpf::{Hub, Tracer},
     wake::notify::Notifier,
 };
@@ -98,6 +102,62 @@ pub fn parse_config(text: &str) -> anyhow::Result<Vec<WatchEntry>> {
     Ok(entries)
 }
 
+/// What to watch: the config's lines (if there is a config), then the files PATHs name. A file
+/// a PATH names that cannot be mapped (no extents yet, not on a device-mapper device) is said
+/// and left out; a file named twice is watched once.
+pub fn resolve(config: Option<&Path>, paths: &[PathBuf]) -> anyhow::Result<Vec<WatchEntry>> {
+    let mut entries = match config {
+        Some(config) => read_config(config)?,
+        None => Vec::new(),
+    };
+    for file in files_under(paths)? {
+        if entries.iter().any(|e| e.path == file) {
+            continue;
+        }
+        match oneshot::group_for(&file, None, "dmstats", RegionSettings::default()) {
+            Ok(mapped) => {
+                if let Some(regions) = mapped.created {
+                    info!(
+                        "{}: created group {} with {regions} region(s)",
+                        file.display(),
+                        mapped.group
+                    );
+                }
+                entries.push(WatchEntry {
+                    group_id: mapped.group,
+                    mode: FollowMode::Inode,
+                    path: file,
+                });
+            }
+            Err(e) => warn!("{}: not watched: {e:#}", file.display()),
+        }
+    }
+    Ok(entries)
+}
+
+/// The regular files PATHs name: a file itself, a directory's regular files (not its
+/// subdirectories, nor symlinks), in name order.
+fn files_under(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        let path =
+            std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+        if !path.is_dir() {
+            files.push(path);
+            continue;
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&path)
+            .with_context(|| format!("listing {}", path.display()))?
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| e.path())
+            .collect();
+        found.sort();
+        files.extend(found);
+    }
+    Ok(files)
+}
+
 /// Room in the kernel filter beyond twice the files at start (a path-mode monitor watches its
 /// new file before letting the old go), for files a reload adds. Past it, files poll.
 const FILTER_ROOM: u32 = 4096;
@@ -107,12 +167,17 @@ const FILTER_ROOM: u32 = 4096;
 /// stay), new ones start; the others go on untouched. SIGTERM ends every monitor between
 /// passes, with exit 0. Returns false if any monitor stopped on an error.
 pub async fn run(
-    config: &Path,
+    config: Option<&Path>,
+    paths: &[PathBuf],
     interval: Duration,
     ebpf: bool,
     mapping: Mapping,
 ) -> anyhow::Result<bool> {
-    let entries = read_config(config)?;
+    let entries = resolve(config, paths)?;
+    let source = match config {
+        Some(config) => config.display().to_string(),
+        None => "the paths given".to_string(),
+    };
     raise_open_file_limit();
     let trigger = if ebpf {
         match Tracer::load(2 * entries.len() as u32 + FILTER_ROOM) {
@@ -142,13 +207,10 @@ pub async fn run(
         }
     }
     if watch.watching.is_empty() && !entries.is_empty() {
-        bail!("none of the files in {} can be watched", config.display());
+        bail!("none of the files in {source} can be watched");
     }
     if entries.is_empty() {
-        info!(
-            "{} names no files yet: waiting for SIGHUP",
-            config.display()
-        );
+        info!("{source} names no files yet: waiting for SIGHUP");
     }
     if watch.trigger.is_some() {
         info!("eBPF trigger for {} file(s)", watch.watching.len());
@@ -173,7 +235,7 @@ pub async fn run(
                     break;
                 }
             }
-            _ = hangup.recv() => match read_config(config) {
+            _ = hangup.recv() => match resolve(config, paths) {
                 Ok(entries) => {
                     named = entries.len();
                     watch.reload(&entries).await;
