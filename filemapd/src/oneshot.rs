@@ -72,6 +72,10 @@ pub fn group_for(
     settings: RegionSettings,
 ) -> anyhow::Result<Mapped> {
     let (file, device, extents) = open(path)?;
+    if extents.is_empty() {
+        // Before listing the device: a watch asks again at every write to a new file.
+        bail!("{} has no extents to map yet", path.display());
+    }
     let regions = device.list(None)?;
     let removed = new_group::remove_leftovers(&device, &regions, file)?;
     if removed > 0 {

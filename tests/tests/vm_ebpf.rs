@@ -404,7 +404,8 @@ fn watch_reloads_on_sighup_and_ends_cleanly_on_sigterm() {
 
 /// `filemapd watch DIR FILE`: every regular file in the directory and the file named are
 /// watched. A file that has a group keeps it; the others get one as dmstats makes it, which
-/// Debian's dmstats lists by its alias. An empty file (no extents to map) is said and left out.
+/// Debian's dmstats lists by its alias. An empty file (no extents to map) is said and left out
+/// until it is written to; a file made in the directory later is taken up the same way.
 #[test]
 fn watch_by_path_adopts_or_makes_each_files_group() {
     require_device_mapper();
@@ -443,6 +444,14 @@ fn watch_by_path_adopts_or_makes_each_files_group() {
         let alias = path.file_name().unwrap().to_string_lossy().into_owned();
         wait_converged(&dmfs, path, &alias, "appending 2 MiB");
     }
+    // An image made after the start, empty at first (as `qemu-img create` makes one): mapped
+    // once it is written to, then followed.
+    let later = images.join("later.img");
+    fs::File::create(&later).unwrap();
+    write_and_sync(&later, 0, 1 << 20).unwrap();
+    watch.wait_for_line("later.img: watched from now on");
+    append(&later, 1);
+    wait_converged(&dmfs, &later, "later.img", "its first blocks and an append");
     let log = watch.stop();
     assert!(
         log.iter()

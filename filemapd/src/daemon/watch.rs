@@ -27,7 +27,7 @@ use crate::{
     stats::Devices,
     stats::RegionSettings,
     wake::ebpf::{Hub, Tracer},
-    wake::notify::Notifier,
+    wake::notify::{Notices, Notifier},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -114,25 +114,29 @@ pub fn resolve(config: Option<&Path>, paths: &[PathBuf]) -> anyhow::Result<Vec<W
         if entries.iter().any(|e| e.path == file) {
             continue;
         }
-        match oneshot::group_for(&file, None, "dmstats", RegionSettings::default()) {
-            Ok(mapped) => {
-                if let Some(regions) = mapped.created {
-                    info!(
-                        "{}: created group {} with {regions} region(s)",
-                        file.display(),
-                        mapped.group
-                    );
-                }
-                entries.push(WatchEntry {
-                    group_id: mapped.group,
-                    mode: FollowMode::Inode,
-                    path: file,
-                });
-            }
+        match entry_for(&file) {
+            Ok(entry) => entries.push(entry),
             Err(e) => warn!("{}: not watched: {e:#}", file.display()),
         }
     }
     Ok(entries)
+}
+
+/// A file a PATH names, with its group (adopted, or made as dmstats makes it).
+fn entry_for(file: &Path) -> anyhow::Result<WatchEntry> {
+    let mapped = oneshot::group_for(file, None, "dmstats", RegionSettings::default())?;
+    if let Some(regions) = mapped.created {
+        info!(
+            "{}: created group {} with {regions} region(s)",
+            file.display(),
+            mapped.group
+        );
+    }
+    Ok(WatchEntry {
+        group_id: mapped.group,
+        mode: FollowMode::Inode,
+        path: file.to_path_buf(),
+    })
 }
 
 /// The regular files PATHs name: a file itself, a directory's regular files (not its
@@ -220,6 +224,28 @@ pub async fn run(
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         warn!("could not tell systemd the service is ready: {e}");
     }
+    // New files in the directories: looked at when one appears or is written to (an image
+    // made empty is mapped once it has blocks).
+    let dirs: Vec<PathBuf> = paths
+        .iter()
+        .filter(|p| p.is_dir())
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
+    let mut dir_notices = match dirs.is_empty() {
+        true => None,
+        false => {
+            let notifier = match &watch.trigger {
+                Some((_, Some(notifier))) => Some(notifier.clone()),
+                _ => Notifier::spawn_or_warn(),
+            };
+            let dir_refs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+            notifier.and_then(|n| {
+                n.watch_directories(&dir_refs)
+                    .inspect_err(|e| warn!("new files will wait for SIGHUP: {e:#}"))
+                    .ok()
+            })
+        }
+    };
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     // Monitors end themselves on SIGTERM; this one ends a watch that has none.
     let mut terminate =
@@ -243,9 +269,21 @@ pub async fn run(
                 Err(e) => error!("SIGHUP: keeping the files watched now: {e:#}"),
             },
             _ = terminate.recv(), if watch.tasks.is_empty() => break,
+            noticed = next_notice(&mut dir_notices) => {
+                noticed?;
+                named += watch.take_up_new_files(&dirs).await;
+            }
         }
     }
     Ok(watch.all_ok)
+}
+
+/// The next notice from the directories, or never when there are none.
+async fn next_notice(notices: &mut Option<Notices>) -> anyhow::Result<()> {
+    match notices {
+        Some(notices) => notices.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The files being watched, each by its own task.
@@ -310,6 +348,31 @@ impl Watch {
                 self.all_ok = false;
             }
         }
+    }
+
+    /// Starts watching the files in `dirs` that are not watched yet and can be mapped now;
+    /// returns how many. Those still without extents are looked at again on the next notice.
+    async fn take_up_new_files(&mut self, dirs: &[PathBuf]) -> usize {
+        let Ok(files) = files_under(dirs) else {
+            return 0;
+        };
+        let mut started = 0;
+        for file in files {
+            if self.watching.keys().any(|e| e.path == file) {
+                continue;
+            }
+            let Ok(entry) = entry_for(&file) else {
+                continue; // no extents yet, most likely: the next write tells
+            };
+            match self.start(std::slice::from_ref(&entry)).await {
+                Ok(()) => {
+                    info!("{}: watched from now on", file.display());
+                    started += 1;
+                }
+                Err(e) => error!("{}: not watched: {e:#}", file.display()),
+            }
+        }
+        started
     }
 
     /// Stops watching what the config no longer names, starts what it newly names.

@@ -71,17 +71,32 @@ impl Notifier {
     /// Notices for the file at `path` (and, when `with_directory`, for names coming and going
     /// in its directory).
     pub fn watch(&self, path: &Path, with_directory: bool) -> anyhow::Result<Notices> {
+        let mut targets = vec![(path, FILE_EVENTS)];
+        if with_directory {
+            targets.push((path.parent().unwrap_or(Path::new("/")), DIR_EVENTS));
+        }
+        self.watch_all(&targets)
+    }
+
+    /// Notices of any file in these directories appearing, being written or closed after
+    /// writing: where new images turn up and get their first blocks.
+    pub fn watch_directories(&self, dirs: &[&Path]) -> anyhow::Result<Notices> {
+        let events = DIR_EVENTS
+            .union(AddWatchFlags::IN_MODIFY)
+            .union(AddWatchFlags::IN_CLOSE_WRITE);
+        let targets: Vec<(&Path, AddWatchFlags)> = dirs.iter().map(|d| (*d, events)).collect();
+        self.watch_all(&targets)
+    }
+
+    /// One stream of notices for all of `targets`.
+    fn watch_all(&self, targets: &[(&Path, AddWatchFlags)]) -> anyhow::Result<Notices> {
         let (sender, receiver) = mpsc::unbounded_channel();
         let mut notices = Notices {
             notifier: self.clone(),
             watches: Vec::new(),
             receiver,
         };
-        let mut targets = vec![(path, FILE_EVENTS)];
-        if with_directory {
-            targets.push((path.parent().unwrap_or(Path::new("/")), DIR_EVENTS));
-        }
-        for (target, events) in targets {
+        for &(target, events) in targets {
             let wd = self
                 .inotify
                 .get_ref()
