@@ -468,6 +468,25 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_yields_its_regular_files_in_name_order() {
+        let dir = std::env::temp_dir().join(format!("filemapd-files-under-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        for name in ["b.img", "a.img", "sub/c.img"] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        std::os::unix::fs::symlink(dir.join("a.img"), dir.join("link.img")).unwrap();
+        let single = dir.join("sub/c.img");
+        let files = files_under(&[dir.clone(), single.clone()]).unwrap();
+        let dir = std::fs::canonicalize(&dir).unwrap();
+        assert_eq!(
+            files,
+            vec![dir.join("a.img"), dir.join("b.img"), dir.join("sub/c.img")]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_config_without_files_is_empty_not_wrong() {
         assert_eq!(parse_config("# nothing yet\n\n").unwrap(), vec![]);
     }

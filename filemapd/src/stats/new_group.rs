@@ -169,3 +169,49 @@ pub fn delete(device: &StatsDevice, regions: &[Region], group_id: u64) -> anyhow
     device.delete(group_id)?;
     Ok(deleted + 1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::region::parse_list;
+
+    #[test]
+    fn a_file_is_mapped_by_the_group_whose_members_all_lie_in_its_extents() {
+        let regions = parse_list(
+            "0: 100+8 8 dmstats DMS_GROUP=a:0,2#-\n1: 300+8 8 dmstats -\n2: 200+8 8 dmstats -\n\
+             3: 500+8 8 dmstats DMS_GROUP=b:3-4#-\n4: 600+8 8 dmstats -\n",
+        )
+        .unwrap();
+        let extents = |list: &[(u64, u64)]| -> Vec<SectorRange> {
+            list.iter().map(|&(s, l)| SectorRange::new(s, l)).collect()
+        };
+        assert_eq!(
+            find_for_file(&regions, &extents(&[(100, 8), (200, 16)])).unwrap(),
+            Some(0)
+        );
+        assert_eq!(
+            find_for_file(&regions, &extents(&[(496, 200)])).unwrap(),
+            Some(3)
+        );
+        // A user's region inside the extents (1) makes no group; half a group is not the file's.
+        assert_eq!(
+            find_for_file(&regions, &extents(&[(300, 8)])).unwrap(),
+            None
+        );
+        assert_eq!(
+            find_for_file(&regions, &extents(&[(100, 8)])).unwrap(),
+            None
+        );
+        assert_eq!(find_for_file(&regions, &[]).unwrap(), None);
+    }
+
+    #[test]
+    fn the_markers_name_the_file_and_the_first_region() {
+        let file = FileId {
+            st_dev: 2049,
+            ino: 12,
+        };
+        assert_eq!(mapping_marker(file), "DMS_FILEMAPD_MAPPING=2049:12");
+        assert_eq!(group::pending_marker(7), "DMS_FILEMAPD_PENDING=7");
+    }
+}
