@@ -64,6 +64,10 @@ enum Command {
         /// Files, or directories whose regular files are all watched; each file gets the group
         /// it has, or one made as `dmstats create --filemap` makes it.
         paths: Vec<PathBuf>,
+        /// Keep the group of a file a PATH named when the file is deleted (default: the group
+        /// goes with it, once no process holds the file).
+        #[arg(long)]
+        keep_groups: bool,
         /// Wake on the kernel's block-allocation events (eBPF); falls back to polling.
         #[arg(long)]
         ebpf: bool,
@@ -156,6 +160,7 @@ fn main() -> ExitCode {
         Some(Command::Watch {
             config,
             paths,
+            keep_groups,
             ebpf,
             exact,
             interval,
@@ -165,6 +170,7 @@ fn main() -> ExitCode {
             watch(
                 config.as_deref(),
                 &paths,
+                keep_groups,
                 interval,
                 ebpf || ebpf_from_env(),
                 mapping(exact),
@@ -267,6 +273,7 @@ fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
 fn watch(
     config: Option<&std::path::Path>,
     paths: &[PathBuf],
+    keep_groups: bool,
     interval: Duration,
     ebpf: bool,
     mapping: Mapping,
@@ -276,7 +283,12 @@ fn watch(
         .build();
     let result = runtime.context("starting the runtime").and_then(|rt| {
         rt.block_on(filemapd::daemon::watch::run(
-            config, paths, interval, ebpf, mapping,
+            config,
+            paths,
+            keep_groups,
+            interval,
+            ebpf,
+            mapping,
         ))
     });
     match result {

@@ -405,7 +405,8 @@ fn watch_reloads_on_sighup_and_ends_cleanly_on_sigterm() {
 /// `filemapd watch DIR FILE`: every regular file in the directory and the file named are
 /// watched. A file that has a group keeps it; the others get one as dmstats makes it, which
 /// Debian's dmstats lists by its alias. An empty file (no extents to map) is said and left out
-/// until it is written to; a file made in the directory later is taken up the same way.
+/// until it is written to; a file made in the directory later is taken up the same way. A
+/// deleted file's group is deleted with it.
 #[test]
 fn watch_by_path_adopts_or_makes_each_files_group() {
     require_device_mapper();
@@ -452,6 +453,10 @@ fn watch_by_path_adopts_or_makes_each_files_group() {
     watch.wait_for_line("later.img: watched from now on");
     append(&later, 1);
     wait_converged(&dmfs, &later, "later.img", "its first blocks and an append");
+    // A deleted file's group goes with it (no --keep-groups).
+    fs::remove_file(&fresh).unwrap();
+    watch.wait_for_line("new.img: the file is gone, and so is its group");
+    assert!(group_by_alias(&device, "new.img").is_none());
     let log = watch.stop();
     assert!(
         log.iter()

@@ -35,6 +35,8 @@ pub struct WatchEntry {
     pub group_id: u64,
     pub mode: FollowMode,
     pub path: PathBuf,
+    /// Named by a PATH (not a config line): its group goes when the file does.
+    pub from_path: bool,
 }
 
 /// Reads and parses the config, refusing one that another user could have written: it names
@@ -95,6 +97,7 @@ pub fn parse_config(text: &str) -> anyhow::Result<Vec<WatchEntry>> {
                 group_id,
                 mode,
                 path,
+                from_path: false,
             })
         };
         entries.push(parse().with_context(|| format!("config line {number}: {line:?}"))?);
@@ -136,6 +139,7 @@ fn entry_for(file: &Path) -> anyhow::Result<WatchEntry> {
         group_id: mapped.group,
         mode: FollowMode::Inode,
         path: file.to_path_buf(),
+        from_path: true,
     })
 }
 
@@ -173,6 +177,7 @@ const FILTER_ROOM: u32 = 4096;
 pub async fn run(
     config: Option<&Path>,
     paths: &[PathBuf],
+    keep_groups: bool,
     interval: Duration,
     ebpf: bool,
     mapping: Mapping,
@@ -196,6 +201,7 @@ pub async fn run(
     };
     let mut watch = Watch {
         interval,
+        keep_groups,
         mapping,
         trigger,
         tasks: JoinSet::new(),
@@ -289,6 +295,8 @@ async fn next_notice(notices: &mut Option<Notices>) -> anyhow::Result<()> {
 /// The files being watched, each by its own task.
 struct Watch {
     interval: Duration,
+    /// Keep the groups of PATH-named files that are deleted (`--keep-groups`).
+    keep_groups: bool,
     mapping: Mapping,
     trigger: Option<(Hub, Option<Notifier>)>,
     tasks: JoinSet<(WatchEntry, anyhow::Result<Exit>)>,
@@ -320,9 +328,22 @@ impl Watch {
         }
         for (entry, mut monitor) in monitors {
             let task = entry.clone();
+            let delete_when_gone = entry.from_path && !self.keep_groups;
             let handle = self.tasks.spawn(async move {
                 let result = monitor.run_until_terminated().await;
                 info!("{}: {}", monitor.path().display(), monitor.tally());
+                if delete_when_gone && matches!(result, Ok(Exit::UnlinkedAndClosed)) {
+                    match monitor.delete_group() {
+                        Ok(n) => info!(
+                            "{}: the file is gone, and so is its group ({n} region(s))",
+                            monitor.path().display()
+                        ),
+                        Err(e) => error!(
+                            "{}: the file is gone, its group could not be deleted: {e:#}",
+                            monitor.path().display()
+                        ),
+                    }
+                }
                 (task, result)
             });
             self.watching.insert(entry, handle);
@@ -456,12 +477,14 @@ mod tests {
                 WatchEntry {
                     group_id: 0,
                     mode: FollowMode::Inode,
-                    path: "/var/lib/vm/a.img".into()
+                    path: "/var/lib/vm/a.img".into(),
+                    from_path: false,
                 },
                 WatchEntry {
                     group_id: 3,
                     mode: FollowMode::Path,
-                    path: "/var/lib/vm/my disk.img".into()
+                    path: "/var/lib/vm/my disk.img".into(),
+                    from_path: false,
                 },
             ]
         );

@@ -200,6 +200,13 @@ impl Monitor {
         &self.path
     }
 
+    /// Deletes the group (its other members first, the leader last); for a watch whose file
+    /// is gone. Returns how many regions went.
+    pub fn delete_group(&self) -> anyhow::Result<usize> {
+        let regions = self.device.list(None)?;
+        crate::stats::new_group::delete(&self.device, &regions, self.group_id)
+    }
+
     /// Keeps lvm2's mapping, one region per extent (a grown extent's region is replaced and
     /// its counters lost), instead of tiles.
     pub fn use_exact_mapping(&mut self) {
