@@ -358,8 +358,12 @@ pub fn wait_for_exit(pid: i32, timeout: std::time::Duration) -> anyhow::Result<b
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
     if fd < 0 {
-        // Already gone (ESRCH) counts as exited.
-        return Ok(std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH));
+        // Already gone (ESRCH) counts as exited; any other failure is not an answer.
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(true);
+        }
+        return Err(error).with_context(|| format!("pidfd_open of {pid}"));
     }
     let mut poll = libc::pollfd {
         fd,

@@ -159,7 +159,11 @@ impl Slot {
         let pid = self.pid.context("no daemon of ours to kill")?;
         // SAFETY: signalling a process by pid.
         unsafe { libc::kill(pid, libc::SIGKILL) };
-        ensure!(wait_for_exit(pid, EXIT)?, "daemon {pid} survived SIGKILL");
+        ensure!(
+            wait_for_exit(pid, EXIT)?,
+            "daemon {pid} survived SIGKILL for {EXIT:?}: {}",
+            where_it_is(pid)
+        );
         self.group_id = self.current_group_id();
         let path = self.path.to_string_lossy().into_owned();
         let mut env = self.keeper.env();
@@ -273,6 +277,22 @@ fn find_daemon(path: &str) -> anyhow::Result<i32> {
         bail!("{} daemons for {path}: {pids:?}", pids.len());
     }
     Ok(pids[0])
+}
+
+/// Where a process that should be gone is: its state, the kernel function it waits in, and
+/// its kernel stack.
+fn where_it_is(pid: i32) -> String {
+    let read = |what: &str| fs::read_to_string(format!("/proc/{pid}/{what}")).unwrap_or_default();
+    let state = read("status")
+        .lines()
+        .filter(|l| l.starts_with("State:") || l.starts_with("PPid:") || l.starts_with("Name:"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "{state}; wchan {}; stack:\n{}",
+        read("wchan"),
+        read("stack")
+    )
 }
 
 /// Running and not a zombie.
