@@ -1,13 +1,11 @@
 //! `filemapd watch [--config FILE] [PATH...]`: one process and one set of eBPF programs for
-//! many (file, group) pairs, as a VM host with many images wants.
-//!
-//! The config has one file per line, `<group_id> <inode|path> <absolute path>` (the path last,
-//! so it may contain spaces); blank lines and lines starting with `#` are skipped. A PATH is a
-//! file or a directory (every regular file in it); each file gets the group it has, or one made
-//! as `dmstats create --filemap` makes it, and is followed by inode.
+//! many (file, group) pairs, as a VM host with many images wants: what to watch comes from
+//! [`config`] and [`paths`]; here, a task per file, reloads, new files in directories, ends.
+mod config;
+mod paths;
+
 use std::{
     collections::HashMap,
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -20,151 +18,16 @@ use tokio::{
 };
 
 use crate::{
-    daemon::args::FollowMode,
     daemon::monitor::{Exit, Monitor},
-    oneshot,
     reconcile::Mapping,
     stats::Devices,
-    stats::RegionSettings,
     wake::ebpf::{Hub, Tracer},
     wake::notify::{Notices, Notifier},
 };
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct WatchEntry {
-    pub group_id: u64,
-    pub mode: FollowMode,
-    pub path: PathBuf,
-    /// Named by a PATH (not a config line): its group goes when the file does.
-    pub from_path: bool,
-}
-
-/// Reads and parses the config, refusing one that another user could have written: it names
-/// the files a root daemon maps.
-pub fn read_config(path: &Path) -> anyhow::Result<Vec<WatchEntry>> {
-    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let metadata = file
-        .metadata()
-        .with_context(|| format!("reading {}", path.display()))?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    if let Err(reason) = writable_only_by_trusted(metadata.mode(), metadata.uid(), me) {
-        bail!("refusing the config {}: {reason}", path.display());
-    }
-    let text =
-        std::io::read_to_string(file).with_context(|| format!("reading {}", path.display()))?;
-    parse_config(&text)
-}
-
-/// Whether a file with this mode and owner can be written only by root or by `me`.
-fn writable_only_by_trusted(mode: u32, owner: u32, me: u32) -> Result<(), String> {
-    if mode & 0o002 != 0 {
-        return Err(format!(
-            "any user can write it (mode {:o}; chmod o-w)",
-            mode & 0o7777
-        ));
-    }
-    if owner != 0 && owner != me {
-        return Err(format!(
-            "it belongs to uid {owner}, neither root nor this user"
-        ));
-    }
-    Ok(())
-}
-
-pub fn parse_config(text: &str) -> anyhow::Result<Vec<WatchEntry>> {
-    let mut entries = Vec::new();
-    for (number, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())) {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let parse = || -> anyhow::Result<WatchEntry> {
-            let mut fields = line.splitn(3, char::is_whitespace);
-            let group = fields.next().unwrap_or_default();
-            let group_id = group
-                .parse()
-                .with_context(|| format!("bad group id {group:?}"))?;
-            let mode = match fields.next().unwrap_or_default() {
-                "inode" => FollowMode::Inode,
-                "path" => FollowMode::Path,
-                other => bail!("bad mode {other:?} (inode or path)"),
-            };
-            let path = PathBuf::from(fields.next().unwrap_or_default().trim());
-            if !path.is_absolute() {
-                bail!("the path must be absolute");
-            }
-            Ok(WatchEntry {
-                group_id,
-                mode,
-                path,
-                from_path: false,
-            })
-        };
-        entries.push(parse().with_context(|| format!("config line {number}: {line:?}"))?);
-    }
-    Ok(entries)
-}
-
-/// What to watch: the config's lines (if there is a config), then the files PATHs name. A file
-/// a PATH names that cannot be mapped (no extents yet, not on a device-mapper device) is said
-/// and left out; a file named twice is watched once.
-pub fn resolve(config: Option<&Path>, paths: &[PathBuf]) -> anyhow::Result<Vec<WatchEntry>> {
-    let mut entries = match config {
-        Some(config) => read_config(config)?,
-        None => Vec::new(),
-    };
-    for file in files_under(paths)? {
-        if entries.iter().any(|e| e.path == file) {
-            continue;
-        }
-        match entry_for(&file) {
-            Ok(entry) => entries.push(entry),
-            Err(e) => warn!("{}: not watched: {e:#}", file.display()),
-        }
-    }
-    Ok(entries)
-}
-
-/// A file a PATH names, with its group (adopted, or made as dmstats makes it).
-fn entry_for(file: &Path) -> anyhow::Result<WatchEntry> {
-    let mapped = oneshot::group_for(file, None, "dmstats", RegionSettings::default())?;
-    if let Some(regions) = mapped.created {
-        info!(
-            "{}: created group {} with {regions} region(s)",
-            file.display(),
-            mapped.group
-        );
-    }
-    Ok(WatchEntry {
-        group_id: mapped.group,
-        mode: FollowMode::Inode,
-        path: file.to_path_buf(),
-        from_path: true,
-    })
-}
-
-/// The regular files PATHs name: a file itself, a directory's regular files (not its
-/// subdirectories, nor symlinks), in name order.
-fn files_under(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for path in paths {
-        let path =
-            std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
-        if !path.is_dir() {
-            files.push(path);
-            continue;
-        }
-        let mut found: Vec<PathBuf> = std::fs::read_dir(&path)
-            .with_context(|| format!("listing {}", path.display()))?
-            .filter_map(Result::ok)
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-            .map(|e| e.path())
-            .collect();
-        found.sort();
-        files.extend(found);
-    }
-    Ok(files)
-}
+pub use config::{WatchEntry, parse_config, read_config};
+pub use paths::resolve;
+use paths::{entry_for, files_under};
 
 /// Room in the kernel filter beyond twice the files at start (a path-mode monitor watches its
 /// new file before letting the old go), for files a reload adds. Past it, files poll.
@@ -445,86 +308,6 @@ fn raise_open_file_limit() {
         {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_config_others_can_write_is_refused() {
-        assert!(writable_only_by_trusted(0o644, 0, 0).is_ok());
-        assert!(writable_only_by_trusted(0o664, 1000, 1000).is_ok());
-        assert!(writable_only_by_trusted(0o600, 0, 1000).is_ok());
-        let world = writable_only_by_trusted(0o666, 0, 0).unwrap_err();
-        assert!(world.contains("any user can write it (mode 666"), "{world}");
-        assert!(writable_only_by_trusted(0o1777, 0, 0).is_err());
-        let other = writable_only_by_trusted(0o644, 1000, 0).unwrap_err();
-        assert!(other.contains("uid 1000"), "{other}");
-    }
-
-    #[test]
-    fn reads_entries_and_skips_comments() {
-        let entries = parse_config(
-            "# images\n0 inode /var/lib/vm/a.img\n\n  3 path /var/lib/vm/my disk.img\n",
-        )
-        .unwrap();
-        assert_eq!(
-            entries,
-            vec![
-                WatchEntry {
-                    group_id: 0,
-                    mode: FollowMode::Inode,
-                    path: "/var/lib/vm/a.img".into(),
-                    from_path: false,
-                },
-                WatchEntry {
-                    group_id: 3,
-                    mode: FollowMode::Path,
-                    path: "/var/lib/vm/my disk.img".into(),
-                    from_path: false,
-                },
-            ]
-        );
-    }
-
-    #[test]
-    fn a_directory_yields_its_regular_files_in_name_order() {
-        let dir = std::env::temp_dir().join(format!("filemapd-files-under-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("sub")).unwrap();
-        for name in ["b.img", "a.img", "sub/c.img"] {
-            std::fs::write(dir.join(name), b"x").unwrap();
-        }
-        std::os::unix::fs::symlink(dir.join("a.img"), dir.join("link.img")).unwrap();
-        let single = dir.join("sub/c.img");
-        let files = files_under(&[dir.clone(), single.clone()]).unwrap();
-        let dir = std::fs::canonicalize(&dir).unwrap();
-        assert_eq!(
-            files,
-            vec![dir.join("a.img"), dir.join("b.img"), dir.join("sub/c.img")]
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_config_without_files_is_empty_not_wrong() {
-        assert_eq!(parse_config("# nothing yet\n\n").unwrap(), vec![]);
-    }
-
-    #[test]
-    fn bad_lines_name_their_number() {
-        for (text, expected) in [
-            ("x inode /a", "config line 1"),
-            ("0 both /a", "bad mode"),
-            ("0 inode a.img", "absolute"),
-            ("0 inode", "absolute"),
-            ("0 inode /a\n1 path rel", "config line 2"),
-        ] {
-            let err = format!("{:#}", parse_config(text).unwrap_err());
-            assert!(err.contains(expected), "{text:?}: {err}");
         }
     }
 }

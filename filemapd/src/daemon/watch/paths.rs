@@ -1,0 +1,94 @@
+//! What PATHs name: a file, or every regular file in a directory; each with the group it has,
+//! or one made as `dmstats create --filemap` makes it.
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use log::{info, warn};
+
+use super::config::{WatchEntry, read_config};
+use crate::{daemon::args::FollowMode, oneshot, stats::RegionSettings};
+
+/// What to watch: the config's lines (if there is a config), then the files PATHs name. A file
+/// a PATH names that cannot be mapped (no extents yet, not on a device-mapper device) is said
+/// and left out; a file named twice is watched once.
+pub fn resolve(config: Option<&Path>, paths: &[PathBuf]) -> anyhow::Result<Vec<WatchEntry>> {
+    let mut entries = match config {
+        Some(config) => read_config(config)?,
+        None => Vec::new(),
+    };
+    for file in files_under(paths)? {
+        if entries.iter().any(|e| e.path == file) {
+            continue;
+        }
+        match entry_for(&file) {
+            Ok(entry) => entries.push(entry),
+            Err(e) => warn!("{}: not watched: {e:#}", file.display()),
+        }
+    }
+    Ok(entries)
+}
+
+/// A file a PATH names, with its group (adopted, or made as dmstats makes it).
+pub(super) fn entry_for(file: &Path) -> anyhow::Result<WatchEntry> {
+    let mapped = oneshot::group_for(file, None, "dmstats", RegionSettings::default())?;
+    if let Some(regions) = mapped.created {
+        info!(
+            "{}: created group {} with {regions} region(s)",
+            file.display(),
+            mapped.group
+        );
+    }
+    Ok(WatchEntry {
+        group_id: mapped.group,
+        mode: FollowMode::Inode,
+        path: file.to_path_buf(),
+        from_path: true,
+    })
+}
+
+/// The regular files PATHs name: a file itself, a directory's regular files (not its
+/// subdirectories, nor symlinks), in name order.
+pub(super) fn files_under(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        let path =
+            std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+        if !path.is_dir() {
+            files.push(path);
+            continue;
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&path)
+            .with_context(|| format!("listing {}", path.display()))?
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| e.path())
+            .collect();
+        found.sort();
+        files.extend(found);
+    }
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_yields_its_regular_files_in_name_order() {
+        let dir = std::env::temp_dir().join(format!("filemapd-files-under-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        for name in ["b.img", "a.img", "sub/c.img"] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        std::os::unix::fs::symlink(dir.join("a.img"), dir.join("link.img")).unwrap();
+        let single = dir.join("sub/c.img");
+        let files = files_under(&[dir.clone(), single.clone()]).unwrap();
+        let dir = std::fs::canonicalize(&dir).unwrap();
+        assert_eq!(
+            files,
+            vec![dir.join("a.img"), dir.join("b.img"), dir.join("sub/c.img")]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
