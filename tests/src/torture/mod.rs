@@ -50,6 +50,11 @@ impl Config {
     }
 }
 
+/// How much a daemon's RSS may grow between its second checkpoint (start-up allocations
+/// done) and any later one: a group growing with its file takes some; a leak per pass or per
+/// event passes this within minutes. The 30-minute run's largest was 1,196 KiB.
+const RSS_GROWTH_LIMIT_KIB: u64 = 2048;
+
 /// What a run did, for the test's output and RELIABILITY.md.
 #[derive(Default)]
 pub struct Report {
@@ -353,6 +358,11 @@ impl Torture {
             .entry(("Watch".into(), self.watcher.pid()))
             .or_default()
             .push(slots::rss_kib(self.watcher.pid()));
+        let (growth, who) = self.report.rss_growth_kib();
+        anyhow::ensure!(
+            growth <= RSS_GROWTH_LIMIT_KIB,
+            "RSS is not flat: a {who} daemon grew {growth} KiB after its second checkpoint (limit {RSS_GROWTH_LIMIT_KIB} KiB)"
+        );
         if self.rng.below(3) == 0 {
             let b = self.rng.below(self.benches.len() as u64) as usize;
             let s = self.rng.below(2) as usize; // the dmstats-launched ones
