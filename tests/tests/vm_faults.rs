@@ -162,7 +162,10 @@ fn a_frozen_and_a_read_only_file_system_are_followed() {
         let path = dmfs.mount.dir.join("vm.img");
         write_and_sync(&path, 0, 1 << 20).unwrap();
         let group = map_without_daemon(&path).unwrap();
-        let mut daemon = foreground_daemon(&path, group);
+        // Its log is shown if the test fails.
+        let g = group.to_string();
+        let p = path.to_string_lossy().into_owned();
+        let daemon = LoggedDaemon::start(&["0", &g, &p, "inode", "1", "1"], &path, &[]);
         wait_converged(&dmfs, &path, "vm.img", "mapping");
 
         // Dirty, not yet allocated: the freeze writes it back.
@@ -171,26 +174,34 @@ fn a_frozen_and_a_read_only_file_system_are_followed() {
             .open(&path)
             .and_then(|mut f| std::io::Write::write_all(&mut f, &vec![7u8; 3 << 20]))
             .unwrap();
-        run("fsfreeze", &["--freeze", &dir]).unwrap();
+        bounded(&["fsfreeze", "--freeze", &dir]).unwrap();
         let thawed = Frozen(&dir);
         wait_converged(&dmfs, &path, "vm.img", "a freeze wrote dirty data back");
         drop(thawed);
 
         append(&path, 1);
-        run("mount", &["-o", "remount,ro", &dir]).unwrap();
+        bounded(&["mount", "-o", "remount,ro", &dir]).unwrap();
         wait_converged(&dmfs, &path, "vm.img", "a remount read-only");
-        run("mount", &["-o", "remount,rw", &dir]).unwrap();
+        bounded(&["mount", "-o", "remount,rw", &dir]).unwrap();
         append(&path, 1);
         wait_converged(&dmfs, &path, "vm.img", "a remount read-write");
+        let mut daemon = daemon;
         assert_eq!(
-            daemon.try_wait().unwrap(),
+            daemon.child.try_wait().unwrap(),
             None,
             "{}: the daemon died",
             fs_kind.name()
         );
-        daemon.kill().unwrap();
-        daemon.wait().unwrap();
+        daemon.stop();
     }
+}
+
+/// Runs a command that may block on a frozen or busy file system for at most a minute, so that
+/// a hang fails this test instead of the whole VM run.
+fn bounded(command: &[&str]) -> anyhow::Result<String> {
+    let mut args = vec!["60"];
+    args.extend_from_slice(command);
+    run("timeout", &args)
 }
 
 /// Thaws the file system when dropped (a frozen one could not be unmounted).
