@@ -76,15 +76,15 @@ pub fn group_for(
         // Before listing the device: a watch asks again at every write to a new file.
         bail!("{} has no extents to map yet", path.display());
     }
-    let regions = device.list(None)?;
+    let mut regions = device.list(None)?;
     let removed = new_group::remove_leftovers(&device, &regions, file)?;
     if removed > 0 {
         log::warn!(
             "removed {removed} region(s) an interrupted map of {} left",
             path.display()
         );
+        regions = device.list(None)?;
     }
-    let regions = device.list(None)?;
     if let Some(group) = new_group::find_for_file(&regions, &extents)? {
         new_group::finish(&device, &regions, group)?;
         return Ok(Mapped {

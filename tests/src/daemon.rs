@@ -45,13 +45,18 @@ pub fn map_and_monitor(path: &Path, extra: &[&str]) -> (u64, i32) {
     map_and_monitor_with(path, extra, &[])
 }
 
-/// [`map_and_monitor`] with more variables in dmstats' environment (which its daemon gets).
-pub fn map_and_monitor_with(path: &Path, extra: &[&str], env: &[(&str, &str)]) -> (u64, i32) {
-    let search_path = format!(
+/// A PATH for dmstats that finds filemapd as `dmfilemapd` first.
+pub fn drop_in_search_path() -> String {
+    format!(
         "{}:{}",
         drop_in_dir().display(),
-        std::env::var("PATH").unwrap()
-    );
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// [`map_and_monitor`] with more variables in dmstats' environment (which its daemon gets).
+pub fn map_and_monitor_with(path: &Path, extra: &[&str], env: &[(&str, &str)]) -> (u64, i32) {
+    let search_path = drop_in_search_path();
     let mut args = vec!["create", "--filemap"];
     args.extend(extra);
     let path_arg = path.to_string_lossy();

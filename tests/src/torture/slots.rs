@@ -10,7 +10,10 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 
 use crate::{
-    daemon::{CONVERGE, EXIT, device_of, drop_in_dir, filemapd_binary, group_by_alias},
+    daemon::{
+        CONVERGE, EXIT, device_of, drop_in_dir, drop_in_search_path, filemapd_binary,
+        group_by_alias,
+    },
     map_without_daemon, pids_of, run, run_env, wait_for_exit, wait_until,
 };
 
@@ -121,11 +124,7 @@ impl Slot {
         self.group_id = match self.keeper {
             Keeper::Watch => map_without_daemon(&self.path)?,
             keeper => {
-                let search_path = format!(
-                    "{}:{}",
-                    drop_in_dir().display(),
-                    std::env::var("PATH").unwrap_or_default()
-                );
+                let search_path = drop_in_search_path();
                 let mut env = keeper.env();
                 env.push(("PATH", &search_path));
                 let out = run_env(
@@ -168,11 +167,7 @@ impl Slot {
         let path = self.path.to_string_lossy().into_owned();
         let mut env = self.keeper.env();
         if by_dmstats {
-            let search_path = format!(
-                "{}:{}",
-                drop_in_dir().display(),
-                std::env::var("PATH").unwrap_or_default()
-            );
+            let search_path = drop_in_search_path();
             env.push(("PATH", &search_path));
             let out = run_env(
                 "dmstats",
