@@ -159,10 +159,21 @@ impl Mount {
                 &dir.to_string_lossy(),
             ],
         )?;
+        settle_udev()?;
         Ok(Self {
             dir: dir.to_path_buf(),
         })
     }
+}
+
+/// Waits for udev's queue to drain where udevd runs (the test VM starts it). mkfs closing the
+/// device it wrote makes udev probe it with blkid; on a slow VM that probe can come seconds
+/// later and its reads land in a test's fresh regions (once, 520 sectors in a read count).
+fn settle_udev() -> anyhow::Result<()> {
+    if Path::new("/run/udev/control").exists() {
+        run("udevadm", &["settle", "--timeout=60"])?;
+    }
+    Ok(())
 }
 
 impl Drop for Mount {
