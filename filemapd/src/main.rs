@@ -24,7 +24,7 @@ use filemapd::{
 #[command(
     version,
     about = "Keeps a dm-stats region group in step with a file's extents (drop-in dmfilemapd)",
-    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch [--config <FILE>] [PATH...] [--ebpf] [--exact] [--interval <S>] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]",
+    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch [--config <FILE>] [PATH...] [--ebpf] [--exact] [--interval <S>] [--metrics <ADDR>] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -77,6 +77,13 @@ enum Command {
         /// Seconds between checks (eBPF: only for deleted groups and unlinked files).
         #[arg(long, default_value = "0.5", value_parser = parse_interval)]
         interval: Duration,
+        /// Serve per-file IO and the daemon's health to Prometheus at http://ADDR/metrics
+        /// (e.g. 127.0.0.1:9101); counters are read from dm-stats at each scrape.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
+        /// Allow --metrics on an address other hosts can reach.
+        #[arg(long, requires = "metrics")]
+        metrics_remote: bool,
         /// Log more: -v info, -vv debug, -vvv trace.
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
@@ -154,7 +161,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         // One line and exit 1, like every other bad invocation.
-        Err(e) => return fail(e.to_string().lines().next().unwrap_or("bad arguments")),
+        Err(e) => return fail(&clap_error_line(&e.to_string())),
     };
     match cli.command {
         Some(Command::Watch {
@@ -164,17 +171,27 @@ fn main() -> ExitCode {
             ebpf,
             exact,
             interval,
+            metrics,
+            metrics_remote,
             verbose,
         }) => {
             logging::init(verbose);
-            watch(
-                config.as_deref(),
-                &paths,
+            let metrics = match metrics
+                .map(|a| filemapd::daemon::metrics::check_address(a, metrics_remote))
+                .transpose()
+            {
+                Ok(metrics) => metrics,
+                Err(e) => return fail(&format!("{e:#}")),
+            };
+            watch(filemapd::daemon::watch::Options {
+                config,
+                paths,
                 keep_groups,
                 interval,
-                ebpf || ebpf_from_env(),
-                mapping(exact),
-            )
+                ebpf: ebpf || ebpf_from_env(),
+                mapping: mapping(exact),
+                metrics,
+            })
         }
         Some(Command::Map {
             path,
@@ -270,27 +287,32 @@ fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn watch(
-    config: Option<&std::path::Path>,
-    paths: &[PathBuf],
-    keep_groups: bool,
-    interval: Duration,
-    ebpf: bool,
-    mapping: Mapping,
-) -> ExitCode {
+/// clap's error in one line: its first paragraph (some errors list what is missing on the
+/// lines after the first), without the usage and help hint that follow.
+fn clap_error_line(text: &str) -> String {
+    let line = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ");
+    if line.is_empty() {
+        "bad arguments".to_string()
+    } else {
+        line
+    }
+}
+
+fn watch(options: filemapd::daemon::watch::Options) -> ExitCode {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // The thread a scrape reads dm-stats on waits for the next scrape instead of waking
+        // after tokio's default 10 s to end (Prometheus scrapes every 15 s or more).
+        .thread_keep_alive(Duration::from_secs(24 * 3600))
         .build();
-    let result = runtime.context("starting the runtime").and_then(|rt| {
-        rt.block_on(filemapd::daemon::watch::run(
-            config,
-            paths,
-            keep_groups,
-            interval,
-            ebpf,
-            mapping,
-        ))
-    });
+    let result = runtime
+        .context("starting the runtime")
+        .and_then(|rt| rt.block_on(filemapd::daemon::watch::run(options)));
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

@@ -10,6 +10,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 
 pub mod daemon;
+pub mod metrics;
 pub mod torture;
 pub mod writers;
 

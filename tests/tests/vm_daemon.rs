@@ -329,6 +329,10 @@ fn bad_invocations_fail_with_one_line_and_change_nothing() {
         vec!["--interval", "soon", "0", g, p, "inode", "1"],
         vec!["--no-such-flag", "0", g, p, "inode", "1"],
         vec!["0", g, p, "inode", "1", "9"],
+        // Metrics name the host's images: other hosts only when asked for.
+        vec!["watch", "--metrics", "0.0.0.0:9101", p],
+        vec!["watch", "--metrics", "localhost", p],
+        vec!["watch", "--metrics-remote", p],
     ] {
         let out = Command::new(filemapd_binary())
             .args(&args)

@@ -8,7 +8,8 @@ use crate::cmd::{self, succeeds};
 
 /// Debian packages: the VM (qemu, Debian's 6.1 and 6.12 kernels and busybox for virtme-ng's initramfs), the
 /// tools the tests drive (mkfs for ext4/xfs/btrfs, losetup, dmsetup/dmstats, filefrag, fallocate), LLVM 22 for
-/// bpf-linker, and libdevmapper + libclang for devicemapper-rs's bindings.
+/// bpf-linker, libdevmapper + libclang for devicemapper-rs's bindings, and what the installation and metrics
+/// checks run.
 const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "linux-image-amd64",
@@ -30,6 +31,8 @@ const APT_PACKAGES: &[&str] = &[
     // The installation check: systemd-analyze verify, man -l.
     "systemd",
     "man-db",
+    // The metrics acceptance: Debian's Prometheus scrapes `watch --metrics` in the VM.
+    "prometheus",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

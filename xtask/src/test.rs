@@ -139,6 +139,7 @@ const VM_TEST_TARGETS: &[&str] = &[
     "vm_daemon",
     "vm_ebpf",
     "vm_growth",
+    "vm_metrics",
     "vm_map",
     "vm_faults",
     "vm_torture",

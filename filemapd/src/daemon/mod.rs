@@ -3,6 +3,7 @@
 pub mod args;
 pub mod daemonize;
 pub mod logging;
+pub mod metrics;
 pub mod monitor;
 pub mod tally;
 pub mod watch;

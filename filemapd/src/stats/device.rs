@@ -5,7 +5,7 @@ use std::{collections::HashMap, sync::Arc};
 use anyhow::{Context as _, bail};
 use devicemapper::{DM, DevId, DmError, DmName, DmNameBuf, errors};
 
-use super::{Counters, Group, Region, RegionSettings, region};
+use super::{Counters, Group, Region, RegionSettings, RegionStats, region};
 
 use crate::sectors::SectorRange;
 
@@ -150,7 +150,12 @@ impl StatsDevice {
 
     /// A region's counters, summed over its areas.
     pub fn counters(&self, id: u64) -> anyhow::Result<Counters> {
-        region::parse_counters(&self.message(&format!("@stats_print {id}"))?)
+        self.stats(id).map(|stats| stats.counters)
+    }
+
+    /// A region's counters and histogram, summed over its areas.
+    pub fn stats(&self, id: u64) -> anyhow::Result<RegionStats> {
+        region::parse_print(&self.message(&format!("@stats_print {id}"))?)
             .with_context(|| format!("device {}: region {id} counters", &*self.name))
     }
 }

@@ -10,4 +10,4 @@ pub mod region;
 pub use descriptor::GroupDescriptor;
 pub use device::{Devices, StatsDevice};
 pub use group::Group;
-pub use region::{Counters, Region, RegionSettings};
+pub use region::{Counters, Region, RegionSettings, RegionStats};

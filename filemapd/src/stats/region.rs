@@ -119,29 +119,37 @@ pub struct Counters {
     pub weighted_io_ms: u64,
 }
 
+/// A region's `@stats_print`: its counters and, when it has histogram bounds, how many IOs
+/// fell in each latency bucket (bounds b1..bn give n + 1 buckets: below b1, [b1, b2), ...,
+/// bn and above), each summed over its areas.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegionStats {
+    pub counters: Counters,
+    pub histogram: Vec<u64>,
+}
+
 /// Parses a `@stats_print` answer and sums its areas: `<start>+<len> <counter>...` per line.
-/// The eleven counters come first; regions with precise timestamps or a histogram add columns
-/// after them (nanosecond totals, `a:b:c` bucket counts) that are zero whenever the IO counts
-/// are, and are not read here.
-pub fn parse_counters(text: &str) -> anyhow::Result<Counters> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let values: Vec<u64> = line
-                .split_ascii_whitespace()
-                .skip(1)
-                .take(11)
-                .map(|v| {
-                    v.parse()
-                        .with_context(|| format!("bad counter {v:?} in {line:?}"))
-                })
-                .collect::<anyhow::Result<_>>()?;
-            ensure!(
-                values.len() == 11,
-                "@stats_print line has {} counters: {line:?}",
-                values.len()
-            );
-            Ok(Counters {
+/// The eleven counters come first; regions with precise timestamps add columns after them
+/// (not read here), and a region with a histogram ends each line with `a:b:c` bucket counts.
+pub fn parse_print(text: &str) -> anyhow::Result<RegionStats> {
+    let mut stats = RegionStats::default();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let fields: Vec<&str> = line.split_ascii_whitespace().skip(1).collect();
+        let values: Vec<u64> = fields
+            .iter()
+            .take(11)
+            .map(|v| {
+                v.parse()
+                    .with_context(|| format!("bad counter {v:?} in {line:?}"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        ensure!(
+            values.len() == 11,
+            "@stats_print line has {} counters: {line:?}",
+            values.len()
+        );
+        stats.counters = stats.counters
+            + Counters {
                 reads: values[0],
                 reads_merged: values[1],
                 sectors_read: values[2],
@@ -153,27 +161,59 @@ pub fn parse_counters(text: &str) -> anyhow::Result<Counters> {
                 in_flight: values[8],
                 io_ms: values[9],
                 weighted_io_ms: values[10],
+            };
+        let Some(buckets) = fields.last().filter(|f| f.contains(':')) else {
+            continue;
+        };
+        let buckets: Vec<u64> = buckets
+            .split(':')
+            .map(|v| {
+                v.parse()
+                    .with_context(|| format!("bad histogram count {v:?} in {line:?}"))
             })
-        })
-        .sum()
+            .collect::<anyhow::Result<_>>()?;
+        if stats.histogram.is_empty() {
+            stats.histogram = vec![0; buckets.len()];
+        }
+        ensure!(
+            stats.histogram.len() == buckets.len(),
+            "@stats_print areas disagree on the histogram's buckets: {line:?}"
+        );
+        for (sum, n) in stats.histogram.iter_mut().zip(buckets) {
+            *sum += n;
+        }
+    }
+    Ok(stats)
+}
+
+/// [`parse_print`]'s counters alone.
+pub fn parse_counters(text: &str) -> anyhow::Result<Counters> {
+    parse_print(text).map(|stats| stats.counters)
+}
+
+impl std::ops::Add for Counters {
+    type Output = Counters;
+    fn add(self, b: Counters) -> Counters {
+        Counters {
+            reads: self.reads + b.reads,
+            reads_merged: self.reads_merged + b.reads_merged,
+            sectors_read: self.sectors_read + b.sectors_read,
+            read_ms: self.read_ms + b.read_ms,
+            writes: self.writes + b.writes,
+            writes_merged: self.writes_merged + b.writes_merged,
+            sectors_written: self.sectors_written + b.sectors_written,
+            write_ms: self.write_ms + b.write_ms,
+            in_flight: self.in_flight + b.in_flight,
+            io_ms: self.io_ms + b.io_ms,
+            weighted_io_ms: self.weighted_io_ms + b.weighted_io_ms,
+        }
+    }
 }
 
 /// Counters of several areas or regions, added up.
 impl std::iter::Sum for Counters {
     fn sum<I: Iterator<Item = Counters>>(counters: I) -> Counters {
-        counters.fold(Counters::default(), |a, b| Counters {
-            reads: a.reads + b.reads,
-            reads_merged: a.reads_merged + b.reads_merged,
-            sectors_read: a.sectors_read + b.sectors_read,
-            read_ms: a.read_ms + b.read_ms,
-            writes: a.writes + b.writes,
-            writes_merged: a.writes_merged + b.writes_merged,
-            sectors_written: a.sectors_written + b.sectors_written,
-            write_ms: a.write_ms + b.write_ms,
-            in_flight: a.in_flight + b.in_flight,
-            io_ms: a.io_ms + b.io_ms,
-            weighted_io_ms: a.weighted_io_ms + b.weighted_io_ms,
-        })
+        counters.fold(Counters::default(), |a, b| a + b)
     }
 }
 
@@ -190,6 +230,27 @@ mod tests {
             (1, 8, 2, 16)
         );
         assert_eq!(c.io_ms, 3);
+    }
+
+    #[test]
+    fn histogram_buckets_are_summed_over_areas() {
+        let stats = parse_print(
+            "0+8 1 0 8 0 0 0 0 0 0 1 1 0 0 1:0:0\n8+8 0 0 0 0 2 0 16 3 0 3 3 0 0 0:1:1\n",
+        )
+        .unwrap();
+        assert_eq!(stats.histogram, vec![1, 1, 1]);
+        assert_eq!((stats.counters.reads, stats.counters.writes), (1, 2));
+        assert!(
+            parse_print("0+8 1 0 8 0 0 0 0 0 0 1 1\n")
+                .unwrap()
+                .histogram
+                .is_empty()
+        );
+        assert!(
+            parse_print("0+8 1 0 8 0 0 0 0 0 0 1 1 0 0 1:0\n8+8 0 0 0 0 0 0 0 0 0 0 0 0 0 1:0:0\n")
+                .is_err()
+        );
+        assert!(parse_print("0+8 1 0 8 0 0 0 0 0 0 1 1 0 0 1:x:0\n").is_err());
     }
 
     #[test]

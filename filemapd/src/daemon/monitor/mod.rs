@@ -18,6 +18,7 @@ use log::{debug, info, warn};
 
 use crate::{
     daemon::args::{DaemonArgs, FollowMode},
+    daemon::metrics::{Reporter, Wakeup},
     daemon::tally::Tally,
     file::follow,
     file::identity::{FileId, check_mappable, tracepoint_category},
@@ -117,6 +118,10 @@ pub struct Monitor {
     /// Path mode: what the path named when a replacement was last refused (not retried, and
     /// not warned about again, until the path names something else).
     refused: Option<FileId>,
+    /// How the monitor wakes, for the metrics (polling says why).
+    wakeup: Wakeup,
+    /// Where passes publish the group and tally for `--metrics`.
+    report: Option<Reporter>,
 }
 
 impl Monitor {
@@ -193,6 +198,8 @@ impl Monitor {
             next_sweep: Instant::now() + SWEEP,
             owner: metadata.uid(),
             refused: None,
+            wakeup: Wakeup::Polling("eBPF not asked for"),
+            report: None,
         })
     }
 
@@ -213,6 +220,16 @@ impl Monitor {
         self.mapping = Mapping::Exact;
     }
 
+    /// Publishes the group and what the monitor did after each pass that updated it.
+    pub fn report_to(&mut self, reporter: Reporter) {
+        self.report = Some(reporter);
+    }
+
+    /// Why this monitor polls, when the eBPF trigger was asked for but could not be had.
+    pub fn polling_because(&mut self, reason: &'static str) {
+        self.wakeup = Wakeup::Polling(reason);
+    }
+
     /// What the monitor did so far.
     pub fn tally(&self) -> Tally {
         self.tally
@@ -230,6 +247,7 @@ impl Monitor {
                 category.unwrap_or("unsupported"),
                 self.interval
             );
+            self.wakeup = Wakeup::Polling("no tracepoint for its file system");
             return Ok(());
         }
         let feed = match hub.watch(self.file_id.inode_key()).await {
@@ -240,6 +258,7 @@ impl Monitor {
                     self.path.display(),
                     self.interval
                 );
+                self.wakeup = Wakeup::Polling("kernel filter full");
                 return Ok(());
             }
         };
@@ -252,6 +271,7 @@ impl Monitor {
             feed,
             notices,
         };
+        self.wakeup = Wakeup::Events;
         Ok(())
     }
 
@@ -304,10 +324,15 @@ impl Monitor {
                 force = true;
             }
             let group = if force || self.view.changed(&self.file)? {
-                match self.update(group, remembered)? {
-                    Some(group) => group,
-                    None => return Ok(Exit::NoExtents),
+                let started = Instant::now();
+                let Some(group) = self.update(group, remembered)? else {
+                    return Ok(Exit::NoExtents);
+                };
+                if let Some(report) = &self.report {
+                    report.observe_update(started.elapsed());
+                    report.publish(&self.path, &self.device, &group, self.tally, self.wakeup);
                 }
+                group
             } else {
                 group
             };
@@ -348,6 +373,7 @@ impl Monitor {
                     self.interval
                 );
                 self.trigger = Trigger::Poll;
+                self.wakeup = Wakeup::Polling("kernel filter full");
             }
         }
         Ok(())

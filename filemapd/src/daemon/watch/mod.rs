@@ -6,7 +6,9 @@ mod paths;
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -18,6 +20,7 @@ use tokio::{
 };
 
 use crate::{
+    daemon::metrics::{self, Board},
     daemon::monitor::{Exit, Monitor},
     reconcile::Mapping,
     stats::Devices,
@@ -33,24 +36,46 @@ use paths::{entry_for, files_under};
 /// new file before letting the old go), for files a reload adds. Past it, files poll.
 const FILTER_ROOM: u32 = 4096;
 
+/// What `filemapd watch` was asked to do.
+pub struct Options {
+    pub config: Option<PathBuf>,
+    pub paths: Vec<PathBuf>,
+    /// Keep the groups of PATH-named files that are deleted (`--keep-groups`).
+    pub keep_groups: bool,
+    pub interval: Duration,
+    pub ebpf: bool,
+    pub mapping: Mapping,
+    /// Where to serve metrics (checked by [`metrics::check_address`]).
+    pub metrics: Option<SocketAddr>,
+}
+
 /// Monitors the config's files until each one's group is gone (or its file is). SIGHUP reads
 /// the config again: files no longer named stop being watched (between passes; their groups
 /// stay), new ones start; the others go on untouched. SIGTERM ends every monitor between
 /// passes, with exit 0. Returns false if any monitor stopped on an error.
-pub async fn run(
-    config: Option<&Path>,
-    paths: &[PathBuf],
-    keep_groups: bool,
-    interval: Duration,
-    ebpf: bool,
-    mapping: Mapping,
-) -> anyhow::Result<bool> {
+pub async fn run(options: Options) -> anyhow::Result<bool> {
+    let Options {
+        config,
+        paths,
+        keep_groups,
+        interval,
+        ebpf,
+        mapping,
+        metrics,
+    } = options;
+    let (config, paths) = (config.as_deref(), paths.as_slice());
     let entries = resolve(config, paths)?;
     let source = match config {
         Some(config) => config.display().to_string(),
         None => "the paths given".to_string(),
     };
     raise_open_file_limit();
+    let board = Arc::new(Board::default());
+    // Before any file: a port in use fails the start, not a running watch.
+    let server = match metrics {
+        Some(address) => Some(metrics::serve(address, Arc::clone(&board)).await?),
+        None => None,
+    };
     let trigger = if ebpf {
         match Tracer::load(2 * entries.len() as u32 + FILTER_ROOM) {
             Ok(tracer) => Some((Hub::spawn(tracer), Notifier::spawn_or_warn())),
@@ -66,7 +91,9 @@ pub async fn run(
         interval,
         keep_groups,
         mapping,
+        ebpf_unavailable: ebpf && trigger.is_none(),
         trigger,
+        board: metrics.map(|_| board),
         tasks: JoinSet::new(),
         watching: HashMap::new(),
         all_ok: true,
@@ -89,6 +116,9 @@ pub async fn run(
         info!("eBPF trigger for {} file(s)", watch.watching.len());
     }
     info!("watching {} file(s)", watch.watching.len());
+    if let Some(server) = server {
+        tokio::spawn(server);
+    }
     // systemd's Type=notify: the service is up once every file is watched.
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         warn!("could not tell systemd the service is ready: {e}");
@@ -161,7 +191,11 @@ struct Watch {
     /// Keep the groups of PATH-named files that are deleted (`--keep-groups`).
     keep_groups: bool,
     mapping: Mapping,
+    /// --ebpf was given but the programs could not be loaded (every file polls).
+    ebpf_unavailable: bool,
     trigger: Option<(Hub, Option<Notifier>)>,
+    /// Where monitors publish, when metrics are served.
+    board: Option<Arc<Board>>,
     tasks: JoinSet<(WatchEntry, anyhow::Result<Exit>)>,
     watching: HashMap<WatchEntry, AbortHandle>,
     all_ok: bool,
@@ -186,6 +220,11 @@ impl Watch {
             }
             if let Some((hub, notifier)) = &self.trigger {
                 monitor.use_ebpf(hub, notifier.as_ref()).await?;
+            } else if self.ebpf_unavailable {
+                monitor.polling_because("eBPF unavailable");
+            }
+            if let Some(board) = &self.board {
+                monitor.report_to(board.reporter());
             }
             monitors.push((entry.clone(), monitor));
         }

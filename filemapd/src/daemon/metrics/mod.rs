@@ -1,0 +1,161 @@
+//! `filemapd watch --metrics ADDR`: per-file IO and the daemon's health in Prometheus' text
+//! format. Monitors publish what they know after each pass onto a [`Board`] (a lock and a
+//! copy, no dm message); the IO counters are read with `@stats_print` only when Prometheus
+//! scrapes ([`exposition`]), so an idle host is not woken between scrapes ([`server`]).
+mod exposition;
+mod server;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::bail;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+use crate::{
+    daemon::tally::Tally,
+    stats::{Group, RegionSettings, StatsDevice},
+};
+
+pub use server::serve;
+
+/// How a monitor learns that its file changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wakeup {
+    /// The kernel's allocation events.
+    Events,
+    /// Polling, and why (a metric label: short and fixed).
+    Polling(&'static str),
+}
+
+/// What one monitor last published.
+#[derive(Clone)]
+struct FileState {
+    path: String,
+    device: Arc<StatsDevice>,
+    group_id: u64,
+    alias: String,
+    regions: Vec<u64>,
+    settings: RegionSettings,
+    tally: Tally,
+    wakeup: Wakeup,
+}
+
+/// What every monitor of a watch published, and the daemon-wide figures.
+pub struct Board {
+    files: Mutex<BTreeMap<u64, FileState>>,
+    next_key: AtomicU64,
+    /// How long passes over files took.
+    update_seconds: Histogram,
+}
+
+impl Default for Board {
+    fn default() -> Self {
+        Self {
+            files: Mutex::default(),
+            next_key: AtomicU64::new(0),
+            // 100 µs to ~3 s.
+            update_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
+        }
+    }
+}
+
+impl Board {
+    /// A place on the board for one monitor; it is cleared when the reporter is dropped
+    /// (the monitor ended or was let go).
+    pub fn reporter(self: &Arc<Self>) -> Reporter {
+        Reporter {
+            board: Arc::clone(self),
+            key: self.next_key.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    fn snapshot(&self) -> Vec<FileState> {
+        self.files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// One monitor's place on the [`Board`].
+pub struct Reporter {
+    board: Arc<Board>,
+    key: u64,
+}
+
+impl Reporter {
+    /// The file, its group as the pass left it, what the monitor did so far and how it wakes.
+    pub fn publish(
+        &self,
+        path: &std::path::Path,
+        device: &Arc<StatsDevice>,
+        group: &Group,
+        tally: Tally,
+        wakeup: Wakeup,
+    ) {
+        let state = FileState {
+            path: path.display().to_string(),
+            device: Arc::clone(device),
+            group_id: group.id,
+            alias: group.descriptor.alias.clone(),
+            regions: group.members().map(|r| r.id).collect(),
+            settings: group.settings.clone(),
+            tally,
+            wakeup,
+        };
+        self.board
+            .files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.key, state);
+    }
+
+    /// A pass over the file took this long.
+    pub fn observe_update(&self, took: Duration) {
+        self.board.update_seconds.observe(took.as_secs_f64());
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.board
+            .files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// The address to serve on: a loopback one, unless serving other hosts was asked for
+/// (per-file IO names the host's images).
+pub fn check_address(address: SocketAddr, remote: bool) -> anyhow::Result<SocketAddr> {
+    if !address.ip().is_loopback() && !remote {
+        bail!(
+            "--metrics {address} is reachable from other hosts: add --metrics-remote to serve them"
+        );
+    }
+    Ok(address)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_without_the_remote_flag() {
+        assert!(check_address("127.0.0.1:9101".parse().unwrap(), false).is_ok());
+        assert!(check_address("[::1]:9101".parse().unwrap(), false).is_ok());
+        assert!(check_address("0.0.0.0:9101".parse().unwrap(), false).is_err());
+        assert!(check_address("192.0.2.1:9101".parse().unwrap(), false).is_err());
+        assert!(check_address("0.0.0.0:9101".parse().unwrap(), true).is_ok());
+    }
+}
