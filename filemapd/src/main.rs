@@ -49,8 +49,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Monitor many files in one process: CONFIG has lines `<group_id> <inode|path> <path>`;
-    /// PATHs name files or directories, whose files get groups as dmstats makes them.
+    /// Monitor many files in one process: PATHs, and the `[[path]]` tables of a CONFIG named
+    /// *.toml, name files or directories, whose files get groups as dmstats makes them;
+    /// `[[group]]` tables (or, in a CONFIG of another name, lines `<group_id> <inode|path>
+    /// <path>`) name groups made beforehand.
     ///
     /// Runs in the foreground until every group is gone. SIGHUP reads CONFIG again (files it no
     /// longer names are let go, their groups kept; new ones are watched); SIGTERM stops every
@@ -58,7 +60,7 @@ enum Command {
     /// CONFIG must not be writable by other users. As a systemd service (Type=notify) it
     /// reports ready once every file is watched.
     Watch {
-        /// The list of files and their groups.
+        /// What to watch: TOML (*.toml; see /etc/filemapd/watch.toml) or the line format.
         #[arg(long, required_unless_present = "paths")]
         config: Option<PathBuf>,
         /// Files, or directories whose regular files are all watched; each file gets the group

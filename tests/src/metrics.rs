@@ -1,12 +1,17 @@
-//! Reading filemapd's metrics endpoint and Prometheus' query API over plain HTTP/1.0 (a
-//! request, the whole answer, the connection closed): enough for a test, no client crate.
+//! For the metrics tests: filemapd's endpoint and Prometheus' query API read over plain
+//! HTTP/1.0 (a request, the whole answer, the connection closed: enough for a test, no client
+//! crate), Debian's Prometheus run, and what dmstats and dmsetup say for comparison.
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
+
+use crate::{ScratchDir, created_group_id, daemon::CONVERGE, run, wait_until};
 
 /// `GET path` from `address`: the status code and the body.
 pub fn http_get(address: &str, path: &str) -> anyhow::Result<(u16, String)> {
@@ -45,4 +50,158 @@ pub fn sample(text: &str, name: &str, labels: &[&str]) -> anyhow::Result<f64> {
     value
         .parse()
         .with_context(|| format!("sample {line:?} has no number"))
+}
+
+/// A group made by Debian's dmstats with latency bounds (1 ms, 10 ms, 100 ms), for `watch`
+/// to adopt; returns its id.
+pub fn map_with_bounds(path: &Path) -> u64 {
+    let out = run(
+        "dmstats",
+        &[
+            "create",
+            "--filemap",
+            "--nomonitor",
+            "--bounds",
+            "1ms,10ms,100ms",
+            &path.to_string_lossy(),
+        ],
+    )
+    .unwrap();
+    created_group_id(&out).unwrap()
+}
+
+/// Overwrites the file's first MiB with O_DIRECT: 2,048 sectors into blocks it already has,
+/// so the group's regions count them and nothing else.
+pub fn overwrite_first_mib(path: &Path) {
+    run(
+        "dd",
+        &[
+            "if=/dev/zero",
+            &format!("of={}", path.display()),
+            "bs=64k",
+            "count=16",
+            "oflag=direct",
+            "conv=notrunc,fsync",
+            "status=none",
+        ],
+    )
+    .unwrap();
+}
+
+/// `dmstats report`'s `fields` for the group (its `group` row; the others are its regions'
+/// areas), as Debian's tool reads the kernel. Mind that the report clears what it read:
+/// libdm reads with `@stats_print_clear`, so the counters start again from 0 after it.
+pub fn dmstats_report(device: &str, group_id: u64, fields: &[&str]) -> Vec<u64> {
+    // `--groupid` does not narrow a report to the group: its row is picked by its id.
+    let out = run(
+        "dmstats",
+        &[
+            "report",
+            "--groupid",
+            &group_id.to_string(),
+            "-o",
+            &format!("obj_type,group_id,{}", fields.join(",")),
+            "--noheadings",
+            "--separator",
+            " ",
+            device,
+        ],
+    )
+    .unwrap();
+    let rows: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(&format!("group {group_id} ")))
+        .collect();
+    assert_eq!(rows.len(), 1, "one row for group {group_id} expected:\n{out}");
+    let values: Vec<u64> = rows[0]
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("not a count: {out}")))
+        .collect();
+    assert_eq!(values.len(), fields.len(), "{out}");
+    values
+}
+
+/// The group's write sectors as the kernel has them now, through Debian's dmsetup (which,
+/// unlike `dmstats report`, leaves them as they are): `@stats_print` of each region.
+pub fn write_sectors_now(device: &str, regions: &[u64]) -> u64 {
+    regions
+        .iter()
+        .map(|id| {
+            let out = run(
+                "dmsetup",
+                &["message", device, "0", &format!("@stats_print {id}")],
+            )
+            .unwrap();
+            out.lines()
+                .filter_map(|l| l.split_whitespace().nth(7))
+                .map(|v| v.parse::<u64>().unwrap())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// Debian's Prometheus, killed on drop.
+pub struct Prometheus {
+    child: Child,
+    _data: ScratchDir,
+}
+
+impl Prometheus {
+    /// Scrapes `target` every second; serves its API on `listen`.
+    pub fn start(target: &str, listen: &str) -> Self {
+        let data = ScratchDir::new(Path::new("/tmp"), "prometheus").unwrap();
+        let config = data.0.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: filemapd\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let storage: PathBuf = data.0.join("tsdb");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", storage.display()))
+            .arg(format!("--web.listen-address={listen}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("Debian's prometheus package (cargo xtask setup installs it)");
+        let prometheus = Self { child, _data: data };
+        // Up to a minute: an emulated VM starts a Go program slowly.
+        wait_until("Prometheus to be ready", 2 * CONVERGE, || {
+            Ok(http_get(listen, "/-/ready").is_ok_and(|(status, _)| status == 200))
+        })
+        .unwrap();
+        prometheus
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The one value of an instant query through Prometheus' HTTP API; `None` while it has none.
+pub fn query(listen: &str, promql: &str) -> anyhow::Result<Option<f64>> {
+    let encoded: String = promql
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let (status, body) = http_get(listen, &format!("/api/v1/query?query={encoded}"))?;
+    anyhow::ensure!(status == 200, "query {promql:?}: HTTP {status}: {body}");
+    let answer: serde_json::Value = serde_json::from_str(&body)?;
+    let results = answer["data"]["result"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no result in {body}"))?;
+    match results.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(one["value"][1].as_str().and_then(|v| v.parse().ok())),
+        _ => anyhow::bail!("query {promql:?} matched {} series: {body}", results.len()),
+    }
 }

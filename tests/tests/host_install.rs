@@ -36,7 +36,7 @@ fn the_unit_passes_systemd_analyze_verify_without_a_word() {
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
     let text = fs::read_to_string(&unit).unwrap();
     assert!(
-        text.contains("Type=notify") && !text.contains("@BINDIR@"),
+        text.contains("Type=notify") && !text.contains("@BINDIR@") && !text.contains("@ETCDIR@"),
         "{text}"
     );
 }
@@ -96,7 +96,7 @@ fn dmfilemapd_runs_filemapd_with_lvm2s_arguments() {
 
 #[test]
 fn the_shipped_config_watches_nothing_and_only_root_writes_it() {
-    let config = root().join("etc/filemapd/watch.conf");
+    let config = root().join("etc/filemapd/watch.toml");
     let mode = fs::metadata(&config).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o644);
     let text = fs::read_to_string(&config).unwrap();
@@ -104,5 +104,23 @@ fn the_shipped_config_watches_nothing_and_only_root_writes_it() {
         text.lines()
             .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')),
         "{text}"
+    );
+    assert_eq!(
+        filemapd::daemon::watch::parse_toml(&text).unwrap(),
+        Default::default()
+    );
+    // Its commented examples, uncommented, are a valid config.
+    let examples: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| l.starts_with('[') || l.contains(" = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let config = filemapd::daemon::watch::parse_toml(&examples)
+        .unwrap_or_else(|e| panic!("{e:#}\n{examples}"));
+    assert_eq!(
+        (config.paths.len(), config.groups.len()),
+        (1, 1),
+        "{examples}"
     );
 }

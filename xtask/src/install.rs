@@ -4,7 +4,8 @@
 //!   /sbin/dmfilemapd first, then PATH: an lvm2 daemon in /sbin would win);
 //! - manual pages generated from the command line's own definitions, in PREFIX/share/man/man8;
 //! - the systemd unit for `filemapd watch` in ETC/systemd/system (ETC defaults to /etc);
-//! - ETC/filemapd/watch.conf, an empty config, unless one exists.
+//! - ETC/filemapd/watch.toml, a config that names nothing yet (commented examples), unless
+//!   one exists.
 use std::{
     fs,
     os::unix::fs::{PermissionsExt as _, symlink},
@@ -45,14 +46,15 @@ pub fn run(prefix: &Path, etc: &Path) -> anyhow::Result<()> {
     cmd::stdout(Command::new(&filemapd).arg("man-pages").arg(&man8))?;
 
     let unit = fs::read_to_string(root.join("dist/filemapd.service"))?
-        .replace("@BINDIR@", &bin.to_string_lossy());
+        .replace("@BINDIR@", &bin.to_string_lossy())
+        .replace("@ETCDIR@", &etc.to_string_lossy());
     let unit_path = units.join("filemapd.service");
     fs::write(&unit_path, unit)?;
 
-    let config = config_dir.join("watch.conf");
+    let config = config_dir.join("watch.toml");
     let kept = config.exists();
     if !kept {
-        fs::copy(root.join("dist/watch.conf"), &config)?;
+        fs::copy(root.join("dist/watch.toml"), &config)?;
         fs::set_permissions(&config, fs::Permissions::from_mode(0o644))?;
     }
 

@@ -140,6 +140,7 @@ const VM_TEST_TARGETS: &[&str] = &[
     "vm_ebpf",
     "vm_growth",
     "vm_metrics",
+    "vm_service",
     "vm_map",
     "vm_faults",
     "vm_torture",

@@ -1,27 +1,68 @@
-//! The watch config: one file per line, `<group_id> <inode|path> <absolute path>` (the path
-//! last, so it may contain spaces); blank lines and lines starting with `#` are skipped. It
-//! names the files a root daemon maps, so one that another user could write is refused.
+//! The watch config, in one of two formats, and the options a watched PATH carries.
+//! - TOML (a file named `*.toml`): `[[path]]` tables name files or directories with options
+//!   for the groups filemapd makes; `[[group]]` tables name groups made beforehand.
+//! - Lines (any other name): `<group_id> <inode|path> <absolute path>` per file (the path
+//!   last, so it may contain spaces); blank lines and lines starting with `#` are skipped.
+//!
+//! It names the files a root daemon maps, so one that another user could write is refused.
 use std::{
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, bail};
+use serde::Deserialize;
 
-use crate::daemon::args::FollowMode;
+use crate::{daemon::args::FollowMode, oneshot::parse_bounds, stats::RegionSettings};
+
+/// What a config names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Groups made beforehand, each with its file.
+    pub groups: Vec<WatchEntry>,
+    /// Files and directories whose files get a group if they have none.
+    pub paths: Vec<PathSpec>,
+}
+
+/// A file, or a directory of files, to watch, and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathSpec {
+    pub path: PathBuf,
+    pub follow: FollowMode,
+    /// Keep a file's group when the file is deleted (by default it goes with the file).
+    pub keep_group: bool,
+    /// For groups filemapd makes: the alias (default: the file's name; not for a directory).
+    pub alias: Option<String>,
+    pub program_id: String,
+    pub settings: RegionSettings,
+}
+
+impl PathSpec {
+    /// A PATH from the command line: default options.
+    pub fn plain(path: &Path, keep_group: bool) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            follow: FollowMode::Inode,
+            keep_group,
+            alias: None,
+            program_id: "dmstats".to_string(),
+            settings: RegionSettings::default(),
+        }
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct WatchEntry {
     pub group_id: u64,
     pub mode: FollowMode,
     pub path: PathBuf,
-    /// Named by a PATH (not a config line): its group goes when the file does.
-    pub from_path: bool,
+    /// The group goes when the file does (a file a PATH named, unless kept).
+    pub delete_with_file: bool,
 }
 
 /// Reads and parses the config, refusing one that another user could have written: it names
 /// the files a root daemon maps.
-pub fn read_config(path: &Path) -> anyhow::Result<Vec<WatchEntry>> {
+pub fn read_config(path: &Path) -> anyhow::Result<Config> {
     let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
     let metadata = file
         .metadata()
@@ -33,7 +74,128 @@ pub fn read_config(path: &Path) -> anyhow::Result<Vec<WatchEntry>> {
     }
     let text =
         std::io::read_to_string(file).with_context(|| format!("reading {}", path.display()))?;
-    parse_config(&text)
+    let parsed = match path.extension().is_some_and(|e| e == "toml") {
+        true => parse_toml(&text),
+        false => parse_config(&text).map(|groups| Config {
+            groups,
+            paths: Vec::new(),
+        }),
+    };
+    parsed.with_context(|| format!("in {}", path.display()))
+}
+
+/// The TOML format, as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TomlConfig {
+    #[serde(default)]
+    path: Vec<TomlPath>,
+    #[serde(default)]
+    group: Vec<TomlGroup>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TomlPath {
+    path: PathBuf,
+    #[serde(default)]
+    follow: Follow,
+    #[serde(default)]
+    keep_group: bool,
+    alias: Option<String>,
+    program_id: Option<String>,
+    #[serde(default)]
+    precise: bool,
+    bounds: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TomlGroup {
+    id: u64,
+    path: PathBuf,
+    #[serde(default)]
+    follow: Follow,
+}
+
+#[derive(Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Follow {
+    #[default]
+    Inode,
+    Path,
+}
+
+impl From<Follow> for FollowMode {
+    fn from(follow: Follow) -> Self {
+        match follow {
+            Follow::Inode => FollowMode::Inode,
+            Follow::Path => FollowMode::Path,
+        }
+    }
+}
+
+pub fn parse_toml(text: &str) -> anyhow::Result<Config> {
+    let parsed: TomlConfig = toml::from_str(text).map_err(|e| {
+        // toml's message spans lines (the line quoted, a caret): one line is enough here.
+        let message = e.message().trim().to_string();
+        match e
+            .span()
+            .map(|span| text[..span.start].lines().count().max(1))
+        {
+            Some(line) => anyhow::anyhow!("line {line}: {message}"),
+            None => anyhow::anyhow!("{message}"),
+        }
+    })?;
+    let absolute = |path: &Path| -> anyhow::Result<()> {
+        if !path.is_absolute() {
+            bail!("{}: the path must be absolute", path.display());
+        }
+        Ok(())
+    };
+    let mut config = Config::default();
+    for group in parsed.group {
+        absolute(&group.path)?;
+        config.groups.push(WatchEntry {
+            group_id: group.id,
+            mode: group.follow.into(),
+            path: group.path,
+            delete_with_file: false,
+        });
+    }
+    for entry in parsed.path {
+        absolute(&entry.path)?;
+        let program_id = entry.program_id.unwrap_or_else(|| "dmstats".to_string());
+        for (what, value) in [
+            ("alias", entry.alias.as_deref()),
+            ("program_id", Some(&program_id)),
+        ] {
+            // dm messages split on white space: dmstats cannot hold it either.
+            if value.is_some_and(|v| v.is_empty() || v.contains(char::is_whitespace)) {
+                bail!(
+                    "{}: {what} {value:?} must be one word",
+                    entry.path.display()
+                );
+            }
+        }
+        let histogram = match &entry.bounds {
+            Some(bounds) => parse_bounds(bounds, entry.precise)
+                .with_context(|| format!("{}: bounds", entry.path.display()))?,
+            None => Vec::new(),
+        };
+        config.paths.push(PathSpec {
+            path: entry.path,
+            follow: entry.follow.into(),
+            keep_group: entry.keep_group,
+            alias: entry.alias,
+            program_id,
+            settings: RegionSettings {
+                precise_timestamps: entry.precise,
+                histogram,
+            },
+        });
+    }
+    Ok(config)
 }
 
 /// Whether a file with this mode and owner can be written only by root or by `me`.
@@ -77,7 +239,7 @@ pub fn parse_config(text: &str) -> anyhow::Result<Vec<WatchEntry>> {
                 group_id,
                 mode,
                 path,
-                from_path: false,
+                delete_with_file: false,
             })
         };
         entries.push(parse().with_context(|| format!("config line {number}: {line:?}"))?);
@@ -114,20 +276,79 @@ mod tests {
                     group_id: 0,
                     mode: FollowMode::Inode,
                     path: "/var/lib/vm/a.img".into(),
-                    from_path: false,
+                    delete_with_file: false,
                 },
                 WatchEntry {
                     group_id: 3,
                     mode: FollowMode::Path,
                     path: "/var/lib/vm/my disk.img".into(),
-                    from_path: false,
+                    delete_with_file: false,
                 },
             ]
         );
     }
 
     #[test]
+    fn toml_paths_carry_their_options_and_groups_their_ids() {
+        let config = parse_toml(
+            r#"
+            [[path]]
+            path = "/var/lib/libvirt/images"
+            follow = "path"
+            precise = true
+            bounds = "1ms,10ms"
+
+            [[path]]
+            path = "/srv/db.img"
+            alias = "db"
+            keep_group = true
+
+            [[group]]
+            id = 3
+            path = "/srv/old.img"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.groups,
+            vec![WatchEntry {
+                group_id: 3,
+                mode: FollowMode::Inode,
+                path: "/srv/old.img".into(),
+                delete_with_file: false,
+            }]
+        );
+        let [images, db] = config.paths.as_slice() else {
+            panic!("{config:?}")
+        };
+        assert_eq!(images.follow, FollowMode::Path);
+        assert!(images.settings.precise_timestamps && !images.keep_group);
+        assert_eq!(images.settings.histogram, vec![1_000_000, 10_000_000]);
+        assert_eq!((db.alias.as_deref(), db.keep_group), (Some("db"), true));
+        assert_eq!(db.program_id, "dmstats");
+        assert!(db.settings.histogram.is_empty());
+    }
+
+    #[test]
+    fn bad_toml_says_what_and_where_in_a_line() {
+        for (text, expected) in [
+            ("[[path]]\npath = \"rel/a.img\"\n", "must be absolute"),
+            ("[[path]]\npath = \"/a\"\nfollow = \"name\"\n", "line 3"),
+            ("[[path]]\npath = \"/a\"\ncolour = 1\n", "unknown field"),
+            ("[[path]]\npath = \"/a\"\nbounds = \"fast\"\n", "bounds"),
+            ("[[path]]\npath = \"/a\"\nalias = \"my disk\"\n", "one word"),
+            ("[[group]]\npath = \"/a\"\n", "missing field `id`"),
+            ("[[path]\n", "line 1"),
+        ] {
+            let err = format!("{:#}", parse_toml(text).unwrap_err());
+            assert!(err.contains(expected), "{text:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "{text:?}: {err}");
+        }
+    }
+
+    #[test]
     fn a_config_without_files_is_empty_not_wrong() {
+        assert_eq!(parse_toml("# nothing yet\n").unwrap(), Config::default());
         assert_eq!(parse_config("# nothing yet\n\n").unwrap(), vec![]);
     }
 

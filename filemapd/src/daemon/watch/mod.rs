@@ -28,8 +28,8 @@ use crate::{
     wake::notify::{Notices, Notifier},
 };
 
-pub use config::{WatchEntry, parse_config, read_config};
-pub use paths::resolve;
+pub use config::{Config, PathSpec, WatchEntry, parse_config, parse_toml, read_config};
+pub use paths::{Resolved, resolve};
 use paths::{entry_for, files_under};
 
 /// Room in the kernel filter beyond twice the files at start (a path-mode monitor watches its
@@ -63,8 +63,15 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         mapping,
         metrics,
     } = options;
-    let (config, paths) = (config.as_deref(), paths.as_slice());
-    let entries = resolve(config, paths)?;
+    let config = config.as_deref();
+    let paths: Vec<PathSpec> = paths
+        .iter()
+        .map(|p| PathSpec::plain(p, keep_groups))
+        .collect();
+    let Resolved {
+        entries,
+        mut directories,
+    } = resolve(config, &paths)?;
     let source = match config {
         Some(config) => config.display().to_string(),
         None => "the paths given".to_string(),
@@ -89,7 +96,6 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     };
     let mut watch = Watch {
         interval,
-        keep_groups,
         mapping,
         ebpf_unavailable: ebpf && trigger.is_none(),
         trigger,
@@ -123,28 +129,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         warn!("could not tell systemd the service is ready: {e}");
     }
-    // New files in the directories: looked at when one appears or is written to (an image
-    // made empty is mapped once it has blocks).
-    let dirs: Vec<PathBuf> = paths
-        .iter()
-        .filter(|p| p.is_dir())
-        .filter_map(|p| std::fs::canonicalize(p).ok())
-        .collect();
-    let mut dir_notices = match dirs.is_empty() {
-        true => None,
-        false => {
-            let notifier = match &watch.trigger {
-                Some((_, Some(notifier))) => Some(notifier.clone()),
-                _ => Notifier::spawn_or_warn(),
-            };
-            let dir_refs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
-            notifier.and_then(|n| {
-                n.watch_directories(&dir_refs)
-                    .inspect_err(|e| warn!("new files will wait for SIGHUP: {e:#}"))
-                    .ok()
-            })
-        }
-    };
+    let mut dir_notices = watch.notices_for(&directories);
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     // Monitors end themselves on SIGTERM; this one ends a watch that has none.
     let mut terminate =
@@ -160,17 +145,21 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
                     break;
                 }
             }
-            _ = hangup.recv() => match resolve(config, paths) {
-                Ok(entries) => {
-                    named = entries.len();
-                    watch.reload(&entries).await;
+            _ = hangup.recv() => match resolve(config, &paths) {
+                Ok(resolved) => {
+                    named = resolved.entries.len();
+                    watch.reload(&resolved.entries).await;
+                    if resolved.directories != directories {
+                        directories = resolved.directories;
+                        dir_notices = watch.notices_for(&directories);
+                    }
                 }
                 Err(e) => error!("SIGHUP: keeping the files watched now: {e:#}"),
             },
             _ = terminate.recv(), if watch.tasks.is_empty() => break,
             noticed = next_notice(&mut dir_notices) => {
                 noticed?;
-                named += watch.take_up_new_files(&dirs).await;
+                named += watch.take_up_new_files(&directories).await;
             }
         }
     }
@@ -188,8 +177,6 @@ async fn next_notice(notices: &mut Option<Notices>) -> anyhow::Result<()> {
 /// The files being watched, each by its own task.
 struct Watch {
     interval: Duration,
-    /// Keep the groups of PATH-named files that are deleted (`--keep-groups`).
-    keep_groups: bool,
     mapping: Mapping,
     /// --ebpf was given but the programs could not be loaded (every file polls).
     ebpf_unavailable: bool,
@@ -230,7 +217,7 @@ impl Watch {
         }
         for (entry, mut monitor) in monitors {
             let task = entry.clone();
-            let delete_when_gone = entry.from_path && !self.keep_groups;
+            let delete_when_gone = entry.delete_with_file;
             let handle = self.tasks.spawn(async move {
                 let result = monitor.run_until_terminated().await;
                 info!("{}: {}", monitor.path().display(), monitor.tally());
@@ -273,26 +260,47 @@ impl Watch {
         }
     }
 
-    /// Starts watching the files in `dirs` that are not watched yet and can be mapped now;
-    /// returns how many. Those still without extents are looked at again on the next notice.
-    async fn take_up_new_files(&mut self, dirs: &[PathBuf]) -> usize {
-        let Ok(files) = files_under(dirs) else {
-            return 0;
+    /// Inotify notices of new files and writes in the directories (an image made empty is
+    /// mapped once it has blocks); `None` when there are none or inotify fails (said).
+    fn notices_for(&self, directories: &[PathSpec]) -> Option<Notices> {
+        if directories.is_empty() {
+            return None;
+        }
+        let notifier = match &self.trigger {
+            Some((_, Some(notifier))) => Some(notifier.clone()),
+            _ => Notifier::spawn_or_warn(),
         };
+        let dirs: Vec<&Path> = directories.iter().map(|d| d.path.as_path()).collect();
+        notifier.and_then(|n| {
+            n.watch_directories(&dirs)
+                .inspect_err(|e| warn!("new files will wait for SIGHUP: {e:#}"))
+                .ok()
+        })
+    }
+
+    /// Starts watching the files in the directories that are not watched yet and can be
+    /// mapped now, each with its directory's options; returns how many. Those still without
+    /// extents are looked at again on the next notice.
+    async fn take_up_new_files(&mut self, directories: &[PathSpec]) -> usize {
         let mut started = 0;
-        for file in files {
-            if self.watching.keys().any(|e| e.path == file) {
+        for directory in directories {
+            let Ok(files) = files_under(std::slice::from_ref(&directory.path)) else {
                 continue;
-            }
-            let Ok(entry) = entry_for(&file) else {
-                continue; // no extents yet, most likely: the next write tells
             };
-            match self.start(std::slice::from_ref(&entry)).await {
-                Ok(()) => {
-                    info!("{}: watched from now on", file.display());
-                    started += 1;
+            for file in files {
+                if self.watching.keys().any(|e| e.path == file) {
+                    continue;
                 }
-                Err(e) => error!("{}: not watched: {e:#}", file.display()),
+                let Ok(entry) = entry_for(&file, directory) else {
+                    continue; // no extents yet, most likely: the next write tells
+                };
+                match self.start(std::slice::from_ref(&entry)).await {
+                    Ok(()) => {
+                        info!("{}: watched from now on", file.display());
+                        started += 1;
+                    }
+                    Err(e) => error!("{}: not watched: {e:#}", file.display()),
+                }
             }
         }
         started

@@ -1,36 +1,62 @@
-//! What PATHs name: a file, or every regular file in a directory; each with the group it has,
-//! or one made as `dmstats create --filemap` makes it.
+//! What PATHs name (on the command line or in a TOML config): a file, or every regular file
+//! in a directory; each with the group it has, or one made as `dmstats create --filemap`
+//! makes it, with the PATH's options.
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use log::{info, warn};
 
-use super::config::{WatchEntry, read_config};
-use crate::{daemon::args::FollowMode, oneshot, stats::RegionSettings};
+use super::config::{PathSpec, WatchEntry, read_config};
+use crate::oneshot;
 
-/// What to watch: the config's lines (if there is a config), then the files PATHs name. A file
-/// a PATH names that cannot be mapped (no extents yet, not on a device-mapper device) is said
-/// and left out; a file named twice is watched once.
-pub fn resolve(config: Option<&Path>, paths: &[PathBuf]) -> anyhow::Result<Vec<WatchEntry>> {
-    let mut entries = match config {
-        Some(config) => read_config(config)?,
-        None => Vec::new(),
-    };
-    for file in files_under(paths)? {
-        if entries.iter().any(|e| e.path == file) {
-            continue;
-        }
-        match entry_for(&file) {
-            Ok(entry) => entries.push(entry),
-            Err(e) => warn!("{}: not watched: {e:#}", file.display()),
-        }
-    }
-    Ok(entries)
+/// What to watch, and the PATHs that are directories (watched for new files).
+pub struct Resolved {
+    pub entries: Vec<WatchEntry>,
+    pub directories: Vec<PathSpec>,
 }
 
-/// A file a PATH names, with its group (adopted, or made as dmstats makes it).
-pub(super) fn entry_for(file: &Path) -> anyhow::Result<WatchEntry> {
-    let mapped = oneshot::group_for(file, None, "dmstats", RegionSettings::default())?;
+/// What to watch: the config's groups, then the files its paths and the command line's PATHs
+/// name. A file a PATH names that cannot be mapped (no extents yet, not on a device-mapper
+/// device) is said and left out; a file named twice is watched once, as first named.
+pub fn resolve(config: Option<&Path>, paths: &[PathSpec]) -> anyhow::Result<Resolved> {
+    let config = match config {
+        Some(config) => read_config(config)?,
+        None => Default::default(),
+    };
+    let mut entries = config.groups;
+    let mut directories = Vec::new();
+    for spec in config.paths.iter().chain(paths) {
+        let resolved = std::fs::canonicalize(&spec.path)
+            .with_context(|| format!("resolving {}", spec.path.display()))?;
+        let spec = PathSpec {
+            path: resolved,
+            ..spec.clone()
+        };
+        for file in files_under(std::slice::from_ref(&spec.path))? {
+            if entries.iter().any(|e| e.path == file) {
+                continue;
+            }
+            match entry_for(&file, &spec) {
+                Ok(entry) => entries.push(entry),
+                Err(e) => warn!("{}: not watched: {e:#}", file.display()),
+            }
+        }
+        if spec.path.is_dir() {
+            directories.push(spec);
+        }
+    }
+    Ok(Resolved {
+        entries,
+        directories,
+    })
+}
+
+/// A file `spec` names (itself, or as a file in its directory), with its group: adopted, or
+/// made as dmstats makes it with the spec's options.
+pub(super) fn entry_for(file: &Path, spec: &PathSpec) -> anyhow::Result<WatchEntry> {
+    // An alias names one file: for a directory's files each takes its own name.
+    let alias = spec.alias.as_deref().filter(|_| spec.path == file);
+    let mapped = oneshot::group_for(file, alias, &spec.program_id, spec.settings.clone())?;
     if let Some(regions) = mapped.created {
         info!(
             "{}: created group {} with {regions} region(s)",
@@ -40,9 +66,9 @@ pub(super) fn entry_for(file: &Path) -> anyhow::Result<WatchEntry> {
     }
     Ok(WatchEntry {
         group_id: mapped.group,
-        mode: FollowMode::Inode,
+        mode: spec.follow,
         path: file.to_path_buf(),
-        from_path: true,
+        delete_with_file: !spec.keep_group,
     })
 }
 

@@ -52,6 +52,9 @@ fn main() {
     }
     if wanted("scale") {
         scale::run();
+    } else if wanted("files") {
+        // The many-files part of scale alone, for a quick look.
+        scale::many_files(1000);
     }
 }
 

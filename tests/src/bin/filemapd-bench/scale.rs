@@ -164,7 +164,7 @@ fn cpu_over(running: &Running, over: Duration) -> Duration {
 }
 
 /// `files` small files, each in its own one-region group, all watched by one process.
-fn many_files(files: usize) {
+pub fn many_files(files: usize) {
     report!("## Scale: {files} files in one `filemapd watch` process\n");
     let dmfs = DmFs::new(FsKind::Ext4).unwrap();
     let dir = &dmfs.mount.dir;
@@ -193,6 +193,7 @@ fn many_files(files: usize) {
     report!("of 5.\n");
     report!("| mode | start-up s | RSS MiB | wake-ups / min | CPU ms / min | growth latency ms |");
     report!("| --- | --- | --- | --- | --- | --- |");
+    let mut scrapes = Vec::new();
     for ebpf in [true, false] {
         let mut cmd = Command::new(
             std::env::current_exe()
@@ -203,7 +204,7 @@ fn many_files(files: usize) {
         );
         cmd.args(["watch", "--config", &config_path.to_string_lossy()]);
         if ebpf {
-            cmd.arg("--ebpf");
+            cmd.args(["--ebpf", "--metrics", METRICS]);
         }
         let started = Instant::now();
         let running = Running::of(cmd.stdout(Stdio::null()).spawn().unwrap());
@@ -231,6 +232,9 @@ fn many_files(files: usize) {
         }
         latencies.sort_unstable();
         let median = quantile(&latencies, 0.5);
+        if ebpf {
+            scrapes.push(scrape_cost(&running));
+        }
         report!(
             "| {} | {start_up} | {rss:.1} | {wakeups:.0} | {cpu_ms:.0} | {} |",
             if ebpf {
@@ -246,6 +250,42 @@ fn many_files(files: usize) {
         );
     }
     report!("\nTarget: < 50 MiB RSS for 1,000 files.\n");
+    report!(
+        "A Prometheus scrape of the `--ebpf` watch above (`--metrics`; taken after its idle span, so"
+    );
+    report!(
+        "the wake-ups there include none): one `@stats_print` per region, {files} files. Median of 5.\n"
+    );
+    report!("| scrape of {files} files | answer KiB | daemon CPU ms per scrape |");
+    report!("| --- | --- | --- |");
+    for (took, kib, cpu) in scrapes {
+        report!("| {:.1} ms | {kib:.0} | {cpu:.1} |", ms(took));
+    }
+    report!("");
+}
+
+const METRICS: &str = "127.0.0.1:9731";
+
+/// Five scrapes after a first one (which starts the thread that reads dm-stats): the median
+/// wall time, the answer's size and the daemon's CPU time per scrape.
+fn scrape_cost(running: &Running) -> (Duration, f64, f64) {
+    let scrape = || {
+        let (status, body) = filemapd_tests::metrics::http_get(METRICS, "/metrics").unwrap();
+        assert_eq!(status, 200, "{body}");
+        body.len()
+    };
+    scrape();
+    let before = Usage::of(running.pid());
+    let mut took = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..5 {
+        let started = Instant::now();
+        bytes = scrape();
+        took.push(started.elapsed());
+    }
+    let cpu = Usage::of(running.pid()).since(before).cpu;
+    took.sort_unstable();
+    (quantile(&took, 0.5), bytes as f64 / 1024.0, ms(cpu) / 5.0)
 }
 
 /// A one-region group over a one-extent file, as `dmstats create --filemap` would make it

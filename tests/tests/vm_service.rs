@@ -1,0 +1,282 @@
+//! The VM host's service, as installed (run inside the VM by `cargo xtask test`, after it has
+//! installed into target/install-check): the unit's ExecStart run as systemd would run it,
+//! Debian's Prometheus scraping it, images appearing, SIGHUP and SIGTERM.
+use std::{
+    fs,
+    os::unix::{fs::PermissionsExt as _, net::UnixDatagram},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Instant,
+};
+
+use filemapd_tests::{
+    DmFs, FsKind,
+    daemon::{CONVERGE, EXIT, converged, device_of, group_by_alias, wait_converged},
+    metrics::{
+        Prometheus, dmstats_report, http_get, overwrite_first_mib, query, write_sectors_now,
+    },
+    require_device_mapper, run, wait_for_exit, wait_until, write_and_sync,
+};
+
+/// The installed unit's ExecStart and Environment.
+struct Unit {
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Unit {
+    fn installed() -> Self {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/install-check/etc/systemd/system/filemapd.service");
+        let text = fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}: run this test through `cargo xtask test`, which installs there first",
+                path.display()
+            )
+        });
+        let values = |key: &'static str| {
+            text.lines()
+                .filter_map(move |l| l.strip_prefix(key))
+                .collect::<Vec<_>>()
+        };
+        let argv: Vec<String> = values("ExecStart=")
+            .first()
+            .expect("the unit has an ExecStart")
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        let env = values("Environment=")
+            .into_iter()
+            .flat_map(str::split_whitespace)
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self { argv, env }
+    }
+
+    /// The value after `flag` in ExecStart.
+    fn option(&self, flag: &str) -> &str {
+        let at = self.argv.iter().position(|a| a == flag);
+        at.and_then(|i| self.argv.get(i + 1))
+            .unwrap_or_else(|| panic!("ExecStart has no {flag}: {:?}", self.argv))
+    }
+}
+
+/// A tmpfs over a directory of the read-only root, for the test's own config; unmounted on drop.
+struct Writable(PathBuf);
+
+impl Writable {
+    fn over(dir: &Path) -> Self {
+        run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                "mode=0755",
+                "tmpfs",
+                &dir.to_string_lossy(),
+            ],
+        )
+        .unwrap();
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for Writable {
+    fn drop(&mut self) {
+        let _ = run("umount", &[&self.0.to_string_lossy()]);
+    }
+}
+
+/// The service process, its stderr in a file (shown when the test fails); killed on drop.
+struct Service {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Service {
+    /// Runs the unit's ExecStart with its environment and a NOTIFY_SOCKET, and waits for
+    /// READY=1 as systemd would.
+    fn start(unit: &Unit) -> Self {
+        let socket_path = Path::new("/tmp/filemapd-test-notify.sock");
+        let _ = fs::remove_file(socket_path);
+        let socket = UnixDatagram::bind(socket_path).unwrap();
+        socket.set_read_timeout(Some(2 * CONVERGE)).unwrap();
+        let log = PathBuf::from("/tmp/filemapd-test-service.log");
+        let child = Command::new(&unit.argv[0])
+            .args(&unit.argv[1..])
+            .envs(unit.env.iter().map(|(k, v)| (k, v)))
+            .env("NOTIFY_SOCKET", socket_path)
+            .stdin(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let service = Self { child, log };
+        let mut message = [0u8; 256];
+        let n = socket
+            .recv(&mut message)
+            .unwrap_or_else(|e| panic!("no READY=1 from the service ({e}):\n{}", service.log()));
+        let said = String::from_utf8_lossy(&message[..n]);
+        assert!(said.lines().any(|l| l == "READY=1"), "{said:?}\n{}", service.log());
+        service
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: &str) {
+        run(
+            "kill",
+            &[&format!("-{signal}"), &self.child.id().to_string()],
+        )
+        .unwrap();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("service log:\n{}", self.log());
+        }
+    }
+}
+
+fn write_config(path: &Path, text: &str) {
+    fs::write(path, text).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o644)).unwrap();
+}
+
+/// Whether the endpoint lists a file with this alias.
+fn served(address: &str, alias: &str) -> anyhow::Result<bool> {
+    let (_, text) = http_get(address, "/metrics")?;
+    Ok(text.contains(&format!("alias=\"{alias}\"")))
+}
+
+/// The acceptance of issue 11, in one boot of the service: its images get groups (with the
+/// config's bounds), a new image is mapped once written, Prometheus holds a file's write
+/// sectors as `dmstats report` gives them, SIGHUP swaps one watched directory for another,
+/// SIGTERM ends it with exit 0 and every group tiling its file.
+#[test]
+fn the_service_as_its_unit_runs_it() {
+    require_device_mapper();
+    let unit = Unit::installed();
+    let config = PathBuf::from(unit.option("--config"));
+    let metrics = unit.option("--metrics").to_string();
+    let _etc = Writable::over(config.parent().unwrap());
+    let dmfs = DmFs::new(FsKind::Xfs).unwrap();
+    let images = dmfs.mount.dir.join("images");
+    let other = dmfs.mount.dir.join("other");
+    for dir in [&images, &other] {
+        fs::create_dir(dir).unwrap();
+    }
+    let old = images.join("old.img");
+    write_and_sync(&old, 0, 2 << 20).unwrap();
+    let moved_in = other.join("b.img");
+    write_and_sync(&moved_in, 0, 1 << 20).unwrap();
+    write_config(
+        &config,
+        &format!(
+            "[[path]]\npath = \"{}\"\nbounds = \"1ms,10ms\"\n",
+            images.display()
+        ),
+    );
+
+    let service = Service::start(&unit);
+    let device = device_of(&old);
+    wait_converged(&dmfs, &old, "old.img", "the service's start");
+    let (_, members) = group_by_alias(&device, "old.img").unwrap();
+    assert_eq!(
+        members[0].settings.histogram,
+        vec![1, 10],
+        "the config's bounds (ms)"
+    );
+
+    // A new image after the start, empty at first: mapped once it has blocks.
+    let new = images.join("new.img");
+    fs::File::create(&new).unwrap();
+    write_and_sync(&new, 0, 1 << 20).unwrap();
+    let written = Instant::now();
+    wait_converged(&dmfs, &new, "new.img", "a new image's first write");
+    eprintln!(
+        "new image mapped {:.0} ms after its first write's fsync returned (emulated VM)",
+        written.elapsed().as_secs_f64() * 1000.0
+    );
+
+    // Prometheus, pointed at the unit's address, holds what dmstats reports.
+    let listen = "127.0.0.1:9090";
+    let _prometheus = Prometheus::start(&metrics, listen);
+    let promql = "filemapd_file_write_sectors_total{alias=\"new.img\"}";
+    wait_until(
+        "Prometheus' first scrape of the service",
+        2 * CONVERGE,
+        || Ok(query(listen, promql)?.is_some()),
+    )
+    .unwrap();
+    overwrite_first_mib(&new);
+    let (group, members) = group_by_alias(&device, "new.img").unwrap();
+    let regions: Vec<u64> = members.iter().map(|r| r.id).collect();
+    let now = write_sectors_now(&dmfs.name, &regions);
+    assert!(now >= 2048, "the kernel counted {now} sectors written");
+    let mut stored = None;
+    let waited = wait_until("Prometheus to store the write", 2 * CONVERGE, || {
+        stored = query(listen, promql)?;
+        Ok(stored == Some(now as f64))
+    });
+    assert!(
+        waited.is_ok(),
+        "Prometheus holds {stored:?}, the kernel counts {now} write sectors for group {group}"
+    );
+    let reported = dmstats_report(&dmfs.name, group, &["write_sector_count"])[0];
+    assert_eq!(
+        stored,
+        Some(reported as f64),
+        "Prometheus vs dmstats report"
+    );
+    assert_eq!(query(listen, "up{job=\"filemapd\"}").unwrap(), Some(1.0));
+
+    // SIGHUP: the other directory instead of the images. Its file gets a group; the images
+    // are let go, their groups kept.
+    write_config(
+        &config,
+        &format!("[[path]]\npath = \"{}\"\n", other.display()),
+    );
+    service.signal("HUP");
+    wait_converged(&dmfs, &moved_in, "b.img", "a reload adding its directory");
+    wait_until("the reload to let the images go", CONVERGE, || {
+        Ok(!served(&metrics, "old.img")? && served(&metrics, "b.img")?)
+    })
+    .unwrap();
+    for alias in ["old.img", "new.img"] {
+        assert!(
+            group_by_alias(&device, alias).is_some(),
+            "{alias}'s group went"
+        );
+    }
+
+    // SIGTERM: exit 0, every group tiling its file, nothing in transit.
+    let mut service = service;
+    service.signal("TERM");
+    assert!(
+        wait_for_exit(service.child.id() as i32, EXIT).unwrap(),
+        "the service outlived SIGTERM"
+    );
+    let status = service.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", service.log());
+    for (path, alias) in [(&old, "old.img"), (&new, "new.img"), (&moved_in, "b.img")] {
+        assert!(
+            converged(&dmfs, path, alias).unwrap(),
+            "{alias} after SIGTERM"
+        );
+    }
+    let regions = device.list(None).unwrap();
+    assert!(
+        regions
+            .iter()
+            .all(|r| !r.aux_data.contains("DMS_FILEMAPD_")),
+        "a marker was left: {regions:?}"
+    );
+}
