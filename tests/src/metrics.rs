@@ -112,7 +112,11 @@ pub fn dmstats_report(device: &str, group_id: u64, fields: &[&str]) -> Vec<u64> 
         .lines()
         .filter_map(|l| l.trim().strip_prefix(&format!("group {group_id} ")))
         .collect();
-    assert_eq!(rows.len(), 1, "one row for group {group_id} expected:\n{out}");
+    assert_eq!(
+        rows.len(),
+        1,
+        "one row for group {group_id} expected:\n{out}"
+    );
     let values: Vec<u64> = rows[0]
         .split_whitespace()
         .map(|v| v.parse().unwrap_or_else(|_| panic!("not a count: {out}")))

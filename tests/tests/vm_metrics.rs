@@ -80,14 +80,14 @@ fn the_endpoint_serves_what_dmstats_reports() {
     let inf = sample(
         &text,
         "filemapd_file_io_latency_seconds_bucket",
-        &[&labels[0], "le=\"+Inf\""],
+        &[labels[0], "le=\"+Inf\""],
     );
     assert_eq!(inf.unwrap(), ios as f64);
     assert!(
         sample(
             &text,
             "filemapd_file_io_latency_seconds_bucket",
-            &[&labels[0], "le=\"0.001\""]
+            &[labels[0], "le=\"0.001\""]
         )
         .is_ok(),
         "no 1 ms bucket:\n{text}"
@@ -95,7 +95,7 @@ fn the_endpoint_serves_what_dmstats_reports() {
     // Health.
     assert_eq!(value("filemapd_file_regions"), members.len() as f64);
     assert_eq!(
-        sample(&text, "filemapd_file_polling", &[&labels[0], "reason=\"\""]).unwrap(),
+        sample(&text, "filemapd_file_polling", &[labels[0], "reason=\"\""]).unwrap(),
         0.0,
         "the file should be woken by events"
     );

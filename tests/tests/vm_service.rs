@@ -118,7 +118,11 @@ impl Service {
             .recv(&mut message)
             .unwrap_or_else(|e| panic!("no READY=1 from the service ({e}):\n{}", service.log()));
         let said = String::from_utf8_lossy(&message[..n]);
-        assert!(said.lines().any(|l| l == "READY=1"), "{said:?}\n{}", service.log());
+        assert!(
+            said.lines().any(|l| l == "READY=1"),
+            "{said:?}\n{}",
+            service.log()
+        );
         service
     }
 
