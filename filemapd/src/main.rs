@@ -24,7 +24,7 @@ use filemapd::{
 #[command(
     version,
     about = "Keeps a dm-stats region group in step with a file's extents (drop-in dmfilemapd)",
-    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch [--config <FILE>] [PATH...] [--ebpf] [--exact] [--interval <S>] [--metrics <ADDR>] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]",
+    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch [--config <FILE>] [PATH...] [--ebpf] [--exact] [--interval <S>] [--metrics <ADDR>] [--handoff] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -86,6 +86,11 @@ enum Command {
         /// Allow --metrics on an address other hosts can reach.
         #[arg(long, requires = "metrics")]
         metrics_remote: bool,
+        /// Take over the files of dmfilemapd daemons that Debian's dmstats starts: they hand
+        /// their file over (on /run/filemapd/handoff.sock) and exit, so one process and one
+        /// set of eBPF programs serve the host.
+        #[arg(long)]
+        handoff: bool,
         /// Log more: -v info, -vv debug, -vvv trace.
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
@@ -175,6 +180,7 @@ fn main() -> ExitCode {
             interval,
             metrics,
             metrics_remote,
+            handoff,
             verbose,
         }) => {
             logging::init(verbose);
@@ -193,6 +199,7 @@ fn main() -> ExitCode {
                 ebpf: ebpf || ebpf_from_env(),
                 mapping: mapping(exact),
                 metrics,
+                handoff,
             })
         }
         Some(Command::Map {
@@ -337,6 +344,16 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool, mapping: Mappin
     };
     if mapping == Mapping::Exact {
         monitor.use_exact_mapping();
+    }
+    // With a `filemapd watch --handoff` service running, it keeps the group instead.
+    let socket = std::path::Path::new(filemapd::daemon::handoff::SOCKET);
+    match filemapd::daemon::handoff::offer(socket, args.fd, args.group_id, args.mode, &args.path) {
+        Ok(true) => {
+            log::info!("Handed the file to the filemapd service");
+            return ExitCode::SUCCESS;
+        }
+        Ok(false) => {}
+        Err(e) => log::warn!("{e:#}: running alone"),
     }
     if !args.foreground {
         if let Err(e) = daemonize(&monitor.open_fds(), args.verbose) {

@@ -11,11 +11,14 @@ use std::{
 
 use filemapd_tests::{
     DmFs, FsKind,
-    daemon::{CONVERGE, EXIT, converged, device_of, group_by_alias, wait_converged},
+    daemon::{
+        CONVERGE, EXIT, append, converged, device_of, drop_in_search_path, group_by_alias,
+        wait_converged,
+    },
     metrics::{
         Prometheus, dmstats_report, http_get, overwrite_first_mib, query, write_sectors_now,
     },
-    require_device_mapper, run, wait_for_exit, wait_until, write_and_sync,
+    pids_of, require_device_mapper, run, run_env, wait_for_exit, wait_until, write_and_sync,
 };
 
 /// The installed unit's ExecStart and Environment.
@@ -162,7 +165,8 @@ fn served(address: &str, alias: &str) -> anyhow::Result<bool> {
 
 /// The acceptance of issue 11, in one boot of the service: its images get groups (with the
 /// config's bounds), a new image is mapped once written, Prometheus holds a file's write
-/// sectors as `dmstats report` gives them, SIGHUP swaps one watched directory for another,
+/// sectors as `dmstats report` gives them, a dmstats-launched daemon hands its file over,
+/// SIGHUP swaps one watched directory for another (and keeps the handed-over file),
 /// SIGTERM ends it with exit 0 and every group tiling its file.
 #[test]
 fn the_service_as_its_unit_runs_it() {
@@ -242,6 +246,31 @@ fn the_service_as_its_unit_runs_it() {
     );
     assert_eq!(query(listen, "up{job=\"filemapd\"}").unwrap(), Some(1.0));
 
+    // A daemon Debian's dmstats starts hands its file to the service and exits; the service
+    // follows the file from then on.
+    let launched = dmfs.mount.dir.join("launched.img");
+    write_and_sync(&launched, 0, 1 << 20).unwrap();
+    run_env(
+        "dmstats",
+        &["create", "--filemap", &launched.to_string_lossy()],
+        &[("PATH", &drop_in_search_path())],
+    )
+    .unwrap();
+    let launched_arg = launched.to_string_lossy().into_owned();
+    wait_until(
+        "the launched daemon to hand over and exit",
+        CONVERGE,
+        || Ok(served(&metrics, "launched.img")? && pids_of("dmfilemapd", &launched_arg).is_empty()),
+    )
+    .unwrap();
+    append(&launched, 2);
+    wait_converged(
+        &dmfs,
+        &launched,
+        "launched.img",
+        "growth the service followed",
+    );
+
     // SIGHUP: the other directory instead of the images. Its file gets a group; the images
     // are let go, their groups kept.
     write_config(
@@ -254,6 +283,10 @@ fn the_service_as_its_unit_runs_it() {
         Ok(!served(&metrics, "old.img")? && served(&metrics, "b.img")?)
     })
     .unwrap();
+    assert!(
+        served(&metrics, "launched.img").unwrap(),
+        "a reload let a handed-over file go"
+    );
     for alias in ["old.img", "new.img"] {
         assert!(
             group_by_alias(&device, alias).is_some(),
@@ -270,7 +303,12 @@ fn the_service_as_its_unit_runs_it() {
     );
     let status = service.child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{}", service.log());
-    for (path, alias) in [(&old, "old.img"), (&new, "new.img"), (&moved_in, "b.img")] {
+    for (path, alias) in [
+        (&old, "old.img"),
+        (&new, "new.img"),
+        (&moved_in, "b.img"),
+        (&launched, "launched.img"),
+    ] {
         assert!(
             converged(&dmfs, path, alias).unwrap(),
             "{alias} after SIGTERM"

@@ -2,6 +2,7 @@
 //! file, many files in one process, and what it all did.
 pub mod args;
 pub mod daemonize;
+pub mod handoff;
 pub mod logging;
 pub mod metrics;
 pub mod monitor;

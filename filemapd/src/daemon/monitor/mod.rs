@@ -162,6 +162,24 @@ impl Monitor {
         Self::with_file(file, path, group_id, mode, interval, devices)
     }
 
+    /// Takes over a file another process opened (a dmstats-launched daemon's hand-over).
+    pub fn from_file(
+        file: File,
+        path: &Path,
+        group_id: u64,
+        mode: FollowMode,
+        interval: Duration,
+    ) -> anyhow::Result<Self> {
+        Self::with_file(
+            file,
+            path,
+            group_id,
+            mode,
+            interval,
+            &mut Devices::default(),
+        )
+    }
+
     fn with_file(
         file: File,
         path: &Path,

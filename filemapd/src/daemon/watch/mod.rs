@@ -2,10 +2,11 @@
 //! many (file, group) pairs, as a VM host with many images wants: what to watch comes from
 //! [`config`] and [`paths`]; here, a task per file, reloads, new files in directories, ends.
 mod config;
+mod handoffs;
 mod paths;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -20,6 +21,7 @@ use tokio::{
 };
 
 use crate::{
+    daemon::handoff,
     daemon::metrics::{self, Board},
     daemon::monitor::{Exit, Monitor},
     reconcile::Mapping,
@@ -29,6 +31,7 @@ use crate::{
 };
 
 pub use config::{Config, PathSpec, WatchEntry, parse_config, parse_toml, read_config};
+use handoffs::Offer;
 pub use paths::{Resolved, resolve};
 use paths::{entry_for, files_under};
 
@@ -47,6 +50,8 @@ pub struct Options {
     pub mapping: Mapping,
     /// Where to serve metrics (checked by [`metrics::check_address`]).
     pub metrics: Option<SocketAddr>,
+    /// Take over files that dmstats-launched daemons hand over ([`handoff`]).
+    pub handoff: bool,
 }
 
 /// Monitors the config's files until each one's group is gone (or its file is). SIGHUP reads
@@ -62,6 +67,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         ebpf,
         mapping,
         metrics,
+        handoff,
     } = options;
     let config = config.as_deref();
     let paths: Vec<PathSpec> = paths
@@ -102,12 +108,13 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         board: metrics.map(|_| board),
         tasks: JoinSet::new(),
         watching: HashMap::new(),
+        handed: HashSet::new(),
         all_ok: true,
     };
     // A file that cannot be watched (gone, not on dm, no group) is said and skipped: one bad
     // line must not leave a host's other images unwatched.
     for entry in &entries {
-        if let Err(e) = watch.start(std::slice::from_ref(entry)).await {
+        if let Err(e) = watch.start(entry).await {
             error!("{}: not watched: {e:#}", entry.path.display());
             watch.all_ok = false;
         }
@@ -122,6 +129,10 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         info!("eBPF trigger for {} file(s)", watch.watching.len());
     }
     info!("watching {} file(s)", watch.watching.len());
+    let mut offers = match handoff {
+        true => Some(handoffs::listen(std::path::Path::new(handoff::SOCKET))?),
+        false => None,
+    };
     if let Some(server) = server {
         tokio::spawn(server);
     }
@@ -157,6 +168,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
                 Err(e) => error!("SIGHUP: keeping the files watched now: {e:#}"),
             },
             _ = terminate.recv(), if watch.tasks.is_empty() => break,
+            Some(offer) = next_offer(&mut offers) => watch.take(offer).await,
             noticed = next_notice(&mut dir_notices) => {
                 noticed?;
                 named += watch.take_up_new_files(&directories).await;
@@ -174,6 +186,14 @@ async fn next_notice(notices: &mut Option<Notices>) -> anyhow::Result<()> {
     }
 }
 
+/// The next hand-over, or never without `--handoff`.
+async fn next_offer(offers: &mut Option<tokio::sync::mpsc::Receiver<Offer>>) -> Option<Offer> {
+    match offers {
+        Some(offers) => offers.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The files being watched, each by its own task.
 struct Watch {
     interval: Duration,
@@ -185,58 +205,96 @@ struct Watch {
     board: Option<Arc<Board>>,
     tasks: JoinSet<(WatchEntry, anyhow::Result<Exit>)>,
     watching: HashMap<WatchEntry, AbortHandle>,
+    /// Files dmstats-launched daemons handed over.
+    handed: HashSet<WatchEntry>,
     all_ok: bool,
 }
 
 impl Watch {
-    /// Opens a monitor per entry (failing on the first that cannot be watched) and starts them.
-    /// Callers pass one entry at a time, so that one file's failure leaves the others watched.
-    async fn start(&mut self, entries: &[WatchEntry]) -> anyhow::Result<()> {
-        let mut devices = Devices::default();
-        let mut monitors = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let mut monitor = Monitor::open(
+    /// Opens the entry's file and starts its monitor.
+    async fn start(&mut self, entry: &WatchEntry) -> anyhow::Result<()> {
+        let monitor = Monitor::open(
+            &entry.path,
+            entry.group_id,
+            entry.mode,
+            self.interval,
+            &mut Devices::default(),
+        )?;
+        self.start_monitor(entry.clone(), monitor).await
+    }
+
+    /// Takes over a file a dmstats-launched daemon handed over (see [`handoffs`]). A file
+    /// watched already is not watched twice.
+    async fn take(&mut self, offer: Offer) {
+        let Offer { handed, reply } = offer;
+        let entry = handed.entry;
+        let taken = if self.watching.contains_key(&entry) {
+            Ok(())
+        } else {
+            let started = match Monitor::from_file(
+                handed.file,
                 &entry.path,
                 entry.group_id,
                 entry.mode,
                 self.interval,
-                &mut devices,
-            )?;
-            if self.mapping == Mapping::Exact {
-                monitor.use_exact_mapping();
-            }
-            if let Some((hub, notifier)) = &self.trigger {
-                monitor.use_ebpf(hub, notifier.as_ref()).await?;
-            } else if self.ebpf_unavailable {
-                monitor.polling_because("eBPF unavailable");
-            }
-            if let Some(board) = &self.board {
-                monitor.report_to(board.reporter());
-            }
-            monitors.push((entry.clone(), monitor));
+            ) {
+                Ok(monitor) => self.start_monitor(entry.clone(), monitor).await,
+                Err(e) => Err(e),
+            };
+            started
+                .inspect(|()| {
+                    info!(
+                        "{}: handed over by a dmstats-launched daemon (group {})",
+                        entry.path.display(),
+                        entry.group_id
+                    );
+                    self.handed.insert(entry.clone());
+                })
+                .map_err(|e| format!("{e:#}"))
+        };
+        if let Err(why) = &taken {
+            warn!("{}: hand-over refused: {why}", entry.path.display());
         }
-        for (entry, mut monitor) in monitors {
-            let task = entry.clone();
-            let delete_when_gone = entry.delete_with_file;
-            let handle = self.tasks.spawn(async move {
-                let result = monitor.run_until_terminated().await;
-                info!("{}: {}", monitor.path().display(), monitor.tally());
-                if delete_when_gone && matches!(result, Ok(Exit::UnlinkedAndClosed)) {
-                    match monitor.delete_group() {
-                        Ok(n) => info!(
-                            "{}: the file is gone, and so is its group ({n} region(s))",
-                            monitor.path().display()
-                        ),
-                        Err(e) => error!(
-                            "{}: the file is gone, its group could not be deleted: {e:#}",
-                            monitor.path().display()
-                        ),
-                    }
+        reply.send(taken);
+    }
+
+    /// Sets the monitor up as the watch runs (mapping, trigger, metrics) and starts its task.
+    async fn start_monitor(
+        &mut self,
+        entry: WatchEntry,
+        mut monitor: Monitor,
+    ) -> anyhow::Result<()> {
+        if self.mapping == Mapping::Exact {
+            monitor.use_exact_mapping();
+        }
+        if let Some((hub, notifier)) = &self.trigger {
+            monitor.use_ebpf(hub, notifier.as_ref()).await?;
+        } else if self.ebpf_unavailable {
+            monitor.polling_because("eBPF unavailable");
+        }
+        if let Some(board) = &self.board {
+            monitor.report_to(board.reporter());
+        }
+        let task = entry.clone();
+        let delete_when_gone = entry.delete_with_file;
+        let handle = self.tasks.spawn(async move {
+            let result = monitor.run_until_terminated().await;
+            info!("{}: {}", monitor.path().display(), monitor.tally());
+            if delete_when_gone && matches!(result, Ok(Exit::UnlinkedAndClosed)) {
+                match monitor.delete_group() {
+                    Ok(n) => info!(
+                        "{}: the file is gone, and so is its group ({n} region(s))",
+                        monitor.path().display()
+                    ),
+                    Err(e) => error!(
+                        "{}: the file is gone, its group could not be deleted: {e:#}",
+                        monitor.path().display()
+                    ),
                 }
-                (task, result)
-            });
-            self.watching.insert(entry, handle);
-        }
+            }
+            (task, result)
+        });
+        self.watching.insert(entry, handle);
         Ok(())
     }
 
@@ -244,6 +302,7 @@ impl Watch {
         match joined {
             Ok((entry, result)) => {
                 self.watching.remove(&entry);
+                self.handed.remove(&entry);
                 match result {
                     Ok(exit) => info!("{}: {}", entry.path.display(), exit.message()),
                     Err(e) => {
@@ -294,7 +353,7 @@ impl Watch {
                 let Ok(entry) = entry_for(&file, directory) else {
                     continue; // no extents yet, most likely: the next write tells
                 };
-                match self.start(std::slice::from_ref(&entry)).await {
+                match self.start(&entry).await {
                     Ok(()) => {
                         info!("{}: watched from now on", file.display());
                         started += 1;
@@ -308,10 +367,11 @@ impl Watch {
 
     /// Stops watching what the config no longer names, starts what it newly names.
     async fn reload(&mut self, entries: &[WatchEntry]) {
+        // Handed-over files are no config's business: they stay.
         let gone: Vec<WatchEntry> = self
             .watching
             .keys()
-            .filter(|e| !entries.contains(e))
+            .filter(|e| !entries.contains(e) && !self.handed.contains(e))
             .cloned()
             .collect();
         for entry in &gone {
@@ -330,7 +390,7 @@ impl Watch {
             .collect();
         // One at a time: a file that cannot be watched must not keep the others out.
         for entry in &new {
-            if let Err(e) = self.start(std::slice::from_ref(entry)).await {
+            if let Err(e) = self.start(entry).await {
                 error!("{}: not watched: {e:#}", entry.path.display());
             }
         }
