@@ -667,3 +667,31 @@ fn a_detached_daemon_logs_its_warnings_to_syslog() {
     );
     delete_group_and_wait(&dmfs, &path, "vm.img", pid);
 }
+
+/// Run by hand as `dmfilemapd 0 GROUP PATH inode 0 0 < PATH` (the file as stdin, detached,
+/// quiet): detaching must not put /dev/null where the file was. (It did: the daemon exited
+/// at once; dmstats passes a descriptor above 2, which hid it.)
+#[test]
+fn a_detached_daemon_keeps_a_file_given_as_stdin() {
+    require_device_mapper();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let path = dmfs.mount.dir.join("vm.img");
+    write_and_sync(&path, 0, 1 << 20).unwrap();
+    let group = map_without_daemon(&path).unwrap().to_string();
+    let p = path.to_string_lossy().into_owned();
+    let status = Command::new(filemapd_binary())
+        .args(["0", &group, &p, "inode", "0", "0"])
+        .stdin(fs::File::open(&path).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    append(&path, 2);
+    wait_converged(&dmfs, &path, "vm.img", "growth under a detached daemon");
+    let pids = filemapd_tests::pids_of("filemapd", &p);
+    assert_eq!(pids.len(), 1, "one detached daemon expected: {pids:?}");
+    delete_group(&dmfs, &path, "vm.img");
+    assert!(
+        wait_for_exit(pids[0], EXIT).unwrap(),
+        "the daemon outlived its group"
+    );
+}

@@ -1,5 +1,6 @@
 //! Turning the process into a daemon the way dmfilemapd does: fork (the parent reports the
-//! child's pid and exits 0), new session, cwd `/`, stdio to /dev/null unless verbose, and every
+//! child's pid and exits 0), new session, cwd `/`, stdio to /dev/null unless verbose (but
+//! never a descriptor it keeps), and every
 //! inherited descriptor closed except those we still need (dmstats leaks its
 //! /dev/mapper/control descriptor into the daemon). Must run before any thread exists.
 use std::os::fd::RawFd;
@@ -25,10 +26,18 @@ pub fn daemonize(keep: &[RawFd], verbose: u8) -> anyhow::Result<()> {
     setsid().context("setsid failed")?;
     chdir("/").context("chdir / failed")?;
     if verbose == 0 {
+        // A kept descriptor may be one of them: the file itself when it came as stdin
+        // (`dmfilemapd 0 ... < FILE`, as a user may run it by hand).
         let null = open("/dev/null", OFlag::O_RDWR, Mode::empty()).context("opening /dev/null")?;
-        dup2_stdin(&null)?;
-        dup2_stdout(&null)?;
-        dup2_stderr(&null)?;
+        if !keep.contains(&0) {
+            dup2_stdin(&null)?;
+        }
+        if !keep.contains(&1) {
+            dup2_stdout(&null)?;
+        }
+        if !keep.contains(&2) {
+            dup2_stderr(&null)?;
+        }
     }
     close_stray_fds(keep)
 }

@@ -6,6 +6,7 @@
 //! can pick it out of the VM's console.
 mod appends;
 mod counted;
+mod handoff;
 mod latency;
 mod monitors;
 mod region_cost;
@@ -55,6 +56,9 @@ fn main() {
     } else if wanted("files") {
         // The many-files part of scale alone, for a quick look.
         scale::many_files(1000);
+    }
+    if wanted("handoff") {
+        handoff::run(100);
     }
 }
 

@@ -290,7 +290,7 @@ fn scrape_cost(running: &Running) -> (Duration, f64, f64) {
 
 /// A one-region group over a one-extent file, as `dmstats create --filemap` would make it
 /// (made directly: a thousand dmstats runs under emulation would take minutes).
-fn make_group(device: &StatsDevice, path: &Path, alias: &str) -> u64 {
+pub fn make_group(device: &StatsDevice, path: &Path, alias: &str) -> u64 {
     let file = fs::File::open(path).unwrap();
     let ranges = fiemap::device_ranges(&fiemap::read_extents(&file, 0, u64::MAX, false).unwrap());
     assert_eq!(ranges.len(), 1, "{} has one extent", path.display());

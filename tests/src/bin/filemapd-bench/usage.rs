@@ -24,7 +24,11 @@ pub struct Usage {
 impl Usage {
     pub fn of(pid: u32) -> Usage {
         let mut cpu = Duration::ZERO;
-        for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        // A process that has ended used nothing more.
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Usage::default();
+        };
+        for task in tasks {
             // A thread that ended meanwhile has no schedstat left.
             let Ok(schedstat) = fs::read_to_string(task.unwrap().path().join("schedstat")) else {
                 continue;

@@ -1,0 +1,139 @@
+//! One set of programs per host: `files` daemons started as Debian's dmstats starts them
+//! (detached, eBPF asked for), alone and then with a `filemapd watch --handoff` service
+//! running, which they hand their files to. What it costs the host in processes and memory.
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use filemapd::stats::StatsDevice;
+use filemapd_tests::{DmFs, FsKind, pids_of, wait_for_exit, wait_until};
+
+use crate::{
+    monitors::Running,
+    report,
+    scale::make_group,
+    usage::{quiet, rss_kib},
+};
+
+pub fn run(files: usize) {
+    report!("## One set of programs per host: {files} dmstats-launched daemons\n");
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let dir = &dmfs.mount.dir;
+    let paths: Vec<PathBuf> = (0..files).map(|i| dir.join(format!("vm{i}.img"))).collect();
+    for path in &paths {
+        fs::write(path, vec![0x5a; 64 << 10]).unwrap();
+    }
+    filemapd_tests::run("sync", &[]).unwrap();
+    let device = StatsDevice::for_st_dev(fs::metadata(dir).unwrap().dev()).unwrap();
+    let groups: Vec<u64> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, path)| make_group(&device, path, &format!("vm{i}")))
+        .collect();
+    report!(
+        "ext4, {files} files of 64 KiB, one group each; each daemon started as dmstats starts it"
+    );
+    report!(
+        "(`dmfilemapd <fd> <group> <path> inode 0 0`, FILEMAPD_EBPF=1), then left until quiet. RSS"
+    );
+    report!("summed over every filemapd process left.\n");
+    report!("| launch | processes | RSS MiB in all |");
+    report!("| --- | --- | --- |");
+
+    let pids = launch(&paths, &groups, false);
+    let rss: u64 = pids.iter().map(|&p| rss_kib(p as u32)).sum();
+    report!(
+        "| {files} daemons, no service | {} | {:.1} |",
+        pids.len(),
+        rss as f64 / 1024.0
+    );
+    for &pid in &pids {
+        // SAFETY: kill with a pid and a valid signal.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    for pid in pids {
+        assert!(
+            wait_for_exit(pid, Duration::from_secs(60)).unwrap(),
+            "daemon {pid} lives on"
+        );
+    }
+
+    let config = dir.join("empty.toml");
+    fs::write(&config, "").unwrap();
+    let service = Running::of(
+        Command::new(filemapd())
+            .args(["watch", "--ebpf", "--handoff", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    quiet(service.pid(), Duration::from_secs(120));
+    let left = launch(&paths, &groups, true);
+    let rss: u64 = rss_kib(service.pid()) + left.iter().map(|&p| rss_kib(p as u32)).sum::<u64>();
+    report!(
+        "| {files} daemons handing over to `filemapd watch --ebpf --handoff` | {} | {:.1} |",
+        1 + left.len(),
+        rss as f64 / 1024.0
+    );
+    report!("\nTarget: {files} dmstats-launched files with the service: one process, < 30 MiB.\n");
+}
+
+fn filemapd() -> PathBuf {
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("filemapd")
+}
+
+/// Starts a detached daemon per file as dmstats does and waits until each launch returned.
+/// With a service, until every daemon handed over and exited; without, until the daemons are
+/// quiet. Returns the daemons left.
+fn launch(paths: &[PathBuf], groups: &[u64], service: bool) -> Vec<i32> {
+    for (path, group) in paths.iter().zip(groups) {
+        let status = Command::new(filemapd())
+            .args([
+                "0",
+                &group.to_string(),
+                &path.to_string_lossy(),
+                "inode",
+                "0",
+                "0",
+            ])
+            .env("FILEMAPD_EBPF", "1")
+            .stdin(fs::File::open(path).unwrap())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{}: {status}", path.display());
+    }
+    if service {
+        wait_until(
+            "every daemon to hand over",
+            Duration::from_secs(120),
+            || Ok(paths.iter().all(|p| daemons_of(p).is_empty())),
+        )
+        .unwrap();
+        return Vec::new();
+    }
+    // (Right after a launch, the first child of the daemon's double fork may still be there:
+    // the daemons are listed again once quiet.)
+    let pids: Vec<i32> = paths.iter().flat_map(|p| daemons_of(p)).collect();
+    for pid in &pids {
+        quiet(*pid as u32, Duration::from_secs(120));
+    }
+    let pids: Vec<i32> = paths.iter().flat_map(|p| daemons_of(p)).collect();
+    assert_eq!(pids.len(), paths.len(), "not one daemon per file: {pids:?}");
+    pids
+}
+
+fn daemons_of(path: &Path) -> Vec<i32> {
+    pids_of("filemapd", &path.to_string_lossy())
+}
