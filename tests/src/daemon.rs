@@ -85,9 +85,14 @@ pub fn device_of(path: &Path) -> StatsDevice {
 
 /// The file's extents as regions should be, sorted.
 pub fn file_ranges(path: &Path) -> Vec<SectorRange> {
-    let file = fs::File::open(path).unwrap();
+    file_ranges_of(&fs::File::open(path).unwrap())
+}
+
+/// [`file_ranges`] through a descriptor already open: on a frozen xfs, closing one can block
+/// until the thaw (the close trims post-EOF blocks, which takes a transaction).
+pub fn file_ranges_of(file: &fs::File) -> Vec<SectorRange> {
     let mut ranges =
-        fiemap::device_ranges(&fiemap::read_extents(&file, 0, u64::MAX, false).unwrap());
+        fiemap::device_ranges(&fiemap::read_extents(file, 0, u64::MAX, false).unwrap());
     ranges.sort_unstable();
     ranges
 }
@@ -124,6 +129,24 @@ pub fn converged_on(device: &str, path: &Path, alias: &str) -> anyhow::Result<bo
     Ok(disjoint
         && join_adjacent(ours.clone()) == join_adjacent(wanted.clone())
         && dmstats_rows_of(device, id)? == ours)
+}
+
+/// [`converged`], the file's extents read through `held` (see [`file_ranges_of`]).
+pub fn converged_held(
+    dmfs: &DmFs,
+    path: &Path,
+    held: &fs::File,
+    alias: &str,
+) -> anyhow::Result<bool> {
+    let Some((id, members)) = group_by_alias(&device_of(path), alias) else {
+        return Ok(false);
+    };
+    let mut ours: Vec<SectorRange> = members.iter().map(|r| r.range).collect();
+    ours.sort_unstable();
+    let disjoint = ours.windows(2).all(|w| w[0].end() <= w[1].start);
+    Ok(disjoint
+        && join_adjacent(ours.clone()) == join_adjacent(file_ranges_of(held))
+        && dmstats_rows_of(&dmfs.name, id)? == ours)
 }
 
 /// Whether the group holds exactly one region per extent (lvm2's mapping, `--exact`).
