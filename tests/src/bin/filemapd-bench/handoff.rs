@@ -3,37 +3,24 @@
 //! running, which they hand their files to. What it costs the host in processes and memory.
 use std::{
     fs,
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
 
-use filemapd::stats::StatsDevice;
-use filemapd_tests::{DmFs, FsKind, pids_of, wait_for_exit, wait_until};
+use filemapd_tests::{pids_of, wait_for_exit, wait_until};
 
 use crate::{
     monitors::Running,
     report,
-    scale::make_group,
+    scale::small_files_in_groups,
     usage::{quiet, rss_kib},
 };
 
 pub fn run(files: usize) {
     report!("## One set of programs per host: {files} dmstats-launched daemons\n");
-    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let (dmfs, paths, groups) = small_files_in_groups(files);
     let dir = &dmfs.mount.dir;
-    let paths: Vec<PathBuf> = (0..files).map(|i| dir.join(format!("vm{i}.img"))).collect();
-    for path in &paths {
-        fs::write(path, vec![0x5a; 64 << 10]).unwrap();
-    }
-    filemapd_tests::run("sync", &[]).unwrap();
-    let device = StatsDevice::for_st_dev(fs::metadata(dir).unwrap().dev()).unwrap();
-    let groups: Vec<u64> = paths
-        .iter()
-        .enumerate()
-        .map(|(i, path)| make_group(&device, path, &format!("vm{i}")))
-        .collect();
     report!(
         "ext4, {files} files of 64 KiB, one group each; each daemon started as dmstats starts it"
     );

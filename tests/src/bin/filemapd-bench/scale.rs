@@ -3,7 +3,7 @@
 use std::{
     fs,
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -166,17 +166,11 @@ fn cpu_over(running: &Running, over: Duration) -> Duration {
 /// `files` small files, each in its own one-region group, all watched by one process.
 pub fn many_files(files: usize) {
     report!("## Scale: {files} files in one `filemapd watch` process\n");
-    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let (dmfs, paths, groups) = small_files_in_groups(files);
     let dir = &dmfs.mount.dir;
-    let paths: Vec<_> = (0..files).map(|i| dir.join(format!("vm{i}.img"))).collect();
-    for path in &paths {
-        fs::write(path, vec![0x5a; 64 << 10]).unwrap();
-    }
-    filemapd_tests::run("sync", &[]).unwrap();
     let device = StatsDevice::for_st_dev(fs::metadata(dir).unwrap().dev()).unwrap();
     let mut config = String::new();
-    for (i, path) in paths.iter().enumerate() {
-        let group = make_group(&device, path, &format!("vm{i}"));
+    for (path, group) in paths.iter().zip(&groups) {
         config.push_str(&format!("{group} inode {}\n", path.display()));
     }
     let config_path = dir.join("watch.conf");
@@ -288,9 +282,28 @@ fn scrape_cost(running: &Running) -> (Duration, f64, f64) {
     (quantile(&took, 0.5), bytes as f64 / 1024.0, ms(cpu) / 5.0)
 }
 
+/// On a fresh ext4: `files` files of 64 KiB (`vm<i>.img`), each in its own one-region group
+/// (alias `vm<i>`); returns the file system, the files and their groups.
+pub fn small_files_in_groups(files: usize) -> (DmFs, Vec<PathBuf>, Vec<u64>) {
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let dir = &dmfs.mount.dir;
+    let paths: Vec<PathBuf> = (0..files).map(|i| dir.join(format!("vm{i}.img"))).collect();
+    for path in &paths {
+        fs::write(path, vec![0x5a; 64 << 10]).unwrap();
+    }
+    filemapd_tests::run("sync", &[]).unwrap();
+    let device = StatsDevice::for_st_dev(fs::metadata(dir).unwrap().dev()).unwrap();
+    let groups = paths
+        .iter()
+        .enumerate()
+        .map(|(i, path)| make_group(&device, path, &format!("vm{i}")))
+        .collect();
+    (dmfs, paths, groups)
+}
+
 /// A one-region group over a one-extent file, as `dmstats create --filemap` would make it
 /// (made directly: a thousand dmstats runs under emulation would take minutes).
-pub fn make_group(device: &StatsDevice, path: &Path, alias: &str) -> u64 {
+fn make_group(device: &StatsDevice, path: &Path, alias: &str) -> u64 {
     let file = fs::File::open(path).unwrap();
     let ranges = fiemap::device_ranges(&fiemap::read_extents(&file, 0, u64::MAX, false).unwrap());
     assert_eq!(ranges.len(), 1, "{} has one extent", path.display());
