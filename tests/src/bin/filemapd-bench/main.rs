@@ -9,6 +9,7 @@ mod counted;
 mod handoff;
 mod latency;
 mod monitors;
+mod new_image;
 mod region_cost;
 mod scale;
 mod usage;
@@ -59,6 +60,9 @@ fn main() {
     }
     if wanted("handoff") {
         handoff::run(100);
+    }
+    if wanted("new-image") {
+        new_image::run(5);
     }
 }
 
