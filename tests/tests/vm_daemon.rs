@@ -361,7 +361,14 @@ fn converges_after_a_kill_at_any_point(fs_kind: FsKind) {
     write_and_sync(&path, 0, 2 << 20).unwrap();
     map_without_daemon(&path).unwrap();
     let p = path.to_string_lossy().into_owned();
-    for (round, point) in ["created", "switched", "deleted"].into_iter().enumerate() {
+    // (point, restart with the id of the leader the interrupted move was going to)
+    let rounds = [
+        ("created", false),
+        ("switched", false),
+        ("switched", true),
+        ("deleted", false),
+    ];
+    for (round, (point, by_successor)) in rounds.into_iter().enumerate() {
         append(&path, 2);
         // Punch the first 512 KiB of data left: the leader's region now sticks out of its
         // extent, so every round deletes it and moves the group (whatever the file system
@@ -380,7 +387,12 @@ fn converges_after_a_kill_at_any_point(fs_kind: FsKind) {
             mine
         );
 
-        // The next run, from the same group id, converges.
+        // The next run converges, from the same group id or from the successor's, which the
+        // old leader's MOVED marker names (lvm2's group id rule: the lowest member).
+        let group = match by_successor {
+            false => group,
+            true => successor_named_by_a_moved_marker(&path),
+        };
         let mut daemon = Command::new(drop_in_dir().join("dmfilemapd"))
             .args(["0", &group, &p, "inode", "1"])
             .stdin(fs::File::open(&path).unwrap())
@@ -409,6 +421,20 @@ fn converges_after_a_kill_at_any_point(fs_kind: FsKind) {
         daemon.kill().unwrap();
         daemon.wait().unwrap();
     }
+}
+
+/// The leader a group was moving to when its daemon was killed, as the old leader's
+/// `DMS_FILEMAPD_MOVED=` marker names it.
+fn successor_named_by_a_moved_marker(path: &Path) -> String {
+    let regions = device_of(path).list(None).unwrap();
+    let marker = regions
+        .iter()
+        .find_map(|r| r.aux_data.strip_prefix("DMS_FILEMAPD_MOVED="))
+        .unwrap_or_else(|| panic!("no MOVED marker after a kill at the switch: {regions:?}"));
+    let descriptor = filemapd::stats::GroupDescriptor::parse(&format!("DMS_GROUP={marker}"))
+        .unwrap()
+        .unwrap();
+    descriptor.leader().unwrap().to_string()
 }
 
 #[test]

@@ -13,8 +13,9 @@
 //! the group id changes). Step 2 is then two messages: the old leader first records the whole
 //! new descriptor as `DMS_FILEMAPD_MOVED=<alias>:<members>#<aux>` (which dissolves the old group
 //! and names its successor), then the new leader gets the descriptor. Killed anywhere, the next
-//! pass finds the markers: a MOVED old leader is followed (and the move finished), marked
-//! regions outside the group are ours and get deleted, marked members get planned again.
+//! pass finds the markers: a MOVED old leader is followed (and the move finished; also when
+//! the daemon is restarted with the successor's id), marked regions outside the group are ours
+//! and get deleted, marked members get planned again.
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
@@ -150,6 +151,19 @@ impl Group {
         let Some(old) = regions.iter().find(|r| r.id == group_id) else {
             return Ok(None);
         };
+        // Asked for by the successor's id before the move was finished (killed between the
+        // MOVED marker and the new descriptor): the successor still carries its arrival
+        // marker, naming the old leader, whose MOVED marker names it. Finish the move.
+        let retired = old
+            .aux_data
+            .strip_prefix(PENDING_TAG)
+            .and_then(|id| id.parse::<u64>().ok())
+            .and_then(|id| regions.iter().find(|r| r.id == id));
+        if let Some(retired) = retired
+            && moved_to(retired).and_then(|d| d.leader()) == Some(group_id)
+        {
+            return Self::load_from(device, regions, retired.id);
+        }
         if let Some(descriptor) = moved_to(old) {
             let Some(new_id) = descriptor.leader() else {
                 return Ok(None);

@@ -141,9 +141,24 @@ impl Slot {
     }
 
     /// The group's current id, by its alias; the last one known while a move is unfinished.
+    /// The group's id now: its leader's, or, while a killed daemon left the group moving,
+    /// the old leader's (its MOVED marker names the group), as its user would still know it.
     pub fn current_group_id(&self) -> u64 {
-        group_by_alias(&device_of(&self.mount_dir()), &self.alias())
-            .map_or(self.group_id, |(id, _)| id)
+        let device = device_of(&self.mount_dir());
+        if let Some((id, _)) = group_by_alias(&device, &self.alias()) {
+            return id;
+        }
+        let moving = format!("DMS_FILEMAPD_MOVED={}:", self.alias());
+        device
+            .list(None)
+            .ok()
+            .and_then(|regions| {
+                regions
+                    .iter()
+                    .find(|r| r.aux_data.starts_with(&moving))
+                    .map(|r| r.id)
+            })
+            .unwrap_or(self.group_id)
     }
 
     fn mount_dir(&self) -> PathBuf {
