@@ -12,11 +12,11 @@ use std::{
 use filemapd_tests::{
     DmFs, FsKind,
     daemon::{
-        CONVERGE, EXIT, append, converged, device_of, drop_in_search_path, group_by_alias,
-        wait_converged,
+        CONVERGE, EXIT, append, converged, device_of, drop_in_search_path, filemapd_binary,
+        group_by_alias, wait_converged,
     },
     metrics::{
-        Prometheus, dmstats_report, http_get, overwrite_first_mib, query, write_sectors_now,
+        Prometheus, dmstats_report, http_get, overwrite_first_mib, query, sample, write_sectors_now,
     },
     pids_of, require_device_mapper, run, run_env, wait_for_exit, wait_until, write_and_sync,
 };
@@ -270,6 +270,32 @@ fn the_service_as_its_unit_runs_it() {
         "launched.img",
         "growth the service followed",
     );
+
+    // A daemon started for an image the service watches already (as `dmstats update_filemap`
+    // starts one; in the foreground, so that its exit is the hand-over's end): taken, and the
+    // image still watched once (its path spelt another way).
+    let (old_group, _) = group_by_alias(&device, "old.img").unwrap();
+    let spelt = images.join("../images/old.img");
+    let mut daemon = Command::new(filemapd_binary())
+        .args([
+            "0",
+            &old_group.to_string(),
+            &spelt.to_string_lossy(),
+            "inode",
+            "1",
+            "0",
+        ])
+        .stdin(fs::File::open(&old).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for_exit(daemon.id() as i32, EXIT).unwrap(),
+        "the daemon did not hand over"
+    );
+    assert!(daemon.wait().unwrap().success());
+    let (_, text) = http_get(&metrics, "/metrics").unwrap();
+    sample(&text, "filemapd_file_regions", &["alias=\"old.img\""])
+        .unwrap_or_else(|e| panic!("old.img watched twice? {e}"));
 
     // SIGHUP: the other directory instead of the images. Its file gets a group; the images
     // are let go, their groups kept.

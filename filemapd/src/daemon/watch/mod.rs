@@ -227,8 +227,17 @@ impl Watch {
     /// watched already is not watched twice.
     async fn take(&mut self, offer: Offer) {
         let Offer { handed, reply } = offer;
-        let entry = handed.entry;
-        let taken = if self.watching.contains_key(&entry) {
+        let mut entry = handed.entry;
+        // Watched already (a directory of the config holds it, or dmstats started a daemon
+        // for it again): the same group on the same file, whatever the name's spelling.
+        if let Ok(path) = std::fs::canonicalize(&entry.path) {
+            entry.path = path;
+        }
+        let watched = self.watching.keys().any(|e| {
+            e.group_id == entry.group_id
+                && std::fs::canonicalize(&e.path).is_ok_and(|p| p == entry.path)
+        });
+        let taken = if watched {
             Ok(())
         } else {
             let started = match Monitor::from_file(
