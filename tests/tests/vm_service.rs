@@ -270,6 +270,20 @@ fn the_service_as_its_unit_runs_it() {
         "launched.img",
         "growth the service followed",
     );
+    // The endpoint follows the group's new regions (published by the pass that made them).
+    let (_, members) = group_by_alias(&device, "launched.img").unwrap();
+    wait_until(
+        "the endpoint to count the grown group's regions",
+        CONVERGE,
+        || {
+            let (_, text) = http_get(&metrics, "/metrics")?;
+            Ok(
+                sample(&text, "filemapd_file_regions", &["alias=\"launched.img\""])?
+                    == members.len() as f64,
+            )
+        },
+    )
+    .unwrap();
 
     // A daemon started for an image the service watches already (as `dmstats update_filemap`
     // starts one; in the foreground, so that its exit is the hand-over's end): taken, and the
