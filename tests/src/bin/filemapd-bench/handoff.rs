@@ -11,7 +11,7 @@ use std::{
 use filemapd_tests::{pids_of, wait_for_exit, wait_until};
 
 use crate::{
-    monitors::Running,
+    monitors::{Running, filemapd_binary},
     report,
     scale::small_files_in_groups,
     usage::{quiet, rss_kib},
@@ -52,7 +52,7 @@ pub fn run(files: usize) {
     let config = dir.join("empty.toml");
     fs::write(&config, "").unwrap();
     let service = Running::of(
-        Command::new(filemapd())
+        Command::new(filemapd_binary())
             .args(["watch", "--ebpf", "--handoff", "--config"])
             .arg(&config)
             .stdout(Stdio::null())
@@ -71,20 +71,12 @@ pub fn run(files: usize) {
     report!("\nTarget: {files} dmstats-launched files with the service: one process, < 30 MiB.\n");
 }
 
-fn filemapd() -> PathBuf {
-    std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("filemapd")
-}
-
 /// Starts a detached daemon per file as dmstats does and waits until each launch returned.
 /// With a service, until every daemon handed over and exited; without, until the daemons are
 /// quiet. Returns the daemons left.
 fn launch(paths: &[PathBuf], groups: &[u64], service: bool) -> Vec<i32> {
     for (path, group) in paths.iter().zip(groups) {
-        let status = Command::new(filemapd())
+        let status = Command::new(filemapd_binary())
             .args([
                 "0",
                 &group.to_string(),

@@ -56,8 +56,7 @@ impl Monitor {
                 cmd
             }
             Monitor::Ebpf | Monitor::Polling => {
-                let exe = std::env::current_exe().unwrap();
-                let mut cmd = Command::new(exe.parent().unwrap().join("filemapd"));
+                let mut cmd = Command::new(filemapd_binary());
                 if self == Monitor::Ebpf {
                     cmd.arg("--ebpf");
                 }
@@ -75,6 +74,15 @@ impl Monitor {
             log,
         })
     }
+}
+
+/// The filemapd built beside the benchmark (`cargo xtask bench` builds both, release).
+pub fn filemapd_binary() -> PathBuf {
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("filemapd")
 }
 
 fn lvm2_env(name: &str) -> String {

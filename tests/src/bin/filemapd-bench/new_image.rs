@@ -12,7 +12,7 @@ use filemapd::stats::StatsDevice;
 use filemapd_tests::{DmFs, FsKind, write_and_sync};
 
 use crate::{
-    monitors::{Running, wait_covered},
+    monitors::{Running, filemapd_binary, wait_covered},
     ms, quantile, report,
     usage::quiet,
 };
@@ -32,13 +32,8 @@ pub fn run(images: usize) {
         let dir = dmfs.mount.dir.join("images");
         fs::create_dir(&dir).unwrap();
         let device = StatsDevice::for_st_dev(fs::metadata(&dir).unwrap().dev()).unwrap();
-        let filemapd = std::env::current_exe()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .join("filemapd");
         let watch = Running::of(
-            Command::new(filemapd)
+            Command::new(filemapd_binary())
                 .args(["watch", "--ebpf"])
                 .arg(&dir)
                 .stdout(Stdio::null())

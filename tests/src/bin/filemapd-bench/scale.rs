@@ -16,7 +16,7 @@ use filemapd_tests::{DmFs, FsKind, map_without_daemon, write_and_sync};
 
 use crate::{
     median_and_spread,
-    monitors::{Monitor, Running, wait_covered},
+    monitors::{Monitor, Running, filemapd_binary, wait_covered},
     ms, quantile, report,
     usage::{Usage, quiet, rss_kib},
 };
@@ -189,13 +189,7 @@ pub fn many_files(files: usize) {
     report!("| --- | --- | --- | --- | --- | --- |");
     let mut scrapes = Vec::new();
     for ebpf in [true, false] {
-        let mut cmd = Command::new(
-            std::env::current_exe()
-                .unwrap()
-                .parent()
-                .unwrap()
-                .join("filemapd"),
-        );
+        let mut cmd = Command::new(filemapd_binary());
         cmd.args(["watch", "--config", &config_path.to_string_lossy()]);
         if ebpf {
             cmd.args(["--ebpf", "--metrics", METRICS]);
