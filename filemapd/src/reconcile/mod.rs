@@ -15,7 +15,7 @@ mod window;
 
 pub use window::plan_window;
 
-use crate::sectors::SectorRange;
+use crate::sectors::{SectorRange, join_adjacent};
 
 /// What to do to a group so that its regions equal the file's extents, one region per extent.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -145,7 +145,12 @@ fn plan_exact(members: &[(u64, SectorRange)], extents: &[SectorRange]) -> Plan {
 }
 
 fn plan_tiled(members: &[(u64, SectorRange)], extents: &[SectorRange]) -> Plan {
-    let (regions, wanted) = sorted(members, extents);
+    // Tiles cover the file's sectors, whatever logical order their extents are in: ranges
+    // that touch on the device are one span here. (Merged ranges follow logical order, so a
+    // new extent between two physically adjacent ones splits their range; a region over both
+    // still counts only the file's IO, and deleting it would lose its counters.)
+    let extents = join_adjacent(extents.to_vec());
+    let (regions, wanted) = sorted(members, &extents);
 
     let mut result = Plan::default();
     let mut r = 0;
@@ -225,7 +230,6 @@ fn runs_around_gaps(pieces: &[Piece], result: &mut Plan) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sectors::join_adjacent;
     use proptest::prelude::*;
 
     fn r(start: u64, len: u64) -> SectorRange {
@@ -370,6 +374,19 @@ mod tests {
             next_id += 1;
         }
         out
+    }
+
+    #[test]
+    fn a_tile_over_extents_that_a_new_one_parts_logically_is_kept() {
+        // Extents at sectors 100+8 and 108+8 followed each other in the file (one merged range,
+        // one region); a write between them logically parts the merged ranges. The region
+        // still counts only the file's sectors: it stays, with its counters (seen on xfs under
+        // random O_DIRECT growth, where deleting it lost its IO).
+        let members = [(0, r(100, 16))];
+        let p = plan(&members, &[r(100, 8), r(500, 8), r(108, 8)], Mapping::Tiled);
+        assert_eq!(p.keep, vec![0]);
+        assert!(p.delete.is_empty());
+        assert_eq!(p.create, vec![r(500, 8)]);
     }
 
     fn sorted_ranges(v: &[(u64, SectorRange)]) -> Vec<SectorRange> {
@@ -677,13 +694,27 @@ mod tests {
             let local = plan_window(&near, &old_window, &new_window, mapping)
                 .expect("a consistent group is planned locally");
             let whole = plan(&members, &after_all, mapping);
-            prop_assert_eq!(&local.create, &whole.create);
-            prop_assert_eq!(&local.fuse, &whole.fuse);
             prop_assert_eq!(&local.delete, &whole.delete);
-            prop_assert_eq!(
-                sorted_ranges(&apply(&members, &local, true)),
-                sorted_ranges(&apply(&members, &whole, true))
-            );
+            match mapping {
+                Mapping::Exact => {
+                    prop_assert_eq!(&local.create, &whole.create);
+                    prop_assert_eq!(&local.fuse, &whole.fuse);
+                    prop_assert_eq!(
+                        sorted_ranges(&apply(&members, &local, true)),
+                        sorted_ranges(&apply(&members, &whole, true))
+                    );
+                }
+                // Tiles span ranges that touch on the device: a kept region just outside the
+                // window, touching it, may join a fuse run of the whole plan and not of the
+                // window's. Either way every sector of the file is in exactly one region.
+                Mapping::Tiled => {
+                    for applied in [apply(&members, &local, true), apply(&members, &whole, true)] {
+                        let ranges = sorted_ranges(&applied);
+                        prop_assert!(ranges.windows(2).all(|w| w[0].end() <= w[1].start));
+                        prop_assert_eq!(join_adjacent(ranges), join_adjacent(after_all.clone()));
+                    }
+                }
+            }
         }
 
         #[test]

@@ -1,6 +1,6 @@
 //! Planning after an event: only the regions near the device ranges the event changed.
 use super::{Mapping, Plan, plan};
-use crate::sectors::SectorRange;
+use crate::sectors::{SectorRange, join_adjacent};
 
 /// Plans one window of the file after an event: `before` and `after` are the merged device
 /// ranges the window's extents covered before and after the change (every other range of the
@@ -16,8 +16,15 @@ pub fn plan_window(
     after: &[SectorRange],
     mapping: Mapping,
 ) -> Option<Plan> {
-    let mut before = before.to_vec();
-    before.sort_unstable();
+    // Tiles may span ranges that touch on the device (see `plan_tiled`).
+    let before = match mapping {
+        Mapping::Tiled => join_adjacent(before.to_vec()),
+        Mapping::Exact => {
+            let mut before = before.to_vec();
+            before.sort_unstable();
+            before
+        }
+    };
     let inside_before = |range: &SectorRange| {
         let i = before.partition_point(|b| b.start <= range.start);
         i > 0 && range.end() <= before[i - 1].end()
