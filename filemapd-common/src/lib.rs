@@ -34,8 +34,145 @@ pub struct TracepointLayout {
     /// Records whose `skip` field has every bit of `skip_mask` set are dropped in the kernel
     /// (xfs: extents still awaiting allocation carry such a magic start block).
     pub skip: Field,
-    pub _pad: u32,
+    /// Where the allocated blocks lie, in file system blocks (xfs: AG-encoded), for the
+    /// in-kernel accounting; `size == 0` on tracepoints that do not allocate fresh blocks.
+    pub physical_start: Field,
+    pub physical_length: Field,
+    /// [`layout_flags`].
+    pub flags: u32,
     pub skip_mask: u64,
+    /// Allocations whose physical start has every bit of this set are not recorded (xfs:
+    /// a delayed allocation's placeholder, which some tracepoints report too).
+    pub physical_skip_mask: u64,
+    /// Allocations are recorded only when this field has every bit of `data_mask` set
+    /// (ext4: blocks for file data, not for the file's extent tree); `size == 0`: always.
+    pub data_flags: Field,
+    pub _pad2: u32,
+    pub data_mask: u64,
+}
+
+pub mod layout_flags {
+    /// Send no event to user space: the program only feeds the accounting.
+    pub const SILENT: u32 = 1;
+    /// An xfs extent-record change: during a delayed allocation's conversion, the real blocks
+    /// a record gains inside the converted (formerly delayed) logical range are fresh.
+    pub const XFS_CONVERSION: u32 = 2;
+}
+
+/// The value of the watched-inode map: where the inode's blocks lie on the device-mapper
+/// device under its file system, so that the kernel turns an allocation's block numbers into
+/// device sectors itself, before any user-space work. `dm_dev == 0`: not accounted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// The dm device, kernel dev_t encoding (the file system sits on it directly).
+    pub dm_dev: u32,
+    /// Index of the file's totals in the per-CPU totals array.
+    pub slot: u32,
+    /// log2(block size / 512): block number << this = sector.
+    pub sector_shift: u32,
+    /// xfs: block numbers are `AG number << ag_block_log | block in AG`; 0 for a linear
+    /// numbering (ext4).
+    pub ag_block_log: u32,
+    /// xfs: blocks per allocation group.
+    pub ag_blocks: u64,
+}
+
+/// The LPM-trie key data of the uncovered set: the dm device (big-endian) then a sector
+/// (big-endian), so that a prefix names an aligned power-of-two run of sectors on one device.
+pub type PieceAddress = [u8; 12];
+
+/// Bits of a piece key that name the device.
+pub const DEVICE_BITS: u32 = 32;
+
+/// Markers stand for aligned chunks of 2^CHUNK_LOG sectors (64 KiB) that hold a piece smaller
+/// than the chunk: a walk over an IO skips an unmarked chunk in one lookup.
+pub const CHUNK_LOG: u32 = 7;
+
+pub const fn piece_address(dev: u32, sector: u64) -> PieceAddress {
+    let d = dev.to_be_bytes();
+    let s = sector.to_be_bytes();
+    [
+        d[0], d[1], d[2], d[3], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
+    ]
+}
+
+/// The prefix length of a key naming 2^span_log sectors.
+pub const fn prefix_len(span_log: u32) -> u32 {
+    DEVICE_BITS + 64 - span_log
+}
+
+/// One entry of the uncovered set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Piece {
+    /// The sectors the entry stands for, `[start, end)`.
+    pub start: u64,
+    pub end: u64,
+    /// 0 while uncovered; otherwise the region creation that covers it, which counts once
+    /// `COVERED` holds the ticket (set in the kernel while the device is suspended).
+    pub ticket: u64,
+    pub slot: u32,
+    /// [`piece_kind`].
+    pub kind: u32,
+    /// The file system block size in sectors (a marker's walk steps by it in its chunk).
+    pub step: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the allocation was recorded: a pass only
+    /// judges pieces older than its own reading of the file.
+    pub born_ns: u64,
+}
+
+pub mod piece_kind {
+    /// Freshly allocated sectors of one watched file.
+    pub const RANGE: u32 = 1;
+    /// A chunk holding a smaller range somewhere.
+    pub const MARKER: u32 = 2;
+}
+
+/// IO the kernel counted in a file's uncovered sectors, per CPU (summed by user space).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UncoveredTotals {
+    pub reads: u64,
+    pub read_sectors: u64,
+    pub read_ns: u64,
+    pub writes: u64,
+    pub write_sectors: u64,
+    pub write_ns: u64,
+    /// Allocations that could not be put in the uncovered set whole (the set was full, or
+    /// the range needed more pieces than one program may insert): their IO may go uncounted.
+    pub unrecorded: u64,
+    /// IOs the walk gave up on before their end (more steps than one program may take).
+    pub unwalked: u64,
+}
+
+/// Where the IO probe finds what it needs in dm's structures (offsets from the kernel's
+/// BTF), and what `dm_stats_account_io`'s time argument is on this kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DmLayout {
+    /// offsetof(struct mapped_device, stats): the probe gets `&md->stats`.
+    pub stats_in_md: u32,
+    /// offsetof(struct mapped_device, disk).
+    pub disk_in_md: u32,
+    /// offsetof(struct gendisk, major) and first_minor.
+    pub major_in_disk: u32,
+    pub first_minor_in_disk: u32,
+    /// [`time_arg`].
+    pub time_arg: u32,
+    /// Nanoseconds per jiffy (1e9 / CONFIG_HZ); 0 when unknown (durations read 0).
+    pub ns_per_jiffy: u32,
+}
+
+/// What the sixth argument of `dm_stats_account_io` holds (its name in BTF tells).
+pub mod time_arg {
+    pub const UNKNOWN: u32 = 0;
+    /// `start_time`: jiffies when the IO started.
+    pub const START_JIFFIES: u32 = 1;
+    /// `duration_jiffies`.
+    pub const DURATION_JIFFIES: u32 = 2;
+    /// `duration_ns`.
+    pub const DURATION_NS: u32 = 3;
 }
 
 /// One change to a watched inode's block mapping, as sent through the ring buffer.
@@ -52,6 +189,10 @@ pub struct ExtentEvent {
     pub length: u64,
     /// `bpf_ktime_get_ns()` when the tracepoint fired.
     pub ktime_ns: u64,
+    /// Raw values of the physical start (file system block; xfs: AG-encoded) and block count,
+    /// on tracepoints that report them (0 otherwise): for `filemapd trace`.
+    pub physical_start: u64,
+    pub physical_length: u64,
 }
 
 /// The tracepoints the kernel half has a program for, by index into [`LAYOUTS_LEN`]-long arrays.
@@ -65,8 +206,11 @@ pub mod tracepoint {
     pub const XFS_BMAP_POST_UPDATE: u32 = 6;
     pub const EXT4_ES_REMOVE_EXTENT: u32 = 7;
     pub const XFS_SWAP_EXTENT_AFTER: u32 = 8;
+    /// Silent (accounting only): the records an xfs delayed-allocation conversion changes.
+    pub const XFS_BMAP_PRE_UPDATE: u32 = 9;
+    pub const XFS_IEXT_REMOVE: u32 = 10;
     /// Number of entries above.
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 11;
     /// Not a tracepoint: dm-stats' message handler returned from another process's deletion
     /// of a region or rewrite of its aux_data (where groups live). The event names no inode.
     pub const DM_STATS_CHANGED: u32 = 0x100;
@@ -88,6 +232,23 @@ pub mod names {
     pub const DM_STATS_MESSAGE: &str = "dm_stats_message";
     /// The kretprobe program on its return (when the change has been made).
     pub const DM_STATS_MESSAGE_RETURN: &str = "dm_stats_message_return";
+    /// The in-kernel accounting: the uncovered set, per-file totals, and the tickets of
+    /// region creations under way (by thread) and done (set while the device is suspended).
+    pub const UNCOVERED: &str = "UNCOVERED";
+    pub const TOTALS: &str = "TOTALS";
+    pub const COVERING: &str = "COVERING";
+    pub const COVERED: &str = "COVERED";
+    /// Global: nonzero when the programs log (aya-log) what their filter kept or dropped.
+    pub const LOG_EVENTS: &str = "LOG_EVENTS";
+    /// Global: the [`DmLayout`](super::DmLayout).
+    pub const DM_LAYOUT: &str = "DM_LAYOUT";
+    /// dm-mod's per-bio accounting function, and the program on it.
+    pub const DM_STATS_ACCOUNT_IO: &str = "dm_stats_account_io";
+    /// dm-mod's resume after a region creation's suspend, and the program on it.
+    pub const DM_INTERNAL_RESUME_FAST: &str = "dm_internal_resume_fast";
+    /// xfs's conversion of a delayed allocation (writeback), probed on entry and return.
+    pub const XFS_BMAPI_CONVERT_DELALLOC: &str = "xfs_bmapi_convert_delalloc";
+    pub const XFS_BMAPI_CONVERT_DELALLOC_RETURN: &str = "xfs_bmapi_convert_delalloc_return";
 }
 
 #[cfg(feature = "user")]
@@ -98,4 +259,8 @@ mod pod {
     unsafe impl aya::Pod for Field {}
     unsafe impl aya::Pod for TracepointLayout {}
     unsafe impl aya::Pod for ExtentEvent {}
+    unsafe impl aya::Pod for Placement {}
+    unsafe impl aya::Pod for Piece {}
+    unsafe impl aya::Pod for UncoveredTotals {}
+    unsafe impl aya::Pod for DmLayout {}
 }

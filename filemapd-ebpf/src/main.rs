@@ -5,25 +5,74 @@
 //! (units, kinds, what to re-read) is decided in user space. One kprobe more tells user space
 //! when another process deletes a dm-stats region or rewrites its aux_data, so that a deleted
 //! group is noticed without polling.
+//!
+//! The in-kernel accounting: an allocation for a watched file also puts its sectors in the
+//! uncovered set (an LPM trie of aligned power-of-two pieces), and a probe on dm-stats' own
+//! per-bio accounting charges the IO that lands there to the file, until the region that
+//! covers it exists. That IO completed before any user-space monitor could have made a region.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes,
     },
     macros::{kprobe, kretprobe, map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
+use aya_log_ebpf::{debug, info};
 use filemapd_common::{
-    ExtentEvent, Field, InodeKey, LAYOUTS_LEN, TracepointLayout, tracepoint as tp,
+    CHUNK_LOG, DmLayout, ExtentEvent, Field, InodeKey, LAYOUTS_LEN, Piece, PieceAddress, Placement,
+    TracepointLayout, UncoveredTotals, layout_flags, piece_address, piece_kind, prefix_len,
+    time_arg, tracepoint as tp,
 };
 
-/// Inodes user space watches; the value is unused. Resized by user space at load time.
+/// Inodes user space watches, and where their blocks lie. Resized by user space at load time.
 #[map]
-static WATCHED: HashMap<InodeKey, u8> = HashMap::with_max_entries(1024, 0);
+static WATCHED: HashMap<InodeKey, Placement> = HashMap::with_max_entries(1024, 0);
+
+/// The uncovered set: freshly allocated sectors of watched files that no region of theirs
+/// covers yet, plus chunk markers. BPF_F_NO_PREALLOC, which LPM tries require.
+#[map]
+static UNCOVERED: LpmTrie<PieceAddress, Piece> = LpmTrie::with_max_entries(65536, 0);
+
+/// Per file (by `Placement::slot`): IO counted in its uncovered sectors. Resized at load time.
+#[map]
+static TOTALS: PerCpuArray<UncoveredTotals> = PerCpuArray::with_max_entries(1024, 0);
+
+/// Threads about to create a region: the ticket of the pieces that region covers.
+#[map]
+static COVERING: HashMap<u64, u64> = HashMap::with_max_entries(1024, 0);
+
+/// Tickets whose region exists: set when dm-stats resumes the device after adding it, so that
+/// every IO before counts in the kernel and every IO after in the region, none in both.
+#[map]
+static COVERED: HashMap<u64, u8> = HashMap::with_max_entries(4096, 0);
+
+/// Threads inside xfs_bmapi_convert_delalloc, with the logical range `(start, end)` of the
+/// delayed-allocation records seen so far in that call (their blocks are being allocated).
+#[map]
+static CONVERTING: HashMap<u64, [u64; 2]> = HashMap::with_max_entries(256, 0);
+
+/// Set by user space at load time from the kernel's BTF; all zero leaves the IO probe idle.
+#[unsafe(no_mangle)]
+static DM_LAYOUT: DmLayout = DmLayout {
+    stats_in_md: 0,
+    disk_in_md: 0,
+    major_in_disk: 0,
+    first_minor_in_disk: 0,
+    time_arg: 0,
+    ns_per_jiffy: 0,
+};
+
+/// Most pieces one allocation is cut into (an aligned run of 2^32 blocks needs at most 64).
+const MAX_PIECES: u32 = 64;
+/// Most lookups one IO's walk takes (a 4 MiB IO over unmarked chunks, or 256 KiB of chunks
+/// that hold small pieces).
+const MAX_STEPS: u32 = 64;
+const CHUNK: u64 = 1 << CHUNK_LOG;
 
 /// Events for watched inodes.
 #[map]
@@ -42,8 +91,14 @@ static LAYOUTS: [TracepointLayout; LAYOUTS_LEN] = [TracepointLayout {
     start: NO_FIELD,
     length: NO_FIELD,
     skip: NO_FIELD,
-    _pad: 0,
+    physical_start: NO_FIELD,
+    physical_length: NO_FIELD,
+    flags: 0,
     skip_mask: 0,
+    physical_skip_mask: 0,
+    data_flags: NO_FIELD,
+    _pad2: 0,
+    data_mask: 0,
 }; LAYOUTS_LEN];
 
 const NO_FIELD: Field = Field { offset: 0, size: 0 };
@@ -59,47 +114,71 @@ static OWN_TGID: u32 = 0;
 
 #[tracepoint]
 pub fn ext4_allocate_blocks(ctx: TracePointContext) -> u32 {
-    report(&ctx, tp::EXT4_ALLOCATE_BLOCKS)
+    report(&ctx, tp::EXT4_ALLOCATE_BLOCKS, "ext4_allocate_blocks")
 }
 
 #[tracepoint]
 pub fn xfs_map_blocks_alloc(ctx: TracePointContext) -> u32 {
-    report(&ctx, tp::XFS_MAP_BLOCKS_ALLOC)
+    report(&ctx, tp::XFS_MAP_BLOCKS_ALLOC, "xfs_map_blocks_alloc")
 }
 
 #[tracepoint]
 pub fn xfs_iomap_alloc(ctx: TracePointContext) -> u32 {
-    report(&ctx, tp::XFS_IOMAP_ALLOC)
+    report(&ctx, tp::XFS_IOMAP_ALLOC, "xfs_iomap_alloc")
 }
 
 #[tracepoint]
 pub fn ext4_ext_remove_space(ctx: TracePointContext) -> u32 {
-    report(&ctx, tp::EXT4_EXT_REMOVE_SPACE)
+    report(&ctx, tp::EXT4_EXT_REMOVE_SPACE, "ext4_ext_remove_space")
 }
 
 #[tracepoint]
 pub fn xfs_bunmap(ctx: TracePointContext) -> u32 {
-    report(&ctx, tp::XFS_BUNMAP)
+    report(&ctx, tp::XFS_BUNMAP, "xfs_bunmap")
 }
 
 #[tracepoint]
 pub fn xfs_iext_insert(ctx: TracePointContext) -> u32 {
-    report(&ctx, tp::XFS_IEXT_INSERT)
+    report(&ctx, tp::XFS_IEXT_INSERT, "xfs_iext_insert")
 }
 
 #[tracepoint]
 pub fn xfs_bmap_post_update(ctx: TracePointContext) -> u32 {
-    report(&ctx, tp::XFS_BMAP_POST_UPDATE)
+    report(&ctx, tp::XFS_BMAP_POST_UPDATE, "xfs_bmap_post_update")
 }
 
 #[tracepoint]
 pub fn ext4_es_remove_extent(ctx: TracePointContext) -> u32 {
-    report(&ctx, tp::EXT4_ES_REMOVE_EXTENT)
+    report(&ctx, tp::EXT4_ES_REMOVE_EXTENT, "ext4_es_remove_extent")
 }
 
 #[tracepoint]
 pub fn xfs_swap_extent_after(ctx: TracePointContext) -> u32 {
-    report(&ctx, tp::XFS_SWAP_EXTENT_AFTER)
+    report(&ctx, tp::XFS_SWAP_EXTENT_AFTER, "xfs_swap_extent_after")
+}
+
+#[tracepoint]
+pub fn xfs_bmap_pre_update(ctx: TracePointContext) -> u32 {
+    report(&ctx, tp::XFS_BMAP_PRE_UPDATE, "xfs_bmap_pre_update")
+}
+
+#[tracepoint]
+pub fn xfs_iext_remove(ctx: TracePointContext) -> u32 {
+    report(&ctx, tp::XFS_IEXT_REMOVE, "xfs_iext_remove")
+}
+
+/// `int xfs_bmapi_convert_delalloc(...)`: writeback turning a delayed allocation into blocks.
+/// The record changes it makes (traced) tell which blocks are fresh.
+#[kprobe]
+pub fn xfs_bmapi_convert_delalloc(_ctx: ProbeContext) -> u32 {
+    let _ = CONVERTING.insert(&bpf_get_current_pid_tgid(), &[0, 0], 0);
+    0
+}
+
+#[kretprobe]
+pub fn xfs_bmapi_convert_delalloc_return(_ctx: RetProbeContext) -> u32 {
+    let _ = CONVERTING.remove(&bpf_get_current_pid_tgid());
+    0
 }
 
 /// `int dm_stats_message(struct mapped_device *md, unsigned argc, char **argv, ...)`: every
@@ -136,6 +215,8 @@ pub fn dm_stats_message_return(_ctx: RetProbeContext) -> u32 {
         length: 0,
         // SAFETY: a helper without arguments or preconditions.
         ktime_ns: unsafe { bpf_ktime_get_ns() },
+        physical_start: 0,
+        physical_length: 0,
     };
     send(&event);
     0
@@ -169,35 +250,349 @@ fn changes_regions(ctx: &ProbeContext) -> bool {
     word == halves(b"@stats_delete\0\0\0") || word == halves(b"@stats_set_aux\0\0")
 }
 
+/// Whether `--ebpf-log` asked for the programs' own log (aya-log): set at load time.
+#[unsafe(no_mangle)]
+static LOG_EVENTS: u32 = 0;
+
 #[inline(always)]
-fn report(ctx: &TracePointContext, source: u32) -> u32 {
-    // SAFETY: LAYOUTS is plain data in .rodata; volatile keeps the compiler from folding the
-    // all-zero initial value that user space replaces at load time.
-    let layout: TracepointLayout =
-        unsafe { core::ptr::read_volatile(&LAYOUTS[source as usize % LAYOUTS_LEN]) };
+fn logging() -> bool {
+    // SAFETY: plain data in .rodata that user space sets at load time.
+    unsafe { core::ptr::read_volatile(&LOG_EVENTS) != 0 }
+}
+
+#[inline(always)]
+fn report(ctx: &TracePointContext, source: u32, name: &str) -> u32 {
+    // Fields are read one by one from .rodata rather than the layout copied: the programs'
+    // stack is small and aya-log's records need their share.
+    let layout = &LAYOUTS[source as usize % LAYOUTS_LEN];
     let key = InodeKey {
-        dev: read_field(ctx, layout.dev) as u32,
+        dev: read_field(ctx, rodata(&layout.dev)) as u32,
         _pad: 0,
-        ino: read_field(ctx, layout.ino),
+        ino: read_field(ctx, rodata(&layout.ino)),
     };
-    // SAFETY: the value is only tested for presence, never read through the reference.
-    if unsafe { WATCHED.get(&key) }.is_none() {
+    // SAFETY: a copy is taken at once; user space only inserts and removes whole entries.
+    let Some(placement) = (unsafe { WATCHED.get(&key) }).copied() else {
+        if logging() {
+            log_dropped(ctx, name, key.ino, "not watched");
+        }
+        return 0;
+    };
+    let flags = rodata(&layout.flags);
+    if flags & layout_flags::XFS_CONVERSION != 0 && placement.dm_dev != 0 {
+        note_conversion(ctx, layout, &placement);
+    }
+    if flags & layout_flags::SILENT != 0 {
         return 0;
     }
-    if layout.skip.size != 0 && read_field(ctx, layout.skip) & layout.skip_mask == layout.skip_mask
+    let skip = rodata(&layout.skip);
+    let skip_mask = rodata(&layout.skip_mask);
+    if skip.size != 0 && read_field(ctx, skip) & skip_mask == skip_mask {
+        if logging() {
+            log_dropped(ctx, name, key.ino, "no blocks yet (delayed allocation)");
+        }
+        return 0;
+    }
+    let physical_start = read_field(ctx, rodata(&layout.physical_start));
+    let physical_length = read_field(ctx, rodata(&layout.physical_length));
+    if rodata(&layout.physical_start).size != 0
+        && placement.dm_dev != 0
+        && flags & layout_flags::XFS_CONVERSION == 0
     {
-        return 0;
+        let placeholder = rodata(&layout.physical_skip_mask);
+        let data_flags = rodata(&layout.data_flags);
+        let data_mask = rodata(&layout.data_mask);
+        let data = data_flags.size == 0 || read_field(ctx, data_flags) & data_mask == data_mask;
+        if data && (placeholder == 0 || physical_start & placeholder != placeholder) {
+            if logging() {
+                log_uncovered(ctx, name, key.ino, physical_start, physical_length);
+            }
+            record_uncovered(&placement, physical_start, physical_length);
+        }
     }
-    let event = ExtentEvent {
+    let start = read_field(ctx, rodata(&layout.start));
+    let length = read_field(ctx, rodata(&layout.length));
+    if logging() {
+        log_kept(ctx, name, key.ino, start, length);
+    }
+    // Written in place in the ring buffer, not built on the stack first.
+    let Some(mut entry) = EVENTS.reserve::<ExtentEvent>(0) else {
+        count_lost();
+        return 0;
+    };
+    entry.write(ExtentEvent {
         key,
         source,
         _pad: 0,
-        start: read_field(ctx, layout.start),
-        length: read_field(ctx, layout.length),
+        start,
+        length,
         // SAFETY: a helper without arguments or preconditions.
         ktime_ns: unsafe { bpf_ktime_get_ns() },
+        physical_start,
+        physical_length,
+    });
+    entry.submit(0);
+    0
+}
+
+/// A value in .rodata that user space sets at load time; volatile keeps the compiler from
+/// folding the all-zero initial value.
+#[inline(always)]
+fn rodata<T: Copy>(value: &T) -> T {
+    // SAFETY: a plain read of plain data.
+    unsafe { core::ptr::read_volatile(value) }
+}
+
+// The programs' own log (`--ebpf-log`), out of line: aya-log's records take stack that the
+// programs' frames would otherwise have to share.
+#[inline(never)]
+fn log_dropped(ctx: &TracePointContext, name: &str, ino: u64, why: &str) {
+    debug!(ctx, "{}: inode {} dropped: {}", name, ino, why);
+}
+
+#[inline(never)]
+fn log_kept(ctx: &TracePointContext, name: &str, ino: u64, start: u64, length: u64) {
+    info!(
+        ctx,
+        "{}: inode {} kept: start {} length {}", name, ino, start, length
+    );
+}
+
+#[inline(never)]
+fn log_uncovered(ctx: &TracePointContext, name: &str, ino: u64, block: u64, blocks: u64) {
+    info!(
+        ctx,
+        "{}: inode {} blocks {}+{} uncovered until their region exists", name, ino, block, blocks
+    );
+}
+
+/// An xfs extent record changing inside a delayed allocation's conversion: a delayed record
+/// widens the converted logical range; a real one's blocks inside that range are fresh
+/// (what it had before lies outside: records do not overlap).
+#[inline(always)]
+fn note_conversion(ctx: &TracePointContext, layout: &TracepointLayout, placement: &Placement) {
+    let Some(range) = CONVERTING.get_ptr_mut(&bpf_get_current_pid_tgid()) else {
+        return;
     };
-    send(&event);
+    // SAFETY: this thread's own entry; only this thread writes it while the call lasts.
+    let range = unsafe { &mut *range };
+    let start = read_field(ctx, rodata(&layout.start));
+    let end = start + read_field(ctx, rodata(&layout.length));
+    let block = read_field(ctx, rodata(&layout.physical_start));
+    let placeholder = rodata(&layout.physical_skip_mask);
+    if block & placeholder == placeholder {
+        if range[0] == range[1] {
+            *range = [start, end];
+        } else {
+            range[0] = if start < range[0] { start } else { range[0] };
+            range[1] = if end > range[1] { end } else { range[1] };
+        }
+        return;
+    }
+    let lo = if start > range[0] { start } else { range[0] };
+    let hi = if end < range[1] { end } else { range[1] };
+    if lo < hi {
+        record_uncovered(placement, block + (lo - start), hi - lo);
+    }
+}
+
+/// Puts a fresh allocation of `blocks` file system blocks at `block` into the uncovered set,
+/// cut into aligned power-of-two pieces (what an LPM trie can hold), with a marker on each
+/// chunk that holds a piece smaller than the chunk.
+#[inline(always)]
+fn record_uncovered(placement: &Placement, block: u64, blocks: u64) {
+    let shift = placement.sector_shift & 15;
+    let linear = if placement.ag_block_log == 0 {
+        block
+    } else {
+        let log = placement.ag_block_log & 63;
+        (block >> log) * placement.ag_blocks + (block & ((1u64 << log) - 1))
+    };
+    let mut start = linear << shift;
+    let end = start + (blocks << shift);
+    let dev = placement.dm_dev;
+    // SAFETY: a helper without arguments or preconditions.
+    let born_ns = unsafe { bpf_ktime_get_ns() };
+    for _ in 0..MAX_PIECES {
+        if start >= end {
+            return;
+        }
+        // The largest run that is aligned at `start` and fits before `end`.
+        let fits = 63 - (end - start).leading_zeros();
+        let span_log = if start.trailing_zeros() < fits {
+            start.trailing_zeros()
+        } else {
+            fits
+        };
+        let span = 1u64 << (span_log & 63);
+        let piece = Piece {
+            start,
+            end: start + span,
+            ticket: 0,
+            slot: placement.slot,
+            kind: piece_kind::RANGE,
+            step: 1 << shift,
+            born_ns,
+        };
+        let key = Key::new(prefix_len(span_log), piece_address(dev, start));
+        if UNCOVERED.insert(&key, &piece, 0).is_err() {
+            break;
+        }
+        if span_log < CHUNK_LOG {
+            let chunk = start & !(CHUNK - 1);
+            let marker = Piece {
+                start: chunk,
+                end: chunk + CHUNK,
+                ticket: 0,
+                slot: 0,
+                kind: piece_kind::MARKER,
+                step: 1 << shift,
+                born_ns,
+            };
+            let key = Key::new(prefix_len(CHUNK_LOG), piece_address(dev, chunk));
+            // BPF_NOEXIST: a marker never replaces a piece that spans the chunk.
+            let _ = UNCOVERED.insert(&key, &marker, 1);
+        }
+        start += span;
+    }
+    if let Some(totals) = TOTALS.get_ptr_mut(placement.slot) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
+        unsafe { (*totals).unrecorded += 1 };
+    }
+}
+
+/// `void dm_stats_account_io(struct dm_stats *stats, unsigned long bi_rw, sector_t bi_sector,
+/// unsigned bi_sectors, bool end, unsigned long start_time (or a duration), ...)`: dm-stats
+/// charging one bio to its regions. At the bio's end, charges the sectors of it that lie in
+/// the uncovered set to their files.
+#[kprobe]
+pub fn dm_stats_account_io(ctx: ProbeContext) -> u32 {
+    // SAFETY: plain data in .rodata that user space sets at load time.
+    let layout: DmLayout = unsafe { core::ptr::read_volatile(&DM_LAYOUT) };
+    if layout.disk_in_md == 0 {
+        return 0;
+    }
+    let (Some(stats), Some(rw), Some(sector), Some(sectors), Some(end), Some(time)) = (
+        ctx.arg::<u64>(0),
+        ctx.arg::<u64>(1),
+        ctx.arg::<u64>(2),
+        ctx.arg::<u64>(3),
+        ctx.arg::<u64>(4),
+        ctx.arg::<u64>(5),
+    ) else {
+        return 0;
+    };
+    if end & 0xff == 0 {
+        return 0;
+    }
+    let Some(dev) = device_of(stats, &layout) else {
+        return 0;
+    };
+    let duration_ns = match layout.time_arg {
+        // SAFETY: a helper without arguments or preconditions.
+        time_arg::START_JIFFIES => (unsafe { bpf_jiffies64() })
+            .wrapping_sub(time)
+            .wrapping_mul(layout.ns_per_jiffy as u64),
+        time_arg::DURATION_JIFFIES => time.wrapping_mul(layout.ns_per_jiffy as u64),
+        time_arg::DURATION_NS => time,
+        _ => 0,
+    };
+    charge(
+        dev,
+        rw & 1 == 1,
+        sector,
+        sector + (sectors & 0xffff_ffff),
+        duration_ns,
+    );
+    0
+}
+
+/// The dm device (kernel dev_t) whose `struct dm_stats` this is.
+#[inline(always)]
+fn device_of(stats: u64, layout: &DmLayout) -> Option<u32> {
+    let md = stats.wrapping_sub(layout.stats_in_md as u64);
+    // SAFETY: md is the mapped_device holding these stats; the helpers check every access.
+    let disk: u64 =
+        unsafe { bpf_probe_read_kernel((md + layout.disk_in_md as u64) as *const u64) }.ok()?;
+    let major: u32 =
+        unsafe { bpf_probe_read_kernel((disk + layout.major_in_disk as u64) as *const u32) }
+            .ok()?;
+    let minor: u32 =
+        unsafe { bpf_probe_read_kernel((disk + layout.first_minor_in_disk as u64) as *const u32) }
+            .ok()?;
+    Some(major << 20 | (minor & 0xfffff))
+}
+
+/// Walks the IO `[sector, end)` through the uncovered set and charges each file its share.
+#[inline(always)]
+fn charge(dev: u32, write: bool, sector: u64, end: u64, duration_ns: u64) {
+    let mut at = sector;
+    let mut last_slot = u32::MAX;
+    for _ in 0..MAX_STEPS {
+        if at >= end {
+            return;
+        }
+        let key = Key::new(prefix_len(0), piece_address(dev, at));
+        let found = UNCOVERED.get(&key).copied();
+        let Some(piece) = found else {
+            // Nothing in this chunk: on to the next.
+            at = (at | (CHUNK - 1)) + 1;
+            continue;
+        };
+        if piece.kind == piece_kind::MARKER {
+            // Something smaller in this chunk: on block by block.
+            let step = if piece.step == 0 { 1 } else { piece.step };
+            at = (at / step + 1) * step;
+            continue;
+        }
+        let stop = if piece.end < end { piece.end } else { end };
+        if stop <= at {
+            // Only a stale or torn entry can end before the place it was found at.
+            at += 1;
+            continue;
+        }
+        // SAFETY: the value is only tested for presence.
+        let covered = piece.ticket != 0 && unsafe { COVERED.get(&piece.ticket) }.is_some();
+        if !covered {
+            if let Some(totals) = TOTALS.get_ptr_mut(piece.slot) {
+                // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
+                let totals = unsafe { &mut *totals };
+                let first = piece.slot != last_slot;
+                if write {
+                    totals.write_sectors += stop - at;
+                    if first {
+                        totals.writes += 1;
+                        totals.write_ns += duration_ns;
+                    }
+                } else {
+                    totals.read_sectors += stop - at;
+                    if first {
+                        totals.reads += 1;
+                        totals.read_ns += duration_ns;
+                    }
+                }
+                last_slot = piece.slot;
+            }
+        }
+        at = stop;
+    }
+    if at < end {
+        if let Some(totals) = TOTALS.get_ptr_mut(if last_slot == u32::MAX { 0 } else { last_slot })
+        {
+            // SAFETY: as above.
+            unsafe { (*totals).unwalked += 1 };
+        }
+    }
+}
+
+/// `void dm_internal_resume_fast(struct mapped_device *md)`, which dm-stats calls after adding
+/// a region while the device is suspended: the ticket of the thread creating it is done.
+#[kprobe]
+pub fn dm_internal_resume_fast(_ctx: ProbeContext) -> u32 {
+    let thread = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied at once.
+    if let Some(ticket) = unsafe { COVERING.get(&thread) }.copied() {
+        let _ = COVERED.insert(&ticket, &1, 0);
+    }
     0
 }
 
@@ -205,10 +600,16 @@ fn report(ctx: &TracePointContext, source: u32) -> u32 {
 #[inline(always)]
 fn send(event: &ExtentEvent) {
     if EVENTS.output::<ExtentEvent>(event, 0).is_err() {
-        if let Some(lost) = LOST.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
-            unsafe { *lost += 1 };
-        }
+        count_lost();
+    }
+}
+
+/// An event found the ring buffer full: user space rescans everything when this moves.
+#[inline(always)]
+fn count_lost() {
+    if let Some(lost) = LOST.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
+        unsafe { *lost += 1 };
     }
 }
 

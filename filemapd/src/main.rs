@@ -16,7 +16,7 @@ use filemapd::{
     reconcile::Mapping,
     sectors::{SectorRange, join_adjacent},
     stats,
-    wake::ebpf::{Hub, Tracer},
+    wake::ebpf::{Hub, Tracer, accounting, pins},
     wake::notify::Notifier,
 };
 
@@ -95,6 +95,23 @@ enum Command {
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
     },
+    /// For kernel labs: watch FILEs with the eBPF trigger and print, as JSON lines on stdout,
+    /// each allocation or removal event of theirs (tracepoint, inode, logical and physical
+    /// range, kernel time), each pass the daemon made (the bytes it read with FIEMAP, regions
+    /// created and deleted, event-to-region time), and at the end (SIGTERM or Ctrl-C) the IO
+    /// the kernel counted before regions existed. Files get the group they have, or one made
+    /// as dmstats makes it; groups are kept.
+    Trace {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Also log what the eBPF programs' filter kept or dropped, and why (aya-log; on
+        /// stderr, with the daemon's log).
+        #[arg(long)]
+        ebpf_log: bool,
+        /// Log more on stderr: -v info, -vv debug, -vvv trace.
+        #[arg(short, long, action = clap::ArgAction::Count)]
+        verbose: u8,
+    },
     /// Map a file into a new group as `dmstats create --filemap --nomonitor` does (a file that
     /// has a group keeps it); for hosts whose dmstats lacks --filemap, and for scripts.
     Map {
@@ -121,7 +138,9 @@ enum Command {
     /// Write the manual pages (filemapd.8, filemapd-watch.8, ...) into DIR, for installers.
     #[command(hide = true)]
     ManPages { dir: PathBuf },
-    /// Print a file's extents (FIEMAP, in sectors of its dm device) beside its group's regions.
+    /// Print a file's extents (FIEMAP, in sectors of its dm device) beside its group's regions,
+    /// the group's dm-stats totals, and the IO a running daemon counted in the kernel before
+    /// regions existed.
     Show {
         /// The file.
         path: PathBuf,
@@ -200,6 +219,27 @@ fn main() -> ExitCode {
                 mapping: mapping(exact),
                 metrics,
                 handoff,
+                ebpf_log: false,
+            })
+        }
+        Some(Command::Trace {
+            paths,
+            ebpf_log,
+            verbose,
+        }) => {
+            // The programs' log is at debug level: --ebpf-log shows it without -vv.
+            logging::init(if ebpf_log { verbose.max(2) } else { verbose });
+            filemapd::daemon::trace::enable();
+            watch(filemapd::daemon::watch::Options {
+                config: None,
+                paths,
+                keep_groups: true,
+                interval: Duration::from_millis(500),
+                ebpf: true,
+                mapping: Mapping::Tiled,
+                metrics: None,
+                handoff: false,
+                ebpf_log,
             })
         }
         Some(Command::Map {
@@ -393,6 +433,12 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool, mapping: Mappin
         })
     });
     log::info!("{}", monitor.tally());
+    if let Some(totals) = monitor.uncovered_totals() {
+        log::info!(
+            "IO before its region existed, counted in the kernel: {}",
+            accounting::describe(&totals)
+        );
+    }
     match result {
         Ok(exit) => {
             log::info!("{}", exit.message());
@@ -420,7 +466,12 @@ fn show(path: &PathBuf, group_id: Option<u64>) -> anyhow::Result<()> {
         Some(id) => id,
         None => regions
             .iter()
-            .find(|r| r.group().ok().flatten().is_some() && extents.contains(&r.range))
+            .find(|r| {
+                r.group().ok().flatten().is_some()
+                    && extents
+                        .iter()
+                        .any(|e| e.start <= r.range.start && r.range.end() <= e.end())
+            })
             .map(|r| r.id)
             .with_context(|| format!("no group on {} covers {}", device.name(), path.display()))?,
     };
@@ -464,5 +515,34 @@ fn show(path: &PathBuf, group_id: Option<u64>) -> anyhow::Result<()> {
             "regions DIFFER from the file"
         }
     );
+    let mut counted = stats::Counters::default();
+    for &(id, _) in &regions {
+        let c = device.counters(id)?;
+        counted.reads += c.reads;
+        counted.sectors_read += c.sectors_read;
+        counted.read_ms += c.read_ms;
+        counted.writes += c.writes;
+        counted.sectors_written += c.sectors_written;
+        counted.write_ms += c.write_ms;
+    }
+    println!(
+        "counted by the group's regions: {} reads ({} sectors, {} ms), {} writes ({} sectors, {} ms)",
+        counted.reads,
+        counted.sectors_read,
+        counted.read_ms,
+        counted.writes,
+        counted.sectors_written,
+        counted.write_ms
+    );
+    let key = filemapd::file::identity::FileId::of(&metadata).inode_key();
+    match pins::find_totals(key)? {
+        Some((pid, totals)) => println!(
+            "counted in the kernel before a region existed (daemon {pid}): {}",
+            accounting::describe(&totals)
+        ),
+        None => println!(
+            "counted in the kernel before a region existed: no daemon with in-kernel accounting watches this file"
+        ),
+    }
     Ok(())
 }

@@ -46,7 +46,9 @@ async fn watched_inode_only(fs_kind: FsKind) {
         attached.iter().any(|n| n.starts_with(fs_kind.name())),
         "attached only {attached:?}"
     );
-    tracer.watch(file_id(&watched).inode_key()).unwrap();
+    tracer
+        .watch(file_id(&watched).inode_key(), Default::default())
+        .unwrap();
 
     // The unwatched file allocates first; the ring buffer is FIFO, so by the time the watched
     // file's event arrives, any event of the unwatched file would have been read before it.
@@ -137,7 +139,7 @@ async fn every_kind_of_change(fs_kind: FsKind) {
     fs::write(&path, b"").unwrap();
     let id = file_id(&path);
     let mut tracer = Tracer::load(16).unwrap();
-    tracer.watch(id.inode_key()).unwrap();
+    tracer.watch(id.inode_key(), Default::default()).unwrap();
 
     write_and_sync(&path, 0, 4 << 20).unwrap();
     expect_change(&mut tracer, id, Change::Allocated, "a write").await;

@@ -52,6 +52,8 @@ fn every_manual_page_renders() {
         "filemapd-watch.8",
         "filemapd-map.8",
         "filemapd-unmap.8",
+        "filemapd-show.8",
+        "filemapd-trace.8",
     ] {
         assert!(
             pages.iter().any(|p| p.ends_with(name)),

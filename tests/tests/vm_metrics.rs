@@ -8,6 +8,7 @@ use filemapd_tests::{
     daemon::{LoggedDaemon, device_of, group_by_alias, wait_converged},
     metrics::{dmstats_report, http_get, map_with_bounds, overwrite_first_mib, sample},
     require_device_mapper, write_and_sync,
+    writers::random_direct_writes,
 };
 
 fn watch_with_metrics(path: &Path, address: &str) -> LoggedDaemon {
@@ -101,6 +102,29 @@ fn the_endpoint_serves_what_dmstats_reports() {
     );
     assert!(value("filemapd_file_passes_total") >= 1.0);
     assert!(text.contains("filemapd_update_seconds_count"), "{text}");
+
+    // Growth: what the regions could not count (it came before them), the kernel did; the two
+    // series together are every sector written. (The report above cleared the regions'
+    // counters, so this starts from a fresh scrape.)
+    let written_sectors = |text: &str| {
+        sample(text, "filemapd_file_write_sectors_total", &labels).unwrap()
+            + sample(text, "filemapd_file_uncovered_write_sectors_total", &labels).unwrap()
+    };
+    let before = written_sectors(&http_get(address, "/metrics").unwrap().1);
+    let written = random_direct_writes(&path, 2 << 20, 8 << 20, 7) / 512;
+    wait_converged(&dmfs, &path, "vm.img", "growth");
+    let text = http_get(address, "/metrics").unwrap().1;
+    assert_eq!(written_sectors(&text) - before, written as f64, "{text}");
+    assert!(
+        sample(
+            &text,
+            "filemapd_file_uncovered_write_sectors_total",
+            &labels
+        )
+        .unwrap()
+            > 0.0,
+        "the first writes to fresh blocks come before their regions:\n{text}"
+    );
     // Anything but /metrics is not served.
     assert_eq!(http_get(address, "/").unwrap().0, 404);
 

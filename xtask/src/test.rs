@@ -139,6 +139,8 @@ const VM_TEST_TARGETS: &[&str] = &[
     "vm_daemon",
     "vm_ebpf",
     "vm_growth",
+    "vm_accounting",
+    "vm_trace",
     "vm_metrics",
     "vm_service",
     "vm_map",

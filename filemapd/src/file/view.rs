@@ -50,6 +50,12 @@ impl FileView {
         &self.map
     }
 
+    /// The logical bytes `(start, end)` the next read will look at, when events named them
+    /// (`None`: the whole file, or nothing changed).
+    pub fn span(&self) -> Option<(u64, u64)> {
+        if self.whole { None } else { self.span }
+    }
+
     /// Whether a read has run on this file.
     pub fn looked(&self) -> bool {
         self.last.is_some()

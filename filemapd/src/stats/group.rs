@@ -214,6 +214,24 @@ impl Group {
         found.into_iter().collect()
     }
 
+    /// Whether the members together cover every sector of `range`.
+    pub fn covers(&self, range: SectorRange) -> bool {
+        let mut places: Vec<SectorRange> = self
+            .places_near(&[range])
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        places.sort_unstable();
+        let mut reached = range.start;
+        for place in places {
+            if place.start > reached {
+                break;
+            }
+            reached = reached.max(place.end());
+        }
+        reached >= range.end()
+    }
+
     fn add(&mut self, region: Region) {
         self.by_place.insert((region.range, region.id));
         self.members.insert(region.id, region);
@@ -298,6 +316,11 @@ impl Group {
                 });
             }
             flush_part(part, &mut absorbed, &mut create, &mut leaving);
+        }
+        for id in &plan.delete {
+            if let Some(region) = self.members.get(id) {
+                log::debug!("region {id} at {} leaves group {}", region.range, self.id);
+            }
         }
         let fused = leaving.len() - plan.delete.len();
         leaving.sort_unstable();

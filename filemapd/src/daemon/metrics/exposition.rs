@@ -11,6 +11,8 @@ use prometheus_client::{
 };
 
 use super::{Board, FileState, Wakeup};
+use filemapd_common::UncoveredTotals;
+
 use crate::stats::{Counters, Group, RegionStats};
 
 /// The per-file series; registered as a collector so that they are read at scrape time.
@@ -29,6 +31,8 @@ struct Scraped {
     /// `None` when the group's regions could not be read (the file's IO series are left out
     /// of this scrape rather than shown wrong).
     stats: Option<RegionStats>,
+    /// IO the kernel counted before the file's regions existed; `None` without the accounting.
+    uncovered: Option<UncoveredTotals>,
 }
 
 impl Scraped {
@@ -40,10 +44,17 @@ impl Scraped {
             ("group_id", state.group_id.to_string()),
         ];
         let stats = group_stats(&state);
+        let uncovered = state.account.as_ref().and_then(|account| {
+            account
+                .totals()
+                .inspect_err(|e| debug!("{}: in-kernel totals left out: {e:#}", state.path))
+                .ok()
+        });
         Self {
             state,
             labels,
             stats,
+            uncovered,
         }
     }
 
@@ -168,6 +179,7 @@ impl Collector for FileMetrics {
             |f| io(f).map(|c: Counters| c.in_flight),
         )?;
         latency_histogram(e, &files)?;
+        uncovered_series(e, &files)?;
 
         gauge(
             e,
@@ -213,6 +225,54 @@ impl Collector for FileMetrics {
         )?;
         polling(e, &files)
     }
+}
+
+/// IO that landed in the file's freshly allocated sectors before a region covered them,
+/// counted in the kernel: added to the series above, it is all of the file's IO.
+fn uncovered_series(e: &mut DescriptorEncoder<'_>, files: &[Scraped]) -> fmt::Result {
+    let kernel = |f: &Scraped| f.uncovered;
+    counter(
+        e,
+        "filemapd_file_uncovered_reads",
+        "Reads of the file no region counted (before its region existed), counted in the kernel",
+        files,
+        |f| kernel(f).map(|t| t.reads),
+    )?;
+    counter(
+        e,
+        "filemapd_file_uncovered_read_sectors",
+        "512-byte sectors read before their region existed, counted in the kernel",
+        files,
+        |f| kernel(f).map(|t| t.read_sectors),
+    )?;
+    counter(
+        e,
+        "filemapd_file_uncovered_writes",
+        "Writes of the file no region counted (before its region existed), counted in the kernel",
+        files,
+        |f| kernel(f).map(|t| t.writes),
+    )?;
+    counter(
+        e,
+        "filemapd_file_uncovered_write_sectors",
+        "512-byte sectors written before their region existed, counted in the kernel",
+        files,
+        |f| kernel(f).map(|t| t.write_sectors),
+    )?;
+    counter(
+        e,
+        "filemapd_file_uncovered_io_seconds",
+        "Time those reads and writes took (0 where the kernel's tick length is unknown)",
+        files,
+        |f| kernel(f).map(|t| (t.read_ns + t.write_ns) as f64 / 1e9),
+    )?;
+    counter(
+        e,
+        "filemapd_file_uncovered_unrecorded",
+        "Allocations the kernel could not record whole (their IO may be uncounted)",
+        files,
+        |f| kernel(f).map(|t| t.unrecorded),
+    )
 }
 
 fn counter<V: EncodeCounterValue>(

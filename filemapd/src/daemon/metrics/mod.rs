@@ -21,6 +21,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use crate::{
     daemon::tally::Tally,
     stats::{Group, RegionSettings, StatsDevice},
+    wake::ebpf::FileAccount,
 };
 
 pub use server::serve;
@@ -45,6 +46,8 @@ struct FileState {
     settings: RegionSettings,
     tally: Tally,
     wakeup: Wakeup,
+    /// The file's in-kernel accounting of IO before its regions existed, read at scrape time.
+    account: Option<FileAccount>,
 }
 
 /// What every monitor of a watch published, and the daemon-wide figures.
@@ -104,6 +107,7 @@ impl Reporter {
         group: &Group,
         tally: Tally,
         wakeup: Wakeup,
+        account: Option<&FileAccount>,
     ) {
         let mut files = self.board.files.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(state) = files.get_mut(&self.key)
@@ -114,6 +118,9 @@ impl Reporter {
         {
             state.tally = tally;
             state.wakeup = wakeup;
+            if state.account.as_ref().map(|a| a.slot) != account.map(|a| a.slot) {
+                state.account = account.cloned();
+            }
             return;
         }
         let state = FileState {
@@ -125,6 +132,7 @@ impl Reporter {
             settings: group.settings.clone(),
             tally,
             wakeup,
+            account: account.cloned(),
         };
         files.insert(self.key, state);
     }

@@ -25,7 +25,7 @@ use crate::{
     file::view::FileView,
     reconcile::Mapping,
     stats::group::Group,
-    stats::{Devices, StatsDevice},
+    stats::{CreationWitness, Devices, StatsDevice},
     wake::ebpf::{EventFeed, Hub},
     wake::notify::{Notices, Notifier},
     wake::pacing::Pacer,
@@ -122,6 +122,10 @@ pub struct Monitor {
     wakeup: Wakeup,
     /// Where passes publish the group and tally for `--metrics`.
     report: Option<Reporter>,
+    /// Where the file's blocks lie on its dm device (eBPF trigger only).
+    placement: Option<filemapd_common::Placement>,
+    /// `filemapd trace`: the kernel time of the oldest event no pass has answered yet.
+    oldest_event_ns: Option<u64>,
 }
 
 impl Monitor {
@@ -218,6 +222,8 @@ impl Monitor {
             refused: None,
             wakeup: Wakeup::Polling("eBPF not asked for"),
             report: None,
+            placement: None,
+            oldest_event_ns: None,
         })
     }
 
@@ -268,7 +274,8 @@ impl Monitor {
             self.wakeup = Wakeup::Polling("no tracepoint for its file system");
             return Ok(());
         }
-        let feed = match hub.watch(self.file_id.inode_key()).await {
+        self.placement = self.placement();
+        let feed = match hub.watch(self.file_id.inode_key(), self.placement).await {
             Ok(feed) => feed,
             Err(e) => {
                 warn!(
@@ -284,6 +291,10 @@ impl Monitor {
             Some(notifier) => Some(notifier.watch(&self.path, self.mode == FollowMode::Path)?),
             None => None,
         };
+        if let Some(accounting) = hub.accounting() {
+            self.device
+                .set_witness(Arc::clone(accounting) as Arc<dyn CreationWitness>);
+        }
         self.trigger = Trigger::Ebpf {
             hub: hub.clone(),
             feed,
@@ -291,6 +302,44 @@ impl Monitor {
         };
         self.wakeup = Wakeup::Events;
         Ok(())
+    }
+
+    /// Where the file's blocks lie, for the in-kernel accounting; `None` (said why) when that
+    /// cannot be told.
+    fn placement(&self) -> Option<filemapd_common::Placement> {
+        match crate::file::placement::of(&self.file, self.file_id) {
+            Ok(placement) => Some(placement),
+            Err(e) => {
+                warn!(
+                    "{}: no in-kernel accounting of its uncovered IO: {e:#}",
+                    self.path.display()
+                );
+                None
+            }
+        }
+    }
+
+    /// The file's share of the in-kernel accounting, when it has one.
+    fn account(&self) -> Option<&crate::wake::ebpf::FileAccount> {
+        match &self.trigger {
+            Trigger::Ebpf { feed, .. } => feed.account(),
+            Trigger::Poll => None,
+        }
+    }
+
+    /// The in-kernel totals of IO no region of the group counted (allocated, not yet
+    /// covered), when the kernel keeps them for this file.
+    pub fn uncovered_totals(&self) -> Option<filemapd_common::UncoveredTotals> {
+        match self.account()?.totals() {
+            Ok(totals) => Some(totals),
+            Err(e) => {
+                warn!(
+                    "reading the in-kernel totals of {}: {e:#}",
+                    self.path.display()
+                );
+                None
+            }
+        }
     }
 
     /// Whether only events wake this monitor (no interval timer at all).
@@ -348,7 +397,14 @@ impl Monitor {
                 };
                 if let Some(report) = &self.report {
                     report.observe_update(started.elapsed());
-                    report.publish(&self.path, &self.device, &group, self.tally, self.wakeup);
+                    report.publish(
+                        &self.path,
+                        &self.device,
+                        &group,
+                        self.tally,
+                        self.wakeup,
+                        self.account(),
+                    );
                 }
                 group
             } else {
@@ -373,10 +429,14 @@ impl Monitor {
     /// Path mode, after a switch: the kernel filter follows the new inode, or, when it has
     /// no room for it, the monitor polls from now on (said once).
     async fn watch_new_inode(&mut self) -> anyhow::Result<()> {
+        if !matches!(self.trigger, Trigger::Ebpf { .. }) {
+            return Ok(());
+        }
+        self.placement = self.placement();
         let Trigger::Ebpf { hub, feed, notices } = &mut self.trigger else {
             return Ok(());
         };
-        match hub.watch(self.file_id.inode_key()).await {
+        match hub.watch(self.file_id.inode_key(), self.placement).await {
             Ok(new_feed) => {
                 // Dropping the old feed unwatches the old inode.
                 *feed = new_feed;

@@ -7,11 +7,27 @@ use log::{debug, info};
 
 use super::{BACKLOG_PAUSE, Monitor, SETTLE, SETTLE_TRIES};
 use crate::{
+    daemon::trace,
     file::view::Reading,
     reconcile::{self, Plan},
     sectors::SectorRange,
     stats::Group,
 };
+
+/// How much older than a pass's reading of the file a piece of the uncovered set must be for
+/// the pass to drop it as given back.
+const PIECE_MARGIN: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// What a pass read of the file's place on the device.
+enum Looked {
+    /// Every merged device range of the file, read whole by this pass.
+    Whole(Vec<SectorRange>),
+    /// A changed stretch: its ranges before and after.
+    Stretch {
+        before: Vec<SectorRange>,
+        after: Vec<SectorRange>,
+    },
+}
 
 impl Monitor {
     /// Maps the file and brings the group in line. Returns the group as it is now, or `None`
@@ -24,27 +40,49 @@ impl Monitor {
     ) -> anyhow::Result<Option<Group>> {
         self.tally.passes += 1;
         self.regions_changed = false;
+        // Pieces of the uncovered set recorded after this instant may be missing from the
+        // reading: the tidy after the pass leaves them be.
+        let read_at = crate::wake::ebpf::accounting::monotonic_ns();
+        let span = if remembered { self.view.span() } else { None };
         let reading = self.view.read(&self.file, &self.path, remembered)?;
         self.settle();
         if self.view.map().is_empty() {
             return Ok(None);
         }
+        // Where the file is now, over what this pass read afresh: the in-kernel accounting
+        // drops pieces that lay there and no longer do (blocks given back). Only a whole read
+        // is fresh everywhere: the map kept between stretches lacks allocations whose events
+        // are still on their way.
+        let fresh_whole = matches!(reading, Reading::Whole);
+        let mut looked = Looked::Stretch {
+            before: Vec::new(),
+            after: Vec::new(),
+        };
         let plan = match reading {
             Reading::Stretch(change) if change.unchanged => return Ok(Some(group)),
             Reading::Stretch(change) => {
                 let mut near: Vec<SectorRange> = change.before.clone();
                 near.extend(&change.after);
                 let members = group.places_near(&near);
+                looked = Looked::Stretch {
+                    before: change.before.clone(),
+                    after: change.after.clone(),
+                };
                 reconcile::plan_window(&members, &change.before, &change.after, self.mapping)
             }
             Reading::Whole => None,
         };
         let plan = match plan {
             Some(plan) => plan,
-            None => match self.whole_plan(&group) {
-                Some(plan) => plan,
-                None => return Ok(Some(group)),
-            },
+            None => {
+                if fresh_whole {
+                    looked = Looked::Whole(self.view.map().device_ranges());
+                }
+                match self.whole_plan(&group) {
+                    Some(plan) => plan,
+                    None => return Ok(Some(group)),
+                }
+            }
         };
         // Only a pass that creates regions suspends the device: only it needs to know.
         let idle = plan.creations() > 0 && self.device_idle();
@@ -79,10 +117,79 @@ impl Monitor {
             );
         }
         self.group_id = outcome.group.id;
+        self.tidy_uncovered(&outcome.group, &looked, read_at);
+        if trace::enabled() {
+            let now = crate::wake::ebpf::accounting::monotonic_ns();
+            trace::pass(trace::Pass {
+                path: &self.path,
+                number: self.tally.passes,
+                read: match looked {
+                    Looked::Stretch { .. } => span,
+                    Looked::Whole(_) => None,
+                },
+                created: outcome.created,
+                deleted: outcome.deleted,
+                regions: outcome.group.member_count(),
+                apply_us: applying.elapsed().as_micros(),
+                event_to_region_us: self
+                    .oldest_event_ns
+                    .take()
+                    .filter(|_| outcome.created > 0)
+                    .map(|oldest| now.saturating_sub(oldest) / 1000),
+            });
+        }
         if cfg!(debug_assertions) && self.event_driven() {
             self.check_remembered(&outcome.group)?;
         }
         Ok(Some(outcome.group))
+    }
+
+    /// Drops the file's pieces of the in-kernel uncovered set that a region of the group now
+    /// covers (made before the accounting knew of them) or that the file gave back.
+    fn tidy_uncovered(&self, group: &Group, looked: &Looked, read_at: u64) {
+        let Some(account) = self.account() else {
+            return;
+        };
+        let inside = |ranges: &[SectorRange], piece: SectorRange| {
+            ranges
+                .iter()
+                .any(|r| r.start <= piece.start && piece.end() <= r.end())
+        };
+        // Only pieces recorded well before the reading can be judged by it (a margin over
+        // the instant between a tracepoint and its extent showing in FIEMAP).
+        let judged_before = read_at.saturating_sub(PIECE_MARGIN.as_nanos() as u64);
+        let stale = |piece: SectorRange, born_ns: u64| {
+            let gone = born_ns < judged_before
+                && match looked {
+                    Looked::Whole(ranges) => !inside(ranges, piece),
+                    Looked::Stretch { before, after } => {
+                        before
+                            .iter()
+                            .any(|r| r.start < piece.end() && piece.start < r.end())
+                            && !inside(after, piece)
+                    }
+                };
+            let covered = group.covers(piece);
+            if gone && !covered {
+                debug!(
+                    "{}: uncovered sectors {piece} given back (recorded {} ms before the read)",
+                    self.path.display(),
+                    read_at.saturating_sub(born_ns) / 1_000_000
+                );
+            }
+            gone || covered
+        };
+        match account.tidy(stale) {
+            Ok(0) => {}
+            Ok(n) => debug!(
+                "dropped {n} piece(s) of {} from the uncovered set",
+                self.path.display()
+            ),
+            Err(e) => log::warn!(
+                "tidying the uncovered set of {}: {e:#}",
+                self.path.display()
+            ),
+        }
     }
 
     /// Whether the device did no IO since the last look and has none in flight, so that

@@ -5,7 +5,10 @@ use std::{os::unix::fs::MetadataExt as _, time::Instant};
 use log::debug;
 
 use super::{Monitor, REGIONS_QUIET, SETTLE, SETTLE_TRIES, Trigger};
-use crate::wake::ebpf::{Change, Feed, Tracepoint};
+use crate::{
+    daemon::trace,
+    wake::ebpf::{Change, Feed, Tracepoint},
+};
 
 impl Monitor {
     /// Sleeps until the next check; true when the file must be mapped again whatever its size
@@ -95,7 +98,13 @@ impl Monitor {
                     let Some(tp) = Tracepoint::by_index(event.source) else {
                         continue;
                     };
-                    match tp.byte_range(event.start, event.length, block_size) {
+                    let logical = tp.byte_range(event.start, event.length, block_size);
+                    if trace::enabled() {
+                        trace::event(&self.path, &event, logical, self.placement.as_ref());
+                        let oldest = self.oldest_event_ns.get_or_insert(event.ktime_ns);
+                        *oldest = (*oldest).min(event.ktime_ns);
+                    }
+                    match logical {
                         Some((start, len)) => {
                             debug!("event {}: {:?} bytes {start}+{len}", tp.name, tp.change);
                             self.view

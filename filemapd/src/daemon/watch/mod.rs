@@ -52,6 +52,8 @@ pub struct Options {
     pub metrics: Option<SocketAddr>,
     /// Take over files that dmstats-launched daemons hand over ([`handoff`]).
     pub handoff: bool,
+    /// The eBPF programs log what their filter kept or dropped (`filemapd trace --ebpf-log`).
+    pub ebpf_log: bool,
 }
 
 /// Monitors the config's files until each one's group is gone (or its file is). SIGHUP reads
@@ -68,6 +70,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         mapping,
         metrics,
         handoff,
+        ebpf_log,
     } = options;
     let config = config.as_deref();
     let paths: Vec<PathSpec> = paths
@@ -90,7 +93,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         None => None,
     };
     let trigger = if ebpf {
-        match Tracer::load(2 * entries.len() as u32 + FILTER_ROOM) {
+        match Tracer::load_with_log(2 * entries.len() as u32 + FILTER_ROOM, ebpf_log) {
             Ok(tracer) => Some((Hub::spawn(tracer), Notifier::spawn_or_warn())),
             Err(e) => {
                 warn!("eBPF trigger unavailable ({e:#}): polling every {interval:?}");
@@ -289,6 +292,14 @@ impl Watch {
         let handle = self.tasks.spawn(async move {
             let result = monitor.run_until_terminated().await;
             info!("{}: {}", monitor.path().display(), monitor.tally());
+            if let Some(totals) = monitor.uncovered_totals() {
+                crate::daemon::trace::totals(monitor.path(), &totals);
+                info!(
+                    "{}: IO before its region existed, counted in the kernel: {}",
+                    monitor.path().display(),
+                    crate::wake::ebpf::accounting::describe(&totals)
+                );
+            }
             if delete_when_gone && matches!(result, Ok(Exit::UnlinkedAndClosed)) {
                 match monitor.delete_group() {
                     Ok(n) => info!(

@@ -1,11 +1,11 @@
 //! One set of eBPF programs for many watched files: a task owns the tracer, keeps the kernel's
 //! watch list, and routes each event to the feed of the file it concerns.
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
-use filemapd_common::{ExtentEvent, InodeKey, tracepoint};
+use filemapd_common::{ExtentEvent, InodeKey, Placement, tracepoint};
 use tokio::sync::{mpsc, oneshot};
 
-use super::Tracer;
+use super::{Accounting, FileAccount, Tracer};
 
 /// What a feed receives: events for its inode, word that events were lost (map everything),
 /// or word that another process deleted or relabelled dm-stats regions (check the group).
@@ -19,10 +19,12 @@ pub enum Feed {
 enum Request {
     Watch(
         InodeKey,
+        Placement,
         mpsc::UnboundedSender<Feed>,
         oneshot::Sender<anyhow::Result<()>>,
     ),
-    Unwatch(InodeKey),
+    /// With the accounting slot to free once the kernel no longer watches the inode.
+    Unwatch(InodeKey, Option<u32>),
 }
 
 /// A handle for starting and stopping watches; cheap to clone.
@@ -32,6 +34,7 @@ pub struct Hub {
     /// Tracepoint categories ("ext4", "xfs") with at least one attached program.
     categories: Vec<&'static str>,
     sees_region_changes: bool,
+    accounting: Option<Arc<Accounting>>,
 }
 
 /// One file's share of the events.
@@ -39,6 +42,7 @@ pub struct EventFeed {
     key: InodeKey,
     events: mpsc::UnboundedReceiver<Feed>,
     hub: Hub,
+    account: Option<FileAccount>,
 }
 
 impl Hub {
@@ -48,13 +52,20 @@ impl Hub {
             tracer.attached().iter().map(|t| t.category).collect();
         categories.dedup();
         let sees_region_changes = tracer.sees_region_changes();
+        let accounting = tracer.accounting().cloned();
         let (requests, receiver) = mpsc::unbounded_channel();
         tokio::spawn(route(tracer, receiver));
         Hub {
             requests,
             categories,
             sees_region_changes,
+            accounting,
         }
+    }
+
+    /// The in-kernel accounting of uncovered IO, when this kernel allows it.
+    pub fn accounting(&self) -> Option<&Arc<Accounting>> {
+        self.accounting.as_ref()
     }
 
     /// Whether feeds hear of other processes' region changes (so groups need no polling).
@@ -67,24 +78,60 @@ impl Hub {
         self.categories.contains(&category)
     }
 
-    /// Watches an inode; returns once the kernel filters on it.
-    pub async fn watch(&self, key: InodeKey) -> anyhow::Result<EventFeed> {
+    /// Watches an inode; returns once the kernel filters on it. With `placement` (where its
+    /// blocks lie on its dm device) and the accounting on, the kernel also counts its
+    /// uncovered IO.
+    pub async fn watch(
+        &self,
+        key: InodeKey,
+        placement: Option<Placement>,
+    ) -> anyhow::Result<EventFeed> {
+        let account = match (&self.accounting, placement) {
+            (Some(accounting), Some(_)) => accounting.open_account().unwrap_or_else(|e| {
+                log::warn!("no in-kernel accounting for inode {}: {e:#}", key.ino);
+                None
+            }),
+            _ => None,
+        };
+        let placement = match (&account, placement) {
+            (Some(account), Some(placement)) => Placement {
+                slot: account.slot,
+                ..placement
+            },
+            // Not accounted: the kernel only filters.
+            _ => Placement::default(),
+        };
         let (sender, events) = mpsc::unbounded_channel();
         let (done, ack) = oneshot::channel();
-        self.requests
-            .send(Request::Watch(key, sender, done))
-            .map_err(|_| anyhow::anyhow!("the eBPF event task has stopped"))?;
-        ack.await
-            .map_err(|_| anyhow::anyhow!("the eBPF event task has stopped"))??;
+        let stopped = || anyhow::anyhow!("the eBPF event task has stopped");
+        let result = match self
+            .requests
+            .send(Request::Watch(key, placement, sender, done))
+        {
+            Ok(()) => ack.await.map_err(|_| stopped()).and_then(|r| r),
+            Err(_) => Err(stopped()),
+        };
+        if let Err(e) = result {
+            if let (Some(account), Some(accounting)) = (account, &self.accounting) {
+                accounting.close_account(account.slot);
+            }
+            return Err(e);
+        }
         Ok(EventFeed {
             key,
             events,
             hub: self.clone(),
+            account,
         })
     }
 }
 
 impl EventFeed {
+    /// The file's share of the in-kernel accounting, when it has one.
+    pub fn account(&self) -> Option<&FileAccount> {
+        self.account.as_ref()
+    }
+
     /// Waits for the next events of this inode and returns all that are queued.
     pub async fn next(&mut self) -> anyhow::Result<Vec<Feed>> {
         let first = self
@@ -102,7 +149,8 @@ impl EventFeed {
 
 impl Drop for EventFeed {
     fn drop(&mut self) {
-        let _ = self.hub.requests.send(Request::Unwatch(self.key));
+        let slot = self.account.as_ref().map(|a| a.slot);
+        let _ = self.hub.requests.send(Request::Unwatch(self.key, slot));
     }
 }
 
@@ -113,17 +161,20 @@ async fn route(mut tracer: Tracer, mut requests: mpsc::UnboundedReceiver<Request
         tokio::select! {
             request = requests.recv() => match request {
                 None => return, // every Hub handle is gone
-                Some(Request::Watch(key, feed, done)) => {
-                    let result = tracer.watch(key);
+                Some(Request::Watch(key, placement, feed, done)) => {
+                    let result = tracer.watch(key, placement);
                     if result.is_ok() {
                         feeds.insert(key, feed);
                     }
                     let _ = done.send(result);
                 }
-                Some(Request::Unwatch(key)) => {
+                Some(Request::Unwatch(key, slot)) => {
                     feeds.remove(&key);
                     if let Err(e) = tracer.unwatch(key) {
                         log::warn!("{e:#}");
+                    }
+                    if let (Some(slot), Some(accounting)) = (slot, tracer.accounting()) {
+                        accounting.close_account(slot);
                     }
                 }
             },

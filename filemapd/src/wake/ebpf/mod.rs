@@ -1,16 +1,24 @@
 //! The eBPF trigger: loads the kernel half, tells it each tracepoint's layout, attaches what
 //! this kernel offers, and hands the events for watched inodes to user space.
+pub mod accounting;
+pub mod dm_layout;
 pub mod hub;
+pub mod pins;
 pub mod tracefs;
 pub mod tracepoints;
 
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{KProbe, TracePoint},
 };
-use filemapd_common::{ExtentEvent, InodeKey, LAYOUTS_LEN, TracepointLayout, names};
+use filemapd_common::{
+    DmLayout, ExtentEvent, InodeKey, LAYOUTS_LEN, Placement, TracepointLayout, names,
+};
+use std::sync::Arc;
+
+pub use accounting::{Accounting, FileAccount};
 use tokio::io::unix::AsyncFd;
 
 pub use hub::{EventFeed, Feed, Hub};
@@ -23,18 +31,28 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fi
 pub struct Tracer {
     // Keeps the programs attached for as long as the tracer lives.
     _ebpf: Ebpf,
-    watched: HashMap<MapData, InodeKey, u8>,
+    watched: HashMap<MapData, InodeKey, Placement>,
     events: AsyncFd<RingBuf<MapData>>,
     lost: PerCpuArray<MapData, u64>,
     attached: Vec<&'static Tracepoint>,
     /// Whether the kprobe on dm-stats' message handler is attached (it needs dm loaded).
     sees_region_changes: bool,
+    /// The in-kernel accounting of uncovered IO, when its probes are attached.
+    accounting: Option<Arc<Accounting>>,
+    /// Its maps pinned for `filemapd show`, unpinned when the tracer goes.
+    _pins: Option<pins::PinDir>,
 }
 
 impl Tracer {
     /// Loads the programs with room for `max_watched` inodes and attaches every tracepoint this
     /// kernel has. Fails (with the reason) when none can be attached.
     pub fn load(max_watched: u32) -> anyhow::Result<Self> {
+        Self::load_with_log(max_watched, false)
+    }
+
+    /// [`Tracer::load`]; with `ebpf_log`, the programs also log (aya-log, through this
+    /// process's logger) which events their filter kept or dropped, and why.
+    pub fn load_with_log(max_watched: u32, ebpf_log: bool) -> anyhow::Result<Self> {
         raise_memlock_limit();
         let mut layouts = [TracepointLayout::default(); LAYOUTS_LEN];
         let mut present = Vec::new();
@@ -53,15 +71,35 @@ impl Tracer {
         let own_tgid = std::process::id();
         // The fault tests shrink the filter (more files than room) and the ring (overflow).
         let max_watched = test_size("FILEMAPD_TEST_WATCH_ROOM").unwrap_or(max_watched);
+        let dm_layout = match dm_layout::read() {
+            Ok(layout) if std::env::var_os("FILEMAPD_NO_ACCOUNTING").is_some() => {
+                log::info!("FILEMAPD_NO_ACCOUNTING set: no in-kernel accounting of uncovered IO");
+                let _ = layout;
+                None
+            }
+            Ok(layout) => Some(layout),
+            Err(e) => {
+                log::info!("no in-kernel accounting of uncovered IO: {e:#}");
+                None
+            }
+        };
+        let dm_layout_value = dm_layout.unwrap_or_default();
+        let log_events = u32::from(ebpf_log);
         let mut loader = EbpfLoader::new();
         loader
             .override_global(names::LAYOUTS, &layouts, true)
             .override_global(names::OWN_TGID, &own_tgid, true)
-            .map_max_entries(names::WATCHED, max_watched.max(1));
+            .override_global(names::DM_LAYOUT, &dm_layout_value, true)
+            .override_global(names::LOG_EVENTS, &log_events, true)
+            .map_max_entries(names::WATCHED, max_watched.max(1))
+            .map_max_entries(names::TOTALS, max_watched.max(1));
         if let Some(bytes) = test_size("FILEMAPD_TEST_RING_BYTES") {
             loader.map_max_entries(names::EVENTS, bytes);
         }
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+        if ebpf_log {
+            spawn_program_log(&mut ebpf)?;
+        }
         let mut attached = Vec::new();
         for tp in present {
             let program: &mut TracePoint = ebpf
@@ -83,7 +121,18 @@ impl Tracer {
                 false
             }
         };
-        let watched = HashMap::try_from(take_map(&mut ebpf, names::WATCHED)?)?;
+        let watched = take_map(&mut ebpf, names::WATCHED)?;
+        let (accounting, pins) = match dm_layout {
+            Some(layout) => match attach_accounting(&mut ebpf, &layout, &watched) {
+                Ok((accounting, pins)) => (Some(Arc::new(accounting)), pins),
+                Err(e) => {
+                    log::info!("no in-kernel accounting of uncovered IO: {e:#}");
+                    (None, None)
+                }
+            },
+            None => (None, None),
+        };
+        let watched = HashMap::try_from(watched)?;
         let ring = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)?;
         // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, so the fd stays
         // open for as long as it is registered.
@@ -97,7 +146,14 @@ impl Tracer {
             lost,
             attached,
             sees_region_changes,
+            accounting,
+            _pins: pins,
         })
+    }
+
+    /// The in-kernel accounting of uncovered IO, when this kernel allows it.
+    pub fn accounting(&self) -> Option<&Arc<Accounting>> {
+        self.accounting.as_ref()
     }
 
     /// Whether events report other processes deleting regions or rewriting their aux_data
@@ -111,9 +167,9 @@ impl Tracer {
         &self.attached
     }
 
-    pub fn watch(&mut self, key: InodeKey) -> anyhow::Result<()> {
+    pub fn watch(&mut self, key: InodeKey, placement: Placement) -> anyhow::Result<()> {
         self.watched
-            .insert(key, 1, 0)
+            .insert(key, placement, 0)
             .with_context(|| format!("watching {key:?}"))
     }
 
@@ -150,6 +206,25 @@ impl Tracer {
     }
 }
 
+/// Passes the programs' aya-log records to this process's logger as they come.
+fn spawn_program_log(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let logger = aya_log::EbpfLogger::init(ebpf).context("starting the eBPF programs' log")?;
+    // SAFETY: the logger owns its ring buffer's fd and lives inside the AsyncFd, so the fd
+    // stays open for as long as it is registered.
+    let mut logger = unsafe { AsyncFd::register(logger) }
+        .map_err(|e| anyhow::anyhow!("registering the eBPF programs' log with tokio: {e}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
 /// A size the fault tests set through the environment (never set in production).
 fn test_size(variable: &str) -> Option<u32> {
     let value = std::env::var(variable).ok()?.parse().ok()?;
@@ -160,7 +235,16 @@ fn test_size(variable: &str) -> Option<u32> {
 /// The probes on `dm_stats_message`'s entry and return (in dm-mod, so absent where
 /// device-mapper is not loaded).
 fn attach_region_probe(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    for name in [names::DM_STATS_MESSAGE, names::DM_STATS_MESSAGE_RETURN] {
+    attach_kprobes(
+        ebpf,
+        names::DM_STATS_MESSAGE,
+        &[names::DM_STATS_MESSAGE, names::DM_STATS_MESSAGE_RETURN],
+    )
+}
+
+/// Loads the kprobe (or kretprobe) programs `programs` and attaches them to `function`.
+fn attach_kprobes(ebpf: &mut Ebpf, function: &str, programs: &[&str]) -> anyhow::Result<()> {
+    for &name in programs {
         let program: &mut KProbe = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} is missing from the eBPF object"))?
@@ -169,10 +253,43 @@ fn attach_region_probe(ebpf: &mut Ebpf) -> anyhow::Result<()> {
             .load()
             .with_context(|| format!("verifying program {name}"))?;
         program
-            .attach(names::DM_STATS_MESSAGE, 0)
-            .with_context(|| format!("attaching {name} to {}", names::DM_STATS_MESSAGE))?;
+            .attach(function, 0)
+            .with_context(|| format!("attaching {name} to {function}"))?;
     }
     Ok(())
+}
+
+/// The probes of the in-kernel accounting (on dm-mod's per-bio accounting and on the resume
+/// after a region creation), and its maps.
+fn attach_accounting(
+    ebpf: &mut Ebpf,
+    layout: &DmLayout,
+    watched: &aya::maps::Map,
+) -> anyhow::Result<(Accounting, Option<pins::PinDir>)> {
+    log::debug!("dm layout for the in-kernel accounting: {layout:?}");
+    for name in [names::DM_STATS_ACCOUNT_IO, names::DM_INTERNAL_RESUME_FAST] {
+        attach_kprobes(ebpf, name, &[name])?;
+    }
+    // xfs's writeback conversions (xfs may not be loaded: then only direct IO on xfs counts).
+    if let Err(e) = attach_kprobes(
+        ebpf,
+        names::XFS_BMAPI_CONVERT_DELALLOC,
+        &[
+            names::XFS_BMAPI_CONVERT_DELALLOC,
+            names::XFS_BMAPI_CONVERT_DELALLOC_RETURN,
+        ],
+    ) {
+        log::info!("no in-kernel accounting of xfs writeback: {e:#}");
+    }
+    let totals = take_map(ebpf, names::TOTALS)?;
+    let pins = pins::PinDir::pin(watched, &totals);
+    let accounting = Accounting::new(
+        LpmTrie::try_from(take_map(ebpf, names::UNCOVERED)?)?,
+        PerCpuArray::try_from(totals)?,
+        HashMap::try_from(take_map(ebpf, names::COVERING)?)?,
+        HashMap::try_from(take_map(ebpf, names::COVERED)?)?,
+    );
+    Ok((accounting, pins))
 }
 
 /// The layout of one tracepoint on this kernel, `None` when the kernel lacks the tracepoint.
@@ -197,14 +314,28 @@ fn layout_of(tp: &Tracepoint) -> anyhow::Result<Option<TracepointLayout>> {
         Some(range) => (field(range.start.0)?, field(range.length.0)?),
         None => Default::default(),
     };
+    let (data_flags, data_mask) = match tp.data_flag {
+        Some((name, mask)) => (field(name)?, mask),
+        None => (Default::default(), 0),
+    };
+    let (physical_start, physical_length) = match tp.physical {
+        Some((start, length)) => (field(start)?, field(length)?),
+        None => Default::default(),
+    };
     Ok(Some(TracepointLayout {
         dev: field("dev")?,
         ino: field("ino")?,
         start,
         length,
         skip,
-        _pad: 0,
+        physical_start,
+        physical_length,
+        flags: tp.flags,
         skip_mask,
+        physical_skip_mask: tp.physical_skip,
+        data_flags,
+        _pad2: 0,
+        data_mask,
     }))
 }
 

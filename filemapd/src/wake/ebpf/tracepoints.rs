@@ -1,6 +1,6 @@
 //! What each tracepoint the kernel half listens to means: where its fields are called what,
 //! in which unit, and whether it grows or shrinks a file's mapping.
-use filemapd_common::tracepoint as tp;
+use filemapd_common::{layout_flags, tracepoint as tp};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unit {
@@ -43,6 +43,15 @@ pub struct Tracepoint {
     pub range: Option<Range>,
     /// Drop records whose field has all these bits set (see `TracepointLayout::skip`).
     pub skip: Option<(&'static str, u64)>,
+    /// Fields holding where freshly allocated blocks lie (start block, block count), for the
+    /// in-kernel accounting; only on tracepoints that report nothing but fresh blocks (or
+    /// delayed-allocation placeholders, which `physical_skip` drops).
+    pub physical: Option<(&'static str, &'static str)>,
+    pub physical_skip: u64,
+    /// Record an allocation only when this field has all these bits (its data flag).
+    pub data_flag: Option<(&'static str, u64)>,
+    /// `filemapd_common::layout_flags`.
+    pub flags: u32,
 }
 
 /// xfs marks an in-core extent that has no blocks yet (delayed allocation) with a start block
@@ -62,6 +71,11 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
             length_is_end: false,
         }),
         skip: None,
+        physical: Some(("block", "len")),
+        physical_skip: 0,
+        // EXT4_MB_HINT_DATA: a regular file's data (its extent-tree blocks come without it).
+        data_flag: Some(("flags", 0x0020)),
+        flags: 0,
     },
     // xfs writeback turning delayed allocation into real blocks.
     Tracepoint {
@@ -75,6 +89,11 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
             length_is_end: false,
         }),
         skip: None,
+        physical: Some(("startblock", "blockcount")),
+        // Buffered writes report their delayed-allocation reservation here too.
+        physical_skip: XFS_DELALLOC_STARTBLOCK,
+        data_flag: None,
+        flags: 0,
     },
     // xfs allocating at write time: direct IO, unwritten extents.
     Tracepoint {
@@ -88,6 +107,11 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
             length_is_end: false,
         }),
         skip: None,
+        physical: Some(("startblock", "blockcount")),
+        // Buffered writes report their delayed-allocation reservation here too.
+        physical_skip: XFS_DELALLOC_STARTBLOCK,
+        data_flag: None,
+        flags: 0,
     },
     // ext4 truncate and punch hole, before the blocks go; `end` is inclusive (EXT_MAX_BLOCKS
     // for a truncate).
@@ -102,6 +126,10 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
             length_is_end: true,
         }),
         skip: None,
+        physical: None,
+        physical_skip: 0,
+        data_flag: None,
+        flags: 0,
     },
     // xfs unmapping blocks from a file: truncate, punch hole, collapse.
     Tracepoint {
@@ -115,6 +143,10 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
             length_is_end: false,
         }),
         skip: None,
+        physical: None,
+        physical_skip: 0,
+        data_flag: None,
+        flags: 0,
     },
     // Any new extent in an xfs file's in-core extent list with real blocks: covers fallocate
     // (unwritten extents) and writeback; delayed-allocation placeholders are skipped.
@@ -129,6 +161,10 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
             length_is_end: false,
         }),
         skip: Some(("startblock", XFS_DELALLOC_STARTBLOCK)),
+        physical: Some(("startblock", "blockcount")),
+        physical_skip: XFS_DELALLOC_STARTBLOCK,
+        data_flag: None,
+        flags: layout_flags::XFS_CONVERSION,
     },
     // An existing xfs extent grew, shrank or changed state (e.g. fallocate next to it).
     Tracepoint {
@@ -142,6 +178,10 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
             length_is_end: false,
         }),
         skip: Some(("startblock", XFS_DELALLOC_STARTBLOCK)),
+        physical: Some(("startblock", "blockcount")),
+        physical_skip: XFS_DELALLOC_STARTBLOCK,
+        data_flag: None,
+        flags: layout_flags::XFS_CONVERSION,
     },
     // ext4 dropping a range from its extent cache: truncate and punch (beside
     // ext4_ext_remove_space), and e4defrag's extent swap (EXT4_IOC_MOVE_EXT), which fires no
@@ -157,6 +197,10 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
             length_is_end: false,
         }),
         skip: None,
+        physical: None,
+        physical_skip: 0,
+        data_flag: None,
+        flags: 0,
     },
     // xfs_fsr swapped the file's extents with a defragmented copy's (XFS_IOC_SWAPEXT), for
     // the file itself (`which` 0) and the copy (1); only the watched inode gets through.
@@ -167,6 +211,44 @@ pub static TRACEPOINTS: [Tracepoint; tp::COUNT] = [
         change: Change::Exchanged,
         range: None,
         skip: None,
+        physical: None,
+        physical_skip: 0,
+        data_flag: None,
+        flags: 0,
+    },
+    // Silent, for the accounting only: during a delayed allocation's conversion, the delayed
+    // record before its update, and records removed when neighbours merge.
+    Tracepoint {
+        index: tp::XFS_BMAP_PRE_UPDATE,
+        category: "xfs",
+        name: "xfs_bmap_pre_update",
+        change: Change::Allocated,
+        range: Some(Range {
+            start: ("startoff", Unit::FsBlocks),
+            length: ("blockcount", Unit::FsBlocks),
+            length_is_end: false,
+        }),
+        skip: None,
+        physical: Some(("startblock", "blockcount")),
+        physical_skip: XFS_DELALLOC_STARTBLOCK,
+        data_flag: None,
+        flags: layout_flags::SILENT | layout_flags::XFS_CONVERSION,
+    },
+    Tracepoint {
+        index: tp::XFS_IEXT_REMOVE,
+        category: "xfs",
+        name: "xfs_iext_remove",
+        change: Change::Allocated,
+        range: Some(Range {
+            start: ("startoff", Unit::FsBlocks),
+            length: ("blockcount", Unit::FsBlocks),
+            length_is_end: false,
+        }),
+        skip: None,
+        physical: Some(("startblock", "blockcount")),
+        physical_skip: XFS_DELALLOC_STARTBLOCK,
+        data_flag: None,
+        flags: layout_flags::SILENT | layout_flags::XFS_CONVERSION,
     },
 ];
 

@@ -18,6 +18,8 @@ pub enum Monitor {
     /// No monitor: the writer alone (the baseline for interference).
     Nothing,
     Ebpf,
+    /// `--ebpf` with the in-kernel accounting of uncovered IO switched off (its cost).
+    EbpfUnaccounted,
     Polling,
     /// lvm2's own dmfilemapd, built by `cargo xtask bench` from Debian's source.
     Lvm2,
@@ -30,6 +32,7 @@ impl Monitor {
         match self {
             Monitor::Nothing => "no monitor",
             Monitor::Ebpf => "filemapd --ebpf",
+            Monitor::EbpfUnaccounted => "filemapd --ebpf, no in-kernel accounting",
             Monitor::Polling => "filemapd (polling, 0.5 s)",
             Monitor::Lvm2 => "lvm2 dmfilemapd 2.03.16 (real)",
         }
@@ -55,10 +58,13 @@ impl Monitor {
                     .stderr(Stdio::null());
                 cmd
             }
-            Monitor::Ebpf | Monitor::Polling => {
+            Monitor::Ebpf | Monitor::EbpfUnaccounted | Monitor::Polling => {
                 let mut cmd = Command::new(filemapd_binary());
-                if self == Monitor::Ebpf {
+                if self != Monitor::Polling {
                     cmd.arg("--ebpf");
+                }
+                if self == Monitor::EbpfUnaccounted {
+                    cmd.env("FILEMAPD_NO_ACCOUNTING", "1");
                 }
                 let file = PathBuf::from(format!("/tmp/filemapd-bench-{}.log", std::process::id()));
                 cmd.args(["0", &g, &p, "inode", "1", "1"])
@@ -110,14 +116,19 @@ impl Running {
 
     /// Stops the monitor with SIGTERM (filemapd ends between passes and logs its tally) and
     /// returns filemapd's tally line, if it wrote one.
-    pub fn stop(mut self) -> Option<String> {
+    pub fn stop(self) -> Option<String> {
+        self.stop_and_read_log()?
+            .lines()
+            .find(|l| l.contains(" passes ("))
+            .map(str::to_string)
+    }
+
+    /// Stops the monitor with SIGTERM and returns filemapd's whole log.
+    pub fn stop_and_read_log(mut self) -> Option<String> {
         // SAFETY: kill with a child's pid and a valid signal.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
-        let log = fs::read_to_string(self.log.as_ref()?).ok()?;
-        log.lines()
-            .find(|l| l.contains(" passes ("))
-            .map(str::to_string)
+        fs::read_to_string(self.log.as_ref()?).ok()
     }
 }
 
@@ -195,4 +206,18 @@ pub fn group_counters(device: &StatsDevice) -> Option<Counters> {
             .map(|m| device.counters(m.id).unwrap())
             .sum(),
     )
+}
+
+/// The sectors written that filemapd's exit log says the kernel counted before their regions
+/// existed ("... counted in the kernel: R reads (S sectors, x ms), W writes (T sectors, y ms)").
+pub fn kernel_sectors_written(log: &str) -> Option<u64> {
+    let line = log.lines().find(|l| l.contains("counted in the kernel:"))?;
+    let writes = line.split("), ").nth(1)?;
+    writes
+        .split('(')
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }

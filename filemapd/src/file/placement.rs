@@ -1,0 +1,129 @@
+//! How a file system numbers its blocks on its device, so that the kernel half can turn the
+//! block numbers an allocation tracepoint reports into device sectors by itself: ext4 counts
+//! blocks from the device's start; xfs numbers them per allocation group (AG), with the AG
+//! number in the high bits.
+use std::os::fd::AsRawFd as _;
+
+use anyhow::{Context as _, bail};
+use filemapd_common::Placement;
+
+use super::identity::{FileId, kernel_dev, tracepoint_category};
+
+/// `struct xfs_fsop_geom_v1` from xfs_fs.h, up to what is read here and padded to its size
+/// (112 bytes). No maintained crate exposes xfs's geometry ioctl, hence this declaration.
+#[repr(C)]
+#[derive(Default)]
+struct XfsGeometryV1 {
+    blocksize: u32,
+    rtextsize: u32,
+    agblocks: u32,
+    agcount: u32,
+    _rest: [u32; 24],
+}
+
+// XFS_IOC_FSGEOMETRY_V1 = _IOR('X', 100, struct xfs_fsop_geom_v1).
+nix::ioctl_read!(xfs_geometry_v1, b'X', 100, XfsGeometryV1);
+
+/// Where `file`'s blocks lie on the device-mapper device it sits on (`slot` left 0).
+pub fn of(file: &std::fs::File, id: FileId) -> anyhow::Result<Placement> {
+    let block_size = nix::sys::statfs::fstatfs(file)
+        .context("fstatfs")?
+        .block_size() as u64;
+    let sector_shift = shift_of(block_size)?;
+    let (ag_block_log, ag_blocks) = match tracepoint_category(file) {
+        Some("xfs") => {
+            let mut geometry = XfsGeometryV1::default();
+            // SAFETY: the ioctl fills a struct of the size its number encodes.
+            unsafe { xfs_geometry_v1(file.as_raw_fd(), &mut geometry) }
+                .context("XFS_IOC_FSGEOMETRY_V1")?;
+            if geometry.blocksize as u64 != block_size || geometry.agblocks == 0 {
+                bail!(
+                    "xfs geometry disagrees with statfs (block size {} vs {block_size}, {} blocks per AG)",
+                    geometry.blocksize,
+                    geometry.agblocks
+                );
+            }
+            (ag_block_log(geometry.agblocks), geometry.agblocks as u64)
+        }
+        Some(_) => (0, 0),
+        None => bail!("not on a file system with allocation tracepoints"),
+    };
+    Ok(Placement {
+        dm_dev: kernel_dev(id.st_dev),
+        slot: 0,
+        sector_shift,
+        ag_block_log,
+        ag_blocks,
+    })
+}
+
+/// The device sectors `(start, count)` of `blocks` file system blocks from `block` (as an
+/// allocation tracepoint reports them), as the kernel half computes them.
+pub fn sectors(placement: &Placement, block: u64, blocks: u64) -> (u64, u64) {
+    let linear = match placement.ag_block_log {
+        0 => block,
+        log => (block >> log) * placement.ag_blocks + (block & ((1u64 << log) - 1)),
+    };
+    (
+        linear << placement.sector_shift,
+        blocks << placement.sector_shift,
+    )
+}
+
+/// log2(block size / 512).
+fn shift_of(block_size: u64) -> anyhow::Result<u32> {
+    if !block_size.is_power_of_two() || block_size < 512 {
+        bail!("block size {block_size} is not a power of two of at least 512");
+    }
+    Ok(block_size.trailing_zeros() - 9)
+}
+
+/// xfs's sb_agblklog: the bits an AG's block number takes, log2 of agblocks rounded up.
+fn ag_block_log(ag_blocks: u32) -> u32 {
+    32 - (ag_blocks - 1).leading_zeros()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_sizes_become_sector_shifts() {
+        assert_eq!(shift_of(4096).unwrap(), 3);
+        assert_eq!(shift_of(1024).unwrap(), 1);
+        assert!(shift_of(3000).is_err());
+    }
+
+    #[test]
+    fn ag_numbers_sit_above_the_rounded_up_log() {
+        assert_eq!(ag_block_log(65536), 16);
+        assert_eq!(ag_block_log(65537), 17);
+        // mkfs.xfs on a 512 MiB device: 4 AGs of 32768 blocks.
+        assert_eq!(ag_block_log(32768), 15);
+        assert_eq!(ag_block_log(20000), 15);
+    }
+
+    #[test]
+    fn xfs_block_numbers_skip_the_unused_ag_space() {
+        // 4 KiB blocks, 20000 blocks per AG (15 bits): AG 2, block 5.
+        let p = Placement {
+            dm_dev: 1,
+            slot: 0,
+            sector_shift: 3,
+            ag_block_log: 15,
+            ag_blocks: 20000,
+        };
+        assert_eq!(sectors(&p, (2 << 15) | 5, 4), ((2 * 20000 + 5) * 8, 32));
+        let ext4 = Placement {
+            ag_block_log: 0,
+            ag_blocks: 0,
+            ..p
+        };
+        assert_eq!(sectors(&ext4, 100, 2), (800, 16));
+    }
+
+    #[test]
+    fn the_geometry_struct_has_the_kernels_size() {
+        assert_eq!(size_of::<XfsGeometryV1>(), 112);
+    }
+}

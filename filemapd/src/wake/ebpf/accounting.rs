@@ -1,0 +1,402 @@
+//! User space's half of the in-kernel accounting of uncovered IO. The kernel puts freshly
+//! allocated sectors of a watched file into the uncovered set and charges the IO landing there
+//! to the file; here the set is handed over to regions as they are created (exactly: the
+//! kernel drops a piece from the count while dm-stats has the device suspended for the new
+//! region), kept in step with the file (pieces the file gave back, or that a region already
+//! covers, go), and each file's totals are read.
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU64, Ordering},
+};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key};
+use filemapd_common::{
+    CHUNK_LOG, Piece, PieceAddress, UncoveredTotals, piece_address, piece_kind, prefix_len,
+};
+
+use crate::{sectors::SectorRange, stats::CreationWitness};
+
+type Trie = LpmTrie<MapData, PieceAddress, Piece>;
+
+/// The accounting maps, shared by the event task, the monitors and the metrics.
+pub struct Accounting {
+    uncovered: Mutex<Trie>,
+    totals: Mutex<PerCpuArray<MapData, UncoveredTotals>>,
+    covering: Mutex<HashMap<MapData, u64, u64>>,
+    covered: Mutex<HashMap<MapData, u64, u8>>,
+    /// Which totals slots are in use.
+    slots: Mutex<Vec<bool>>,
+    next_ticket: AtomicU64,
+}
+
+/// A file's slot in the accounting, released (its pieces dropped) with the last handle.
+#[derive(Clone)]
+pub struct FileAccount {
+    pub slot: u32,
+    accounting: Arc<Accounting>,
+}
+
+impl Accounting {
+    pub fn new(
+        uncovered: Trie,
+        totals: PerCpuArray<MapData, UncoveredTotals>,
+        covering: HashMap<MapData, u64, u64>,
+        covered: HashMap<MapData, u64, u8>,
+    ) -> Self {
+        let room = totals.len() as usize;
+        Self {
+            uncovered: Mutex::new(uncovered),
+            totals: Mutex::new(totals),
+            covering: Mutex::new(covering),
+            covered: Mutex::new(covered),
+            slots: Mutex::new(vec![false; room]),
+            next_ticket: AtomicU64::new(1),
+        }
+    }
+
+    /// A free slot with its totals zeroed; `None` when every slot is taken.
+    pub fn open_account(self: &Arc<Self>) -> anyhow::Result<Option<FileAccount>> {
+        let slot = {
+            let mut slots = self.slots.lock().expect("slots lock");
+            let Some(free) = slots.iter().position(|used| !used) else {
+                return Ok(None);
+            };
+            slots[free] = true;
+            free as u32
+        };
+        let zeros = PerCpuValues::try_from(vec![
+            UncoveredTotals::default();
+            aya::util::nr_cpus()
+                .map_err(|(_, e)| e)
+                .context("counting CPUs")?
+        ])?;
+        self.totals
+            .lock()
+            .expect("totals lock")
+            .set(slot, zeros, 0)
+            .context("zeroing a totals slot")?;
+        Ok(Some(FileAccount {
+            slot,
+            accounting: Arc::clone(self),
+        }))
+    }
+
+    /// Drops a slot's pieces and frees it (once the kernel no longer watches its inode).
+    pub fn close_account(&self, slot: u32) {
+        if let Err(e) = self.remove_where(|p| p.kind == piece_kind::RANGE && p.slot == slot) {
+            log::warn!("dropping the uncovered pieces of slot {slot}: {e:#}");
+        }
+        if let Some(used) = self
+            .slots
+            .lock()
+            .expect("slots lock")
+            .get_mut(slot as usize)
+        {
+            *used = false;
+        }
+    }
+
+    /// A slot's totals, summed over CPUs.
+    pub fn totals(&self, slot: u32) -> anyhow::Result<UncoveredTotals> {
+        let values = self.totals.lock().expect("totals lock").get(&slot, 0)?;
+        Ok(sum(values.iter()))
+    }
+
+    /// Every entry of the uncovered set, with its key.
+    fn entries(trie: &Trie) -> anyhow::Result<Vec<(Key<PieceAddress>, Piece)>> {
+        trie.iter()
+            .collect::<Result<Vec<_>, MapError>>()
+            .context("reading the uncovered set")
+    }
+
+    /// Removes the pieces `doomed` picks, then the markers of chunks left without pieces.
+    fn remove_where(&self, doomed: impl Fn(&Piece) -> bool) -> anyhow::Result<usize> {
+        let mut trie = self.uncovered.lock().expect("uncovered lock");
+        let entries = Self::entries(&trie)?;
+        let mut removed = 0;
+        for (key, piece) in &entries {
+            if piece.kind == piece_kind::RANGE && doomed(piece) {
+                remove_key(&mut trie, key)?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            drop_empty_markers(&mut trie)?;
+        }
+        Ok(removed)
+    }
+
+    /// After a pass: drops this file's untaken pieces that `stale` picks (sectors the file
+    /// gave back, or that a region of its group covers already), given each piece's range and
+    /// when it was recorded (CLOCK_MONOTONIC ns).
+    pub fn tidy(
+        &self,
+        slot: u32,
+        stale: impl Fn(SectorRange, u64) -> bool,
+    ) -> anyhow::Result<usize> {
+        self.remove_where(|p| {
+            p.slot == slot
+                && p.ticket == 0
+                && stale(SectorRange::new(p.start, p.end - p.start), p.born_ns)
+        })
+    }
+}
+
+impl FileAccount {
+    pub fn totals(&self) -> anyhow::Result<UncoveredTotals> {
+        self.accounting.totals(self.slot)
+    }
+
+    pub fn tidy(&self, stale: impl Fn(SectorRange, u64) -> bool) -> anyhow::Result<usize> {
+        self.accounting.tidy(self.slot, stale)
+    }
+}
+
+impl CreationWitness for Accounting {
+    /// Tickets the pieces the new region will cover (cutting those it covers in part), and
+    /// tells the kernel which ticket this thread's creation settles.
+    fn before_create(&self, device: (u32, u32), range: SectorRange) -> Option<u64> {
+        let dev = (device.0 << 20) | (device.1 & 0xfffff);
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let result = (|| -> anyhow::Result<bool> {
+            let mut trie = self.uncovered.lock().expect("uncovered lock");
+            let mut any = false;
+            for (key, piece) in Self::entries(&trie)? {
+                if piece.kind != piece_kind::RANGE
+                    || key.data()[..4] != dev.to_be_bytes()
+                    || piece.ticket != 0
+                    || piece.end <= range.start
+                    || range.end() <= piece.start
+                {
+                    continue;
+                }
+                any = true;
+                if range.start <= piece.start && piece.end <= range.end() {
+                    trie.insert(&key, Piece { ticket, ..piece }, 0)?;
+                    continue;
+                }
+                // Cut in part: the finer pieces go in first (longer prefixes win lookups),
+                // so the sectors are never without an entry, then the whole one goes.
+                let inner = (piece.start.max(range.start), piece.end.min(range.end()));
+                let cuts = [
+                    (piece.start, inner.0, 0),
+                    (inner.0, inner.1, ticket),
+                    (inner.1, piece.end, 0),
+                ];
+                for (start, end, ticket) in cuts {
+                    for (start, span_log) in aligned_pieces(start, end) {
+                        let part = Piece {
+                            start,
+                            end: start + (1 << span_log),
+                            ticket,
+                            ..piece
+                        };
+                        trie.insert(
+                            &Key::new(prefix_len(span_log), piece_address(dev, start)),
+                            part,
+                            0,
+                        )?;
+                        if span_log < CHUNK_LOG {
+                            insert_marker(&mut trie, dev, start, piece.step.max(1))?;
+                        }
+                    }
+                }
+                remove_key(&mut trie, &key)?;
+            }
+            if any {
+                let thread = current_thread();
+                self.covering
+                    .lock()
+                    .expect("covering lock")
+                    .insert(thread, ticket, 0)?;
+            }
+            Ok(any)
+        })();
+        match result {
+            Ok(true) => Some(ticket),
+            Ok(false) => None,
+            Err(e) => {
+                log::warn!("handing uncovered sectors {range} over to a new region: {e:#}");
+                None
+            }
+        }
+    }
+
+    /// Once the creation returned: its pieces go (the region counts their IO now); when it
+    /// failed they stay uncovered, and the kernel never saw the ticket done.
+    fn after_create(&self, ticket: u64, created: bool) {
+        let _ = self
+            .covering
+            .lock()
+            .expect("covering lock")
+            .remove(&current_thread());
+        if created {
+            if let Err(e) = self.remove_where(|p| p.ticket == ticket) {
+                log::warn!("dropping covered pieces: {e:#}");
+            }
+        }
+        let _ = self.covered.lock().expect("covered lock").remove(&ticket);
+    }
+}
+
+/// The kernel's `bpf_get_current_pid_tgid()` for this thread.
+fn current_thread() -> u64 {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() } as u64;
+    ((std::process::id() as u64) << 32) | tid
+}
+
+fn insert_marker(trie: &mut Trie, dev: u32, sector: u64, step: u64) -> anyhow::Result<()> {
+    let chunk = sector & !((1u64 << CHUNK_LOG) - 1);
+    let marker = Piece {
+        start: chunk,
+        end: chunk + (1 << CHUNK_LOG),
+        ticket: 0,
+        slot: 0,
+        kind: piece_kind::MARKER,
+        step,
+        born_ns: 0,
+    };
+    let key = Key::new(prefix_len(CHUNK_LOG), piece_address(dev, chunk));
+    match trie.get(&key, 0) {
+        // Keep the finer of two steps.
+        Ok(old) if old.kind == piece_kind::MARKER && old.step <= step => Ok(()),
+        Ok(old) if old.kind != piece_kind::MARKER => Ok(()),
+        _ => Ok(trie.insert(&key, marker, 0)?),
+    }
+}
+
+fn remove_key(trie: &mut Trie, key: &Key<PieceAddress>) -> anyhow::Result<()> {
+    match trie.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e).context("removing from the uncovered set"),
+    }
+}
+
+/// Removes markers whose chunk holds no piece any more. A piece the kernel adds meanwhile
+/// re-adds its marker itself (after the piece), so a marker removed here in that instant
+/// comes back; the re-check below closes the rest of the window.
+fn drop_empty_markers(trie: &mut Trie) -> anyhow::Result<()> {
+    let entries = Accounting::entries(trie)?;
+    let occupied = |dev: &[u8], chunk: u64| {
+        entries.iter().any(|(k, p)| {
+            p.kind == piece_kind::RANGE
+                && k.data()[..4] == *dev
+                && p.start < chunk + (1 << CHUNK_LOG)
+                && chunk < p.end
+        })
+    };
+    for (key, marker) in entries.iter().filter(|(_, p)| p.kind == piece_kind::MARKER) {
+        let data = key.data();
+        if !occupied(&data[..4], marker.start) {
+            remove_key(trie, key)?;
+            let again = Accounting::entries(trie)?;
+            let refilled = again.iter().any(|(k, p)| {
+                p.kind == piece_kind::RANGE
+                    && k.data()[..4] == data[..4]
+                    && p.start < marker.end
+                    && marker.start < p.end
+            });
+            if refilled {
+                trie.insert(key, *marker, 0)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns()` (pieces' birth times).
+pub fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always there");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
+/// `[start, end)` cut into aligned power-of-two runs: (start, log2 of length) each, as the
+/// kernel cuts an allocation.
+pub fn aligned_pieces(mut start: u64, end: u64) -> Vec<(u64, u32)> {
+    let mut pieces = Vec::new();
+    while start < end {
+        let fits = 63 - (end - start).leading_zeros();
+        let span_log = start.trailing_zeros().min(fits);
+        pieces.push((start, span_log));
+        start += 1 << span_log;
+    }
+    pieces
+}
+
+pub(super) fn sum<'a>(values: impl Iterator<Item = &'a UncoveredTotals>) -> UncoveredTotals {
+    values.fold(UncoveredTotals::default(), |a, b| UncoveredTotals {
+        reads: a.reads + b.reads,
+        read_sectors: a.read_sectors + b.read_sectors,
+        read_ns: a.read_ns + b.read_ns,
+        writes: a.writes + b.writes,
+        write_sectors: a.write_sectors + b.write_sectors,
+        write_ns: a.write_ns + b.write_ns,
+        unrecorded: a.unrecorded + b.unrecorded,
+        unwalked: a.unwalked + b.unwalked,
+    })
+}
+
+/// One line for logs and `filemapd show`.
+pub fn describe(t: &UncoveredTotals) -> String {
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let mut line = format!(
+        "{} reads ({} sectors, {:.1} ms), {} writes ({} sectors, {:.1} ms)",
+        t.reads,
+        t.read_sectors,
+        ms(t.read_ns),
+        t.writes,
+        t.write_sectors,
+        ms(t.write_ns)
+    );
+    if t.unrecorded > 0 {
+        line += &format!(
+            "; {} allocation(s) not recorded whole (their IO may be missing)",
+            t.unrecorded
+        );
+    }
+    if t.unwalked > 0 {
+        line += &format!("; {} IO(s) too long to walk to the end", t.unwalked);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_tile_the_range_aligned() {
+        for (start, end) in [
+            (0, 1),
+            (8, 136),
+            (1000, 100_000),
+            (7, 8),
+            (1 << 40, (1 << 40) + 4095),
+        ] {
+            let pieces = aligned_pieces(start, end);
+            let mut at = start;
+            for &(s, log) in &pieces {
+                assert_eq!(s, at);
+                assert_eq!(s % (1 << log), 0, "{s} not aligned to 2^{log}");
+                at = s + (1 << log);
+            }
+            assert_eq!(at, end);
+            assert!(pieces.len() <= 2 * 64);
+        }
+    }
+
+    #[test]
+    fn an_aligned_power_of_two_is_one_piece() {
+        assert_eq!(aligned_pieces(4096, 8192), vec![(4096, 12)]);
+    }
+
+    #[test]
+    fn a_64k_allocation_at_a_4k_boundary_takes_few_pieces() {
+        // 128 sectors starting 8 sectors into a 64 KiB chunk: 8+16+32+64 then 8.
+        let pieces = aligned_pieces(8, 136);
+        assert_eq!(pieces, vec![(8, 3), (16, 4), (32, 5), (64, 6), (128, 3)]);
+    }
+}

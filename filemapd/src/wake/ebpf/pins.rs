@@ -1,0 +1,101 @@
+//! The accounting maps of a running daemon, pinned in bpffs under its pid, so that another
+//! process (`filemapd show`) can read a file's in-kernel totals: WATCHED gives the file's
+//! slot, TOTALS the slot's counts. A daemon removes its directory when its tracer goes; one
+//! killed outright leaves it, and the next daemon to start clears it.
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use filemapd_common::{InodeKey, Placement, UncoveredTotals, names};
+
+const ROOT: &str = "/sys/fs/bpf/filemapd";
+
+/// A daemon's pin directory, removed on drop.
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    /// Pins `watched` and `totals` for this process; `None` (said why) when bpffs is not
+    /// mounted or not writable.
+    pub fn pin(watched: &Map, totals: &Map) -> Option<PinDir> {
+        clear_stale();
+        let dir = Path::new(ROOT).join(std::process::id().to_string());
+        let result = (|| -> anyhow::Result<()> {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            watched.pin(dir.join(names::WATCHED))?;
+            totals.pin(dir.join(names::TOTALS))?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Some(PinDir(dir)),
+            Err(e) => {
+                log::info!(
+                    "in-kernel totals not readable by other processes (bpffs at /sys/fs/bpf?): {e:#}"
+                );
+                let _ = std::fs::remove_dir_all(&dir);
+                None
+            }
+        }
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Removes the pin directories of processes that no longer run.
+fn clear_stale() {
+    let Ok(entries) = std::fs::read_dir(ROOT) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The in-kernel totals of the inode `key`, from whichever running daemon accounts for it:
+/// (its pid, the totals); `None` when none does.
+pub fn find_totals(key: InodeKey) -> anyhow::Result<Option<(u32, UncoveredTotals)>> {
+    let Ok(entries) = std::fs::read_dir(ROOT) else {
+        return Ok(None);
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let dir = entry.path();
+        let open = |name: &str| -> anyhow::Result<Map> {
+            let path = dir.join(name);
+            let data =
+                MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+            Ok(Map::from_map_data(data)?)
+        };
+        let watched: HashMap<MapData, InodeKey, Placement> =
+            HashMap::try_from(open(names::WATCHED)?)?;
+        let Ok(placement) = watched.get(&key, 0) else {
+            continue;
+        };
+        if placement.dm_dev == 0 {
+            continue;
+        }
+        let totals: PerCpuArray<MapData, UncoveredTotals> =
+            PerCpuArray::try_from(open(names::TOTALS)?)?;
+        let values = totals.get(&placement.slot, 0)?;
+        return Ok(Some((pid, super::accounting::sum(values.iter()))));
+    }
+    Ok(None)
+}
