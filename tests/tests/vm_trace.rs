@@ -18,7 +18,7 @@ use filemapd_tests::{
 };
 use serde_json::Value;
 
-fn trace_shows_events_passes_and_totals(fs_kind: FsKind, tracepoint: &str) {
+fn trace_shows_events_passes_and_totals(fs_kind: FsKind, tracepoints: &[&str]) {
     require_device_mapper();
     let dmfs = DmFs::new(fs_kind).unwrap();
     let path = dmfs.mount.dir.join("lab.img");
@@ -50,42 +50,49 @@ fn trace_shows_events_passes_and_totals(fs_kind: FsKind, tracepoint: &str) {
     wait_converged(&dmfs, &path, "lab.img", "start-up");
 
     write_and_sync(&path, 1 << 20, 1 << 20).unwrap();
-    let mut seen = Vec::new();
+    // Until a pass made the regions and an event placed the new blocks (xfs places them at
+    // writeback, and the event may come after the pass that FIEMAP already let see them).
+    let placed = |l: &Value| {
+        l["type"] == "event"
+            && tracepoints.contains(&l["tracepoint"].as_str().unwrap_or(""))
+            && l["physical"]["sectors"].is_array()
+    };
+    let mut seen: Vec<Value> = Vec::new();
     let made_regions = loop {
-        let line = lines
-            .recv_timeout(CONVERGE)
-            .unwrap_or_else(|e| panic!("no pass made regions ({e}); lines:\n{seen:#?}"));
-        seen.push(line.clone());
-        if line["type"] == "pass" && line["regions_created"].as_u64() > Some(0) {
-            break line;
+        let made = seen
+            .iter()
+            .find(|l| l["type"] == "pass" && l["regions_created"].as_u64() > Some(0));
+        if let Some(made) = made.filter(|_| seen.iter().any(placed)) {
+            break made.clone();
         }
+        let line = lines.recv_timeout(CONVERGE).unwrap_or_else(|e| {
+            panic!("no pass made regions, or no {tracepoints:?} event placed blocks ({e}); lines:\n{seen:#?}")
+        });
+        seen.push(line);
     };
     let ino = std::fs::metadata(&path).unwrap().ino();
-    let event = seen
-        .iter()
-        .find(|l| {
-            l["type"] == "event"
-                && l["tracepoint"] == tracepoint
-                && l["physical"]["sectors"].is_array()
-        })
-        .unwrap_or_else(|| panic!("no {tracepoint} event among:\n{seen:#?}"));
+    let event = seen.iter().find(|l| placed(l)).expect("seen above");
     assert_eq!(event["ino"], ino, "{event}");
     assert_eq!(event["change"], "allocated", "{event}");
     assert!(event["ktime_ns"].as_u64() > Some(0), "{event}");
-    // The event's physical sectors lie in the file as filefrag sees it.
+    // The event's physical sectors start in the file as filefrag sees it (xfs may go on past
+    // EOF: writeback also turned its speculative preallocation into blocks, which filefrag
+    // does not list).
     let sectors = event["physical"]["sectors"]
         .as_array()
         .unwrap_or_else(|| panic!("no physical sectors: {event}"));
     let (start, len) = (sectors[0].as_u64().unwrap(), sectors[1].as_u64().unwrap());
     let extents = filefrag_sectors(&path).unwrap();
     assert!(
-        extents
-            .iter()
-            .any(|&(s, l)| s <= start && start + len <= s + l),
+        extents.iter().any(|&(s, l)| s <= start
+            && start < s + l
+            && (fs_kind == FsKind::Xfs || start + len <= s + l)),
         "event sectors {start}+{len} are not in filefrag's extents {extents:?}"
     );
+    // A pass that answered events says how long they waited for their region; a pass that
+    // read the whole file for another reason may have made the region before the event came.
     assert!(
-        made_regions["event_to_region_us"].as_u64().is_some(),
+        made_regions["event_to_region_us"].as_u64().is_some() || made_regions["whole_file"] == true,
         "{made_regions}"
     );
     assert!(made_regions["fiemap_bytes"].is_array() || made_regions["whole_file"] == true);
@@ -113,11 +120,15 @@ fn trace_shows_events_passes_and_totals(fs_kind: FsKind, tracepoint: &str) {
 
 #[test]
 fn ext4_trace() {
-    trace_shows_events_passes_and_totals(FsKind::Ext4, "ext4:ext4_allocate_blocks");
+    trace_shows_events_passes_and_totals(FsKind::Ext4, &["ext4:ext4_allocate_blocks"]);
 }
 
 #[test]
 fn xfs_trace() {
-    // Writeback turns the delayed allocation's record into a real one.
-    trace_shows_events_passes_and_totals(FsKind::Xfs, "xfs:xfs_bmap_post_update");
+    // Writeback turns the delayed allocation's record into a real one (updated in place, or
+    // merged into its neighbour's, or inserted beside what stays delayed).
+    trace_shows_events_passes_and_totals(
+        FsKind::Xfs,
+        &["xfs:xfs_bmap_post_update", "xfs:xfs_iext_insert"],
+    );
 }
