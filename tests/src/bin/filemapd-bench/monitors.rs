@@ -114,6 +114,22 @@ impl Running {
         self.child.id()
     }
 
+    /// Waits until filemapd's log has a line with `text` (say, that its kernel filter holds
+    /// the file); false after `limit`, or for a monitor without a log.
+    pub fn wait_for_log(&self, text: &str, limit: Duration) -> bool {
+        let Some(log) = &self.log else {
+            return false;
+        };
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if fs::read_to_string(log).is_ok_and(|l| l.contains(text)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
     /// Stops the monitor with SIGTERM (filemapd ends between passes and logs its tally) and
     /// returns filemapd's tally line, if it wrote one.
     pub fn stop(self) -> Option<String> {
