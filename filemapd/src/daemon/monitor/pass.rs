@@ -179,7 +179,15 @@ impl Monitor {
             }
             gone || covered
         };
-        match account.tidy(stale) {
+        // A whole read judges every piece of the file; a stretch only those near it (the
+        // pieces its own creations covered are gone already, see `CreationWitness`).
+        let result = match (looked, self.placement) {
+            (Looked::Stretch { before, .. }, Some(placement)) => {
+                account.tidy_near(placement.dm_dev, before, stale)
+            }
+            _ => account.tidy(stale),
+        };
+        match result {
             Ok(0) => {}
             Ok(n) => debug!(
                 "dropped {n} piece(s) of {} from the uncovered set",

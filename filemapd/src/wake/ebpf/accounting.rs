@@ -28,6 +28,8 @@ pub struct Accounting {
     /// Which totals slots are in use.
     slots: Mutex<Vec<bool>>,
     next_ticket: AtomicU64,
+    /// Tickets handed out and not yet settled: the device and range their region covers.
+    taken: Mutex<std::collections::HashMap<u64, (u32, SectorRange)>>,
 }
 
 /// A file's slot in the accounting, released (its pieces dropped) with the last handle.
@@ -52,6 +54,7 @@ impl Accounting {
             covered: Mutex::new(covered),
             slots: Mutex::new(vec![false; room]),
             next_ticket: AtomicU64::new(1),
+            taken: Mutex::default(),
         }
     }
 
@@ -143,7 +146,46 @@ impl Accounting {
     }
 }
 
+impl Accounting {
+    /// [`Accounting::tidy`] over the pieces near `ranges` only (found by lookups): a pass over
+    /// a stretch costs what the stretch holds, not the whole set.
+    pub fn tidy_near(
+        &self,
+        slot: u32,
+        dev: u32,
+        ranges: &[SectorRange],
+        stale: impl Fn(SectorRange, u64) -> bool,
+    ) -> anyhow::Result<usize> {
+        let mut trie = self.uncovered.lock().expect("uncovered lock");
+        let mut removed = 0;
+        for &range in ranges {
+            for (key, p) in pieces_in(&trie, dev, range) {
+                if p.slot == slot
+                    && p.ticket == 0
+                    && stale(SectorRange::new(p.start, p.end - p.start), p.born_ns)
+                {
+                    remove_key(&mut trie, &key)?;
+                    removed += 1;
+                }
+            }
+            if removed > 0 {
+                drop_empty_markers_in(&mut trie, dev, range)?;
+            }
+        }
+        Ok(removed)
+    }
+}
+
 impl FileAccount {
+    pub fn tidy_near(
+        &self,
+        dev: u32,
+        ranges: &[SectorRange],
+        stale: impl Fn(SectorRange, u64) -> bool,
+    ) -> anyhow::Result<usize> {
+        self.accounting.tidy_near(self.slot, dev, ranges, stale)
+    }
+
     pub fn totals(&self) -> anyhow::Result<UncoveredTotals> {
         self.accounting.totals(self.slot)
     }
@@ -162,13 +204,8 @@ impl CreationWitness for Accounting {
         let result = (|| -> anyhow::Result<bool> {
             let mut trie = self.uncovered.lock().expect("uncovered lock");
             let mut any = false;
-            for (key, piece) in Self::entries(&trie)? {
-                if piece.kind != piece_kind::RANGE
-                    || key.data()[..4] != dev.to_be_bytes()
-                    || piece.ticket != 0
-                    || piece.end <= range.start
-                    || range.end() <= piece.start
-                {
+            for (key, piece) in pieces_in(&trie, dev, range) {
+                if piece.ticket != 0 {
                     continue;
                 }
                 any = true;
@@ -205,6 +242,10 @@ impl CreationWitness for Accounting {
                 remove_key(&mut trie, &key)?;
             }
             if any {
+                self.taken
+                    .lock()
+                    .expect("taken lock")
+                    .insert(ticket, (dev, range));
                 let thread = current_thread();
                 self.covering
                     .lock()
@@ -232,9 +273,23 @@ impl CreationWitness for Accounting {
             .expect("covering lock")
             .remove(&current_thread());
         if created {
-            if let Err(e) = self.remove_where(|p| p.ticket == ticket) {
-                log::warn!("dropping covered pieces: {e:#}");
+            let taken = self.taken.lock().expect("taken lock").remove(&ticket);
+            if let Some((dev, range)) = taken {
+                let mut trie = self.uncovered.lock().expect("uncovered lock");
+                let result = (|| -> anyhow::Result<()> {
+                    for (key, piece) in pieces_in(&trie, dev, range) {
+                        if piece.ticket == ticket {
+                            remove_key(&mut trie, &key)?;
+                        }
+                    }
+                    drop_empty_markers_in(&mut trie, dev, range)
+                })();
+                if let Err(e) = result {
+                    log::warn!("dropping covered pieces: {e:#}");
+                }
             }
+        } else {
+            self.taken.lock().expect("taken lock").remove(&ticket);
         }
         let _ = self.covered.lock().expect("covered lock").remove(&ticket);
     }
@@ -276,31 +331,85 @@ fn remove_key(trie: &mut Trie, key: &Key<PieceAddress>) -> anyhow::Result<()> {
 
 /// Removes markers whose chunk holds no piece any more. A piece the kernel adds meanwhile
 /// re-adds its marker itself (after the piece), so a marker removed here in that instant
-/// comes back; the re-check below closes the rest of the window.
+/// comes back; one re-read afterwards closes the rest of the window.
 fn drop_empty_markers(trie: &mut Trie) -> anyhow::Result<()> {
     let entries = Accounting::entries(trie)?;
-    let occupied = |dev: &[u8], chunk: u64| {
+    let occupied = |entries: &[(Key<PieceAddress>, Piece)], dev: &[u8], marker: &Piece| {
         entries.iter().any(|(k, p)| {
             p.kind == piece_kind::RANGE
                 && k.data()[..4] == *dev
-                && p.start < chunk + (1 << CHUNK_LOG)
-                && chunk < p.end
+                && p.start < marker.end
+                && marker.start < p.end
         })
     };
+    let mut removed = Vec::new();
     for (key, marker) in entries.iter().filter(|(_, p)| p.kind == piece_kind::MARKER) {
-        let data = key.data();
-        if !occupied(&data[..4], marker.start) {
+        if !occupied(&entries, &key.data()[..4], marker) {
             remove_key(trie, key)?;
-            let again = Accounting::entries(trie)?;
-            let refilled = again.iter().any(|(k, p)| {
-                p.kind == piece_kind::RANGE
-                    && k.data()[..4] == data[..4]
-                    && p.start < marker.end
-                    && marker.start < p.end
-            });
-            if refilled {
-                trie.insert(key, *marker, 0)?;
+            removed.push((*key, *marker));
+        }
+    }
+    if !removed.is_empty() {
+        let again = Accounting::entries(trie)?;
+        for (key, marker) in removed {
+            if occupied(&again, &key.data()[..4], &marker) {
+                trie.insert(&key, marker, 0)?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// The pieces overlapping `range` on device `dev`, found with lookups as the kernel's walk
+/// finds them (a piece per lookup, an empty chunk per lookup): the cost follows the range,
+/// not the size of the set.
+fn pieces_in(trie: &Trie, dev: u32, range: SectorRange) -> Vec<(Key<PieceAddress>, Piece)> {
+    let chunk = 1u64 << CHUNK_LOG;
+    let mut found = Vec::new();
+    let mut at = range.start;
+    while at < range.end() {
+        match trie.get(&Key::new(prefix_len(0), piece_address(dev, at)), 0) {
+            Ok(piece) if piece.kind == piece_kind::RANGE && piece.end > at => {
+                let span_log = (piece.end - piece.start).trailing_zeros();
+                found.push((
+                    Key::new(prefix_len(span_log), piece_address(dev, piece.start)),
+                    piece,
+                ));
+                at = piece.end;
+            }
+            Ok(marker) if marker.kind == piece_kind::MARKER => {
+                let step = marker.step.max(1);
+                at = (at / step + 1) * step;
+            }
+            _ => at = (at | (chunk - 1)) + 1,
+        }
+    }
+    found
+}
+
+/// Removes the markers of the chunks `range` touches that hold no piece any more (looked up
+/// chunk by chunk; re-checked once after, as [`drop_empty_markers`] does).
+fn drop_empty_markers_in(trie: &mut Trie, dev: u32, range: SectorRange) -> anyhow::Result<()> {
+    let chunk = 1u64 << CHUNK_LOG;
+    let first = range.start & !(chunk - 1);
+    let mut removed = Vec::new();
+    let mut at = first;
+    while at < range.end() {
+        let key = Key::new(prefix_len(CHUNK_LOG), piece_address(dev, at));
+        let whole = SectorRange::new(at, chunk);
+        if let Ok(marker) = trie.get(&key, 0)
+            && marker.kind == piece_kind::MARKER
+            && marker.start == at
+            && pieces_in(trie, dev, whole).is_empty()
+        {
+            remove_key(trie, &key)?;
+            removed.push((key, marker, whole));
+        }
+        at += chunk;
+    }
+    for (key, marker, whole) in removed {
+        if !pieces_in(trie, dev, whole).is_empty() {
+            trie.insert(&key, marker, 0)?;
         }
     }
     Ok(())
