@@ -75,7 +75,8 @@ impl Monitor {
         let plan = match plan {
             Some(plan) => plan,
             None => {
-                if fresh_whole {
+                // Only the in-kernel accounting needs the ranges here (whole_plan makes its own).
+                if fresh_whole && self.account().is_some() {
                     looked = Looked::Whole(self.view.map().device_ranges());
                 }
                 match self.whole_plan(&group) {

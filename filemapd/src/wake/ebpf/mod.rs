@@ -71,17 +71,14 @@ impl Tracer {
         let own_tgid = std::process::id();
         // The fault tests shrink the filter (more files than room) and the ring (overflow).
         let max_watched = test_size("FILEMAPD_TEST_WATCH_ROOM").unwrap_or(max_watched);
-        let dm_layout = match dm_layout::read() {
-            Ok(layout) if std::env::var_os("FILEMAPD_NO_ACCOUNTING").is_some() => {
-                log::info!("FILEMAPD_NO_ACCOUNTING set: no in-kernel accounting of uncovered IO");
-                let _ = layout;
-                None
-            }
-            Ok(layout) => Some(layout),
-            Err(e) => {
-                log::info!("no in-kernel accounting of uncovered IO: {e:#}");
-                None
-            }
+        // Asked off, the kernel's BTF is not even read (seconds of start-up under emulation).
+        let dm_layout = if std::env::var_os("FILEMAPD_NO_ACCOUNTING").is_some() {
+            log::info!("FILEMAPD_NO_ACCOUNTING set: no in-kernel accounting of uncovered IO");
+            None
+        } else {
+            dm_layout::read()
+                .inspect_err(|e| log::info!("no in-kernel accounting of uncovered IO: {e:#}"))
+                .ok()
         };
         let dm_layout_value = dm_layout.unwrap_or_default();
         let log_events = u32::from(ebpf_log);
