@@ -78,6 +78,25 @@ pub struct Placement {
     pub ag_blocks: u64,
 }
 
+impl Placement {
+    /// The first device sector of file system block `block` as an allocation tracepoint
+    /// numbers it (xfs: AG number and block in the AG).
+    pub const fn sector_of(&self, block: u64) -> u64 {
+        let linear = if self.ag_block_log == 0 {
+            block
+        } else {
+            let log = self.ag_block_log & 63;
+            (block >> log) * self.ag_blocks + (block & ((1u64 << log) - 1))
+        };
+        linear << (self.sector_shift & 15)
+    }
+
+    /// Sectors in `blocks` file system blocks.
+    pub const fn sectors_in(&self, blocks: u64) -> u64 {
+        blocks << (self.sector_shift & 15)
+    }
+}
+
 /// The LPM-trie key data of the uncovered set: the dm device (big-endian) then a sector
 /// (big-endian), so that a prefix names an aligned power-of-two run of sectors on one device.
 pub type PieceAddress = [u8; 12];
@@ -85,9 +104,53 @@ pub type PieceAddress = [u8; 12];
 /// Bits of a piece key that name the device.
 pub const DEVICE_BITS: u32 = 32;
 
-/// Markers stand for aligned chunks of 2^CHUNK_LOG sectors (64 KiB) that hold a piece smaller
-/// than the chunk: a walk over an IO skips an unmarked chunk in one lookup.
-pub const CHUNK_LOG: u32 = 7;
+/// Marker levels, as log2 of sectors: an aligned block of 2^level sectors that holds a piece
+/// smaller than itself carries a marker, at every level above that piece. A walk over an IO
+/// that finds no entry at a place knows no piece starts before the next top-level boundary;
+/// one that finds a marker steps to the next boundary of the level below it. So a walk over
+/// blocks without pieces costs one lookup per top-level block, and each level is 64 times
+/// the one below it (64 KiB, 4 MiB, 256 MiB, 16 GiB).
+pub const MARKER_LEVELS: [u32; 4] = [7, 13, 19, 25];
+pub const TOP_LEVEL: u32 = MARKER_LEVELS[MARKER_LEVELS.len() - 1];
+
+/// The marker at `MARKER_LEVELS[level]` over the block holding `sector`; its key is
+/// `prefix_len(MARKER_LEVELS[level])` at `piece_address(dev, marker.start)`. A walk that
+/// finds it steps by the level below (by the file system block, `2^block_log` sectors, at
+/// the lowest level).
+pub const fn marker(level: usize, sector: u64, block_log: u32, born_ns: u64) -> Piece {
+    let log = MARKER_LEVELS[level];
+    let start = sector & !((1u64 << log) - 1);
+    let step_log = if level == 0 {
+        block_log
+    } else {
+        MARKER_LEVELS[level - 1]
+    };
+    Piece {
+        start,
+        end: start + (1 << log),
+        ticket: 0,
+        slot: 0,
+        kind: piece_kind::MARKER,
+        step: 1 << step_log,
+        born_ns,
+    }
+}
+
+/// Where a walk over the uncovered set goes from `at`, given what the lookup at `at` found:
+/// past a piece, to where a finer piece could start after a marker, or past the top-level
+/// block when nothing is there. Always further than `at`.
+pub const fn walk_next(at: u64, found: Option<&Piece>) -> u64 {
+    let step = match found {
+        Some(piece) if piece.kind == piece_kind::RANGE => {
+            return if piece.end > at { piece.end } else { at + 1 };
+        }
+        Some(marker) if marker.step > 0 => marker.step,
+        Some(_) => 1,
+        None => 1 << TOP_LEVEL,
+    };
+    // Steps are powers of two.
+    (at | (step - 1)) + 1
+}
 
 pub const fn piece_address(dev: u32, sector: u64) -> PieceAddress {
     let d = dev.to_be_bytes();
@@ -115,7 +178,8 @@ pub struct Piece {
     pub slot: u32,
     /// [`piece_kind`].
     pub kind: u32,
-    /// The file system block size in sectors (a marker's walk steps by it in its chunk).
+    /// A marker's: how far a walk that finds it steps (see [`marker`]). A range's: the file
+    /// system block in sectors.
     pub step: u64,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the allocation was recorded: a pass only
     /// judges pieces older than its own reading of the file.
@@ -125,7 +189,7 @@ pub struct Piece {
 pub mod piece_kind {
     /// Freshly allocated sectors of one watched file.
     pub const RANGE: u32 = 1;
-    /// A chunk holding a smaller range somewhere.
+    /// A block holding a smaller range somewhere (see [`MARKER_LEVELS`](super::MARKER_LEVELS)).
     pub const MARKER: u32 = 2;
 }
 
@@ -263,4 +327,80 @@ mod pod {
     unsafe impl aya::Pod for Piece {}
     unsafe impl aya::Pod for UncoveredTotals {}
     unsafe impl aya::Pod for DmLayout {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(start: u64, end: u64) -> Piece {
+        Piece {
+            start,
+            end,
+            kind: piece_kind::RANGE,
+            ..Piece::default()
+        }
+    }
+
+    #[test]
+    fn a_walk_passes_a_piece_whole() {
+        assert_eq!(walk_next(10, Some(&range(8, 64))), 64);
+        // A stale entry that ends before the place still moves the walk on.
+        assert_eq!(walk_next(70, Some(&range(8, 64))), 71);
+    }
+
+    #[test]
+    fn a_walk_that_finds_nothing_skips_to_the_next_top_level_block() {
+        let top = 1u64 << TOP_LEVEL;
+        assert_eq!(walk_next(0, None), top);
+        assert_eq!(walk_next(top - 1, None), top);
+        assert_eq!(walk_next(top, None), 2 * top);
+    }
+
+    #[test]
+    fn a_marker_sends_the_walk_to_the_next_block_of_the_level_below() {
+        let sector = (5 << 25) + (3 << 19) + 12345;
+        let lowest = marker(0, sector, 3, 0);
+        assert_eq!(lowest.start, sector & !127);
+        assert_eq!(lowest.end - lowest.start, 128);
+        assert_eq!(walk_next(sector, Some(&lowest)), (sector | 7) + 1);
+        let second = marker(1, sector, 3, 0);
+        assert_eq!(second.end - second.start, 1 << 13);
+        assert_eq!(walk_next(sector, Some(&second)), (sector | 127) + 1);
+        let top = marker(MARKER_LEVELS.len() - 1, sector, 3, 0);
+        assert_eq!(top.start, 5 << 25);
+        assert_eq!(
+            walk_next(sector, Some(&top)),
+            (sector | ((1 << 19) - 1)) + 1
+        );
+    }
+
+    #[test]
+    fn levels_rise_and_keys_name_their_blocks() {
+        assert!(MARKER_LEVELS.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(prefix_len(0), 96);
+        assert_eq!(prefix_len(TOP_LEVEL), 96 - TOP_LEVEL);
+        assert_eq!(
+            piece_address(0x0fd0_0001, 0x0102),
+            [0x0f, 0xd0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 2]
+        );
+    }
+
+    #[test]
+    fn xfs_blocks_are_numbered_by_allocation_group() {
+        // 4 KiB blocks; AGs of 1000 blocks, numbered in 10 bits.
+        let xfs = Placement {
+            sector_shift: 3,
+            ag_block_log: 10,
+            ag_blocks: 1000,
+            ..Placement::default()
+        };
+        assert_eq!(xfs.sector_of((2 << 10) | 7), (2 * 1000 + 7) * 8);
+        assert_eq!(xfs.sectors_in(16), 128);
+        let ext4 = Placement {
+            sector_shift: 3,
+            ..Placement::default()
+        };
+        assert_eq!(ext4.sector_of(2055), 2055 * 8);
+    }
 }

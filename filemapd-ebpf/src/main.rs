@@ -24,9 +24,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, info};
 use filemapd_common::{
-    CHUNK_LOG, DmLayout, ExtentEvent, Field, InodeKey, LAYOUTS_LEN, Piece, PieceAddress, Placement,
-    TracepointLayout, UncoveredTotals, layout_flags, piece_address, piece_kind, prefix_len,
-    time_arg, tracepoint as tp,
+    DmLayout, ExtentEvent, Field, InodeKey, LAYOUTS_LEN, MARKER_LEVELS, Piece, PieceAddress,
+    Placement, TracepointLayout, UncoveredTotals, layout_flags, marker, piece_address, piece_kind,
+    prefix_len, time_arg, tracepoint as tp, walk_next,
 };
 
 /// Inodes user space watches, and where their blocks lie. Resized by user space at load time.
@@ -69,10 +69,10 @@ static DM_LAYOUT: DmLayout = DmLayout {
 
 /// Most pieces one allocation is cut into (an aligned run of 2^32 blocks needs at most 64).
 const MAX_PIECES: u32 = 64;
-/// Most lookups one IO's walk takes (a 4 MiB IO over unmarked chunks, or 256 KiB of chunks
-/// that hold small pieces).
-const MAX_STEPS: u32 = 64;
-const CHUNK: u64 = 1 << CHUNK_LOG;
+/// Most lookups one IO's walk takes: one per piece it meets, one per marked block of each
+/// level and one per unmarked 16 GiB. Reached only by IO over many small pieces.
+const MAX_STEPS: u32 = 128;
+const LEVELS: usize = MARKER_LEVELS.len();
 
 /// Events for watched inodes.
 #[map]
@@ -396,22 +396,19 @@ fn note_conversion(ctx: &TracePointContext, layout: &TracepointLayout, placement
 }
 
 /// Puts a fresh allocation of `blocks` file system blocks at `block` into the uncovered set,
-/// cut into aligned power-of-two pieces (what an LPM trie can hold), with a marker on each
-/// chunk that holds a piece smaller than the chunk.
+/// cut into aligned power-of-two pieces (what an LPM trie can hold), each with markers on the
+/// blocks of the levels above it (see `MARKER_LEVELS`).
 #[inline(always)]
 fn record_uncovered(placement: &Placement, block: u64, blocks: u64) {
-    let shift = placement.sector_shift & 15;
-    let linear = if placement.ag_block_log == 0 {
-        block
-    } else {
-        let log = placement.ag_block_log & 63;
-        (block >> log) * placement.ag_blocks + (block & ((1u64 << log) - 1))
-    };
-    let mut start = linear << shift;
-    let end = start + (blocks << shift);
+    let block_log = placement.sector_shift & 15;
+    let mut start = placement.sector_of(block);
+    let end = start + placement.sectors_in(blocks);
     let dev = placement.dm_dev;
     // SAFETY: a helper without arguments or preconditions.
     let born_ns = unsafe { bpf_ktime_get_ns() };
+    // Per level, where the block last marked ends: the pieces of one allocation are in
+    // order, so each marker goes in once.
+    let mut marked_to = [0u64; LEVELS];
     for _ in 0..MAX_PIECES {
         if start >= end {
             return;
@@ -430,27 +427,26 @@ fn record_uncovered(placement: &Placement, block: u64, blocks: u64) {
             ticket: 0,
             slot: placement.slot,
             kind: piece_kind::RANGE,
-            step: 1 << shift,
+            step: 1 << block_log,
             born_ns,
         };
         let key = Key::new(prefix_len(span_log), piece_address(dev, start));
         if UNCOVERED.insert(&key, &piece, 0).is_err() {
             break;
         }
-        if span_log < CHUNK_LOG {
-            let chunk = start & !(CHUNK - 1);
-            let marker = Piece {
-                start: chunk,
-                end: chunk + CHUNK,
-                ticket: 0,
-                slot: 0,
-                kind: piece_kind::MARKER,
-                step: 1 << shift,
-                born_ns,
-            };
-            let key = Key::new(prefix_len(CHUNK_LOG), piece_address(dev, chunk));
-            // BPF_NOEXIST: a marker never replaces a piece that spans the chunk.
+        // After the piece: a walk never meets a marker without what it marks.
+        for level in 0..LEVELS {
+            if span_log >= MARKER_LEVELS[level] || start < marked_to[level] {
+                continue;
+            }
+            let marker = marker(level, start, block_log, born_ns);
+            let key = Key::new(
+                prefix_len(MARKER_LEVELS[level]),
+                piece_address(dev, marker.start),
+            );
+            // BPF_NOEXIST: a marker never replaces a piece that spans its block.
             let _ = UNCOVERED.insert(&key, &marker, 1);
+            marked_to[level] = marker.end;
         }
         start += span;
     }
@@ -533,23 +529,15 @@ fn charge(dev: u32, write: bool, sector: u64, end: u64, duration_ns: u64) {
         }
         let key = Key::new(prefix_len(0), piece_address(dev, at));
         let found = UNCOVERED.get(&key).copied();
-        let Some(piece) = found else {
-            // Nothing in this chunk: on to the next.
-            at = (at | (CHUNK - 1)) + 1;
-            continue;
+        let piece = match found {
+            Some(piece) if piece.kind == piece_kind::RANGE && piece.end > at => piece,
+            // Nothing here, or a marker: on to where a piece could start.
+            other => {
+                at = walk_next(at, other.as_ref());
+                continue;
+            }
         };
-        if piece.kind == piece_kind::MARKER {
-            // Something smaller in this chunk: on block by block.
-            let step = if piece.step == 0 { 1 } else { piece.step };
-            at = (at / step + 1) * step;
-            continue;
-        }
         let stop = if piece.end < end { piece.end } else { end };
-        if stop <= at {
-            // Only a stale or torn entry can end before the place it was found at.
-            at += 1;
-            continue;
-        }
         // SAFETY: the value is only tested for presence.
         let covered = piece.ticket != 0 && unsafe { COVERED.get(&piece.ticket) }.is_some();
         if !covered {

@@ -9,10 +9,7 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::{
-    file::placement,
-    wake::ebpf::{Tracepoint, accounting},
-};
+use crate::wake::ebpf::{Tracepoint, accounting};
 use filemapd_common::{ExtentEvent, Placement, UncoveredTotals};
 
 static ON: AtomicBool = AtomicBool::new(false);
@@ -53,8 +50,10 @@ pub fn event(
             "delayed_allocation": delayed,
         });
         if let Some(p) = placement.filter(|_| !delayed) {
-            let (start, len) = placement::sectors(p, event.physical_start, event.physical_length);
-            physical["sectors"] = json!([start, len]);
+            physical["sectors"] = json!([
+                p.sector_of(event.physical_start),
+                p.sectors_in(event.physical_length)
+            ]);
         }
         physical
     });

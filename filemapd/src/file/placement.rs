@@ -57,19 +57,6 @@ pub fn of(file: &std::fs::File, id: FileId) -> anyhow::Result<Placement> {
     })
 }
 
-/// The device sectors `(start, count)` of `blocks` file system blocks from `block` (as an
-/// allocation tracepoint reports them), as the kernel half computes them.
-pub fn sectors(placement: &Placement, block: u64, blocks: u64) -> (u64, u64) {
-    let linear = match placement.ag_block_log {
-        0 => block,
-        log => (block >> log) * placement.ag_blocks + (block & ((1u64 << log) - 1)),
-    };
-    (
-        linear << placement.sector_shift,
-        blocks << placement.sector_shift,
-    )
-}
-
 /// log2(block size / 512).
 fn shift_of(block_size: u64) -> anyhow::Result<u32> {
     if !block_size.is_power_of_two() || block_size < 512 {
@@ -101,25 +88,6 @@ mod tests {
         // mkfs.xfs on a 512 MiB device: 4 AGs of 32768 blocks.
         assert_eq!(ag_block_log(32768), 15);
         assert_eq!(ag_block_log(20000), 15);
-    }
-
-    #[test]
-    fn xfs_block_numbers_skip_the_unused_ag_space() {
-        // 4 KiB blocks, 20000 blocks per AG (15 bits): AG 2, block 5.
-        let p = Placement {
-            dm_dev: 1,
-            slot: 0,
-            sector_shift: 3,
-            ag_block_log: 15,
-            ag_blocks: 20000,
-        };
-        assert_eq!(sectors(&p, (2 << 15) | 5, 4), ((2 * 20000 + 5) * 8, 32));
-        let ext4 = Placement {
-            ag_block_log: 0,
-            ag_blocks: 0,
-            ..p
-        };
-        assert_eq!(sectors(&ext4, 100, 2), (800, 16));
     }
 
     #[test]

@@ -106,7 +106,10 @@ impl Monitor {
                     }
                     match logical {
                         Some((start, len)) => {
-                            debug!("event {}: {:?} bytes {start}+{len}", tp.name, tp.change);
+                            debug!(
+                                "event {}: {:?} bytes {start}+{len}, blocks {}+{}",
+                                tp.name, tp.change, event.physical_start, event.physical_length
+                            );
                             self.view
                                 .note_event(start, len, tp.change == Change::Allocated);
                         }

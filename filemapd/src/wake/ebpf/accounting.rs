@@ -4,15 +4,19 @@
 //! kernel drops a piece from the count while dm-stats has the device suspended for the new
 //! region), kept in step with the file (pieces the file gave back, or that a region already
 //! covers, go), and each file's totals are read.
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key};
 use filemapd_common::{
-    CHUNK_LOG, Piece, PieceAddress, UncoveredTotals, piece_address, piece_kind, prefix_len,
+    MARKER_LEVELS, Piece, PieceAddress, TOP_LEVEL, UncoveredTotals, marker, piece_address,
+    piece_kind, prefix_len, walk_next,
 };
 
 use crate::{sectors::SectorRange, stats::CreationWitness};
@@ -113,7 +117,7 @@ impl Accounting {
             .context("reading the uncovered set")
     }
 
-    /// Removes the pieces `doomed` picks, then the markers of chunks left without pieces.
+    /// Removes the pieces `doomed` picks, then the markers of blocks left without pieces.
     fn remove_where(&self, doomed: impl Fn(&Piece) -> bool) -> anyhow::Result<usize> {
         let mut trie = self.uncovered.lock().expect("uncovered lock");
         let entries = Self::entries(&trie)?;
@@ -234,9 +238,7 @@ impl CreationWitness for Accounting {
                             part,
                             0,
                         )?;
-                        if span_log < CHUNK_LOG {
-                            insert_marker(&mut trie, dev, start, piece.step.max(1))?;
-                        }
+                        insert_markers(&mut trie, dev, start, span_log, piece.step)?;
                     }
                 }
                 remove_key(&mut trie, &key)?;
@@ -302,24 +304,37 @@ fn current_thread() -> u64 {
     ((std::process::id() as u64) << 32) | tid
 }
 
-fn insert_marker(trie: &mut Trie, dev: u32, sector: u64, step: u64) -> anyhow::Result<()> {
-    let chunk = sector & !((1u64 << CHUNK_LOG) - 1);
-    let marker = Piece {
-        start: chunk,
-        end: chunk + (1 << CHUNK_LOG),
-        ticket: 0,
-        slot: 0,
-        kind: piece_kind::MARKER,
-        step,
-        born_ns: 0,
-    };
-    let key = Key::new(prefix_len(CHUNK_LOG), piece_address(dev, chunk));
-    match trie.get(&key, 0) {
-        // Keep the finer of two steps.
-        Ok(old) if old.kind == piece_kind::MARKER && old.step <= step => Ok(()),
-        Ok(old) if old.kind != piece_kind::MARKER => Ok(()),
-        _ => Ok(trie.insert(&key, marker, 0)?),
+/// The markers a piece of 2^span_log sectors at `start` needs (see `MARKER_LEVELS`), where
+/// missing; `block` is the file system block in sectors.
+fn insert_markers(
+    trie: &mut Trie,
+    dev: u32,
+    start: u64,
+    span_log: u32,
+    block: u64,
+) -> anyhow::Result<()> {
+    let block_log = block.max(1).trailing_zeros();
+    for (level, &log) in MARKER_LEVELS.iter().enumerate() {
+        if span_log >= log {
+            continue;
+        }
+        let marker = marker(level, start, block_log, 0);
+        let key = Key::new(prefix_len(log), piece_address(dev, marker.start));
+        if exact(trie, &key).is_none() {
+            trie.insert(&key, marker, 0)?;
+        }
     }
+    Ok(())
+}
+
+/// The entry under exactly this key (a trie lookup answers with the longest prefix that
+/// matches, which may be a coarser one).
+fn exact(trie: &Trie, key: &Key<PieceAddress>) -> Option<Piece> {
+    let entry = trie.get(key, 0).ok()?;
+    let span_log = (entry.end - entry.start).trailing_zeros();
+    (prefix_len(span_log) == key.prefix_len()
+        && piece_address(0, entry.start)[4..] == key.data()[4..])
+        .then_some(entry)
 }
 
 fn remove_key(trie: &mut Trie, key: &Key<PieceAddress>) -> anyhow::Result<()> {
@@ -329,30 +344,39 @@ fn remove_key(trie: &mut Trie, key: &Key<PieceAddress>) -> anyhow::Result<()> {
     }
 }
 
-/// Removes markers whose chunk holds no piece any more. A piece the kernel adds meanwhile
-/// re-adds its marker itself (after the piece), so a marker removed here in that instant
-/// comes back; one re-read afterwards closes the rest of the window.
+/// Whether `piece` is one that `marker` stands for: a range smaller than its block, inside it.
+fn marks(marker: &Piece, piece: &Piece) -> bool {
+    piece.kind == piece_kind::RANGE
+        && piece.end - piece.start < marker.end - marker.start
+        && marker.start <= piece.start
+        && piece.end <= marker.end
+}
+
+/// Removes markers whose block holds no smaller piece any more (also those left inside a
+/// larger piece, which would hide it from walks). A piece the kernel adds meanwhile re-adds
+/// its markers itself (after the piece), so a marker removed here in that instant comes
+/// back; one re-read afterwards closes the rest of the window.
 fn drop_empty_markers(trie: &mut Trie) -> anyhow::Result<()> {
-    let entries = Accounting::entries(trie)?;
-    let occupied = |entries: &[(Key<PieceAddress>, Piece)], dev: &[u8], marker: &Piece| {
-        entries.iter().any(|(k, p)| {
-            p.kind == piece_kind::RANGE
-                && k.data()[..4] == *dev
-                && p.start < marker.end
-                && marker.start < p.end
-        })
+    let occupied = |ranges: &BTreeMap<(u32, u64, u64), Piece>, dev: u32, marker: &Piece| {
+        ranges
+            .range((dev, marker.start, 0)..(dev, marker.end, 0))
+            .any(|(_, p)| marks(marker, p))
     };
+    let entries = Accounting::entries(trie)?;
+    let ranges = ranges_by_place(&entries);
     let mut removed = Vec::new();
     for (key, marker) in entries.iter().filter(|(_, p)| p.kind == piece_kind::MARKER) {
-        if !occupied(&entries, &key.data()[..4], marker) {
+        if !occupied(&ranges, device_of(key), marker) {
             remove_key(trie, key)?;
             removed.push((*key, *marker));
         }
     }
     if !removed.is_empty() {
-        let again = Accounting::entries(trie)?;
+        let again = ranges_by_place(&Accounting::entries(trie)?);
+        // Coarsest first, so that a finer marker never stands without the ones above it.
+        removed.sort_by_key(|(_, m)| std::cmp::Reverse(m.end - m.start));
         for (key, marker) in removed {
-            if occupied(&again, &key.data()[..4], &marker) {
+            if occupied(&again, device_of(&key), &marker) {
                 trie.insert(&key, marker, 0)?;
             }
         }
@@ -360,55 +384,95 @@ fn drop_empty_markers(trie: &mut Trie) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The ranges among `entries`, by device and place.
+fn ranges_by_place(entries: &[(Key<PieceAddress>, Piece)]) -> BTreeMap<(u32, u64, u64), Piece> {
+    entries
+        .iter()
+        .filter(|(_, p)| p.kind == piece_kind::RANGE)
+        .map(|(k, p)| ((device_of(k), p.start, p.end), *p))
+        .collect()
+}
+
+fn device_of(key: &Key<PieceAddress>) -> u32 {
+    let data = key.data();
+    u32::from_be_bytes([data[0], data[1], data[2], data[3]])
+}
+
 /// The pieces overlapping `range` on device `dev`, found with lookups as the kernel's walk
-/// finds them (a piece per lookup, an empty chunk per lookup): the cost follows the range,
-/// not the size of the set.
+/// finds them: the cost follows the pieces and markers in the range, not the size of the set.
 fn pieces_in(trie: &Trie, dev: u32, range: SectorRange) -> Vec<(Key<PieceAddress>, Piece)> {
-    let chunk = 1u64 << CHUNK_LOG;
     let mut found = Vec::new();
-    let mut at = range.start;
-    while at < range.end() {
-        match trie.get(&Key::new(prefix_len(0), piece_address(dev, at)), 0) {
-            Ok(piece) if piece.kind == piece_kind::RANGE && piece.end > at => {
-                let span_log = (piece.end - piece.start).trailing_zeros();
-                found.push((
-                    Key::new(prefix_len(span_log), piece_address(dev, piece.start)),
-                    piece,
-                ));
-                at = piece.end;
-            }
-            Ok(marker) if marker.kind == piece_kind::MARKER => {
-                let step = marker.step.max(1);
-                at = (at / step + 1) * step;
-            }
-            _ => at = (at | (chunk - 1)) + 1,
-        }
-    }
+    walk(trie, dev, range, 1 << TOP_LEVEL, |key, piece| {
+        found.push((key, piece));
+        true
+    });
     found
 }
 
-/// Removes the markers of the chunks `range` touches that hold no piece any more (looked up
-/// chunk by chunk; re-checked once after, as [`drop_empty_markers`] does).
-fn drop_empty_markers_in(trie: &mut Trie, dev: u32, range: SectorRange) -> anyhow::Result<()> {
-    let chunk = 1u64 << CHUNK_LOG;
-    let first = range.start & !(chunk - 1);
-    let mut removed = Vec::new();
-    let mut at = first;
+/// Walks `range` as the kernel does, handing each piece met to `visit` until it says stop.
+/// Where a lookup finds nothing it steps by `miss_step`: the kernel's top level, or, inside
+/// a block whose marker may be gone, the level below it.
+fn walk(
+    trie: &Trie,
+    dev: u32,
+    range: SectorRange,
+    miss_step: u64,
+    mut visit: impl FnMut(Key<PieceAddress>, Piece) -> bool,
+) {
+    let mut at = range.start;
     while at < range.end() {
-        let key = Key::new(prefix_len(CHUNK_LOG), piece_address(dev, at));
-        let whole = SectorRange::new(at, chunk);
-        if let Ok(marker) = trie.get(&key, 0)
-            && marker.kind == piece_kind::MARKER
-            && marker.start == at
-            && pieces_in(trie, dev, whole).is_empty()
+        let found = trie
+            .get(&Key::new(prefix_len(0), piece_address(dev, at)), 0)
+            .ok();
+        if let Some(piece) = found
+            && piece.kind == piece_kind::RANGE
+            && piece.end > at
         {
-            remove_key(trie, &key)?;
-            removed.push((key, marker, whole));
+            let span_log = (piece.end - piece.start).trailing_zeros();
+            let key = Key::new(prefix_len(span_log), piece_address(dev, piece.start));
+            if !visit(key, piece) {
+                return;
+            }
         }
-        at += chunk;
+        at = match found {
+            None => (at | (miss_step - 1)) + 1,
+            found => walk_next(at, found.as_ref()),
+        };
     }
-    for (key, marker, whole) in removed {
-        if !pieces_in(trie, dev, whole).is_empty() {
+}
+
+/// Removes the markers over `range` whose block holds no smaller piece any more, finest
+/// level first (a coarser marker must outlive the finer ones under it); re-checked once
+/// after, as [`drop_empty_markers`] does.
+fn drop_empty_markers_in(trie: &mut Trie, dev: u32, range: SectorRange) -> anyhow::Result<()> {
+    let holds_smaller = |trie: &Trie, marker: &Piece| {
+        let mut any = false;
+        let block = SectorRange::new(marker.start, marker.end - marker.start);
+        walk(trie, dev, block, marker.step, |_, piece| {
+            any = marks(marker, &piece);
+            !any
+        });
+        any
+    };
+    let mut removed = Vec::new();
+    for &log in &MARKER_LEVELS {
+        let size = 1u64 << log;
+        let mut at = range.start & !(size - 1);
+        while at < range.end() {
+            let key = Key::new(prefix_len(log), piece_address(dev, at));
+            if let Some(marker) = exact(trie, &key)
+                && marker.kind == piece_kind::MARKER
+                && !holds_smaller(trie, &marker)
+            {
+                remove_key(trie, &key)?;
+                removed.push((key, marker));
+            }
+            at += size;
+        }
+    }
+    // Coarsest first, so that a finer marker never stands without the ones above it.
+    for (key, marker) in removed.into_iter().rev() {
+        if holds_smaller(trie, &marker) {
             trie.insert(&key, marker, 0)?;
         }
     }

@@ -16,6 +16,7 @@ use filemapd_tests::{
 use crate::{
     median, median_and_spread,
     monitors::{Monitor, group_counters, kernel_sectors_written, the_group, wait_covered},
+    program_time::{ProgramClock, ProgramTime},
     report,
 };
 
@@ -55,6 +56,15 @@ struct Outcome {
     regions: Option<usize>,
     /// From the writer's last fsync until the regions covered the file.
     caught_up: Option<Duration>,
+    /// The kernel's time in eBPF programs while the writer ran.
+    programs: ProgramTime,
+}
+
+impl Outcome {
+    /// eBPF run time as a share of the writer's time, %.
+    fn program_share(&self) -> f64 {
+        self.programs.all.as_secs_f64() / self.elapsed.as_secs_f64() * 100.0
+    }
 }
 
 pub fn run(rounds: usize) {
@@ -81,11 +91,18 @@ pub fn run(rounds: usize) {
         "filemapd's in-kernel accounting counted of the IO that came before its region (from its"
     );
     report!("exit log); lost: what neither counted (100 % less the two, each against the writer's");
-    report!("bytes). The accounting's cost: the two filemapd --ebpf rows, with it and without.\n");
+    report!("bytes). eBPF time: the kernel's time in eBPF programs (BPF_ENABLE_STATS) while the");
     report!(
-        "| fs | writer | monitor | MB/s | slowdown | counted by regions % | counted in the kernel % | lost % | regions at end | caught up s |"
+        "writer ran, as a share of the writer's time, and the IO probe's (dm_stats_account_io)"
     );
-    report!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    report!("time per bio. The accounting's cost: the two filemapd --ebpf rows, with it and");
+    report!("without; their eBPF time prices it without the writer's round-to-round noise.\n");
+    report!(
+        "| fs | writer | monitor | MB/s | slowdown | counted by regions % | counted in the kernel % | lost % | regions at end | caught up s | eBPF time % | IO probe ns/bio |"
+    );
+    report!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let clock = ProgramClock::start();
+    let mut costs = Vec::new();
     const MONITORS: [Monitor; 5] = [
         Monitor::Nothing,
         Monitor::Ebpf,
@@ -99,17 +116,35 @@ pub fn run(rounds: usize) {
             for round in 0..rounds {
                 for k in 0..MONITORS.len() {
                     let m = (round + k) % MONITORS.len();
-                    outcomes[m].push(measure(fs_kind, pattern, MONITORS[m]));
+                    outcomes[m].push(measure(fs_kind, pattern, MONITORS[m], &clock));
                 }
             }
             let rate = |o: &Outcome| o.written as f64 / o.elapsed.as_secs_f64() / 1e6;
             let median_rate = |runs: &[Outcome]| median(runs.iter().map(rate).collect());
             let baseline = median_rate(&outcomes[0]);
+            let share = |monitor: Monitor| {
+                let m = MONITORS.iter().position(|&k| k == monitor).unwrap();
+                median(outcomes[m].iter().map(Outcome::program_share).collect())
+            };
+            costs.push(format!(
+                "{} {}: {:.3} points",
+                fs_kind.name(),
+                pattern.name(),
+                share(Monitor::Ebpf) - share(Monitor::EbpfUnaccounted)
+            ));
             for (monitor, runs) in MONITORS.iter().zip(&outcomes) {
                 let rate_cell = median_and_spread(runs.iter().map(rate).collect(), 1);
                 let slowdown = (baseline - median_rate(runs)) / baseline * 100.0;
+                let ebpf = matches!(monitor, Monitor::Ebpf | Monitor::EbpfUnaccounted);
+                let program_cell = |value: &dyn Fn(&Outcome) -> Option<f64>, decimals| {
+                    if ebpf {
+                        cell(runs.iter().map(value), decimals)
+                    } else {
+                        "—".to_string()
+                    }
+                };
                 report!(
-                    "| {} | {} | {} | {rate_cell} | {slowdown:+.1} % | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {rate_cell} | {slowdown:+.1} % | {} | {} | {} | {} | {} | {} | {} |",
                     fs_kind.name(),
                     pattern.name(),
                     monitor.name(),
@@ -121,10 +156,22 @@ pub fn run(rounds: usize) {
                     }),
                     cell(runs.iter().map(|o| o.regions.map(|r| r as f64)), 0),
                     cell(runs.iter().map(|o| o.caught_up.map(|t| t.as_secs_f64())), 1),
+                    program_cell(&|o| Some(o.program_share()), 3),
+                    program_cell(
+                        &|o| {
+                            let runs = o.programs.io_probe_runs;
+                            (runs > 0).then(|| o.programs.io_probe.as_nanos() as f64 / runs as f64)
+                        },
+                        0
+                    ),
                 );
             }
         }
     }
+    report!(
+        "\nThe accounting's cost as eBPF time (filemapd --ebpf less the row without the accounting,\nmedians, in points of the writer's time): {}.",
+        costs.join("; ")
+    );
     report!(
         "\nTargets (issue 9): slowdown ≤ 5 % (median) for filemapd --ebpf under random-write growth."
     );
@@ -189,7 +236,7 @@ fn cell(values: impl Iterator<Item = Option<f64>>, decimals: usize) -> String {
     }
 }
 
-fn measure(fs_kind: FsKind, pattern: Pattern, monitor: Monitor) -> Outcome {
+fn measure(fs_kind: FsKind, pattern: Pattern, monitor: Monitor, clock: &ProgramClock) -> Outcome {
     let dmfs = DmFs::new(fs_kind).unwrap();
     let path = dmfs.mount.dir.join("grow.img");
     write_and_sync(&path, 0, HEAD as usize).unwrap();
@@ -212,12 +259,14 @@ fn measure(fs_kind: FsKind, pattern: Pattern, monitor: Monitor) -> Outcome {
         HEAD,
         Duration::from_secs(60)
     ));
+    let programs_before = clock.read();
     let started = Instant::now();
     let written = match pattern {
         Pattern::Sequential => write_sequential(&path),
         Pattern::VmImage => write_random_direct(&path),
     };
     let elapsed = started.elapsed();
+    let programs = clock.read() - programs_before;
     let size = fs::metadata(&path).unwrap().size();
     let synced = Instant::now();
     let covered =
@@ -232,6 +281,7 @@ fn measure(fs_kind: FsKind, pattern: Pattern, monitor: Monitor) -> Outcome {
             covered,
             regions: None,
             caught_up: None,
+            programs,
         };
     };
     let kernel = running
@@ -246,6 +296,7 @@ fn measure(fs_kind: FsKind, pattern: Pattern, monitor: Monitor) -> Outcome {
         covered,
         regions: group.map(|g| g.member_count()),
         caught_up,
+        programs,
     }
 }
 

@@ -10,6 +10,7 @@ mod handoff;
 mod latency;
 mod monitors;
 mod new_image;
+mod program_time;
 mod region_cost;
 mod scale;
 mod usage;
