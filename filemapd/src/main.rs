@@ -11,7 +11,7 @@ use filemapd::{
     daemon::daemonize::daemonize,
     daemon::logging,
     daemon::monitor::Monitor,
-    file::fiemap,
+    file::view,
     oneshot,
     reconcile::Mapping,
     sectors::{SectorRange, join_adjacent},
@@ -458,7 +458,7 @@ fn show(path: &PathBuf, group_id: Option<u64>) -> anyhow::Result<()> {
     if !metadata.is_file() {
         bail!("{} is not a regular file", path.display());
     }
-    let extents = fiemap::device_ranges(&fiemap::read_extents(&file, 0, u64::MAX, false)?);
+    let extents = view::data_ranges(&file, false)?;
     let device = stats::StatsDevice::for_st_dev(metadata.dev())
         .with_context(|| format!("{} is not on a device-mapper device", path.display()))?;
     let regions = device.list(None)?;

@@ -7,8 +7,8 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     file::{
-        fiemap,
         identity::{FileId, check_mappable},
+        view,
     },
     sectors::SectorRange,
     stats::{
@@ -23,13 +23,9 @@ fn open(path: &Path) -> anyhow::Result<(FileId, StatsDevice, Vec<SectorRange>)> 
     let metadata = check_mappable(&file, path)?;
     let device = StatsDevice::for_st_dev(metadata.dev())
         .with_context(|| format!("{} is not on a device-mapper device", path.display()))?;
-    let extents = fiemap::read_extents(&file, 0, u64::MAX, true)
-        .with_context(|| format!("FIEMAP of {}", path.display()))?;
-    Ok((
-        FileId::of(&metadata),
-        device,
-        fiemap::device_ranges(&extents),
-    ))
+    let ranges =
+        view::data_ranges(&file, true).with_context(|| format!("FIEMAP of {}", path.display()))?;
+    Ok((FileId::of(&metadata), device, ranges))
 }
 
 /// Maps `path` into a new group, or finishes and reports the group it already has (a file is

@@ -9,7 +9,7 @@ use std::{
 };
 
 use filemapd::{
-    file::fiemap,
+    file::view,
     sectors::{SectorRange, join_adjacent},
     stats::{Region, StatsDevice},
 };
@@ -91,8 +91,8 @@ pub fn file_ranges(path: &Path) -> Vec<SectorRange> {
 /// [`file_ranges`] through a descriptor already open: on a frozen xfs, closing one can block
 /// until the thaw (the close trims post-EOF blocks, which takes a transaction).
 pub fn file_ranges_of(file: &fs::File) -> Vec<SectorRange> {
-    let mut ranges =
-        fiemap::device_ranges(&fiemap::read_extents(file, 0, u64::MAX, false).unwrap());
+    // Cut at the end of the file, as the daemon's regions are.
+    let mut ranges = view::data_ranges(file, false).unwrap();
     ranges.sort_unstable();
     ranges
 }

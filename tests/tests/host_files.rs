@@ -58,3 +58,55 @@ fn file_systems_map_to_their_tracepoint_category() {
         assert_eq!(category, expected, "{}", fs_kind.name());
     }
 }
+
+/// Regions cover a file's data: FIEMAP reports blocks past the end of the file (here from
+/// `fallocate --keep-size`, as xfs's speculative preallocation does), and `data_ranges` cuts
+/// them off at the end rounded up to the block, on ext4 and xfs alike.
+#[test]
+fn data_ranges_stop_at_the_end_of_the_file() {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use filemapd::file::{fiemap, view};
+    use filemapd_tests::run;
+
+    require_root();
+    let scratch = ScratchDir::new(Path::new("/var/tmp"), "data-end").unwrap();
+    for fs_kind in [FsKind::Ext4, FsKind::Xfs] {
+        let dir = scratch.0.join(fs_kind.name());
+        fs::create_dir_all(&dir).unwrap();
+        let loopfs = LoopFs::new(&dir, fs_kind).unwrap();
+        let path = loopfs.mount.dir.join("f");
+        // 10000 bytes of data (3 blocks of 4 KiB), then 1 MiB kept past the end.
+        write_and_sync(&path, 0, 10_000).unwrap();
+        run(
+            "fallocate",
+            &[
+                "--keep-size",
+                "--offset",
+                "0",
+                "--length",
+                "1MiB",
+                &path.to_string_lossy(),
+            ],
+        )
+        .unwrap();
+        let file = fs::File::open(&path).unwrap();
+        assert_eq!(file.metadata().unwrap().size(), 10_000);
+        let every: u64 =
+            fiemap::device_ranges(&fiemap::read_extents(&file, 0, u64::MAX, false).unwrap())
+                .iter()
+                .map(|r| r.len)
+                .sum();
+        assert!(
+            every >= 2048,
+            "{}: FIEMAP shows the kept MiB ({every} sectors)",
+            fs_kind.name()
+        );
+        let data: u64 = view::data_ranges(&file, false)
+            .unwrap()
+            .iter()
+            .map(|r| r.len)
+            .sum();
+        assert_eq!(data, 24, "{}: three 4 KiB blocks of data", fs_kind.name());
+    }
+}

@@ -6,6 +6,12 @@
 //! one logical span does to the ranges reaches as far as the physically contiguous runs on
 //! either side of it; [`ExtentMap::replace`] reports the ranges of that stretch before and
 //! after, which is all a plan of the change needs.
+//!
+//! Regions follow the file's *data*: extents are cut at the end of the file (rounded up to
+//! its block). What lies past it (xfs's speculative preallocation, `fallocate --keep-size`)
+//! holds no data, and xfs gives preallocation back when the writer closes the file: a region
+//! made over it would have to be deleted then, and its counters with it. Those blocks are
+//! kept aside as tails (the in-kernel accounting still counts IO there until a region does).
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
@@ -13,12 +19,23 @@ use crate::{
     sectors::SectorRange,
 };
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ExtentMap {
-    /// logical byte offset → extent (without the LAST flag, which only ends a FIEMAP read).
+    /// logical byte offset → extent (without the LAST flag, which only ends a FIEMAP read),
+    /// cut at `eof`.
     extents: BTreeMap<u64, Extent>,
+    /// Placed blocks past `eof`, by the logical offset of the extent they were cut from.
+    tails: BTreeMap<u64, Extent>,
     /// How many extents await a place (delayed allocation).
     unplaced: usize,
+    /// Where the file's data ends, rounded up to its block (`u64::MAX`: nothing is cut).
+    eof: u64,
+}
+
+impl Default for ExtentMap {
+    fn default() -> Self {
+        Self::new(Vec::new(), u64::MAX)
+    }
 }
 
 /// What re-reading one stretch of the file changed on the device.
@@ -33,12 +50,28 @@ pub struct StretchChange {
 }
 
 impl ExtentMap {
-    pub fn new(extents: Vec<Extent>) -> Self {
-        let mut map = Self::default();
+    /// The map of a whole FIEMAP read, cut at `eof`.
+    pub fn new(extents: Vec<Extent>, eof: u64) -> Self {
+        let mut map = Self {
+            extents: BTreeMap::new(),
+            tails: BTreeMap::new(),
+            unplaced: 0,
+            eof,
+        };
         for extent in extents {
             map.insert(extent);
         }
         map
+    }
+
+    /// Where the map cuts extents.
+    pub fn eof(&self) -> u64 {
+        self.eof
+    }
+
+    /// The merged device ranges of the blocks past the end of the file.
+    pub fn tail_ranges(&self) -> Vec<SectorRange> {
+        fiemap::device_ranges(&self.tails.values().copied().collect::<Vec<_>>())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -59,12 +92,20 @@ impl ExtentMap {
         fiemap::device_ranges(&self.extents.values().copied().collect::<Vec<_>>())
     }
 
-    /// Whether a placed extent holds the logical bytes `start..start + len`.
+    /// Whether placed blocks of the file (before or past its end) hold the logical bytes
+    /// `start..start + len`.
     pub fn holds_placed(&self, start: u64, len: u64) -> bool {
-        self.extents
-            .range(..=start)
-            .next_back()
-            .is_some_and(|(_, e)| e.is_placed() && start + len <= e.logical + e.length)
+        let end = start.saturating_add(len);
+        let holds = |e: &Extent| e.is_placed() && e.logical <= start && end <= e.logical + e.length;
+        let head = self.extents.range(..=start).next_back().map(|(_, e)| e);
+        let tail = self.tails.range(..=start).next_back().map(|(_, e)| e);
+        match (head, tail) {
+            // An extent cut at the end: its head and tail together.
+            (Some(h), Some(t)) if h.logical + h.length == t.logical && h.is_placed() => {
+                h.logical <= start && end <= t.logical + t.length
+            }
+            (h, t) => h.is_some_and(holds) || t.is_some_and(holds),
+        }
     }
 
     /// Widens the logical span `lo..hi` to the whole extents it cuts into: FIEMAP of the
@@ -83,9 +124,11 @@ impl ExtentMap {
     }
 
     /// Replaces what the map says of the logical span `lo..hi` with `fresh`, a FIEMAP of that
-    /// span (whole extents overlapping it, which may reach beyond it). O((k + r) log n) for k
-    /// extents in the span and r in the physically contiguous runs on either side.
-    pub fn replace(&mut self, lo: u64, hi: u64, fresh: Vec<Extent>) -> StretchChange {
+    /// span (whole extents overlapping it, which may reach beyond it), the file now ending at
+    /// `eof`. When the end moved, the span must take in both ends (the caller widens it).
+    /// O((k + r) log n) for k extents in the span and r in the physically contiguous runs on
+    /// either side.
+    pub fn replace(&mut self, lo: u64, hi: u64, fresh: Vec<Extent>, eof: u64) -> StretchChange {
         let lo = fresh.iter().map(|e| e.logical).fold(lo, u64::min);
         let hi = fresh
             .iter()
@@ -95,6 +138,11 @@ impl ExtentMap {
         let (from, to) = (self.run_start_before(lo), self.run_end_after(hi));
 
         let old_stretch = self.stretch(from, to);
+        let dropped_tails: Vec<u64> = self.tails.range(lo..hi).map(|(&at, _)| at).collect();
+        for at in dropped_tails {
+            self.tails.remove(&at);
+        }
+        self.eof = eof;
         let dropped: Vec<u64> = self.extents.range(lo..hi).map(|(&at, _)| at).collect();
         for at in dropped {
             if let Some(extent) = self.extents.remove(&at)
@@ -128,6 +176,23 @@ impl ExtentMap {
 
     fn insert(&mut self, mut extent: Extent) {
         extent.flags &= !extent_flags::LAST;
+        let end = extent.logical.saturating_add(extent.length);
+        if extent.is_placed() && end > self.eof {
+            let head = self.eof.saturating_sub(extent.logical);
+            self.tails.insert(
+                extent.logical,
+                Extent {
+                    logical: extent.logical + head,
+                    physical: extent.physical + head,
+                    length: extent.length - head,
+                    ..extent
+                },
+            );
+            if head == 0 {
+                return;
+            }
+            extent.length = head;
+        }
         if !extent.is_placed() {
             self.unplaced += 1;
         }
@@ -198,9 +263,50 @@ mod tests {
     }
 
     #[test]
+    fn extents_are_cut_at_the_end_of_the_file() {
+        // 16 KiB at 1 MiB, the file ending at 8 KiB; 8 KiB more wholly past the end.
+        let map = ExtentMap::new(
+            vec![ext(0, 1 << 20, 16384), ext(16384, 4 << 20, 8192)],
+            8192,
+        );
+        assert_eq!(map.device_ranges(), vec![SectorRange::new(2048, 16)]);
+        assert_eq!(
+            map.tail_ranges(),
+            vec![SectorRange::new(2048 + 16, 16), SectorRange::new(8192, 16)]
+        );
+        // Placed blocks all the same: an event's range past the end has settled.
+        assert!(map.holds_placed(0, 16384));
+        assert!(map.holds_placed(12288, 4096));
+        assert!(map.holds_placed(16384, 8192));
+        assert!(!map.holds_placed(24576, 4096));
+    }
+
+    #[test]
+    fn a_file_growing_into_its_preallocation_grows_its_range() {
+        let mut map = ExtentMap::new(vec![ext(0, 1 << 20, 16384)], 8192);
+        // The caller widens the span over the old and the new end.
+        let change = map.replace(8192, 12288, vec![ext(0, 1 << 20, 16384)], 12288);
+        assert_eq!(change.before, vec![SectorRange::new(2048, 16)]);
+        assert_eq!(change.after, vec![SectorRange::new(2048, 24)]);
+        assert_eq!(map.tail_ranges(), vec![SectorRange::new(2048 + 24, 8)]);
+        // Given back at close: no tail is left.
+        let change = map.replace(0, 12288, vec![ext(0, 1 << 20, 12288)], 12288);
+        assert!(change.unchanged);
+        assert!(map.tail_ranges().is_empty());
+    }
+
+    #[test]
     fn growth_at_the_end_reports_the_grown_range_only() {
-        let mut map = ExtentMap::new(vec![ext(0, 1 << 20, 4096), ext(1 << 20, 8 << 20, 4096)]);
-        let change = map.replace(4096 + (1 << 20), 4096, vec![ext(1 << 20, 8 << 20, 8192)]);
+        let mut map = ExtentMap::new(
+            vec![ext(0, 1 << 20, 4096), ext(1 << 20, 8 << 20, 4096)],
+            u64::MAX,
+        );
+        let change = map.replace(
+            4096 + (1 << 20),
+            4096,
+            vec![ext(1 << 20, 8 << 20, 8192)],
+            u64::MAX,
+        );
         assert_eq!(change.before, vec![SectorRange::new(16384, 8)]);
         assert_eq!(change.after, vec![SectorRange::new(16384, 16)]);
         assert!(!change.unchanged);
@@ -214,8 +320,8 @@ mod tests {
     fn a_change_reaches_the_physically_contiguous_neighbours() {
         // Extents 0 and 2 are physically contiguous around a hole at 4 KiB; filling the hole
         // elsewhere splits nothing, but the stretch spans the whole run.
-        let mut map = ExtentMap::new(vec![ext(0, 4096, 4096), ext(8192, 8192, 4096)]);
-        let change = map.replace(4096, 4096, vec![ext(4096, 1 << 20, 4096)]);
+        let mut map = ExtentMap::new(vec![ext(0, 4096, 4096), ext(8192, 8192, 4096)], u64::MAX);
+        let change = map.replace(4096, 4096, vec![ext(4096, 1 << 20, 4096)], u64::MAX);
         assert_eq!(change.before, vec![SectorRange::new(8, 16)]);
         assert_eq!(
             change.after,
@@ -226,7 +332,7 @@ mod tests {
             ]
         );
         // Untouched neighbours that stay as they were are left out.
-        let change = map.replace(4096, 4096, vec![ext(4096, 4 << 20, 4096)]);
+        let change = map.replace(4096, 4096, vec![ext(4096, 4 << 20, 4096)], u64::MAX);
         assert_eq!(change.before, vec![SectorRange::new(2048, 8)]);
         assert_eq!(change.after, vec![SectorRange::new(8192, 8)]);
     }
@@ -234,19 +340,22 @@ mod tests {
     #[test]
     fn extents_that_vanished_from_the_span_are_dropped() {
         // A truncate to 4 KiB: the span from 4 KiB on now maps only the shortened first extent.
-        let mut map = ExtentMap::new(vec![ext(0, 4096, 8192), ext(1 << 20, 1 << 24, 8192)]);
+        let mut map = ExtentMap::new(
+            vec![ext(0, 4096, 8192), ext(1 << 20, 1 << 24, 8192)],
+            u64::MAX,
+        );
         let (lo, hi) = map.widen(4096, u64::MAX);
-        map.replace(lo, hi, vec![ext(0, 4096, 4096)]);
+        map.replace(lo, hi, vec![ext(0, 4096, 4096)], u64::MAX);
         assert_eq!(map.device_ranges(), vec![SectorRange::new(8, 8)]);
         assert_eq!(map.len(), 1);
     }
 
     #[test]
     fn a_merged_extent_replaces_its_parts_and_the_flag_last_is_dropped() {
-        let mut map = ExtentMap::new(vec![ext(0, 4096, 4096), ext(4096, 8192, 4096)]);
+        let mut map = ExtentMap::new(vec![ext(0, 4096, 4096), ext(4096, 8192, 4096)], u64::MAX);
         let mut merged = ext(0, 4096, 12288);
         merged.flags = extent_flags::LAST;
-        let change = map.replace(4096, 8192, vec![merged]);
+        let change = map.replace(4096, 8192, vec![merged], u64::MAX);
         assert_eq!(map.len(), 1);
         assert_eq!(change.before, vec![SectorRange::new(8, 16)]);
         assert_eq!(change.after, vec![SectorRange::new(8, 24)]);
@@ -261,13 +370,13 @@ mod tests {
         let extents: Vec<Extent> = (0..100_000)
             .map(|i| ext(2 * i * block, (1 << 30) + 2 * i * block, block))
             .collect();
-        let mut map = ExtentMap::new(extents);
+        let mut map = ExtentMap::new(extents, u64::MAX);
         let k = 77_777;
         let hole = (2 * k + 1) * block;
         // The event names the hole; FIEMAP of it returns the whole merged extent.
         let (lo, hi) = map.widen(hole, hole + block);
         let fresh = vec![ext(2 * k * block, (1 << 30) + 2 * k * block, 3 * block)];
-        let change = map.replace(lo, hi, fresh);
+        let change = map.replace(lo, hi, fresh, u64::MAX);
         let sector = |bytes: u64| bytes >> 9;
         let at = sector((1 << 30) + 2 * k * block);
         assert_eq!(
@@ -309,7 +418,7 @@ mod tests {
         ) {
             let (lo, hi) = (span.0 * 4096, (span.0 + span.1) * 4096);
             // The new file: the old one outside lo..hi (after widening), the new one inside.
-            let mut map = ExtentMap::new(old.clone());
+            let mut map = ExtentMap::new(old.clone(), u64::MAX);
             let (wlo, whi) = map.widen(lo, hi);
             let fresh: Vec<Extent> = new
                 .iter()
@@ -332,7 +441,7 @@ mod tests {
             prop_assume!(places.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
 
             let before_all = map.device_ranges();
-            let change = map.replace(wlo, whi, fresh);
+            let change = map.replace(wlo, whi, fresh, u64::MAX);
             let after_all = fiemap::device_ranges(&whole);
             prop_assert_eq!(map.device_ranges(), after_all.clone());
             prop_assert_eq!(map.has_unplaced(), whole.iter().any(|e| !e.is_placed()));

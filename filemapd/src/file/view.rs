@@ -95,18 +95,25 @@ impl FileView {
     /// allows (the caller trusts its picture of the group), else all of them.
     pub fn read(&mut self, file: &File, path: &Path, narrow: bool) -> anyhow::Result<Reading> {
         let metadata = file.metadata().context("fstat of the monitored file")?;
+        let eof = data_end(&metadata);
         let narrow = narrow && !self.whole && self.looked() && !self.map.is_empty();
-        let reading = match self.span.filter(|(lo, hi)| narrow && lo < hi) {
+        // Where the file ends moved: the extents about both ends are cut anew.
+        let old_eof = self.map.eof();
+        let span = self.span.map(|(lo, hi)| match old_eof == eof {
+            true => (lo, hi),
+            false => (lo.min(old_eof.min(eof)), hi.max(old_eof.max(eof))),
+        });
+        let reading = match span.filter(|(lo, hi)| narrow && lo < hi && old_eof != u64::MAX) {
             Some((lo, hi)) => {
                 let (lo, hi) = self.map.widen(lo, hi);
                 let fresh = fiemap::read_extents(file, lo, hi - lo, false)
                     .with_context(|| format!("FIEMAP of {} bytes {lo}..{hi}", path.display()))?;
-                Reading::Stretch(self.map.replace(lo, hi, fresh))
+                Reading::Stretch(self.map.replace(lo, hi, fresh, eof))
             }
             None => {
                 let extents = fiemap::read_extents(file, 0, u64::MAX, false)
                     .with_context(|| format!("FIEMAP of {}", path.display()))?;
-                self.map = ExtentMap::new(extents);
+                self.map = ExtentMap::new(extents, eof);
                 self.whole = false;
                 Reading::Whole
             }
@@ -122,6 +129,11 @@ impl FileView {
         Ok(reading)
     }
 
+    /// Blocks the file holds past its end, as device ranges (no region covers them).
+    pub fn tail_ranges(&self) -> Vec<crate::sectors::SectorRange> {
+        self.map.tail_ranges()
+    }
+
     /// Event ranges FIEMAP has not shown placed yet.
     pub fn unsettled(&self) -> &[(u64, u64)] {
         &self.unsettled
@@ -133,4 +145,18 @@ impl FileView {
         self.unsettled.clear();
         self.span = None;
     }
+}
+
+/// Where the file's data ends, rounded up to its block: what regions cover.
+pub fn data_end(metadata: &std::fs::Metadata) -> u64 {
+    let block = metadata.blksize().max(512);
+    metadata.size().div_ceil(block).saturating_mul(block)
+}
+
+/// The device ranges of the file's data as regions cover them (cut at [`data_end`]), from
+/// one FIEMAP of the whole file (`sync`: after writeback, as dmstats maps).
+pub fn data_ranges(file: &File, sync: bool) -> std::io::Result<Vec<crate::sectors::SectorRange>> {
+    let metadata = file.metadata()?;
+    let extents = fiemap::read_extents(file, 0, u64::MAX, sync)?;
+    Ok(ExtentMap::new(extents, data_end(&metadata)).device_ranges())
 }

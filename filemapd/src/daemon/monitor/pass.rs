@@ -151,24 +151,43 @@ impl Monitor {
         let Some(account) = self.account() else {
             return;
         };
+        // Blocks past the end of the file are still the file's (no region covers them yet):
+        // a piece is judged against them joined to the ranges they continue.
+        let tails = self.view.tail_ranges();
+        let with_tails = |ranges: &[SectorRange]| {
+            let mut all: Vec<SectorRange> = ranges.iter().chain(&tails).copied().collect();
+            all.sort_unstable();
+            let mut joined: Vec<SectorRange> = Vec::with_capacity(all.len());
+            for r in all {
+                match joined.last_mut() {
+                    Some(last) if last.end() >= r.start => {
+                        *last = SectorRange::new(last.start, last.end().max(r.end()) - last.start);
+                    }
+                    _ => joined.push(r),
+                }
+            }
+            joined
+        };
         let inside = |ranges: &[SectorRange], piece: SectorRange| {
             ranges
                 .iter()
                 .any(|r| r.start <= piece.start && piece.end() <= r.end())
+        };
+        let now = match looked {
+            Looked::Whole(ranges) => with_tails(ranges),
+            Looked::Stretch { after, .. } => with_tails(after),
         };
         // Only pieces recorded well before the reading can be judged by it (a margin over
         // the instant between a tracepoint and its extent showing in FIEMAP).
         let judged_before = read_at.saturating_sub(PIECE_MARGIN.as_nanos() as u64);
         let stale = |piece: SectorRange, born_ns: u64| {
             let gone = born_ns < judged_before
+                && !inside(&now, piece)
                 && match looked {
-                    Looked::Whole(ranges) => !inside(ranges, piece),
-                    Looked::Stretch { before, after } => {
-                        before
-                            .iter()
-                            .any(|r| r.start < piece.end() && piece.start < r.end())
-                            && !inside(after, piece)
-                    }
+                    Looked::Whole(_) => true,
+                    Looked::Stretch { before, .. } => before
+                        .iter()
+                        .any(|r| r.start < piece.end() && piece.start < r.end()),
                 };
             let covered = group.covers(piece);
             if gone && !covered {

@@ -8,7 +8,7 @@ use std::{
 };
 
 use filemapd::{
-    file::fiemap,
+    file::{extent_map::ExtentMap, fiemap, view},
     sectors::SectorRange,
     stats::{Counters, Group, StatsDevice},
 };
@@ -168,7 +168,13 @@ pub fn wait_covered(
     limit: Duration,
 ) -> bool {
     let file = fs::File::open(path).unwrap();
-    let wanted = fiemap::device_ranges(&fiemap::read_extents(&file, offset, len, false).unwrap());
+    // Cut at the end of the file, as the daemon's regions are.
+    let eof = view::data_end(&file.metadata().unwrap());
+    let wanted = ExtentMap::new(
+        fiemap::read_extents(&file, offset, len, false).unwrap(),
+        eof,
+    )
+    .device_ranges();
     let started = Instant::now();
     let deadline = started + limit;
     while Instant::now() < deadline {

@@ -9,7 +9,7 @@ use std::{
 };
 
 use filemapd::{
-    file::fiemap,
+    file::{fiemap, view},
     stats::{GroupDescriptor, RegionSettings, StatsDevice},
 };
 use filemapd_tests::{DmFs, FsKind, map_without_daemon, write_and_sync};
@@ -299,7 +299,7 @@ pub fn small_files_in_groups(files: usize) -> (DmFs, Vec<PathBuf>, Vec<u64>) {
 /// (made directly: a thousand dmstats runs under emulation would take minutes).
 fn make_group(device: &StatsDevice, path: &Path, alias: &str) -> u64 {
     let file = fs::File::open(path).unwrap();
-    let ranges = fiemap::device_ranges(&fiemap::read_extents(&file, 0, u64::MAX, false).unwrap());
+    let ranges = view::data_ranges(&file, false).unwrap();
     assert_eq!(ranges.len(), 1, "{} has one extent", path.display());
     let id = device
         .create(ranges[0], &RegionSettings::default(), "dmstats", "-")
