@@ -171,13 +171,13 @@ pub fn xfs_iext_remove(ctx: TracePointContext) -> u32 {
 /// The record changes it makes (traced) tell which blocks are fresh.
 #[kprobe]
 pub fn xfs_bmapi_convert_delalloc(_ctx: ProbeContext) -> u32 {
-    let _ = CONVERTING.insert(&bpf_get_current_pid_tgid(), &[0, 0], 0);
+    let _ = CONVERTING.insert(bpf_get_current_pid_tgid(), [0, 0], 0);
     0
 }
 
 #[kretprobe]
 pub fn xfs_bmapi_convert_delalloc_return(_ctx: RetProbeContext) -> u32 {
-    let _ = CONVERTING.remove(&bpf_get_current_pid_tgid());
+    let _ = CONVERTING.remove(bpf_get_current_pid_tgid());
     0
 }
 
@@ -444,8 +444,15 @@ fn record_uncovered(placement: &Placement, block: u64, blocks: u64) {
                 prefix_len(MARKER_LEVELS[level]),
                 piece_address(dev, marker.start),
             );
-            // BPF_NOEXIST: a marker never replaces a piece that spans its block.
-            let _ = UNCOVERED.insert(&key, &marker, 1);
+            // Usually there already: a lookup costs less than an insert refused (which
+            // allocates first). BPF_NOEXIST: a marker never replaces a piece that spans its
+            // block.
+            let there = UNCOVERED
+                .get(&key)
+                .is_some_and(|e| e.start == marker.start && e.end == marker.end);
+            if !there {
+                let _ = UNCOVERED.insert(&key, &marker, 1);
+            }
             marked_to[level] = marker.end;
         }
         start += span;

@@ -103,6 +103,7 @@ pub fn run(rounds: usize) {
     report!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let clock = ProgramClock::start();
     let mut costs = Vec::new();
+    let mut breakdowns = Vec::new();
     const MONITORS: [Monitor; 5] = [
         Monitor::Nothing,
         Monitor::Ebpf,
@@ -132,6 +133,19 @@ pub fn run(rounds: usize) {
                 pattern.name(),
                 share(Monitor::Ebpf) - share(Monitor::EbpfUnaccounted)
             ));
+            for monitor in [Monitor::Ebpf, Monitor::EbpfUnaccounted] {
+                let m = MONITORS.iter().position(|&k| k == monitor).unwrap();
+                for (round, o) in outcomes[m].iter().enumerate() {
+                    breakdowns.push(format!(
+                        "- {} {}, {}, round {}: {}",
+                        fs_kind.name(),
+                        pattern.name(),
+                        monitor.name(),
+                        round + 1,
+                        o.programs.breakdown()
+                    ));
+                }
+            }
             for (monitor, runs) in MONITORS.iter().zip(&outcomes) {
                 let rate_cell = median_and_spread(runs.iter().map(rate).collect(), 1);
                 let slowdown = (baseline - median_rate(runs)) / baseline * 100.0;
@@ -172,6 +186,12 @@ pub fn run(rounds: usize) {
         "\nThe accounting's cost as eBPF time (filemapd --ebpf less the row without the accounting,\nmedians, in points of the writer's time): {}.",
         costs.join("; ")
     );
+    report!(
+        "\nThe programs' runs while the writer ran (BPF_ENABLE_STATS; names cut to 15 bytes):\n"
+    );
+    for line in breakdowns {
+        report!("{line}");
+    }
     report!(
         "\nTargets (issue 9): slowdown ≤ 5 % (median) for filemapd --ebpf under random-write growth."
     );
