@@ -15,7 +15,7 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes,
     },
     macros::{kprobe, kretprobe, map, tracepoint},
@@ -23,6 +23,7 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use aya_log_ebpf::{debug, info};
+use core::ffi::c_void;
 use filemapd_common::{
     DmLayout, ExtentEvent, Field, InodeKey, LAYOUTS_LEN, MARKER_LEVELS, Piece, PieceAddress,
     Placement, TracepointLayout, UncoveredTotals, layout_flags, marker, piece_address, piece_kind,
@@ -71,7 +72,7 @@ static DM_LAYOUT: DmLayout = DmLayout {
 const MAX_PIECES: u32 = 64;
 /// Most lookups one IO's walk takes: one per piece it meets, one per marked block of each
 /// level and one per unmarked 16 GiB. Reached only by IO over many small pieces.
-const MAX_STEPS: u32 = 128;
+const MAX_STEPS: u32 = 1024;
 const LEVELS: usize = MARKER_LEVELS.len();
 
 /// Events for watched inodes.
@@ -397,70 +398,110 @@ fn note_conversion(ctx: &TracePointContext, layout: &TracepointLayout, placement
 
 /// Puts a fresh allocation of `blocks` file system blocks at `block` into the uncovered set,
 /// cut into aligned power-of-two pieces (what an LPM trie can hold), each with markers on the
-/// blocks of the levels above it (see `MARKER_LEVELS`).
+/// blocks of the levels above it (see `MARKER_LEVELS`). The pieces go in one per round of
+/// `bpf_loop`, whose body the verifier checks once: unrolled, a loop of 64 pieces with
+/// their markers is more than the verifier of Linux 6.18 will walk.
 #[inline(always)]
 fn record_uncovered(placement: &Placement, block: u64, blocks: u64) {
-    let block_log = placement.sector_shift & 15;
-    let mut start = placement.sector_of(block);
-    let end = start + placement.sectors_in(blocks);
-    let dev = placement.dm_dev;
-    // SAFETY: a helper without arguments or preconditions.
-    let born_ns = unsafe { bpf_ktime_get_ns() };
-    // Per level, where the block last marked ends: the pieces of one allocation are in
-    // order, so each marker goes in once.
-    let mut marked_to = [0u64; LEVELS];
-    for _ in 0..MAX_PIECES {
-        if start >= end {
-            return;
+    let start = placement.sector_of(block);
+    let mut recording = Recording {
+        start,
+        end: start + placement.sectors_in(blocks),
+        first: start,
+        // SAFETY: a helper without arguments or preconditions.
+        born_ns: unsafe { bpf_ktime_get_ns() },
+        dev: placement.dm_dev,
+        slot: placement.slot,
+        block_log: placement.sector_shift & 15,
+        failed: 0,
+    };
+    // SAFETY: the callback is a static function of the signature bpf_loop wants, and its
+    // context lives on this stack for the whole call.
+    unsafe {
+        bpf_loop(
+            MAX_PIECES,
+            record_piece as *mut c_void,
+            &mut recording as *mut Recording as *mut c_void,
+            0,
+        )
+    };
+    if recording.start < recording.end || recording.failed != 0 {
+        if let Some(totals) = TOTALS.get_ptr_mut(placement.slot) {
+            // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
+            unsafe { (*totals).unrecorded += 1 };
         }
-        // The largest run that is aligned at `start` and fits before `end`.
-        let fits = 63 - (end - start).leading_zeros();
-        let span_log = if start.trailing_zeros() < fits {
-            start.trailing_zeros()
-        } else {
-            fits
-        };
-        let span = 1u64 << (span_log & 63);
-        let piece = Piece {
-            start,
-            end: start + span,
-            ticket: 0,
-            slot: placement.slot,
-            kind: piece_kind::RANGE,
-            step: 1 << block_log,
-            born_ns,
-        };
-        let key = Key::new(prefix_len(span_log), piece_address(dev, start));
-        if UNCOVERED.insert(&key, &piece, 0).is_err() {
-            break;
-        }
-        // After the piece: a walk never meets a marker without what it marks.
-        for level in 0..LEVELS {
-            if span_log >= MARKER_LEVELS[level] || start < marked_to[level] {
-                continue;
-            }
-            let marker = marker(level, start, block_log, born_ns);
-            let key = Key::new(
-                prefix_len(MARKER_LEVELS[level]),
-                piece_address(dev, marker.start),
-            );
-            // Usually there already: a lookup costs less than an insert refused (which
-            // allocates first). BPF_NOEXIST: a marker never replaces a piece that spans its
-            // block.
-            let there = UNCOVERED
-                .get(&key)
-                .is_some_and(|e| e.start == marker.start && e.end == marker.end);
-            if !there {
-                let _ = UNCOVERED.insert(&key, &marker, 1);
-            }
-            marked_to[level] = marker.end;
-        }
-        start += span;
     }
-    if let Some(totals) = TOTALS.get_ptr_mut(placement.slot) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
-        unsafe { (*totals).unrecorded += 1 };
+}
+
+/// What [`record_piece`] works through: the allocation's sectors not yet recorded.
+#[repr(C)]
+struct Recording {
+    start: u64,
+    end: u64,
+    /// Where the allocation starts.
+    first: u64,
+    born_ns: u64,
+    dev: u32,
+    slot: u32,
+    block_log: u32,
+    failed: u32,
+}
+
+/// One round of [`record_uncovered`]: the largest aligned piece at `start`, then its markers.
+/// Returns 1 (stop) once all is recorded or the set is full.
+extern "C" fn record_piece(_round: u64, context: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the context record_uncovered gave it.
+    let r = unsafe { &mut *(context as *mut Recording) };
+    if r.start >= r.end {
+        return 1;
     }
+    // The largest run that is aligned at `start` and fits before `end`.
+    let fits = 63 - (r.end - r.start).leading_zeros();
+    let span_log = if r.start.trailing_zeros() < fits {
+        r.start.trailing_zeros()
+    } else {
+        fits
+    };
+    let span = 1u64 << (span_log & 63);
+    let piece = Piece {
+        start: r.start,
+        end: r.start + span,
+        ticket: 0,
+        slot: r.slot,
+        kind: piece_kind::RANGE,
+        step: 1 << (r.block_log & 15),
+        born_ns: r.born_ns,
+    };
+    let key = Key::new(prefix_len(span_log), piece_address(r.dev, r.start));
+    if UNCOVERED.insert(&key, &piece, 0).is_err() {
+        r.failed = 1;
+        return 1;
+    }
+    // After the piece: a walk never meets a marker without what it marks. The pieces of
+    // one allocation follow each other, so a piece needs a level's marker only when it is
+    // the first in that level's block: the allocation's first piece, or one starting it.
+    for level in 0..LEVELS {
+        let size = 1u64 << MARKER_LEVELS[level];
+        if span_log >= MARKER_LEVELS[level] || (r.start != r.first && r.start & (size - 1) != 0) {
+            continue;
+        }
+        let marker = marker(level, r.start, r.block_log, r.born_ns);
+        let key = Key::new(
+            prefix_len(MARKER_LEVELS[level]),
+            piece_address(r.dev, marker.start),
+        );
+        // Usually there already: a lookup costs less than an insert refused (which
+        // allocates first). BPF_NOEXIST: a marker never replaces a piece that spans its
+        // block.
+        let there = UNCOVERED
+            .get(&key)
+            .is_some_and(|e| e.start == marker.start && e.end == marker.end);
+        if !there {
+            let _ = UNCOVERED.insert(&key, &marker, 1);
+        }
+    }
+    r.start += span;
+    0
 }
 
 /// `void dm_stats_account_io(struct dm_stats *stats, unsigned long bi_rw, sector_t bi_sector,
@@ -525,58 +566,95 @@ fn device_of(stats: u64, layout: &DmLayout) -> Option<u32> {
     Some(major << 20 | (minor & 0xfffff))
 }
 
-/// Walks the IO `[sector, end)` through the uncovered set and charges each file its share.
+/// Walks the IO `[sector, end)` through the uncovered set and charges each file its share,
+/// a lookup per round of `bpf_loop` (its body is verified once, whatever the bound).
 #[inline(always)]
 fn charge(dev: u32, write: bool, sector: u64, end: u64, duration_ns: u64) {
-    let mut at = sector;
-    let mut last_slot = u32::MAX;
-    for _ in 0..MAX_STEPS {
-        if at >= end {
-            return;
-        }
-        let key = Key::new(prefix_len(0), piece_address(dev, at));
-        let found = UNCOVERED.get(&key).copied();
-        let piece = match found {
-            Some(piece) if piece.kind == piece_kind::RANGE && piece.end > at => piece,
-            // Nothing here, or a marker: on to where a piece could start.
-            other => {
-                at = walk_next(at, other.as_ref());
-                continue;
-            }
+    let mut walk = Walk {
+        at: sector,
+        end,
+        duration_ns,
+        dev,
+        write: u32::from(write),
+        last_slot: u32::MAX,
+        _pad: 0,
+    };
+    // SAFETY: as in record_uncovered.
+    unsafe {
+        bpf_loop(
+            MAX_STEPS,
+            charge_step as *mut c_void,
+            &mut walk as *mut Walk as *mut c_void,
+            0,
+        )
+    };
+    if walk.at < walk.end {
+        let slot = if walk.last_slot == u32::MAX {
+            0
+        } else {
+            walk.last_slot
         };
-        let stop = if piece.end < end { piece.end } else { end };
-        // SAFETY: the value is only tested for presence.
-        let covered = piece.ticket != 0 && unsafe { COVERED.get(&piece.ticket) }.is_some();
-        if !covered {
-            if let Some(totals) = TOTALS.get_ptr_mut(piece.slot) {
-                // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
-                let totals = unsafe { &mut *totals };
-                let first = piece.slot != last_slot;
-                if write {
-                    totals.write_sectors += stop - at;
-                    if first {
-                        totals.writes += 1;
-                        totals.write_ns += duration_ns;
-                    }
-                } else {
-                    totals.read_sectors += stop - at;
-                    if first {
-                        totals.reads += 1;
-                        totals.read_ns += duration_ns;
-                    }
-                }
-                last_slot = piece.slot;
-            }
-        }
-        at = stop;
-    }
-    if at < end {
-        if let Some(totals) = TOTALS.get_ptr_mut(if last_slot == u32::MAX { 0 } else { last_slot })
-        {
-            // SAFETY: as above.
+        if let Some(totals) = TOTALS.get_ptr_mut(slot) {
+            // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
             unsafe { (*totals).unwalked += 1 };
         }
     }
+}
+
+/// Where [`charge_step`] is in an IO.
+#[repr(C)]
+struct Walk {
+    at: u64,
+    end: u64,
+    duration_ns: u64,
+    dev: u32,
+    write: u32,
+    /// The file charged last: an IO counts once per file, its sectors in every piece.
+    last_slot: u32,
+    _pad: u32,
+}
+
+/// One lookup of [`charge`]'s walk; returns 1 (stop) at the IO's end.
+extern "C" fn charge_step(_round: u64, context: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the context charge gave it.
+    let w = unsafe { &mut *(context as *mut Walk) };
+    if w.at >= w.end {
+        return 1;
+    }
+    let key = Key::new(prefix_len(0), piece_address(w.dev, w.at));
+    let found = UNCOVERED.get(&key).copied();
+    let piece = match found {
+        Some(piece) if piece.kind == piece_kind::RANGE && piece.end > w.at => piece,
+        // Nothing here, or a marker: on to where a piece could start.
+        other => {
+            w.at = walk_next(w.at, other.as_ref());
+            return 0;
+        }
+    };
+    let stop = if piece.end < w.end { piece.end } else { w.end };
+    // SAFETY: the value is only tested for presence.
+    let covered = piece.ticket != 0 && unsafe { COVERED.get(&piece.ticket) }.is_some();
+    if !covered && let Some(totals) = TOTALS.get_ptr_mut(piece.slot) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
+        let totals = unsafe { &mut *totals };
+        let first = piece.slot != w.last_slot;
+        if w.write != 0 {
+            totals.write_sectors += stop - w.at;
+            if first {
+                totals.writes += 1;
+                totals.write_ns += w.duration_ns;
+            }
+        } else {
+            totals.read_sectors += stop - w.at;
+            if first {
+                totals.reads += 1;
+                totals.read_ns += w.duration_ns;
+            }
+        }
+        w.last_slot = piece.slot;
+    }
+    w.at = stop;
+    0
 }
 
 /// `void dm_internal_resume_fast(struct mapped_device *md)`, which dm-stats calls after adding

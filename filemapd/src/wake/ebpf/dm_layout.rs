@@ -11,8 +11,102 @@ use filemapd_common::{DmLayout, time_arg};
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const DM_MOD: &str = "/sys/kernel/btf/dm_mod";
 
-/// Reads the layout; fails (with the reason) when dm-mod is not loaded or has no BTF.
+/// Where the layout is kept between daemon starts. Reading it parses the kernel's whole BTF
+/// (btf-rs: about 0.2 s on hardware, seconds under emulation) for six numbers that change
+/// only with the kernel and dm-mod; every daemon of the host starts with it (dmstats
+/// launches one per group). /run is a tmpfs, gone at reboot; the directory is root's.
+const CACHE: &str = "/run/filemapd/dm-layout";
+
+/// The layout, from the cache when it was written for this boot and this dm-mod, else from
+/// the kernel's BTF (then cached). Fails (with the reason) when dm-mod is not loaded or has
+/// no BTF.
 pub fn read() -> anyhow::Result<DmLayout> {
+    let key = cache_key();
+    let cached = key.as_deref().and_then(|key| {
+        let text = std::fs::read_to_string(CACHE).ok()?;
+        parse_cache(&text, key)
+    });
+    if let Some(layout) = cached {
+        return Ok(layout);
+    }
+    let layout = read_btf()?;
+    if let Some(key) = key
+        && let Err(e) = write_cache(&key, &layout)
+    {
+        log::debug!("keeping dm's layout in {CACHE}: {e:#}");
+    }
+    Ok(layout)
+}
+
+/// What the layout depends on: this boot (the kernel), and dm-mod's BTF as loaded now.
+fn cache_key() -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let dm_mod = std::fs::metadata(DM_MOD).map_or(0, |m| m.len());
+    Some(format!("boot {} dm_mod {dm_mod}", boot.trim()))
+}
+
+fn format_cache(key: &str, l: &DmLayout) -> String {
+    format!(
+        "{key}\n{} {} {} {} {} {}\n",
+        l.stats_in_md,
+        l.disk_in_md,
+        l.major_in_disk,
+        l.first_minor_in_disk,
+        l.time_arg,
+        l.ns_per_jiffy
+    )
+}
+
+/// The cached layout, when the cache was written under `key`.
+fn parse_cache(text: &str, key: &str) -> Option<DmLayout> {
+    let mut lines = text.lines();
+    if lines.next()? != key {
+        return None;
+    }
+    let numbers: Vec<u32> = lines
+        .next()?
+        .split_whitespace()
+        .map(|n| n.parse().ok())
+        .collect::<Option<_>>()?;
+    let &[
+        stats_in_md,
+        disk_in_md,
+        major_in_disk,
+        first_minor_in_disk,
+        time_arg,
+        ns_per_jiffy,
+    ] = numbers.as_slice()
+    else {
+        return None;
+    };
+    Some(DmLayout {
+        stats_in_md,
+        disk_in_md,
+        major_in_disk,
+        first_minor_in_disk,
+        time_arg,
+        ns_per_jiffy,
+    })
+}
+
+/// Written whole under another name, then renamed: a reader never sees half of it.
+fn write_cache(key: &str, layout: &DmLayout) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let path = Path::new(CACHE);
+    let dir = path.parent().context("the cache has a directory")?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let partial = dir.join(format!(".dm-layout.{}", std::process::id()));
+    std::fs::write(&partial, format_cache(key, layout))?;
+    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&partial, path)?;
+    Ok(())
+}
+
+/// Reads the layout from the kernel's BTF.
+fn read_btf() -> anyhow::Result<DmLayout> {
     let base = Btf::from_file(VMLINUX).with_context(|| format!("reading {VMLINUX}"))?;
     let dm = if Path::new(DM_MOD).exists() {
         Btf::from_split_file(DM_MOD, &base).with_context(|| format!("reading {DM_MOD}"))?
@@ -106,6 +200,26 @@ fn config_hz(config: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_serves_its_own_key_only() {
+        let layout = DmLayout {
+            stats_in_md: 424,
+            disk_in_md: 184,
+            major_in_disk: 0,
+            first_minor_in_disk: 4,
+            time_arg: 1,
+            ns_per_jiffy: 4_000_000,
+        };
+        let text = format_cache("boot a dm_mod 7", &layout);
+        assert_eq!(parse_cache(&text, "boot a dm_mod 7"), Some(layout));
+        assert_eq!(parse_cache(&text, "boot b dm_mod 7"), None);
+        assert_eq!(
+            parse_cache("boot a dm_mod 7\n1 2 3\n", "boot a dm_mod 7"),
+            None
+        );
+        assert_eq!(parse_cache("", "boot a dm_mod 7"), None);
+    }
 
     #[test]
     fn reads_hz_not_its_neighbours() {

@@ -76,9 +76,12 @@ impl Tracer {
             log::info!("FILEMAPD_NO_ACCOUNTING set: no in-kernel accounting of uncovered IO");
             None
         } else {
-            dm_layout::read()
+            let started = std::time::Instant::now();
+            let layout = dm_layout::read()
                 .inspect_err(|e| log::info!("no in-kernel accounting of uncovered IO: {e:#}"))
-                .ok()
+                .ok();
+            log::debug!("read dm's layout from BTF in {:.1?}", started.elapsed());
+            layout
         };
         let dm_layout_value = dm_layout.unwrap_or_default();
         let log_events = u32::from(ebpf_log);
@@ -93,7 +96,10 @@ impl Tracer {
         if let Some(bytes) = test_size("FILEMAPD_TEST_RING_BYTES") {
             loader.map_max_entries(names::EVENTS, bytes);
         }
+        let started = std::time::Instant::now();
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+        log::debug!("loaded the eBPF object in {:.1?}", started.elapsed());
+        let started = std::time::Instant::now();
         if ebpf_log {
             spawn_program_log(&mut ebpf)?;
         }
@@ -111,6 +117,11 @@ impl Tracer {
                 .with_context(|| format!("attaching to {}:{}", tp.category, tp.name))?;
             attached.push(tp);
         }
+        log::debug!(
+            "verified and attached {} tracepoint programs in {:.1?}",
+            attached.len(),
+            started.elapsed()
+        );
         let sees_region_changes = match attach_region_probe(&mut ebpf) {
             Ok(()) => true,
             Err(e) => {
@@ -119,6 +130,7 @@ impl Tracer {
             }
         };
         let watched = take_map(&mut ebpf, names::WATCHED)?;
+        let started = std::time::Instant::now();
         let (accounting, pins) = match dm_layout {
             Some(layout) => match attach_accounting(&mut ebpf, &layout, &watched) {
                 Ok((accounting, pins)) => (Some(Arc::new(accounting)), pins),
@@ -129,6 +141,7 @@ impl Tracer {
             },
             None => (None, None),
         };
+        log::debug!("set up the accounting in {:.1?}", started.elapsed());
         let watched = HashMap::try_from(watched)?;
         let ring = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)?;
         // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, so the fd stays
