@@ -289,7 +289,10 @@ impl Group {
         // stays and splits the run. The longer region exists before the old ones go, so IO
         // to them meanwhile is counted in both and kept; IO between reading a region's
         // counters and creating its successor (one message) would be lost with it.
-        let mut create: Vec<SectorRange> = plan.create.clone();
+        // The fuse runs' successors are created first, right after their regions were found
+        // idle: the fewer suspends between the check and the creation, the less IO can come
+        // to a region in between (it would go with it).
+        let mut create: Vec<SectorRange> = Vec::new();
         let mut leaving: Vec<u64> = plan.delete.clone();
         for run in &plan.fuse {
             let mut part: Option<(SectorRange, bool)> = None; // (span, holds a gap)
@@ -317,6 +320,7 @@ impl Group {
             }
             flush_part(part, &mut absorbed, &mut create, &mut leaving);
         }
+        create.extend(&plan.create);
         for id in &plan.delete {
             if let Some(region) = self.members.get(id) {
                 log::debug!("region {id} at {} leaves group {}", region.range, self.id);
