@@ -10,7 +10,7 @@ use crate::{
     daemon::trace,
     file::view::Reading,
     reconcile::{self, Plan},
-    sectors::SectorRange,
+    sectors::{SectorRange, join_adjacent},
     stats::Group,
 };
 
@@ -154,20 +154,9 @@ impl Monitor {
         // Blocks past the end of the file are still the file's (no region covers them yet):
         // a piece is judged against them joined to the ranges they continue.
         let tails = self.view.tail_ranges();
-        let with_tails = |ranges: &[SectorRange]| {
-            let mut all: Vec<SectorRange> = ranges.iter().chain(&tails).copied().collect();
-            all.sort_unstable();
-            let mut joined: Vec<SectorRange> = Vec::with_capacity(all.len());
-            for r in all {
-                match joined.last_mut() {
-                    Some(last) if last.end() >= r.start => {
-                        *last = SectorRange::new(last.start, last.end().max(r.end()) - last.start);
-                    }
-                    _ => joined.push(r),
-                }
-            }
-            joined
-        };
+        // (A file's blocks never overlap, so joining what touches is all it takes.)
+        let with_tails =
+            |ranges: &[SectorRange]| join_adjacent(ranges.iter().chain(&tails).copied().collect());
         let inside = |ranges: &[SectorRange], piece: SectorRange| {
             ranges
                 .iter()

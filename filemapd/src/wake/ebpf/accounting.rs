@@ -142,15 +142,9 @@ impl Accounting {
         slot: u32,
         stale: impl Fn(SectorRange, u64) -> bool,
     ) -> anyhow::Result<usize> {
-        self.remove_where(|p| {
-            p.slot == slot
-                && p.ticket == 0
-                && stale(SectorRange::new(p.start, p.end - p.start), p.born_ns)
-        })
+        self.remove_where(|p| untaken_and_stale(p, slot, &stale))
     }
-}
 
-impl Accounting {
     /// [`Accounting::tidy`] over the pieces near `ranges` only (found by lookups): a pass over
     /// a stretch costs what the stretch holds, not the whole set.
     pub fn tidy_near(
@@ -164,10 +158,7 @@ impl Accounting {
         let mut removed = 0;
         for &range in ranges {
             for (key, p) in pieces_in(&trie, dev, range) {
-                if p.slot == slot
-                    && p.ticket == 0
-                    && stale(SectorRange::new(p.start, p.end - p.start), p.born_ns)
-                {
+                if untaken_and_stale(&p, slot, &stale) {
                     remove_key(&mut trie, &key)?;
                     removed += 1;
                 }
@@ -295,6 +286,12 @@ impl CreationWitness for Accounting {
         }
         let _ = self.covered.lock().expect("covered lock").remove(&ticket);
     }
+}
+
+/// What a tidy drops: a piece of `slot` that no region creation has taken and that `stale`
+/// judges, given its sectors and birth time.
+fn untaken_and_stale(p: &Piece, slot: u32, stale: impl Fn(SectorRange, u64) -> bool) -> bool {
+    p.slot == slot && p.ticket == 0 && stale(SectorRange::new(p.start, p.end - p.start), p.born_ns)
 }
 
 /// The kernel's `bpf_get_current_pid_tgid()` for this thread.
