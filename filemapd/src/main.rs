@@ -382,6 +382,8 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool, mapping: Mappin
         Ok(monitor) => monitor,
         Err(e) => return fail(&format!("{e:#}")),
     };
+    // (Also what a test waits for before it changes the group.)
+    log::info!("Monitoring {}", monitor.describe());
     if mapping == Mapping::Exact {
         monitor.use_exact_mapping();
     }

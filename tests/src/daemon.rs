@@ -323,7 +323,18 @@ pub struct LoggedDaemon {
 
 impl LoggedDaemon {
     pub fn start(args: &[&str], file: &Path, env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(filemapd_binary())
+        Self::start_program(&filemapd_binary(), args, file, env)
+    }
+
+    /// The drop-in `dmfilemapd <fd> <group> <path> inode 1 1`: foreground, its file as stdin.
+    pub fn drop_in(file: &Path, group: &str) -> Self {
+        let p = file.to_string_lossy().into_owned();
+        let args = ["0", group, &p, "inode", "1", "1"];
+        Self::start_program(&drop_in_dir().join("dmfilemapd"), &args, file, &[])
+    }
+
+    fn start_program(program: &Path, args: &[&str], file: &Path, env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(program)
             .args(args)
             .stdin(fs::File::open(file).unwrap())
             .stderr(std::process::Stdio::piped())
@@ -388,6 +399,16 @@ impl LoggedDaemon {
                 ),
             }
         }
+    }
+
+    /// Waits up to `EXIT` for the daemon to end by itself; `None` if it still runs.
+    pub fn wait_for_exit(&mut self) -> Option<std::process::ExitStatus> {
+        if !crate::wait_for_exit(self.child.id() as i32, EXIT).unwrap() {
+            return None;
+        }
+        let status = self.child.wait().unwrap();
+        self.seen.extend(self.lines.try_iter());
+        Some(status)
     }
 
     /// Stops the daemon and returns its whole log.

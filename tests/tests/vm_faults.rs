@@ -9,10 +9,10 @@ use std::{
 use filemapd_tests::{
     DmFs, FsKind,
     daemon::{
-        CONVERGE, EXIT, LoggedDaemon, append, converged, converged_held, drop_in_dir, region_table,
+        CONVERGE, LoggedDaemon, append, converged, converged_held, drop_in_dir, region_table,
         run_drop_in, tally_figure, wait_converged,
     },
-    map_without_daemon, require_device_mapper, run, wait_for_exit, wait_until, write_and_sync,
+    map_without_daemon, require_device_mapper, run, wait_until, write_and_sync,
 };
 
 /// `dmfilemapd 0 GROUP PATH inode 1 1` in the foreground on `path`, as a child.
@@ -232,7 +232,9 @@ fn a_device_removed_under_the_daemon_goes_once_its_group_does() {
     let path = dmfs.mount.dir.join("vm.img");
     write_and_sync(&path, 0, 1 << 20).unwrap();
     let group = map_without_daemon(&path).unwrap();
-    let mut daemon = foreground_daemon(&path, group);
+    let mut daemon = LoggedDaemon::drop_in(&path, &group.to_string());
+    // (Deleting the group before the daemon found it would make its start fail instead.)
+    daemon.wait_for_line("Monitoring group");
     wait_converged(&dmfs, &path, "vm.img", "mapping");
 
     run("umount", &["--lazy", &dmfs.mount.dir.to_string_lossy()]).unwrap();
@@ -240,18 +242,17 @@ fn a_device_removed_under_the_daemon_goes_once_its_group_does() {
     // (libdm may take the /dev/mapper node away at once; the kernel's device stays.)
     let exists = || run("dmsetup", &["info", &dmfs.name]).is_ok();
     assert!(exists(), "the device went while the daemon holds its file");
-    assert_eq!(daemon.try_wait().unwrap(), None, "the daemon died");
+    assert_eq!(daemon.child.try_wait().unwrap(), None, "the daemon died");
 
     run(
         "dmstats",
         &["delete", "--groupid", &group.to_string(), &dmfs.name],
     )
     .unwrap();
-    assert!(
-        wait_for_exit(daemon.id() as i32, EXIT).unwrap(),
-        "the daemon still runs after its group was deleted"
-    );
-    assert!(daemon.wait().unwrap().success());
+    let status = daemon
+        .wait_for_exit()
+        .expect("the daemon still runs after its group was deleted");
+    assert!(status.success(), "the daemon exited with {status}");
     wait_until("the deferred removal", CONVERGE, || Ok(!exists())).unwrap();
 }
 

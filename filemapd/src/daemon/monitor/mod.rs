@@ -231,6 +231,11 @@ impl Monitor {
         &self.path
     }
 
+    /// The group and device, as a log line names them.
+    pub fn describe(&self) -> String {
+        format!("group {} on {}", self.group_id, self.device.name())
+    }
+
     /// Deletes the group (its other members first, the leader last); for a watch whose file
     /// is gone. Returns how many regions went.
     pub fn delete_group(&self) -> anyhow::Result<usize> {
