@@ -42,6 +42,24 @@ pub fn join_adjacent(mut ranges: Vec<SectorRange>) -> Vec<SectorRange> {
     joined
 }
 
+/// The parts of `range` that none of `taken` overlaps, in order (`taken` in any order, and
+/// reaching past `range` or not).
+pub fn parts_not_in(range: SectorRange, mut taken: Vec<SectorRange>) -> Vec<SectorRange> {
+    taken.sort_unstable();
+    let mut parts = Vec::new();
+    let mut at = range.start;
+    for t in taken {
+        if t.start > at && at < range.end() {
+            parts.push(SectorRange::new(at, t.start.min(range.end()) - at));
+        }
+        at = at.max(t.end());
+    }
+    if at < range.end() {
+        parts.push(SectorRange::new(at, range.end() - at));
+    }
+    parts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +72,17 @@ mod tests {
             vec![r(0, 24), r(40, 8)]
         );
         assert!(join_adjacent(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn parts_not_in_leave_out_what_is_taken() {
+        let r = SectorRange::new;
+        assert_eq!(parts_not_in(r(0, 64), Vec::new()), vec![r(0, 64)]);
+        // Taken parts inside, across either end, overlapping each other, and outside.
+        assert_eq!(
+            parts_not_in(r(16, 64), vec![r(40, 8), r(0, 24), r(44, 8), r(72, 16), r(100, 4)]),
+            vec![r(24, 16), r(52, 20)]
+        );
+        assert!(parts_not_in(r(16, 8), vec![r(0, 64)]).is_empty());
     }
 }

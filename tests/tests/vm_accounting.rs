@@ -125,7 +125,8 @@ fn grow_watched(
     let regions = group_sectors_written(&device, "vm.img") - regions_before;
     let kernel = kernel_sectors_written(&path, &group).map(|k| k - kernel_before.unwrap_or(0));
     eprintln!(
-        "{fs_kind:?} {growth:?}: {written} sectors written, {regions} counted by regions, {kernel:?} in the kernel"
+        "{fs_kind:?} {growth:?}: {written} sectors written, {regions} counted by regions, {kernel:?} in the kernel; eBPF runs skipped: {:?}",
+        filemapd_tests::skipped_program_runs()
     );
     // SIGTERM: the daemon ends between passes and logs what it counted.
     // SAFETY: signalling our own child.
@@ -162,6 +163,7 @@ fn grow_watched(
                 || l.contains("given back")
                 || l.contains("leaves group")
                 || l.contains("applied a plan")
+                || l.contains("fused into a longer one")
         })
         .collect();
     eprintln!(

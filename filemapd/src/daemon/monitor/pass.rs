@@ -11,7 +11,7 @@ use crate::{
     file::view::Reading,
     reconcile::{self, Plan},
     sectors::{SectorRange, join_adjacent},
-    stats::Group,
+    stats::{Group, group::FuseShadow},
 };
 
 /// How much older than a pass's reading of the file a piece of the uncovered set must be for
@@ -89,7 +89,18 @@ impl Monitor {
         let idle = plan.creations() > 0 && self.device_idle();
         let (plan, deferred) = plan.within(self.pacer.creation_allowance(Instant::now(), idle));
         let applying = Instant::now();
-        let outcome = group.apply(&self.device, &plan)?;
+        let shadow = self.account().zip(self.placement).map(|(account, placement)| {
+            crate::wake::ebpf::FileShadow {
+                account,
+                dev: placement.dm_dev,
+                block: 1 << placement.sector_shift,
+            }
+        });
+        let outcome = group.apply(
+            &self.device,
+            &plan,
+            shadow.as_ref().map(|s| s as &dyn FuseShadow),
+        )?;
         debug!(
             "applied a plan in {:?} ({:?} of it creating {} region(s){})",
             applying.elapsed(),

@@ -19,7 +19,10 @@ use filemapd_common::{
     piece_kind, prefix_len, walk_next,
 };
 
-use crate::{sectors::SectorRange, stats::CreationWitness};
+use crate::{
+    sectors::{SectorRange, parts_not_in},
+    stats::{CreationWitness, group::FuseShadow},
+};
 
 type Trie = LpmTrie<MapData, PieceAddress, Piece>;
 
@@ -131,6 +134,7 @@ impl Accounting {
         if removed > 0 {
             drop_empty_markers(&mut trie)?;
         }
+        check_invariants(&trie, "after a tidy");
         Ok(removed)
     }
 
@@ -167,7 +171,78 @@ impl Accounting {
                 drop_empty_markers_in(&mut trie, dev, range)?;
             }
         }
+        check_invariants(&trie, "after a tidy near a change");
         Ok(removed)
+    }
+}
+
+impl Accounting {
+    /// Charges `range` on `dev` to `slot` as if uncovered, where no piece lies already: IO
+    /// there is counted in the kernel as well as by the region over it, until a creation
+    /// takes the pieces over (see `FuseShadow`). `block`: the file system block in sectors.
+    fn shadow(&self, slot: u32, dev: u32, range: SectorRange, block: u64) -> anyhow::Result<()> {
+        let mut trie = self.uncovered.lock().expect("uncovered lock");
+        let present = pieces_in(&trie, dev, range)
+            .into_iter()
+            .map(|(_, p)| SectorRange::new(p.start, p.end - p.start))
+            .collect();
+        let born_ns = monotonic_ns();
+        for hole in parts_not_in(range, present) {
+            for (start, span_log) in aligned_pieces(hole.start, hole.end()) {
+                // Markers first: a walk must never step over a piece already in.
+                insert_markers(&mut trie, dev, start, span_log, block)?;
+                let piece = Piece {
+                    start,
+                    end: start + (1 << span_log),
+                    ticket: 0,
+                    slot,
+                    kind: piece_kind::RANGE,
+                    step: block,
+                    born_ns,
+                };
+                trie.insert(
+                    &Key::new(prefix_len(span_log), piece_address(dev, start)),
+                    piece,
+                    0,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops `slot`'s untaken pieces inside `range` on `dev` (a region there counts them).
+    fn unshadow(&self, slot: u32, dev: u32, range: SectorRange) -> anyhow::Result<()> {
+        let mut trie = self.uncovered.lock().expect("uncovered lock");
+        for (key, p) in pieces_in(&trie, dev, range) {
+            if p.slot == slot && p.ticket == 0 && range.start <= p.start && p.end <= range.end() {
+                remove_key(&mut trie, &key)?;
+            }
+        }
+        drop_empty_markers_in(&mut trie, dev, range)
+    }
+}
+
+/// A file's account as `Group::apply` shadows regions about to be fused with: on the file
+/// system's dm device `dev`, whose blocks are `block` sectors.
+pub struct FileShadow<'a> {
+    pub account: &'a FileAccount,
+    pub dev: u32,
+    pub block: u64,
+}
+
+impl FuseShadow for FileShadow<'_> {
+    fn shadow(&self, range: SectorRange) -> anyhow::Result<()> {
+        let account = self.account;
+        account
+            .accounting
+            .shadow(account.slot, self.dev, range, self.block)
+    }
+
+    fn unshadow(&self, range: SectorRange) {
+        let account = self.account;
+        if let Err(e) = account.accounting.unshadow(account.slot, self.dev, range) {
+            log::warn!("dropping the shadow of {range}: {e:#}");
+        }
     }
 }
 
@@ -224,16 +299,18 @@ impl CreationWitness for Accounting {
                             ticket,
                             ..piece
                         };
+                        // Markers first: a walk must never step over a piece already in.
+                        insert_markers(&mut trie, dev, start, span_log, piece.step)?;
                         trie.insert(
                             &Key::new(prefix_len(span_log), piece_address(dev, start)),
                             part,
                             0,
                         )?;
-                        insert_markers(&mut trie, dev, start, span_log, piece.step)?;
                     }
                 }
                 remove_key(&mut trie, &key)?;
             }
+            check_invariants(&trie, "after cutting for a creation");
             if any {
                 self.taken
                     .lock()
@@ -280,9 +357,18 @@ impl CreationWitness for Accounting {
                 if let Err(e) = result {
                     log::warn!("dropping covered pieces: {e:#}");
                 }
+                check_invariants(&trie, "after a region's creation");
             }
-        } else {
-            self.taken.lock().expect("taken lock").remove(&ticket);
+        } else if let Some((dev, range)) = self.taken.lock().expect("taken lock").remove(&ticket) {
+            // Untaken again, so that a later creation (or a tidy) can take them.
+            let mut trie = self.uncovered.lock().expect("uncovered lock");
+            for (key, piece) in pieces_in(&trie, dev, range) {
+                if piece.ticket == ticket
+                    && let Err(e) = trie.insert(&key, Piece { ticket: 0, ..piece }, 0)
+                {
+                    log::warn!("untaking uncovered sectors after a failed creation: {e:#}");
+                }
+            }
         }
         let _ = self.covered.lock().expect("covered lock").remove(&ticket);
     }
@@ -474,6 +560,57 @@ fn drop_empty_markers_in(trie: &mut Trie, dev: u32, range: SectorRange) -> anyho
         }
     }
     Ok(())
+}
+
+/// Debug builds: says (as warnings) where the uncovered set breaks what walks rely on: a piece
+/// without the marker of a level above it (walks would step over it: its IO uncounted), or
+/// two pieces overlapping (their IO counted twice). Pieces younger than 100 ms are left out:
+/// the kernel inserts a piece before its markers.
+fn check_invariants(trie: &Trie, when: &str) {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let Ok(entries) = Accounting::entries(trie) else {
+        return;
+    };
+    let settled = monotonic_ns().saturating_sub(100_000_000);
+    let mut ranges: Vec<(u32, u64, u64)> = Vec::new();
+    for (key, piece) in &entries {
+        if piece.kind != piece_kind::RANGE {
+            continue;
+        }
+        let dev = device_of(key);
+        ranges.push((dev, piece.start, piece.end));
+        if piece.born_ns > settled {
+            continue;
+        }
+        let span_log = (piece.end - piece.start).trailing_zeros();
+        for &log in MARKER_LEVELS.iter().filter(|&&log| span_log < log) {
+            let block = piece.start & !((1u64 << log) - 1);
+            let key = Key::new(prefix_len(log), piece_address(dev, block));
+            if exact(trie, &key).is_none_or(|m| m.kind != piece_kind::MARKER) {
+                log::warn!(
+                    "uncovered set, {when}: piece {}+{} (slot {}, ticket {}) has no marker of 2^{log} sectors at {block}",
+                    piece.start,
+                    piece.end - piece.start,
+                    piece.slot,
+                    piece.ticket
+                );
+            }
+        }
+    }
+    ranges.sort_unstable();
+    for pair in ranges.windows(2) {
+        if pair[0].0 == pair[1].0 && pair[1].1 < pair[0].2 {
+            log::warn!(
+                "uncovered set, {when}: pieces {}..{} and {}..{} overlap",
+                pair[0].1,
+                pair[0].2,
+                pair[1].1,
+                pair[1].2
+            );
+        }
+    }
 }
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns()` (pieces' birth times).

@@ -18,7 +18,7 @@ use filemapd_common::{
 };
 use std::sync::Arc;
 
-pub use accounting::{Accounting, FileAccount};
+pub use accounting::{Accounting, FileAccount, FileShadow};
 use tokio::io::unix::AsyncFd;
 
 pub use hub::{EventFeed, Feed, Hub};
