@@ -467,3 +467,22 @@ pub fn status_field(status: &str, key: &str) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
+
+/// Runs of each loaded eBPF program the kernel skipped because another program was running on
+/// that CPU (fdinfo's `recursion_misses`; kprobes count them from Linux 6.7), by program name,
+/// those above zero only.
+pub fn skipped_program_runs() -> Vec<(String, u64)> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let mut skipped = Vec::new();
+    for info in aya::programs::loaded_programs().flatten() {
+        let Ok(fd) = info.fd() else { continue };
+        let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
+        let misses = fs::read_to_string(path)
+            .map(|text| status_field(&text, "recursion_misses:"))
+            .unwrap_or(0);
+        if misses > 0 {
+            skipped.push((info.name_as_str().unwrap_or("?").to_string(), misses));
+        }
+    }
+    skipped
+}

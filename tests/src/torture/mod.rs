@@ -79,12 +79,17 @@ impl Report {
     /// The largest RSS growth of any daemon between its second checkpoint (after start-up
     /// allocations) and its last, in KiB.
     pub fn rss_growth_kib(&self) -> (u64, String) {
+        self.grown_most()
+            .map(|((who, _), s)| (s.last().unwrap().saturating_sub(s[1]), who.clone()))
+            .unwrap_or_default()
+    }
+
+    /// The daemon whose RSS grew most after warm-up, and its samples.
+    fn grown_most(&self) -> Option<(&(String, i32), &Vec<u64>)> {
         self.rss
             .iter()
             .filter(|(_, s)| s.len() >= 3)
-            .map(|((who, _), s)| (s.last().unwrap().saturating_sub(s[1]), who.clone()))
-            .max()
-            .unwrap_or_default()
+            .max_by_key(|(_, s)| s.last().unwrap().saturating_sub(s[1]))
     }
 }
 
@@ -104,7 +109,13 @@ impl fmt::Display for Report {
             f,
             "RSS: {} daemons sampled, longest-lived over {longest} checkpoints; largest growth after warm-up {growth} KiB ({who})",
             self.rss.len()
-        )
+        )?;
+        // Its samples tell growth that levels off from a leak.
+        if let Some((_, samples)) = self.grown_most() {
+            let kib: Vec<String> = samples.iter().map(u64::to_string).collect();
+            write!(f, "\nits RSS at each checkpoint, KiB: {}", kib.join(" "))?;
+        }
+        Ok(())
     }
 }
 

@@ -304,14 +304,28 @@ fn measure(fs_kind: FsKind, pattern: Pattern, monitor: Monitor, clock: &ProgramC
             programs,
         };
     };
-    let kernel = running
-        .stop_and_read_log()
-        .and_then(|log| kernel_sectors_written(&log));
+    let log = running.stop_and_read_log();
+    let kernel = log.as_deref().and_then(kernel_sectors_written);
     let group = the_group(&device);
+    let counted = group_counters(&device).map(|c| c.sectors_written);
+    // A loss is a bug to chase: what the daemon warned of goes with it.
+    if let (Some(log), Some(counted), Some(kernel)) = (&log, counted, kernel)
+        && counted + kernel < written / 512
+    {
+        let warnings: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+        eprintln!(
+            "{} {} {}: {} sectors lost; the daemon's warnings:\n{}",
+            fs_kind.name(),
+            pattern.name(),
+            monitor.name(),
+            written / 512 - counted - kernel,
+            warnings.join("\n")
+        );
+    }
     Outcome {
         written,
         elapsed,
-        counted: group_counters(&device).map(|c| c.sectors_written),
+        counted,
         kernel,
         covered,
         regions: group.map(|g| g.member_count()),
