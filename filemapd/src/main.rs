@@ -441,6 +441,9 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool, mapping: Mappin
             accounting::describe(&totals)
         );
     }
+    if let Some(accounting) = monitor.accounting() {
+        accounting.say_io_probe_skips();
+    }
     match result {
         Ok(exit) => {
             log::info!("{}", exit.message());

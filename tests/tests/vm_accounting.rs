@@ -164,6 +164,7 @@ fn grow_watched(
                 || l.contains("leaves group")
                 || l.contains("applied a plan")
                 || l.contains("fused into a longer one")
+                || l.contains("skipped the in-kernel")
         })
         .collect();
     eprintln!(

@@ -332,6 +332,11 @@ impl Monitor {
         }
     }
 
+    /// The in-kernel accounting this monitor's file is in, if any.
+    pub fn accounting(&self) -> Option<&crate::wake::ebpf::Accounting> {
+        self.account().map(|account| account.accounting())
+    }
+
     /// The in-kernel totals of IO no region of the group counted (allocated, not yet
     /// covered), when the kernel keeps them for this file.
     pub fn uncovered_totals(&self) -> Option<filemapd_common::UncoveredTotals> {

@@ -178,6 +178,9 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
             }
         }
     }
+    if let Some(accounting) = watch.trigger.as_ref().and_then(|(hub, _)| hub.accounting()) {
+        accounting.say_io_probe_skips();
+    }
     Ok(watch.all_ok)
 }
 

@@ -6,6 +6,7 @@
 //! covers, go), and each file's totals are read.
 use std::{
     collections::BTreeMap,
+    os::fd::{AsFd as _, AsRawFd as _},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -13,7 +14,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key};
+use aya::{
+    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    programs::ProgramFd,
+};
 use filemapd_common::{
     MARKER_LEVELS, Piece, PieceAddress, TOP_LEVEL, UncoveredTotals, marker, piece_address,
     piece_kind, prefix_len, walk_next,
@@ -37,6 +41,8 @@ pub struct Accounting {
     next_ticket: AtomicU64,
     /// Tickets handed out and not yet settled: the device and range their region covers.
     taken: Mutex<std::collections::HashMap<u64, (u32, SectorRange)>>,
+    /// The IO probe, whose skipped runs the kernel counts.
+    io_probe: ProgramFd,
 }
 
 /// A file's slot in the accounting, released (its pieces dropped) with the last handle.
@@ -52,6 +58,7 @@ impl Accounting {
         totals: PerCpuArray<MapData, UncoveredTotals>,
         covering: HashMap<MapData, u64, u64>,
         covered: HashMap<MapData, u64, u8>,
+        io_probe: ProgramFd,
     ) -> Self {
         let room = totals.len() as usize;
         Self {
@@ -62,7 +69,33 @@ impl Accounting {
             slots: Mutex::new(vec![false; room]),
             next_ticket: AtomicU64::new(1),
             taken: Mutex::default(),
+            io_probe,
         }
+    }
+
+    /// Says, at a daemon's end, how many bios the IO probe never saw (when any, and when the
+    /// kernel counts them).
+    pub fn say_io_probe_skips(&self) {
+        if let Some(skips) = self.io_probe_skips().filter(|&n| n > 0) {
+            log::warn!(
+                "The kernel skipped the in-kernel accounting's IO probe {skips} time(s) (another eBPF program was running on that CPU): what those bios wrote before their region existed is counted nowhere"
+            );
+        }
+    }
+
+    /// How many bios the IO probe never saw: the kernel skips a kprobe while another eBPF
+    /// program runs on the same CPU (a bio completing in an interrupt over one of the
+    /// allocation tracepoints' programs). Their sectors are counted by no one. `None` where
+    /// the kernel does not count the skips (before Linux 6.7).
+    pub fn io_probe_skips(&self) -> Option<u64> {
+        if !kernel_counts_kprobe_skips() {
+            return None;
+        }
+        let fd = self.io_probe.as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("recursion_misses:"))
+            .and_then(|n| n.trim().parse().ok())
     }
 
     /// A free slot with its totals zeroed; `None` when every slot is taken.
@@ -260,6 +293,10 @@ impl FileAccount {
         self.accounting.totals(self.slot)
     }
 
+    pub fn accounting(&self) -> &Accounting {
+        &self.accounting
+    }
+
     pub fn tidy(&self, stale: impl Fn(SectorRange, u64) -> bool) -> anyhow::Result<usize> {
         self.accounting.tidy(self.slot, stale)
     }
@@ -372,6 +409,20 @@ impl CreationWitness for Accounting {
         }
         let _ = self.covered.lock().expect("covered lock").remove(&ticket);
     }
+}
+
+/// Whether this kernel counts a kprobe's skipped runs in its `recursion_misses` (Linux 6.7
+/// and later; before, the field shows 0 whatever was skipped).
+fn kernel_counts_kprobe_skips() -> bool {
+    nix::sys::utsname::uname()
+        .is_ok_and(|uts| counts_kprobe_skips(&uts.release().to_string_lossy()))
+}
+
+fn counts_kprobe_skips(release: &str) -> bool {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (6, 7)
 }
 
 /// What a tidy drops: a piece of `slot` that no region creation has taken and that `stale`
@@ -673,6 +724,21 @@ pub fn describe(t: &UncoveredTotals) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kprobe_skips_are_counted_from_linux_6_7() {
+        for (release, counts) in [
+            ("6.1.0-56-amd64", false),
+            ("6.6.30", false),
+            ("6.7.0", true),
+            ("6.12.117+deb12-amd64", true),
+            ("6.18.44-fc-v657", true),
+            ("7.0.1", true),
+            ("5.15.0-91-generic", false),
+        ] {
+            assert_eq!(counts_kprobe_skips(release), counts, "{release}");
+        }
+    }
 
     #[test]
     fn pieces_tile_the_range_aligned() {

@@ -293,11 +293,18 @@ fn attach_accounting(
     }
     let totals = take_map(ebpf, names::TOTALS)?;
     let pins = pins::PinDir::pin(watched, &totals);
+    // Kept to read how often the kernel skipped the probe (see `Accounting::io_probe_skips`).
+    let io_probe = ebpf
+        .program(names::DM_STATS_ACCOUNT_IO)
+        .context("the IO probe")?
+        .fd()?
+        .try_clone()?;
     let accounting = Accounting::new(
         LpmTrie::try_from(take_map(ebpf, names::UNCOVERED)?)?,
         PerCpuArray::try_from(totals)?,
         HashMap::try_from(take_map(ebpf, names::COVERING)?)?,
         HashMap::try_from(take_map(ebpf, names::COVERED)?)?,
+        io_probe,
     );
     Ok((accounting, pins))
 }
