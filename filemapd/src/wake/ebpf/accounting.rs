@@ -320,32 +320,7 @@ impl CreationWitness for Accounting {
                     trie.insert(&key, Piece { ticket, ..piece }, 0)?;
                     continue;
                 }
-                // Cut in part: the finer pieces go in first (longer prefixes win lookups),
-                // so the sectors are never without an entry, then the whole one goes.
-                let inner = (piece.start.max(range.start), piece.end.min(range.end()));
-                let cuts = [
-                    (piece.start, inner.0, 0),
-                    (inner.0, inner.1, ticket),
-                    (inner.1, piece.end, 0),
-                ];
-                for (start, end, ticket) in cuts {
-                    for (start, span_log) in aligned_pieces(start, end) {
-                        let part = Piece {
-                            start,
-                            end: start + (1 << span_log),
-                            ticket,
-                            ..piece
-                        };
-                        // Markers first: a walk must never step over a piece already in.
-                        insert_markers(&mut trie, dev, start, span_log, piece.step)?;
-                        trie.insert(
-                            &Key::new(prefix_len(span_log), piece_address(dev, start)),
-                            part,
-                            0,
-                        )?;
-                    }
-                }
-                remove_key(&mut trie, &key)?;
+                cut_piece(&mut trie, dev, &key, &piece, range, ticket)?;
             }
             check_invariants(&trie, "after cutting for a creation");
             if any {
@@ -436,6 +411,60 @@ fn current_thread() -> u64 {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() } as u64;
     ((std::process::id() as u64) << 32) | tid
+}
+
+/// Cuts `piece` (under `key`) where `range` ends: the part inside takes `ticket`, the parts
+/// outside stay untaken. Every sector keeps an entry throughout and a walk never loses its
+/// way: the parts go in first (longer prefixes win lookups), then the markers they need,
+/// then the whole piece makes way. A whole piece exactly the size of a marker level's block
+/// holds that level's key, where its smaller parts need the marker: the marker takes its
+/// place in one update.
+fn cut_piece(
+    trie: &mut Trie,
+    dev: u32,
+    key: &Key<PieceAddress>,
+    piece: &Piece,
+    range: SectorRange,
+    ticket: u64,
+) -> anyhow::Result<()> {
+    let inner = (piece.start.max(range.start), piece.end.min(range.end()));
+    let parts: Vec<(u64, u32, u64)> = [
+        (piece.start, inner.0, 0),
+        (inner.0, inner.1, ticket),
+        (inner.1, piece.end, 0),
+    ]
+    .into_iter()
+    .flat_map(|(start, end, ticket)| {
+        aligned_pieces(start, end)
+            .into_iter()
+            .map(move |(start, span_log)| (start, span_log, ticket))
+    })
+    .collect();
+    for &(start, span_log, ticket) in &parts {
+        let part = Piece {
+            start,
+            end: start + (1 << span_log),
+            ticket,
+            ..*piece
+        };
+        trie.insert(
+            &Key::new(prefix_len(span_log), piece_address(dev, start)),
+            part,
+            0,
+        )?;
+    }
+    for &(start, span_log, _) in &parts {
+        insert_markers(trie, dev, start, span_log, piece.step)?;
+    }
+    let span_log = (piece.end - piece.start).trailing_zeros();
+    match MARKER_LEVELS.iter().position(|&log| log == span_log) {
+        Some(level) => {
+            let block_log = piece.step.max(1).trailing_zeros();
+            trie.insert(key, marker(level, piece.start, block_log, 0), 0)?;
+            Ok(())
+        }
+        None => remove_key(trie, key),
+    }
 }
 
 /// The markers a piece of 2^span_log sectors at `start` needs (see `MARKER_LEVELS`), where
