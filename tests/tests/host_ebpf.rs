@@ -1,5 +1,6 @@
 //! eBPF on this machine's own kernel (no device-mapper needed): the allocation programs report
-//! a watched inode's new blocks and nothing of an unwatched inode's, on ext4 and on xfs.
+//! a watched inode's new blocks and nothing of an unwatched inode's, on ext4 and on xfs; and
+//! the in-kernel accounting's uncovered set, over its real maps, stays walkable when cut.
 use std::{fs, os::unix::fs::MetadataExt as _, path::Path, time::Duration};
 
 use filemapd::{
@@ -170,4 +171,43 @@ async fn ext4_reports_growth_fallocate_punch_and_truncate() {
 #[tokio::test]
 async fn xfs_reports_growth_fallocate_punch_and_truncate() {
     every_kind_of_change(FsKind::Xfs).await;
+}
+
+/// The uncovered set, without device-mapper: a region ending inside a piece exactly the size
+/// of a marker level's block (4 MiB) cuts it, and a walk still finds the parts outside the
+/// region. (Such a cut once left the block without its marker: walks stepped over the parts,
+/// and their IO was counted nowhere.)
+#[test]
+fn a_cut_piece_leaves_its_parts_where_walks_find_them() {
+    use std::sync::Arc;
+
+    use filemapd::{
+        sectors::{SectorRange, join_adjacent},
+        stats::{CreationWitness as _, group::FuseShadow as _},
+        wake::ebpf::{FileShadow, standalone_accounting},
+    };
+    require_root();
+    let accounting = Arc::new(standalone_accounting().unwrap());
+    let account = accounting.open_account().unwrap().unwrap();
+    let (major, minor) = (253, 3);
+    let dev = (major << 20) | minor;
+    // Put in as the kernel cuts an allocation: aligned pieces, 1032192+8192 among them.
+    let allocation = SectorRange::new(786512, 260216);
+    let file = FileShadow {
+        account: &account,
+        dev,
+        block: 8,
+    };
+    file.shadow(allocation).unwrap();
+    let region = SectorRange::new(786512, 249736); // ends at 1036248, inside that piece
+    let ticket = accounting
+        .before_create((major, minor), region)
+        .expect("the region takes the pieces it covers");
+    accounting.after_create(ticket, true);
+    // A walk over the whole allocation, as an IO from inside the region onwards walks: it
+    // steps through the blocks the region took, and must not step over the parts left.
+    let (found, held) = accounting.pieces_found_and_held(dev, allocation).unwrap();
+    assert_eq!(found, held, "a walk misses pieces the set holds");
+    let rest = SectorRange::new(region.end(), allocation.end() - region.end());
+    assert_eq!(join_adjacent(held), vec![rest], "the parts outside the region");
 }

@@ -73,6 +73,34 @@ impl Accounting {
         }
     }
 
+    /// The pieces over `range` on `dev` as the kernel's walk finds them, and as the set
+    /// holds them (read whole): the two differ where a walk would miss IO.
+    pub fn pieces_found_and_held(
+        &self,
+        dev: u32,
+        range: SectorRange,
+    ) -> anyhow::Result<(Vec<SectorRange>, Vec<SectorRange>)> {
+        let trie = self.uncovered.lock().expect("uncovered lock");
+        let as_range = |p: &Piece| SectorRange::new(p.start, p.end - p.start);
+        let mut found: Vec<SectorRange> = pieces_in(&trie, dev, range)
+            .iter()
+            .map(|(_, p)| as_range(p))
+            .collect();
+        let mut held: Vec<SectorRange> = Self::entries(&trie)?
+            .iter()
+            .filter(|(key, p)| {
+                p.kind == piece_kind::RANGE
+                    && device_of(key) == dev
+                    && p.start < range.end()
+                    && range.start < p.end
+            })
+            .map(|(_, p)| as_range(p))
+            .collect();
+        found.sort_unstable();
+        held.sort_unstable();
+        Ok((found, held))
+    }
+
     /// Says, at a daemon's end, how many bios the IO probe never saw (when any, and when the
     /// kernel counts them).
     pub fn say_io_probe_skips(&self) {

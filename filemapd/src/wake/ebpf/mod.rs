@@ -269,6 +269,28 @@ fn attach_kprobes(ebpf: &mut Ebpf, function: &str, programs: &[&str]) -> anyhow:
     Ok(())
 }
 
+/// The in-kernel accounting's maps with its IO probe verified but attached to nothing: the
+/// uncovered set as the daemon keeps it, for tests on machines without device-mapper.
+pub fn standalone_accounting() -> anyhow::Result<Accounting> {
+    raise_memlock_limit();
+    let mut ebpf = EbpfLoader::new()
+        .load(OBJECT)
+        .context("loading the eBPF object")?;
+    let program: &mut KProbe = ebpf
+        .program_mut(names::DM_STATS_ACCOUNT_IO)
+        .context("the IO probe")?
+        .try_into()?;
+    program.load().context("verifying the IO probe")?;
+    let io_probe = program.fd()?.try_clone()?;
+    Ok(Accounting::new(
+        LpmTrie::try_from(take_map(&mut ebpf, names::UNCOVERED)?)?,
+        PerCpuArray::try_from(take_map(&mut ebpf, names::TOTALS)?)?,
+        HashMap::try_from(take_map(&mut ebpf, names::COVERING)?)?,
+        HashMap::try_from(take_map(&mut ebpf, names::COVERED)?)?,
+        io_probe,
+    ))
+}
+
 /// The probes of the in-kernel accounting (on dm-mod's per-bio accounting and on the resume
 /// after a region creation), and its maps.
 fn attach_accounting(
