@@ -80,7 +80,10 @@ mod tests {
         assert_eq!(parts_not_in(r(0, 64), Vec::new()), vec![r(0, 64)]);
         // Taken parts inside, across either end, overlapping each other, and outside.
         assert_eq!(
-            parts_not_in(r(16, 64), vec![r(40, 8), r(0, 24), r(44, 8), r(72, 16), r(100, 4)]),
+            parts_not_in(
+                r(16, 64),
+                vec![r(40, 8), r(0, 24), r(44, 8), r(72, 16), r(100, 4)]
+            ),
             vec![r(24, 16), r(52, 20)]
         );
         assert!(parts_not_in(r(16, 8), vec![r(0, 64)]).is_empty());

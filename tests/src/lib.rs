@@ -472,14 +472,11 @@ pub fn status_field(status: &str, key: &str) -> u64 {
 /// that CPU (fdinfo's `recursion_misses`; kprobes count them from Linux 6.7), by program name,
 /// those above zero only.
 pub fn skipped_program_runs() -> Vec<(String, u64)> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
+    use std::os::fd::AsFd as _;
     let mut skipped = Vec::new();
     for info in aya::programs::loaded_programs().flatten() {
         let Ok(fd) = info.fd() else { continue };
-        let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
-        let misses = fs::read_to_string(path)
-            .map(|text| status_field(&text, "recursion_misses:"))
-            .unwrap_or(0);
+        let misses = filemapd::wake::ebpf::accounting::recursion_misses(fd.as_fd()).unwrap_or(0);
         if misses > 0 {
             skipped.push((info.name_as_str().unwrap_or("?").to_string(), misses));
         }

@@ -209,5 +209,9 @@ fn a_cut_piece_leaves_its_parts_where_walks_find_them() {
     let (found, held) = accounting.pieces_found_and_held(dev, allocation).unwrap();
     assert_eq!(found, held, "a walk misses pieces the set holds");
     let rest = SectorRange::new(region.end(), allocation.end() - region.end());
-    assert_eq!(join_adjacent(held), vec![rest], "the parts outside the region");
+    assert_eq!(
+        join_adjacent(held),
+        vec![rest],
+        "the parts outside the region"
+    );
 }

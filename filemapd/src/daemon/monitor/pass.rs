@@ -89,13 +89,14 @@ impl Monitor {
         let idle = plan.creations() > 0 && self.device_idle();
         let (plan, deferred) = plan.within(self.pacer.creation_allowance(Instant::now(), idle));
         let applying = Instant::now();
-        let shadow = self.account().zip(self.placement).map(|(account, placement)| {
-            crate::wake::ebpf::FileShadow {
+        let shadow = self
+            .account()
+            .zip(self.placement)
+            .map(|(account, placement)| crate::wake::ebpf::FileShadow {
                 account,
                 dev: placement.dm_dev,
                 block: 1 << placement.sector_shift,
-            }
-        });
+            });
         let outcome = group.apply(
             &self.device,
             &plan,

@@ -6,7 +6,7 @@
 //! covers, go), and each file's totals are read.
 use std::{
     collections::BTreeMap,
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -81,10 +81,9 @@ impl Accounting {
         range: SectorRange,
     ) -> anyhow::Result<(Vec<SectorRange>, Vec<SectorRange>)> {
         let trie = self.uncovered.lock().expect("uncovered lock");
-        let as_range = |p: &Piece| SectorRange::new(p.start, p.end - p.start);
         let mut found: Vec<SectorRange> = pieces_in(&trie, dev, range)
             .iter()
-            .map(|(_, p)| as_range(p))
+            .map(|(_, p)| sectors_of(p))
             .collect();
         let mut held: Vec<SectorRange> = Self::entries(&trie)?
             .iter()
@@ -94,7 +93,7 @@ impl Accounting {
                     && p.start < range.end()
                     && range.start < p.end
             })
-            .map(|(_, p)| as_range(p))
+            .map(|(_, p)| sectors_of(p))
             .collect();
         found.sort_unstable();
         held.sort_unstable();
@@ -119,11 +118,7 @@ impl Accounting {
         if !kernel_counts_kprobe_skips() {
             return None;
         }
-        let fd = self.io_probe.as_fd().as_raw_fd();
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-        info.lines()
-            .find_map(|l| l.strip_prefix("recursion_misses:"))
-            .and_then(|n| n.trim().parse().ok())
+        recursion_misses(self.io_probe.as_fd())
     }
 
     /// A free slot with its totals zeroed; `None` when every slot is taken.
@@ -235,9 +230,7 @@ impl Accounting {
         check_invariants(&trie, "after a tidy near a change");
         Ok(removed)
     }
-}
 
-impl Accounting {
     /// Charges `range` on `dev` to `slot` as if uncovered, where no piece lies already: IO
     /// there is counted in the kernel as well as by the region over it, until a creation
     /// takes the pieces over (see `FuseShadow`). `block`: the file system block in sectors.
@@ -245,7 +238,7 @@ impl Accounting {
         let mut trie = self.uncovered.lock().expect("uncovered lock");
         let present = pieces_in(&trie, dev, range)
             .into_iter()
-            .map(|(_, p)| SectorRange::new(p.start, p.end - p.start))
+            .map(|(_, p)| sectors_of(&p))
             .collect();
         let born_ns = monotonic_ns();
         for hole in parts_not_in(range, present) {
@@ -261,11 +254,7 @@ impl Accounting {
                     step: block,
                     born_ns,
                 };
-                trie.insert(
-                    &Key::new(prefix_len(span_log), piece_address(dev, start)),
-                    piece,
-                    0,
-                )?;
+                trie.insert(&key_of(dev, &piece), piece, 0)?;
             }
         }
         Ok(())
@@ -274,8 +263,9 @@ impl Accounting {
     /// Drops `slot`'s untaken pieces inside `range` on `dev` (a region there counts them).
     fn unshadow(&self, slot: u32, dev: u32, range: SectorRange) -> anyhow::Result<()> {
         let mut trie = self.uncovered.lock().expect("uncovered lock");
+        let inside = |p: SectorRange, _| range.start <= p.start && p.end() <= range.end();
         for (key, p) in pieces_in(&trie, dev, range) {
-            if p.slot == slot && p.ticket == 0 && range.start <= p.start && p.end <= range.end() {
+            if untaken_and_stale(&p, slot, inside) {
                 remove_key(&mut trie, &key)?;
             }
         }
@@ -414,6 +404,17 @@ impl CreationWitness for Accounting {
     }
 }
 
+/// The runs of the eBPF program behind `program` (a descriptor of this process) that the
+/// kernel skipped because another program was running on that CPU: fdinfo's
+/// `recursion_misses`.
+pub fn recursion_misses(program: BorrowedFd<'_>) -> Option<u64> {
+    let fd = program.as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("recursion_misses:"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
 /// Whether this kernel counts a kprobe's skipped runs in its `recursion_misses` (Linux 6.7
 /// and later; before, the field shows 0 whatever was skipped).
 fn kernel_counts_kprobe_skips() -> bool {
@@ -431,7 +432,18 @@ fn counts_kprobe_skips(release: &str) -> bool {
 /// What a tidy drops: a piece of `slot` that no region creation has taken and that `stale`
 /// judges, given its sectors and birth time.
 fn untaken_and_stale(p: &Piece, slot: u32, stale: impl Fn(SectorRange, u64) -> bool) -> bool {
-    p.slot == slot && p.ticket == 0 && stale(SectorRange::new(p.start, p.end - p.start), p.born_ns)
+    p.slot == slot && p.ticket == 0 && stale(sectors_of(p), p.born_ns)
+}
+
+/// The sectors a piece stands for.
+fn sectors_of(p: &Piece) -> SectorRange {
+    SectorRange::new(p.start, p.end - p.start)
+}
+
+/// The key a piece (or marker) sits under: its start, with the prefix of its size.
+fn key_of(dev: u32, p: &Piece) -> Key<PieceAddress> {
+    let span_log = (p.end - p.start).trailing_zeros();
+    Key::new(prefix_len(span_log), piece_address(dev, p.start))
 }
 
 /// The kernel's `bpf_get_current_pid_tgid()` for this thread.
@@ -475,11 +487,7 @@ fn cut_piece(
             ticket,
             ..*piece
         };
-        trie.insert(
-            &Key::new(prefix_len(span_log), piece_address(dev, start)),
-            part,
-            0,
-        )?;
+        trie.insert(&key_of(dev, &part), part, 0)?;
     }
     for &(start, span_log, _) in &parts {
         insert_markers(trie, dev, start, span_log, piece.step)?;
@@ -618,12 +626,9 @@ fn walk(
         if let Some(piece) = found
             && piece.kind == piece_kind::RANGE
             && piece.end > at
+            && !visit(key_of(dev, &piece), piece)
         {
-            let span_log = (piece.end - piece.start).trailing_zeros();
-            let key = Key::new(prefix_len(span_log), piece_address(dev, piece.start));
-            if !visit(key, piece) {
-                return;
-            }
+            return;
         }
         at = match found {
             None => (at | (miss_step - 1)) + 1,

@@ -281,12 +281,23 @@ pub fn standalone_accounting() -> anyhow::Result<Accounting> {
         .context("the IO probe")?
         .try_into()?;
     program.load().context("verifying the IO probe")?;
-    let io_probe = program.fd()?.try_clone()?;
+    let totals = take_map(&mut ebpf, names::TOTALS)?;
+    accounting_over(&mut ebpf, totals)
+}
+
+/// The accounting over the object's maps (`totals` already taken out, to be pinned), its IO
+/// probe loaded: kept to read how often the kernel skipped it (`Accounting::io_probe_skips`).
+fn accounting_over(ebpf: &mut Ebpf, totals: aya::maps::Map) -> anyhow::Result<Accounting> {
+    let io_probe = ebpf
+        .program(names::DM_STATS_ACCOUNT_IO)
+        .context("the IO probe")?
+        .fd()?
+        .try_clone()?;
     Ok(Accounting::new(
-        LpmTrie::try_from(take_map(&mut ebpf, names::UNCOVERED)?)?,
-        PerCpuArray::try_from(take_map(&mut ebpf, names::TOTALS)?)?,
-        HashMap::try_from(take_map(&mut ebpf, names::COVERING)?)?,
-        HashMap::try_from(take_map(&mut ebpf, names::COVERED)?)?,
+        LpmTrie::try_from(take_map(ebpf, names::UNCOVERED)?)?,
+        PerCpuArray::try_from(totals)?,
+        HashMap::try_from(take_map(ebpf, names::COVERING)?)?,
+        HashMap::try_from(take_map(ebpf, names::COVERED)?)?,
         io_probe,
     ))
 }
@@ -315,19 +326,7 @@ fn attach_accounting(
     }
     let totals = take_map(ebpf, names::TOTALS)?;
     let pins = pins::PinDir::pin(watched, &totals);
-    // Kept to read how often the kernel skipped the probe (see `Accounting::io_probe_skips`).
-    let io_probe = ebpf
-        .program(names::DM_STATS_ACCOUNT_IO)
-        .context("the IO probe")?
-        .fd()?
-        .try_clone()?;
-    let accounting = Accounting::new(
-        LpmTrie::try_from(take_map(ebpf, names::UNCOVERED)?)?,
-        PerCpuArray::try_from(totals)?,
-        HashMap::try_from(take_map(ebpf, names::COVERING)?)?,
-        HashMap::try_from(take_map(ebpf, names::COVERED)?)?,
-        io_probe,
-    );
+    let accounting = accounting_over(ebpf, totals)?;
     Ok((accounting, pins))
 }
 
