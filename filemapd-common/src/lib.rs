@@ -278,6 +278,9 @@ pub mod tracepoint {
     /// Not a tracepoint: dm-stats' message handler returned from another process's deletion
     /// of a region or rewrite of its aux_data (where groups live). The event names no inode.
     pub const DM_STATS_CHANGED: u32 = 0x100;
+    /// Not a tracepoint: an empty event that only wakes user space (an event was submitted
+    /// without waking it just as it stopped reading).
+    pub const NUDGE: u32 = 0x101;
 }
 
 /// Length of the layout table the kernel half reads.
@@ -288,6 +291,8 @@ pub mod names {
     pub const WATCHED: &str = "WATCHED";
     pub const EVENTS: &str = "EVENTS";
     pub const LOST: &str = "LOST";
+    /// One u32, nonzero while user space reads events (they need not wake it).
+    pub const READING: &str = "READING";
     pub const LAYOUTS: &str = "LAYOUTS";
     /// Global: the loading process's tgid, whose own dm-stats messages are not reported.
     pub const OWN_TGID: &str = "OWN_TGID";

@@ -14,12 +14,13 @@
 #![no_main]
 
 use aya_ebpf::{
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes,
     },
     macros::{kprobe, kretprobe, map, tracepoint},
-    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key, ring_buf::RingBufEntry},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use aya_log_ebpf::{debug, info};
@@ -78,6 +79,12 @@ const LEVELS: usize = MARKER_LEVELS.len();
 /// Events for watched inodes.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Nonzero while user space is reading: it reads the ring again before it sleeps, so events
+/// need not wake it. Waking a reader costs an interrupt (an exit to the host in a VM): more
+/// than the rest of a program's run, once per event under an allocation storm.
+#[map]
+static READING: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Events that found the ring buffer full; user space rescans everything when this moves.
 #[map]
@@ -331,8 +338,53 @@ fn report(ctx: &TracePointContext, source: u32, name: &str) -> u32 {
         physical_start,
         physical_length,
     });
-    entry.submit(0);
+    submit_quietly(entry);
     0
+}
+
+/// Submits an event without waking user space while it is reading anyway. User space clears
+/// `READING`, then reads the ring once more before it sleeps; an event submitted unheard in
+/// that instant (flag read before the clear, submitted after the last read) is caught by the
+/// second look at the flag, after the submit: a nudge then wakes the reader.
+#[inline(always)]
+fn submit_quietly(entry: RingBufEntry<ExtentEvent>) {
+    if !reading() {
+        entry.submit(0);
+        return;
+    }
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    if !reading() {
+        let nudge = ExtentEvent {
+            key: InodeKey {
+                dev: 0,
+                _pad: 0,
+                ino: 0,
+            },
+            source: tp::NUDGE,
+            _pad: 0,
+            start: 0,
+            length: 0,
+            ktime_ns: 0,
+            physical_start: 0,
+            physical_length: 0,
+        };
+        if EVENTS
+            .output::<ExtentEvent>(&nudge, BPF_RB_FORCE_WAKEUP as u64)
+            .is_err()
+        {
+            count_lost();
+        }
+    }
+}
+
+/// Whether user space says it is reading events (see `READING`).
+#[inline(always)]
+fn reading() -> bool {
+    // SAFETY: read at once; volatile, so that the read after a submit is not folded into
+    // the one before it.
+    READING
+        .get_ptr(0)
+        .is_some_and(|flag| unsafe { core::ptr::read_volatile(flag) } != 0)
 }
 
 /// A value in .rodata that user space sets at load time; volatile keeps the compiler from

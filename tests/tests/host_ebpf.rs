@@ -1,6 +1,7 @@
 //! eBPF on this machine's own kernel (no device-mapper needed): the allocation programs report
-//! a watched inode's new blocks and nothing of an unwatched inode's, on ext4 and on xfs; and
-//! the in-kernel accounting's uncovered set, over its real maps, stays walkable when cut.
+//! a watched inode's new blocks and nothing of an unwatched inode's, on ext4 and on xfs; every
+//! event reaches user space even when the kernel does not wake it for each; and the in-kernel
+//! accounting's uncovered set, over its real maps, stays walkable when cut.
 use std::{fs, os::unix::fs::MetadataExt as _, path::Path, time::Duration};
 
 use filemapd::{
@@ -95,6 +96,71 @@ async fn watched_inode_only(fs_kind: FsKind) {
         );
     }
     assert_eq!(tracer.lost_events().unwrap(), 0);
+}
+
+/// Allocation after allocation, each awaited before the next, made while the reader waits:
+/// at random delays around its gathering time, so that the reader switches between reading
+/// unwoken and waiting to be woken again and again. An event left unread at a switch would
+/// never come (the wait fails).
+async fn no_event_is_left_unread(fs_kind: FsKind) {
+    const ROUNDS: u64 = 300;
+    const BLOCK: u64 = 4096;
+    require_root();
+    let scratch =
+        ScratchDir::new(Path::new("/var/tmp"), &format!("unread-{}", fs_kind.name())).unwrap();
+    let loopfs = LoopFs::new(&scratch.0, fs_kind).unwrap();
+    let path = loopfs.mount.dir.join("growing");
+    fs::write(&path, b"").unwrap();
+    let mut tracer = Tracer::load(16).expect("eBPF programs load on the host kernel");
+    let key = file_id(&path).inode_key();
+    tracer.watch(key, Default::default()).unwrap();
+    // Every other block, so that each write allocates on its own.
+    let offset_of = |round: u64| 2 * round * BLOCK;
+    let (go, went) = std::sync::mpsc::channel::<u64>();
+    let writer = std::thread::spawn(move || {
+        let mut rng = filemapd_tests::writers::Rng(0x5eed);
+        for round in went {
+            std::thread::sleep(rng.duration_below(Duration::from_millis(3)));
+            write_and_sync(&path, offset_of(round), BLOCK as usize).unwrap();
+        }
+    });
+    let mut events = 0;
+    for round in 0..ROUNDS {
+        go.send(round).unwrap();
+        let offset = offset_of(round);
+        let heard = |e: &ExtentEvent| {
+            let tp = Tracepoint::by_index(e.source).expect("known tracepoint");
+            let (start, len) = tp
+                .byte_range(e.start, e.length, BLOCK)
+                .unwrap_or((0, u64::MAX));
+            e.key == key && start <= offset && offset < start.saturating_add(len)
+        };
+        loop {
+            let batch = match tokio::time::timeout(EVENT_TIMEOUT, tracer.next_events()).await {
+                Ok(batch) => batch.unwrap(),
+                Err(_) => panic!(
+                    "round {round}: the allocation at {offset} was never heard of ({events} events before)"
+                ),
+            };
+            events += batch.len();
+            if batch.iter().any(heard) {
+                break;
+            }
+        }
+    }
+    drop(go);
+    writer.join().unwrap();
+    assert_eq!(tracer.lost_events().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn ext4_leaves_no_event_unread() {
+    no_event_is_left_unread(FsKind::Ext4).await;
+}
+
+#[tokio::test]
+async fn xfs_leaves_no_event_unread() {
+    no_event_is_left_unread(FsKind::Xfs).await;
 }
 
 #[tokio::test]

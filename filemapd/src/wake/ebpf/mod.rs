@@ -10,7 +10,7 @@ pub mod tracepoints;
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{KProbe, TracePoint},
 };
 use filemapd_common::{
@@ -33,6 +33,10 @@ pub struct Tracer {
     _ebpf: Ebpf,
     watched: HashMap<MapData, InodeKey, Placement>,
     events: AsyncFd<RingBuf<MapData>>,
+    /// Set while events flow (see [`Tracer::next_events`]): the kernel submits without
+    /// waking this process, which reads again after `GATHER`.
+    reading: Array<MapData, u32>,
+    gathering: bool,
     lost: PerCpuArray<MapData, u64>,
     attached: Vec<&'static Tracepoint>,
     /// Whether the kprobe on dm-stats' message handler is attached (it needs dm loaded).
@@ -149,10 +153,13 @@ impl Tracer {
         let events = unsafe { AsyncFd::register(ring) }
             .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
         let lost = PerCpuArray::try_from(take_map(&mut ebpf, names::LOST)?)?;
+        let reading = Array::try_from(take_map(&mut ebpf, names::READING)?)?;
         Ok(Self {
             _ebpf: ebpf,
             watched,
             events,
+            reading,
+            gathering: false,
             lost,
             attached,
             sees_region_changes,
@@ -191,29 +198,74 @@ impl Tracer {
     }
 
     /// Waits until at least one event is ready, then returns every event in the buffer.
+    ///
+    /// While events flow, the kernel does not wake this process for each one (a wake-up
+    /// costs more than the program that sends the event): from a batch on, `READING` is set
+    /// and the next call reads after `GATHER` instead of waiting to be woken. A read that
+    /// finds nothing clears the flag and reads once more, which the kernel's side completes
+    /// (`submit_quietly`): no event is left unread while this process waits. Cancel-safe: an
+    /// interrupted call leaves the state for the next.
     pub async fn next_events(&mut self) -> anyhow::Result<Vec<ExtentEvent>> {
-        loop {
-            let mut guard = self.events.readable_mut().await?;
-            let ring = guard.get_inner_mut();
-            let mut batch = Vec::new();
-            while let Some(item) = ring.next() {
-                if item.len() >= size_of::<ExtentEvent>() {
-                    // SAFETY: the kernel half writes exactly one ExtentEvent per record;
-                    // read_unaligned because ring records are only 8-byte aligned.
-                    batch.push(unsafe { item.as_ptr().cast::<ExtentEvent>().read_unaligned() });
-                }
-            }
-            guard.clear_ready();
+        if self.gathering {
+            tokio::time::sleep(GATHER).await;
+            let batch = take_events(self.events.get_mut());
             if !batch.is_empty() {
                 return Ok(batch);
             }
+            self.set_reading(false)?;
+            // The flag's clear must be seen before the ring is read again (a store, then
+            // a load: only a full fence keeps them in order).
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            self.gathering = false;
+            let batch = take_events(self.events.get_mut());
+            if !batch.is_empty() {
+                self.set_reading(true)?;
+                return Ok(batch);
+            }
         }
+        loop {
+            let mut guard = self.events.readable_mut().await?;
+            let batch = take_events(guard.get_inner_mut());
+            guard.clear_ready();
+            if !batch.is_empty() {
+                self.set_reading(true)?;
+                return Ok(batch);
+            }
+        }
+    }
+
+    fn set_reading(&mut self, reading: bool) -> anyhow::Result<()> {
+        self.gathering = reading;
+        self.reading
+            .set(0, u32::from(reading), 0)
+            .context("telling the kernel whether events are being read")
     }
 
     /// Events dropped because the ring buffer was full, since load.
     pub fn lost_events(&self) -> anyhow::Result<u64> {
         Ok(self.lost.get(&0, 0)?.iter().sum())
     }
+}
+
+/// How long events gather unheard while they flow: under an allocation storm the kernel wakes
+/// the reader not at all, and an event waits at most this long (a region is created
+/// meanwhile only where its pass would have run anyway).
+const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Every event in the ring, in order (nudges, which only wake the reader, left out).
+fn take_events(ring: &mut RingBuf<MapData>) -> Vec<ExtentEvent> {
+    let mut batch = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() >= size_of::<ExtentEvent>() {
+            // SAFETY: the kernel half writes exactly one ExtentEvent per record;
+            // read_unaligned because ring records are only 8-byte aligned.
+            let event = unsafe { item.as_ptr().cast::<ExtentEvent>().read_unaligned() };
+            if event.source != filemapd_common::tracepoint::NUDGE {
+                batch.push(event);
+            }
+        }
+    }
+    batch
 }
 
 /// Passes the programs' aya-log records to this process's logger as they come.
