@@ -45,6 +45,58 @@ pub fn run() -> anyhow::Result<()> {
     .iter()
     .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v} ")))
     .collect();
+    // "native" runs on this machine's own kernel, after the VM (never beside it: they would
+    // share the cores); the other sections in the VM.
+    let only = std::env::var("FILEMAPD_BENCH_ONLY").unwrap_or_default();
+    let in_vm: Vec<&str> = only
+        .split(',')
+        .filter(|o| !o.is_empty() && *o != NATIVE)
+        .collect();
+    let mut body = String::new();
+    let mut guest_kernel = "-".to_string();
+    if only.is_empty() || !in_vm.is_empty() {
+        let vm_knobs = knobs.replace(
+            &format!("FILEMAPD_BENCH_ONLY={only} "),
+            &format!("FILEMAPD_BENCH_ONLY={} ", in_vm.join(",")),
+        );
+        let out = run_in_vm(&lvm2, &bench, steps, &vm_knobs)?;
+        body.push_str(&report_lines(&out));
+        guest_kernel = out
+            .lines()
+            .find(|l| l.contains("-amd64"))
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+    }
+    if only.is_empty() || only.split(',').any(|o| o == NATIVE) {
+        let mut native = Command::new(&bench);
+        native.env("FILEMAPD_BENCH_ONLY", NATIVE);
+        if let Ok(rounds) = std::env::var("FILEMAPD_BENCH_ROUNDS") {
+            native.env("FILEMAPD_BENCH_ROUNDS", rounds);
+        }
+        body.push_str(&report_lines(&cmd::stdout(&mut native)?));
+    }
+    let command = if knobs.is_empty() && steps == DEFAULT_STEPS {
+        "cargo xtask bench".to_string()
+    } else {
+        format!("FILEMAPD_BENCH_STEPS={steps} {knobs}cargo xtask bench")
+    };
+    let markdown = format!("{}{body}", header(&command, &guest_kernel)?);
+    std::fs::write(root.join("BENCHMARKS.md"), &markdown)?;
+    print!("{markdown}");
+    Ok(())
+}
+
+/// The section that runs on this machine's own kernel rather than in the VM.
+const NATIVE: &str = "native";
+
+/// Runs the benchmark in the device-mapper VM; its console output.
+fn run_in_vm(
+    lvm2: &lvm2::Reference,
+    bench: &std::path::Path,
+    steps: u32,
+    knobs: &str,
+) -> anyhow::Result<String> {
     let script = format!(
         "modprobe -a dm_mod loop && uname -r && FILEMAPD_BENCH_STEPS={steps} \
          FILEMAPD_BENCH_LVM2={} FILEMAPD_BENCH_LVM2_LIB={} {knobs}{}",
@@ -66,31 +118,20 @@ pub fn run() -> anyhow::Result<()> {
         out.status,
         out.output
     );
-    let body: String = out
-        .output
-        .lines()
-        .filter_map(|l| l.strip_prefix(BENCH_LINE))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let guest_kernel = out
-        .output
-        .lines()
-        .find(|l| l.contains("-amd64"))
-        .unwrap_or("?")
-        .trim();
-    let command = if knobs.is_empty() && steps == DEFAULT_STEPS {
-        "cargo xtask bench".to_string()
-    } else {
-        format!("FILEMAPD_BENCH_STEPS={steps} {knobs}cargo xtask bench")
-    };
-    let markdown = format!("{}{body}", header(&command, guest_kernel)?);
-    std::fs::write(root.join("BENCHMARKS.md"), &markdown)?;
-    print!("{markdown}");
-    Ok(())
+    Ok(out.output)
 }
 
 /// The prefix of the benchmark's report lines in the VM's console output.
 const BENCH_LINE: &str = "BENCH|";
+
+/// The report's lines in a benchmark's output, without their prefix.
+fn report_lines(output: &str) -> String {
+    output
+        .lines()
+        .filter_map(|l| l.strip_prefix(BENCH_LINE))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
 
 fn header(command: &str, guest_kernel: &str) -> anyhow::Result<String> {
     let host_kernel = cmd::stdout(Command::new("uname").arg("-r"))?;

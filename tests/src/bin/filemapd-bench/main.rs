@@ -9,6 +9,7 @@ mod counted;
 mod handoff;
 mod latency;
 mod monitors;
+mod native;
 mod new_image;
 mod program_time;
 mod region_cost;
@@ -64,6 +65,10 @@ fn main() {
     }
     if wanted("new-image") {
         new_image::run(5);
+    }
+    // On the machine's own kernel, outside the VM: only when named.
+    if only.split(',').any(|o| o == "native") {
+        native::run(rounds);
     }
 }
 

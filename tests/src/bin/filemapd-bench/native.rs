@@ -1,0 +1,132 @@
+//! The allocation programs at native speed: run on the machine's own kernel (no device-mapper,
+//! so no IO probe and no regions), where the emulated VM's distortion of kernel against IO time
+//! is absent. A tracer watches a growing file, with the in-kernel accounting's recording on
+//! (a placement on a device) and off, side by side; the programs' run time prices it.
+use std::{fs, path::Path, time::Instant};
+
+use filemapd::{
+    file::{identity::FileId, placement},
+    wake::ebpf::Tracer,
+};
+use filemapd_tests::{FsKind, LoopFs, ScratchDir, writers::random_direct_writes};
+
+use crate::{
+    median, median_and_spread,
+    program_time::{ProgramClock, ProgramTime},
+    report,
+};
+
+const GROWTH: u64 = 256 << 20;
+const HEAD: u64 = 1 << 20;
+/// Any dm device number: on this kernel only the recording (the allocation side) runs.
+const SOME_DM_DEVICE: u32 = 253 << 20;
+
+struct Run {
+    /// The programs' run time as a share of the writer's time, %.
+    share: f64,
+    programs: ProgramTime,
+}
+
+pub fn run(rounds: usize) {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    report!("## The allocation programs at native speed\n");
+    report!(
+        "*On the machine's own kernel ({release}), not in the VM: a loop device, no device-mapper.*"
+    );
+    report!(
+        "A tracer watches a 1 MiB file that grows by 256 MiB of random 64 KiB O_DIRECT writes\n(as in the counted-IO section), with the in-kernel accounting's recording of fresh\nallocations and without; no IO probe and no regions (no device-mapper here), so no\npiece leaves the uncovered set during a run (in the daemon, regions take them). Cells:\nthe programs' run time as a share of the writer's time, median (lowest–highest) of {rounds}\nrounds, each with and without in turn on one fresh file system per file system kind.\n"
+    );
+    report!("| fs | recording | eBPF time % | per program, median round |");
+    report!("| --- | --- | --- | --- |");
+    let clock = ProgramClock::start();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // The tracer registers its ring with the runtime when it loads.
+    let _inside = runtime.enter();
+    let mut costs = Vec::new();
+    for fs_kind in [FsKind::Ext4, FsKind::Xfs] {
+        let scratch = ScratchDir::new(Path::new("/var/tmp"), "bench-native").unwrap();
+        let loopfs = LoopFs::new(&scratch.0, fs_kind).unwrap();
+        let mut runs: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..rounds {
+            for recording in [round % 2 == 1, round % 2 == 0] {
+                let path = loopfs.mount.dir.join(format!("grown-{round}-{recording}"));
+                // A fresh tracer each time: nothing removes pieces here (no regions take
+                // them), so the uncovered set grows through a run and only through that run.
+                let mut tracer = Tracer::load(16).expect("the eBPF programs load on this kernel");
+                let run = runtime.block_on(grow(&mut tracer, &clock, &path, recording, round));
+                runs[usize::from(recording)].push(run);
+                fs::remove_file(&path).unwrap();
+            }
+        }
+        let share = |runs: &[Run]| median(runs.iter().map(|r| r.share).collect());
+        costs.push(format!(
+            "{} {:.2} points",
+            fs_kind.name(),
+            share(&runs[1]) - share(&runs[0])
+        ));
+        for (recording, runs) in [(false, &runs[0]), (true, &runs[1])] {
+            let middle = {
+                let mut sorted: Vec<&Run> = runs.iter().collect();
+                sorted.sort_by(|a, b| a.share.total_cmp(&b.share));
+                sorted[sorted.len() / 2]
+            };
+            report!(
+                "| {} | {} | {} | {} |",
+                fs_kind.name(),
+                if recording { "on" } else { "off" },
+                median_and_spread(runs.iter().map(|r| r.share).collect(), 2),
+                middle.programs.breakdown()
+            );
+        }
+    }
+    report!(
+        "\nThe recording's cost (on less off, medians, in points of the writer's time): {}.\n",
+        costs.join("; ")
+    );
+}
+
+/// Grows a fresh file while the tracer watches it, reading its events as they come.
+async fn grow(
+    tracer: &mut Tracer,
+    clock: &ProgramClock,
+    path: &Path,
+    recording: bool,
+    round: usize,
+) -> Run {
+    fs::write(path, vec![0x5a; HEAD as usize]).unwrap();
+    let file = fs::File::open(path).unwrap();
+    let id = FileId::of(&file.metadata().unwrap());
+    let mut placement = placement::of(&file, id).unwrap();
+    placement.dm_dev = if recording { SOME_DM_DEVICE } else { 0 };
+    tracer.watch(id.inode_key(), placement).unwrap();
+    let before = clock.read();
+    let started = Instant::now();
+    let seed = 0x9e37 + round as u64;
+    let mut writer = tokio::task::spawn_blocking({
+        let path = path.to_path_buf();
+        move || random_direct_writes(&path, HEAD, GROWTH, seed)
+    });
+    loop {
+        tokio::select! {
+            written = &mut writer => {
+                written.unwrap();
+                break;
+            }
+            events = tracer.next_events() => {
+                events.unwrap();
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let programs = clock.read() - before;
+    tracer.unwatch(id.inode_key()).unwrap();
+    Run {
+        share: programs.all.as_secs_f64() / elapsed.as_secs_f64() * 100.0,
+        programs,
+    }
+}
