@@ -263,15 +263,7 @@ fn measure(fs_kind: FsKind, pattern: Pattern, monitor: Monitor, clock: &ProgramC
     let group = map_without_daemon(&path).unwrap();
     let device = StatsDevice::for_st_dev(fs::metadata(&path).unwrap().dev()).unwrap();
     let running = monitor.spawn(&path, group);
-    // Loading and verifying the eBPF programs takes seconds under emulation: the writer starts
-    // once the kernel filter holds the file, as it would on a host where the daemon runs first.
-    if let (Monitor::Ebpf | Monitor::EbpfUnaccounted, Some(running)) = (monitor, &running) {
-        assert!(
-            running.wait_for_log("Waking on events only", Duration::from_secs(120)),
-            "{} never said it was event-driven",
-            monitor.name()
-        );
-    }
+    monitor.wait_ready(running.as_ref());
     assert!(wait_covered(
         &device,
         &path,

@@ -96,7 +96,8 @@ fn measure(fs_kind: FsKind, monitor: Monitor, steps: usize) -> Vec<Option<Durati
     write_and_sync(&path, 0, 1 << 20).unwrap();
     let group = map_without_daemon(&path).unwrap();
     let device = StatsDevice::for_st_dev(fs::metadata(&path).unwrap().dev()).unwrap();
-    let _running = monitor.spawn(&path, group);
+    let running = monitor.spawn(&path, group);
+    monitor.wait_ready(running.as_ref());
     // Settled: the first map is done when the group covers the file.
     assert!(
         wait_covered(&device, &path, 0, 1 << 20, Duration::from_secs(60)),

@@ -38,6 +38,19 @@ impl Monitor {
         }
     }
 
+    /// Waits until an eBPF monitor has attached its programs and watches the file (loading
+    /// them takes seconds under emulation), so that measuring starts as it would on a host
+    /// where the daemon runs first. The others are ready once started.
+    pub fn wait_ready(self, running: Option<&Running>) {
+        if let (Monitor::Ebpf | Monitor::EbpfUnaccounted, Some(running)) = (self, running) {
+            assert!(
+                running.wait_for_log("Waking on events only", Duration::from_secs(120)),
+                "{} never said it was event-driven",
+                self.name()
+            );
+        }
+    }
+
     /// Starts the monitor on `path` and its group; `None` for [`Monitor::Nothing`]. Each runs
     /// with its defaults (0.5 s interval), in the foreground, in inode mode, as dmstats would
     /// start it; filemapd logs at info level to a file, for the tally it writes when it stops.
