@@ -211,22 +211,11 @@ pub fn dm_stats_message_return(_ctx: RetProbeContext) -> u32 {
     if CHANGING.remove(&bpf_get_current_pid_tgid()).is_err() {
         return 0;
     }
-    let event = ExtentEvent {
-        key: InodeKey {
-            dev: 0,
-            _pad: 0,
-            ino: 0,
-        },
-        source: tp::DM_STATS_CHANGED,
-        _pad: 0,
-        start: 0,
-        length: 0,
-        // SAFETY: a helper without arguments or preconditions.
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
-        physical_start: 0,
-        physical_length: 0,
-    };
-    send(&event);
+    // SAFETY: a helper without arguments or preconditions.
+    send(
+        &notice(tp::DM_STATS_CHANGED, unsafe { bpf_ktime_get_ns() }),
+        0,
+    );
     0
 }
 
@@ -354,26 +343,7 @@ fn submit_quietly(entry: RingBufEntry<ExtentEvent>) {
     }
     entry.submit(BPF_RB_NO_WAKEUP as u64);
     if !reading() {
-        let nudge = ExtentEvent {
-            key: InodeKey {
-                dev: 0,
-                _pad: 0,
-                ino: 0,
-            },
-            source: tp::NUDGE,
-            _pad: 0,
-            start: 0,
-            length: 0,
-            ktime_ns: 0,
-            physical_start: 0,
-            physical_length: 0,
-        };
-        if EVENTS
-            .output::<ExtentEvent>(&nudge, BPF_RB_FORCE_WAKEUP as u64)
-            .is_err()
-        {
-            count_lost();
-        }
+        send(&notice(tp::NUDGE, 0), BPF_RB_FORCE_WAKEUP as u64);
     }
 }
 
@@ -723,9 +693,28 @@ pub fn dm_internal_resume_fast(_ctx: ProbeContext) -> u32 {
 
 /// Queues an event for user space, or counts it lost when the ring buffer is full.
 #[inline(always)]
-fn send(event: &ExtentEvent) {
-    if EVENTS.output::<ExtentEvent>(event, 0).is_err() {
+fn send(event: &ExtentEvent, flags: u64) {
+    if EVENTS.output::<ExtentEvent>(event, flags).is_err() {
         count_lost();
+    }
+}
+
+/// An event that names no inode and no range: only its `source` (and time) says anything.
+#[inline(always)]
+fn notice(source: u32, ktime_ns: u64) -> ExtentEvent {
+    ExtentEvent {
+        key: InodeKey {
+            dev: 0,
+            _pad: 0,
+            ino: 0,
+        },
+        source,
+        _pad: 0,
+        start: 0,
+        length: 0,
+        ktime_ns,
+        physical_start: 0,
+        physical_length: 0,
     }
 }
 

@@ -216,7 +216,6 @@ impl Tracer {
             // The flag's clear must be seen before the ring is read again (a store, then
             // a load: only a full fence keeps them in order).
             std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            self.gathering = false;
             let batch = take_events(self.events.get_mut());
             if !batch.is_empty() {
                 self.set_reading(true)?;
@@ -234,6 +233,7 @@ impl Tracer {
         }
     }
 
+    /// Sets `READING` in the kernel, and `gathering` with it.
     fn set_reading(&mut self, reading: bool) -> anyhow::Result<()> {
         self.gathering = reading;
         self.reading

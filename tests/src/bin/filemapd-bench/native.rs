@@ -13,7 +13,7 @@ use filemapd_tests::{FsKind, LoopFs, ScratchDir, writers::random_direct_writes};
 use crate::{
     median, median_and_spread,
     program_time::{ProgramClock, ProgramTime},
-    report,
+    quantile, report,
 };
 
 const GROWTH: u64 = 256 << 20;
@@ -70,11 +70,9 @@ pub fn run(rounds: usize) {
             share(&runs[1]) - share(&runs[0])
         ));
         for (recording, runs) in [(false, &runs[0]), (true, &runs[1])] {
-            let middle = {
-                let mut sorted: Vec<&Run> = runs.iter().collect();
-                sorted.sort_by(|a, b| a.share.total_cmp(&b.share));
-                sorted[sorted.len() / 2]
-            };
+            let mut sorted: Vec<&Run> = runs.iter().collect();
+            sorted.sort_by(|a, b| a.share.total_cmp(&b.share));
+            let middle = quantile(&sorted, 0.5);
             report!(
                 "| {} | {} | {} | {} |",
                 fs_kind.name(),
