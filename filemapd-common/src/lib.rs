@@ -193,6 +193,84 @@ pub mod piece_kind {
     pub const MARKER: u32 = 2;
 }
 
+/// The uncovered set's second home, for the small allocations that storms are made of: a
+/// hash of 256 KiB chunks, each with a few slots ([`Span`]s) that an allocation inside the
+/// chunk claims with one atomic compare-and-swap. Recording costs a lookup and a few stores
+/// instead of the trie's insert per aligned piece, and a walk reads one entry per chunk.
+/// Allocations larger than a chunk, and those that find no free slot, go to the trie.
+pub const CHUNK_LOG: u32 = 9;
+pub const CHUNK_SECTORS: u64 = 1 << CHUNK_LOG;
+pub const SPANS_PER_CHUNK: usize = 8;
+
+/// Key of the chunk hash: the dm device (kernel dev_t) and `sector >> CHUNK_LOG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkKey {
+    pub dev: u32,
+    pub _pad: u32,
+    pub chunk: u64,
+}
+
+/// One allocation's sectors inside one chunk, uncovered except for `[taken_start, taken_end)`
+/// once the region creation `ticket` is done (see `COVERED`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Span {
+    pub start: u64,
+    pub end: u64,
+    pub taken_start: u64,
+    pub taken_end: u64,
+    /// 0 while nothing of the span is taken by a region creation.
+    pub ticket: u64,
+    /// `bpf_ktime_get_ns()` when recorded; also tells a span from a later one in its slot.
+    pub born_ns: u64,
+    /// The file's totals slot.
+    pub slot: u32,
+    pub _pad: u32,
+    /// [`span_state`]; written only with atomic operations (64 bits: the eBPF target has
+    /// no 32-bit compare-and-swap before its v3 instruction set).
+    pub state: u64,
+}
+
+pub mod span_state {
+    pub const FREE: u64 = 0;
+    /// Claimed; its fields are being written. Walks pass over it.
+    pub const FILLING: u64 = 1;
+    pub const LIVE: u64 = 2;
+    /// Its chunk is being deleted: nobody may claim it.
+    pub const DEAD: u64 = 3;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Chunk {
+    pub spans: [Span; SPANS_PER_CHUNK],
+}
+
+/// What user space asks of the span service (a program it runs with BPF_PROG_TEST_RUN, so
+/// that its changes to spans are atomic operations like the allocation programs' own):
+/// `args[0]` is the operation, `args[1..3]` the chunk key (dev, chunk), `args[3]` the span's
+/// index and `args[4]` its `born_ns` (the span must still be that one); the rest below.
+pub mod span_op {
+    /// args[5..8]: taken_start, taken_end, ticket.
+    pub const TAKE: u64 = 1;
+    /// Drops the span's ticket (its creation failed).
+    pub const UNTAKE: u64 = 2;
+    /// args[5..7]: the span's new start and end; drops the ticket.
+    pub const TRIM: u64 = 3;
+    /// args[5]: where to split. A free slot of the chunk takes `[at, end)` (same file and
+    /// birth), then the span ends at `at`. Returns the new slot's index.
+    pub const SPLIT: u64 = 4;
+    pub const FREE: u64 = 5;
+    /// Deletes the chunk if every slot is free (index and born unused).
+    pub const DROP_IF_EMPTY: u64 = 6;
+    /// Results (the program's return value).
+    pub const DONE: u32 = 0x100;
+    pub const GONE: u32 = 0x101;
+    pub const NO_ROOM: u32 = 0x102;
+    pub const BUSY: u32 = 0x103;
+}
+
 /// IO the kernel counted in a file's uncovered sectors, per CPU (summed by user space).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -307,6 +385,10 @@ pub mod names {
     pub const TOTALS: &str = "TOTALS";
     pub const COVERING: &str = "COVERING";
     pub const COVERED: &str = "COVERED";
+    /// The chunk hash (see [`CHUNK_LOG`](super::CHUNK_LOG)) and the program that changes
+    /// its spans for user space.
+    pub const CHUNKS: &str = "CHUNKS";
+    pub const SPAN_SERVICE: &str = "span_service";
     /// Global: nonzero when the programs log (aya-log) what their filter kept or dropped.
     pub const LOG_EVENTS: &str = "LOG_EVENTS";
     /// Global: the [`DmLayout`](super::DmLayout).
@@ -332,6 +414,8 @@ mod pod {
     unsafe impl aya::Pod for Piece {}
     unsafe impl aya::Pod for UncoveredTotals {}
     unsafe impl aya::Pod for DmLayout {}
+    unsafe impl aya::Pod for ChunkKey {}
+    unsafe impl aya::Pod for Chunk {}
 }
 
 #[cfg(test)]

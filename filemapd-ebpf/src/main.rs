@@ -12,6 +12,10 @@
 //! covers it exists. That IO completed before any user-space monitor could have made a region.
 #![no_std]
 #![no_main]
+// Compare-and-swap on map values: core's atomic types offer none on the eBPF target, whose
+// instruction set (v3) has it.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -21,14 +25,18 @@ use aya_ebpf::{
     },
     macros::{kprobe, kretprobe, map, tracepoint},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key, ring_buf::RingBufEntry},
-    programs::{ProbeContext, RetProbeContext, TracePointContext},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
 };
 use aya_log_ebpf::{debug, info};
-use core::ffi::c_void;
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xchg},
+};
 use filemapd_common::{
-    DmLayout, ExtentEvent, Field, InodeKey, LAYOUTS_LEN, MARKER_LEVELS, Piece, PieceAddress,
-    Placement, TracepointLayout, UncoveredTotals, layout_flags, marker, piece_address, piece_kind,
-    prefix_len, time_arg, tracepoint as tp, walk_next,
+    CHUNK_LOG, CHUNK_SECTORS, Chunk, ChunkKey, DmLayout, ExtentEvent, Field, InodeKey, LAYOUTS_LEN,
+    MARKER_LEVELS, Piece, PieceAddress, Placement, SPANS_PER_CHUNK, Span, TracepointLayout,
+    UncoveredTotals, layout_flags, marker, piece_address, piece_kind, prefix_len, span_op,
+    span_state, time_arg, tracepoint as tp, walk_next,
 };
 
 /// Inodes user space watches, and where their blocks lie. Resized by user space at load time.
@@ -39,6 +47,15 @@ static WATCHED: HashMap<InodeKey, Placement> = HashMap::with_max_entries(1024, 0
 /// covers yet, plus chunk markers. BPF_F_NO_PREALLOC, which LPM tries require.
 #[map]
 static UNCOVERED: LpmTrie<PieceAddress, Piece> = LpmTrie::with_max_entries(65536, 0);
+
+/// The small allocations of the uncovered set, by 256 KiB chunk (see `CHUNK_LOG`).
+/// Preallocated: a claim must not allocate memory on the allocation path.
+#[map]
+static CHUNKS: HashMap<ChunkKey, Chunk> = HashMap::with_max_entries(16384, 0);
+
+/// Where a new chunk's first value is put together (it is too large for the stack).
+#[map]
+static NEW_CHUNK: PerCpuArray<Chunk> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per file (by `Placement::slot`): IO counted in its uncovered sectors. Resized at load time.
 #[map]
@@ -75,6 +92,8 @@ const MAX_PIECES: u32 = 64;
 /// level and one per unmarked 16 GiB. Reached only by IO over many small pieces.
 const MAX_STEPS: u32 = 1024;
 const LEVELS: usize = MARKER_LEVELS.len();
+/// Most chunks one IO's span walk looks at (256 MiB).
+const MAX_CHUNK_STEPS: u32 = 1024;
 
 /// Events for watched inodes.
 #[map]
@@ -418,20 +437,84 @@ fn note_conversion(ctx: &TracePointContext, layout: &TracepointLayout, placement
     }
 }
 
-/// Puts a fresh allocation of `blocks` file system blocks at `block` into the uncovered set,
-/// cut into aligned power-of-two pieces (what an LPM trie can hold), each with markers on the
-/// blocks of the levels above it (see `MARKER_LEVELS`). The pieces go in one per round of
-/// `bpf_loop`, whose body the verifier checks once: unrolled, a loop of 64 pieces with
-/// their markers is more than the verifier of Linux 6.18 will walk.
+/// Puts a fresh allocation of `blocks` file system blocks at `block` into the uncovered set:
+/// one span per chunk it touches when it is no longer than a chunk, pieces of the trie
+/// otherwise (or when its chunk has no free span).
 #[inline(always)]
 fn record_uncovered(placement: &Placement, block: u64, blocks: u64) {
     let start = placement.sector_of(block);
+    let end = start + placement.sectors_in(blocks);
+    // SAFETY: a helper without arguments or preconditions.
+    let born_ns = unsafe { bpf_ktime_get_ns() };
+    if end - start > CHUNK_SECTORS {
+        record_pieces(placement, start, end, born_ns);
+        return;
+    }
+    let boundary = (start | (CHUNK_SECTORS - 1)) + 1;
+    let split = if boundary < end { boundary } else { end };
+    for (from, to) in [(start, split), (split, end)] {
+        if from < to && !claim_span(placement.dm_dev, placement.slot, from, to, born_ns) {
+            record_pieces(placement, from, to, born_ns);
+        }
+    }
+}
+
+/// Records `[start, end)` (sectors, inside one chunk) in a free span of its chunk; false when
+/// the chunk has none (or was being deleted).
+#[inline(never)]
+fn claim_span(dev: u32, slot: u32, start: u64, end: u64, born_ns: u64) -> bool {
+    let key = ChunkKey {
+        dev,
+        _pad: 0,
+        chunk: start >> CHUNK_LOG,
+    };
+    let chunk = match CHUNKS.get_ptr_mut(&key) {
+        Some(chunk) => chunk,
+        None => {
+            let Some(new) = NEW_CHUNK.get_ptr_mut(0) else {
+                return false;
+            };
+            // SAFETY: this CPU's own scratch value, used only within this run.
+            let new = unsafe { &mut *new };
+            new.spans[0] = Span {
+                start,
+                end,
+                taken_start: 0,
+                taken_end: 0,
+                ticket: 0,
+                born_ns,
+                slot,
+                _pad: 0,
+                state: span_state::LIVE,
+            };
+            for span in new.spans[1..].iter_mut() {
+                span.state = span_state::FREE;
+            }
+            // BPF_NOEXIST: when another CPU made the chunk meanwhile, claim in theirs.
+            if CHUNKS.insert(&key, new, 1).is_ok() {
+                return true;
+            }
+            match CHUNKS.get_ptr_mut(&key) {
+                Some(chunk) => chunk,
+                None => return false,
+            }
+        }
+    };
+    // SAFETY: a live map value; its spans' states are only touched atomically.
+    claim_in(unsafe { &mut *chunk }, start, end, born_ns, slot).is_some()
+}
+
+/// Puts `[start, end)` (sectors) into the trie, cut into aligned power-of-two pieces, each
+/// with markers on the blocks of the levels above it (see `MARKER_LEVELS`). The pieces go in
+/// one per round of `bpf_loop`, whose body the verifier checks once: unrolled, a loop of 64
+/// pieces with their markers is more than the verifier of Linux 6.18 will walk.
+#[inline(never)]
+fn record_pieces(placement: &Placement, start: u64, end: u64, born_ns: u64) {
     let mut recording = Recording {
         start,
-        end: start + placement.sectors_in(blocks),
+        end,
         first: start,
-        // SAFETY: a helper without arguments or preconditions.
-        born_ns: unsafe { bpf_ktime_get_ns() },
+        born_ns,
         dev: placement.dm_dev,
         slot: placement.slot,
         block_log: placement.sector_shift & 15,
@@ -526,6 +609,165 @@ extern "C" fn record_piece(_round: u64, context: *mut c_void) -> i64 {
     0
 }
 
+/// User space's changes to spans (see `span_op`), run with BPF_PROG_TEST_RUN and never
+/// attached: made here, they are atomic operations on the state like the claims of the
+/// allocation programs, which a value rewritten from user space could undo unseen.
+/// Declared by hand: aya's `raw_tracepoint` macro returns 0 whatever the program returns,
+/// and the answer here is the return value.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "raw_tp/span_service")]
+pub fn span_service(ctx: *mut c_void) -> u32 {
+    serve_span_op(RawTracePointContext::new(ctx)) as u32
+}
+
+#[inline(always)]
+fn serve_span_op(ctx: RawTracePointContext) -> i32 {
+    let op: u64 = ctx.arg(0);
+    let key = ChunkKey {
+        dev: ctx.arg::<u64>(1) as u32,
+        _pad: 0,
+        chunk: ctx.arg(2),
+    };
+    let Some(chunk) = CHUNKS.get_ptr_mut(&key) else {
+        return span_op::GONE as i32;
+    };
+    // SAFETY: a live map value; states are only touched atomically.
+    let chunk = unsafe { &mut *chunk };
+    if op == span_op::DROP_IF_EMPTY {
+        return drop_if_empty(&key, chunk) as i32;
+    }
+    let index = ctx.arg::<u64>(3) as usize;
+    let born_ns: u64 = ctx.arg(4);
+    let (a, b, c): (u64, u64, u64) = (ctx.arg(5), ctx.arg(6), ctx.arg(7));
+    let Some(span) = chunk.spans.get_mut(index) else {
+        return span_op::GONE as i32;
+    };
+    if load(&span.state) != span_state::LIVE || span.born_ns != born_ns {
+        return span_op::GONE as i32;
+    }
+    // Each change keeps every sector counted by exactly one of kernel and region for a walk
+    // that reads the span between two of its stores (see the comments).
+    match op {
+        span_op::TAKE => {
+            // The range first: the ticket makes it count.
+            put(&mut span.taken_start, a);
+            put(&mut span.taken_end, b);
+            publish(&mut span.ticket, c);
+        }
+        span_op::UNTAKE => publish(&mut span.ticket, 0),
+        span_op::TRIM => {
+            // What is trimmed off is the taken range, done: no longer counted either way.
+            put(&mut span.start, a);
+            put(&mut span.end, b);
+            publish(&mut span.ticket, 0);
+        }
+        span_op::SPLIT => {
+            let (slot, end) = (span.slot, span.end);
+            let Some(new) = claim_in(chunk, a, end, born_ns, slot) else {
+                return span_op::NO_ROOM as i32;
+            };
+            // The new span counts [a, end) already: for the instant until this store a walk
+            // may count it twice, never not at all.
+            if let Some(span) = chunk.spans.get_mut(index) {
+                publish(&mut span.end, a);
+            }
+            return new as i32;
+        }
+        span_op::FREE => {
+            if !cas(&mut span.state, span_state::LIVE, span_state::FREE) {
+                return span_op::GONE as i32;
+            }
+        }
+        _ => return span_op::GONE as i32,
+    }
+    span_op::DONE as i32
+}
+
+/// Claims a free span of `chunk` for `[start, end)`: its index.
+#[inline(always)]
+fn claim_in(chunk: &mut Chunk, start: u64, end: u64, born_ns: u64, slot: u32) -> Option<usize> {
+    for index in 0..SPANS_PER_CHUNK {
+        let span = &mut chunk.spans[index];
+        // SAFETY: the state is only touched atomically; the other fields only by whoever
+        // moved it from FREE to FILLING.
+        if !cas(&mut span.state, span_state::FREE, span_state::FILLING) {
+            continue;
+        }
+        put(&mut span.start, start);
+        put(&mut span.end, end);
+        put(&mut span.taken_start, 0);
+        put(&mut span.taken_end, 0);
+        put(&mut span.ticket, 0);
+        put(&mut span.born_ns, born_ns);
+        // SAFETY: a plain store to a field this claim owns.
+        unsafe { core::ptr::write_volatile(&mut span.slot, slot) };
+        publish(&mut span.state, span_state::LIVE);
+        return Some(index);
+    }
+    None
+}
+
+/// Deletes the chunk when every span is free: each is made DEAD first, so that no claim
+/// slips in between the look and the delete; a span in use undoes it.
+#[inline(always)]
+fn drop_if_empty(key: &ChunkKey, chunk: &mut Chunk) -> u32 {
+    let mut dead = 0;
+    for index in 0..SPANS_PER_CHUNK {
+        if !cas(
+            &mut chunk.spans[index].state,
+            span_state::FREE,
+            span_state::DEAD,
+        ) {
+            break;
+        }
+        dead += 1;
+    }
+    if dead == SPANS_PER_CHUNK {
+        let _ = CHUNKS.remove(key);
+        return span_op::DONE;
+    }
+    for index in 0..SPANS_PER_CHUNK {
+        if index < dead {
+            publish(&mut chunk.spans[index].state, span_state::FREE);
+        }
+    }
+    span_op::BUSY
+}
+
+/// A plain store that the compiler keeps in its place among the others.
+#[inline(always)]
+fn put(field: &mut u64, value: u64) {
+    // SAFETY: a store to a field of a map value this program may write.
+    unsafe { core::ptr::write_volatile(field, value) };
+}
+
+/// A store ordered after the ones before it (an atomic exchange), for the field that makes
+/// them count.
+#[inline(always)]
+fn publish(field: &mut u64, value: u64) {
+    // SAFETY: an aligned field of a map value (repr(C), all u64 but the last pair).
+    unsafe { atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(field, value) };
+}
+
+/// Compare-and-swap: whether `field` held `old` (and now holds `new`).
+#[inline(always)]
+fn cas(field: &mut u64, old: u64, new: u64) -> bool {
+    // SAFETY: as in `publish`.
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(field, old, new)
+    }
+    .1
+}
+
+/// A read of a field that others change atomically. Aligned 64-bit loads are single-copy
+/// atomic, and the eBPF ISA up to v3 has no acquire load: eBPF runs on x86-64 here, whose
+/// loads are not reordered with each other.
+#[inline(always)]
+fn load(field: &u64) -> u64 {
+    // SAFETY: as in `publish`.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
 /// `void dm_stats_account_io(struct dm_stats *stats, unsigned long bi_rw, sector_t bi_sector,
 /// unsigned bi_sectors, bool end, unsigned long start_time (or a duration), ...)`: dm-stats
 /// charging one bio to its regions. At the bio's end, charges the sectors of it that lie in
@@ -610,7 +852,18 @@ fn charge(dev: u32, write: bool, sector: u64, end: u64, duration_ns: u64) {
             0,
         )
     };
-    if walk.at < walk.end {
+    let unwalked = walk.at < walk.end;
+    walk.at = sector;
+    // SAFETY: as above.
+    unsafe {
+        bpf_loop(
+            MAX_CHUNK_STEPS,
+            charge_chunk as *mut c_void,
+            &mut walk as *mut Walk as *mut c_void,
+            0,
+        )
+    };
+    if unwalked || walk.at < walk.end {
         let slot = if walk.last_slot == u32::MAX {
             0
         } else {
@@ -654,26 +907,94 @@ extern "C" fn charge_step(_round: u64, context: *mut c_void) -> i64 {
         }
     };
     let stop = if piece.end < w.end { piece.end } else { w.end };
+    if !done(piece.ticket) {
+        charge_to(w, piece.slot, stop - w.at);
+    }
+    w.at = stop;
+    0
+}
+
+/// Whether the region creation holding `ticket` is done (its region counts from then on).
+#[inline(always)]
+fn done(ticket: u64) -> bool {
     // SAFETY: the value is only tested for presence.
-    let covered = piece.ticket != 0 && unsafe { COVERED.get(&piece.ticket) }.is_some();
-    if !covered && let Some(totals) = TOTALS.get_ptr_mut(piece.slot) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
-        let totals = unsafe { &mut *totals };
-        let first = piece.slot != w.last_slot;
-        if w.write != 0 {
-            totals.write_sectors += stop - w.at;
-            if first {
-                totals.writes += 1;
-                totals.write_ns += w.duration_ns;
+    ticket != 0 && unsafe { COVERED.get(&ticket) }.is_some()
+}
+
+/// Charges `sectors` of the walk's IO to the file in `slot`; the IO itself counts once per
+/// file.
+#[inline(always)]
+fn charge_to(w: &mut Walk, slot: u32, sectors: u64) {
+    let Some(totals) = TOTALS.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
+    let totals = unsafe { &mut *totals };
+    let first = slot != w.last_slot;
+    if w.write != 0 {
+        totals.write_sectors += sectors;
+        if first {
+            totals.writes += 1;
+            totals.write_ns += w.duration_ns;
+        }
+    } else {
+        totals.read_sectors += sectors;
+        if first {
+            totals.reads += 1;
+            totals.read_ns += w.duration_ns;
+        }
+    }
+    w.last_slot = slot;
+}
+
+/// One chunk of [`charge`]'s second walk, through the spans; returns 1 (stop) at the IO's
+/// end.
+extern "C" fn charge_chunk(_round: u64, context: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the context charge gave it.
+    let w = unsafe { &mut *(context as *mut Walk) };
+    if w.at >= w.end {
+        return 1;
+    }
+    let key = ChunkKey {
+        dev: w.dev,
+        _pad: 0,
+        chunk: w.at >> CHUNK_LOG,
+    };
+    let boundary = (w.at | (CHUNK_SECTORS - 1)) + 1;
+    let stop = if boundary < w.end { boundary } else { w.end };
+    if let Some(chunk) = CHUNKS.get_ptr(&key) {
+        for index in 0..SPANS_PER_CHUNK {
+            // SAFETY: a live map value, read field by field; the state first, atomically.
+            let span = unsafe { &(*chunk).spans[index] };
+            if load(&span.state) != span_state::LIVE {
+                continue;
             }
-        } else {
-            totals.read_sectors += stop - w.at;
-            if first {
-                totals.reads += 1;
-                totals.read_ns += w.duration_ns;
+            let from = if span.start > w.at { span.start } else { w.at };
+            let to = if span.end < stop { span.end } else { stop };
+            if from >= to {
+                continue;
+            }
+            let mut sectors = to - from;
+            let ticket = span.ticket;
+            if done(ticket) {
+                let taken_from = if span.taken_start > from {
+                    span.taken_start
+                } else {
+                    from
+                };
+                let taken_to = if span.taken_end < to {
+                    span.taken_end
+                } else {
+                    to
+                };
+                if taken_from < taken_to {
+                    sectors -= taken_to - taken_from;
+                }
+            }
+            if sectors > 0 {
+                charge_to(w, span.slot, sectors);
             }
         }
-        w.last_slot = piece.slot;
     }
     w.at = stop;
     0

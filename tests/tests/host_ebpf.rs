@@ -281,3 +281,104 @@ fn a_cut_piece_leaves_its_parts_where_walks_find_them() {
         "the parts outside the region"
     );
 }
+
+/// The uncovered set's spans over real allocations, without device-mapper: the allocation
+/// programs record a growing file's fresh extents exactly, walks find what the set holds, a
+/// region's creation takes exactly its sectors out (splitting the span it lies inside), and a
+/// tidy takes the rest, chunks and all.
+async fn spans_hold_fresh_allocations(fs_kind: FsKind) {
+    use filemapd::{
+        file::placement,
+        sectors::{SectorRange, join_adjacent, parts_not_in},
+        stats::CreationWitness as _,
+    };
+    use filemapd_tests::{filefrag_sectors, writers::random_direct_writes};
+    const HEAD: u64 = 1 << 20;
+    const DEV: u32 = (253 << 20) | 7;
+    require_root();
+    let scratch =
+        ScratchDir::new(Path::new("/var/tmp"), &format!("spans-{}", fs_kind.name())).unwrap();
+    let loopfs = LoopFs::new(&scratch.0, fs_kind).unwrap();
+    let path = loopfs.mount.dir.join("grown");
+    fs::write(&path, vec![0x5a; HEAD as usize]).unwrap();
+    let file = fs::File::open(&path).unwrap();
+    file.sync_all().unwrap();
+    let sectors = |path: &Path| -> Vec<SectorRange> {
+        let extents = filefrag_sectors(path).unwrap();
+        extents
+            .into_iter()
+            .map(|(s, l)| SectorRange::new(s, l))
+            .collect()
+    };
+    let head = sectors(&path);
+
+    let mut tracer = Tracer::load(16).expect("eBPF programs load on the host kernel");
+    let accounting = tracer.accounting_unattached().unwrap();
+    let account = accounting.open_account().unwrap().unwrap();
+    let id = FileId::of(&file.metadata().unwrap());
+    let mut placement = placement::of(&file, id).unwrap();
+    placement.dm_dev = DEV;
+    placement.slot = account.slot;
+    tracer.watch(id.inode_key(), placement).unwrap();
+    random_direct_writes(&path, HEAD, 4 << 20, 0x5eed);
+
+    let fresh: Vec<SectorRange> = sectors(&path)
+        .into_iter()
+        .flat_map(|extent| parts_not_in(extent, head.clone()))
+        .collect();
+    assert!(!fresh.is_empty(), "the writes allocated nothing");
+    let first = fresh.iter().map(|r| r.start).min().unwrap();
+    let last = fresh.iter().map(|r| r.end()).max().unwrap();
+    let whole = SectorRange::new(first, last - first);
+    let held_now = || {
+        let (found, held) = accounting.pieces_found_and_held(DEV, whole).unwrap();
+        assert_eq!(found, held, "a walk misses what the set holds");
+        join_adjacent(held)
+    };
+    assert_eq!(
+        held_now(),
+        join_adjacent(fresh.clone()),
+        "recorded vs allocated"
+    );
+
+    // A region of two blocks inside the first 64 KiB allocation: the span is split around it.
+    let inside = fresh
+        .iter()
+        .find(|r| r.len >= 128)
+        .expect("a whole 64 KiB allocation");
+    let region = SectorRange::new(inside.start + 16, 16);
+    let ticket = accounting
+        .before_create((DEV >> 20, DEV & 0xfffff), region)
+        .expect("the region takes the span it lies in");
+    accounting.after_create(ticket, true);
+    let left: Vec<SectorRange> = fresh
+        .iter()
+        .flat_map(|&r| parts_not_in(r, vec![region]))
+        .collect();
+    assert_eq!(
+        held_now(),
+        join_adjacent(left.clone()),
+        "after the region's creation"
+    );
+
+    // A failed creation gives back what it took.
+    let ticket = accounting
+        .before_create((DEV >> 20, DEV & 0xfffff), whole)
+        .expect("the region takes every span");
+    accounting.after_create(ticket, false);
+    assert_eq!(held_now(), join_adjacent(left), "after a failed creation");
+
+    account.tidy(|_, _| true).unwrap();
+    assert_eq!(held_now(), vec![], "after a tidy of everything");
+    tracer.unwatch(id.inode_key()).unwrap();
+}
+
+#[tokio::test]
+async fn ext4_spans_hold_fresh_allocations() {
+    spans_hold_fresh_allocations(FsKind::Ext4).await;
+}
+
+#[tokio::test]
+async fn xfs_spans_hold_fresh_allocations() {
+    spans_hold_fresh_allocations(FsKind::Xfs).await;
+}

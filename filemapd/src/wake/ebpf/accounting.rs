@@ -23,6 +23,7 @@ use filemapd_common::{
     piece_kind, prefix_len, walk_next,
 };
 
+use super::spans::{FoundSpan, Spans};
 use crate::{
     sectors::{SectorRange, parts_not_in},
     stats::{CreationWitness, group::FuseShadow},
@@ -33,6 +34,8 @@ type Trie = LpmTrie<MapData, PieceAddress, Piece>;
 /// The accounting maps, shared by the event task, the monitors and the metrics.
 pub struct Accounting {
     uncovered: Mutex<Trie>,
+    /// The small allocations (a span per chunk they touch).
+    spans: Spans,
     totals: Mutex<PerCpuArray<MapData, UncoveredTotals>>,
     covering: Mutex<HashMap<MapData, u64, u64>>,
     covered: Mutex<HashMap<MapData, u64, u8>>,
@@ -55,6 +58,7 @@ pub struct FileAccount {
 impl Accounting {
     pub fn new(
         uncovered: Trie,
+        spans: Spans,
         totals: PerCpuArray<MapData, UncoveredTotals>,
         covering: HashMap<MapData, u64, u64>,
         covered: HashMap<MapData, u64, u8>,
@@ -63,6 +67,7 @@ impl Accounting {
         let room = totals.len() as usize;
         Self {
             uncovered: Mutex::new(uncovered),
+            spans,
             totals: Mutex::new(totals),
             covering: Mutex::new(covering),
             covered: Mutex::new(covered),
@@ -71,6 +76,11 @@ impl Accounting {
             taken: Mutex::default(),
             io_probe,
         }
+    }
+
+    /// Hands over the loaded object, whose span service changes spans.
+    pub fn serve_spans_from(&self, programs: Arc<Mutex<aya::Ebpf>>) {
+        self.spans.serve_from(programs);
     }
 
     /// The pieces over `range` on `dev` as the kernel's walk finds them, and as the set
@@ -95,6 +105,17 @@ impl Accounting {
             })
             .map(|(_, p)| sectors_of(p))
             .collect();
+        let overlapping = |s: &FoundSpan| s.sectors();
+        found.extend(self.spans.in_range(dev, range)?.iter().map(overlapping));
+        held.extend(
+            self.spans
+                .all()?
+                .iter()
+                .filter(|s| {
+                    s.key.dev == dev && s.span.start < range.end() && range.start < s.span.end
+                })
+                .map(overlapping),
+        );
         found.sort_unstable();
         held.sort_unstable();
         Ok((found, held))
@@ -153,6 +174,19 @@ impl Accounting {
         if let Err(e) = self.remove_where(|p| p.kind == piece_kind::RANGE && p.slot == slot) {
             log::warn!("dropping the uncovered pieces of slot {slot}: {e:#}");
         }
+        let spans = self.spans.all().map(|all| {
+            all.into_iter()
+                .filter(|s| s.span.slot == slot)
+                .collect::<Vec<_>>()
+        });
+        if let Err(e) = spans.and_then(|spans| {
+            for s in &spans {
+                self.spans.free(s)?;
+            }
+            self.drop_empty_chunks(&spans)
+        }) {
+            log::warn!("dropping the uncovered spans of slot {slot}: {e:#}");
+        }
         if let Some(used) = self
             .slots
             .lock()
@@ -202,7 +236,53 @@ impl Accounting {
         slot: u32,
         stale: impl Fn(SectorRange, u64) -> bool,
     ) -> anyhow::Result<usize> {
-        self.remove_where(|p| untaken_and_stale(p, slot, &stale))
+        let pieces = self.remove_where(|p| untaken_and_stale(p, slot, &stale))?;
+        Ok(pieces + self.tidy_spans(slot, self.spans.all()?, &stale)?)
+    }
+
+    /// Takes what `stale` picks out of `slot`'s untaken spans among `spans`: judged by the
+    /// aligned pieces the trie would hold, so that a span is tidied as its pieces would be.
+    fn tidy_spans(
+        &self,
+        slot: u32,
+        spans: Vec<FoundSpan>,
+        stale: &impl Fn(SectorRange, u64) -> bool,
+    ) -> anyhow::Result<usize> {
+        let mut tidied = 0;
+        let mut touched = Vec::new();
+        for s in spans {
+            if s.span.slot != slot || s.span.ticket != 0 {
+                continue;
+            }
+            let runs = stale_runs(s.sectors(), |piece| stale(piece, s.span.born_ns));
+            // From the end backwards: each removal leaves the span's start where it was.
+            let mut span = s;
+            for run in runs.into_iter().rev() {
+                if let Some(kept) = self.spans.remove_part(&span, run)? {
+                    log::debug!(
+                        "no free span to split {} around {run}: {kept} stays",
+                        s.sectors()
+                    );
+                    continue;
+                }
+                span.span.end = run.start;
+                tidied += 1;
+            }
+            touched.push(s);
+        }
+        self.drop_empty_chunks(&touched)?;
+        Ok(tidied)
+    }
+
+    /// Deletes the chunks of `spans` that have no live span left.
+    fn drop_empty_chunks(&self, spans: &[FoundSpan]) -> anyhow::Result<()> {
+        let mut keys: Vec<_> = spans.iter().map(|s| s.key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            self.spans.drop_if_empty(key)?;
+        }
+        Ok(())
     }
 
     /// [`Accounting::tidy`] over the pieces near `ranges` only (found by lookups): a pass over
@@ -228,6 +308,10 @@ impl Accounting {
             }
         }
         check_invariants(&trie, "after a tidy near a change");
+        drop(trie);
+        for &range in ranges {
+            removed += self.tidy_spans(slot, self.spans.in_range(dev, range)?, &stale)?;
+        }
         Ok(removed)
     }
 
@@ -239,25 +323,49 @@ impl Accounting {
         let present = pieces_in(&trie, dev, range)
             .into_iter()
             .map(|(_, p)| sectors_of(&p))
+            .chain(self.spans.in_range(dev, range)?.iter().map(|s| s.sectors()))
             .collect();
         let born_ns = monotonic_ns();
         for hole in parts_not_in(range, present) {
-            for (start, span_log) in aligned_pieces(hole.start, hole.end()) {
-                // Markers first: a walk must never step over a piece already in.
-                insert_markers(&mut trie, dev, start, span_log, block)?;
-                let piece = Piece {
-                    start,
-                    end: start + (1 << span_log),
-                    ticket: 0,
-                    slot,
-                    kind: piece_kind::RANGE,
-                    step: block,
-                    born_ns,
-                };
-                trie.insert(&key_of(dev, &piece), piece, 0)?;
-            }
+            insert_pieces(&mut trie, dev, hole, slot, born_ns, block)?;
         }
         Ok(())
+    }
+
+    /// Once the creation of `ticket` is done: takes what it took out of the spans over
+    /// `range`. A span that would need a split and has no room for one sends what follows
+    /// the taken part to the trie first (for an instant counted twice, never not at all).
+    fn drop_taken_spans(&self, dev: u32, range: SectorRange, ticket: u64) -> anyhow::Result<()> {
+        let spans: Vec<FoundSpan> = self
+            .spans
+            .in_range(dev, range)?
+            .into_iter()
+            .filter(|s| s.span.ticket == ticket)
+            .collect();
+        for s in &spans {
+            let taken = s.taken();
+            if let Some(rest) = self.spans.remove_part(s, taken)? {
+                let block: u64 = 1
+                    << rest
+                        .start
+                        .trailing_zeros()
+                        .min(rest.end().trailing_zeros())
+                        .min(3);
+                let mut trie = self.uncovered.lock().expect("uncovered lock");
+                insert_pieces(&mut trie, dev, rest, s.span.slot, s.span.born_ns, block)?;
+                drop(trie);
+                // Now only what comes before the taken part stays (the taken part is done).
+                let shortened = FoundSpan {
+                    span: filemapd_common::Span {
+                        end: taken.end(),
+                        ..s.span
+                    },
+                    ..*s
+                };
+                self.spans.remove_part(&shortened, taken)?;
+            }
+        }
+        self.drop_empty_chunks(&spans)
     }
 
     /// Drops `slot`'s untaken pieces inside `range` on `dev` (a region there counts them).
@@ -341,6 +449,15 @@ impl CreationWitness for Accounting {
                 cut_piece(&mut trie, dev, &key, &piece, range, ticket)?;
             }
             check_invariants(&trie, "after cutting for a creation");
+            drop(trie);
+            for s in self.spans.in_range(dev, range)? {
+                let sectors = s.sectors();
+                let start = sectors.start.max(range.start);
+                let taken = SectorRange::new(start, sectors.end().min(range.end()) - start);
+                if s.span.ticket == 0 && self.spans.take(&s, taken, ticket)? {
+                    any = true;
+                }
+            }
             if any {
                 self.taken
                     .lock()
@@ -388,6 +505,10 @@ impl CreationWitness for Accounting {
                     log::warn!("dropping covered pieces: {e:#}");
                 }
                 check_invariants(&trie, "after a region's creation");
+                drop(trie);
+                if let Err(e) = self.drop_taken_spans(dev, range, ticket) {
+                    log::warn!("dropping covered spans: {e:#}");
+                }
             }
         } else if let Some((dev, range)) = self.taken.lock().expect("taken lock").remove(&ticket) {
             // Untaken again, so that a later creation (or a tidy) can take them.
@@ -398,6 +519,15 @@ impl CreationWitness for Accounting {
                 {
                     log::warn!("untaking uncovered sectors after a failed creation: {e:#}");
                 }
+            }
+            let untaken = self.spans.in_range(dev, range).and_then(|spans| {
+                spans
+                    .iter()
+                    .filter(|s| s.span.ticket == ticket)
+                    .try_for_each(|s| self.spans.untake(s))
+            });
+            if let Err(e) = untaken {
+                log::warn!("untaking uncovered spans after a failed creation: {e:#}");
             }
         }
         let _ = self.covered.lock().expect("covered lock").remove(&ticket);
@@ -501,6 +631,49 @@ fn cut_piece(
         }
         None => remove_key(trie, key),
     }
+}
+
+/// Puts `range` into the trie as untaken pieces of `slot`, markers first: a walk must never
+/// step over a piece already in. `block`: the file system block in sectors.
+fn insert_pieces(
+    trie: &mut Trie,
+    dev: u32,
+    range: SectorRange,
+    slot: u32,
+    born_ns: u64,
+    block: u64,
+) -> anyhow::Result<()> {
+    for (start, span_log) in aligned_pieces(range.start, range.end()) {
+        insert_markers(trie, dev, start, span_log, block)?;
+        let piece = Piece {
+            start,
+            end: start + (1 << span_log),
+            ticket: 0,
+            slot,
+            kind: piece_kind::RANGE,
+            step: block,
+            born_ns,
+        };
+        trie.insert(&key_of(dev, &piece), piece, 0)?;
+    }
+    Ok(())
+}
+
+/// The runs of `range` that `stale` picks, judged piece by aligned piece (as the trie would
+/// hold them), adjacent stale pieces joined.
+fn stale_runs(range: SectorRange, stale: impl Fn(SectorRange) -> bool) -> Vec<SectorRange> {
+    let mut runs: Vec<SectorRange> = Vec::new();
+    for (start, span_log) in aligned_pieces(range.start, range.end()) {
+        let piece = SectorRange::new(start, 1 << span_log);
+        if !stale(piece) {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(last) if last.end() == piece.start => last.len += piece.len,
+            _ => runs.push(piece),
+        }
+    }
+    runs
 }
 
 /// The markers a piece of 2^span_log sectors at `start` needs (see `MARKER_LEVELS`), where

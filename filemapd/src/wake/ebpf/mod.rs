@@ -4,6 +4,7 @@ pub mod accounting;
 pub mod dm_layout;
 pub mod hub;
 pub mod pins;
+pub mod spans;
 pub mod tracefs;
 pub mod tracepoints;
 
@@ -11,12 +12,12 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
-    programs::{KProbe, TracePoint},
+    programs::{KProbe, RawTracePoint, TracePoint},
 };
 use filemapd_common::{
     DmLayout, ExtentEvent, InodeKey, LAYOUTS_LEN, Placement, TracepointLayout, names,
 };
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub use accounting::{Accounting, FileAccount, FileShadow};
 use tokio::io::unix::AsyncFd;
@@ -29,8 +30,9 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fi
 
 /// Loaded and attached eBPF programs plus their maps.
 pub struct Tracer {
-    // Keeps the programs attached for as long as the tracer lives.
-    _ebpf: Ebpf,
+    // Keeps the programs attached for as long as the tracer lives (and the accounting, which
+    // runs its span service).
+    ebpf: Arc<Mutex<Ebpf>>,
     watched: HashMap<MapData, InodeKey, Placement>,
     events: AsyncFd<RingBuf<MapData>>,
     /// Set while events flow (see [`Tracer::next_events`]): the kernel submits without
@@ -154,8 +156,12 @@ impl Tracer {
             .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
         let lost = PerCpuArray::try_from(take_map(&mut ebpf, names::LOST)?)?;
         let reading = Array::try_from(take_map(&mut ebpf, names::READING)?)?;
+        let ebpf = Arc::new(Mutex::new(ebpf));
+        if let Some(accounting) = &accounting {
+            accounting.serve_spans_from(Arc::clone(&ebpf));
+        }
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf,
             watched,
             events,
             reading,
@@ -166,6 +172,27 @@ impl Tracer {
             accounting,
             _pins: pins,
         })
+    }
+
+    /// The in-kernel accounting over this tracer's maps with its probes attached to nothing,
+    /// for tests on machines without device-mapper: the allocation programs still record a
+    /// file whose placement names a dm device. Fails when the tracer has its accounting.
+    pub fn accounting_unattached(&mut self) -> anyhow::Result<Arc<Accounting>> {
+        if self.accounting.is_some() {
+            bail!("the tracer's accounting is attached");
+        }
+        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        let program: &mut KProbe = ebpf
+            .program_mut(names::DM_STATS_ACCOUNT_IO)
+            .context("the IO probe")?
+            .try_into()?;
+        program.load().context("verifying the IO probe")?;
+        let totals = take_map(&mut ebpf, names::TOTALS)?;
+        let accounting = Arc::new(accounting_over(&mut ebpf, totals)?);
+        drop(ebpf);
+        accounting.serve_spans_from(Arc::clone(&self.ebpf));
+        self.accounting = Some(Arc::clone(&accounting));
+        Ok(accounting)
     }
 
     /// The in-kernel accounting of uncovered IO, when this kernel allows it.
@@ -334,7 +361,9 @@ pub fn standalone_accounting() -> anyhow::Result<Accounting> {
         .try_into()?;
     program.load().context("verifying the IO probe")?;
     let totals = take_map(&mut ebpf, names::TOTALS)?;
-    accounting_over(&mut ebpf, totals)
+    let accounting = accounting_over(&mut ebpf, totals)?;
+    accounting.serve_spans_from(Arc::new(Mutex::new(ebpf)));
+    Ok(accounting)
 }
 
 /// The accounting over the object's maps (`totals` already taken out, to be pinned), its IO
@@ -345,8 +374,14 @@ fn accounting_over(ebpf: &mut Ebpf, totals: aya::maps::Map) -> anyhow::Result<Ac
         .context("the IO probe")?
         .fd()?
         .try_clone()?;
+    let service: &mut RawTracePoint = ebpf
+        .program_mut(names::SPAN_SERVICE)
+        .context("the span service")?
+        .try_into()?;
+    service.load().context("verifying the span service")?;
     Ok(Accounting::new(
         LpmTrie::try_from(take_map(ebpf, names::UNCOVERED)?)?,
+        spans::Spans::new(HashMap::try_from(take_map(ebpf, names::CHUNKS)?)?),
         PerCpuArray::try_from(totals)?,
         HashMap::try_from(take_map(ebpf, names::COVERING)?)?,
         HashMap::try_from(take_map(ebpf, names::COVERED)?)?,

@@ -1,0 +1,218 @@
+//! The chunk hash of the uncovered set (see `filemapd_common::CHUNK_LOG`): the small
+//! allocations, one span each per chunk they touch. User space reads chunks with map lookups
+//! but changes spans only through the kernel's span service (a program run with
+//! BPF_PROG_TEST_RUN), whose atomic operations cannot undo a claim the allocation programs
+//! make at the same instant, as a value rewritten from here could.
+use std::sync::{Arc, Mutex, OnceLock};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, MapError},
+    programs::{RawTracePoint, RawTracePointRunOptions, TestRun as _},
+};
+use filemapd_common::{
+    CHUNK_LOG, Chunk, ChunkKey, SPANS_PER_CHUNK, Span, names, span_op, span_state,
+};
+
+use crate::sectors::SectorRange;
+
+/// Ranges of more chunks than this are looked up by reading the whole hash instead.
+const MOST_LOOKUPS: u64 = 64;
+
+pub struct Spans {
+    chunks: Mutex<HashMap<MapData, ChunkKey, Chunk>>,
+    /// The loaded object, for its span service (set once the tracer has attached the rest).
+    programs: OnceLock<Arc<Mutex<Ebpf>>>,
+}
+
+/// A live span as read, with where it lives.
+#[derive(Clone, Copy, Debug)]
+pub struct FoundSpan {
+    pub key: ChunkKey,
+    pub index: usize,
+    pub span: Span,
+}
+
+impl FoundSpan {
+    pub fn sectors(&self) -> SectorRange {
+        SectorRange::new(self.span.start, self.span.end - self.span.start)
+    }
+
+    /// The part a region creation has taken (empty without a ticket).
+    pub fn taken(&self) -> SectorRange {
+        if self.span.ticket == 0 {
+            return SectorRange::new(self.span.start, 0);
+        }
+        let start = self.span.taken_start.max(self.span.start);
+        let end = self.span.taken_end.min(self.span.end).max(start);
+        SectorRange::new(start, end - start)
+    }
+}
+
+impl Spans {
+    pub fn new(chunks: HashMap<MapData, ChunkKey, Chunk>) -> Self {
+        Self {
+            chunks: Mutex::new(chunks),
+            programs: OnceLock::new(),
+        }
+    }
+
+    /// Hands over the loaded object whose span service changes spans.
+    pub fn serve_from(&self, programs: Arc<Mutex<Ebpf>>) {
+        let _ = self.programs.set(programs);
+    }
+
+    /// The live spans on `dev` overlapping `range`.
+    pub fn in_range(&self, dev: u32, range: SectorRange) -> anyhow::Result<Vec<FoundSpan>> {
+        if range.len == 0 {
+            return Ok(Vec::new());
+        }
+        let first = range.start >> CHUNK_LOG;
+        let last = (range.end() - 1) >> CHUNK_LOG;
+        let overlaps = |s: &FoundSpan| {
+            s.key.dev == dev && s.span.start < range.end() && range.start < s.span.end
+        };
+        if last - first >= MOST_LOOKUPS {
+            return Ok(self.all()?.into_iter().filter(overlaps).collect());
+        }
+        let chunks = self.chunks.lock().expect("chunks lock");
+        let mut found = Vec::new();
+        for chunk in first..=last {
+            let key = ChunkKey {
+                dev,
+                _pad: 0,
+                chunk,
+            };
+            match chunks.get(&key, 0) {
+                Ok(value) => found.extend(live(key, &value).filter(overlaps)),
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("reading the chunk hash"),
+            }
+        }
+        Ok(found)
+    }
+
+    /// Every live span.
+    pub fn all(&self) -> anyhow::Result<Vec<FoundSpan>> {
+        let chunks = self.chunks.lock().expect("chunks lock");
+        let mut found = Vec::new();
+        for entry in chunks.iter() {
+            match entry {
+                Ok((key, value)) => found.extend(live(key, &value)),
+                // Deleted between the key and its value.
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("reading the chunk hash"),
+            }
+        }
+        Ok(found)
+    }
+
+    /// Gives `taken` (inside the span) to the region creation `ticket`; false when the span
+    /// is gone.
+    pub fn take(&self, s: &FoundSpan, taken: SectorRange, ticket: u64) -> anyhow::Result<bool> {
+        Ok(self.run(span_op::TAKE, s, [taken.start, taken.end(), ticket])? == span_op::DONE)
+    }
+
+    pub fn untake(&self, s: &FoundSpan) -> anyhow::Result<()> {
+        self.run(span_op::UNTAKE, s, [0; 3]).map(drop)
+    }
+
+    pub fn free(&self, s: &FoundSpan) -> anyhow::Result<()> {
+        self.run(span_op::FREE, s, [0; 3]).map(drop)
+    }
+
+    /// Takes `gone` (a part no longer uncovered, or taken by a creation that is done) out of
+    /// the span: frees, trims or splits it. Returns the part it could not take out (the span
+    /// needed a split and its chunk had no free span), which is still in the span.
+    pub fn remove_part(
+        &self,
+        s: &FoundSpan,
+        gone: SectorRange,
+    ) -> anyhow::Result<Option<SectorRange>> {
+        let (start, end) = (s.span.start, s.span.end);
+        let (gone_start, gone_end) = (gone.start.max(start), gone.end().min(end));
+        if gone_start >= gone_end {
+            return Ok(None);
+        }
+        match (start < gone_start, gone_end < end) {
+            (false, false) => self.free(s)?,
+            (false, true) => self.trim(s, gone_end, end)?,
+            (true, false) => self.trim(s, start, gone_start)?,
+            (true, true) => {
+                // The new span takes what follows; the old one then ends where `gone` starts.
+                let split = self.run(span_op::SPLIT, s, [gone_end, 0, 0])?;
+                if split == span_op::NO_ROOM {
+                    return Ok(Some(SectorRange::new(gone_end, end - gone_end)));
+                }
+                if (split as usize) < SPANS_PER_CHUNK {
+                    let shortened = FoundSpan {
+                        span: Span {
+                            end: gone_end,
+                            ..s.span
+                        },
+                        ..*s
+                    };
+                    self.trim(&shortened, start, gone_start)?;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes a chunk whose spans are all free (the kernel checks, atomically).
+    pub fn drop_if_empty(&self, key: ChunkKey) -> anyhow::Result<()> {
+        let span = FoundSpan {
+            key,
+            index: 0,
+            span: Span::default(),
+        };
+        self.run(span_op::DROP_IF_EMPTY, &span, [0; 3]).map(drop)
+    }
+
+    fn trim(&self, s: &FoundSpan, start: u64, end: u64) -> anyhow::Result<()> {
+        self.run(span_op::TRIM, s, [start, end, 0]).map(drop)
+    }
+
+    /// Runs the span service on `s`; its answer (a `span_op` result, or a split's new index).
+    fn run(&self, op: u64, s: &FoundSpan, rest: [u64; 3]) -> anyhow::Result<u32> {
+        let Some(programs) = self.programs.get() else {
+            bail!("the span service is not loaded");
+        };
+        let programs = programs.lock().expect("programs lock");
+        let service: &RawTracePoint = programs
+            .program(names::SPAN_SERVICE)
+            .context("the span service is missing from the eBPF object")?
+            .try_into()?;
+        let mut options = RawTracePointRunOptions::new();
+        options.args[..8].copy_from_slice(&[
+            op,
+            u64::from(s.key.dev),
+            s.key.chunk,
+            s.index as u64,
+            s.span.born_ns,
+            rest[0],
+            rest[1],
+            rest[2],
+        ]);
+        let answer = service
+            .test_run(options)
+            .context("running the span service")?
+            .return_value;
+        Ok(answer)
+    }
+}
+
+/// The live spans of one chunk's value.
+fn live(key: ChunkKey, value: &Chunk) -> impl Iterator<Item = FoundSpan> + '_ {
+    value
+        .spans
+        .iter()
+        .enumerate()
+        .filter(|(_, span)| span.state == span_state::LIVE && span.start < span.end)
+        .map(move |(index, span)| FoundSpan {
+            key,
+            index,
+            span: *span,
+        })
+}
