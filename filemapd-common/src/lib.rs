@@ -388,6 +388,8 @@ pub mod names {
     /// The chunk hash (see [`CHUNK_LOG`](super::CHUNK_LOG)) and the program that changes
     /// its spans for user space.
     pub const CHUNKS: &str = "CHUNKS";
+    /// Nonzero while the trie may hold pieces (walks skip it otherwise).
+    pub const TRIE_USED: &str = "TRIE_USED";
     pub const SPAN_SERVICE: &str = "span_service";
     /// Global: nonzero when the programs log (aya-log) what their filter kept or dropped.
     pub const LOG_EVENTS: &str = "LOG_EVENTS";

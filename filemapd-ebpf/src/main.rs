@@ -53,6 +53,12 @@ static UNCOVERED: LpmTrie<PieceAddress, Piece> = LpmTrie::with_max_entries(65536
 #[map]
 static CHUNKS: HashMap<ChunkKey, Chunk> = HashMap::with_max_entries(16384, 0);
 
+/// Nonzero while the trie may hold pieces: set here after recording one, cleared by user space
+/// when it finds the trie empty (it looks again after clearing). A walk skips the trie while
+/// it is clear: under random growth it is empty, every allocation being a span.
+#[map]
+static TRIE_USED: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Where a new chunk's first value is put together (it is too large for the stack).
 #[map]
 static NEW_CHUNK: PerCpuArray<Chunk> = PerCpuArray::with_max_entries(1, 0);
@@ -530,6 +536,16 @@ fn record_pieces(placement: &Placement, start: u64, end: u64, born_ns: u64) {
             0,
         )
     };
+    if recording.start > start
+        && let Some(used) = TRIE_USED.get_ptr_mut(0)
+    {
+        // SAFETY: an array slot; set after the pieces, so a walk that sees it clear comes
+        // before them (and before the IO on them, which follows the allocation).
+        let used = unsafe { &mut *used };
+        if load(used) == 0 {
+            publish(used, 1);
+        }
+    }
     if recording.start < recording.end || recording.failed != 0 {
         if let Some(totals) = TOTALS.get_ptr_mut(placement.slot) {
             // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
@@ -843,16 +859,21 @@ fn charge(dev: u32, write: bool, sector: u64, end: u64, duration_ns: u64) {
         last_slot: u32::MAX,
         _pad: 0,
     };
-    // SAFETY: as in record_uncovered.
-    unsafe {
-        bpf_loop(
-            MAX_STEPS,
-            charge_step as *mut c_void,
-            &mut walk as *mut Walk as *mut c_void,
-            0,
-        )
-    };
-    let unwalked = walk.at < walk.end;
+    // The trie first, when it may hold pieces at all.
+    let trie_used = TRIE_USED.get(0).is_some_and(|used| load(used) != 0);
+    let mut unwalked = false;
+    if trie_used {
+        // SAFETY: as in record_uncovered.
+        unsafe {
+            bpf_loop(
+                MAX_STEPS,
+                charge_step as *mut c_void,
+                &mut walk as *mut Walk as *mut c_void,
+                0,
+            )
+        };
+        unwalked = walk.at < walk.end;
+    }
     walk.at = sector;
     // SAFETY: as above.
     unsafe {

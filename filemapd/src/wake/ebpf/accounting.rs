@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::{
-    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
     programs::ProgramFd,
 };
 use filemapd_common::{
@@ -23,7 +23,7 @@ use filemapd_common::{
     piece_kind, prefix_len, walk_next,
 };
 
-use super::spans::{FoundSpan, Spans};
+use super::spans::{FoundSpan, Removal, Spans};
 use crate::{
     sectors::{SectorRange, parts_not_in},
     stats::{CreationWitness, group::FuseShadow},
@@ -34,6 +34,9 @@ type Trie = LpmTrie<MapData, PieceAddress, Piece>;
 /// The accounting maps, shared by the event task, the monitors and the metrics.
 pub struct Accounting {
     uncovered: Mutex<Trie>,
+    /// Whether walks look in the trie: cleared here when it is found empty (see `TRIE_USED`
+    /// in the kernel half).
+    trie_used: Mutex<Array<MapData, u64>>,
     /// The small allocations (a span per chunk they touch).
     spans: Spans,
     totals: Mutex<PerCpuArray<MapData, UncoveredTotals>>,
@@ -58,6 +61,7 @@ pub struct FileAccount {
 impl Accounting {
     pub fn new(
         uncovered: Trie,
+        trie_used: Array<MapData, u64>,
         spans: Spans,
         totals: PerCpuArray<MapData, UncoveredTotals>,
         covering: HashMap<MapData, u64, u64>,
@@ -67,6 +71,7 @@ impl Accounting {
         let room = totals.len() as usize;
         Self {
             uncovered: Mutex::new(uncovered),
+            trie_used: Mutex::new(trie_used),
             spans,
             totals: Mutex::new(totals),
             covering: Mutex::new(covering),
@@ -76,6 +81,31 @@ impl Accounting {
             taken: Mutex::default(),
             io_probe,
         }
+    }
+
+    /// Tells walks to look in the trie (after this process put pieces in it).
+    fn trie_in_use(&self) -> anyhow::Result<()> {
+        self.trie_used
+            .lock()
+            .expect("trie flag lock")
+            .set(0, 1, 0)
+            .context("flagging the trie in use")
+    }
+
+    /// After pieces left the trie: when it is empty, walks may skip it. Cleared first and
+    /// looked at again after, as the kernel sets the flag after its pieces: whichever
+    /// comes last, a piece in the trie leaves the flag set.
+    fn settle_trie_flag(&self, trie: &Trie) -> anyhow::Result<()> {
+        if trie.keys().next().is_some() {
+            return Ok(());
+        }
+        let flag = self.trie_used.lock().expect("trie flag lock");
+        let mut flag = flag;
+        flag.set(0, 0, 0).context("clearing the trie flag")?;
+        if trie.keys().next().is_some() {
+            flag.set(0, 1, 0).context("flagging the trie in use")?;
+        }
+        Ok(())
     }
 
     /// Hands over the loaded object, whose span service changes spans.
@@ -223,6 +253,7 @@ impl Accounting {
         }
         if removed > 0 {
             drop_empty_markers(&mut trie)?;
+            self.settle_trie_flag(&trie)?;
         }
         check_invariants(&trie, "after a tidy");
         Ok(removed)
@@ -237,7 +268,12 @@ impl Accounting {
         stale: impl Fn(SectorRange, u64) -> bool,
     ) -> anyhow::Result<usize> {
         let pieces = self.remove_where(|p| untaken_and_stale(p, slot, &stale))?;
-        Ok(pieces + self.tidy_spans(slot, self.spans.all()?, &stale)?)
+        let (spans, empty) = self.spans.all_and_empty()?;
+        // Chunks left empty by removals that did not delete them (see `drop_empty_chunks`).
+        for key in empty {
+            self.spans.drop_if_empty(key)?;
+        }
+        Ok(pieces + self.tidy_spans(slot, spans, &stale)?)
     }
 
     /// Takes what `stale` picks out of `slot`'s untaken spans among `spans`: judged by the
@@ -249,7 +285,7 @@ impl Accounting {
         stale: &impl Fn(SectorRange, u64) -> bool,
     ) -> anyhow::Result<usize> {
         let mut tidied = 0;
-        let mut touched = Vec::new();
+        let mut freed = Vec::new();
         for s in spans {
             if s.span.slot != slot || s.span.ticket != 0 {
                 continue;
@@ -258,29 +294,39 @@ impl Accounting {
             // From the end backwards: each removal leaves the span's start where it was.
             let mut span = s;
             for run in runs.into_iter().rev() {
-                if let Some(kept) = self.spans.remove_part(&span, run)? {
-                    log::debug!(
-                        "no free span to split {} around {run}: {kept} stays",
-                        s.sectors()
-                    );
-                    continue;
+                match self.spans.remove_part(&span, run)? {
+                    Removal::NoRoom(kept) => {
+                        log::debug!(
+                            "no free span to split {} around {run}: {kept} stays",
+                            s.sectors()
+                        );
+                        continue;
+                    }
+                    Removal::Freed => freed.push(s),
+                    Removal::Trimmed | Removal::Nothing => {}
                 }
                 span.span.end = run.start;
                 tidied += 1;
             }
-            touched.push(s);
         }
-        self.drop_empty_chunks(&touched)?;
+        self.drop_empty_chunks(&freed)?;
         Ok(tidied)
     }
 
-    /// Deletes the chunks of `spans` that have no live span left.
-    fn drop_empty_chunks(&self, spans: &[FoundSpan]) -> anyhow::Result<()> {
-        let mut keys: Vec<_> = spans.iter().map(|s| s.key).collect();
-        keys.sort_unstable();
-        keys.dedup();
-        for key in keys {
-            self.spans.drop_if_empty(key)?;
+    /// Deletes the chunks whose live spans, as read, are all among the `freed`: one service
+    /// run for a chunk that is empty now, none for one that still holds spans. A chunk the
+    /// kernel claimed a span in meanwhile stays (the deletion checks); one emptied by frees
+    /// spread over several calls is deleted by the next whole tidy.
+    fn drop_empty_chunks(&self, freed: &[FoundSpan]) -> anyhow::Result<()> {
+        let mut freed_in: BTreeMap<filemapd_common::ChunkKey, (usize, usize)> = BTreeMap::new();
+        for s in freed {
+            let entry = freed_in.entry(s.key).or_insert((0, s.live_in_chunk));
+            entry.0 += 1;
+        }
+        for (key, (freed, live)) in freed_in {
+            if freed >= live {
+                self.spans.drop_if_empty(key)?;
+            }
         }
         Ok(())
     }
@@ -308,6 +354,9 @@ impl Accounting {
             }
         }
         check_invariants(&trie, "after a tidy near a change");
+        if removed > 0 {
+            self.settle_trie_flag(&trie)?;
+        }
         drop(trie);
         for &range in ranges {
             removed += self.tidy_spans(slot, self.spans.in_range(dev, range)?, &stale)?;
@@ -328,6 +377,7 @@ impl Accounting {
         let born_ns = monotonic_ns();
         for hole in parts_not_in(range, present) {
             insert_pieces(&mut trie, dev, hole, slot, born_ns, block)?;
+            self.trie_in_use()?;
         }
         Ok(())
     }
@@ -342,9 +392,14 @@ impl Accounting {
             .into_iter()
             .filter(|s| s.span.ticket == ticket)
             .collect();
+        let mut freed = Vec::new();
         for s in &spans {
             let taken = s.taken();
-            if let Some(rest) = self.spans.remove_part(s, taken)? {
+            let removal = self.spans.remove_part(s, taken)?;
+            if removal == Removal::Freed {
+                freed.push(*s);
+            }
+            if let Removal::NoRoom(rest) = removal {
                 let block: u64 = 1
                     << rest
                         .start
@@ -354,6 +409,7 @@ impl Accounting {
                 let mut trie = self.uncovered.lock().expect("uncovered lock");
                 insert_pieces(&mut trie, dev, rest, s.span.slot, s.span.born_ns, block)?;
                 drop(trie);
+                self.trie_in_use()?;
                 // Now only what comes before the taken part stays (the taken part is done).
                 let shortened = FoundSpan {
                     span: filemapd_common::Span {
@@ -365,19 +421,25 @@ impl Accounting {
                 self.spans.remove_part(&shortened, taken)?;
             }
         }
-        self.drop_empty_chunks(&spans)
+        self.drop_empty_chunks(&freed)
     }
 
     /// Drops `slot`'s untaken pieces inside `range` on `dev` (a region there counts them).
     fn unshadow(&self, slot: u32, dev: u32, range: SectorRange) -> anyhow::Result<()> {
         let mut trie = self.uncovered.lock().expect("uncovered lock");
         let inside = |p: SectorRange, _| range.start <= p.start && p.end() <= range.end();
+        let mut removed = false;
         for (key, p) in pieces_in(&trie, dev, range) {
             if untaken_and_stale(&p, slot, inside) {
                 remove_key(&mut trie, &key)?;
+                removed = true;
             }
         }
-        drop_empty_markers_in(&mut trie, dev, range)
+        drop_empty_markers_in(&mut trie, dev, range)?;
+        if removed {
+            self.settle_trie_flag(&trie)?;
+        }
+        Ok(())
     }
 }
 
@@ -494,12 +556,18 @@ impl CreationWitness for Accounting {
             if let Some((dev, range)) = taken {
                 let mut trie = self.uncovered.lock().expect("uncovered lock");
                 let result = (|| -> anyhow::Result<()> {
+                    let mut removed = false;
                     for (key, piece) in pieces_in(&trie, dev, range) {
                         if piece.ticket == ticket {
                             remove_key(&mut trie, &key)?;
+                            removed = true;
                         }
                     }
-                    drop_empty_markers_in(&mut trie, dev, range)
+                    if removed {
+                        drop_empty_markers_in(&mut trie, dev, range)?;
+                        self.settle_trie_flag(&trie)?;
+                    }
+                    Ok(())
                 })();
                 if let Err(e) = result {
                     log::warn!("dropping covered pieces: {e:#}");
@@ -1011,6 +1079,22 @@ mod tests {
             assert_eq!(at, end);
             assert!(pieces.len() <= 2 * 64);
         }
+    }
+
+    #[test]
+    fn stale_runs_join_the_stale_pieces_of_a_span() {
+        // 8+16+32+64 then 8 sectors (see below); the middle two are stale.
+        let span = SectorRange::new(8, 128);
+        let stale = |p: SectorRange| p.start == 16 || p.start == 32;
+        assert_eq!(stale_runs(span, stale), vec![SectorRange::new(16, 48)]);
+        assert_eq!(stale_runs(span, |_| true), vec![span]);
+        assert_eq!(stale_runs(span, |_| false), vec![]);
+        // Two runs apart.
+        let ends = |p: SectorRange| p.start == 8 || p.start == 128;
+        assert_eq!(
+            stale_runs(span, ends),
+            vec![SectorRange::new(8, 8), SectorRange::new(128, 8)]
+        );
     }
 
     #[test]

@@ -381,6 +381,7 @@ fn accounting_over(ebpf: &mut Ebpf, totals: aya::maps::Map) -> anyhow::Result<Ac
     service.load().context("verifying the span service")?;
     Ok(Accounting::new(
         LpmTrie::try_from(take_map(ebpf, names::UNCOVERED)?)?,
+        Array::try_from(take_map(ebpf, names::TRIE_USED)?)?,
         spans::Spans::new(HashMap::try_from(take_map(ebpf, names::CHUNKS)?)?),
         PerCpuArray::try_from(totals)?,
         HashMap::try_from(take_map(ebpf, names::COVERING)?)?,

@@ -32,6 +32,20 @@ pub struct FoundSpan {
     pub key: ChunkKey,
     pub index: usize,
     pub span: Span,
+    /// Live spans in its chunk when read, itself included: a chunk whose live spans were all
+    /// freed since is empty (unless the kernel claimed one meanwhile, which the delete sees).
+    pub live_in_chunk: usize,
+}
+
+/// What [`Spans::remove_part`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Removal {
+    Nothing,
+    Trimmed,
+    Freed,
+    /// The span needed a split and its chunk had no free span: this part of it (what follows
+    /// the part to remove) is still in it, and so is the part itself.
+    NoRoom(SectorRange),
 }
 
 impl FoundSpan {
@@ -95,17 +109,29 @@ impl Spans {
 
     /// Every live span.
     pub fn all(&self) -> anyhow::Result<Vec<FoundSpan>> {
+        Ok(self.all_and_empty()?.0)
+    }
+
+    /// Every live span, and the chunks that have none.
+    pub fn all_and_empty(&self) -> anyhow::Result<(Vec<FoundSpan>, Vec<ChunkKey>)> {
         let chunks = self.chunks.lock().expect("chunks lock");
         let mut found = Vec::new();
+        let mut empty = Vec::new();
         for entry in chunks.iter() {
             match entry {
-                Ok((key, value)) => found.extend(live(key, &value)),
+                Ok((key, value)) => {
+                    let before = found.len();
+                    found.extend(live(key, &value));
+                    if found.len() == before {
+                        empty.push(key);
+                    }
+                }
                 // Deleted between the key and its value.
                 Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(e).context("reading the chunk hash"),
             }
         }
-        Ok(found)
+        Ok((found, empty))
     }
 
     /// Gives `taken` (inside the span) to the region creation `ticket`; false when the span
@@ -125,25 +151,24 @@ impl Spans {
     /// Takes `gone` (a part no longer uncovered, or taken by a creation that is done) out of
     /// the span: frees, trims or splits it. Returns the part it could not take out (the span
     /// needed a split and its chunk had no free span), which is still in the span.
-    pub fn remove_part(
-        &self,
-        s: &FoundSpan,
-        gone: SectorRange,
-    ) -> anyhow::Result<Option<SectorRange>> {
+    pub fn remove_part(&self, s: &FoundSpan, gone: SectorRange) -> anyhow::Result<Removal> {
         let (start, end) = (s.span.start, s.span.end);
         let (gone_start, gone_end) = (gone.start.max(start), gone.end().min(end));
         if gone_start >= gone_end {
-            return Ok(None);
+            return Ok(Removal::Nothing);
         }
         match (start < gone_start, gone_end < end) {
-            (false, false) => self.free(s)?,
+            (false, false) => {
+                self.free(s)?;
+                return Ok(Removal::Freed);
+            }
             (false, true) => self.trim(s, gone_end, end)?,
             (true, false) => self.trim(s, start, gone_start)?,
             (true, true) => {
                 // The new span takes what follows; the old one then ends where `gone` starts.
                 let split = self.run(span_op::SPLIT, s, [gone_end, 0, 0])?;
                 if split == span_op::NO_ROOM {
-                    return Ok(Some(SectorRange::new(gone_end, end - gone_end)));
+                    return Ok(Removal::NoRoom(SectorRange::new(gone_end, end - gone_end)));
                 }
                 if (split as usize) < SPANS_PER_CHUNK {
                     let shortened = FoundSpan {
@@ -157,7 +182,7 @@ impl Spans {
                 }
             }
         }
-        Ok(None)
+        Ok(Removal::Trimmed)
     }
 
     /// Deletes a chunk whose spans are all free (the kernel checks, atomically).
@@ -166,6 +191,7 @@ impl Spans {
             key,
             index: 0,
             span: Span::default(),
+            live_in_chunk: 0,
         };
         self.run(span_op::DROP_IF_EMPTY, &span, [0; 3]).map(drop)
     }
@@ -205,14 +231,91 @@ impl Spans {
 
 /// The live spans of one chunk's value.
 fn live(key: ChunkKey, value: &Chunk) -> impl Iterator<Item = FoundSpan> + '_ {
+    let is_live = |span: &Span| span.state == span_state::LIVE && span.start < span.end;
+    let live_in_chunk = value.spans.iter().filter(|s| is_live(s)).count();
     value
         .spans
         .iter()
         .enumerate()
-        .filter(|(_, span)| span.state == span_state::LIVE && span.start < span.end)
+        .filter(move |(_, span)| is_live(span))
         .map(move |(index, span)| FoundSpan {
             key,
             index,
             span: *span,
+            live_in_chunk,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(span: Span) -> FoundSpan {
+        FoundSpan {
+            key: ChunkKey::default(),
+            index: 0,
+            span,
+            live_in_chunk: 1,
+        }
+    }
+
+    #[test]
+    fn a_span_without_a_ticket_has_nothing_taken() {
+        let s = found(Span {
+            start: 100,
+            end: 200,
+            taken_start: 120,
+            taken_end: 140,
+            ..Span::default()
+        });
+        assert_eq!(s.taken().len, 0);
+        assert_eq!(s.sectors(), SectorRange::new(100, 100));
+    }
+
+    #[test]
+    fn the_taken_part_lies_inside_the_span() {
+        let taken = |taken_start, taken_end| {
+            found(Span {
+                start: 100,
+                end: 200,
+                taken_start,
+                taken_end,
+                ticket: 7,
+                ..Span::default()
+            })
+            .taken()
+        };
+        assert_eq!(taken(120, 140), SectorRange::new(120, 20));
+        // Trimmed since: what the span no longer holds is not taken from it.
+        assert_eq!(taken(50, 140), SectorRange::new(100, 40));
+        assert_eq!(taken(180, 260), SectorRange::new(180, 20));
+        assert_eq!(taken(20, 60).len, 0);
+    }
+
+    #[test]
+    fn only_live_spans_are_read() {
+        let mut chunk = Chunk::default();
+        chunk.spans[1] = Span {
+            start: 10,
+            end: 20,
+            state: span_state::LIVE,
+            ..Span::default()
+        };
+        chunk.spans[2] = Span {
+            start: 30,
+            end: 40,
+            state: span_state::FILLING,
+            ..Span::default()
+        };
+        chunk.spans[3] = Span {
+            start: 50,
+            end: 60,
+            state: span_state::DEAD,
+            ..Span::default()
+        };
+        let read: Vec<(usize, usize)> = live(ChunkKey::default(), &chunk)
+            .map(|s| (s.index, s.live_in_chunk))
+            .collect();
+        assert_eq!(read, vec![(1, 1)]);
+    }
 }
