@@ -7,9 +7,12 @@
 //! group is noticed without polling.
 //!
 //! The in-kernel accounting: an allocation for a watched file also puts its sectors in the
-//! uncovered set (an LPM trie of aligned power-of-two pieces), and a probe on dm-stats' own
-//! per-bio accounting charges the IO that lands there to the file, until the region that
-//! covers it exists. That IO completed before any user-space monitor could have made a region.
+//! uncovered set, and a probe on dm-stats' own per-bio accounting charges the IO that lands
+//! there to the file, until the region that covers it exists. That IO completed before any
+//! user-space monitor could have made a region. The set has two homes: an allocation no
+//! longer than a 256 KiB chunk claims a span of its chunk in a hash (a compare-and-swap: what
+//! random growth makes, thousands a second); a larger one goes into an LPM trie of aligned
+//! power-of-two pieces. User space changes spans through `span_service`, run on demand.
 #![no_std]
 #![no_main]
 // Compare-and-swap on map values: core's atomic types offer none on the eBPF target, whose
