@@ -264,6 +264,10 @@ pub mod span_op {
     pub const FREE: u64 = 5;
     /// Deletes the chunk if every slot is free (index and born unused).
     pub const DROP_IF_EMPTY: u64 = 6;
+    /// Charges a pretend IO as the IO probe charges one (for machines without
+    /// device-mapper): args[1] the dm device, args[2..4] its sectors `[start, end)`,
+    /// args[4] nonzero for a write.
+    pub const CHARGE: u64 = 7;
     /// Results (the program's return value).
     pub const DONE: u32 = 0x100;
     pub const GONE: u32 = 0x101;

@@ -647,6 +647,11 @@ fn serve_span_op(ctx: RawTracePointContext) -> i32 {
         _pad: 0,
         chunk: ctx.arg(2),
     };
+    if op == span_op::CHARGE {
+        let (sector, end): (u64, u64) = (ctx.arg(2), ctx.arg(3));
+        charge(key.dev, ctx.arg::<u64>(4) != 0, sector, end, 0);
+        return span_op::DONE as i32;
+    }
     let Some(chunk) = CHUNKS.get_ptr_mut(&key) else {
         return span_op::GONE as i32;
     };
@@ -707,9 +712,12 @@ fn serve_span_op(ctx: RawTracePointContext) -> i32 {
 fn claim_in(chunk: &mut Chunk, start: u64, end: u64, born_ns: u64, slot: u32) -> Option<usize> {
     for index in 0..SPANS_PER_CHUNK {
         let span = &mut chunk.spans[index];
-        // SAFETY: the state is only touched atomically; the other fields only by whoever
-        // moved it from FREE to FILLING.
-        if !cas(&mut span.state, span_state::FREE, span_state::FILLING) {
+        // A plain look first: a locked compare-and-swap on every span in use would cost more
+        // than the claim (under emulation, several times more). The state is only touched
+        // atomically; the other fields only by whoever moved it from FREE to FILLING.
+        if load(&span.state) != span_state::FREE
+            || !cas(&mut span.state, span_state::FREE, span_state::FILLING)
+        {
             continue;
         }
         put(&mut span.start, start);
@@ -795,22 +803,19 @@ fn load(field: &u64) -> u64 {
 pub fn dm_stats_account_io(ctx: ProbeContext) -> u32 {
     // SAFETY: plain data in .rodata that user space sets at load time.
     let layout: DmLayout = unsafe { core::ptr::read_volatile(&DM_LAYOUT) };
-    if layout.disk_in_md == 0 {
+    // Half the calls are a bio's start: done with at once.
+    if layout.disk_in_md == 0 || ctx.arg::<u64>(4).is_none_or(|end| end & 0xff == 0) {
         return 0;
     }
-    let (Some(stats), Some(rw), Some(sector), Some(sectors), Some(end), Some(time)) = (
+    let (Some(stats), Some(rw), Some(sector), Some(sectors), Some(time)) = (
         ctx.arg::<u64>(0),
         ctx.arg::<u64>(1),
         ctx.arg::<u64>(2),
         ctx.arg::<u64>(3),
-        ctx.arg::<u64>(4),
         ctx.arg::<u64>(5),
     ) else {
         return 0;
     };
-    if end & 0xff == 0 {
-        return 0;
-    }
     let Some(dev) = device_of(stats, &layout) else {
         return 0;
     };
@@ -840,6 +845,13 @@ fn device_of(stats: u64, layout: &DmLayout) -> Option<u32> {
     // SAFETY: md is the mapped_device holding these stats; the helpers check every access.
     let disk: u64 =
         unsafe { bpf_probe_read_kernel((md + layout.disk_in_md as u64) as *const u64) }.ok()?;
+    // `int major, first_minor` follow each other in struct gendisk: one read for both.
+    if layout.first_minor_in_disk == layout.major_in_disk + 4 {
+        let both: u64 =
+            unsafe { bpf_probe_read_kernel((disk + layout.major_in_disk as u64) as *const u64) }
+                .ok()?;
+        return Some(((both as u32) << 20) | ((both >> 32) as u32 & 0xfffff));
+    }
     let major: u32 =
         unsafe { bpf_probe_read_kernel((disk + layout.major_in_disk as u64) as *const u32) }
             .ok()?;
@@ -878,15 +890,18 @@ fn charge(dev: u32, write: bool, sector: u64, end: u64, duration_ns: u64) {
         unwalked = walk.at < walk.end;
     }
     walk.at = sector;
-    // SAFETY: as above.
-    unsafe {
-        bpf_loop(
-            MAX_CHUNK_STEPS,
-            charge_chunk as *mut c_void,
-            &mut walk as *mut Walk as *mut c_void,
-            0,
-        )
-    };
+    // Most IOs lie in one or two chunks: those are walked without bpf_loop's calls.
+    if walk_chunk(&mut walk) && walk_chunk(&mut walk) {
+        // SAFETY: as above.
+        unsafe {
+            bpf_loop(
+                MAX_CHUNK_STEPS,
+                charge_chunk as *mut c_void,
+                &mut walk as *mut Walk as *mut c_void,
+                0,
+            )
+        };
+    }
     if unwalked || walk.at < walk.end {
         let slot = if walk.last_slot == u32::MAX {
             0
@@ -971,13 +986,19 @@ fn charge_to(w: &mut Walk, slot: u32, sectors: u64) {
     w.last_slot = slot;
 }
 
-/// One chunk of [`charge`]'s second walk, through the spans; returns 1 (stop) at the IO's
-/// end.
+/// A round of [`charge`]'s second walk, through the spans; returns 1 (stop) at the IO's end.
 extern "C" fn charge_chunk(_round: u64, context: *mut c_void) -> i64 {
     // SAFETY: bpf_loop hands back the context charge gave it.
     let w = unsafe { &mut *(context as *mut Walk) };
+    i64::from(!walk_chunk(w))
+}
+
+/// Charges the spans of the chunk the walk is in, and moves it to the next chunk; false once
+/// the IO's end is reached.
+#[inline(always)]
+fn walk_chunk(w: &mut Walk) -> bool {
     if w.at >= w.end {
-        return 1;
+        return false;
     }
     let key = ChunkKey {
         dev: w.dev,
@@ -1021,7 +1042,7 @@ extern "C" fn charge_chunk(_round: u64, context: *mut c_void) -> i64 {
         }
     }
     w.at = stop;
-    0
+    w.at < w.end
 }
 
 /// `void dm_internal_resume_fast(struct mapped_device *md)`, which dm-stats calls after adding

@@ -283,9 +283,9 @@ fn a_cut_piece_leaves_its_parts_where_walks_find_them() {
 }
 
 /// The uncovered set's spans over real allocations, without device-mapper: the allocation
-/// programs record a growing file's fresh extents exactly, walks find what the set holds, a
-/// region's creation takes exactly its sectors out (splitting the span it lies inside), and a
-/// tidy takes the rest, chunks and all.
+/// programs record a growing file's fresh extents exactly, walks find what the set holds
+/// and the IO probe's walk charges it (run on a pretend IO), a region's creation takes
+/// exactly its sectors out (splitting the span it lies inside), and a tidy takes the rest.
 async fn spans_hold_fresh_allocations(fs_kind: FsKind) {
     use filemapd::{
         file::placement,
@@ -340,6 +340,18 @@ async fn spans_hold_fresh_allocations(fs_kind: FsKind) {
         join_adjacent(fresh.clone()),
         "recorded vs allocated"
     );
+    // An IO over all of it, as the IO probe walks one, is charged each fresh sector.
+    let charged = || {
+        let before = account.totals().unwrap();
+        accounting.charge_pretend_io(DEV, whole, true).unwrap();
+        let after = account.totals().unwrap();
+        (
+            after.writes - before.writes,
+            after.write_sectors - before.write_sectors,
+        )
+    };
+    let sum = |ranges: &[SectorRange]| ranges.iter().map(|r| r.len).sum::<u64>();
+    assert_eq!(charged(), (1, sum(&fresh)), "charged vs allocated");
 
     // A region of two blocks inside the first 64 KiB allocation: the span is split around it.
     let inside = fresh
@@ -360,6 +372,11 @@ async fn spans_hold_fresh_allocations(fs_kind: FsKind) {
         join_adjacent(left.clone()),
         "after the region's creation"
     );
+    assert_eq!(
+        charged(),
+        (1, sum(&left)),
+        "charged after the region's creation"
+    );
 
     // A failed creation gives back what it took.
     let ticket = accounting
@@ -370,6 +387,7 @@ async fn spans_hold_fresh_allocations(fs_kind: FsKind) {
 
     account.tidy(|_, _| true).unwrap();
     assert_eq!(held_now(), vec![], "after a tidy of everything");
+    assert_eq!(charged(), (0, 0), "charged after a tidy of everything");
     tracer.unwatch(id.inode_key()).unwrap();
 }
 

@@ -55,7 +55,8 @@ impl Config {
 /// event passes this within minutes. The 30-minute run's largest was 1,196 KiB; 2-minute runs
 /// gave about 500 KiB at 6a7cf6e but 1,836 and 2,052 KiB at a3efbe6 (a polling daemon, which
 /// has no eBPF), so the limit is 3 MiB. Longer runs show that growth comes in steps with flat
-/// runs between, not as a steady climb (RELIABILITY.md).
+/// runs between, not as a steady climb (RELIABILITY.md). Those figures were VmRSS; since
+/// 2026-11-27 the samples are RssAnon (see `slots::rss_kib`).
 const RSS_GROWTH_LIMIT_KIB: u64 = 3072;
 
 /// What a run did, for the test's output and RELIABILITY.md.

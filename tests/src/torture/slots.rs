@@ -314,9 +314,13 @@ pub fn alive(pid: i32) -> bool {
     })
 }
 
+/// Anonymous resident memory (`RssAnon`), what a leak grows. Not `VmRSS`: that also counts
+/// the pages of the (debug) binary, which fault in as code runs for the first time. With
+/// seed 1795800087364487081 on 6.1, an EbpfPath daemon's VmRSS grew 3088 KiB after warm-up
+/// and its RssAnon 1524 KiB, in one step.
 pub fn rss_kib(pid: i32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
-        .map(|s| crate::status_field(&s, "VmRSS:"))
+        .map(|s| crate::status_field(&s, "RssAnon:"))
         .unwrap_or(0)
 }
 

@@ -83,6 +83,18 @@ impl Accounting {
         }
     }
 
+    /// Charges a pretend IO over `range` on `dev` to the files whose uncovered sectors it
+    /// meets, as the IO probe charges a real one: for tests and benchmarks on machines
+    /// without device-mapper.
+    pub fn charge_pretend_io(
+        &self,
+        dev: u32,
+        range: SectorRange,
+        write: bool,
+    ) -> anyhow::Result<()> {
+        self.spans.charge(dev, range, write)
+    }
+
     /// Tells walks to look in the trie (after this process put pieces in it).
     fn trie_in_use(&self) -> anyhow::Result<()> {
         self.trie_used

@@ -200,8 +200,37 @@ impl Spans {
         self.run(span_op::TRIM, s, [start, end, 0]).map(drop)
     }
 
+    /// Charges a pretend IO over `range` on `dev` as the IO probe would charge a real one
+    /// (for machines without device-mapper).
+    pub fn charge(&self, dev: u32, range: SectorRange, write: bool) -> anyhow::Result<()> {
+        let args = [
+            span_op::CHARGE,
+            u64::from(dev),
+            range.start,
+            range.end(),
+            u64::from(write),
+            0,
+            0,
+            0,
+        ];
+        self.run_with(args).map(drop)
+    }
+
     /// Runs the span service on `s`; its answer (a `span_op` result, or a split's new index).
     fn run(&self, op: u64, s: &FoundSpan, rest: [u64; 3]) -> anyhow::Result<u32> {
+        self.run_with([
+            op,
+            u64::from(s.key.dev),
+            s.key.chunk,
+            s.index as u64,
+            s.span.born_ns,
+            rest[0],
+            rest[1],
+            rest[2],
+        ])
+    }
+
+    fn run_with(&self, args: [u64; 8]) -> anyhow::Result<u32> {
         let Some(programs) = self.programs.get() else {
             bail!("the span service is not loaded");
         };
@@ -211,16 +240,7 @@ impl Spans {
             .context("the span service is missing from the eBPF object")?
             .try_into()?;
         let mut options = RawTracePointRunOptions::new();
-        options.args[..8].copy_from_slice(&[
-            op,
-            u64::from(s.key.dev),
-            s.key.chunk,
-            s.index as u64,
-            s.span.born_ns,
-            rest[0],
-            rest[1],
-            rest[2],
-        ]);
+        options.args[..8].copy_from_slice(&args);
         let answer = service
             .test_run(options)
             .context("running the span service")?
