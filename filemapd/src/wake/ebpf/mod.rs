@@ -182,13 +182,7 @@ impl Tracer {
             bail!("the tracer's accounting is attached");
         }
         let mut ebpf = self.ebpf.lock().expect("ebpf lock");
-        let program: &mut KProbe = ebpf
-            .program_mut(names::DM_STATS_ACCOUNT_IO)
-            .context("the IO probe")?
-            .try_into()?;
-        program.load().context("verifying the IO probe")?;
-        let totals = take_map(&mut ebpf, names::TOTALS)?;
-        let accounting = Arc::new(accounting_over(&mut ebpf, totals)?);
+        let accounting = Arc::new(unattached_accounting_over(&mut ebpf)?);
         drop(ebpf);
         accounting.serve_spans_from(Arc::clone(&self.ebpf));
         self.accounting = Some(Arc::clone(&accounting));
@@ -355,15 +349,20 @@ pub fn standalone_accounting() -> anyhow::Result<Accounting> {
     let mut ebpf = EbpfLoader::new()
         .load(OBJECT)
         .context("loading the eBPF object")?;
+    let accounting = unattached_accounting_over(&mut ebpf)?;
+    accounting.serve_spans_from(Arc::new(Mutex::new(ebpf)));
+    Ok(accounting)
+}
+
+/// The accounting over the object's maps, its IO probe verified but not attached.
+fn unattached_accounting_over(ebpf: &mut Ebpf) -> anyhow::Result<Accounting> {
     let program: &mut KProbe = ebpf
         .program_mut(names::DM_STATS_ACCOUNT_IO)
         .context("the IO probe")?
         .try_into()?;
     program.load().context("verifying the IO probe")?;
-    let totals = take_map(&mut ebpf, names::TOTALS)?;
-    let accounting = accounting_over(&mut ebpf, totals)?;
-    accounting.serve_spans_from(Arc::new(Mutex::new(ebpf)));
-    Ok(accounting)
+    let totals = take_map(ebpf, names::TOTALS)?;
+    accounting_over(ebpf, totals)
 }
 
 /// The accounting over the object's maps (`totals` already taken out, to be pinned), its IO
