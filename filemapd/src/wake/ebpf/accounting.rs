@@ -111,8 +111,7 @@ impl Accounting {
         if trie.keys().next().is_some() {
             return Ok(());
         }
-        let flag = self.trie_used.lock().expect("trie flag lock");
-        let mut flag = flag;
+        let mut flag = self.trie_used.lock().expect("trie flag lock");
         flag.set(0, 0, 0).context("clearing the trie flag")?;
         if trie.keys().next().is_some() {
             flag.set(0, 1, 0).context("flagging the trie in use")?;
@@ -153,9 +152,7 @@ impl Accounting {
             self.spans
                 .all()?
                 .iter()
-                .filter(|s| {
-                    s.key.dev == dev && s.span.start < range.end() && range.start < s.span.end
-                })
+                .filter(|s| s.overlaps(dev, range))
                 .map(overlapping),
         );
         found.sort_unstable();

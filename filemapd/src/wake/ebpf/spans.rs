@@ -53,6 +53,11 @@ impl FoundSpan {
         SectorRange::new(self.span.start, self.span.end - self.span.start)
     }
 
+    /// Whether it lies on `dev` and shares a sector with `range`.
+    pub fn overlaps(&self, dev: u32, range: SectorRange) -> bool {
+        self.key.dev == dev && self.span.start < range.end() && range.start < self.span.end
+    }
+
     /// The part a region creation has taken (empty without a ticket).
     pub fn taken(&self) -> SectorRange {
         if self.span.ticket == 0 {
@@ -84,9 +89,7 @@ impl Spans {
         }
         let first = range.start >> CHUNK_LOG;
         let last = (range.end() - 1) >> CHUNK_LOG;
-        let overlaps = |s: &FoundSpan| {
-            s.key.dev == dev && s.span.start < range.end() && range.start < s.span.end
-        };
+        let overlaps = |s: &FoundSpan| s.overlaps(dev, range);
         if last - first >= MOST_LOOKUPS {
             return Ok(self.all()?.into_iter().filter(overlaps).collect());
         }
