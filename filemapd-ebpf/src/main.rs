@@ -319,6 +319,10 @@ fn report(ctx: &TracePointContext, source: u32, name: &str) -> u32 {
     }
     let physical_start = read_field(ctx, rodata(&layout.physical_start));
     let physical_length = read_field(ctx, rodata(&layout.physical_length));
+    // One clock read serves the event and the recording: a read can cost microseconds (a
+    // guest whose clock source is an emulated HPET pays an exit to the host for each).
+    // SAFETY: a helper without arguments or preconditions.
+    let ktime_ns = unsafe { bpf_ktime_get_ns() };
     if rodata(&layout.physical_start).size != 0
         && placement.dm_dev != 0
         && flags & layout_flags::XFS_CONVERSION == 0
@@ -331,7 +335,7 @@ fn report(ctx: &TracePointContext, source: u32, name: &str) -> u32 {
             if logging() {
                 log_uncovered(ctx, name, key.ino, physical_start, physical_length);
             }
-            record_uncovered(&placement, physical_start, physical_length);
+            record_uncovered(&placement, physical_start, physical_length, ktime_ns);
         }
     }
     let start = read_field(ctx, rodata(&layout.start));
@@ -350,8 +354,7 @@ fn report(ctx: &TracePointContext, source: u32, name: &str) -> u32 {
         _pad: 0,
         start,
         length,
-        // SAFETY: a helper without arguments or preconditions.
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        ktime_ns,
         physical_start,
         physical_length,
     });
@@ -442,19 +445,19 @@ fn note_conversion(ctx: &TracePointContext, layout: &TracepointLayout, placement
     let lo = if start > range[0] { start } else { range[0] };
     let hi = if end < range[1] { end } else { range[1] };
     if lo < hi {
-        record_uncovered(placement, block + (lo - start), hi - lo);
+        // SAFETY: a helper without arguments or preconditions.
+        let born_ns = unsafe { bpf_ktime_get_ns() };
+        record_uncovered(placement, block + (lo - start), hi - lo, born_ns);
     }
 }
 
-/// Puts a fresh allocation of `blocks` file system blocks at `block` into the uncovered set:
-/// one span per chunk it touches when it is no longer than a chunk, pieces of the trie
-/// otherwise (or when its chunk has no free span).
+/// Puts a fresh allocation of `blocks` file system blocks at `block`, made at `born_ns`, into
+/// the uncovered set: one span per chunk it touches when it is no longer than a chunk, pieces
+/// of the trie otherwise (or when its chunk has no free span).
 #[inline(always)]
-fn record_uncovered(placement: &Placement, block: u64, blocks: u64) {
+fn record_uncovered(placement: &Placement, block: u64, blocks: u64, born_ns: u64) {
     let start = placement.sector_of(block);
     let end = start + placement.sectors_in(blocks);
-    // SAFETY: a helper without arguments or preconditions.
-    let born_ns = unsafe { bpf_ktime_get_ns() };
     if end - start > CHUNK_SECTORS {
         record_pieces(placement, start, end, born_ns);
         return;
@@ -1021,7 +1024,7 @@ fn walk_chunk(w: &mut Walk) -> bool {
             }
             let mut sectors = to - from;
             let ticket = span.ticket;
-            if done(ticket) {
+            if ticket != 0 {
                 let taken_from = if span.taken_start > from {
                     span.taken_start
                 } else {
@@ -1032,7 +1035,8 @@ fn walk_chunk(w: &mut Walk) -> bool {
                 } else {
                     to
                 };
-                if taken_from < taken_to {
+                // The ticket's lookup only when its region could hold some of this IO.
+                if taken_from < taken_to && done(ticket) {
                     sectors -= taken_to - taken_from;
                 }
             }

@@ -86,6 +86,17 @@ pub fn run_on(
     timeout: Duration,
     memory: &str,
 ) -> anyhow::Result<VmOutput> {
+    run_with_args(series, script, timeout, memory, &[])
+}
+
+/// [`run_on`] with more kernel command-line arguments for the guest.
+pub fn run_with_args(
+    series: &str,
+    script: &str,
+    timeout: Duration,
+    memory: &str,
+    kernel_args: &[&str],
+) -> anyhow::Result<VmOutput> {
     let kernel = kernel(series)?;
     if !crate::cmd::succeeds(Command::new("qemu-system-x86_64").arg("--version")) {
         bail!("qemu-system-x86_64 not found: run `cargo xtask setup`");
@@ -93,7 +104,9 @@ pub fn run_on(
     kill_vm_on_signals();
     let started = Instant::now();
     let mut child = Command::new(crate::setup::vng())
-        .args(["--disable-kvm", "--memory", memory, "--cpus", "2", "--run"])
+        .args(["--disable-kvm", "--memory", memory, "--cpus", "2"])
+        .args(kernel_args.iter().flat_map(|arg| ["--append", arg]))
+        .arg("--run")
         .arg(&kernel)
         .arg("--exec")
         .arg(script)
