@@ -194,21 +194,69 @@ pub mod piece_kind {
 }
 
 /// The uncovered set's second home, for the small allocations that storms are made of: a
-/// hash of 256 KiB chunks, each with a few slots ([`Span`]s) that an allocation inside the
-/// chunk claims with one atomic compare-and-swap. Recording costs a lookup and a few stores
-/// instead of the trie's insert per aligned piece, and a walk reads one entry per chunk.
-/// Allocations larger than a chunk, and those that find no free slot, go to the trie.
+/// table of 256 KiB chunks, each with a few slots ([`Span`]s) that an allocation inside the
+/// chunk claims with one atomic compare-and-swap. Recording costs a few array reads and
+/// stores instead of the trie's insert per aligned piece, and a walk reads one entry per
+/// chunk. Allocations larger than a chunk, and those that find no free slot, go to the trie.
 pub const CHUNK_LOG: u32 = 9;
 pub const CHUNK_SECTORS: u64 = 1 << CHUNK_LOG;
 pub const SPANS_PER_CHUNK: usize = 8;
 
-/// Key of the chunk hash: the dm device (kernel dev_t) and `sector >> CHUNK_LOG`.
+/// The chunk table is an array used as an open-addressed hash: a chunk lives in one of the
+/// `CHUNK_PROBES` entries from its home ([`ChunkKey::home`]). An array, not a BPF hash map:
+/// its lookups are a few inlined instructions instead of a helper call that hashes, and
+/// making a chunk is a compare-and-swap of the key instead of an insert that allocates and
+/// copies a whole entry under a lock (most of an allocation's recording time, in a profile).
+pub const CHUNK_TABLE_LOG: u32 = 14;
+pub const CHUNK_TABLE_LEN: u32 = 1 << CHUNK_TABLE_LOG;
+pub const CHUNK_PROBES: u32 = 4;
+
+/// A chunk: the dm device (kernel dev_t) and `sector >> CHUNK_LOG`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChunkKey {
     pub dev: u32,
     pub _pad: u32,
     pub chunk: u64,
+}
+
+impl ChunkKey {
+    /// The key as the table stores it (0 marks a free entry). Only chunks that [`fit`] are
+    /// stored; the key of one that does not names another chunk of its device, whose spans
+    /// lie elsewhere, so a walk may look it up unchecked.
+    ///
+    /// [`fit`]: ChunkKey::fits
+    #[inline(always)]
+    pub fn packed(dev: u32, chunk: u64) -> u64 {
+        (dev as u64) << 32 | (chunk & 0xffff_ffff)
+    }
+
+    /// Whether the table can hold the chunk (the first 1 PiB of its device); the others'
+    /// allocations go to the trie.
+    #[inline(always)]
+    pub fn fits(dev: u32, chunk: u64) -> bool {
+        dev != 0 && chunk >> 32 == 0
+    }
+
+    pub fn unpacked(packed: u64) -> Self {
+        Self {
+            dev: (packed >> 32) as u32,
+            _pad: 0,
+            chunk: packed & 0xffff_ffff,
+        }
+    }
+
+    /// The first of the table entries a packed key may live in (a multiplicative hash).
+    #[inline(always)]
+    pub fn home(packed: u64) -> u32 {
+        (packed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - CHUNK_TABLE_LOG)) as u32
+    }
+
+    /// The `probe`-th entry a packed key may live in.
+    #[inline(always)]
+    pub fn entry(packed: u64, probe: u32) -> u32 {
+        (Self::home(packed) + probe) & (CHUNK_TABLE_LEN - 1)
+    }
 }
 
 /// One allocation's sectors inside one chunk, uncovered except for `[taken_start, taken_end)`
@@ -244,13 +292,16 @@ pub mod span_state {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Chunk {
+    /// [`ChunkKey::packed`], 0 while the entry is free; set from 0 by compare-and-swap.
+    pub key: u64,
     pub spans: [Span; SPANS_PER_CHUNK],
 }
 
 /// What user space asks of the span service (a program it runs with BPF_PROG_TEST_RUN, so
 /// that its changes to spans are atomic operations like the allocation programs' own):
-/// `args[0]` is the operation, `args[1..3]` the chunk key (dev, chunk), `args[3]` the span's
-/// index and `args[4]` its `born_ns` (the span must still be that one); the rest below.
+/// `args[0]` is the operation, `args[1..3]` the chunk key (dev, chunk), `args[3]` the table
+/// entry (high 32 bits) and the span's index in it (low), `args[4]` the span's `born_ns`
+/// (the entry must still hold that chunk, and the span be that one); the rest below.
 pub mod span_op {
     /// args[5..8]: taken_start, taken_end, ticket.
     pub const TAKE: u64 = 1;
@@ -389,7 +440,7 @@ pub mod names {
     pub const TOTALS: &str = "TOTALS";
     pub const COVERING: &str = "COVERING";
     pub const COVERED: &str = "COVERED";
-    /// The chunk hash (see [`CHUNK_LOG`](super::CHUNK_LOG)) and the program that changes
+    /// The chunk table (see [`CHUNK_LOG`](super::CHUNK_LOG)) and the program that changes
     /// its spans for user space.
     pub const CHUNKS: &str = "CHUNKS";
     /// Nonzero while the trie may hold pieces (walks skip it otherwise).
@@ -403,6 +454,8 @@ pub mod names {
     pub const DM_STATS_ACCOUNT_IO: &str = "dm_stats_account_io";
     /// dm-mod's resume after a region creation's suspend, and the program on it.
     pub const DM_INTERNAL_RESUME_FAST: &str = "dm_internal_resume_fast";
+    /// A dm device's statistics freed: the IO probe's memory of that device is dropped.
+    pub const DM_STATS_CLEANUP: &str = "dm_stats_cleanup";
     /// xfs's conversion of a delayed allocation (writeback), probed on entry and return.
     pub const XFS_BMAPI_CONVERT_DELALLOC: &str = "xfs_bmapi_convert_delalloc";
     pub const XFS_BMAPI_CONVERT_DELALLOC_RETURN: &str = "xfs_bmapi_convert_delalloc_return";
@@ -426,7 +479,49 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
+
+    #[test]
+    fn a_chunk_key_packs_and_unpacks() {
+        let dev = (253 << 20) | 7;
+        let packed = ChunkKey::packed(dev, 12345);
+        assert_ne!(packed, 0, "0 marks a free entry");
+        assert_eq!(
+            ChunkKey::unpacked(packed),
+            ChunkKey {
+                dev,
+                _pad: 0,
+                chunk: 12345
+            }
+        );
+        assert!(ChunkKey::fits(dev, (1 << 32) - 1));
+        assert!(!ChunkKey::fits(dev, 1 << 32), "past 1 PiB: the trie's");
+        assert!(
+            !ChunkKey::fits(0, 1),
+            "dev 0 would pack to a free entry's key"
+        );
+    }
+
+    #[test]
+    fn a_chunks_entries_are_consecutive_and_wrap() {
+        let dev = (253 << 20) | 7;
+        let mut homes = std::collections::BTreeSet::new();
+        for chunk in 0..4096 {
+            let packed = ChunkKey::packed(dev, chunk);
+            let home = ChunkKey::home(packed);
+            assert!(home < CHUNK_TABLE_LEN);
+            homes.insert(home);
+            for probe in 0..CHUNK_PROBES {
+                assert_eq!(
+                    ChunkKey::entry(packed, probe),
+                    (home + probe) % CHUNK_TABLE_LEN
+                );
+            }
+        }
+        // Neighbouring chunks (what one file's growth makes) spread over the table.
+        assert!(homes.len() > 3500, "{} homes for 4096 chunks", homes.len());
+    }
 
     fn range(start: u64, end: u64) -> Piece {
         Piece {

@@ -10,7 +10,7 @@
 //! uncovered set, and a probe on dm-stats' own per-bio accounting charges the IO that lands
 //! there to the file, until the region that covers it exists. That IO completed before any
 //! user-space monitor could have made a region. The set has two homes: an allocation no
-//! longer than a 256 KiB chunk claims a span of its chunk in a hash (a compare-and-swap: what
+//! longer than a 256 KiB chunk claims a span of its chunk in a table (a compare-and-swap: what
 //! random growth makes, thousands a second); a larger one goes into an LPM trie of aligned
 //! power-of-two pieces. User space changes spans through `span_service`, run on demand.
 #![no_std]
@@ -21,7 +21,7 @@
 #![feature(core_intrinsics)]
 
 use aya_ebpf::{
-    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_F_MMAPABLE, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes,
@@ -33,13 +33,13 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, info};
 use core::{
     ffi::c_void,
-    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xchg},
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xchg},
 };
 use filemapd_common::{
-    CHUNK_LOG, CHUNK_SECTORS, Chunk, ChunkKey, DmLayout, ExtentEvent, Field, InodeKey, LAYOUTS_LEN,
-    MARKER_LEVELS, Piece, PieceAddress, Placement, SPANS_PER_CHUNK, Span, TracepointLayout,
-    UncoveredTotals, layout_flags, marker, piece_address, piece_kind, prefix_len, span_op,
-    span_state, time_arg, tracepoint as tp, walk_next,
+    CHUNK_LOG, CHUNK_PROBES, CHUNK_SECTORS, CHUNK_TABLE_LEN, Chunk, ChunkKey, DmLayout,
+    ExtentEvent, Field, InodeKey, LAYOUTS_LEN, MARKER_LEVELS, Piece, PieceAddress, Placement,
+    SPANS_PER_CHUNK, TracepointLayout, UncoveredTotals, layout_flags, marker, piece_address,
+    piece_kind, prefix_len, span_op, span_state, time_arg, tracepoint as tp, walk_next,
 };
 
 /// Inodes user space watches, and where their blocks lie. Resized by user space at load time.
@@ -51,20 +51,17 @@ static WATCHED: HashMap<InodeKey, Placement> = HashMap::with_max_entries(1024, 0
 #[map]
 static UNCOVERED: LpmTrie<PieceAddress, Piece> = LpmTrie::with_max_entries(65536, 0);
 
-/// The small allocations of the uncovered set, by 256 KiB chunk (see `CHUNK_LOG`).
-/// Preallocated: a claim must not allocate memory on the allocation path.
+/// The small allocations of the uncovered set, by 256 KiB chunk: an open-addressed table
+/// (see `CHUNK_TABLE_LOG`). A chunk may hold several entries (made by racing claims, or when
+/// its first is full): walks read every entry of its key. User space maps it to read it.
 #[map]
-static CHUNKS: HashMap<ChunkKey, Chunk> = HashMap::with_max_entries(16384, 0);
+static CHUNKS: Array<Chunk> = Array::with_max_entries(CHUNK_TABLE_LEN, BPF_F_MMAPABLE);
 
 /// Nonzero while the trie may hold pieces: set here after recording one, cleared by user space
 /// when it finds the trie empty (it looks again after clearing). A walk skips the trie while
 /// it is clear: under random growth it is empty, every allocation being a span.
 #[map]
 static TRIE_USED: Array<u64> = Array::with_max_entries(1, 0);
-
-/// Where a new chunk's first value is put together (it is too large for the stack).
-#[map]
-static NEW_CHUNK: PerCpuArray<Chunk> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per file (by `Placement::slot`): IO counted in its uncovered sectors. Resized at load time.
 #[map]
@@ -79,10 +76,25 @@ static COVERING: HashMap<u64, u64> = HashMap::with_max_entries(1024, 0);
 #[map]
 static COVERED: HashMap<u64, u8> = HashMap::with_max_entries(4096, 0);
 
+/// The dm devices the IO probe met: `[address of their struct dm_stats, dev_t]`, so that a
+/// bio costs an array read instead of two probe reads of dm's structures. An entry is dropped
+/// when its device goes (see `dm_stats_cleanup`, attached before the IO probe).
+#[map]
+static DEVICES: Array<[u64; 2]> = Array::with_max_entries(1 << DEVICES_LOG, 0);
+const DEVICES_LOG: u32 = 6;
+/// An entry's address while its writer fills it in (no `struct dm_stats` lives at 1).
+const DEVICE_LOCKED: u64 = 1;
+
 /// Threads inside xfs_bmapi_convert_delalloc, with the logical range `(start, end)` of the
 /// delayed-allocation records seen so far in that call (their blocks are being allocated).
 #[map]
 static CONVERTING: HashMap<u64, [u64; 2]> = HashMap::with_max_entries(256, 0);
+
+/// How many entries `CONVERTING` holds: the xfs record programs, which run for every
+/// allocation, look there only while some thread converts (an array read costs less than a
+/// hash lookup that finds nothing, and O_DIRECT growth converts nothing).
+#[map]
+static CONVERSIONS: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Set by user space at load time from the kernel's BTF; all zero leaves the IO probe idle.
 #[unsafe(no_mangle)]
@@ -207,14 +219,32 @@ pub fn xfs_iext_remove(ctx: TracePointContext) -> u32 {
 /// The record changes it makes (traced) tell which blocks are fresh.
 #[kprobe]
 pub fn xfs_bmapi_convert_delalloc(_ctx: ProbeContext) -> u32 {
-    let _ = CONVERTING.insert(bpf_get_current_pid_tgid(), [0, 0], 0);
+    // Counted before it is there: a record program that sees no count finds no entry.
+    count_conversions(1);
+    if CONVERTING
+        .insert(bpf_get_current_pid_tgid(), [0, 0], 0)
+        .is_err()
+    {
+        count_conversions(u64::MAX);
+    }
     0
 }
 
 #[kretprobe]
 pub fn xfs_bmapi_convert_delalloc_return(_ctx: RetProbeContext) -> u32 {
-    let _ = CONVERTING.remove(bpf_get_current_pid_tgid());
+    if CONVERTING.remove(bpf_get_current_pid_tgid()).is_ok() {
+        count_conversions(u64::MAX);
+    }
     0
+}
+
+/// Adds `delta` (u64::MAX to subtract one) to `CONVERSIONS`.
+#[inline(always)]
+fn count_conversions(delta: u64) {
+    if let Some(count) = CONVERSIONS.get_ptr_mut(0) {
+        // SAFETY: an aligned u64 of an array value, only changed atomically.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(count, delta) };
+    }
 }
 
 /// `int dm_stats_message(struct mapped_device *md, unsigned argc, char **argv, ...)`: every
@@ -424,6 +454,9 @@ fn log_uncovered(ctx: &TracePointContext, name: &str, ino: u64, block: u64, bloc
 /// (what it had before lies outside: records do not overlap).
 #[inline(always)]
 fn note_conversion(ctx: &TracePointContext, layout: &TracepointLayout, placement: &Placement) {
+    if CONVERSIONS.get(0).is_none_or(|count| load(count) == 0) {
+        return;
+    }
     let Some(range) = CONVERTING.get_ptr_mut(&bpf_get_current_pid_tgid()) else {
         return;
     };
@@ -471,49 +504,68 @@ fn record_uncovered(placement: &Placement, block: u64, blocks: u64, born_ns: u64
     }
 }
 
-/// Records `[start, end)` (sectors, inside one chunk) in a free span of its chunk; false when
-/// the chunk has none (or was being deleted).
+/// Records `[start, end)` (sectors, inside one chunk) in a free span of an entry of its chunk,
+/// making one in a free entry of the table when need be; false when there is no room.
 #[inline(never)]
 fn claim_span(dev: u32, slot: u32, start: u64, end: u64, born_ns: u64) -> bool {
-    let key = ChunkKey {
-        dev,
-        _pad: 0,
-        chunk: start >> CHUNK_LOG,
-    };
-    let chunk = match CHUNKS.get_ptr_mut(&key) {
-        Some(chunk) => chunk,
-        None => {
-            let Some(new) = NEW_CHUNK.get_ptr_mut(0) else {
-                return false;
-            };
-            // SAFETY: this CPU's own scratch value, used only within this run.
-            let new = unsafe { &mut *new };
-            new.spans[0] = Span {
-                start,
-                end,
-                taken_start: 0,
-                taken_end: 0,
-                ticket: 0,
-                born_ns,
-                slot,
-                _pad: 0,
-                state: span_state::LIVE,
-            };
-            for span in new.spans[1..].iter_mut() {
-                span.state = span_state::FREE;
-            }
-            // BPF_NOEXIST: when another CPU made the chunk meanwhile, claim in theirs.
-            if CHUNKS.insert(&key, new, 1).is_ok() {
-                return true;
-            }
-            match CHUNKS.get_ptr_mut(&key) {
-                Some(chunk) => chunk,
-                None => return false,
-            }
+    if !ChunkKey::fits(dev, start >> CHUNK_LOG) {
+        return false;
+    }
+    let key = ChunkKey::packed(dev, start >> CHUNK_LOG);
+    // The chunk's own entries first; a free entry only when they are full (or absent).
+    for probe in 0..CHUNK_PROBES {
+        if let Some(chunk) = chunk_entry(key, probe)
+            && load(&chunk.key) == key
+            && claim_checked(chunk, key, start, end, born_ns, slot)
+        {
+            return true;
         }
+    }
+    for probe in 0..CHUNK_PROBES {
+        let Some(chunk) = chunk_entry(key, probe) else {
+            continue;
+        };
+        let held = load(&chunk.key);
+        // An entry of this chunk made meanwhile by another claim is as good as a free one.
+        if (held == key || (held == 0 && cas(&mut chunk.key, 0, key)))
+            && claim_checked(chunk, key, start, end, born_ns, slot)
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// The table entry a packed chunk key may live in at `probe`.
+#[inline(always)]
+fn chunk_entry(key: u64, probe: u32) -> Option<&'static mut Chunk> {
+    // SAFETY: a live array value; its key and spans' states are only touched atomically.
+    CHUNKS
+        .get_ptr_mut(ChunkKey::entry(key, probe))
+        .map(|chunk| unsafe { &mut *chunk })
+}
+
+/// [`claim_in`], then a second look at the entry's key: when the entry was freed (and perhaps
+/// given to another chunk) between the first look and the claim, the span is given back.
+#[inline(always)]
+fn claim_checked(
+    chunk: &mut Chunk,
+    key: u64,
+    start: u64,
+    end: u64,
+    born_ns: u64,
+    slot: u32,
+) -> bool {
+    let Some(index) = claim_in(chunk, start, end, born_ns, slot) else {
+        return false;
     };
-    // SAFETY: a live map value; its spans' states are only touched atomically.
-    claim_in(unsafe { &mut *chunk }, start, end, born_ns, slot).is_some()
+    if load(&chunk.key) == key {
+        return true;
+    }
+    if let Some(span) = chunk.spans.get_mut(index) {
+        cas(&mut span.state, span_state::LIVE, span_state::FREE);
+    }
+    false
 }
 
 /// Puts `[start, end)` (sectors) into the trie, cut into aligned power-of-two pieces, each
@@ -645,25 +697,26 @@ pub fn span_service(ctx: *mut c_void) -> u32 {
 #[inline(always)]
 fn serve_span_op(ctx: RawTracePointContext) -> i32 {
     let op: u64 = ctx.arg(0);
-    let key = ChunkKey {
-        dev: ctx.arg::<u64>(1) as u32,
-        _pad: 0,
-        chunk: ctx.arg(2),
-    };
+    let dev = ctx.arg::<u64>(1) as u32;
     if op == span_op::CHARGE {
         let (sector, end): (u64, u64) = (ctx.arg(2), ctx.arg(3));
-        charge(key.dev, ctx.arg::<u64>(4) != 0, sector, end, 0);
+        charge(dev, ctx.arg::<u64>(4) != 0, sector, end, 0);
         return span_op::DONE as i32;
     }
-    let Some(chunk) = CHUNKS.get_ptr_mut(&key) else {
+    let key = ChunkKey::packed(dev, ctx.arg(2));
+    let at: u64 = ctx.arg(3);
+    let Some(chunk) = CHUNKS.get_ptr_mut((at >> 32) as u32) else {
         return span_op::GONE as i32;
     };
-    // SAFETY: a live map value; states are only touched atomically.
+    // SAFETY: a live array value; its key and states are only touched atomically.
     let chunk = unsafe { &mut *chunk };
-    if op == span_op::DROP_IF_EMPTY {
-        return drop_if_empty(&key, chunk) as i32;
+    if load(&chunk.key) != key {
+        return span_op::GONE as i32;
     }
-    let index = ctx.arg::<u64>(3) as usize;
+    if op == span_op::DROP_IF_EMPTY {
+        return drop_if_empty(chunk) as i32;
+    }
+    let index = (at & 0xff) as usize;
     let born_ns: u64 = ctx.arg(4);
     let (a, b, c): (u64, u64, u64) = (ctx.arg(5), ctx.arg(6), ctx.arg(7));
     let Some(span) = chunk.spans.get_mut(index) else {
@@ -737,10 +790,12 @@ fn claim_in(chunk: &mut Chunk, start: u64, end: u64, born_ns: u64, slot: u32) ->
     None
 }
 
-/// Deletes the chunk when every span is free: each is made DEAD first, so that no claim
-/// slips in between the look and the delete; a span in use undoes it.
+/// Frees the chunk's entry when every span is free: each is made DEAD first, so that no claim
+/// slips in between the look and the freeing; a span in use undoes it. The spans become FREE
+/// again only after the key is gone, so a claim through a stale look at the key sees that
+/// on its second look (see `claim_checked`).
 #[inline(always)]
-fn drop_if_empty(key: &ChunkKey, chunk: &mut Chunk) -> u32 {
+fn drop_if_empty(chunk: &mut Chunk) -> u32 {
     let mut dead = 0;
     for index in 0..SPANS_PER_CHUNK {
         if !cas(
@@ -753,15 +808,18 @@ fn drop_if_empty(key: &ChunkKey, chunk: &mut Chunk) -> u32 {
         dead += 1;
     }
     if dead == SPANS_PER_CHUNK {
-        let _ = CHUNKS.remove(key);
-        return span_op::DONE;
+        publish(&mut chunk.key, 0);
     }
     for index in 0..SPANS_PER_CHUNK {
         if index < dead {
             publish(&mut chunk.spans[index].state, span_state::FREE);
         }
     }
-    span_op::BUSY
+    if dead == SPANS_PER_CHUNK {
+        span_op::DONE
+    } else {
+        span_op::BUSY
+    }
 }
 
 /// A plain store that the compiler keeps in its place among the others.
@@ -841,9 +899,51 @@ pub fn dm_stats_account_io(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// The dm device (kernel dev_t) whose `struct dm_stats` this is.
+/// The dm device (kernel dev_t) whose `struct dm_stats` this is: from `DEVICES` when it was
+/// seen before, read from the mapped_device (two probe reads) and remembered otherwise.
 #[inline(always)]
 fn device_of(stats: u64, layout: &DmLayout) -> Option<u32> {
+    let seen = DEVICES.get_ptr_mut(device_entry(stats));
+    if let Some(seen) = seen {
+        // SAFETY: a live array value, changed only as `remember_device` says.
+        let seen = unsafe { &*seen };
+        if load(&seen[0]) == stats {
+            let dev = load(&seen[1]);
+            // Still this device's after the read: the number is its own.
+            if load(&seen[0]) == stats {
+                return Some(dev as u32);
+            }
+        }
+    }
+    let dev = read_device(stats, layout)?;
+    if let Some(seen) = seen {
+        // SAFETY: as above.
+        remember_device(unsafe { &mut *seen }, stats, dev);
+    }
+    Some(dev)
+}
+
+/// `DEVICES`' entry for a `struct dm_stats` address (a multiplicative hash).
+#[inline(always)]
+fn device_entry(stats: u64) -> u32 {
+    (stats.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - DEVICES_LOG)) as u32
+}
+
+/// Puts `(stats, dev)` in an entry: locked by a compare-and-swap of its address to
+/// `DEVICE_LOCKED`, so that two writers never mix their halves; a locked entry is left alone.
+#[inline(always)]
+fn remember_device(seen: &mut [u64; 2], stats: u64, dev: u32) {
+    let held = load(&seen[0]);
+    if held == DEVICE_LOCKED || !cas(&mut seen[0], held, DEVICE_LOCKED) {
+        return;
+    }
+    put(&mut seen[1], u64::from(dev));
+    publish(&mut seen[0], stats);
+}
+
+/// The dm device's number, read from its gendisk.
+#[inline(always)]
+fn read_device(stats: u64, layout: &DmLayout) -> Option<u32> {
     let md = stats.wrapping_sub(layout.stats_in_md as u64);
     // SAFETY: md is the mapped_device holding these stats; the helpers check every access.
     let disk: u64 =
@@ -862,6 +962,21 @@ fn device_of(stats: u64, layout: &DmLayout) -> Option<u32> {
         unsafe { bpf_probe_read_kernel((disk + layout.first_minor_in_disk as u64) as *const u32) }
             .ok()?;
     Some(major << 20 | (minor & 0xfffff))
+}
+
+/// `void dm_stats_cleanup(struct dm_stats *stats)`, when a dm device goes away (no IO of its
+/// own is in flight then): `DEVICES` forgets it, as its memory may hold another device next.
+#[kprobe]
+pub fn dm_stats_cleanup(ctx: ProbeContext) -> u32 {
+    let Some(stats) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    if let Some(seen) = DEVICES.get_ptr_mut(device_entry(stats)) {
+        // SAFETY: a live array value, changed only atomically here.
+        let seen = unsafe { &mut *seen };
+        cas(&mut seen[0], stats, 0);
+    }
+    0
 }
 
 /// Walks the IO `[sector, end)` through the uncovered set and charges each file its share,
@@ -1003,50 +1118,58 @@ fn walk_chunk(w: &mut Walk) -> bool {
     if w.at >= w.end {
         return false;
     }
-    let key = ChunkKey {
-        dev: w.dev,
-        _pad: 0,
-        chunk: w.at >> CHUNK_LOG,
-    };
     let boundary = (w.at | (CHUNK_SECTORS - 1)) + 1;
     let stop = if boundary < w.end { boundary } else { w.end };
-    if let Some(chunk) = CHUNKS.get_ptr(&key) {
-        for index in 0..SPANS_PER_CHUNK {
-            // SAFETY: a live map value, read field by field; the state first, atomically.
-            let span = unsafe { &(*chunk).spans[index] };
-            if load(&span.state) != span_state::LIVE {
-                continue;
-            }
-            let from = if span.start > w.at { span.start } else { w.at };
-            let to = if span.end < stop { span.end } else { stop };
-            if from >= to {
-                continue;
-            }
-            let mut sectors = to - from;
-            let ticket = span.ticket;
-            if ticket != 0 {
-                let taken_from = if span.taken_start > from {
-                    span.taken_start
-                } else {
-                    from
-                };
-                let taken_to = if span.taken_end < to {
-                    span.taken_end
-                } else {
-                    to
-                };
-                // The ticket's lookup only when its region could hold some of this IO.
-                if taken_from < taken_to && done(ticket) {
-                    sectors -= taken_to - taken_from;
-                }
-            }
-            if sectors > 0 {
-                charge_to(w, span.slot, sectors);
-            }
+    let key = ChunkKey::packed(w.dev, w.at >> CHUNK_LOG);
+    for probe in 0..CHUNK_PROBES {
+        if let Some(chunk) = chunk_entry(key, probe)
+            && load(&chunk.key) == key
+        {
+            walk_entry(w, chunk, stop);
         }
     }
     w.at = stop;
     w.at < w.end
+}
+
+/// Charges the spans of one entry that meet `[w.at, stop)`. Out of line: a walk reads every
+/// entry of its chunk. An entry freed and given to another chunk while it is read holds
+/// spans elsewhere on the device, which this range does not meet.
+#[inline(never)]
+fn walk_entry(w: &mut Walk, chunk: &Chunk, stop: u64) {
+    for index in 0..SPANS_PER_CHUNK {
+        let span = &chunk.spans[index];
+        // The state first, atomically.
+        if load(&span.state) != span_state::LIVE {
+            continue;
+        }
+        let from = if span.start > w.at { span.start } else { w.at };
+        let to = if span.end < stop { span.end } else { stop };
+        if from >= to {
+            continue;
+        }
+        let mut sectors = to - from;
+        let ticket = span.ticket;
+        if ticket != 0 {
+            let taken_from = if span.taken_start > from {
+                span.taken_start
+            } else {
+                from
+            };
+            let taken_to = if span.taken_end < to {
+                span.taken_end
+            } else {
+                to
+            };
+            // The ticket's lookup only when its region could hold some of this IO.
+            if taken_from < taken_to && done(ticket) {
+                sectors -= taken_to - taken_from;
+            }
+        }
+        if sectors > 0 {
+            charge_to(w, span.slot, sectors);
+        }
+    }
 }
 
 /// `void dm_internal_resume_fast(struct mapped_device *md)`, which dm-stats calls after adding

@@ -29,6 +29,24 @@ pub fn random_direct_writes(path: &Path, head: u64, span: u64, seed: u64) -> u64
     chunks * CHUNK as u64
 }
 
+/// Small allocations close together on the disk: `count` O_DIRECT writes of one 4 KiB block,
+/// each `stride` bytes after the last, from `head` (the file is first sized to their end),
+/// each with an fsync so that each is its own allocation.
+pub fn spaced_block_writes(path: &Path, head: u64, count: u64, stride: u64) {
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    file.set_len(head + count * stride).unwrap();
+    let buffer = AlignedBuffer::new(4096);
+    for k in 0..count {
+        file.write_all_at(buffer.bytes(), head + k * stride)
+            .unwrap();
+        file.sync_all().unwrap();
+    }
+}
+
 /// xorshift64: reproducible pseudo-random numbers without a dependency.
 pub struct Rng(pub u64);
 

@@ -1,7 +1,8 @@
 //! eBPF on this machine's own kernel (no device-mapper needed): the allocation programs report
 //! a watched inode's new blocks and nothing of an unwatched inode's, on ext4 and on xfs; every
 //! event reaches user space even when the kernel does not wake it for each; and the in-kernel
-//! accounting's uncovered set, over its real maps, stays walkable when cut.
+//! accounting's uncovered set, over its real maps, stays walkable when cut, and holds a chunk's
+//! allocations beyond what one entry of its table takes.
 use std::{fs, os::unix::fs::MetadataExt as _, path::Path, time::Duration};
 
 use filemapd::{
@@ -399,4 +400,106 @@ async fn ext4_spans_hold_fresh_allocations() {
 #[tokio::test]
 async fn xfs_spans_hold_fresh_allocations() {
     spans_hold_fresh_allocations(FsKind::Xfs).await;
+}
+
+/// More small allocations in one 256 KiB chunk than an entry of the chunk table holds: the
+/// set keeps every one of them where a walk finds it, and an IO over them is charged each.
+async fn a_full_chunk_keeps_every_allocation(fs_kind: FsKind) {
+    use filemapd::{
+        file::placement,
+        sectors::{SectorRange, join_adjacent, parts_not_in},
+    };
+    use filemapd_common::{CHUNK_LOG, SPANS_PER_CHUNK};
+    use filemapd_tests::{filefrag_sectors, writers::spaced_block_writes};
+    const HEAD: u64 = 1 << 20;
+    const DEV: u32 = (253 << 20) | 9;
+    require_root();
+    let scratch =
+        ScratchDir::new(Path::new("/var/tmp"), &format!("full-{}", fs_kind.name())).unwrap();
+    let loopfs = LoopFs::new(&scratch.0, fs_kind).unwrap();
+    let path = loopfs.mount.dir.join("spaced");
+    fs::write(&path, vec![0x5a; HEAD as usize]).unwrap();
+    let file = fs::File::open(&path).unwrap();
+    file.sync_all().unwrap();
+    let sectors = |path: &Path| -> Vec<SectorRange> {
+        filefrag_sectors(path)
+            .unwrap()
+            .into_iter()
+            .map(|(s, l)| SectorRange::new(s, l))
+            .collect()
+    };
+    let head = sectors(&path);
+
+    let mut tracer = Tracer::load(16).expect("eBPF programs load on the host kernel");
+    let accounting = tracer.accounting_unattached().unwrap();
+    let account = accounting.open_account().unwrap().unwrap();
+    let id = FileId::of(&file.metadata().unwrap());
+    let mut placement = placement::of(&file, id).unwrap();
+    placement.dm_dev = DEV;
+    placement.slot = account.slot;
+    tracer.watch(id.inode_key(), placement).unwrap();
+    // Blocks 8 KiB apart in the file: each its own allocation, a hole between neighbours.
+    let count = 2 * SPANS_PER_CHUNK as u64 + 4;
+    spaced_block_writes(&path, HEAD, count, 8192);
+
+    let fresh: Vec<SectorRange> = sectors(&path)
+        .into_iter()
+        .flat_map(|extent| parts_not_in(extent, head.clone()))
+        .collect();
+    let busiest = fresh
+        .iter()
+        .map(|r| {
+            let chunk = r.start >> CHUNK_LOG;
+            fresh
+                .iter()
+                .filter(|o| o.start >> CHUNK_LOG == chunk)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        busiest > SPANS_PER_CHUNK,
+        "the writes should put more than {SPANS_PER_CHUNK} allocations in one chunk, the \
+         busiest has {busiest}: {fresh:?}"
+    );
+    let first = fresh.iter().map(|r| r.start).min().unwrap();
+    let last = fresh.iter().map(|r| r.end()).max().unwrap();
+    let whole = SectorRange::new(first, last - first);
+    let (found, held) = accounting.pieces_found_and_held(DEV, whole).unwrap();
+    assert_eq!(found, held, "a walk misses what the set holds");
+    assert_eq!(
+        join_adjacent(held),
+        join_adjacent(fresh.clone()),
+        "recorded vs allocated"
+    );
+    let before = account.totals().unwrap();
+    accounting.charge_pretend_io(DEV, whole, true).unwrap();
+    let after = account.totals().unwrap();
+    let sum: u64 = fresh.iter().map(|r| r.len).sum();
+    assert_eq!(
+        (
+            after.writes - before.writes,
+            after.write_sectors - before.write_sectors
+        ),
+        (1, sum),
+        "charged vs allocated"
+    );
+    account.tidy(|_, _| true).unwrap();
+    let (found, held) = accounting.pieces_found_and_held(DEV, whole).unwrap();
+    assert_eq!(
+        (found, held),
+        (vec![], vec![]),
+        "after a tidy of everything"
+    );
+    tracer.unwatch(id.inode_key()).unwrap();
+}
+
+#[tokio::test]
+async fn ext4_a_full_chunk_keeps_every_allocation() {
+    a_full_chunk_keeps_every_allocation(FsKind::Ext4).await;
+}
+
+#[tokio::test]
+async fn xfs_a_full_chunk_keeps_every_allocation() {
+    a_full_chunk_keeps_every_allocation(FsKind::Xfs).await;
 }

@@ -23,7 +23,7 @@ use filemapd_common::{
     piece_kind, prefix_len, walk_next,
 };
 
-use super::spans::{FoundSpan, Removal, Spans};
+use super::spans::{ChunkEntry, FoundSpan, Removal, Spans};
 use crate::{
     sectors::{SectorRange, parts_not_in},
     stats::{CreationWitness, group::FuseShadow},
@@ -327,9 +327,11 @@ impl Accounting {
     /// kernel claimed a span in meanwhile stays (the deletion checks); one emptied by frees
     /// spread over several calls is deleted by the next whole tidy.
     fn drop_empty_chunks(&self, freed: &[FoundSpan]) -> anyhow::Result<()> {
-        let mut freed_in: BTreeMap<filemapd_common::ChunkKey, (usize, usize)> = BTreeMap::new();
+        let mut freed_in: BTreeMap<ChunkEntry, (usize, usize)> = BTreeMap::new();
         for s in freed {
-            let entry = freed_in.entry(s.key).or_insert((0, s.live_in_chunk));
+            let entry = freed_in
+                .entry(s.chunk_entry())
+                .or_insert((0, s.live_in_chunk));
             entry.0 += 1;
         }
         for (key, (freed, live)) in freed_in {

@@ -381,7 +381,7 @@ fn accounting_over(ebpf: &mut Ebpf, totals: aya::maps::Map) -> anyhow::Result<Ac
     Ok(Accounting::new(
         LpmTrie::try_from(take_map(ebpf, names::UNCOVERED)?)?,
         Array::try_from(take_map(ebpf, names::TRIE_USED)?)?,
-        spans::Spans::new(HashMap::try_from(take_map(ebpf, names::CHUNKS)?)?),
+        spans::Spans::new(take_map(ebpf, names::CHUNKS)?)?,
         PerCpuArray::try_from(totals)?,
         HashMap::try_from(take_map(ebpf, names::COVERING)?)?,
         HashMap::try_from(take_map(ebpf, names::COVERED)?)?,
@@ -397,7 +397,12 @@ fn attach_accounting(
     watched: &aya::maps::Map,
 ) -> anyhow::Result<(Accounting, Option<pins::PinDir>)> {
     log::debug!("dm layout for the in-kernel accounting: {layout:?}");
-    for name in [names::DM_STATS_ACCOUNT_IO, names::DM_INTERNAL_RESUME_FAST] {
+    // The cleanup probe first: the IO probe remembers devices only while it is attached.
+    for name in [
+        names::DM_STATS_CLEANUP,
+        names::DM_STATS_ACCOUNT_IO,
+        names::DM_INTERNAL_RESUME_FAST,
+    ] {
         attach_kprobes(ebpf, name, &[name])?;
     }
     // xfs's writeback conversions (xfs may not be loaded: then only direct IO on xfs counts).

@@ -1,19 +1,26 @@
-//! The chunk hash of the uncovered set (see `filemapd_common::CHUNK_LOG`): the small
-//! allocations, one span each per chunk they touch. User space reads chunks with map lookups
-//! but changes spans only through the kernel's span service (a program run with
-//! BPF_PROG_TEST_RUN), whose atomic operations cannot undo a claim the allocation programs
-//! make at the same instant, as a value rewritten from here could.
-use std::sync::{Arc, Mutex, OnceLock};
+//! The chunk table of the uncovered set (see `filemapd_common::CHUNK_LOG`): the small
+//! allocations, one span each per chunk they touch. User space reads the table through a
+//! read-only mapping of it but changes spans only through the kernel's span service (a
+//! program run with BPF_PROG_TEST_RUN), whose atomic operations cannot undo a claim the
+//! allocation programs make at the same instant, as a value rewritten from here could.
+use std::{
+    num::NonZeroUsize,
+    os::fd::AsFd as _,
+    ptr::NonNull,
+    sync::{Arc, Mutex, OnceLock},
+};
 
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, MapError},
+    maps::{Map, MapData},
     programs::{RawTracePoint, RawTracePointRunOptions, TestRun as _},
 };
 use filemapd_common::{
-    CHUNK_LOG, Chunk, ChunkKey, SPANS_PER_CHUNK, Span, names, span_op, span_state,
+    CHUNK_LOG, CHUNK_PROBES, CHUNK_TABLE_LEN, Chunk, ChunkKey, SPANS_PER_CHUNK, Span, names,
+    span_op, span_state,
 };
+use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
 use crate::sectors::SectorRange;
 
@@ -21,19 +28,28 @@ use crate::sectors::SectorRange;
 const MOST_LOOKUPS: u64 = 64;
 
 pub struct Spans {
-    chunks: Mutex<HashMap<MapData, ChunkKey, Chunk>>,
+    table: ChunkTable,
     /// The loaded object, for its span service (set once the tracer has attached the rest).
     programs: OnceLock<Arc<Mutex<Ebpf>>>,
+}
+
+/// One entry of the chunk table: its chunk and where it is (a chunk may have several).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ChunkEntry {
+    pub key: ChunkKey,
+    pub entry: u32,
 }
 
 /// A live span as read, with where it lives.
 #[derive(Clone, Copy, Debug)]
 pub struct FoundSpan {
     pub key: ChunkKey,
+    /// Its entry in the chunk table.
+    pub entry: u32,
     pub index: usize,
     pub span: Span,
-    /// Live spans in its chunk when read, itself included: a chunk whose live spans were all
-    /// freed since is empty (unless the kernel claimed one meanwhile, which the delete sees).
+    /// Live spans in its entry when read, itself included: an entry whose live spans were all
+    /// freed since is empty (unless the kernel claimed one meanwhile, which the freeing sees).
     pub live_in_chunk: usize,
 }
 
@@ -49,6 +65,13 @@ pub enum Removal {
 }
 
 impl FoundSpan {
+    pub fn chunk_entry(&self) -> ChunkEntry {
+        ChunkEntry {
+            key: self.key,
+            entry: self.entry,
+        }
+    }
+
     pub fn sectors(&self) -> SectorRange {
         SectorRange::new(self.span.start, self.span.end - self.span.start)
     }
@@ -70,11 +93,11 @@ impl FoundSpan {
 }
 
 impl Spans {
-    pub fn new(chunks: HashMap<MapData, ChunkKey, Chunk>) -> Self {
-        Self {
-            chunks: Mutex::new(chunks),
+    pub fn new(chunks: Map) -> anyhow::Result<Self> {
+        Ok(Self {
+            table: ChunkTable::map(chunks)?,
             programs: OnceLock::new(),
-        }
+        })
     }
 
     /// Hands over the loaded object whose span service changes spans.
@@ -93,18 +116,19 @@ impl Spans {
         if last - first >= MOST_LOOKUPS {
             return Ok(self.all()?.into_iter().filter(overlaps).collect());
         }
-        let chunks = self.chunks.lock().expect("chunks lock");
         let mut found = Vec::new();
         for chunk in first..=last {
-            let key = ChunkKey {
-                dev,
-                _pad: 0,
-                chunk,
-            };
-            match chunks.get(&key, 0) {
-                Ok(value) => found.extend(live(key, &value).filter(overlaps)),
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context("reading the chunk hash"),
+            if !ChunkKey::fits(dev, chunk) {
+                continue;
+            }
+            let packed = ChunkKey::packed(dev, chunk);
+            for probe in 0..CHUNK_PROBES {
+                let entry = ChunkKey::entry(packed, probe);
+                if self.table.key(entry) == packed
+                    && let Some(value) = self.table.read(entry, packed)
+                {
+                    found.extend(live(ChunkKey::unpacked(packed), entry, &value).filter(overlaps));
+                }
             }
         }
         Ok(found)
@@ -115,23 +139,24 @@ impl Spans {
         Ok(self.all_and_empty()?.0)
     }
 
-    /// Every live span, and the chunks that have none.
-    pub fn all_and_empty(&self) -> anyhow::Result<(Vec<FoundSpan>, Vec<ChunkKey>)> {
-        let chunks = self.chunks.lock().expect("chunks lock");
+    /// Every live span, and the table entries that have none.
+    pub fn all_and_empty(&self) -> anyhow::Result<(Vec<FoundSpan>, Vec<ChunkEntry>)> {
         let mut found = Vec::new();
         let mut empty = Vec::new();
-        for entry in chunks.iter() {
-            match entry {
-                Ok((key, value)) => {
-                    let before = found.len();
-                    found.extend(live(key, &value));
-                    if found.len() == before {
-                        empty.push(key);
-                    }
-                }
-                // Deleted between the key and its value.
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context("reading the chunk hash"),
+        for entry in 0..CHUNK_TABLE_LEN {
+            let packed = self.table.key(entry);
+            // Free, or freed between the key and the value.
+            let Some(value) = (packed != 0)
+                .then(|| self.table.read(entry, packed))
+                .flatten()
+            else {
+                continue;
+            };
+            let key = ChunkKey::unpacked(packed);
+            let before = found.len();
+            found.extend(live(key, entry, &value));
+            if found.len() == before {
+                empty.push(ChunkEntry { key, entry });
             }
         }
         Ok((found, empty))
@@ -188,10 +213,11 @@ impl Spans {
         Ok(Removal::Trimmed)
     }
 
-    /// Deletes a chunk whose spans are all free (the kernel checks, atomically).
-    pub fn drop_if_empty(&self, key: ChunkKey) -> anyhow::Result<()> {
+    /// Frees a table entry whose spans are all free (the kernel checks, atomically).
+    pub fn drop_if_empty(&self, chunk: ChunkEntry) -> anyhow::Result<()> {
         let span = FoundSpan {
-            key,
+            key: chunk.key,
+            entry: chunk.entry,
             index: 0,
             span: Span::default(),
             live_in_chunk: 0,
@@ -225,7 +251,7 @@ impl Spans {
             op,
             u64::from(s.key.dev),
             s.key.chunk,
-            s.index as u64,
+            u64::from(s.entry) << 32 | s.index as u64,
             s.span.born_ns,
             rest[0],
             rest[1],
@@ -252,8 +278,8 @@ impl Spans {
     }
 }
 
-/// The live spans of one chunk's value.
-fn live(key: ChunkKey, value: &Chunk) -> impl Iterator<Item = FoundSpan> + '_ {
+/// The live spans of one table entry's value.
+fn live(key: ChunkKey, entry: u32, value: &Chunk) -> impl Iterator<Item = FoundSpan> + '_ {
     let is_live = |span: &Span| span.state == span_state::LIVE && span.start < span.end;
     let live_in_chunk = value.spans.iter().filter(|s| is_live(s)).count();
     value
@@ -263,10 +289,80 @@ fn live(key: ChunkKey, value: &Chunk) -> impl Iterator<Item = FoundSpan> + '_ {
         .filter(move |(_, span)| is_live(span))
         .map(move |(index, span)| FoundSpan {
             key,
+            entry,
             index,
             span: *span,
             live_in_chunk,
         })
+}
+
+/// The chunk table, mapped read-only into this process (the map is `BPF_F_MMAPABLE`): reading
+/// an entry is a copy from memory rather than a system call, so reading all 16,384 costs
+/// what a lookup of a few used to.
+struct ChunkTable {
+    base: NonNull<Chunk>,
+    len: NonZeroUsize,
+    /// Keeps the map's descriptor open as long as the mapping is used.
+    _map: MapData,
+}
+
+// SAFETY: the mapping is only read, with volatile copies, and lives as long as the table.
+unsafe impl Send for ChunkTable {}
+// SAFETY: as above.
+unsafe impl Sync for ChunkTable {}
+
+impl ChunkTable {
+    fn map(chunks: Map) -> anyhow::Result<Self> {
+        let Map::Array(data) = chunks else {
+            bail!("the chunk table is not an array map");
+        };
+        let page = 4096;
+        let bytes = (CHUNK_TABLE_LEN as usize * size_of::<Chunk>()).div_ceil(page) * page;
+        let len = NonZeroUsize::new(bytes).expect("a table of some size");
+        // SAFETY: a fresh shared, read-only mapping of the map's memory, of its size; nothing
+        // else in this process refers to that address range.
+        let base = unsafe {
+            mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ,
+                MapFlags::MAP_SHARED,
+                data.fd().as_fd(),
+                0,
+            )
+        }
+        .context("mapping the chunk table (a kernel without BPF_F_MMAPABLE arrays?)")?;
+        Ok(Self {
+            base: base.cast(),
+            len,
+            _map: data,
+        })
+    }
+
+    /// The packed key an entry holds now (0: free).
+    fn key(&self, entry: u32) -> u64 {
+        assert!(entry < CHUNK_TABLE_LEN);
+        // SAFETY: inside the mapping (checked above), aligned; the kernel writes the key with
+        // atomic operations, and an aligned 64-bit read is single-copy atomic.
+        unsafe { std::ptr::read_volatile(&raw const (*self.base.as_ptr().add(entry as usize)).key) }
+    }
+
+    /// A copy of an entry while it holds `packed` (None when it no longer does). The kernel
+    /// may change spans meanwhile: a span read mid-change is judged by the span service,
+    /// which checks it is still the same one before it acts.
+    fn read(&self, entry: u32, packed: u64) -> Option<Chunk> {
+        assert!(entry < CHUNK_TABLE_LEN);
+        // SAFETY: as in `key`; the value is plain integers, any bit pattern valid.
+        let value = unsafe { std::ptr::read_volatile(self.base.as_ptr().add(entry as usize)) };
+        (value.key == packed && self.key(entry) == packed).then_some(value)
+    }
+}
+
+impl Drop for ChunkTable {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, of that length, no longer read.
+        let _ = unsafe { munmap(self.base.cast(), self.len.get()) };
+    }
 }
 
 #[cfg(test)]
@@ -276,6 +372,7 @@ mod tests {
     fn found(span: Span) -> FoundSpan {
         FoundSpan {
             key: ChunkKey::default(),
+            entry: 0,
             index: 0,
             span,
             live_in_chunk: 1,
@@ -336,7 +433,7 @@ mod tests {
             state: span_state::DEAD,
             ..Span::default()
         };
-        let read: Vec<(usize, usize)> = live(ChunkKey::default(), &chunk)
+        let read: Vec<(usize, usize)> = live(ChunkKey::default(), 0, &chunk)
             .map(|s| (s.index, s.live_in_chunk))
             .collect();
         assert_eq!(read, vec![(1, 1)]);
