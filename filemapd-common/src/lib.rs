@@ -297,35 +297,6 @@ pub struct Chunk {
     pub spans: [Span; SPANS_PER_CHUNK],
 }
 
-/// What user space asks of the span service (a program it runs with BPF_PROG_TEST_RUN, so
-/// that its changes to spans are atomic operations like the allocation programs' own):
-/// `args[0]` is the operation, `args[1..3]` the chunk key (dev, chunk), `args[3]` the table
-/// entry (high 32 bits) and the span's index in it (low), `args[4]` the span's `born_ns`
-/// (the entry must still hold that chunk, and the span be that one); the rest below.
-pub mod span_op {
-    /// args[5..8]: taken_start, taken_end, ticket.
-    pub const TAKE: u64 = 1;
-    /// Drops the span's ticket (its creation failed).
-    pub const UNTAKE: u64 = 2;
-    /// args[5..7]: the span's new start and end; drops the ticket.
-    pub const TRIM: u64 = 3;
-    /// args[5]: where to split. A free slot of the chunk takes `[at, end)` (same file and
-    /// birth), then the span ends at `at`. Returns the new slot's index.
-    pub const SPLIT: u64 = 4;
-    pub const FREE: u64 = 5;
-    /// Deletes the chunk if every slot is free (index and born unused).
-    pub const DROP_IF_EMPTY: u64 = 6;
-    /// Charges a pretend IO as the IO probe charges one (for machines without
-    /// device-mapper): args[1] the dm device, args[2..4] its sectors `[start, end)`,
-    /// args[4] nonzero for a write.
-    pub const CHARGE: u64 = 7;
-    /// Results (the program's return value).
-    pub const DONE: u32 = 0x100;
-    pub const GONE: u32 = 0x101;
-    pub const NO_ROOM: u32 = 0x102;
-    pub const BUSY: u32 = 0x103;
-}
-
 /// IO the kernel counted in a file's uncovered sectors, per CPU (summed by user space).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -440,12 +411,12 @@ pub mod names {
     pub const TOTALS: &str = "TOTALS";
     pub const COVERING: &str = "COVERING";
     pub const COVERED: &str = "COVERED";
-    /// The chunk table (see [`CHUNK_LOG`](super::CHUNK_LOG)) and the program that changes
-    /// its spans for user space.
+    /// The chunk table (see [`CHUNK_LOG`](super::CHUNK_LOG)).
     pub const CHUNKS: &str = "CHUNKS";
     /// Nonzero while the trie may hold pieces (walks skip it otherwise).
     pub const TRIE_USED: &str = "TRIE_USED";
-    pub const SPAN_SERVICE: &str = "span_service";
+    /// The program that charges a pretend IO as the IO probe would (no device-mapper needed).
+    pub const CHARGE_SERVICE: &str = "charge_service";
     /// Global: nonzero when the programs log (aya-log) what their filter kept or dropped.
     pub const LOG_EVENTS: &str = "LOG_EVENTS";
     /// Global: the [`DmLayout`](super::DmLayout).

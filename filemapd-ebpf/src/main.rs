@@ -12,7 +12,7 @@
 //! user-space monitor could have made a region. The set has two homes: an allocation no
 //! longer than a 256 KiB chunk claims a span of its chunk in a table (a compare-and-swap: what
 //! random growth makes, thousands a second); a larger one goes into an LPM trie of aligned
-//! power-of-two pieces. User space changes spans through `span_service`, run on demand.
+//! power-of-two pieces. User space maps the table and changes spans with the same atomics.
 #![no_std]
 #![no_main]
 // Compare-and-swap on map values: core's atomic types offer none on the eBPF target, whose
@@ -39,7 +39,7 @@ use filemapd_common::{
     CHUNK_LOG, CHUNK_PROBES, CHUNK_SECTORS, CHUNK_TABLE_LEN, Chunk, ChunkKey, DmLayout,
     ExtentEvent, Field, InodeKey, LAYOUTS_LEN, MARKER_LEVELS, Piece, PieceAddress, Placement,
     SPANS_PER_CHUNK, TracepointLayout, UncoveredTotals, layout_flags, marker, piece_address,
-    piece_kind, prefix_len, span_op, span_state, time_arg, tracepoint as tp, walk_next,
+    piece_kind, prefix_len, span_state, time_arg, tracepoint as tp, walk_next,
 };
 
 /// Inodes user space watches, and where their blocks lie. Resized by user space at load time.
@@ -683,84 +683,17 @@ extern "C" fn record_piece(_round: u64, context: *mut c_void) -> i64 {
     0
 }
 
-/// User space's changes to spans (see `span_op`), run with BPF_PROG_TEST_RUN and never
-/// attached: made here, they are atomic operations on the state like the claims of the
-/// allocation programs, which a value rewritten from user space could undo unseen.
-/// Declared by hand: aya's `raw_tracepoint` macro returns 0 whatever the program returns,
-/// and the answer here is the return value.
+/// Charges a pretend IO as the IO probe charges a real one, for machines without
+/// device-mapper (tests, the bench): run with BPF_PROG_TEST_RUN and never attached. Arguments:
+/// the dm device, the IO's sectors `[start, end)`, nonzero for a write.
 #[unsafe(no_mangle)]
-#[unsafe(link_section = "raw_tp/span_service")]
-pub fn span_service(ctx: *mut c_void) -> u32 {
-    serve_span_op(RawTracePointContext::new(ctx)) as u32
-}
-
-#[inline(always)]
-fn serve_span_op(ctx: RawTracePointContext) -> i32 {
-    let op: u64 = ctx.arg(0);
-    let dev = ctx.arg::<u64>(1) as u32;
-    if op == span_op::CHARGE {
-        let (sector, end): (u64, u64) = (ctx.arg(2), ctx.arg(3));
-        charge(dev, ctx.arg::<u64>(4) != 0, sector, end, 0);
-        return span_op::DONE as i32;
-    }
-    let key = ChunkKey::packed(dev, ctx.arg(2));
-    let at: u64 = ctx.arg(3);
-    let Some(chunk) = CHUNKS.get_ptr_mut((at >> 32) as u32) else {
-        return span_op::GONE as i32;
-    };
-    // SAFETY: a live array value; its key and states are only touched atomically.
-    let chunk = unsafe { &mut *chunk };
-    if load(&chunk.key) != key {
-        return span_op::GONE as i32;
-    }
-    if op == span_op::DROP_IF_EMPTY {
-        return drop_if_empty(chunk) as i32;
-    }
-    let index = (at & 0xff) as usize;
-    let born_ns: u64 = ctx.arg(4);
-    let (a, b, c): (u64, u64, u64) = (ctx.arg(5), ctx.arg(6), ctx.arg(7));
-    let Some(span) = chunk.spans.get_mut(index) else {
-        return span_op::GONE as i32;
-    };
-    if load(&span.state) != span_state::LIVE || span.born_ns != born_ns {
-        return span_op::GONE as i32;
-    }
-    // Each change keeps every sector counted by exactly one of kernel and region for a walk
-    // that reads the span between two of its stores (see the comments).
-    match op {
-        span_op::TAKE => {
-            // The range first: the ticket makes it count.
-            put(&mut span.taken_start, a);
-            put(&mut span.taken_end, b);
-            publish(&mut span.ticket, c);
-        }
-        span_op::UNTAKE => publish(&mut span.ticket, 0),
-        span_op::TRIM => {
-            // What is trimmed off is the taken range, done: no longer counted either way.
-            put(&mut span.start, a);
-            put(&mut span.end, b);
-            publish(&mut span.ticket, 0);
-        }
-        span_op::SPLIT => {
-            let (slot, end) = (span.slot, span.end);
-            let Some(new) = claim_in(chunk, a, end, born_ns, slot) else {
-                return span_op::NO_ROOM as i32;
-            };
-            // The new span counts [a, end) already: for the instant until this store a walk
-            // may count it twice, never not at all.
-            if let Some(span) = chunk.spans.get_mut(index) {
-                publish(&mut span.end, a);
-            }
-            return new as i32;
-        }
-        span_op::FREE => {
-            if !cas(&mut span.state, span_state::LIVE, span_state::FREE) {
-                return span_op::GONE as i32;
-            }
-        }
-        _ => return span_op::GONE as i32,
-    }
-    span_op::DONE as i32
+#[unsafe(link_section = "raw_tp/charge_service")]
+pub fn charge_service(ctx: *mut c_void) -> u32 {
+    let ctx = RawTracePointContext::new(ctx);
+    let (dev, start, end, write): (u64, u64, u64, u64) =
+        (ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3));
+    charge(dev as u32, write != 0, start, end, 0);
+    0
 }
 
 /// Claims a free span of `chunk` for `[start, end)`: its index.
@@ -788,38 +721,6 @@ fn claim_in(chunk: &mut Chunk, start: u64, end: u64, born_ns: u64, slot: u32) ->
         return Some(index);
     }
     None
-}
-
-/// Frees the chunk's entry when every span is free: each is made DEAD first, so that no claim
-/// slips in between the look and the freeing; a span in use undoes it. The spans become FREE
-/// again only after the key is gone, so a claim through a stale look at the key sees that
-/// on its second look (see `claim_checked`).
-#[inline(always)]
-fn drop_if_empty(chunk: &mut Chunk) -> u32 {
-    let mut dead = 0;
-    for index in 0..SPANS_PER_CHUNK {
-        if !cas(
-            &mut chunk.spans[index].state,
-            span_state::FREE,
-            span_state::DEAD,
-        ) {
-            break;
-        }
-        dead += 1;
-    }
-    if dead == SPANS_PER_CHUNK {
-        publish(&mut chunk.key, 0);
-    }
-    for index in 0..SPANS_PER_CHUNK {
-        if index < dead {
-            publish(&mut chunk.spans[index].state, span_state::FREE);
-        }
-    }
-    if dead == SPANS_PER_CHUNK {
-        span_op::DONE
-    } else {
-        span_op::BUSY
-    }
 }
 
 /// A plain store that the compiler keeps in its place among the others.

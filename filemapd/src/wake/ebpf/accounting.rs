@@ -119,7 +119,7 @@ impl Accounting {
         Ok(())
     }
 
-    /// Hands over the loaded object, whose span service changes spans.
+    /// Hands over the loaded object, whose charge service charges pretend IO.
     pub fn serve_spans_from(&self, programs: Arc<Mutex<aya::Ebpf>>) {
         self.spans.serve_from(programs);
     }
@@ -147,10 +147,10 @@ impl Accounting {
             .map(|(_, p)| sectors_of(p))
             .collect();
         let overlapping = |s: &FoundSpan| s.sectors();
-        found.extend(self.spans.in_range(dev, range)?.iter().map(overlapping));
+        found.extend(self.spans.in_range(dev, range).iter().map(overlapping));
         held.extend(
             self.spans
-                .all()?
+                .all()
                 .iter()
                 .filter(|s| s.overlaps(dev, range))
                 .map(overlapping),
@@ -213,19 +213,16 @@ impl Accounting {
         if let Err(e) = self.remove_where(|p| p.kind == piece_kind::RANGE && p.slot == slot) {
             log::warn!("dropping the uncovered pieces of slot {slot}: {e:#}");
         }
-        let spans = self.spans.all().map(|all| {
-            all.into_iter()
-                .filter(|s| s.span.slot == slot)
-                .collect::<Vec<_>>()
-        });
-        if let Err(e) = spans.and_then(|spans| {
-            for s in &spans {
-                self.spans.free(s)?;
-            }
-            self.drop_empty_chunks(&spans)
-        }) {
-            log::warn!("dropping the uncovered spans of slot {slot}: {e:#}");
+        let spans: Vec<FoundSpan> = self
+            .spans
+            .all()
+            .into_iter()
+            .filter(|s| s.span.slot == slot)
+            .collect();
+        for s in &spans {
+            self.spans.free(s);
         }
+        self.drop_empty_chunks(&spans);
         if let Some(used) = self
             .slots
             .lock()
@@ -277,12 +274,12 @@ impl Accounting {
         stale: impl Fn(SectorRange, u64) -> bool,
     ) -> anyhow::Result<usize> {
         let pieces = self.remove_where(|p| untaken_and_stale(p, slot, &stale))?;
-        let (spans, empty) = self.spans.all_and_empty()?;
-        // Chunks left empty by removals that did not delete them (see `drop_empty_chunks`).
-        for key in empty {
-            self.spans.drop_if_empty(key)?;
+        let (spans, empty) = self.spans.all_and_empty();
+        // Entries left empty by removals that did not free them (see `drop_empty_chunks`).
+        for chunk in empty {
+            self.spans.drop_if_empty(chunk);
         }
-        Ok(pieces + self.tidy_spans(slot, spans, &stale)?)
+        Ok(pieces + self.tidy_spans(slot, spans, &stale))
     }
 
     /// Takes what `stale` picks out of `slot`'s untaken spans among `spans`: judged by the
@@ -292,7 +289,7 @@ impl Accounting {
         slot: u32,
         spans: Vec<FoundSpan>,
         stale: &impl Fn(SectorRange, u64) -> bool,
-    ) -> anyhow::Result<usize> {
+    ) -> usize {
         let mut tidied = 0;
         let mut freed = Vec::new();
         for s in spans {
@@ -303,7 +300,7 @@ impl Accounting {
             // From the end backwards: each removal leaves the span's start where it was.
             let mut span = s;
             for run in runs.into_iter().rev() {
-                match self.spans.remove_part(&span, run)? {
+                match self.spans.remove_part(&span, run) {
                     Removal::NoRoom(kept) => {
                         log::debug!(
                             "no free span to split {} around {run}: {kept} stays",
@@ -318,15 +315,15 @@ impl Accounting {
                 tidied += 1;
             }
         }
-        self.drop_empty_chunks(&freed)?;
-        Ok(tidied)
+        self.drop_empty_chunks(&freed);
+        tidied
     }
 
-    /// Deletes the chunks whose live spans, as read, are all among the `freed`: one service
-    /// run for a chunk that is empty now, none for one that still holds spans. A chunk the
-    /// kernel claimed a span in meanwhile stays (the deletion checks); one emptied by frees
-    /// spread over several calls is deleted by the next whole tidy.
-    fn drop_empty_chunks(&self, freed: &[FoundSpan]) -> anyhow::Result<()> {
+    /// Frees the table entries whose live spans, as read, are all among the `freed`: a try
+    /// for an entry that is empty now, none for one that still holds spans. An entry the
+    /// kernel claimed a span in meanwhile stays (the freeing checks); one emptied by frees
+    /// spread over several calls is freed by the next whole tidy.
+    fn drop_empty_chunks(&self, freed: &[FoundSpan]) {
         let mut freed_in: BTreeMap<ChunkEntry, (usize, usize)> = BTreeMap::new();
         for s in freed {
             let entry = freed_in
@@ -334,12 +331,11 @@ impl Accounting {
                 .or_insert((0, s.live_in_chunk));
             entry.0 += 1;
         }
-        for (key, (freed, live)) in freed_in {
+        for (chunk, (freed, live)) in freed_in {
             if freed >= live {
-                self.spans.drop_if_empty(key)?;
+                self.spans.drop_if_empty(chunk);
             }
         }
-        Ok(())
     }
 
     /// [`Accounting::tidy`] over the pieces near `ranges` only (found by lookups): a pass over
@@ -370,7 +366,7 @@ impl Accounting {
         }
         drop(trie);
         for &range in ranges {
-            removed += self.tidy_spans(slot, self.spans.in_range(dev, range)?, &stale)?;
+            removed += self.tidy_spans(slot, self.spans.in_range(dev, range), &stale);
         }
         Ok(removed)
     }
@@ -383,7 +379,7 @@ impl Accounting {
         let present = pieces_in(&trie, dev, range)
             .into_iter()
             .map(|(_, p)| sectors_of(&p))
-            .chain(self.spans.in_range(dev, range)?.iter().map(|s| s.sectors()))
+            .chain(self.spans.in_range(dev, range).iter().map(|s| s.sectors()))
             .collect();
         let born_ns = monotonic_ns();
         for hole in parts_not_in(range, present) {
@@ -399,14 +395,14 @@ impl Accounting {
     fn drop_taken_spans(&self, dev: u32, range: SectorRange, ticket: u64) -> anyhow::Result<()> {
         let spans: Vec<FoundSpan> = self
             .spans
-            .in_range(dev, range)?
+            .in_range(dev, range)
             .into_iter()
             .filter(|s| s.span.ticket == ticket)
             .collect();
         let mut freed = Vec::new();
         for s in &spans {
             let taken = s.taken();
-            let removal = self.spans.remove_part(s, taken)?;
+            let removal = self.spans.remove_part(s, taken);
             if removal == Removal::Freed {
                 freed.push(*s);
             }
@@ -429,10 +425,11 @@ impl Accounting {
                     },
                     ..*s
                 };
-                self.spans.remove_part(&shortened, taken)?;
+                self.spans.remove_part(&shortened, taken);
             }
         }
-        self.drop_empty_chunks(&freed)
+        self.drop_empty_chunks(&freed);
+        Ok(())
     }
 
     /// Drops `slot`'s untaken pieces inside `range` on `dev` (a region there counts them).
@@ -523,11 +520,11 @@ impl CreationWitness for Accounting {
             }
             check_invariants(&trie, "after cutting for a creation");
             drop(trie);
-            for s in self.spans.in_range(dev, range)? {
+            for s in self.spans.in_range(dev, range) {
                 let sectors = s.sectors();
                 let start = sectors.start.max(range.start);
                 let taken = SectorRange::new(start, sectors.end().min(range.end()) - start);
-                if s.span.ticket == 0 && self.spans.take(&s, taken, ticket)? {
+                if s.span.ticket == 0 && self.spans.take(&s, taken, ticket) {
                     any = true;
                 }
             }
@@ -599,14 +596,10 @@ impl CreationWitness for Accounting {
                     log::warn!("untaking uncovered sectors after a failed creation: {e:#}");
                 }
             }
-            let untaken = self.spans.in_range(dev, range).and_then(|spans| {
-                spans
-                    .iter()
-                    .filter(|s| s.span.ticket == ticket)
-                    .try_for_each(|s| self.spans.untake(s))
-            });
-            if let Err(e) = untaken {
-                log::warn!("untaking uncovered spans after a failed creation: {e:#}");
+            for s in self.spans.in_range(dev, range) {
+                if s.span.ticket == ticket {
+                    self.spans.untake(&s);
+                }
             }
         }
         let _ = self.covered.lock().expect("covered lock").remove(&ticket);

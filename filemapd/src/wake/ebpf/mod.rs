@@ -31,7 +31,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fi
 /// Loaded and attached eBPF programs plus their maps.
 pub struct Tracer {
     // Keeps the programs attached for as long as the tracer lives (and the accounting, which
-    // runs its span service).
+    // runs its charge service).
     ebpf: Arc<Mutex<Ebpf>>,
     watched: HashMap<MapData, InodeKey, Placement>,
     events: AsyncFd<RingBuf<MapData>>,
@@ -374,10 +374,10 @@ fn accounting_over(ebpf: &mut Ebpf, totals: aya::maps::Map) -> anyhow::Result<Ac
         .fd()?
         .try_clone()?;
     let service: &mut RawTracePoint = ebpf
-        .program_mut(names::SPAN_SERVICE)
-        .context("the span service")?
+        .program_mut(names::CHARGE_SERVICE)
+        .context("the charge service")?
         .try_into()?;
-    service.load().context("verifying the span service")?;
+    service.load().context("verifying the charge service")?;
     Ok(Accounting::new(
         LpmTrie::try_from(take_map(ebpf, names::UNCOVERED)?)?,
         Array::try_from(take_map(ebpf, names::TRIE_USED)?)?,

@@ -1,13 +1,16 @@
 //! The chunk table of the uncovered set (see `filemapd_common::CHUNK_LOG`): the small
-//! allocations, one span each per chunk they touch. User space reads the table through a
-//! read-only mapping of it but changes spans only through the kernel's span service (a
-//! program run with BPF_PROG_TEST_RUN), whose atomic operations cannot undo a claim the
-//! allocation programs make at the same instant, as a value rewritten from here could.
+//! allocations, one span each per chunk they touch. User space maps the table and changes
+//! spans in place with the atomic operations the kernel's claims use, one field at a time
+//! (writing a whole value back, as a map update does, could undo a claim made meanwhile);
+//! its changes are serialised among themselves.
 use std::{
     num::NonZeroUsize,
     os::fd::AsFd as _,
     ptr::NonNull,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU32, AtomicU64, Ordering::SeqCst},
+    },
 };
 
 use anyhow::{Context as _, bail};
@@ -18,7 +21,7 @@ use aya::{
 };
 use filemapd_common::{
     CHUNK_LOG, CHUNK_PROBES, CHUNK_TABLE_LEN, Chunk, ChunkKey, SPANS_PER_CHUNK, Span, names,
-    span_op, span_state,
+    span_state,
 };
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
@@ -29,7 +32,9 @@ const MOST_LOOKUPS: u64 = 64;
 
 pub struct Spans {
     table: ChunkTable,
-    /// The loaded object, for its span service (set once the tracer has attached the rest).
+    /// Held by each change: a span is looked at, then changed, with no other change between.
+    changing: Mutex<()>,
+    /// The loaded object, for its charge service (set once the tracer has attached the rest).
     programs: OnceLock<Arc<Mutex<Ebpf>>>,
 }
 
@@ -96,25 +101,26 @@ impl Spans {
     pub fn new(chunks: Map) -> anyhow::Result<Self> {
         Ok(Self {
             table: ChunkTable::map(chunks)?,
+            changing: Mutex::new(()),
             programs: OnceLock::new(),
         })
     }
 
-    /// Hands over the loaded object whose span service changes spans.
+    /// Hands over the loaded object whose charge service charges pretend IO.
     pub fn serve_from(&self, programs: Arc<Mutex<Ebpf>>) {
         let _ = self.programs.set(programs);
     }
 
     /// The live spans on `dev` overlapping `range`.
-    pub fn in_range(&self, dev: u32, range: SectorRange) -> anyhow::Result<Vec<FoundSpan>> {
+    pub fn in_range(&self, dev: u32, range: SectorRange) -> Vec<FoundSpan> {
         if range.len == 0 {
-            return Ok(Vec::new());
+            return Vec::new();
         }
         let first = range.start >> CHUNK_LOG;
         let last = (range.end() - 1) >> CHUNK_LOG;
         let overlaps = |s: &FoundSpan| s.overlaps(dev, range);
         if last - first >= MOST_LOOKUPS {
-            return Ok(self.all()?.into_iter().filter(overlaps).collect());
+            return self.all().into_iter().filter(overlaps).collect();
         }
         let mut found = Vec::new();
         for chunk in first..=last {
@@ -131,16 +137,16 @@ impl Spans {
                 }
             }
         }
-        Ok(found)
+        found
     }
 
     /// Every live span.
-    pub fn all(&self) -> anyhow::Result<Vec<FoundSpan>> {
-        Ok(self.all_and_empty()?.0)
+    pub fn all(&self) -> Vec<FoundSpan> {
+        self.all_and_empty().0
     }
 
     /// Every live span, and the table entries that have none.
-    pub fn all_and_empty(&self) -> anyhow::Result<(Vec<FoundSpan>, Vec<ChunkEntry>)> {
+    pub fn all_and_empty(&self) -> (Vec<FoundSpan>, Vec<ChunkEntry>) {
         let mut found = Vec::new();
         let mut empty = Vec::new();
         for entry in 0..CHUNK_TABLE_LEN {
@@ -159,122 +165,137 @@ impl Spans {
                 empty.push(ChunkEntry { key, entry });
             }
         }
-        Ok((found, empty))
+        (found, empty)
     }
 
     /// Gives `taken` (inside the span) to the region creation `ticket`; false when the span
     /// is gone.
-    pub fn take(&self, s: &FoundSpan, taken: SectorRange, ticket: u64) -> anyhow::Result<bool> {
-        Ok(self.run(span_op::TAKE, s, [taken.start, taken.end(), ticket])? == span_op::DONE)
+    pub fn take(&self, s: &FoundSpan, taken: SectorRange, ticket: u64) -> bool {
+        let _changing = self.changing.lock().expect("span changes lock");
+        let Some(span) = self.table.live(s) else {
+            return false;
+        };
+        // The range first: the ticket makes it count.
+        span.taken_start.store(taken.start, SeqCst);
+        span.taken_end.store(taken.end(), SeqCst);
+        span.ticket.swap(ticket, SeqCst);
+        true
     }
 
-    pub fn untake(&self, s: &FoundSpan) -> anyhow::Result<()> {
-        self.run(span_op::UNTAKE, s, [0; 3]).map(drop)
+    pub fn untake(&self, s: &FoundSpan) {
+        let _changing = self.changing.lock().expect("span changes lock");
+        if let Some(span) = self.table.live(s) {
+            span.ticket.swap(0, SeqCst);
+        }
     }
 
-    pub fn free(&self, s: &FoundSpan) -> anyhow::Result<()> {
-        self.run(span_op::FREE, s, [0; 3]).map(drop)
+    pub fn free(&self, s: &FoundSpan) {
+        let _changing = self.changing.lock().expect("span changes lock");
+        if let Some(span) = self.table.live(s) {
+            let _ = span
+                .state
+                .compare_exchange(span_state::LIVE, span_state::FREE, SeqCst, SeqCst);
+        }
     }
 
     /// Takes `gone` (a part no longer uncovered, or taken by a creation that is done) out of
     /// the span: frees, trims or splits it. Returns the part it could not take out (the span
-    /// needed a split and its chunk had no free span), which is still in the span.
-    pub fn remove_part(&self, s: &FoundSpan, gone: SectorRange) -> anyhow::Result<Removal> {
+    /// needed a split and its entry had no free span), which is still in the span.
+    pub fn remove_part(&self, s: &FoundSpan, gone: SectorRange) -> Removal {
         let (start, end) = (s.span.start, s.span.end);
         let (gone_start, gone_end) = (gone.start.max(start), gone.end().min(end));
         if gone_start >= gone_end {
-            return Ok(Removal::Nothing);
+            return Removal::Nothing;
         }
         match (start < gone_start, gone_end < end) {
             (false, false) => {
-                self.free(s)?;
-                return Ok(Removal::Freed);
+                self.free(s);
+                return Removal::Freed;
             }
-            (false, true) => self.trim(s, gone_end, end)?,
-            (true, false) => self.trim(s, start, gone_start)?,
+            (false, true) => self.trim(s, gone_end, end),
+            (true, false) => self.trim(s, start, gone_start),
             (true, true) => {
-                // The new span takes what follows; the old one then ends where `gone` starts.
-                let split = self.run(span_op::SPLIT, s, [gone_end, 0, 0])?;
-                if split == span_op::NO_ROOM {
-                    return Ok(Removal::NoRoom(SectorRange::new(gone_end, end - gone_end)));
+                let _changing = self.changing.lock().expect("span changes lock");
+                let Some(span) = self.table.live(s) else {
+                    return Removal::Trimmed;
+                };
+                // A free span of the entry takes what follows `gone` (same file and birth);
+                // then the old one ends where `gone` starts. Until that store a walk may count
+                // [gone_end, end) twice, never not at all.
+                let after = SectorRange::new(gone_end, end - gone_end);
+                if !self
+                    .table
+                    .claim(s.entry, after, s.span.born_ns, s.span.slot)
+                {
+                    return Removal::NoRoom(after);
                 }
-                if (split as usize) < SPANS_PER_CHUNK {
-                    let shortened = FoundSpan {
-                        span: Span {
-                            end: gone_end,
-                            ..s.span
-                        },
-                        ..*s
-                    };
-                    self.trim(&shortened, start, gone_start)?;
-                }
+                // The end before the ticket goes: `gone` is a done creation's taken part.
+                span.end.store(gone_start, SeqCst);
+                span.ticket.swap(0, SeqCst);
             }
         }
-        Ok(Removal::Trimmed)
+        Removal::Trimmed
     }
 
-    /// Frees a table entry whose spans are all free (the kernel checks, atomically).
-    pub fn drop_if_empty(&self, chunk: ChunkEntry) -> anyhow::Result<()> {
-        let span = FoundSpan {
-            key: chunk.key,
-            entry: chunk.entry,
-            index: 0,
-            span: Span::default(),
-            live_in_chunk: 0,
-        };
-        self.run(span_op::DROP_IF_EMPTY, &span, [0; 3]).map(drop)
+    /// Frees a table entry whose spans are all free: each is made DEAD first, so that no
+    /// kernel claim slips in between the look and the freeing; a span in use undoes it. The
+    /// spans become FREE again only after the key is gone, so that a claim through a stale
+    /// look at the key sees it on its second look (the kernel's `claim_checked`).
+    pub fn drop_if_empty(&self, chunk: ChunkEntry) {
+        let _changing = self.changing.lock().expect("span changes lock");
+        let packed = ChunkKey::packed(chunk.key.dev, chunk.key.chunk);
+        let key = self.table.key_word(chunk.entry);
+        if key.load(SeqCst) != packed {
+            return;
+        }
+        let states: Vec<&AtomicU64> = (0..SPANS_PER_CHUNK)
+            .map(|index| self.table.span(chunk.entry, index).state)
+            .collect();
+        let dead = states
+            .iter()
+            .take_while(|state| {
+                state
+                    .compare_exchange(span_state::FREE, span_state::DEAD, SeqCst, SeqCst)
+                    .is_ok()
+            })
+            .count();
+        if dead == SPANS_PER_CHUNK {
+            key.swap(0, SeqCst);
+        }
+        for state in &states[..dead] {
+            state.swap(span_state::FREE, SeqCst);
+        }
     }
 
-    fn trim(&self, s: &FoundSpan, start: u64, end: u64) -> anyhow::Result<()> {
-        self.run(span_op::TRIM, s, [start, end, 0]).map(drop)
+    /// A new start and end for a live span; then drops its ticket (what is trimmed off is the
+    /// taken range, done: counted by the region, and no longer by the kernel either way).
+    fn trim(&self, s: &FoundSpan, start: u64, end: u64) {
+        let _changing = self.changing.lock().expect("span changes lock");
+        if let Some(span) = self.table.live(s) {
+            span.start.store(start, SeqCst);
+            span.end.store(end, SeqCst);
+            span.ticket.swap(0, SeqCst);
+        }
     }
 
     /// Charges a pretend IO over `range` on `dev` as the IO probe would charge a real one
-    /// (for machines without device-mapper).
+    /// (for machines without device-mapper), through the kernel's charge service.
     pub fn charge(&self, dev: u32, range: SectorRange, write: bool) -> anyhow::Result<()> {
-        let args = [
-            span_op::CHARGE,
-            u64::from(dev),
-            range.start,
-            range.end(),
-            u64::from(write),
-            0,
-            0,
-            0,
-        ];
-        self.run_with(args).map(drop)
-    }
-
-    /// Runs the span service on `s`; its answer (a `span_op` result, or a split's new index).
-    fn run(&self, op: u64, s: &FoundSpan, rest: [u64; 3]) -> anyhow::Result<u32> {
-        self.run_with([
-            op,
-            u64::from(s.key.dev),
-            s.key.chunk,
-            u64::from(s.entry) << 32 | s.index as u64,
-            s.span.born_ns,
-            rest[0],
-            rest[1],
-            rest[2],
-        ])
-    }
-
-    fn run_with(&self, args: [u64; 8]) -> anyhow::Result<u32> {
         let Some(programs) = self.programs.get() else {
-            bail!("the span service is not loaded");
+            bail!("the charge service is not loaded");
         };
         let programs = programs.lock().expect("programs lock");
         let service: &RawTracePoint = programs
-            .program(names::SPAN_SERVICE)
-            .context("the span service is missing from the eBPF object")?
+            .program(names::CHARGE_SERVICE)
+            .context("the charge service is missing from the eBPF object")?
             .try_into()?;
         let mut options = RawTracePointRunOptions::new();
-        options.args[..8].copy_from_slice(&args);
-        let answer = service
+        options.args[..3].copy_from_slice(&[u64::from(dev), range.start, range.end()]);
+        options.args[3] = u64::from(write);
+        service
             .test_run(options)
-            .context("running the span service")?
-            .return_value;
-        Ok(answer)
+            .context("running the charge service")?;
+        Ok(())
     }
 }
 
@@ -296,9 +317,9 @@ fn live(key: ChunkKey, entry: u32, value: &Chunk) -> impl Iterator<Item = FoundS
         })
 }
 
-/// The chunk table, mapped read-only into this process (the map is `BPF_F_MMAPABLE`): reading
-/// an entry is a copy from memory rather than a system call, so reading all 16,384 costs
-/// what a lookup of a few used to.
+/// The chunk table, mapped into this process (the map is `BPF_F_MMAPABLE`): reading an entry
+/// is a copy from memory rather than a system call (reading all 16,384 costs what a lookup of
+/// a few used to), and changing a span a few atomic operations rather than a program run.
 struct ChunkTable {
     base: NonNull<Chunk>,
     len: NonZeroUsize,
@@ -306,7 +327,8 @@ struct ChunkTable {
     _map: MapData,
 }
 
-// SAFETY: the mapping is only read, with volatile copies, and lives as long as the table.
+// SAFETY: the mapping is read with volatile copies and changed with atomic operations only,
+// and lives as long as the table.
 unsafe impl Send for ChunkTable {}
 // SAFETY: as above.
 unsafe impl Sync for ChunkTable {}
@@ -319,13 +341,13 @@ impl ChunkTable {
         let page = 4096;
         let bytes = (CHUNK_TABLE_LEN as usize * size_of::<Chunk>()).div_ceil(page) * page;
         let len = NonZeroUsize::new(bytes).expect("a table of some size");
-        // SAFETY: a fresh shared, read-only mapping of the map's memory, of its size; nothing
-        // else in this process refers to that address range.
+        // SAFETY: a fresh shared mapping of the map's memory, of its size; nothing else in
+        // this process refers to that address range.
         let base = unsafe {
             mmap(
                 None,
                 len,
-                ProtFlags::PROT_READ,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
                 MapFlags::MAP_SHARED,
                 data.fd().as_fd(),
                 0,
@@ -341,21 +363,91 @@ impl ChunkTable {
 
     /// The packed key an entry holds now (0: free).
     fn key(&self, entry: u32) -> u64 {
+        self.key_word(entry).load(SeqCst)
+    }
+
+    fn key_word(&self, entry: u32) -> &AtomicU64 {
         assert!(entry < CHUNK_TABLE_LEN);
-        // SAFETY: inside the mapping (checked above), aligned; the kernel writes the key with
-        // atomic operations, and an aligned 64-bit read is single-copy atomic.
-        unsafe { std::ptr::read_volatile(&raw const (*self.base.as_ptr().add(entry as usize)).key) }
+        // SAFETY: inside the mapping (checked above) and 8-byte aligned (entries are u64s);
+        // every writer, here and in the kernel, changes it atomically.
+        unsafe { AtomicU64::from_ptr(&raw mut (*self.base.as_ptr().add(entry as usize)).key) }
+    }
+
+    /// The fields of one span, as atomics.
+    fn span(&self, entry: u32, index: usize) -> SpanWords<'_> {
+        assert!(entry < CHUNK_TABLE_LEN && index < SPANS_PER_CHUNK);
+        // SAFETY: inside the mapping (checked above); every field is aligned to its size.
+        unsafe {
+            let span = &raw mut (*self.base.as_ptr().add(entry as usize)).spans[index];
+            SpanWords {
+                start: AtomicU64::from_ptr(&raw mut (*span).start),
+                end: AtomicU64::from_ptr(&raw mut (*span).end),
+                taken_start: AtomicU64::from_ptr(&raw mut (*span).taken_start),
+                taken_end: AtomicU64::from_ptr(&raw mut (*span).taken_end),
+                ticket: AtomicU64::from_ptr(&raw mut (*span).ticket),
+                born_ns: AtomicU64::from_ptr(&raw mut (*span).born_ns),
+                slot: AtomicU32::from_ptr(&raw mut (*span).slot),
+                state: AtomicU64::from_ptr(&raw mut (*span).state),
+            }
+        }
+    }
+
+    /// The span as read, when it is still that one: its entry holds the same chunk, and it
+    /// is live with the same birth.
+    fn live(&self, s: &FoundSpan) -> Option<SpanWords<'_>> {
+        let span = self.span(s.entry, s.index);
+        let same = self.key(s.entry) == ChunkKey::packed(s.key.dev, s.key.chunk)
+            && span.state.load(SeqCst) == span_state::LIVE
+            && span.born_ns.load(SeqCst) == s.span.born_ns;
+        same.then_some(span)
+    }
+
+    /// Claims a free span of `entry` for `range` as the kernel's claims do: FREE to FILLING by
+    /// compare-and-swap, the fields, then LIVE.
+    fn claim(&self, entry: u32, range: SectorRange, born_ns: u64, slot: u32) -> bool {
+        for index in 0..SPANS_PER_CHUNK {
+            let span = self.span(entry, index);
+            if span
+                .state
+                .compare_exchange(span_state::FREE, span_state::FILLING, SeqCst, SeqCst)
+                .is_err()
+            {
+                continue;
+            }
+            span.start.store(range.start, SeqCst);
+            span.end.store(range.end(), SeqCst);
+            span.taken_start.store(0, SeqCst);
+            span.taken_end.store(0, SeqCst);
+            span.ticket.store(0, SeqCst);
+            span.born_ns.store(born_ns, SeqCst);
+            span.slot.store(slot, SeqCst);
+            span.state.swap(span_state::LIVE, SeqCst);
+            return true;
+        }
+        false
     }
 
     /// A copy of an entry while it holds `packed` (None when it no longer does). The kernel
-    /// may change spans meanwhile: a span read mid-change is judged by the span service,
-    /// which checks it is still the same one before it acts.
+    /// may change spans meanwhile: a change made from a copy first checks that the span is
+    /// still the same one (see `live`).
     fn read(&self, entry: u32, packed: u64) -> Option<Chunk> {
         assert!(entry < CHUNK_TABLE_LEN);
         // SAFETY: as in `key`; the value is plain integers, any bit pattern valid.
         let value = unsafe { std::ptr::read_volatile(self.base.as_ptr().add(entry as usize)) };
         (value.key == packed && self.key(entry) == packed).then_some(value)
     }
+}
+
+/// One span of the mapped table, field by field.
+struct SpanWords<'a> {
+    start: &'a AtomicU64,
+    end: &'a AtomicU64,
+    taken_start: &'a AtomicU64,
+    taken_end: &'a AtomicU64,
+    ticket: &'a AtomicU64,
+    born_ns: &'a AtomicU64,
+    slot: &'a AtomicU32,
+    state: &'a AtomicU64,
 }
 
 impl Drop for ChunkTable {

@@ -21,8 +21,8 @@ const GROWTH: u64 = 256 << 20;
 const HEAD: u64 = 1 << 20;
 /// Any dm device number: on this kernel only the recording (the allocation side) runs.
 const SOME_DM_DEVICE: u32 = 253 << 20;
-/// The kernel's name for the span service (program names are cut to 15 bytes).
-const SPAN_SERVICE: &str = "span_service";
+/// The kernel's name for the charge service (program names are cut to 15 bytes).
+const CHARGE_SERVICE: &str = "charge_service";
 
 struct Run {
     /// The programs' run time as a share of the writer's time, %.
@@ -98,7 +98,7 @@ pub fn run(rounds: usize) {
         costs.join("; ")
     );
     report!(
-        "The IO probe's walk through the uncovered set, per IO, run natively after each run with\nthe recording (the span service charging pretend 64 KiB writes over the grown file's\nsectors: what the probe does per bio, less the kprobe's entry and its read of the dm\ndevice's number), median: {}.\n",
+        "The IO probe's walk through the uncovered set, per IO, run natively after each run with\nthe recording (the charge service charging pretend 64 KiB writes over the grown file's\nsectors: what the probe does per bio, less the kprobe's entry and its read of the dm\ndevice's number), median: {}.\n",
         walks.join("; ")
     );
 }
@@ -161,7 +161,7 @@ async fn grow(
         let walked = clock.read() - before;
         let (time, runs) = walked
             .by_name
-            .get(SPAN_SERVICE)
+            .get(CHARGE_SERVICE)
             .copied()
             .unwrap_or_default();
         time.as_secs_f64() * 1e9 / runs.max(1) as f64
