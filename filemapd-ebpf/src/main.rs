@@ -52,10 +52,15 @@ static WATCHED: HashMap<InodeKey, Placement> = HashMap::with_max_entries(1024, 0
 static UNCOVERED: LpmTrie<PieceAddress, Piece> = LpmTrie::with_max_entries(65536, 0);
 
 /// The small allocations of the uncovered set, by 256 KiB chunk: an open-addressed table
-/// (see `CHUNK_TABLE_LOG`). A chunk may hold several entries (made by racing claims, or when
-/// its first is full): walks read every entry of its key. User space maps it to read it.
+/// (see `CHUNK_TABLE_LOG`), one entry per chunk. User space maps it to read and change it.
 #[map]
 static CHUNKS: Array<Chunk> = Array::with_max_entries(CHUNK_TABLE_LEN, BPF_F_MMAPABLE);
+
+/// Per table entry, for the chunks whose home it is: 1 while a claim makes an entry for such
+/// a chunk. Two claims making the same chunk at once could otherwise take two entries (when
+/// one frees between their looks), and walks read only the first entry of a chunk.
+#[map]
+static MAKING: Array<u64> = Array::with_max_entries(CHUNK_TABLE_LEN, 0);
 
 /// Nonzero while the trie may hold pieces: set here after recording one, cleared by user space
 /// when it finds the trie empty (it looks again after clearing). A walk skips the trie while
@@ -512,28 +517,59 @@ fn claim_span(dev: u32, slot: u32, start: u64, end: u64, born_ns: u64) -> bool {
         return false;
     }
     let key = ChunkKey::packed(dev, start >> CHUNK_LOG);
-    // The chunk's own entries first; a free entry only when they are full (or absent).
+    let chunk = match find_entry(key) {
+        Some(chunk) => chunk,
+        None => {
+            let Some(making) = MAKING.get_ptr_mut(ChunkKey::home(key)) else {
+                return false;
+            };
+            // SAFETY: an array value, only changed atomically.
+            let making = unsafe { &mut *making };
+            // Another claim is making a chunk of this home right now: the trie takes this one.
+            if !cas(making, 0, 1) {
+                return false;
+            }
+            // Made meanwhile by a claim that held the word before?
+            let made = match find_entry(key) {
+                Some(chunk) => Some(chunk),
+                None => make_entry(key),
+            };
+            publish(making, 0);
+            match made {
+                Some(chunk) => chunk,
+                None => return false,
+            }
+        }
+    };
+    claim_checked(chunk, key, start, end, born_ns, slot)
+}
+
+/// The entry of a chunk, if it has one: every entry of its window is looked at (an entry
+/// before it may have been freed since it was made).
+#[inline(always)]
+fn find_entry(key: u64) -> Option<&'static mut Chunk> {
     for probe in 0..CHUNK_PROBES {
         if let Some(chunk) = chunk_entry(key, probe)
             && load(&chunk.key) == key
-            && claim_checked(chunk, key, start, end, born_ns, slot)
         {
-            return true;
+            return Some(chunk);
         }
     }
+    None
+}
+
+/// Makes a chunk's entry in the first free entry of its window (under its home's `MAKING`).
+#[inline(always)]
+fn make_entry(key: u64) -> Option<&'static mut Chunk> {
     for probe in 0..CHUNK_PROBES {
-        let Some(chunk) = chunk_entry(key, probe) else {
-            continue;
-        };
-        let held = load(&chunk.key);
-        // An entry of this chunk made meanwhile by another claim is as good as a free one.
-        if (held == key || (held == 0 && cas(&mut chunk.key, 0, key)))
-            && claim_checked(chunk, key, start, end, born_ns, slot)
+        if let Some(chunk) = chunk_entry(key, probe)
+            && load(&chunk.key) == 0
+            && cas(&mut chunk.key, 0, key)
         {
-            return true;
+            return Some(chunk);
         }
     }
-    false
+    None
 }
 
 /// The table entry a packed chunk key may live in at `probe`.
@@ -1021,21 +1057,16 @@ fn walk_chunk(w: &mut Walk) -> bool {
     }
     let boundary = (w.at | (CHUNK_SECTORS - 1)) + 1;
     let stop = if boundary < w.end { boundary } else { w.end };
-    let key = ChunkKey::packed(w.dev, w.at >> CHUNK_LOG);
-    for probe in 0..CHUNK_PROBES {
-        if let Some(chunk) = chunk_entry(key, probe)
-            && load(&chunk.key) == key
-        {
-            walk_entry(w, chunk, stop);
-        }
+    if let Some(chunk) = find_entry(ChunkKey::packed(w.dev, w.at >> CHUNK_LOG)) {
+        walk_entry(w, chunk, stop);
     }
     w.at = stop;
     w.at < w.end
 }
 
-/// Charges the spans of one entry that meet `[w.at, stop)`. Out of line: a walk reads every
-/// entry of its chunk. An entry freed and given to another chunk while it is read holds
-/// spans elsewhere on the device, which this range does not meet.
+/// Charges the spans of one entry that meet `[w.at, stop)`. An entry freed and given to
+/// another chunk while it is read holds spans elsewhere on the device, which this range does
+/// not meet.
 #[inline(never)]
 fn walk_entry(w: &mut Walk, chunk: &Chunk, stop: u64) {
     for index in 0..SPANS_PER_CHUNK {

@@ -2,7 +2,7 @@
 //! a watched inode's new blocks and nothing of an unwatched inode's, on ext4 and on xfs; every
 //! event reaches user space even when the kernel does not wake it for each; and the in-kernel
 //! accounting's uncovered set, over its real maps, stays walkable when cut, and holds a chunk's
-//! allocations beyond what one entry of its table takes.
+//! allocations beyond what its entry of the chunk table takes.
 use std::{fs, os::unix::fs::MetadataExt as _, path::Path, time::Duration};
 
 use filemapd::{
@@ -402,8 +402,9 @@ async fn xfs_spans_hold_fresh_allocations() {
     spans_hold_fresh_allocations(FsKind::Xfs).await;
 }
 
-/// More small allocations in one 256 KiB chunk than an entry of the chunk table holds: the
-/// set keeps every one of them where a walk finds it, and an IO over them is charged each.
+/// More small allocations in one 256 KiB chunk than its entry of the chunk table holds (the
+/// rest go to the trie): the set keeps every one of them where a walk finds it, and an IO
+/// over them is charged each.
 async fn a_full_chunk_keeps_every_allocation(fs_kind: FsKind) {
     use filemapd::{
         file::placement,

@@ -353,7 +353,9 @@ impl Watcher {
             .stdin(Stdio::null())
             .spawn()?;
         // Ready once it has opened every file (a file unlinked before that could not be).
-        wait_until("filemapd watch to start", CONVERGE, || {
+        // Verifying the eBPF programs alone takes 10-15 s in the emulated VM when it is idle,
+        // and the storm's other work can double that.
+        wait_until("filemapd watch to start", 3 * CONVERGE, || {
             Ok(fs::read_to_string(&log)?.contains(&format!("watching {} file(s)", slots.len())))
         })?;
         Ok(Self { child, log })

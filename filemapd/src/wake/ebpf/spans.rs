@@ -38,7 +38,7 @@ pub struct Spans {
     programs: OnceLock<Arc<Mutex<Ebpf>>>,
 }
 
-/// One entry of the chunk table: its chunk and where it is (a chunk may have several).
+/// One entry of the chunk table: its chunk and where it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ChunkEntry {
     pub key: ChunkKey,

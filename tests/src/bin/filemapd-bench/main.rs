@@ -40,7 +40,10 @@ fn main() {
     }
     let rounds = env_number("FILEMAPD_BENCH_ROUNDS", 5);
     if wanted("counted") {
-        counted::run(rounds);
+        counted::run(rounds, counted::Scope::Whole);
+    } else if only.split(',').any(|o| o == "accounting") {
+        // The accounting's cost alone, for a quick look.
+        counted::run(rounds, counted::Scope::AccountingCost);
     }
     if wanted("cost") {
         region_cost::run(rounds);
