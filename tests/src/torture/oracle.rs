@@ -59,6 +59,16 @@ pub fn check_device(
             )
         })?;
     }
+    // A daemon killed in the middle of a move leaves its markers for the next one, which
+    // clears them once it is up (loading its programs takes seconds in the emulated VM): the
+    // groups may tile their files before that. Markers still there after this are reported.
+    let unmarked = || {
+        let regions = device_of(mount).list(None)?;
+        Ok(regions
+            .iter()
+            .all(|r| !r.aux_data.contains("DMS_FILEMAPD_")))
+    };
+    let _ = wait_until("the device's in-flight markers to clear", SETTLE, unmarked);
     let regions = device_of(mount).list(None)?;
     let mut ours = std::collections::BTreeSet::new();
     for slot in slots {
