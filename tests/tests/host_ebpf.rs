@@ -289,41 +289,17 @@ fn a_cut_piece_leaves_its_parts_where_walks_find_them() {
 /// exactly its sectors out (splitting the span it lies inside), and a tidy takes the rest.
 async fn spans_hold_fresh_allocations(fs_kind: FsKind) {
     use filemapd::{
-        file::placement,
         sectors::{SectorRange, join_adjacent, parts_not_in},
         stats::CreationWitness as _,
     };
-    use filemapd_tests::{filefrag_sectors, writers::random_direct_writes};
+    use filemapd_tests::writers::random_direct_writes;
     const HEAD: u64 = 1 << 20;
     const DEV: u32 = (253 << 20) | 7;
-    require_root();
-    let scratch =
-        ScratchDir::new(Path::new("/var/tmp"), &format!("spans-{}", fs_kind.name())).unwrap();
-    let loopfs = LoopFs::new(&scratch.0, fs_kind).unwrap();
-    let path = loopfs.mount.dir.join("grown");
-    fs::write(&path, vec![0x5a; HEAD as usize]).unwrap();
-    let file = fs::File::open(&path).unwrap();
-    file.sync_all().unwrap();
-    let sectors = |path: &Path| -> Vec<SectorRange> {
-        let extents = filefrag_sectors(path).unwrap();
-        extents
-            .into_iter()
-            .map(|(s, l)| SectorRange::new(s, l))
-            .collect()
-    };
-    let head = sectors(&path);
+    let f = AccountedFile::new(fs_kind, "spans", HEAD, DEV);
+    let (path, head, accounting, account) = (&f.path, f.head.clone(), &f.accounting, &f.account);
+    random_direct_writes(path, HEAD, 4 << 20, 0x5eed);
 
-    let mut tracer = Tracer::load(16).expect("eBPF programs load on the host kernel");
-    let accounting = tracer.accounting_unattached().unwrap();
-    let account = accounting.open_account().unwrap().unwrap();
-    let id = FileId::of(&file.metadata().unwrap());
-    let mut placement = placement::of(&file, id).unwrap();
-    placement.dm_dev = DEV;
-    placement.slot = account.slot;
-    tracer.watch(id.inode_key(), placement).unwrap();
-    random_direct_writes(&path, HEAD, 4 << 20, 0x5eed);
-
-    let fresh: Vec<SectorRange> = sectors(&path)
+    let fresh: Vec<SectorRange> = sectors_of(path)
         .into_iter()
         .flat_map(|extent| parts_not_in(extent, head.clone()))
         .collect();
@@ -389,7 +365,6 @@ async fn spans_hold_fresh_allocations(fs_kind: FsKind) {
     account.tidy(|_, _| true).unwrap();
     assert_eq!(held_now(), vec![], "after a tidy of everything");
     assert_eq!(charged(), (0, 0), "charged after a tidy of everything");
-    tracer.unwatch(id.inode_key()).unwrap();
 }
 
 #[tokio::test]
@@ -406,44 +381,18 @@ async fn xfs_spans_hold_fresh_allocations() {
 /// rest go to the trie): the set keeps every one of them where a walk finds it, and an IO
 /// over them is charged each.
 async fn a_full_chunk_keeps_every_allocation(fs_kind: FsKind) {
-    use filemapd::{
-        file::placement,
-        sectors::{SectorRange, join_adjacent, parts_not_in},
-    };
+    use filemapd::sectors::{SectorRange, join_adjacent, parts_not_in};
     use filemapd_common::{CHUNK_LOG, SPANS_PER_CHUNK};
-    use filemapd_tests::{filefrag_sectors, writers::spaced_block_writes};
+    use filemapd_tests::writers::spaced_block_writes;
     const HEAD: u64 = 1 << 20;
     const DEV: u32 = (253 << 20) | 9;
-    require_root();
-    let scratch =
-        ScratchDir::new(Path::new("/var/tmp"), &format!("full-{}", fs_kind.name())).unwrap();
-    let loopfs = LoopFs::new(&scratch.0, fs_kind).unwrap();
-    let path = loopfs.mount.dir.join("spaced");
-    fs::write(&path, vec![0x5a; HEAD as usize]).unwrap();
-    let file = fs::File::open(&path).unwrap();
-    file.sync_all().unwrap();
-    let sectors = |path: &Path| -> Vec<SectorRange> {
-        filefrag_sectors(path)
-            .unwrap()
-            .into_iter()
-            .map(|(s, l)| SectorRange::new(s, l))
-            .collect()
-    };
-    let head = sectors(&path);
-
-    let mut tracer = Tracer::load(16).expect("eBPF programs load on the host kernel");
-    let accounting = tracer.accounting_unattached().unwrap();
-    let account = accounting.open_account().unwrap().unwrap();
-    let id = FileId::of(&file.metadata().unwrap());
-    let mut placement = placement::of(&file, id).unwrap();
-    placement.dm_dev = DEV;
-    placement.slot = account.slot;
-    tracer.watch(id.inode_key(), placement).unwrap();
+    let f = AccountedFile::new(fs_kind, "full", HEAD, DEV);
+    let (path, head, accounting, account) = (&f.path, f.head.clone(), &f.accounting, &f.account);
     // Blocks 8 KiB apart in the file: each its own allocation, a hole between neighbours.
     let count = 2 * SPANS_PER_CHUNK as u64 + 4;
-    spaced_block_writes(&path, HEAD, count, 8192);
+    spaced_block_writes(path, HEAD, count, 8192);
 
-    let fresh: Vec<SectorRange> = sectors(&path)
+    let fresh: Vec<SectorRange> = sectors_of(path)
         .into_iter()
         .flat_map(|extent| parts_not_in(extent, head.clone()))
         .collect();
@@ -492,7 +441,6 @@ async fn a_full_chunk_keeps_every_allocation(fs_kind: FsKind) {
         (vec![], vec![]),
         "after a tidy of everything"
     );
-    tracer.unwatch(id.inode_key()).unwrap();
 }
 
 #[tokio::test]
@@ -503,4 +451,70 @@ async fn ext4_a_full_chunk_keeps_every_allocation() {
 #[tokio::test]
 async fn xfs_a_full_chunk_keeps_every_allocation() {
     a_full_chunk_keeps_every_allocation(FsKind::Xfs).await;
+}
+
+/// A file of `head` bytes on a fresh file system, watched by a tracer whose (unattached)
+/// accounting holds it in a slot, on the pretend dm device `dev`. Unwatched when dropped.
+struct AccountedFile {
+    path: std::path::PathBuf,
+    /// Where the first `head` bytes lie, in sectors.
+    head: Vec<filemapd::sectors::SectorRange>,
+    accounting: std::sync::Arc<filemapd::wake::ebpf::Accounting>,
+    account: filemapd::wake::ebpf::FileAccount,
+    tracer: Tracer,
+    id: FileId,
+    // Dropped last, in this order: the mount before its directory.
+    _loopfs: LoopFs,
+    _scratch: ScratchDir,
+}
+
+impl AccountedFile {
+    fn new(fs_kind: FsKind, label: &str, head: u64, dev: u32) -> Self {
+        use filemapd::file::placement;
+        require_root();
+        let scratch = ScratchDir::new(
+            Path::new("/var/tmp"),
+            &format!("{label}-{}", fs_kind.name()),
+        )
+        .unwrap();
+        let loopfs = LoopFs::new(&scratch.0, fs_kind).unwrap();
+        let path = loopfs.mount.dir.join(label);
+        fs::write(&path, vec![0x5a; head as usize]).unwrap();
+        let file = fs::File::open(&path).unwrap();
+        file.sync_all().unwrap();
+        let head = sectors_of(&path);
+        let mut tracer = Tracer::load(16).expect("eBPF programs load on the host kernel");
+        let accounting = tracer.accounting_unattached().unwrap();
+        let account = accounting.open_account().unwrap().unwrap();
+        let id = FileId::of(&file.metadata().unwrap());
+        let mut placement = placement::of(&file, id).unwrap();
+        placement.dm_dev = dev;
+        placement.slot = account.slot;
+        tracer.watch(id.inode_key(), placement).unwrap();
+        Self {
+            path,
+            head,
+            accounting,
+            account,
+            tracer,
+            id,
+            _loopfs: loopfs,
+            _scratch: scratch,
+        }
+    }
+}
+
+impl Drop for AccountedFile {
+    fn drop(&mut self) {
+        let _ = self.tracer.unwatch(self.id.inode_key());
+    }
+}
+
+/// A file's extents as device sectors (filefrag).
+fn sectors_of(path: &Path) -> Vec<filemapd::sectors::SectorRange> {
+    filemapd_tests::filefrag_sectors(path)
+        .unwrap()
+        .into_iter()
+        .map(|(s, l)| filemapd::sectors::SectorRange::new(s, l))
+        .collect()
 }
