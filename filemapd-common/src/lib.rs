@@ -211,6 +211,13 @@ pub const CHUNK_TABLE_LOG: u32 = 14;
 pub const CHUNK_TABLE_LEN: u32 = 1 << CHUNK_TABLE_LOG;
 pub const CHUNK_PROBES: u32 = 4;
 
+/// A slot among `1 << bits` for `value` (Fibonacci hashing: the top bits of a multiplication
+/// by 2^64 / φ, which spread neighbouring values and aligned addresses alike).
+#[inline(always)]
+pub fn spread(value: u64, bits: u32) -> u32 {
+    (value.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as u32
+}
+
 /// A chunk: the dm device (kernel dev_t) and `sector >> CHUNK_LOG`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -246,10 +253,10 @@ impl ChunkKey {
         }
     }
 
-    /// The first of the table entries a packed key may live in (a multiplicative hash).
+    /// The first of the table entries a packed key may live in.
     #[inline(always)]
     pub fn home(packed: u64) -> u32 {
-        (packed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - CHUNK_TABLE_LOG)) as u32
+        spread(packed, CHUNK_TABLE_LOG)
     }
 
     /// The `probe`-th entry a packed key may live in.

@@ -39,7 +39,7 @@ use filemapd_common::{
     CHUNK_LOG, CHUNK_PROBES, CHUNK_SECTORS, CHUNK_TABLE_LEN, Chunk, ChunkKey, DmLayout,
     ExtentEvent, Field, InodeKey, LAYOUTS_LEN, MARKER_LEVELS, Piece, PieceAddress, Placement,
     SPANS_PER_CHUNK, TracepointLayout, UncoveredTotals, layout_flags, marker, piece_address,
-    piece_kind, prefix_len, span_state, time_arg, tracepoint as tp, walk_next,
+    piece_kind, prefix_len, span_state, spread, time_arg, tracepoint as tp, walk_next,
 };
 
 /// Inodes user space watches, and where their blocks lie. Resized by user space at load time.
@@ -530,10 +530,7 @@ fn claim_span(dev: u32, slot: u32, start: u64, end: u64, born_ns: u64) -> bool {
                 return false;
             }
             // Made meanwhile by a claim that held the word before?
-            let made = match find_entry(key) {
-                Some(chunk) => Some(chunk),
-                None => make_entry(key),
-            };
+            let made = find_entry(key).or_else(|| make_entry(key));
             publish(making, 0);
             match made {
                 Some(chunk) => chunk,
@@ -860,10 +857,10 @@ fn device_of(stats: u64, layout: &DmLayout) -> Option<u32> {
     Some(dev)
 }
 
-/// `DEVICES`' entry for a `struct dm_stats` address (a multiplicative hash).
+/// `DEVICES`' entry for a `struct dm_stats` address.
 #[inline(always)]
 fn device_entry(stats: u64) -> u32 {
-    (stats.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - DEVICES_LOG)) as u32
+    spread(stats, DEVICES_LOG)
 }
 
 /// Puts `(stats, dev)` in an entry: locked by a compare-and-swap of its address to

@@ -326,9 +326,7 @@ impl Accounting {
     fn drop_empty_chunks(&self, freed: &[FoundSpan]) {
         let mut freed_in: BTreeMap<ChunkEntry, (usize, usize)> = BTreeMap::new();
         for s in freed {
-            let entry = freed_in
-                .entry(s.chunk_entry())
-                .or_insert((0, s.live_in_chunk));
+            let entry = freed_in.entry(s.chunk).or_insert((0, s.live_in_chunk));
             entry.0 += 1;
         }
         for (chunk, (freed, live)) in freed_in {

@@ -39,18 +39,23 @@ pub struct Spans {
 }
 
 /// One entry of the chunk table: its chunk and where it is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ChunkEntry {
     pub key: ChunkKey,
     pub entry: u32,
 }
 
+impl ChunkEntry {
+    /// The key as the table holds it.
+    fn packed(&self) -> u64 {
+        ChunkKey::packed(self.key.dev, self.key.chunk)
+    }
+}
+
 /// A live span as read, with where it lives.
 #[derive(Clone, Copy, Debug)]
 pub struct FoundSpan {
-    pub key: ChunkKey,
-    /// Its entry in the chunk table.
-    pub entry: u32,
+    pub chunk: ChunkEntry,
     pub index: usize,
     pub span: Span,
     /// Live spans in its entry when read, itself included: an entry whose live spans were all
@@ -70,20 +75,13 @@ pub enum Removal {
 }
 
 impl FoundSpan {
-    pub fn chunk_entry(&self) -> ChunkEntry {
-        ChunkEntry {
-            key: self.key,
-            entry: self.entry,
-        }
-    }
-
     pub fn sectors(&self) -> SectorRange {
         SectorRange::new(self.span.start, self.span.end - self.span.start)
     }
 
     /// Whether it lies on `dev` and shares a sector with `range`.
     pub fn overlaps(&self, dev: u32, range: SectorRange) -> bool {
-        self.key.dev == dev && self.span.start < range.end() && range.start < self.span.end
+        self.chunk.key.dev == dev && self.span.start < range.end() && range.start < self.span.end
     }
 
     /// The part a region creation has taken (empty without a ticket).
@@ -133,7 +131,11 @@ impl Spans {
                 if self.table.key(entry) == packed
                     && let Some(value) = self.table.read(entry, packed)
                 {
-                    found.extend(live(ChunkKey::unpacked(packed), entry, &value).filter(overlaps));
+                    let chunk = ChunkEntry {
+                        key: ChunkKey::unpacked(packed),
+                        entry,
+                    };
+                    found.extend(live(chunk, &value).filter(overlaps));
                 }
             }
         }
@@ -158,11 +160,14 @@ impl Spans {
             else {
                 continue;
             };
-            let key = ChunkKey::unpacked(packed);
+            let chunk = ChunkEntry {
+                key: ChunkKey::unpacked(packed),
+                entry,
+            };
             let before = found.len();
-            found.extend(live(key, entry, &value));
+            found.extend(live(chunk, &value));
             if found.len() == before {
-                empty.push(ChunkEntry { key, entry });
+                empty.push(chunk);
             }
         }
         (found, empty)
@@ -225,7 +230,7 @@ impl Spans {
                 let after = SectorRange::new(gone_end, end - gone_end);
                 if !self
                     .table
-                    .claim(s.entry, after, s.span.born_ns, s.span.slot)
+                    .claim(s.chunk.entry, after, s.span.born_ns, s.span.slot)
                 {
                     return Removal::NoRoom(after);
                 }
@@ -243,9 +248,8 @@ impl Spans {
     /// look at the key sees it on its second look (the kernel's `claim_checked`).
     pub fn drop_if_empty(&self, chunk: ChunkEntry) {
         let _changing = self.changing.lock().expect("span changes lock");
-        let packed = ChunkKey::packed(chunk.key.dev, chunk.key.chunk);
         let key = self.table.key_word(chunk.entry);
-        if key.load(SeqCst) != packed {
+        if key.load(SeqCst) != chunk.packed() {
             return;
         }
         let states: Vec<&AtomicU64> = (0..SPANS_PER_CHUNK)
@@ -300,7 +304,7 @@ impl Spans {
 }
 
 /// The live spans of one table entry's value.
-fn live(key: ChunkKey, entry: u32, value: &Chunk) -> impl Iterator<Item = FoundSpan> + '_ {
+fn live(chunk: ChunkEntry, value: &Chunk) -> impl Iterator<Item = FoundSpan> + '_ {
     let is_live = |span: &Span| span.state == span_state::LIVE && span.start < span.end;
     let live_in_chunk = value.spans.iter().filter(|s| is_live(s)).count();
     value
@@ -309,8 +313,7 @@ fn live(key: ChunkKey, entry: u32, value: &Chunk) -> impl Iterator<Item = FoundS
         .enumerate()
         .filter(move |(_, span)| is_live(span))
         .map(move |(index, span)| FoundSpan {
-            key,
-            entry,
+            chunk,
             index,
             span: *span,
             live_in_chunk,
@@ -395,8 +398,8 @@ impl ChunkTable {
     /// The span as read, when it is still that one: its entry holds the same chunk, and it
     /// is live with the same birth.
     fn live(&self, s: &FoundSpan) -> Option<SpanWords<'_>> {
-        let span = self.span(s.entry, s.index);
-        let same = self.key(s.entry) == ChunkKey::packed(s.key.dev, s.key.chunk)
+        let span = self.span(s.chunk.entry, s.index);
+        let same = self.key(s.chunk.entry) == s.chunk.packed()
             && span.state.load(SeqCst) == span_state::LIVE
             && span.born_ns.load(SeqCst) == s.span.born_ns;
         same.then_some(span)
@@ -463,8 +466,7 @@ mod tests {
 
     fn found(span: Span) -> FoundSpan {
         FoundSpan {
-            key: ChunkKey::default(),
-            entry: 0,
+            chunk: ChunkEntry::default(),
             index: 0,
             span,
             live_in_chunk: 1,
@@ -525,7 +527,7 @@ mod tests {
             state: span_state::DEAD,
             ..Span::default()
         };
-        let read: Vec<(usize, usize)> = live(ChunkKey::default(), 0, &chunk)
+        let read: Vec<(usize, usize)> = live(ChunkEntry::default(), &chunk)
             .map(|s| (s.index, s.live_in_chunk))
             .collect();
         assert_eq!(read, vec![(1, 1)]);
