@@ -16,7 +16,7 @@ use filemapd::{
     reconcile::Mapping,
     sectors::{SectorRange, join_adjacent},
     stats,
-    wake::ebpf::{Hub, Tracer, accounting, pins},
+    wake::ebpf::{Hub, ONE_FILE_TABLES, Tracer, counting, pins},
     wake::notify::Notifier,
 };
 
@@ -414,7 +414,7 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool, mapping: Mappin
             if ebpf {
                 // Room for two inodes: in path mode the new file is watched before the old one
                 // is let go.
-                match Tracer::load(2) {
+                match Tracer::load(2, ONE_FILE_TABLES) {
                     Ok(tracer) => {
                         let names: Vec<&str> = tracer.attached().iter().map(|t| t.name).collect();
                         log::info!("eBPF trigger on {}", names.join(", "));
@@ -435,14 +435,14 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool, mapping: Mappin
         })
     });
     log::info!("{}", monitor.tally());
-    if let Some(totals) = monitor.uncovered_totals() {
+    if let Some(totals) = monitor.kernel_counters() {
         log::info!(
-            "IO before its region existed, counted in the kernel: {}",
-            accounting::describe(&totals)
+            "Its IO, counted in the kernel: {}",
+            counting::describe(&totals)
         );
     }
-    if let Some(accounting) = monitor.accounting() {
-        accounting.say_io_probe_skips();
+    if let Some(counting) = monitor.counting() {
+        counting.say_io_probe_skips();
     }
     match result {
         Ok(exit) => {
@@ -540,14 +540,14 @@ fn show(path: &PathBuf, group_id: Option<u64>) -> anyhow::Result<()> {
         counted.write_ms
     );
     let key = filemapd::file::identity::FileId::of(&metadata).inode_key();
-    match pins::find_totals(key)? {
+    match pins::find_counters(key)? {
         Some((pid, totals)) => println!(
-            "counted in the kernel before a region existed (daemon {pid}): {}",
-            accounting::describe(&totals)
+            "counted in the kernel, all of its IO (daemon {pid}): {}",
+            counting::describe(&totals)
         ),
-        None => println!(
-            "counted in the kernel before a region existed: no daemon with in-kernel accounting watches this file"
-        ),
+        None => {
+            println!("counted in the kernel: no daemon with in-kernel counting watches this file")
+        }
     }
     Ok(())
 }

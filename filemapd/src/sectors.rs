@@ -60,6 +60,30 @@ pub fn parts_not_in(range: SectorRange, mut taken: Vec<SectorRange>) -> Vec<Sect
     parts
 }
 
+/// The parts of `a` that `b` does not hold (both sorted and disjoint): one sweep over both.
+pub fn difference(a: &[SectorRange], b: &[SectorRange]) -> Vec<SectorRange> {
+    let mut parts = Vec::new();
+    let mut j = 0;
+    for r in a {
+        let mut at = r.start;
+        while j < b.len() && b[j].end() <= at {
+            j += 1;
+        }
+        let mut k = j;
+        while k < b.len() && b[k].start < r.end() {
+            if b[k].start > at {
+                parts.push(SectorRange::new(at, b[k].start - at));
+            }
+            at = at.max(b[k].end());
+            k += 1;
+        }
+        if at < r.end() {
+            parts.push(SectorRange::new(at, r.end() - at));
+        }
+    }
+    parts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +111,19 @@ mod tests {
             vec![r(24, 16), r(52, 20)]
         );
         assert!(parts_not_in(r(16, 8), vec![r(0, 64)]).is_empty());
+    }
+
+    #[test]
+    fn difference_keeps_what_the_other_lacks() {
+        let r = SectorRange::new;
+        let a = [r(0, 10), r(20, 10), r(40, 10)];
+        let b = [r(5, 20), r(42, 2), r(100, 1)];
+        assert_eq!(
+            difference(&a, &b),
+            vec![r(0, 5), r(25, 5), r(40, 2), r(44, 6)]
+        );
+        assert_eq!(difference(&a, &[]), a.to_vec());
+        assert!(difference(&[], &b).is_empty());
+        assert!(difference(&a, &a).is_empty());
     }
 }

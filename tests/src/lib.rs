@@ -476,7 +476,7 @@ pub fn skipped_program_runs() -> Vec<(String, u64)> {
     let mut skipped = Vec::new();
     for info in aya::programs::loaded_programs().flatten() {
         let Ok(fd) = info.fd() else { continue };
-        let misses = filemapd::wake::ebpf::accounting::recursion_misses(fd.as_fd()).unwrap_or(0);
+        let misses = filemapd::wake::ebpf::counting::recursion_misses(fd.as_fd()).unwrap_or(0);
         if misses > 0 {
             skipped.push((info.name_as_str().unwrap_or("?").to_string(), misses));
         }

@@ -47,6 +47,26 @@ pub fn spaced_block_writes(path: &Path, head: u64, count: u64, stride: u64) {
     }
 }
 
+/// Reads the whole file with O_DIRECT, 1 MiB at a time (no page cache: every byte is a read
+/// of the device); returns the bytes read.
+pub fn direct_read_whole(path: &Path) -> u64 {
+    const CHUNK: usize = 1 << 20;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    let len = file.metadata().unwrap().len();
+    let mut buffer = AlignedBuffer::new(CHUNK);
+    let mut at = 0;
+    while at < len {
+        let n = file.read_at(buffer.bytes_mut(), at).unwrap();
+        assert!(n > 0, "{} ends before its size", path.display());
+        at += n as u64;
+    }
+    at
+}
+
 /// xorshift64: reproducible pseudo-random numbers without a dependency.
 pub struct Rng(pub u64);
 
@@ -87,6 +107,11 @@ impl AlignedBuffer {
     fn bytes(&self) -> &[u8] {
         // SAFETY: ptr points to layout.size() initialised bytes, alive as long as self.
         unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and borrowed mutably through self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
     }
 }
 

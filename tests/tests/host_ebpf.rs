@@ -1,8 +1,10 @@
 //! eBPF on this machine's own kernel (no device-mapper needed): the allocation programs report
 //! a watched inode's new blocks and nothing of an unwatched inode's, on ext4 and on xfs; every
 //! event reaches user space even when the kernel does not wake it for each; and the in-kernel
-//! accounting's uncovered set, over its real maps, stays walkable when cut, and holds a chunk's
-//! allocations beyond what its entry of the chunk table takes.
+//! counting's sector map, over its real maps, holds a file's sectors exactly (fresh
+//! allocations the moment they are made, however scattered; what a pass says the file holds;
+//! whole blocks; reflinked sharers), and its IO probe's walk (run on pretend IO by the charge
+//! service) counts each sector of the file once.
 use std::{fs, os::unix::fs::MetadataExt as _, path::Path, time::Duration};
 
 use filemapd::{
@@ -43,7 +45,8 @@ async fn watched_inode_only(fs_kind: FsKind) {
     fs::write(&watched, b"").unwrap();
     fs::write(&unwatched, b"").unwrap();
 
-    let mut tracer = Tracer::load(16).expect("eBPF programs load on the host kernel");
+    let mut tracer = Tracer::load(16, filemapd::wake::ebpf::ONE_FILE_TABLES)
+        .expect("eBPF programs load on the host kernel");
     let attached: Vec<&str> = tracer.attached().iter().map(|t| t.name).collect();
     assert!(
         attached.iter().any(|n| n.starts_with(fs_kind.name())),
@@ -112,7 +115,8 @@ async fn no_event_is_left_unread(fs_kind: FsKind) {
     let loopfs = LoopFs::new(&scratch.0, fs_kind).unwrap();
     let path = loopfs.mount.dir.join("growing");
     fs::write(&path, b"").unwrap();
-    let mut tracer = Tracer::load(16).expect("eBPF programs load on the host kernel");
+    let mut tracer = Tracer::load(16, filemapd::wake::ebpf::ONE_FILE_TABLES)
+        .expect("eBPF programs load on the host kernel");
     let key = file_id(&path).inode_key();
     tracer.watch(key, Default::default()).unwrap();
     // Every other block, so that each write allocates on its own.
@@ -206,7 +210,7 @@ async fn every_kind_of_change(fs_kind: FsKind) {
     let path = loopfs.mount.dir.join("disk.img");
     fs::write(&path, b"").unwrap();
     let id = file_id(&path);
-    let mut tracer = Tracer::load(16).unwrap();
+    let mut tracer = Tracer::load(16, filemapd::wake::ebpf::ONE_FILE_TABLES).unwrap();
     tracer.watch(id.inode_key(), Default::default()).unwrap();
 
     write_and_sync(&path, 0, 4 << 20).unwrap();
@@ -240,162 +244,81 @@ async fn xfs_reports_growth_fallocate_punch_and_truncate() {
     every_kind_of_change(FsKind::Xfs).await;
 }
 
-/// The uncovered set, without device-mapper: a region ending inside a piece exactly the size
-/// of a marker level's block (4 MiB) cuts it, and a walk still finds the parts outside the
-/// region. (Such a cut once left the block without its marker: walks stepped over the parts,
-/// and their IO was counted nowhere.)
-#[test]
-fn a_cut_piece_leaves_its_parts_where_walks_find_them() {
-    use std::sync::Arc;
-
-    use filemapd::{
-        sectors::{SectorRange, join_adjacent},
-        stats::{CreationWitness as _, group::FuseShadow as _},
-        wake::ebpf::{FileShadow, standalone_accounting},
-    };
-    require_root();
-    let accounting = Arc::new(standalone_accounting().unwrap());
-    let account = accounting.open_account().unwrap().unwrap();
-    let (major, minor) = (253, 3);
-    let dev = (major << 20) | minor;
-    // Put in as the kernel cuts an allocation: aligned pieces, 1032192+8192 among them.
-    let allocation = SectorRange::new(786512, 260216);
-    let file = FileShadow {
-        account: &account,
-        dev,
-        block: 8,
-    };
-    file.shadow(allocation).unwrap();
-    let region = SectorRange::new(786512, 249736); // ends at 1036248, inside that piece
-    let ticket = accounting
-        .before_create((major, minor), region)
-        .expect("the region takes the pieces it covers");
-    accounting.after_create(ticket, true);
-    // A walk over the whole allocation, as an IO from inside the region onwards walks: it
-    // steps through the blocks the region took, and must not step over the parts left.
-    let (found, held) = accounting.pieces_found_and_held(dev, allocation).unwrap();
-    assert_eq!(found, held, "a walk misses pieces the set holds");
-    let rest = SectorRange::new(region.end(), allocation.end() - region.end());
-    assert_eq!(
-        join_adjacent(held),
-        vec![rest],
-        "the parts outside the region"
-    );
-}
-
-/// The uncovered set's spans over real allocations, without device-mapper: the allocation
-/// programs record a growing file's fresh extents exactly, walks find what the set holds
-/// and the IO probe's walk charges it (run on a pretend IO), a region's creation takes
-/// exactly its sectors out (splitting the span it lies inside), and a tidy takes the rest.
-async fn spans_hold_fresh_allocations(fs_kind: FsKind) {
-    use filemapd::{
-        sectors::{SectorRange, join_adjacent, parts_not_in},
-        stats::CreationWitness as _,
-    };
+/// The sector map over real allocations, without device-mapper: the allocation programs record
+/// a growing file's fresh sectors the moment they are allocated, exactly; a pretend IO over
+/// them counts each sector once and the IO once; a pass's sync adds what the file held before
+/// (its head) and takes out what it gave back, but keeps what was recorded after its reading.
+async fn the_map_holds_a_growing_file(fs_kind: FsKind) {
+    use filemapd::{sectors::SectorRange, wake::ebpf::counting::Reading};
     use filemapd_tests::writers::random_direct_writes;
     const HEAD: u64 = 1 << 20;
     const DEV: u32 = (253 << 20) | 7;
-    let f = AccountedFile::new(fs_kind, "spans", HEAD, DEV);
-    let (path, head, accounting, account) = (&f.path, f.head.clone(), &f.accounting, &f.account);
-    random_direct_writes(path, HEAD, 4 << 20, 0x5eed);
+    let f = CountedFileOnHost::new(fs_kind, "growing", HEAD, DEV);
+    let reading_before_the_writes = Reading::now();
+    random_direct_writes(&f.path, HEAD, 4 << 20, 0x5eed);
 
-    let fresh: Vec<SectorRange> = sectors_of(path)
-        .into_iter()
-        .flat_map(|extent| parts_not_in(extent, head.clone()))
-        .collect();
+    let all = join_adjacent(sectors_of(&f.path));
+    let fresh = difference(&all, &f.head);
     assert!(!fresh.is_empty(), "the writes allocated nothing");
-    let first = fresh.iter().map(|r| r.start).min().unwrap();
-    let last = fresh.iter().map(|r| r.end()).max().unwrap();
-    let whole = SectorRange::new(first, last - first);
-    let held_now = || {
-        let (found, held) = accounting.pieces_found_and_held(DEV, whole).unwrap();
-        assert_eq!(found, held, "a walk misses what the set holds");
-        join_adjacent(held)
+    assert_eq!(f.held(), fresh, "recorded vs allocated");
+    let span = SectorRange::new(all[0].start, all.last().unwrap().end() - all[0].start);
+    assert_eq!(
+        f.count_write(span),
+        (1, sum(&fresh)),
+        "counted vs allocated"
+    );
+
+    // A pass that read the file after the writes: the map holds it all.
+    let changes = f.counted.sync(&all, &all, Reading::now());
+    assert_eq!(changes.no_room, 0);
+    assert_eq!(f.held(), all, "after a pass");
+    assert_eq!(f.count_write(span), (1, sum(&all)), "counted after a pass");
+
+    // A pass whose reading predates the writes (their events still on their way): what the
+    // kernel recorded since stays, though the reading lacks it.
+    f.counted.sync(&all, &f.head, reading_before_the_writes);
+    assert_eq!(f.held(), all, "after a pass that read before the writes");
+
+    // The file gave its first fresh extent back: a pass that reads it a second later (when
+    // the kernel's recordings are old enough to be judged) takes it out.
+    let given_back = fresh[0];
+    let kept = difference(&all, &[given_back]);
+    let later = Reading {
+        at_ns: filemapd::wake::ebpf::counting::monotonic_ns() + 1_000_000_000,
     };
-    assert_eq!(
-        held_now(),
-        join_adjacent(fresh.clone()),
-        "recorded vs allocated"
-    );
-    // An IO over all of it, as the IO probe walks one, is charged each fresh sector.
-    let charged = || {
-        let before = account.totals().unwrap();
-        accounting.charge_pretend_io(DEV, whole, true).unwrap();
-        let after = account.totals().unwrap();
-        (
-            after.writes - before.writes,
-            after.write_sectors - before.write_sectors,
-        )
-    };
-    let sum = |ranges: &[SectorRange]| ranges.iter().map(|r| r.len).sum::<u64>();
-    assert_eq!(charged(), (1, sum(&fresh)), "charged vs allocated");
+    f.counted.sync(&[given_back], &kept, later);
+    assert_eq!(f.held(), kept, "after giving back {given_back}");
+    assert_eq!(f.count_write(span), (1, sum(&kept)));
 
-    // A region of two blocks inside the first 64 KiB allocation: the span is split around it.
-    let inside = fresh
-        .iter()
-        .find(|r| r.len >= 128)
-        .expect("a whole 64 KiB allocation");
-    let region = SectorRange::new(inside.start + 16, 16);
-    let ticket = accounting
-        .before_create((DEV >> 20, DEV & 0xfffff), region)
-        .expect("the region takes the span it lies in");
-    accounting.after_create(ticket, true);
-    let left: Vec<SectorRange> = fresh
-        .iter()
-        .flat_map(|&r| parts_not_in(r, vec![region]))
-        .collect();
-    assert_eq!(
-        held_now(),
-        join_adjacent(left.clone()),
-        "after the region's creation"
-    );
-    assert_eq!(
-        charged(),
-        (1, sum(&left)),
-        "charged after the region's creation"
-    );
-
-    // A failed creation gives back what it took.
-    let ticket = accounting
-        .before_create((DEV >> 20, DEV & 0xfffff), whole)
-        .expect("the region takes every span");
-    accounting.after_create(ticket, false);
-    assert_eq!(held_now(), join_adjacent(left), "after a failed creation");
-
-    account.tidy(|_, _| true).unwrap();
-    assert_eq!(held_now(), vec![], "after a tidy of everything");
-    assert_eq!(charged(), (0, 0), "charged after a tidy of everything");
+    // Unwatched: nothing of it is left.
+    f.counting.close(f.counted.slot);
+    assert_eq!(f.held(), vec![], "after close");
 }
 
 #[tokio::test]
-async fn ext4_spans_hold_fresh_allocations() {
-    spans_hold_fresh_allocations(FsKind::Ext4).await;
+async fn ext4_the_map_holds_a_growing_file() {
+    the_map_holds_a_growing_file(FsKind::Ext4).await;
 }
 
 #[tokio::test]
-async fn xfs_spans_hold_fresh_allocations() {
-    spans_hold_fresh_allocations(FsKind::Xfs).await;
+async fn xfs_the_map_holds_a_growing_file() {
+    the_map_holds_a_growing_file(FsKind::Xfs).await;
 }
 
-/// More small allocations in one 256 KiB chunk than its entry of the chunk table holds (the
-/// rest go to the trie): the set keeps every one of them where a walk finds it, and an IO
-/// over them is charged each.
-async fn a_full_chunk_keeps_every_allocation(fs_kind: FsKind) {
-    use filemapd::sectors::{SectorRange, join_adjacent, parts_not_in};
-    use filemapd_common::{CHUNK_LOG, SPANS_PER_CHUNK};
+/// Scattered 4 KiB allocations (a sparse image written at random by a guest): more separate
+/// runs in one 256 KiB chunk than any fixed number of spans would hold. The map holds every
+/// one, and a pretend IO counts each.
+async fn the_map_holds_scattered_blocks(fs_kind: FsKind) {
+    use filemapd_common::sector_map::CHUNK_LOG;
     use filemapd_tests::writers::spaced_block_writes;
     const HEAD: u64 = 1 << 20;
     const DEV: u32 = (253 << 20) | 9;
-    let f = AccountedFile::new(fs_kind, "full", HEAD, DEV);
-    let (path, head, accounting, account) = (&f.path, f.head.clone(), &f.accounting, &f.account);
+    let f = CountedFileOnHost::new(fs_kind, "scattered", HEAD, DEV);
     // Blocks 8 KiB apart in the file: each its own allocation, a hole between neighbours.
-    let count = 2 * SPANS_PER_CHUNK as u64 + 4;
-    spaced_block_writes(path, HEAD, count, 8192);
+    spaced_block_writes(&f.path, HEAD, 40, 8192);
 
-    let fresh: Vec<SectorRange> = sectors_of(path)
-        .into_iter()
-        .flat_map(|extent| parts_not_in(extent, head.clone()))
-        .collect();
+    let all = join_adjacent(sectors_of(&f.path));
+    let fresh = difference(&all, &f.head);
     let busiest = fresh
         .iter()
         .map(|r| {
@@ -408,59 +331,153 @@ async fn a_full_chunk_keeps_every_allocation(fs_kind: FsKind) {
         .max()
         .unwrap_or(0);
     assert!(
-        busiest > SPANS_PER_CHUNK,
-        "the writes should put more than {SPANS_PER_CHUNK} allocations in one chunk, the \
-         busiest has {busiest}: {fresh:?}"
+        busiest > 8,
+        "the writes should put more than 8 runs in one chunk, the busiest has {busiest}: {fresh:?}"
     );
-    let first = fresh.iter().map(|r| r.start).min().unwrap();
-    let last = fresh.iter().map(|r| r.end()).max().unwrap();
-    let whole = SectorRange::new(first, last - first);
-    let (found, held) = accounting.pieces_found_and_held(DEV, whole).unwrap();
-    assert_eq!(found, held, "a walk misses what the set holds");
-    assert_eq!(
-        join_adjacent(held),
-        join_adjacent(fresh.clone()),
-        "recorded vs allocated"
+    assert_eq!(f.held(), fresh, "recorded vs allocated");
+    let span = filemapd::sectors::SectorRange::new(
+        fresh[0].start,
+        fresh.last().unwrap().end() - fresh[0].start,
     );
-    let before = account.totals().unwrap();
-    accounting.charge_pretend_io(DEV, whole, true).unwrap();
-    let after = account.totals().unwrap();
-    let sum: u64 = fresh.iter().map(|r| r.len).sum();
     assert_eq!(
+        f.count_write(span),
+        (1, sum(&fresh)),
+        "counted vs allocated"
+    );
+    assert_eq!(f.counters().unrecorded, 0);
+}
+
+#[tokio::test]
+async fn ext4_the_map_holds_scattered_blocks() {
+    the_map_holds_scattered_blocks(FsKind::Ext4).await;
+}
+
+#[tokio::test]
+async fn xfs_the_map_holds_scattered_blocks() {
+    the_map_holds_scattered_blocks(FsKind::Xfs).await;
+}
+
+/// Whole 16 MiB blocks, shared sectors and the counters, over the maps alone: a file of 45 MiB
+/// in one run is held as two whole blocks and records before them; a reflinked copy of part of
+/// it counts the shared sectors too; a fifth sharer of a block whose four owner words are
+/// taken is held in records; and a bio's start and end keep the in-flight count, its duration
+/// falls in the file's histogram bucket.
+#[test]
+fn whole_blocks_sharers_and_counters() {
+    use std::sync::Arc;
+
+    use filemapd::{
+        sectors::SectorRange,
+        wake::ebpf::{ONE_FILE_TABLES, counting::Reading, standalone_counting},
+    };
+    use filemapd_common::{Bounds, sector_map::BLOCK_SECTORS};
+    require_root();
+    const DEV: u32 = (253 << 20) | 11;
+    let counting = Arc::new(standalone_counting(16, ONE_FILE_TABLES).unwrap());
+    let bounds = Bounds::from_ns(&[1_000_000, 10_000_000]).unwrap();
+    let open = || {
+        counting
+            .open(DEV, bounds, Default::default())
+            .unwrap()
+            .unwrap()
+    };
+    let held = |slot: u32| -> Vec<(SectorRange, bool)> {
+        counting
+            .map()
+            .held(slot)
+            .iter()
+            .map(|h| (h.range, h.whole_block))
+            .collect()
+    };
+    // 45 MiB from 3 MiB into the first block: its end, then two whole blocks.
+    let file = SectorRange::new(3 * 2048, 45 * 2048);
+    let a = open();
+    assert_eq!(a.sync(&[file], &[file], Reading::now()).no_room, 0);
+    let whole: Vec<SectorRange> = held(a.slot)
+        .into_iter()
+        .filter(|&(_, whole)| whole)
+        .map(|(r, _)| r)
+        .collect();
+    assert_eq!(
+        whole,
+        vec![
+            SectorRange::new(BLOCK_SECTORS, BLOCK_SECTORS),
+            SectorRange::new(2 * BLOCK_SECTORS, BLOCK_SECTORS)
+        ]
+    );
+    assert_eq!(
+        join_adjacent(held(a.slot).into_iter().map(|(r, _)| r).collect()),
+        vec![file]
+    );
+    let count = |slot: u32, io: SectorRange, ms: u64| {
+        let before = counting.counters(slot).unwrap();
+        counting
+            .charge_pretend_io(DEV, io, false, Duration::from_millis(ms))
+            .unwrap();
+        let after = counting.counters(slot).unwrap();
         (
-            after.writes - before.writes,
-            after.write_sectors - before.write_sectors
-        ),
-        (1, sum),
-        "charged vs allocated"
-    );
-    account.tidy(|_, _| true).unwrap();
-    let (found, held) = accounting.pieces_found_and_held(DEV, whole).unwrap();
+            after.reads - before.reads,
+            after.read_sectors - before.read_sectors,
+        )
+    };
+    // A bio over the whole device's first 64 MiB: the file's sectors, once.
+    let everything = SectorRange::new(0, 4 * BLOCK_SECTORS);
+    assert_eq!(count(a.slot, everything, 5), (1, file.len));
+    let counters = counting.counters(a.slot).unwrap();
+    assert_eq!(counters.in_flight(), 0, "started and ended");
     assert_eq!(
-        (found, held),
-        (vec![], vec![]),
-        "after a tidy of everything"
+        counters.histogram[..3],
+        [0, 1, 0],
+        "5 ms: between the bounds"
     );
-}
 
-#[tokio::test]
-async fn ext4_a_full_chunk_keeps_every_allocation() {
-    a_full_chunk_keeps_every_allocation(FsKind::Ext4).await;
-}
+    // Reflinked copies of its first whole block, five of them: the block's four owner words
+    // go to `a` and three of them, the other two hold records in each of its chunks.
+    let shared = SectorRange::new(BLOCK_SECTORS, BLOCK_SECTORS);
+    let sharers: Vec<_> = (0..5).map(|_| open()).collect();
+    for s in &sharers {
+        assert_eq!(s.sync(&[shared], &[shared], Reading::now()).no_room, 0);
+    }
+    for s in &sharers {
+        assert_eq!(
+            join_adjacent(held(s.slot).into_iter().map(|(r, _)| r).collect()),
+            vec![shared],
+            "a sharer holds its sectors whatever the owner words left"
+        );
+        assert_eq!(count(s.slot, everything, 0), (1, shared.len));
+    }
+    assert_eq!(
+        count(a.slot, everything, 0),
+        (1, file.len),
+        "a's count unchanged"
+    );
+    for s in sharers {
+        counting.close(s.slot);
+        assert_eq!(held(s.slot), vec![]);
+    }
+    assert_eq!(count(a.slot, everything, 0), (1, file.len));
 
-#[tokio::test]
-async fn xfs_a_full_chunk_keeps_every_allocation() {
-    a_full_chunk_keeps_every_allocation(FsKind::Xfs).await;
+    // A chunk has records for four files: a fifth sharer of one is told there is no room.
+    let part = SectorRange::new(file.start, 64);
+    let sharers: Vec<_> = (0..4).map(|_| open()).collect();
+    for (n, s) in sharers.iter().enumerate() {
+        let no_room = s.sync(&[part], &[part], Reading::now()).no_room;
+        assert_eq!(
+            no_room,
+            usize::from(n == 3),
+            "sharer {n} (a holds a record too)"
+        );
+    }
 }
 
 /// A file of `head` bytes on a fresh file system, watched by a tracer whose (unattached)
-/// accounting holds it in a slot, on the pretend dm device `dev`. Unwatched when dropped.
-struct AccountedFile {
+/// counting holds it in a slot, on the pretend dm device `dev`. Unwatched when dropped.
+struct CountedFileOnHost {
     path: std::path::PathBuf,
     /// Where the first `head` bytes lie, in sectors.
     head: Vec<filemapd::sectors::SectorRange>,
-    accounting: std::sync::Arc<filemapd::wake::ebpf::Accounting>,
-    account: filemapd::wake::ebpf::FileAccount,
+    counting: std::sync::Arc<filemapd::wake::ebpf::Counting>,
+    counted: filemapd::wake::ebpf::CountedFile,
     tracer: Tracer,
     id: FileId,
     // Dropped last, in this order: the mount before its directory.
@@ -468,9 +485,9 @@ struct AccountedFile {
     _scratch: ScratchDir,
 }
 
-impl AccountedFile {
+impl CountedFileOnHost {
     fn new(fs_kind: FsKind, label: &str, head: u64, dev: u32) -> Self {
-        use filemapd::file::placement;
+        use filemapd::{file::placement, wake::ebpf::ONE_FILE_TABLES};
         require_root();
         let scratch = ScratchDir::new(
             Path::new("/var/tmp"),
@@ -482,32 +499,75 @@ impl AccountedFile {
         fs::write(&path, vec![0x5a; head as usize]).unwrap();
         let file = fs::File::open(&path).unwrap();
         file.sync_all().unwrap();
-        let head = sectors_of(&path);
-        let mut tracer = Tracer::load(16).expect("eBPF programs load on the host kernel");
-        let accounting = tracer.accounting_unattached().unwrap();
-        let account = accounting.open_account().unwrap().unwrap();
+        let head = join_adjacent(sectors_of(&path));
+        let mut tracer =
+            Tracer::load(16, ONE_FILE_TABLES).expect("eBPF programs load on the host kernel");
+        let counting = tracer.counting_unattached(ONE_FILE_TABLES).unwrap();
+        let counted = counting
+            .open(dev, Default::default(), Default::default())
+            .unwrap()
+            .unwrap();
         let id = FileId::of(&file.metadata().unwrap());
         let mut placement = placement::of(&file, id).unwrap();
         placement.dm_dev = dev;
-        placement.slot = account.slot;
+        placement.slot = counted.slot;
         tracer.watch(id.inode_key(), placement).unwrap();
         Self {
             path,
             head,
-            accounting,
-            account,
+            counting,
+            counted,
             tracer,
             id,
             _loopfs: loopfs,
             _scratch: scratch,
         }
     }
+
+    /// What the map holds for the file, joined.
+    fn held(&self) -> Vec<filemapd::sectors::SectorRange> {
+        join_adjacent(self.counted.held().iter().map(|h| h.range).collect())
+    }
+
+    fn counters(&self) -> filemapd_common::FileCounters {
+        self.counted.counters().unwrap()
+    }
+
+    /// Counts a pretend write over `io`: (writes, sectors written) it added to the file's.
+    fn count_write(&self, io: filemapd::sectors::SectorRange) -> (u64, u64) {
+        let before = self.counters();
+        self.counting
+            .charge_pretend_io(self.counted.dev, io, true, Duration::ZERO)
+            .unwrap();
+        let after = self.counters();
+        (
+            after.writes - before.writes,
+            after.write_sectors - before.write_sectors,
+        )
+    }
 }
 
-impl Drop for AccountedFile {
+impl Drop for CountedFileOnHost {
     fn drop(&mut self) {
         let _ = self.tracer.unwatch(self.id.inode_key());
     }
+}
+
+fn join_adjacent(
+    ranges: Vec<filemapd::sectors::SectorRange>,
+) -> Vec<filemapd::sectors::SectorRange> {
+    filemapd::sectors::join_adjacent(ranges)
+}
+
+fn difference(
+    a: &[filemapd::sectors::SectorRange],
+    b: &[filemapd::sectors::SectorRange],
+) -> Vec<filemapd::sectors::SectorRange> {
+    filemapd::sectors::difference(a, b)
+}
+
+fn sum(ranges: &[filemapd::sectors::SectorRange]) -> u64 {
+    ranges.iter().map(|r| r.len).sum()
 }
 
 /// A file's extents as device sectors (filefrag).
@@ -517,4 +577,29 @@ fn sectors_of(path: &Path) -> Vec<filemapd::sectors::SectorRange> {
         .into_iter()
         .map(|(s, l)| filemapd::sectors::SectorRange::new(s, l))
         .collect()
+}
+
+/// What each program costs the verifier (start-up time: the kernel walks every program when
+/// it is loaded), within a budget, so that a change that multiplies it is caught where it is
+/// made. The counts are printed (`--nocapture`) for BENCHMARKS.md.
+#[tokio::test]
+async fn every_program_verifies_within_its_budget() {
+    use filemapd::wake::ebpf::ONE_FILE_TABLES;
+    /// Instructions the verifier may walk per program: the largest today (the charge service,
+    /// the IO probe's walk) take a fraction of it.
+    const BUDGET: u32 = 60_000;
+    require_root();
+    let mut tracer =
+        Tracer::load(16, ONE_FILE_TABLES).expect("eBPF programs load on the host kernel");
+    tracer.counting_unattached(ONE_FILE_TABLES).unwrap();
+    let counts = tracer.verified_instructions();
+    for (name, count) in &counts {
+        println!("{name}: {count} instructions verified");
+    }
+    assert!(
+        counts.iter().any(|(name, _)| name == "dm_stats_account_io"),
+        "the IO probe was verified: {counts:?}"
+    );
+    let over: Vec<&(String, u32)> = counts.iter().filter(|(_, n)| *n > BUDGET).collect();
+    assert!(over.is_empty(), "over the budget of {BUDGET}: {over:?}");
 }

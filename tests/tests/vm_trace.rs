@@ -104,11 +104,15 @@ fn trace_shows_events_passes_and_totals(fs_kind: FsKind, tracepoints: &[&str]) {
         let line = lines
             .recv_timeout(Duration::from_secs(30))
             .expect("no totals line after SIGTERM");
-        if line["type"] == "uncovered_totals" {
+        if line["type"] == "totals" {
             break line;
         }
     };
-    assert!(totals["write_sectors"].as_u64().is_some(), "{totals}");
+    assert!(
+        totals["write_sectors"].as_u64().is_some_and(|n| n > 0),
+        "{totals}"
+    );
+    assert_eq!(totals["counted_by"], "kernel", "{totals}");
     assert!(child.wait().unwrap().success());
     let log = log.join().unwrap();
     assert!(

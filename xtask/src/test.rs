@@ -139,7 +139,7 @@ const VM_TEST_TARGETS: &[&str] = &[
     "vm_daemon",
     "vm_ebpf",
     "vm_growth",
-    "vm_accounting",
+    "vm_counting",
     "vm_trace",
     "vm_metrics",
     "vm_service",

@@ -1,6 +1,6 @@
 //! `filemapd trace`: one JSON object per line on stdout for each allocation or removal event of
-//! the watched files, each pass the daemon made of them, and each file's in-kernel totals when
-//! it stops. For kernel labs: what the file system did, when, and what it cost to follow.
+//! the watched files, each pass the daemon made of them, and each file's totals (all its IO,
+//! as the kernel counted it) when it stops. For kernel labs: what the file system did, when, and what it cost to follow.
 //! Off (and free: one relaxed load) unless the trace command turned it on.
 use std::{
     io::Write as _,
@@ -9,8 +9,8 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::wake::ebpf::{Tracepoint, accounting};
-use filemapd_common::{ExtentEvent, Placement, UncoveredTotals};
+use crate::wake::ebpf::{Tracepoint, counting};
+use filemapd_common::{ExtentEvent, FileCounters, Placement};
 
 static ON: AtomicBool = AtomicBool::new(false);
 
@@ -103,20 +103,24 @@ pub fn pass(p: Pass<'_>) {
     }));
 }
 
-/// A file's in-kernel totals when its monitor stops.
-pub fn totals(path: &std::path::Path, totals: &UncoveredTotals) {
+/// A file's totals when its monitor stops: all its IO, as the kernel counted it.
+pub fn totals(path: &std::path::Path, totals: &FileCounters) {
     if !enabled() {
         return;
     }
     emit(json!({
-        "type": "uncovered_totals",
+        "type": "totals",
         "path": path,
+        "counted_by": "kernel",
         "reads": totals.reads,
         "read_sectors": totals.read_sectors,
+        "read_seconds": totals.read_ns as f64 / 1e9,
         "writes": totals.writes,
         "write_sectors": totals.write_sectors,
+        "write_seconds": totals.write_ns as f64 / 1e9,
+        "in_flight": totals.in_flight(),
         "unrecorded": totals.unrecorded,
         "unwalked": totals.unwalked,
-        "summary": accounting::describe(totals),
+        "summary": counting::describe(totals),
     }));
 }

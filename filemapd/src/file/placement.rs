@@ -23,6 +23,9 @@ struct XfsGeometryV1 {
 
 // XFS_IOC_FSGEOMETRY_V1 = _IOR('X', 100, struct xfs_fsop_geom_v1).
 nix::ioctl_read!(xfs_geometry_v1, b'X', 100, XfsGeometryV1);
+// FS_IOC_GETVERSION = _IOR('v', 1, long): the inode's generation (ext4, xfs), which nix and
+// libc do not wrap. The kernel writes an int, whatever the size the number encodes.
+nix::ioctl_read!(inode_generation, b'v', 1, libc::c_long);
 
 /// Where `file`'s blocks lie on the device-mapper device it sits on (`slot` left 0).
 pub fn of(file: &std::fs::File, id: FileId) -> anyhow::Result<Placement> {
@@ -30,6 +33,11 @@ pub fn of(file: &std::fs::File, id: FileId) -> anyhow::Result<Placement> {
         .context("fstatfs")?
         .block_size() as u64;
     let sector_shift = shift_of(block_size)?;
+    // The kernel's sector map holds a file's sectors in units of 4 KiB (see
+    // filemapd_common::sector_map): a smaller block could share a unit with another file.
+    if block_size < 4096 {
+        bail!("its file system's blocks are {block_size} bytes: the kernel counts in units of 4 KiB");
+    }
     let (ag_block_log, ag_blocks) = match tracepoint_category(file) {
         Some("xfs") => {
             let mut geometry = XfsGeometryV1::default();
@@ -54,7 +62,21 @@ pub fn of(file: &std::fs::File, id: FileId) -> anyhow::Result<Placement> {
         sector_shift,
         ag_block_log,
         ag_blocks,
+        generation: generation_of(file),
+        _pad: 0,
     })
+}
+
+/// The inode's generation: with its device and number, it names the file itself (a new file
+/// may reuse a deleted one's inode number, not its generation). 0 where the file system
+/// does not say.
+pub fn generation_of(file: &std::fs::File) -> u32 {
+    let mut generation: libc::c_long = 0;
+    // SAFETY: the ioctl writes at most a long into the value given.
+    match unsafe { inode_generation(file.as_raw_fd(), &mut generation) } {
+        Ok(_) => generation as u32,
+        Err(_) => 0,
+    }
 }
 
 /// log2(block size / 512).

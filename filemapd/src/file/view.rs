@@ -129,9 +129,12 @@ impl FileView {
         Ok(reading)
     }
 
-    /// Blocks the file holds past its end, as device ranges (no region covers them).
-    pub fn tail_ranges(&self) -> Vec<crate::sectors::SectorRange> {
-        self.map.tail_ranges()
+    /// Every sector the file holds on its device, past its end too: what the kernel counts
+    /// for it (sorted, disjoint, joined where they touch).
+    pub fn all_sectors(&self) -> Vec<crate::sectors::SectorRange> {
+        let mut ranges = self.map.device_ranges();
+        ranges.extend(self.map.tail_ranges());
+        crate::sectors::join_adjacent(ranges)
     }
 
     /// Event ranges FIEMAP has not shown placed yet.

@@ -1,9 +1,6 @@
 //! dm-stats on one device-mapper device: the `@stats_*` target messages, sent through
 //! devicemapper-rs's DM_TARGET_MSG support; and the devices a process monitors, opened once.
-use std::{
-    collections::HashMap,
-    sync::{Arc, OnceLock},
-};
+use std::{collections::HashMap, sync::Arc};
 
 use anyhow::{Context as _, bail};
 use devicemapper::{DM, DevId, DmError, DmName, DmNameBuf, errors};
@@ -28,22 +25,12 @@ fn describe(error: &DmError) -> String {
     }
 }
 
-/// Told around each region creation, on the creating thread: the in-kernel accounting of
-/// uncovered IO hands the new region's sectors over to it.
-pub trait CreationWitness: Send + Sync {
-    /// Before `@stats_create` of `range` on the device `(major, minor)`; a ticket when the
-    /// witness has something to hand over.
-    fn before_create(&self, device: (u32, u32), range: SectorRange) -> Option<u64>;
-    fn after_create(&self, ticket: u64, created: bool);
-}
-
 /// A device-mapper device whose statistics we read and change.
 pub struct StatsDevice {
     dm: DM,
     name: DmNameBuf,
     major: u32,
     minor: u32,
-    witness: OnceLock<Arc<dyn CreationWitness>>,
 }
 
 impl StatsDevice {
@@ -64,13 +51,7 @@ impl StatsDevice {
             name,
             major,
             minor,
-            witness: OnceLock::new(),
         })
-    }
-
-    /// Has `witness` told of every region creation from now on (the first one set stays).
-    pub fn set_witness(&self, witness: Arc<dyn CreationWitness>) {
-        let _ = self.witness.set(witness);
     }
 
     /// The dm device under a file system whose `st_dev` is given.
@@ -151,17 +132,11 @@ impl StatsDevice {
                 range.len
             )
         };
-        let witness = self.witness.get();
-        let ticket = witness.and_then(|w| w.before_create(self.device_number(), range));
-        let created = self.message(&msg).and_then(|answer| {
+        self.message(&msg).and_then(|answer| {
             answer.trim().parse().with_context(|| {
                 format!("device {}: @stats_create answered {answer:?}", &*self.name)
             })
-        });
-        if let (Some(witness), Some(ticket)) = (witness, ticket) {
-            witness.after_create(ticket, created.is_ok());
-        }
-        created
+        })
     }
 
     pub fn delete(&self, id: u64) -> anyhow::Result<()> {

@@ -99,41 +99,6 @@ pub struct Outcome {
     pub group: Group,
 }
 
-/// Keeps the IO of a region about to be fused into a longer one counted until its successor
-/// counts it. The successor's creation suspends the device, and the bios that drains complete
-/// in the old region alone; the old region then goes with them. Shadowed right after its idle
-/// check, the region's sectors are charged in the kernel as if uncovered, and handed over to
-/// the successor with its creation like any uncovered sectors.
-pub trait FuseShadow {
-    fn shadow(&self, range: SectorRange) -> anyhow::Result<()>;
-    /// Ends the shadow of a region that stays after all (the IO it counted is its own).
-    fn unshadow(&self, range: SectorRange);
-}
-
-/// The regions one update shadowed. Until their successors exist, dropping this (an error
-/// half-way) unshadows them: the regions stay, and count their IO themselves.
-struct Shadowed<'a> {
-    shadow: Option<&'a dyn FuseShadow>,
-    regions: Vec<(u64, SectorRange)>,
-    taken_over: bool,
-}
-
-impl Shadowed<'_> {
-    fn contains(&self, id: u64) -> bool {
-        self.regions.iter().any(|&(shadowed, _)| shadowed == id)
-    }
-}
-
-impl Drop for Shadowed<'_> {
-    fn drop(&mut self) {
-        if let (false, Some(shadow)) = (self.taken_over, self.shadow) {
-            for &(_, range) in &self.regions {
-                shadow.unshadow(range);
-            }
-        }
-    }
-}
-
 /// Whether a region has counted nothing yet (all of `@stats_print`'s counters zero), so that
 /// replacing it loses nothing.
 fn counted_nothing(device: &StatsDevice, id: u64) -> anyhow::Result<bool> {
@@ -281,13 +246,8 @@ impl Group {
     /// Carries out `plan` (whose ids must all be members); regions outside the group are never
     /// touched. On a failure half-way, the regions created so far are deleted again. Consumes
     /// the group (it may have thousands of members): the outcome carries it on, changed in
-    /// O(plan · log n). `shadow`: the in-kernel accounting, which keeps fused regions' IO.
-    pub fn apply(
-        mut self,
-        device: &StatsDevice,
-        plan: &Plan,
-        shadow: Option<&dyn FuseShadow>,
-    ) -> anyhow::Result<Outcome> {
+    /// O(plan · log n).
+    pub fn apply(mut self, device: &StatsDevice, plan: &Plan) -> anyhow::Result<Outcome> {
         let marker = pending_marker(self.id);
         let mut deleted = 0;
 
@@ -328,33 +288,20 @@ impl Group {
         // (or leads the group: replacing it would change the group's id at every growth)
         // stays and splits the run. The longer region exists before the old ones go, so IO
         // to them meanwhile is counted in both and kept. IO after a region's check and before
-        // its successor exists (the creation's suspend drains bios in flight into it) is
-        // kept by its shadow (see `FuseShadow`); without the accounting it would go with it.
-        // The fuse runs' successors are created first, right after their regions were found
-        // idle, so that the window is short either way.
+        // its successor exists (the creation's suspend drains bios in flight into it) goes
+        // with the region: the regions' view loses it, the kernel's counters (which count
+        // every IO of the file, whatever the regions) do not. The fuse runs' successors are
+        // created first, right after their regions were found idle, so that the window is
+        // short.
         let mut create: Vec<SectorRange> = Vec::new();
         let mut leaving: Vec<u64> = plan.delete.clone();
-        let mut shadowed = Shadowed {
-            shadow,
-            regions: Vec::new(),
-            taken_over: false,
-        };
         for run in &plan.fuse {
             let mut part: Option<(SectorRange, bool)> = None; // (span, holds a gap)
             let mut absorbed = Vec::new();
             for piece in run {
                 let joins = match *piece {
                     Piece::Gap(_) => true,
-                    Piece::Kept(id, range) => {
-                        let idle = id != self.id && counted_nothing(device, id)?;
-                        if idle && let Some(shadow) = shadow {
-                            match shadow.shadow(range) {
-                                Ok(()) => shadowed.regions.push((id, range)),
-                                Err(e) => log::warn!("shadowing region {id} at {range}: {e:#}"),
-                            }
-                        }
-                        idle
-                    }
+                    Piece::Kept(id, _) => id != self.id && counted_nothing(device, id)?,
                 };
                 if !joins {
                     flush_part(part.take(), &mut absorbed, &mut create, &mut leaving);
@@ -374,14 +321,6 @@ impl Group {
             }
             flush_part(part, &mut absorbed, &mut create, &mut leaving);
         }
-        // A shadowed region that stays (its part of the run had no gap) counts its own IO.
-        shadowed.regions.retain(|&(id, range)| {
-            let leaves = leaving.contains(&id);
-            if !leaves && let Some(shadow) = shadow {
-                shadow.unshadow(range);
-            }
-            leaves
-        });
         create.extend(&plan.create);
         for id in &plan.delete {
             if let Some(region) = self.members.get(id) {
@@ -417,8 +356,6 @@ impl Group {
             }
         }
         let creating = started.elapsed();
-        // The successors' creations took the shadows' pieces over.
-        shadowed.taken_over = true;
         let mut members = self.descriptor.members.clone();
         for id in &leaving {
             members.remove(*id);
@@ -443,32 +380,20 @@ impl Group {
         }
         device.set_aux(leader, &descriptor.to_string())?;
 
-        // 3. Remove the leavers, unmark the arrivals. A fused region without a shadow that
-        //    counted IO after all (between its check and its successor's creation) takes that
-        //    IO with it: said, so that it is never lost unnoticed.
-        for &id in leaving.iter().filter(|id| !plan.delete.contains(id)) {
-            // A shadowed region's IO is kept: its counters are read only for the debug log.
-            if shadowed.contains(id) && !log::log_enabled!(log::Level::Debug) {
-                continue;
-            }
-            let Ok(counters) = device.counters(id) else {
-                continue;
-            };
-            if counters == Default::default() {
-                continue;
-            }
-            if shadowed.contains(id) {
-                log::debug!(
-                    "region {id}, fused into a longer one, counted IO after it was found idle: {} sectors written and {} read, kept by its shadow",
-                    counters.sectors_written,
-                    counters.sectors_read
-                );
-            } else {
-                log::warn!(
-                    "region {id}, fused into a longer one, counted IO after it was found idle: up to {} sectors written and {} read go with it",
-                    counters.sectors_written,
-                    counters.sectors_read
-                );
+        // 3. Remove the leavers, unmark the arrivals. A fused region that counted IO after
+        //    all (between its check and its successor's creation) takes that IO out of the
+        //    regions' view: said at debug level (the debug log reads its counters first).
+        if log::log_enabled!(log::Level::Debug) {
+            for &id in leaving.iter().filter(|id| !plan.delete.contains(id)) {
+                if let Ok(counters) = device.counters(id)
+                    && counters != Default::default()
+                {
+                    log::debug!(
+                        "region {id}, fused into a longer one, counted IO after it was found idle: {} sectors written and {} read leave the regions' view with it",
+                        counters.sectors_written,
+                        counters.sectors_read
+                    );
+                }
             }
         }
         for &id in &leaving {

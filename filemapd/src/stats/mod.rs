@@ -8,6 +8,6 @@ pub mod new_group;
 pub mod region;
 
 pub use descriptor::GroupDescriptor;
-pub use device::{CreationWitness, Devices, StatsDevice};
+pub use device::{Devices, StatsDevice};
 pub use group::Group;
 pub use region::{Counters, Region, RegionSettings, RegionStats};

@@ -32,6 +32,19 @@ pub struct RegionSettings {
 }
 
 impl RegionSettings {
+    /// The histogram bounds in nanoseconds.
+    pub fn bounds_ns(&self) -> Vec<u64> {
+        let scale = if self.precise_timestamps {
+            1
+        } else {
+            1_000_000
+        };
+        self.histogram
+            .iter()
+            .map(|b| b.saturating_mul(scale))
+            .collect()
+    }
+
     /// The optional-argument part of `@stats_create`: empty, or `<n> arg...`.
     pub fn create_args(&self) -> String {
         let mut args = Vec::new();

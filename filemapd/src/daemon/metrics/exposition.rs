@@ -1,6 +1,8 @@
-//! What a scrape answers: each watched file's dm-stats counters, read now with `@stats_print`
-//! and summed over its group's regions, and what its monitor published. Times are in seconds
-//! whatever the group's timestamps (dm-stats counts ms, or ns with precise_timestamps).
+//! What a scrape answers: each watched file's IO and what its monitor published. A file the
+//! kernel counts (eBPF, with dm-mod's BTF) has its IO read from the kernel's counters, all
+//! of it, and costs the scrape no dm message; another's is its group's dm-stats counters,
+//! read now with `@stats_print` and summed over its regions. Times are in seconds whatever
+//! the source (dm-stats counts ms, or ns with precise_timestamps; the kernel counts ns).
 use std::{fmt, sync::Arc};
 
 use log::debug;
@@ -11,9 +13,9 @@ use prometheus_client::{
 };
 
 use super::{Board, FileState, Wakeup};
-use filemapd_common::UncoveredTotals;
+use filemapd_common::FileCounters;
 
-use crate::stats::{Counters, Group, RegionStats};
+use crate::stats::{Group, RegionStats};
 
 /// The per-file series; registered as a collector so that they are read at scrape time.
 pub struct FileMetrics(pub Arc<Board>);
@@ -28,11 +30,24 @@ impl fmt::Debug for FileMetrics {
 struct Scraped {
     state: FileState,
     labels: [(&'static str, String); 4],
-    /// `None` when the group's regions could not be read (the file's IO series are left out
-    /// of this scrape rather than shown wrong).
+    /// All of the file's IO as the kernel counted it; `None` where the kernel does not count
+    /// the file (or could not be read).
+    kernel: Option<FileCounters>,
+    /// The group's regions' counters, read only for a file the kernel does not count; `None`
+    /// also when they could not be read (the file's IO series are then left out of this
+    /// scrape rather than shown wrong).
     stats: Option<RegionStats>,
-    /// IO the kernel counted before the file's regions existed; `None` without the accounting.
-    uncovered: Option<UncoveredTotals>,
+}
+
+/// The IO series of one file, from the kernel or from its regions.
+struct Io {
+    reads: u64,
+    read_sectors: u64,
+    read_seconds: f64,
+    writes: u64,
+    write_sectors: u64,
+    write_seconds: f64,
+    in_flight: u64,
 }
 
 impl Scraped {
@@ -43,19 +58,46 @@ impl Scraped {
             ("device", state.device.name().to_string()),
             ("group_id", state.group_id.to_string()),
         ];
-        let stats = group_stats(&state);
-        let uncovered = state.account.as_ref().and_then(|account| {
-            account
-                .totals()
-                .inspect_err(|e| debug!("{}: in-kernel totals left out: {e:#}", state.path))
+        let kernel = state.counted.as_ref().and_then(|counted| {
+            counted
+                .counters()
+                .inspect_err(|e| debug!("{}: in-kernel counters left out: {e:#}", state.path))
                 .ok()
         });
+        let stats = match kernel {
+            Some(_) => None,
+            None => group_stats(&state),
+        };
         Self {
             state,
             labels,
+            kernel,
             stats,
-            uncovered,
         }
+    }
+
+    fn io(&self) -> Option<Io> {
+        if let Some(k) = &self.kernel {
+            return Some(Io {
+                reads: k.reads,
+                read_sectors: k.read_sectors,
+                read_seconds: k.read_ns as f64 / 1e9,
+                writes: k.writes,
+                write_sectors: k.write_sectors,
+                write_seconds: k.write_ns as f64 / 1e9,
+                in_flight: k.in_flight(),
+            });
+        }
+        let c = self.stats.as_ref()?.counters;
+        Some(Io {
+            reads: c.reads,
+            read_sectors: c.sectors_read,
+            read_seconds: self.seconds(c.read_ms),
+            writes: c.writes,
+            write_sectors: c.sectors_written,
+            write_seconds: self.seconds(c.write_ms),
+            in_flight: c.in_flight,
+        })
     }
 
     /// A time counter in seconds.
@@ -98,88 +140,102 @@ fn group_stats(state: &FileState) -> Option<RegionStats> {
 impl Collector for FileMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         let files: Vec<Scraped> = self.0.snapshot().into_iter().map(Scraped::read).collect();
-        let io = |f: &Scraped| f.stats.as_ref().map(|s| s.counters);
+        let regions = |f: &Scraped| f.stats.as_ref().map(|s| s.counters);
         let e = &mut encoder;
 
         counter(
             e,
             "filemapd_file_reads",
-            "Reads completed in the file's group of dm-stats regions",
+            "Reads of the file (counted in the kernel where it can, else by its dm-stats regions)",
             &files,
-            |f| io(f).map(|c| c.reads),
-        )?;
-        counter(
-            e,
-            "filemapd_file_reads_merged",
-            "Reads merged with an adjacent one",
-            &files,
-            |f| io(f).map(|c| c.reads_merged),
+            |f| f.io().map(|io| io.reads),
         )?;
         counter(
             e,
             "filemapd_file_read_sectors",
             "512-byte sectors read",
             &files,
-            |f| io(f).map(|c| c.sectors_read),
+            |f| f.io().map(|io| io.read_sectors),
         )?;
         counter(
             e,
             "filemapd_file_read_seconds",
             "Time spent reading",
             &files,
-            |f| io(f).map(|c| f.seconds(c.read_ms)),
+            |f| f.io().map(|io| io.read_seconds),
         )?;
         counter(
             e,
             "filemapd_file_writes",
-            "Writes completed in the file's group of dm-stats regions",
+            "Writes to the file (counted in the kernel where it can, else by its dm-stats regions)",
             &files,
-            |f| io(f).map(|c| c.writes),
-        )?;
-        counter(
-            e,
-            "filemapd_file_writes_merged",
-            "Writes merged with an adjacent one",
-            &files,
-            |f| io(f).map(|c| c.writes_merged),
+            |f| f.io().map(|io| io.writes),
         )?;
         counter(
             e,
             "filemapd_file_write_sectors",
             "512-byte sectors written",
             &files,
-            |f| io(f).map(|c| c.sectors_written),
+            |f| f.io().map(|io| io.write_sectors),
         )?;
         counter(
             e,
             "filemapd_file_write_seconds",
             "Time spent writing",
             &files,
-            |f| io(f).map(|c| f.seconds(c.write_ms)),
-        )?;
-        counter(
-            e,
-            "filemapd_file_io_seconds",
-            "Time with IO in flight (io_ticks)",
-            &files,
-            |f| io(f).map(|c| f.seconds(c.io_ms)),
-        )?;
-        counter(
-            e,
-            "filemapd_file_queue_seconds",
-            "IO time weighted by the IOs in flight (time in queue)",
-            &files,
-            |f| io(f).map(|c| f.seconds(c.weighted_io_ms)),
+            |f| f.io().map(|io| io.write_seconds),
         )?;
         gauge(
             e,
             "filemapd_file_in_flight",
             "IOs in flight now",
             &files,
-            |f| io(f).map(|c: Counters| c.in_flight),
+            |f| f.io().map(|io| io.in_flight),
         )?;
         latency_histogram(e, &files)?;
-        uncovered_series(e, &files)?;
+        gauge(
+            e,
+            "filemapd_file_counted_in_kernel",
+            "1 when the kernel counts all of the file's IO (the IO series are its counts), 0 when its dm-stats regions do",
+            &files,
+            |f| Some(u64::from(f.kernel.is_some())),
+        )?;
+        counter(
+            e,
+            "filemapd_file_unrecorded",
+            "Allocations the kernel could not record at once (their IO may be uncounted until the next pass)",
+            &files,
+            |f| f.kernel.map(|k| k.unrecorded),
+        )?;
+        // What only dm-stats counts, for files counted by their regions.
+        counter(
+            e,
+            "filemapd_file_reads_merged",
+            "Reads merged with an adjacent one (dm-stats regions only)",
+            &files,
+            |f| regions(f).map(|c| c.reads_merged),
+        )?;
+        counter(
+            e,
+            "filemapd_file_writes_merged",
+            "Writes merged with an adjacent one (dm-stats regions only)",
+            &files,
+            |f| regions(f).map(|c| c.writes_merged),
+        )?;
+        counter(
+            e,
+            "filemapd_file_io_seconds",
+            "Time with IO in flight, io_ticks (dm-stats regions only)",
+            &files,
+            |f| regions(f).map(|c| f.seconds(c.io_ms)),
+        )?;
+        counter(
+            e,
+            "filemapd_file_queue_seconds",
+            "IO time weighted by the IOs in flight, time in queue (dm-stats regions only)",
+            &files,
+            |f| regions(f).map(|c| f.seconds(c.weighted_io_ms)),
+        )?;
 
         gauge(
             e,
@@ -225,54 +281,6 @@ impl Collector for FileMetrics {
         )?;
         polling(e, &files)
     }
-}
-
-/// IO that landed in the file's freshly allocated sectors before a region covered them,
-/// counted in the kernel: added to the series above, it is all of the file's IO.
-fn uncovered_series(e: &mut DescriptorEncoder<'_>, files: &[Scraped]) -> fmt::Result {
-    let kernel = |f: &Scraped| f.uncovered;
-    counter(
-        e,
-        "filemapd_file_uncovered_reads",
-        "Reads of the file no region counted (before its region existed), counted in the kernel",
-        files,
-        |f| kernel(f).map(|t| t.reads),
-    )?;
-    counter(
-        e,
-        "filemapd_file_uncovered_read_sectors",
-        "512-byte sectors read before their region existed, counted in the kernel",
-        files,
-        |f| kernel(f).map(|t| t.read_sectors),
-    )?;
-    counter(
-        e,
-        "filemapd_file_uncovered_writes",
-        "Writes of the file no region counted (before its region existed), counted in the kernel",
-        files,
-        |f| kernel(f).map(|t| t.writes),
-    )?;
-    counter(
-        e,
-        "filemapd_file_uncovered_write_sectors",
-        "512-byte sectors written before their region existed, counted in the kernel",
-        files,
-        |f| kernel(f).map(|t| t.write_sectors),
-    )?;
-    counter(
-        e,
-        "filemapd_file_uncovered_io_seconds",
-        "Time those reads and writes took (0 where the kernel's tick length is unknown)",
-        files,
-        |f| kernel(f).map(|t| (t.read_ns + t.write_ns) as f64 / 1e9),
-    )?;
-    counter(
-        e,
-        "filemapd_file_uncovered_unrecorded",
-        "Allocations the kernel could not record whole (their IO may be uncounted)",
-        files,
-        |f| kernel(f).map(|t| t.unrecorded),
-    )
 }
 
 fn counter<V: EncodeCounterValue>(
@@ -329,30 +337,49 @@ fn polling(encoder: &mut DescriptorEncoder<'_>, files: &[Scraped]) -> fmt::Resul
     Ok(())
 }
 
-/// The group's latency histogram (groups made with bounds), as Prometheus' cumulative one.
-/// dm-stats' buckets are [b(i-1), b(i)), Prometheus' are up to and including `le`: an IO
-/// of exactly a bound's latency is one bucket higher here than Prometheus' reading of it.
+/// The file's latency histogram, as Prometheus' cumulative one: the kernel's (the group's
+/// bounds, or powers of two), else its group's (groups made with bounds). dm-stats' buckets
+/// are [b(i-1), b(i)), Prometheus' are up to and including `le`: an IO of exactly a bound's
+/// latency is one bucket higher here than Prometheus' reading of it.
 fn latency_histogram(encoder: &mut DescriptorEncoder<'_>, files: &[Scraped]) -> fmt::Result {
     let mut family = encoder.encode_descriptor(
         "filemapd_file_io_latency_seconds",
-        "IO latency by the group's histogram bounds (dmstats --bounds); sum is read plus write time",
+        "IO latency (the kernel's histogram, or the group's: dmstats --bounds); sum is read plus write time",
         None,
         MetricType::Histogram,
     )?;
     for file in files {
-        let Some(stats) = &file.stats else { continue };
-        let bounds = &file.state.settings.histogram;
-        if bounds.is_empty() || stats.histogram.len() != bounds.len() + 1 {
-            continue;
-        }
+        let (bounds, counts, sum): (Vec<f64>, Vec<u64>, f64) = match (&file.kernel, &file.stats) {
+            (Some(k), _) => {
+                let Some(counted) = &file.state.counted else {
+                    continue;
+                };
+                let bounds = counted.bounds.used();
+                (
+                    bounds.iter().map(|&ns| ns as f64 / 1e9).collect(),
+                    k.histogram[..=bounds.len()].to_vec(),
+                    (k.read_ns + k.write_ns) as f64 / 1e9,
+                )
+            }
+            (None, Some(stats)) => {
+                let bounds = &file.state.settings.histogram;
+                if bounds.is_empty() || stats.histogram.len() != bounds.len() + 1 {
+                    continue;
+                }
+                (
+                    bounds.iter().map(|&b| file.seconds(b)).collect(),
+                    stats.histogram.clone(),
+                    file.seconds(stats.counters.read_ms + stats.counters.write_ms),
+                )
+            }
+            (None, None) => continue,
+        };
         let buckets: Vec<(f64, u64)> = bounds
-            .iter()
-            .map(|&b| file.seconds(b))
+            .into_iter()
             .chain([f64::MAX]) // prometheus-client's +Inf
-            .zip(stats.histogram.iter().copied())
+            .zip(counts.iter().copied())
             .collect();
-        let count = stats.histogram.iter().sum();
-        let sum = file.seconds(stats.counters.read_ms + stats.counters.write_ms);
+        let count = counts.iter().sum();
         family
             .encode_family(&file.labels)?
             .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;

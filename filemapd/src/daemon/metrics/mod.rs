@@ -21,7 +21,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use crate::{
     daemon::tally::Tally,
     stats::{Group, RegionSettings, StatsDevice},
-    wake::ebpf::FileAccount,
+    wake::ebpf::CountedFile,
 };
 
 pub use server::serve;
@@ -46,8 +46,9 @@ struct FileState {
     settings: RegionSettings,
     tally: Tally,
     wakeup: Wakeup,
-    /// The file's in-kernel accounting of IO before its regions existed, read at scrape time.
-    account: Option<FileAccount>,
+    /// The file's slot in the in-kernel counting, read at scrape time: then its IO series
+    /// are the kernel's, and no region is read.
+    counted: Option<CountedFile>,
 }
 
 /// What every monitor of a watch published, and the daemon-wide figures.
@@ -107,7 +108,7 @@ impl Reporter {
         group: &Group,
         tally: Tally,
         wakeup: Wakeup,
-        account: Option<&FileAccount>,
+        counted: Option<&CountedFile>,
     ) {
         let mut files = self.board.files.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(state) = files.get_mut(&self.key)
@@ -118,8 +119,8 @@ impl Reporter {
         {
             state.tally = tally;
             state.wakeup = wakeup;
-            if state.account.as_ref().map(|a| a.slot) != account.map(|a| a.slot) {
-                state.account = account.cloned();
+            if state.counted.as_ref().map(|c| c.slot) != counted.map(|c| c.slot) {
+                state.counted = counted.cloned();
             }
             return;
         }
@@ -132,7 +133,7 @@ impl Reporter {
             settings: group.settings.clone(),
             tally,
             wakeup,
-            account: account.cloned(),
+            counted: counted.cloned(),
         };
         files.insert(self.key, state);
     }

@@ -24,9 +24,10 @@ use crate::{
     file::identity::{FileId, check_mappable, tracepoint_category},
     file::view::FileView,
     reconcile::Mapping,
+    sectors::SectorRange,
     stats::group::Group,
-    stats::{CreationWitness, Devices, StatsDevice},
-    wake::ebpf::{EventFeed, Hub},
+    stats::{Devices, RegionSettings, StatsDevice},
+    wake::ebpf::{CountedFile, Counting, EventFeed, Hub},
     wake::notify::{Notices, Notifier},
     wake::pacing::Pacer,
 };
@@ -61,7 +62,7 @@ enum Trigger {
     /// when the kernel also reports region changes and inotify reports the file's fate.
     Ebpf {
         hub: Hub,
-        feed: EventFeed,
+        feed: Box<EventFeed>,
         notices: Option<Notices>,
     },
 }
@@ -126,6 +127,22 @@ pub struct Monitor {
     placement: Option<filemapd_common::Placement>,
     /// `filemapd trace`: the kernel time of the oldest event no pass has answered yet.
     oldest_event_ns: Option<u64>,
+    /// The group's settings when the monitor started: its histogram bounds are the kernel
+    /// histogram's.
+    settings: RegionSettings,
+    /// The in-kernel counting: every sector the file held at the last pass (what the sector
+    /// map was set to), the device ranges events named since (allocations the kernel
+    /// recorded, which FIEMAP may no longer show), and whether events were lost (the kernel
+    /// may then hold the file's sectors anywhere).
+    kernel_map: KernelMap,
+}
+
+/// What the monitor knows of its file's place in the kernel's sector map.
+#[derive(Default)]
+struct KernelMap {
+    synced: Vec<SectorRange>,
+    recorded: Vec<SectorRange>,
+    unknown: bool,
 }
 
 impl Monitor {
@@ -199,6 +216,7 @@ impl Monitor {
         let Some(group) = devices.group_at_start(metadata.dev(), group_id)? else {
             bail!("group {group_id} does not exist on {}", device.name());
         };
+        let settings = group.settings.clone();
         Ok(Self {
             path: path.to_path_buf(),
             mode,
@@ -224,6 +242,8 @@ impl Monitor {
             report: None,
             placement: None,
             oldest_event_ns: None,
+            settings,
+            kernel_map: KernelMap::default(),
         })
     }
 
@@ -280,8 +300,16 @@ impl Monitor {
             return Ok(());
         }
         self.placement = self.placement();
-        let feed = match hub.watch(self.file_id.inode_key(), self.placement).await {
-            Ok(feed) => feed,
+        let feed = match hub
+            .watch(
+                self.file_id.inode_key(),
+                self.placement,
+                self.histogram_bounds(),
+                Default::default(),
+            )
+            .await
+        {
+            Ok(feed) => Box::new(feed),
             Err(e) => {
                 warn!(
                     "{}: the kernel filter has no room for it ({e:#}): polling every {:?}",
@@ -296,10 +324,6 @@ impl Monitor {
             Some(notifier) => Some(notifier.watch(&self.path, self.mode == FollowMode::Path)?),
             None => None,
         };
-        if let Some(accounting) = hub.accounting() {
-            self.device
-                .set_witness(Arc::clone(accounting) as Arc<dyn CreationWitness>);
-        }
         self.trigger = Trigger::Ebpf {
             hub: hub.clone(),
             feed,
@@ -309,14 +333,14 @@ impl Monitor {
         Ok(())
     }
 
-    /// Where the file's blocks lie, for the in-kernel accounting; `None` (said why) when that
+    /// Where the file's blocks lie, for the in-kernel counting; `None` (said why) when that
     /// cannot be told.
     fn placement(&self) -> Option<filemapd_common::Placement> {
         match crate::file::placement::of(&self.file, self.file_id) {
             Ok(placement) => Some(placement),
             Err(e) => {
                 warn!(
-                    "{}: no in-kernel accounting of its uncovered IO: {e:#}",
+                    "{}: no in-kernel counting of its IO: {e:#}",
                     self.path.display()
                 );
                 None
@@ -324,27 +348,43 @@ impl Monitor {
         }
     }
 
-    /// The file's share of the in-kernel accounting, when it has one.
-    fn account(&self) -> Option<&crate::wake::ebpf::FileAccount> {
+    /// The kernel histogram's bounds: the group's (dmstats --bounds), else powers of two.
+    fn histogram_bounds(&self) -> filemapd_common::Bounds {
+        let bounds = self.settings.bounds_ns();
+        if bounds.is_empty() {
+            return filemapd_common::Bounds::default();
+        }
+        filemapd_common::Bounds::from_ns(&bounds).unwrap_or_else(|| {
+            warn!(
+                "{}: the group's {} histogram bounds are more than the kernel's histogram holds ({}): it counts by powers of two",
+                self.path.display(),
+                bounds.len(),
+                filemapd_common::MAX_BOUNDS
+            );
+            filemapd_common::Bounds::default()
+        })
+    }
+
+    /// The file's slot in the in-kernel counting, when it has one.
+    fn counted(&self) -> Option<&CountedFile> {
         match &self.trigger {
-            Trigger::Ebpf { feed, .. } => feed.account(),
+            Trigger::Ebpf { feed, .. } => feed.counted(),
             Trigger::Poll => None,
         }
     }
 
-    /// The in-kernel accounting this monitor's file is in, if any.
-    pub fn accounting(&self) -> Option<&crate::wake::ebpf::Accounting> {
-        self.account().map(|account| account.accounting())
+    /// The in-kernel counting this monitor's file is in, if any.
+    pub fn counting(&self) -> Option<&Counting> {
+        self.counted().map(CountedFile::counting)
     }
 
-    /// The in-kernel totals of IO no region of the group counted (allocated, not yet
-    /// covered), when the kernel keeps them for this file.
-    pub fn uncovered_totals(&self) -> Option<filemapd_common::UncoveredTotals> {
-        match self.account()?.totals() {
-            Ok(totals) => Some(totals),
+    /// All of the file's IO as the kernel counted it, when it counts this file.
+    pub fn kernel_counters(&self) -> Option<filemapd_common::FileCounters> {
+        match self.counted()?.counters() {
+            Ok(counters) => Some(counters),
             Err(e) => {
                 warn!(
-                    "reading the in-kernel totals of {}: {e:#}",
+                    "reading the in-kernel counters of {}: {e:#}",
                     self.path.display()
                 );
                 None
@@ -413,7 +453,7 @@ impl Monitor {
                         &group,
                         self.tally,
                         self.wakeup,
-                        self.account(),
+                        self.counted(),
                     );
                 }
                 group
@@ -443,13 +483,23 @@ impl Monitor {
             return Ok(());
         }
         self.placement = self.placement();
+        self.kernel_map = KernelMap::default();
+        let bounds = self.histogram_bounds();
         let Trigger::Ebpf { hub, feed, notices } = &mut self.trigger else {
             return Ok(());
         };
-        match hub.watch(self.file_id.inode_key(), self.placement).await {
+        match hub
+            .watch(
+                self.file_id.inode_key(),
+                self.placement,
+                bounds,
+                Default::default(),
+            )
+            .await
+        {
             Ok(new_feed) => {
                 // Dropping the old feed unwatches the old inode.
-                *feed = new_feed;
+                **feed = new_feed;
                 if let Some(notices) = notices {
                     *notices = notices.notifier().watch(&self.path, true)?;
                 }

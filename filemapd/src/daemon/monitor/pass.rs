@@ -10,24 +10,10 @@ use crate::{
     daemon::trace,
     file::view::Reading,
     reconcile::{self, Plan},
-    sectors::{SectorRange, join_adjacent},
-    stats::{Group, group::FuseShadow},
+    sectors::{SectorRange, difference},
+    stats::Group,
+    wake::ebpf::counting::{self, monotonic_ns},
 };
-
-/// How much older than a pass's reading of the file a piece of the uncovered set must be for
-/// the pass to drop it as given back.
-const PIECE_MARGIN: std::time::Duration = std::time::Duration::from_millis(50);
-
-/// What a pass read of the file's place on the device.
-enum Looked {
-    /// Every merged device range of the file, read whole by this pass.
-    Whole(Vec<SectorRange>),
-    /// A changed stretch: its ranges before and after.
-    Stretch {
-        before: Vec<SectorRange>,
-        after: Vec<SectorRange>,
-    },
-}
 
 impl Monitor {
     /// Maps the file and brings the group in line. Returns the group as it is now, or `None`
@@ -40,68 +26,39 @@ impl Monitor {
     ) -> anyhow::Result<Option<Group>> {
         self.tally.passes += 1;
         self.regions_changed = false;
-        // Pieces of the uncovered set recorded after this instant may be missing from the
-        // reading: the tidy after the pass leaves them be.
-        let read_at = crate::wake::ebpf::accounting::monotonic_ns();
+        // Recordings after this instant may be missing from the reading: the kernel's sector
+        // map keeps them.
+        let read_at = counting::Reading::now();
         let span = if remembered { self.view.span() } else { None };
         let reading = self.view.read(&self.file, &self.path, remembered)?;
         self.settle();
         if self.view.map().is_empty() {
             return Ok(None);
         }
-        // Where the file is now, over what this pass read afresh: the in-kernel accounting
-        // drops pieces that lay there and no longer do (blocks given back). Only a whole read
-        // is fresh everywhere: the map kept between stretches lacks allocations whose events
-        // are still on their way.
-        let fresh_whole = matches!(reading, Reading::Whole);
-        let mut looked = Looked::Stretch {
-            before: Vec::new(),
-            after: Vec::new(),
-        };
+        self.sync_kernel_map(read_at);
+        let whole_read = matches!(reading, Reading::Whole);
         let plan = match reading {
             Reading::Stretch(change) if change.unchanged => return Ok(Some(group)),
             Reading::Stretch(change) => {
                 let mut near: Vec<SectorRange> = change.before.clone();
                 near.extend(&change.after);
                 let members = group.places_near(&near);
-                looked = Looked::Stretch {
-                    before: change.before.clone(),
-                    after: change.after.clone(),
-                };
                 reconcile::plan_window(&members, &change.before, &change.after, self.mapping)
             }
             Reading::Whole => None,
         };
         let plan = match plan {
             Some(plan) => plan,
-            None => {
-                // Only the in-kernel accounting needs the ranges here (whole_plan makes its own).
-                if fresh_whole && self.account().is_some() {
-                    looked = Looked::Whole(self.view.map().device_ranges());
-                }
-                match self.whole_plan(&group) {
-                    Some(plan) => plan,
-                    None => return Ok(Some(group)),
-                }
-            }
+            None => match self.whole_plan(&group) {
+                Some(plan) => plan,
+                None => return Ok(Some(group)),
+            },
         };
         // Only a pass that creates regions suspends the device: only it needs to know.
         let idle = plan.creations() > 0 && self.device_idle();
         let (plan, deferred) = plan.within(self.pacer.creation_allowance(Instant::now(), idle));
         let applying = Instant::now();
-        let shadow = self
-            .account()
-            .zip(self.placement)
-            .map(|(account, placement)| crate::wake::ebpf::FileShadow {
-                account,
-                dev: placement.dm_dev,
-                block: 1 << placement.sector_shift,
-            });
-        let outcome = group.apply(
-            &self.device,
-            &plan,
-            shadow.as_ref().map(|s| s as &dyn FuseShadow),
-        )?;
+        let outcome = group.apply(&self.device, &plan)?;
         debug!(
             "applied a plan in {:?} ({:?} of it creating {} region(s){})",
             applying.elapsed(),
@@ -130,16 +87,12 @@ impl Monitor {
             );
         }
         self.group_id = outcome.group.id;
-        self.tidy_uncovered(&outcome.group, &looked, read_at);
         if trace::enabled() {
-            let now = crate::wake::ebpf::accounting::monotonic_ns();
+            let now = monotonic_ns();
             trace::pass(trace::Pass {
                 path: &self.path,
                 number: self.tally.passes,
-                read: match looked {
-                    Looked::Stretch { .. } => span,
-                    Looked::Whole(_) => None,
-                },
+                read: if whole_read { None } else { span },
                 created: outcome.created,
                 deleted: outcome.deleted,
                 regions: outcome.group.member_count(),
@@ -157,68 +110,38 @@ impl Monitor {
         Ok(Some(outcome.group))
     }
 
-    /// Drops the file's pieces of the in-kernel uncovered set that a region of the group now
-    /// covers (made before the accounting knew of them) or that the file gave back.
-    fn tidy_uncovered(&self, group: &Group, looked: &Looked, read_at: u64) {
-        let Some(account) = self.account() else {
+    /// Brings the kernel's sector map in line with the file as this pass read it (at
+    /// `read_at`): every block where the file's sectors changed since the last pass, where
+    /// the kernel recorded allocations since, or (after lost events) where it holds any.
+    fn sync_kernel_map(&mut self, read_at: counting::Reading) {
+        let Some(counted) = self.counted().cloned() else {
             return;
         };
-        // Blocks past the end of the file are still the file's (no region covers them yet):
-        // a piece is judged against them joined to the ranges they continue.
-        let tails = self.view.tail_ranges();
-        // (A file's blocks never overlap, so joining what touches is all it takes.)
-        let with_tails =
-            |ranges: &[SectorRange]| join_adjacent(ranges.iter().chain(&tails).copied().collect());
-        let inside = |ranges: &[SectorRange], piece: SectorRange| {
-            ranges
-                .iter()
-                .any(|r| r.start <= piece.start && piece.end() <= r.end())
-        };
-        let now = match looked {
-            Looked::Whole(ranges) => with_tails(ranges),
-            Looked::Stretch { after, .. } => with_tails(after),
-        };
-        // Only pieces recorded well before the reading can be judged by it (a margin over
-        // the instant between a tracepoint and its extent showing in FIEMAP).
-        let judged_before = read_at.saturating_sub(PIECE_MARGIN.as_nanos() as u64);
-        let stale = |piece: SectorRange, born_ns: u64| {
-            let gone = born_ns < judged_before
-                && !inside(&now, piece)
-                && match looked {
-                    Looked::Whole(_) => true,
-                    Looked::Stretch { before, .. } => before
-                        .iter()
-                        .any(|r| r.start < piece.end() && piece.start < r.end()),
-                };
-            let covered = group.covers(piece);
-            if gone && !covered {
-                debug!(
-                    "{}: uncovered sectors {piece} given back (recorded {} ms before the read)",
-                    self.path.display(),
-                    read_at.saturating_sub(born_ns) / 1_000_000
-                );
-            }
-            gone || covered
-        };
-        // A whole read judges every piece of the file; a stretch only those near it (the
-        // pieces its own creations covered are gone already, see `CreationWitness`).
-        let result = match (looked, self.placement) {
-            (Looked::Stretch { before, .. }, Some(placement)) => {
-                account.tidy_near(placement.dm_dev, before, stale)
-            }
-            _ => account.tidy(stale),
-        };
-        match result {
-            Ok(0) => {}
-            Ok(n) => debug!(
-                "dropped {n} piece(s) of {} from the uncovered set",
-                self.path.display()
-            ),
-            Err(e) => log::warn!(
-                "tidying the uncovered set of {}: {e:#}",
-                self.path.display()
-            ),
+        let now = self.view.all_sectors();
+        let map = &mut self.kernel_map;
+        let mut over = difference(&map.synced, &now);
+        over.extend(difference(&now, &map.synced));
+        over.append(&mut map.recorded);
+        if std::mem::take(&mut map.unknown) {
+            over.extend(counted.held().iter().map(|h| h.range));
         }
+        let changes = counted.sync(&over, &now, read_at);
+        if changes.no_room > 0 {
+            log::warn!(
+                "{}: the kernel's sector map has no room for {} run(s) of its sectors: their IO goes uncounted until room is made",
+                self.path.display(),
+                changes.no_room
+            );
+        }
+        if changes.words > 0 {
+            debug!(
+                "{}: {} word(s) of the kernel's sector map changed",
+                self.path.display(),
+                changes.words
+            );
+        }
+        // With no room, the next pass goes over all the file's sectors again.
+        map.synced = if changes.no_room > 0 { Vec::new() } else { now };
     }
 
     /// Whether the device did no IO since the last look and has none in flight, so that

@@ -7,6 +7,7 @@ use log::debug;
 use super::{Monitor, REGIONS_QUIET, SETTLE, SETTLE_TRIES, Trigger};
 use crate::{
     daemon::trace,
+    sectors::SectorRange,
     wake::ebpf::{Change, Feed, Tracepoint},
 };
 
@@ -81,10 +82,12 @@ impl Monitor {
         for item in batch {
             match item {
                 Feed::Lost => {
-                    // Events were lost: read the whole file, list the group again.
+                    // Events were lost: read the whole file, list the group again, and look
+                    // for the file's sectors all over the kernel's map.
                     self.tally.lost_rescans += 1;
                     self.view.note_unknown_change();
                     self.known_group = None;
+                    self.kernel_map.unknown = true;
                     extents_changed = true;
                 }
                 Feed::RegionsChanged => {
@@ -99,6 +102,15 @@ impl Monitor {
                         continue;
                     };
                     let logical = tp.byte_range(event.start, event.length, block_size);
+                    // Where the kernel may have recorded an allocation: looked at by the next
+                    // pass, whatever FIEMAP shows then.
+                    if let Some(p) = self.placement.filter(|p| p.dm_dev != 0)
+                        && event.physical_length > 0
+                    {
+                        let start = p.sector_of(event.physical_start);
+                        let len = p.sectors_in(event.physical_length);
+                        self.kernel_map.recorded.push(SectorRange::new(start, len));
+                    }
                     if trace::enabled() {
                         trace::event(&self.path, &event, logical, self.placement.as_ref());
                         let oldest = self.oldest_event_ns.get_or_insert(event.ktime_ns);

@@ -93,7 +93,11 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         None => None,
     };
     let trigger = if ebpf {
-        match Tracer::load_with_log(2 * entries.len() as u32 + FILTER_ROOM, ebpf_log) {
+        match Tracer::load_with_log(
+            2 * entries.len() as u32 + FILTER_ROOM,
+            crate::wake::ebpf::MANY_FILES_TABLES,
+            ebpf_log,
+        ) {
             Ok(tracer) => Some((Hub::spawn(tracer), Notifier::spawn_or_warn())),
             Err(e) => {
                 warn!("eBPF trigger unavailable ({e:#}): polling every {interval:?}");
@@ -178,8 +182,8 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
             }
         }
     }
-    if let Some(accounting) = watch.trigger.as_ref().and_then(|(hub, _)| hub.accounting()) {
-        accounting.say_io_probe_skips();
+    if let Some(counting) = watch.trigger.as_ref().and_then(|(hub, _)| hub.counting()) {
+        counting.say_io_probe_skips();
     }
     Ok(watch.all_ok)
 }
@@ -295,12 +299,12 @@ impl Watch {
         let handle = self.tasks.spawn(async move {
             let result = monitor.run_until_terminated().await;
             info!("{}: {}", monitor.path().display(), monitor.tally());
-            if let Some(totals) = monitor.uncovered_totals() {
+            if let Some(totals) = monitor.kernel_counters() {
                 crate::daemon::trace::totals(monitor.path(), &totals);
                 info!(
-                    "{}: IO before its region existed, counted in the kernel: {}",
+                    "{}: its IO, counted in the kernel: {}",
                     monitor.path().display(),
-                    crate::wake::ebpf::accounting::describe(&totals)
+                    crate::wake::ebpf::counting::describe(&totals)
                 );
             }
             if delete_when_gone && matches!(result, Ok(Exit::UnlinkedAndClosed)) {

@@ -2,10 +2,10 @@
 //! watch list, and routes each event to the feed of the file it concerns.
 use std::{collections::HashMap, sync::Arc};
 
-use filemapd_common::{ExtentEvent, InodeKey, Placement, tracepoint};
+use filemapd_common::{Bounds, ExtentEvent, FileCounters, InodeKey, Placement, tracepoint};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Accounting, FileAccount, Tracer};
+use super::{CountedFile, Counting, Tracer};
 
 /// What a feed receives: events for its inode, word that events were lost (map everything),
 /// or word that another process deleted or relabelled dm-stats regions (check the group).
@@ -23,7 +23,7 @@ enum Request {
         mpsc::UnboundedSender<Feed>,
         oneshot::Sender<anyhow::Result<()>>,
     ),
-    /// With the accounting slot to free once the kernel no longer watches the inode.
+    /// With the counting slot to free once the kernel no longer watches the inode.
     Unwatch(InodeKey, Option<u32>),
 }
 
@@ -34,7 +34,7 @@ pub struct Hub {
     /// Tracepoint categories ("ext4", "xfs") with at least one attached program.
     categories: Vec<&'static str>,
     sees_region_changes: bool,
-    accounting: Option<Arc<Accounting>>,
+    counting: Option<Arc<Counting>>,
 }
 
 /// One file's share of the events.
@@ -42,7 +42,7 @@ pub struct EventFeed {
     key: InodeKey,
     events: mpsc::UnboundedReceiver<Feed>,
     hub: Hub,
-    account: Option<FileAccount>,
+    counted: Option<CountedFile>,
 }
 
 impl Hub {
@@ -52,20 +52,20 @@ impl Hub {
             tracer.attached().iter().map(|t| t.category).collect();
         categories.dedup();
         let sees_region_changes = tracer.sees_region_changes();
-        let accounting = tracer.accounting().cloned();
+        let counting = tracer.counting().cloned();
         let (requests, receiver) = mpsc::unbounded_channel();
         tokio::spawn(route(tracer, receiver));
         Hub {
             requests,
             categories,
             sees_region_changes,
-            accounting,
+            counting,
         }
     }
 
-    /// The in-kernel accounting of uncovered IO, when this kernel allows it.
-    pub fn accounting(&self) -> Option<&Arc<Accounting>> {
-        self.accounting.as_ref()
+    /// The in-kernel counting of the watched files' IO, when this kernel allows it.
+    pub fn counting(&self) -> Option<&Arc<Counting>> {
+        self.counting.as_ref()
     }
 
     /// Whether feeds hear of other processes' region changes (so groups need no polling).
@@ -79,26 +79,30 @@ impl Hub {
     }
 
     /// Watches an inode; returns once the kernel filters on it. With `placement` (where its
-    /// blocks lie on its dm device) and the accounting on, the kernel also counts its
-    /// uncovered IO.
+    /// blocks lie on its dm device) and the counting on, the kernel also counts its IO, with
+    /// a latency histogram of `bounds`; `base` is what an earlier daemon counted.
     pub async fn watch(
         &self,
         key: InodeKey,
         placement: Option<Placement>,
+        bounds: Bounds,
+        base: FileCounters,
     ) -> anyhow::Result<EventFeed> {
-        let account = match (&self.accounting, placement) {
-            (Some(accounting), Some(_)) => accounting.open_account().unwrap_or_else(|e| {
-                log::warn!("no in-kernel accounting for inode {}: {e:#}", key.ino);
-                None
-            }),
+        let counted = match (&self.counting, placement) {
+            (Some(counting), Some(placement)) => counting
+                .open(placement.dm_dev, bounds, base)
+                .unwrap_or_else(|e| {
+                    log::warn!("no in-kernel counting for inode {}: {e:#}", key.ino);
+                    None
+                }),
             _ => None,
         };
-        let placement = match (&account, placement) {
-            (Some(account), Some(placement)) => Placement {
-                slot: account.slot,
+        let placement = match (&counted, placement) {
+            (Some(counted), Some(placement)) => Placement {
+                slot: counted.slot,
                 ..placement
             },
-            // Not accounted: the kernel only filters.
+            // Not counted: the kernel only filters.
             _ => Placement::default(),
         };
         let (sender, events) = mpsc::unbounded_channel();
@@ -112,8 +116,8 @@ impl Hub {
             Err(_) => Err(stopped()),
         };
         if let Err(e) = result {
-            if let (Some(account), Some(accounting)) = (account, &self.accounting) {
-                accounting.close_account(account.slot);
+            if let (Some(counted), Some(counting)) = (counted, &self.counting) {
+                counting.close(counted.slot);
             }
             return Err(e);
         }
@@ -121,15 +125,15 @@ impl Hub {
             key,
             events,
             hub: self.clone(),
-            account,
+            counted,
         })
     }
 }
 
 impl EventFeed {
-    /// The file's share of the in-kernel accounting, when it has one.
-    pub fn account(&self) -> Option<&FileAccount> {
-        self.account.as_ref()
+    /// The file's slot in the in-kernel counting, when it has one.
+    pub fn counted(&self) -> Option<&CountedFile> {
+        self.counted.as_ref()
     }
 
     /// Waits for the next events of this inode and returns all that are queued.
@@ -149,7 +153,7 @@ impl EventFeed {
 
 impl Drop for EventFeed {
     fn drop(&mut self) {
-        let slot = self.account.as_ref().map(|a| a.slot);
+        let slot = self.counted.as_ref().map(|c| c.slot);
         let _ = self.hub.requests.send(Request::Unwatch(self.key, slot));
     }
 }
@@ -173,8 +177,8 @@ async fn route(mut tracer: Tracer, mut requests: mpsc::UnboundedReceiver<Request
                     if let Err(e) = tracer.unwatch(key) {
                         log::warn!("{e:#}");
                     }
-                    if let (Some(slot), Some(accounting)) = (slot, tracer.accounting()) {
-                        accounting.close_account(slot);
+                    if let (Some(slot), Some(counting)) = (slot, tracer.counting()) {
+                        counting.close(slot);
                     }
                 }
             },

@@ -1,25 +1,27 @@
-//! The eBPF trigger: loads the kernel half, tells it each tracepoint's layout, attaches what
-//! this kernel offers, and hands the events for watched inodes to user space.
-pub mod accounting;
+//! The eBPF trigger and counting: loads the kernel half, tells it each tracepoint's layout,
+//! attaches what this kernel offers, and hands the events for watched inodes to user space;
+//! with dm-mod's BTF, also the probe that counts every watched file's IO in the kernel.
+pub mod counting;
 pub mod dm_layout;
 pub mod hub;
 pub mod pins;
-pub mod spans;
+pub mod sector_map;
 pub mod tracefs;
 pub mod tracepoints;
 
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{KProbe, RawTracePoint, TracePoint},
 };
 use filemapd_common::{
     DmLayout, ExtentEvent, InodeKey, LAYOUTS_LEN, Placement, TracepointLayout, names,
+    sector_map::TableLogs,
 };
 use std::sync::{Arc, Mutex};
 
-pub use accounting::{Accounting, FileAccount, FileShadow};
+pub use counting::{CountedFile, Counting};
 use tokio::io::unix::AsyncFd;
 
 pub use hub::{EventFeed, Feed, Hub};
@@ -28,9 +30,22 @@ pub use tracepoints::{Change, TRACEPOINTS, Tracepoint};
 /// The kernel half, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/filemapd"));
 
+/// How big the sector map's tables are (log2 of their entries). A daemon that watches one
+/// file: 32,768 chunks (2.4 MB) and 8,192 blocks (0.4 MB). `filemapd watch`: 262,144 chunks
+/// (18.9 MB) and 65,536 blocks (3.1 MB), for some 100,000 scattered extents. A table whose
+/// window is full leaves sectors uncounted, and says so.
+pub const ONE_FILE_TABLES: TableLogs = TableLogs {
+    chunks: 15,
+    blocks: 13,
+};
+pub const MANY_FILES_TABLES: TableLogs = TableLogs {
+    chunks: 18,
+    blocks: 16,
+};
+
 /// Loaded and attached eBPF programs plus their maps.
 pub struct Tracer {
-    // Keeps the programs attached for as long as the tracer lives (and the accounting, which
+    // Keeps the programs attached for as long as the tracer lives (and the counting, which
     // runs its charge service).
     ebpf: Arc<Mutex<Ebpf>>,
     watched: HashMap<MapData, InodeKey, Placement>,
@@ -43,22 +58,27 @@ pub struct Tracer {
     attached: Vec<&'static Tracepoint>,
     /// Whether the kprobe on dm-stats' message handler is attached (it needs dm loaded).
     sees_region_changes: bool,
-    /// The in-kernel accounting of uncovered IO, when its probes are attached.
-    accounting: Option<Arc<Accounting>>,
-    /// Its maps pinned for `filemapd show`, unpinned when the tracer goes.
+    /// The in-kernel counting of the watched files' IO, when its probes are attached.
+    counting: Option<Arc<Counting>>,
+    /// Its maps pinned for `filemapd show` and `report`, unpinned when the tracer goes.
     _pins: Option<pins::PinDir>,
 }
 
 impl Tracer {
-    /// Loads the programs with room for `max_watched` inodes and attaches every tracepoint this
-    /// kernel has. Fails (with the reason) when none can be attached.
-    pub fn load(max_watched: u32) -> anyhow::Result<Self> {
-        Self::load_with_log(max_watched, false)
+    /// Loads the programs with room for `max_watched` inodes and a sector map of `tables`, and
+    /// attaches every tracepoint this kernel has. Fails (with the reason) when none can be
+    /// attached.
+    pub fn load(max_watched: u32, tables: TableLogs) -> anyhow::Result<Self> {
+        Self::load_with_log(max_watched, tables, false)
     }
 
     /// [`Tracer::load`]; with `ebpf_log`, the programs also log (aya-log, through this
     /// process's logger) which events their filter kept or dropped, and why.
-    pub fn load_with_log(max_watched: u32, ebpf_log: bool) -> anyhow::Result<Self> {
+    pub fn load_with_log(
+        max_watched: u32,
+        tables: TableLogs,
+        ebpf_log: bool,
+    ) -> anyhow::Result<Self> {
         raise_memlock_limit();
         let mut layouts = [TracepointLayout::default(); LAYOUTS_LEN];
         let mut present = Vec::new();
@@ -78,13 +98,13 @@ impl Tracer {
         // The fault tests shrink the filter (more files than room) and the ring (overflow).
         let max_watched = test_size("FILEMAPD_TEST_WATCH_ROOM").unwrap_or(max_watched);
         // Asked off, the kernel's BTF is not even read (seconds of start-up under emulation).
-        let dm_layout = if std::env::var_os("FILEMAPD_NO_ACCOUNTING").is_some() {
-            log::info!("FILEMAPD_NO_ACCOUNTING set: no in-kernel accounting of uncovered IO");
+        let dm_layout = if std::env::var_os("FILEMAPD_NO_COUNTING").is_some() {
+            log::info!("FILEMAPD_NO_COUNTING set: no in-kernel counting of the files' IO");
             None
         } else {
             let started = std::time::Instant::now();
             let layout = dm_layout::read()
-                .inspect_err(|e| log::info!("no in-kernel accounting of uncovered IO: {e:#}"))
+                .inspect_err(|e| log::info!("no in-kernel counting of the files' IO: {e:#}"))
                 .ok();
             log::debug!("read dm's layout from BTF in {:.1?}", started.elapsed());
             layout
@@ -97,8 +117,13 @@ impl Tracer {
             .override_global(names::OWN_TGID, &own_tgid, true)
             .override_global(names::DM_LAYOUT, &dm_layout_value, true)
             .override_global(names::LOG_EVENTS, &log_events, true)
+            .override_global(names::TABLE_LOGS, &tables, true)
             .map_max_entries(names::WATCHED, max_watched.max(1))
-            .map_max_entries(names::TOTALS, max_watched.max(1));
+            .map_max_entries(names::COUNTERS, max_watched.max(1))
+            .map_max_entries(names::BOUNDS, max_watched.max(1))
+            .map_max_entries(names::CHUNKS, 1 << tables.chunks)
+            .map_max_entries(names::MAKING, 1 << tables.chunks)
+            .map_max_entries(names::BLOCKS, 1 << tables.blocks);
         if let Some(bytes) = test_size("FILEMAPD_TEST_RING_BYTES") {
             loader.map_max_entries(names::EVENTS, bytes);
         }
@@ -137,17 +162,17 @@ impl Tracer {
         };
         let watched = take_map(&mut ebpf, names::WATCHED)?;
         let started = std::time::Instant::now();
-        let (accounting, pins) = match dm_layout {
-            Some(layout) => match attach_accounting(&mut ebpf, &layout, &watched) {
-                Ok((accounting, pins)) => (Some(Arc::new(accounting)), pins),
+        let (counting, pins) = match dm_layout {
+            Some(layout) => match attach_counting(&mut ebpf, &layout, &watched, tables) {
+                Ok((counting, pins)) => (Some(Arc::new(counting)), pins),
                 Err(e) => {
-                    log::info!("no in-kernel accounting of uncovered IO: {e:#}");
+                    log::info!("no in-kernel counting of the files' IO: {e:#}");
                     (None, None)
                 }
             },
             None => (None, None),
         };
-        log::debug!("set up the accounting in {:.1?}", started.elapsed());
+        log::debug!("set up the counting in {:.1?}", started.elapsed());
         let watched = HashMap::try_from(watched)?;
         let ring = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)?;
         // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, so the fd stays
@@ -157,8 +182,8 @@ impl Tracer {
         let lost = PerCpuArray::try_from(take_map(&mut ebpf, names::LOST)?)?;
         let reading = Array::try_from(take_map(&mut ebpf, names::READING)?)?;
         let ebpf = Arc::new(Mutex::new(ebpf));
-        if let Some(accounting) = &accounting {
-            accounting.serve_spans_from(Arc::clone(&ebpf));
+        if let Some(counting) = &counting {
+            counting.serve_from(Arc::clone(&ebpf));
         }
         Ok(Self {
             ebpf,
@@ -169,29 +194,45 @@ impl Tracer {
             lost,
             attached,
             sees_region_changes,
-            accounting,
+            counting,
             _pins: pins,
         })
     }
 
-    /// The in-kernel accounting over this tracer's maps with its probes attached to nothing,
+    /// The in-kernel counting over this tracer's maps with its IO probe attached to nothing,
     /// for tests on machines without device-mapper: the allocation programs still record a
-    /// file whose placement names a dm device. Fails when the tracer has its accounting.
-    pub fn accounting_unattached(&mut self) -> anyhow::Result<Arc<Accounting>> {
-        if self.accounting.is_some() {
-            bail!("the tracer's accounting is attached");
+    /// file whose placement names a dm device, and the charge service counts pretend IO.
+    /// Fails when the tracer has its counting.
+    pub fn counting_unattached(&mut self, tables: TableLogs) -> anyhow::Result<Arc<Counting>> {
+        if self.counting.is_some() {
+            bail!("the tracer's counting is attached");
         }
         let mut ebpf = self.ebpf.lock().expect("ebpf lock");
-        let accounting = Arc::new(unattached_accounting_over(&mut ebpf)?);
+        let counting = Arc::new(unattached_counting_over(&mut ebpf, tables)?);
         drop(ebpf);
-        accounting.serve_spans_from(Arc::clone(&self.ebpf));
-        self.accounting = Some(Arc::clone(&accounting));
-        Ok(accounting)
+        counting.serve_from(Arc::clone(&self.ebpf));
+        self.counting = Some(Arc::clone(&counting));
+        Ok(counting)
     }
 
-    /// The in-kernel accounting of uncovered IO, when this kernel allows it.
-    pub fn accounting(&self) -> Option<&Arc<Accounting>> {
-        self.accounting.as_ref()
+    /// The in-kernel counting of the watched files' IO, when this kernel allows it.
+    pub fn counting(&self) -> Option<&Arc<Counting>> {
+        self.counting.as_ref()
+    }
+
+    /// How many instructions the kernel's verifier walked for each loaded program (what
+    /// start-up costs), by name; empty before Linux 5.16, which does not say.
+    pub fn verified_instructions(&self) -> Vec<(String, u32)> {
+        let ebpf = self.ebpf.lock().expect("ebpf lock");
+        let mut counts: Vec<(String, u32)> = ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let count = program.info().ok()?.verified_instruction_count()?;
+                Some((name.to_string(), count))
+            })
+            .collect();
+        counts.sort();
+        counts
     }
 
     /// Whether events report other processes deleting regions or rewriting their aux_data
@@ -342,32 +383,42 @@ fn attach_kprobes(ebpf: &mut Ebpf, function: &str, programs: &[&str]) -> anyhow:
     Ok(())
 }
 
-/// The in-kernel accounting's maps with its IO probe verified but attached to nothing: the
-/// uncovered set as the daemon keeps it, for tests on machines without device-mapper.
-pub fn standalone_accounting() -> anyhow::Result<Accounting> {
+/// The in-kernel counting's maps with its IO probe verified but attached to nothing, for
+/// tests and benchmarks on machines without device-mapper.
+pub fn standalone_counting(max_files: u32, tables: TableLogs) -> anyhow::Result<Counting> {
     raise_memlock_limit();
     let mut ebpf = EbpfLoader::new()
+        .override_global(names::TABLE_LOGS, &tables, true)
+        .map_max_entries(names::COUNTERS, max_files.max(1))
+        .map_max_entries(names::BOUNDS, max_files.max(1))
+        .map_max_entries(names::CHUNKS, 1 << tables.chunks)
+        .map_max_entries(names::MAKING, 1 << tables.chunks)
+        .map_max_entries(names::BLOCKS, 1 << tables.blocks)
         .load(OBJECT)
         .context("loading the eBPF object")?;
-    let accounting = unattached_accounting_over(&mut ebpf)?;
-    accounting.serve_spans_from(Arc::new(Mutex::new(ebpf)));
-    Ok(accounting)
+    let counting = unattached_counting_over(&mut ebpf, tables)?;
+    counting.serve_from(Arc::new(Mutex::new(ebpf)));
+    Ok(counting)
 }
 
-/// The accounting over the object's maps, its IO probe verified but not attached.
-fn unattached_accounting_over(ebpf: &mut Ebpf) -> anyhow::Result<Accounting> {
+/// The counting over the object's maps, its IO probe verified but not attached.
+fn unattached_counting_over(ebpf: &mut Ebpf, tables: TableLogs) -> anyhow::Result<Counting> {
     let program: &mut KProbe = ebpf
         .program_mut(names::DM_STATS_ACCOUNT_IO)
         .context("the IO probe")?
         .try_into()?;
     program.load().context("verifying the IO probe")?;
-    let totals = take_map(ebpf, names::TOTALS)?;
-    accounting_over(ebpf, totals)
+    let counters = take_map(ebpf, names::COUNTERS)?;
+    counting_over(ebpf, counters, tables)
 }
 
-/// The accounting over the object's maps (`totals` already taken out, to be pinned), its IO
-/// probe loaded: kept to read how often the kernel skipped it (`Accounting::io_probe_skips`).
-fn accounting_over(ebpf: &mut Ebpf, totals: aya::maps::Map) -> anyhow::Result<Accounting> {
+/// The counting over the object's maps (`counters` already taken out, to be pinned), its IO
+/// probe loaded: kept to read how often the kernel skipped it (`Counting::io_probe_skips`).
+fn counting_over(
+    ebpf: &mut Ebpf,
+    counters: aya::maps::Map,
+    tables: TableLogs,
+) -> anyhow::Result<Counting> {
     let io_probe = ebpf
         .program(names::DM_STATS_ACCOUNT_IO)
         .context("the IO probe")?
@@ -378,34 +429,35 @@ fn accounting_over(ebpf: &mut Ebpf, totals: aya::maps::Map) -> anyhow::Result<Ac
         .context("the charge service")?
         .try_into()?;
     service.load().context("verifying the charge service")?;
-    Ok(Accounting::new(
-        LpmTrie::try_from(take_map(ebpf, names::UNCOVERED)?)?,
-        Array::try_from(take_map(ebpf, names::TRIE_USED)?)?,
-        spans::Spans::new(take_map(ebpf, names::CHUNKS)?)?,
-        PerCpuArray::try_from(totals)?,
-        HashMap::try_from(take_map(ebpf, names::COVERING)?)?,
-        HashMap::try_from(take_map(ebpf, names::COVERED)?)?,
+    let map = sector_map::SectorMap::new(
+        take_map(ebpf, names::CHUNKS)?,
+        take_map(ebpf, names::BLOCKS)?,
+        take_map(ebpf, names::MAKING)?,
+        tables,
+    )?;
+    Ok(Counting::new(
+        map,
+        PerCpuArray::try_from(counters)?,
+        Array::try_from(take_map(ebpf, names::BOUNDS)?)?,
         io_probe,
     ))
 }
 
-/// The probes of the in-kernel accounting (on dm-mod's per-bio accounting and on the resume
-/// after a region creation), and its maps.
-fn attach_accounting(
+/// The probes of the in-kernel counting (on dm-mod's per-bio accounting, and on its cleanup of
+/// a device), and its maps.
+fn attach_counting(
     ebpf: &mut Ebpf,
     layout: &DmLayout,
     watched: &aya::maps::Map,
-) -> anyhow::Result<(Accounting, Option<pins::PinDir>)> {
-    log::debug!("dm layout for the in-kernel accounting: {layout:?}");
+    tables: TableLogs,
+) -> anyhow::Result<(Counting, Option<pins::PinDir>)> {
+    log::debug!("dm layout for the in-kernel counting: {layout:?}");
     // The cleanup probe first: the IO probe remembers devices only while it is attached.
-    for name in [
-        names::DM_STATS_CLEANUP,
-        names::DM_STATS_ACCOUNT_IO,
-        names::DM_INTERNAL_RESUME_FAST,
-    ] {
+    for name in [names::DM_STATS_CLEANUP, names::DM_STATS_ACCOUNT_IO] {
         attach_kprobes(ebpf, name, &[name])?;
     }
-    // xfs's writeback conversions (xfs may not be loaded: then only direct IO on xfs counts).
+    // xfs's writeback conversions (xfs may not be loaded: then only direct IO on xfs is
+    // recorded at once, buffered writes by the pass after their allocation).
     if let Err(e) = attach_kprobes(
         ebpf,
         names::XFS_BMAPI_CONVERT_DELALLOC,
@@ -414,12 +466,12 @@ fn attach_accounting(
             names::XFS_BMAPI_CONVERT_DELALLOC_RETURN,
         ],
     ) {
-        log::info!("no in-kernel accounting of xfs writeback: {e:#}");
+        log::info!("no recording of xfs writeback's allocations at once: {e:#}");
     }
-    let totals = take_map(ebpf, names::TOTALS)?;
-    let pins = pins::PinDir::pin(watched, &totals);
-    let accounting = accounting_over(ebpf, totals)?;
-    Ok((accounting, pins))
+    let counters = take_map(ebpf, names::COUNTERS)?;
+    let pins = pins::PinDir::pin(watched, &counters);
+    let counting = counting_over(ebpf, counters, tables)?;
+    Ok((counting, pins))
 }
 
 /// The layout of one tracepoint on this kernel, `None` when the kernel lacks the tracepoint.

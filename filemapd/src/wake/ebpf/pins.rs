@@ -1,12 +1,12 @@
-//! The accounting maps of a running daemon, pinned in bpffs under its pid, so that another
-//! process (`filemapd show`) can read a file's in-kernel totals: WATCHED gives the file's
-//! slot, TOTALS the slot's counts. A daemon removes its directory when its tracer goes; one
+//! The counting maps of a running daemon, pinned in bpffs under its pid, so that another
+//! process (`filemapd show`, `filemapd report`) can read a file's in-kernel counters: WATCHED
+//! gives the file's slot, COUNTERS the slot's counts. A daemon removes its directory when its tracer goes; one
 //! killed outright leaves it, and the next daemon to start clears it.
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use filemapd_common::{InodeKey, Placement, UncoveredTotals, names};
+use filemapd_common::{FileCounters, InodeKey, Placement, names};
 
 const ROOT: &str = "/sys/fs/bpf/filemapd";
 
@@ -14,22 +14,22 @@ const ROOT: &str = "/sys/fs/bpf/filemapd";
 pub struct PinDir(PathBuf);
 
 impl PinDir {
-    /// Pins `watched` and `totals` for this process; `None` (said why) when bpffs is not
+    /// Pins `watched` and `counters` for this process; `None` (said why) when bpffs is not
     /// mounted or not writable.
-    pub fn pin(watched: &Map, totals: &Map) -> Option<PinDir> {
+    pub fn pin(watched: &Map, counters: &Map) -> Option<PinDir> {
         clear_stale();
         let dir = Path::new(ROOT).join(std::process::id().to_string());
         let result = (|| -> anyhow::Result<()> {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             watched.pin(dir.join(names::WATCHED))?;
-            totals.pin(dir.join(names::TOTALS))?;
+            counters.pin(dir.join(names::COUNTERS))?;
             Ok(())
         })();
         match result {
             Ok(()) => Some(PinDir(dir)),
             Err(e) => {
                 log::info!(
-                    "in-kernel totals not readable by other processes (bpffs at /sys/fs/bpf?): {e:#}"
+                    "in-kernel counters not readable by other processes (bpffs at /sys/fs/bpf?): {e:#}"
                 );
                 let _ = std::fs::remove_dir_all(&dir);
                 None
@@ -60,9 +60,9 @@ fn clear_stale() {
     }
 }
 
-/// The in-kernel totals of the inode `key`, from whichever running daemon accounts for it:
-/// (its pid, the totals); `None` when none does.
-pub fn find_totals(key: InodeKey) -> anyhow::Result<Option<(u32, UncoveredTotals)>> {
+/// The in-kernel counters of the inode `key`, from whichever running daemon counts it: (its
+/// pid, the counters); `None` when none does.
+pub fn find_counters(key: InodeKey) -> anyhow::Result<Option<(u32, FileCounters)>> {
     let Ok(entries) = std::fs::read_dir(ROOT) else {
         return Ok(None);
     };
@@ -92,10 +92,10 @@ pub fn find_totals(key: InodeKey) -> anyhow::Result<Option<(u32, UncoveredTotals
         if placement.dm_dev == 0 {
             continue;
         }
-        let totals: PerCpuArray<MapData, UncoveredTotals> =
-            PerCpuArray::try_from(open(names::TOTALS)?)?;
-        let values = totals.get(&placement.slot, 0)?;
-        return Ok(Some((pid, super::accounting::sum(values.iter()))));
+        let counters: PerCpuArray<MapData, FileCounters> =
+            PerCpuArray::try_from(open(names::COUNTERS)?)?;
+        let values = counters.get(&placement.slot, 0)?;
+        return Ok(Some((pid, FileCounters::sum(values.iter()))));
     }
     Ok(None)
 }

@@ -7,7 +7,7 @@ use std::{fs, path::Path, time::Instant};
 use filemapd::sectors::SectorRange;
 use filemapd::{
     file::{identity::FileId, placement},
-    wake::ebpf::Tracer,
+    wake::ebpf::{ONE_FILE_TABLES, Tracer},
 };
 use filemapd_tests::{FsKind, LoopFs, ScratchDir, filefrag_sectors, writers::random_direct_writes};
 
@@ -63,7 +63,8 @@ pub fn run(rounds: usize) {
                 let path = loopfs.mount.dir.join(format!("grown-{round}-{recording}"));
                 // A fresh tracer each time: nothing removes pieces here (no regions take
                 // them), so the uncovered set grows through a run and only through that run.
-                let mut tracer = Tracer::load(16).expect("the eBPF programs load on this kernel");
+                let mut tracer = Tracer::load(16, ONE_FILE_TABLES)
+                    .expect("the eBPF programs load on this kernel");
                 let run = runtime.block_on(grow(&mut tracer, &clock, &path, recording, round));
                 runs[usize::from(recording)].push(run);
                 fs::remove_file(&path).unwrap();
@@ -116,12 +117,14 @@ async fn grow(
     let id = FileId::of(&file.metadata().unwrap());
     let mut placement = placement::of(&file, id).unwrap();
     placement.dm_dev = if recording { SOME_DM_DEVICE } else { 0 };
-    let accounting = recording.then(|| tracer.accounting_unattached().unwrap());
-    let account = accounting
-        .as_ref()
-        .map(|a| a.open_account().unwrap().expect("a free totals slot"));
-    if let Some(account) = &account {
-        placement.slot = account.slot;
+    let counting = recording.then(|| tracer.counting_unattached(ONE_FILE_TABLES).unwrap());
+    let counted = counting.as_ref().map(|c| {
+        c.open(SOME_DM_DEVICE, Default::default(), Default::default())
+            .unwrap()
+            .expect("a free slot")
+    });
+    if let Some(counted) = &counted {
+        placement.slot = counted.slot;
     }
     tracer.watch(id.inode_key(), placement).unwrap();
     let before = clock.read();
@@ -145,7 +148,7 @@ async fn grow(
     let elapsed = started.elapsed();
     let programs = clock.read() - before;
     tracer.unwatch(id.inode_key()).unwrap();
-    let walk_ns = accounting.map(|accounting| {
+    let walk_ns = counting.map(|counting| {
         let ios: Vec<SectorRange> = filefrag_sectors(path)
             .unwrap()
             .into_iter()
@@ -154,8 +157,8 @@ async fn grow(
             .collect();
         let before = clock.read();
         for &io in &ios {
-            accounting
-                .charge_pretend_io(SOME_DM_DEVICE, io, true)
+            counting
+                .charge_pretend_io(SOME_DM_DEVICE, io, true, std::time::Duration::ZERO)
                 .unwrap();
         }
         let walked = clock.read() - before;

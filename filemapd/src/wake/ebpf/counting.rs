@@ -1,0 +1,357 @@
+//! User space's half of the in-kernel counting: a slot per watched file (its counters and
+//! histogram bounds in the kernel), the file's sectors kept in the sector map after each
+//! pass, and the counters read back. The kernel counts every bio of a watched file that a
+//! device's dm-stats accounting sees, whatever regions exist: regions are a view, not the
+//! count.
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf,
+    maps::{Array, MapData, PerCpuArray, PerCpuValues},
+    programs::{ProgramFd, RawTracePoint, RawTracePointRunOptions, TestRun as _},
+};
+use filemapd_common::{Bounds, FileCounters, names, sector_map::stamp};
+
+use super::sector_map::{Changes, Held, SectorMap};
+use crate::sectors::SectorRange;
+
+/// How much older than a pass's reading of the file a recording must be for the pass to judge
+/// it: a margin over the instant between an allocation's tracepoint and its extent showing in
+/// FIEMAP. Words a pass writes are stamped twice as old, so that the next pass judges them.
+const READING_MARGIN: Duration = Duration::from_millis(50);
+
+/// The kernel's counting maps, shared by the event task, the monitors and the metrics.
+pub struct Counting {
+    map: SectorMap,
+    counters: Mutex<PerCpuArray<MapData, FileCounters>>,
+    bounds: Mutex<Array<MapData, Bounds>>,
+    /// Which slots are in use.
+    slots: Mutex<Vec<bool>>,
+    /// The IO probe, whose skipped runs the kernel counts.
+    io_probe: ProgramFd,
+    /// The loaded object, for its charge service (set once the tracer has attached the rest).
+    programs: OnceLock<Arc<Mutex<Ebpf>>>,
+}
+
+/// A file's slot, freed (its sectors taken out of the map) by [`Counting::close`].
+#[derive(Clone)]
+pub struct CountedFile {
+    pub slot: u32,
+    /// The dm device its sectors lie on (kernel dev_t).
+    pub dev: u32,
+    counting: Arc<Counting>,
+    /// Counted by an earlier daemon, carried over (see `pins`).
+    base: FileCounters,
+    /// Its latency histogram's bounds.
+    pub bounds: Arc<Bounds>,
+}
+
+/// When a pass read the file, and the stamps that follow from it.
+#[derive(Clone, Copy, Debug)]
+pub struct Reading {
+    pub at_ns: u64,
+}
+
+impl Reading {
+    pub fn now() -> Self {
+        Self {
+            at_ns: monotonic_ns(),
+        }
+    }
+
+    /// Recordings stamped at or after this may be missing from the reading.
+    fn since(&self) -> u64 {
+        stamp::of(self.at_ns.saturating_sub(READING_MARGIN.as_nanos() as u64))
+    }
+
+    /// The stamp of the words a pass writes.
+    fn stamp(&self) -> u64 {
+        stamp::of(
+            self.at_ns
+                .saturating_sub(2 * READING_MARGIN.as_nanos() as u64),
+        )
+    }
+}
+
+impl Counting {
+    pub fn new(
+        map: SectorMap,
+        counters: PerCpuArray<MapData, FileCounters>,
+        bounds: Array<MapData, Bounds>,
+        io_probe: ProgramFd,
+    ) -> Self {
+        let room = counters.len() as usize;
+        Self {
+            map,
+            counters: Mutex::new(counters),
+            bounds: Mutex::new(bounds),
+            slots: Mutex::new(vec![false; room]),
+            io_probe,
+            programs: OnceLock::new(),
+        }
+    }
+
+    pub fn map(&self) -> &SectorMap {
+        &self.map
+    }
+
+    /// Hands over the loaded object, whose charge service counts pretend IO.
+    pub fn serve_from(&self, programs: Arc<Mutex<Ebpf>>) {
+        let _ = self.programs.set(programs);
+    }
+
+    /// A free slot for a file on `dev` whose histogram has `bounds`, its counters zeroed;
+    /// `None` when every slot is taken. `base`: counts carried over from an earlier daemon.
+    pub fn open(
+        self: &Arc<Self>,
+        dev: u32,
+        bounds: Bounds,
+        base: FileCounters,
+    ) -> anyhow::Result<Option<CountedFile>> {
+        let slot = {
+            let mut slots = self.slots.lock().expect("slots lock");
+            let Some(free) = slots.iter().position(|used| !used) else {
+                return Ok(None);
+            };
+            slots[free] = true;
+            free as u32
+        };
+        let result = (|| -> anyhow::Result<()> {
+            let cpus = aya::util::nr_cpus()
+                .map_err(|(_, e)| e)
+                .context("counting CPUs")?;
+            let zeros = PerCpuValues::try_from(vec![FileCounters::default(); cpus])?;
+            self.counters
+                .lock()
+                .expect("counters lock")
+                .set(slot, zeros, 0)
+                .context("zeroing a file's counters")?;
+            self.bounds
+                .lock()
+                .expect("bounds lock")
+                .set(slot, bounds, 0)
+                .context("setting a file's histogram bounds")
+        })();
+        if let Err(e) = result {
+            self.free_slot(slot);
+            return Err(e);
+        }
+        Ok(Some(CountedFile {
+            slot,
+            dev,
+            counting: Arc::clone(self),
+            base,
+            bounds: Arc::new(bounds),
+        }))
+    }
+
+    /// Takes a slot's sectors out of the map and frees it (once the kernel no longer watches
+    /// its inode).
+    pub fn close(&self, slot: u32) {
+        let changes = self.map.clear(slot);
+        log::debug!("slot {slot} closed: {} word(s) freed", changes.words);
+        self.free_slot(slot);
+    }
+
+    fn free_slot(&self, slot: u32) {
+        if let Some(used) = self
+            .slots
+            .lock()
+            .expect("slots lock")
+            .get_mut(slot as usize)
+        {
+            *used = false;
+        }
+    }
+
+    /// A slot's counters as the kernel holds them, summed over CPUs.
+    pub fn counters(&self, slot: u32) -> anyhow::Result<FileCounters> {
+        let values = self.counters.lock().expect("counters lock").get(&slot, 0)?;
+        Ok(FileCounters::sum(values.iter()))
+    }
+
+    /// Counts a pretend IO over `range` on `dev` as the IO probe counts a real one (its start
+    /// and its end, lasting `duration`): for tests and benchmarks on machines without
+    /// device-mapper.
+    pub fn charge_pretend_io(
+        &self,
+        dev: u32,
+        range: SectorRange,
+        write: bool,
+        duration: Duration,
+    ) -> anyhow::Result<()> {
+        let Some(programs) = self.programs.get() else {
+            bail!("the charge service is not loaded");
+        };
+        let programs = programs.lock().expect("programs lock");
+        let service: &RawTracePoint = programs
+            .program(names::CHARGE_SERVICE)
+            .context("the charge service is missing from the eBPF object")?
+            .try_into()?;
+        // Its start, then its end.
+        for phase in [0, 1] {
+            let mut options = RawTracePointRunOptions::new();
+            options.args[..6].copy_from_slice(&[
+                u64::from(dev),
+                range.start,
+                range.end(),
+                u64::from(write),
+                phase,
+                duration.as_nanos() as u64,
+            ]);
+            service
+                .test_run(options)
+                .context("running the charge service")?;
+        }
+        Ok(())
+    }
+
+    /// Says, at a daemon's end, how many bios the IO probe never saw (when any, and when the
+    /// kernel counts them).
+    pub fn say_io_probe_skips(&self) {
+        if let Some(skips) = self.io_probe_skips().filter(|&n| n > 0) {
+            log::warn!(
+                "The kernel skipped the counting's IO probe {skips} time(s) (another eBPF program was running on that CPU): those bios are counted for no file"
+            );
+        }
+    }
+
+    /// How many bios the IO probe never saw: the kernel skips a kprobe while another eBPF
+    /// program runs on the same CPU (a bio completing in an interrupt over one of the
+    /// allocation tracepoints' programs). `None` where the kernel does not count the skips
+    /// (before Linux 6.7).
+    pub fn io_probe_skips(&self) -> Option<u64> {
+        if !kernel_counts_kprobe_skips() {
+            return None;
+        }
+        recursion_misses(self.io_probe.as_fd())
+    }
+}
+
+impl CountedFile {
+    /// After a pass read the file at `reading`: the file's holdings over the 16 MiB blocks
+    /// that `over` touches become `ranges` (all the file's sectors, sorted and disjoint),
+    /// except what the kernel recorded too recently for the reading to show.
+    pub fn sync(&self, over: &[SectorRange], ranges: &[SectorRange], reading: Reading) -> Changes {
+        self.counting.map.set(
+            self.dev,
+            self.slot,
+            over,
+            ranges,
+            Some(reading.since()),
+            reading.stamp(),
+        )
+    }
+
+    /// All the file's IO so far: the kernel's counters, and what an earlier daemon counted.
+    pub fn counters(&self) -> anyhow::Result<FileCounters> {
+        let mut counters = self.counting.counters(self.slot)?;
+        counters.add(&self.base);
+        Ok(counters)
+    }
+
+    /// What the file holds in the map now (reads the whole tables).
+    pub fn held(&self) -> Vec<Held> {
+        self.counting.map.held(self.slot)
+    }
+
+    pub fn counting(&self) -> &Counting {
+        &self.counting
+    }
+}
+
+/// The runs of the eBPF program behind `program` (a descriptor of this process) that the
+/// kernel skipped because another program was running on that CPU: fdinfo's
+/// `recursion_misses`.
+pub fn recursion_misses(program: BorrowedFd<'_>) -> Option<u64> {
+    let fd = program.as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("recursion_misses:"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// Whether this kernel counts a kprobe's skipped runs in its `recursion_misses` (Linux 6.7
+/// and later; before, the field shows 0 whatever was skipped).
+fn kernel_counts_kprobe_skips() -> bool {
+    nix::sys::utsname::uname()
+        .is_ok_and(|uts| counts_kprobe_skips(&uts.release().to_string_lossy()))
+}
+
+fn counts_kprobe_skips(release: &str) -> bool {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (6, 7)
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns()` (the map's stamps).
+pub fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always there");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
+/// One line for logs and `filemapd show`.
+pub fn describe(c: &FileCounters) -> String {
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let mut line = format!(
+        "{} reads ({} sectors, {:.1} ms), {} writes ({} sectors, {:.1} ms), {} in flight",
+        c.reads,
+        c.read_sectors,
+        ms(c.read_ns),
+        c.writes,
+        c.write_sectors,
+        ms(c.write_ns),
+        c.in_flight()
+    );
+    if c.unrecorded > 0 {
+        line += &format!(
+            "; {} allocation(s) not recorded whole at once (their IO may be missing until a pass recorded them)",
+            c.unrecorded
+        );
+    }
+    if c.unwalked > 0 {
+        line += &format!("; {} IO(s) too long to walk to the end", c.unwalked);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kprobe_skips_are_counted_from_linux_6_7() {
+        for (release, counts) in [
+            ("6.1.0-56-amd64", false),
+            ("6.6.30", false),
+            ("6.7.0", true),
+            ("6.12.117+deb12-amd64", true),
+            ("6.18.44-fc-v657", true),
+            ("7.0.1", true),
+            ("5.15.0-91-generic", false),
+        ] {
+            assert_eq!(counts_kprobe_skips(release), counts, "{release}");
+        }
+    }
+
+    #[test]
+    fn a_pass_writes_words_that_the_next_pass_judges() {
+        let first = Reading {
+            at_ns: 10_000_000_000,
+        };
+        let next = Reading {
+            at_ns: first.at_ns + 1_000_000,
+        };
+        assert!(!stamp::at_or_after(first.stamp(), next.since()));
+        // A recording made just after the first reading is kept by it.
+        let recorded = stamp::of(first.at_ns + 1);
+        assert!(stamp::at_or_after(recorded, first.since()));
+    }
+}

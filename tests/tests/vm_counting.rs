@@ -1,0 +1,250 @@
+//! The in-kernel counting against real device-mapper (run inside the VM by `cargo xtask
+//! test`): the kernel counts all of a watched file's IO, whatever its regions. A growing file's
+//! writes are counted exactly (the regions miss those that came before them), and once the
+//! group has caught up, an O_DIRECT read of the whole file is counted exactly by both, sector
+//! for sector: the kernel's map of the file and the group's regions agree. Without the
+//! counting the regions alone miss some writes, which is what makes the sums a test.
+use std::path::Path;
+
+use filemapd::stats::{Counters, StatsDevice};
+use filemapd_tests::{
+    DmFs, FsKind,
+    daemon::{
+        LoggedDaemon, device_of, file_ranges, filemapd_binary, group_by_alias, wait_converged,
+    },
+    map_without_daemon, require_device_mapper, run, write_and_sync,
+    writers::{direct_read_whole, random_direct_writes},
+};
+
+#[derive(Clone, Copy, Debug)]
+enum Growth {
+    /// A VM image with cache=none: 64 KiB O_DIRECT writes at random places of a sparse span.
+    RandomDirect,
+    /// `dd` appending through the page cache, then fsync (writeback allocates).
+    Dd,
+}
+
+/// How much the file grows; FILEMAPD_TEST_GROWTH_MIB sets more for a closer look (the bench
+/// grows by 256 MiB, where writeback builds bios of many MiB).
+fn growth_mib() -> u64 {
+    std::env::var("FILEMAPD_TEST_GROWTH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
+}
+
+/// Grows the 1 MiB file by `growth_mib()`; returns the bytes written.
+fn grow(path: &Path, growth: Growth) -> u64 {
+    let mib = growth_mib();
+    match growth {
+        Growth::RandomDirect => random_direct_writes(path, 1 << 20, mib << 20, 0x5eed),
+        Growth::Dd => {
+            run(
+                "dd",
+                &[
+                    "if=/dev/zero",
+                    &format!("of={}", path.display()),
+                    "bs=1M",
+                    "seek=1",
+                    &format!("count={mib}"),
+                    "conv=notrunc,fsync",
+                    "status=none",
+                ],
+            )
+            .unwrap();
+            mib << 20
+        }
+    }
+}
+
+/// Sectors (read, written) as the group's regions count them.
+fn group_sectors(device: &StatsDevice, alias: &str) -> (u64, u64) {
+    let (_, members) = group_by_alias(device, alias).unwrap();
+    let counters: Counters = members.iter().map(|r| device.counters(r.id).unwrap()).sum();
+    (counters.sectors_read, counters.sectors_written)
+}
+
+/// Sectors (read, written) as `filemapd show` reports the kernel counted them; `None` when it
+/// says no daemon counts the file.
+fn kernel_sectors(path: &Path, group: &str) -> Option<(u64, u64)> {
+    let out = run(
+        &filemapd_binary().to_string_lossy(),
+        &["show", &path.to_string_lossy(), group],
+    )
+    .unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("counted in the kernel"))
+        .unwrap_or_else(|| panic!("no in-kernel line in `filemapd show`:\n{out}"));
+    if line.contains("no daemon") {
+        return None;
+    }
+    // "...: N reads (S sectors, x ms), M writes (T sectors, y ms), K in flight"
+    let sectors = |part: &str| -> u64 {
+        part.split('(')
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let counts = line.split_once("): ").expect("(daemon N): counts").1;
+    let mut parts = counts.split("), ");
+    let reads = sectors(parts.next().unwrap());
+    let writes = sectors(parts.next().unwrap());
+    Some((reads, writes))
+}
+
+/// Real hosts mount bpffs (systemd does); the test VM may not.
+fn ensure_bpffs() {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).unwrap();
+    }
+}
+
+/// What one run counted, in sectors.
+struct Counted {
+    written: u64,
+    /// (read, written) by the group's regions, and by the kernel (`None`: not counted there).
+    regions_growth: u64,
+    kernel_growth: Option<u64>,
+    /// The O_DIRECT read of the whole file after the group caught up: the sectors it read
+    /// from the device (holes read none).
+    read: u64,
+    regions_read: u64,
+    kernel_read: Option<u64>,
+    log: Vec<String>,
+}
+
+/// Grows a watched file, waits for its group to catch up, reads it whole; what each counted.
+fn grow_and_read(fs_kind: FsKind, growth: Growth, env: &[(&str, &str)]) -> Counted {
+    require_device_mapper();
+    ensure_bpffs();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let path = dmfs.mount.dir.join("vm.img");
+    write_and_sync(&path, 0, 1 << 20).unwrap();
+    let group = map_without_daemon(&path).unwrap().to_string();
+    let mut daemon = LoggedDaemon::ebpf_inode_with(&path, &group, 2, env);
+    // Logged once the kernel filters on the file (IO before that is nobody's to count).
+    daemon.wait_for_line("Waking on events only");
+    wait_converged(&dmfs, &path, "vm.img", "start-up");
+    let device = device_of(&path);
+    let regions_before = group_sectors(&device, "vm.img");
+    let kernel_before = kernel_sectors(&path, &group);
+
+    let written = grow(&path, growth) / 512;
+    wait_converged(&dmfs, &path, "vm.img", "growth");
+    let regions_grown = group_sectors(&device, "vm.img");
+    let kernel_grown = kernel_sectors(&path, &group);
+    direct_read_whole(&path);
+    // A hole reads as zeros without a read of the device: what was read is what the file
+    // holds up to its end.
+    let read: u64 = file_ranges(&path).iter().map(|r| r.len).sum();
+    let regions_after = group_sectors(&device, "vm.img");
+    let kernel_after = kernel_sectors(&path, &group);
+
+    let delta =
+        |after: Option<(u64, u64)>, before: Option<(u64, u64)>, pick: fn((u64, u64)) -> u64| {
+            after.map(|a| pick(a) - before.map_or(0, pick))
+        };
+    let counted = Counted {
+        written,
+        regions_growth: regions_grown.1 - regions_before.1,
+        kernel_growth: delta(kernel_grown, kernel_before, |c| c.1),
+        read,
+        regions_read: regions_after.0 - regions_grown.0,
+        kernel_read: delta(kernel_after, kernel_grown, |c| c.0),
+        log: Vec::new(),
+    };
+    eprintln!(
+        "{fs_kind:?} {growth:?}: {written} sectors written, {} counted by regions, {:?} in the kernel; {read} read, {} by regions, {:?} in the kernel; eBPF runs skipped: {:?}",
+        counted.regions_growth,
+        counted.kernel_growth,
+        counted.regions_read,
+        counted.kernel_read,
+        filemapd_tests::skipped_program_runs()
+    );
+    // SIGTERM: the daemon ends between passes and logs what the kernel counted.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+    daemon.wait_for_line("Terminated: exiting");
+    let log = daemon.stop();
+    if counted.kernel_growth.is_some() {
+        assert!(
+            log.iter().any(|l| l.contains("counted in the kernel")),
+            "the daemon logs its in-kernel counters at exit:\n{}",
+            log.join("\n")
+        );
+    }
+    Counted { log, ..counted }
+}
+
+fn all_of_it_is_counted(fs_kind: FsKind, growth: Growth) {
+    let c = grow_and_read(fs_kind, growth, &[]);
+    let log = || c.log.join("\n");
+    let kernel = c
+        .kernel_growth
+        .expect("a daemon with --ebpf on a dm device counts in the kernel");
+    assert_eq!(
+        kernel,
+        c.written,
+        "the kernel counts every sector written, once; the daemon's whole log:\n{}",
+        log()
+    );
+    assert!(
+        c.regions_growth <= kernel,
+        "regions counted {} of the {kernel} sectors written",
+        c.regions_growth
+    );
+    assert_eq!(
+        c.kernel_read,
+        Some(c.read),
+        "the kernel counts the whole file read, sector for sector of what the file holds"
+    );
+    assert_eq!(
+        c.regions_read, c.read,
+        "the group's regions, caught up, count the same read (the kernel's map and the regions agree)"
+    );
+}
+
+#[test]
+fn ext4_random_direct_growth_is_all_counted() {
+    all_of_it_is_counted(FsKind::Ext4, Growth::RandomDirect);
+}
+#[test]
+fn xfs_random_direct_growth_is_all_counted() {
+    all_of_it_is_counted(FsKind::Xfs, Growth::RandomDirect);
+}
+#[test]
+fn ext4_dd_growth_is_all_counted() {
+    all_of_it_is_counted(FsKind::Ext4, Growth::Dd);
+}
+#[test]
+fn xfs_dd_growth_is_all_counted() {
+    all_of_it_is_counted(FsKind::Xfs, Growth::Dd);
+}
+
+/// The control: with the counting off, the regions alone miss the writes that came before
+/// them (so the sums above are not true by construction), and `filemapd show` says nobody
+/// counts the file in the kernel.
+#[test]
+fn without_the_counting_regions_alone_miss_some() {
+    let c = grow_and_read(
+        FsKind::Ext4,
+        Growth::RandomDirect,
+        &[("FILEMAPD_NO_COUNTING", "1")],
+    );
+    assert_eq!(c.kernel_growth, None);
+    assert!(
+        c.regions_growth < c.written,
+        "regions counted {} of {} sectors: all, without any help?",
+        c.regions_growth,
+        c.written
+    );
+}
