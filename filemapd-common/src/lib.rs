@@ -127,6 +127,28 @@ pub struct DmLayout {
     pub ns_per_jiffy: u32,
 }
 
+/// Where the new-file probe finds what it needs in the VFS's structures (offsets from the
+/// kernel's BTF); all zero leaves it idle.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VfsLayout {
+    /// offsetof(struct dentry, d_parent) and d_inode.
+    pub parent_in_dentry: u32,
+    pub inode_in_dentry: u32,
+    /// offsetof(struct inode, i_mode), i_ino, i_sb and i_generation.
+    pub mode_in_inode: u32,
+    pub ino_in_inode: u32,
+    pub sb_in_inode: u32,
+    pub generation_in_inode: u32,
+    /// offsetof(struct super_block, s_dev).
+    pub dev_in_sb: u32,
+    pub _pad: u32,
+}
+
+/// How many slots user space keeps ready for the files the kernel starts counting itself
+/// (made in a watched directory: see `names::WATCHED_DIRS`).
+pub const SPARE_SLOTS: u32 = 16;
+
 /// What the sixth argument of `dm_stats_account_io` holds (its name in BTF tells).
 pub mod time_arg {
     pub const UNKNOWN: u32 = 0;
@@ -180,6 +202,10 @@ pub mod tracepoint {
     /// Not a tracepoint: an empty event that only wakes user space (an event was submitted
     /// without waking it just as it stopped reading).
     pub const NUDGE: u32 = 0x101;
+    /// Not a tracepoint: a regular file was made in a watched directory, and the kernel
+    /// counts it from now on: `key` names it, `start` holds its slot, `length` the
+    /// directory's inode.
+    pub const NEW_FILE: u32 = 0x102;
 }
 
 /// Length of the layout table the kernel half reads.
@@ -218,6 +244,15 @@ pub mod names {
     pub const DM_STATS_ACCOUNT_IO: &str = "dm_stats_account_io";
     /// A dm device's statistics freed: the IO probe's memory of that device is dropped.
     pub const DM_STATS_CLEANUP: &str = "dm_stats_cleanup";
+    /// Directories whose new regular files the kernel watches and counts from birth (by the
+    /// directory's dev and inode: the placement the new files get), the slots it gives
+    /// them, where it finds what it needs in the VFS, and the probes on the two functions
+    /// that give a new inode its name.
+    pub const WATCHED_DIRS: &str = "WATCHED_DIRS";
+    pub const SPARE: &str = "SPARE";
+    pub const VFS_LAYOUT: &str = "VFS_LAYOUT";
+    pub const D_INSTANTIATE: &str = "d_instantiate";
+    pub const D_INSTANTIATE_NEW: &str = "d_instantiate_new";
     /// xfs's conversion of a delayed allocation (writeback), probed on entry and return.
     pub const XFS_BMAPI_CONVERT_DELALLOC: &str = "xfs_bmapi_convert_delalloc";
     pub const XFS_BMAPI_CONVERT_DELALLOC_RETURN: &str = "xfs_bmapi_convert_delalloc_return";
@@ -233,6 +268,7 @@ mod pod {
     unsafe impl aya::Pod for ExtentEvent {}
     unsafe impl aya::Pod for Placement {}
     unsafe impl aya::Pod for DmLayout {}
+    unsafe impl aya::Pod for VfsLayout {}
     unsafe impl aya::Pod for FileCounters {}
     unsafe impl aya::Pod for Bounds {}
     unsafe impl aya::Pod for sector_map::Chunk {}

@@ -46,7 +46,8 @@ pub fn clear_bits(field: &mut u64, bits: u64) {
     unsafe { atomic_and::<u64, u64, { AtomicOrdering::SeqCst }>(field, !bits) };
 }
 
-/// Adds `delta` (wrapping: u64::MAX subtracts one).
+/// Adds `delta` (wrapping: u64::MAX subtracts one). (The value before is not to be had: the
+/// linker's target CPU allows no use of an atomic add's result.)
 #[inline(always)]
 pub fn add(field: *mut u64, delta: u64) {
     // SAFETY: an aligned u64 of a map value, only changed atomically.

@@ -3,8 +3,9 @@
 //! processes' region changes), `xfs_conversion` (which blocks xfs's writeback makes fresh),
 //! `sector_map` (which watched files own which sectors of a dm device) and `counting` (a
 //! probe on dm-stats' per-bio accounting that charges each bio to the files owning its
-//! sectors: all of a file's IO, whatever regions exist). Everything that can happen in user
-//! space happens there.
+//! sectors: all of a file's IO, whatever regions exist), and `new_files` (a file made in a
+//! watched directory is watched from birth). Everything that can happen in user space
+//! happens there.
 #![no_std]
 #![no_main]
 // Compare-and-swap on map values: core's atomic types offer none on the eBPF target, whose
@@ -14,6 +15,7 @@
 
 mod atomics;
 mod counting;
+mod new_files;
 mod sector_map;
 mod trigger;
 mod xfs_conversion;

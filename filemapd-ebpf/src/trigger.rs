@@ -272,6 +272,13 @@ fn report(ctx: &TracePointContext, source: u32, name: &str) -> u32 {
     0
 }
 
+/// Watches an inode the kernel found itself (see `new_files`); false when it was watched.
+#[inline(always)]
+pub fn watch_new(key: &InodeKey, placement: &Placement) -> bool {
+    // BPF_NOEXIST: what user space watched stays as it is.
+    WATCHED.insert(key, placement, 1).is_ok()
+}
+
 /// Submits an event without waking user space while it is reading anyway. User space clears
 /// `READING`, then reads the ring once more before it sleeps; an event submitted unheard in
 /// that instant (flag read before the clear, submitted after the last read) is caught by the
@@ -331,7 +338,7 @@ fn log_recorded(ctx: &TracePointContext, name: &str, ino: u64, block: u64, block
 
 /// Queues an event for user space, or counts it lost when the ring buffer is full.
 #[inline(always)]
-fn send(event: &ExtentEvent, flags: u64) {
+pub fn send(event: &ExtentEvent, flags: u64) {
     if EVENTS.output::<ExtentEvent>(event, flags).is_err() {
         count_lost();
     }

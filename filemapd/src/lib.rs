@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod file;
 pub mod oneshot;
 pub mod reconcile;
+pub mod report;
 pub mod sectors;
 pub mod stats;
 pub mod wake;

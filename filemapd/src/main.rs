@@ -11,6 +11,7 @@ use filemapd::{
     daemon::daemonize::daemonize,
     daemon::logging,
     daemon::monitor::Monitor,
+    daemon::regions::Regions,
     file::view,
     oneshot,
     reconcile::Mapping,
@@ -24,7 +25,7 @@ use filemapd::{
 #[command(
     version,
     about = "Keeps a dm-stats region group in step with a file's extents (drop-in dmfilemapd)",
-    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch [--config <FILE>] [PATH...] [--ebpf] [--exact] [--interval <S>] [--metrics <ADDR>] [--handoff] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]",
+    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch [--config <FILE>] [PATH...] [--ebpf] [--regions tiled|exact|none] [--interval <S>] [--metrics <ADDR>] [--handoff] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]\n       filemapd report [FILE...]",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -73,7 +74,14 @@ enum Command {
         /// Wake on the kernel's block-allocation events (eBPF); falls back to polling.
         #[arg(long)]
         ebpf: bool,
-        /// One region per extent, as lvm2 maps (see the daemon's --exact).
+        /// Where each file's counters live besides the kernel's: a dmstats group whose
+        /// regions tile its extents (tiled, the default), one region per extent as lvm2 maps
+        /// (exact), or no regions at all (none: the kernel's counters alone, which needs eBPF
+        /// and dm-mod's BTF; --ebpf is then implied). A `[[path]]`'s `regions` overrides it
+        /// for its files; groups made beforehand keep their regions.
+        #[arg(long, value_enum, value_name = "MODE")]
+        regions: Option<Regions>,
+        /// Another spelling of --regions exact.
         #[arg(long)]
         exact: bool,
         /// Seconds between checks (eBPF: only for deleted groups and unlinked files).
@@ -138,6 +146,13 @@ enum Command {
     /// Write the manual pages (filemapd.8, filemapd-watch.8, ...) into DIR, for installers.
     #[command(hide = true)]
     ManPages { dir: PathBuf },
+    /// Print each FILE's IO as the kernel counted it (all of it, whatever its regions), under
+    /// dmstats report's column names; without FILEs, every file a running daemon counts.
+    /// Clears nothing.
+    Report {
+        /// The files (default: every file a daemon counts in the kernel).
+        paths: Vec<PathBuf>,
+    },
     /// Print a file's extents (FIEMAP, in sectors of its dm device) beside its group's regions,
     /// the group's dm-stats totals, and the IO a running daemon counted in the kernel before
     /// regions existed.
@@ -195,6 +210,7 @@ fn main() -> ExitCode {
             paths,
             keep_groups,
             ebpf,
+            regions,
             exact,
             interval,
             metrics,
@@ -203,6 +219,15 @@ fn main() -> ExitCode {
             verbose,
         }) => {
             logging::init(verbose);
+            let regions = match (exact, regions) {
+                (true, Some(other)) if other != Regions::Exact => {
+                    return fail(&format!("--exact and --regions {other} disagree"));
+                }
+                (true, _) => Regions::Exact,
+                (false, Some(regions)) => regions,
+                (false, None) if mapping(false) == Mapping::Exact => Regions::Exact,
+                (false, None) => Regions::Tiled,
+            };
             let metrics = match metrics
                 .map(|a| filemapd::daemon::metrics::check_address(a, metrics_remote))
                 .transpose()
@@ -216,7 +241,7 @@ fn main() -> ExitCode {
                 keep_groups,
                 interval,
                 ebpf: ebpf || ebpf_from_env(),
-                mapping: mapping(exact),
+                regions,
                 metrics,
                 handoff,
                 ebpf_log: false,
@@ -236,7 +261,7 @@ fn main() -> ExitCode {
                 keep_groups: true,
                 interval: Duration::from_millis(500),
                 ebpf: true,
-                mapping: Mapping::Tiled,
+                regions: Regions::Tiled,
                 metrics: None,
                 handoff: false,
                 ebpf_log,
@@ -277,6 +302,14 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&format!("{e:#}")),
         },
+        Some(Command::Report { paths }) => {
+            logging::init(0);
+            match filemapd::report::run(&paths) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => fail(&format!("{e:#}")),
+            }
+        }
         Some(Command::Show { path, group_id }) => {
             logging::init(0);
             match show(&path, group_id) {

@@ -203,6 +203,18 @@ impl LoopFs {
     }
 }
 
+/// Real hosts mount bpffs (systemd does), where the counting daemons pin their counters for
+/// `filemapd report`; the test VM may not.
+pub fn ensure_bpffs() {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).expect("mounting bpffs");
+    }
+}
+
 pub fn require_device_mapper() {
     require_root();
     if !Path::new("/dev/mapper/control").exists() {

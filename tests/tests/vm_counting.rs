@@ -12,7 +12,7 @@ use filemapd_tests::{
     daemon::{
         LoggedDaemon, device_of, file_ranges, filemapd_binary, group_by_alias, wait_converged,
     },
-    map_without_daemon, require_device_mapper, run, write_and_sync,
+    ensure_bpffs, map_without_daemon, require_device_mapper, run, write_and_sync,
     writers::{direct_read_whole, random_direct_writes},
 };
 
@@ -95,17 +95,6 @@ fn kernel_sectors(path: &Path, group: &str) -> Option<(u64, u64)> {
     let reads = sectors(parts.next().unwrap());
     let writes = sectors(parts.next().unwrap());
     Some((reads, writes))
-}
-
-/// Real hosts mount bpffs (systemd does); the test VM may not.
-fn ensure_bpffs() {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    if !mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
-    {
-        run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).unwrap();
-    }
 }
 
 /// What one run counted, in sectors.
@@ -247,4 +236,195 @@ fn without_the_counting_regions_alone_miss_some() {
         c.regions_growth,
         c.written
     );
+}
+
+/// `filemapd report FILE`: (reads, read sectors, writes, written sectors) from its table.
+fn reported(path: &Path) -> (u64, u64, u64, u64) {
+    let out = run(
+        &filemapd_binary().to_string_lossy(),
+        &["report", &path.to_string_lossy()],
+    )
+    .unwrap();
+    let row = out
+        .lines()
+        .find(|l| l.starts_with(&*path.to_string_lossy()))
+        .unwrap_or_else(|| panic!("no row for {} in:\n{out}", path.display()));
+    let cells: Vec<u64> = row
+        .split_whitespace()
+        .skip(1)
+        .map(|c| c.parse().unwrap())
+        .collect();
+    (cells[0], cells[1], cells[3], cells[4])
+}
+
+/// Known IO with `--regions none`: a new file watched before its first write, grown by
+/// O_DIRECT writes in random order, then read whole with O_DIRECT. The kernel counts exactly
+/// the sectors written and those read (`filemapd report`), and the device holds one region
+/// whatever the file does: filemapd's own, which keeps dm-stats' accounting on.
+fn known_io_without_regions(fs_kind: FsKind) {
+    require_device_mapper();
+    ensure_bpffs();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let path = dmfs.mount.dir.join("new.img");
+    std::fs::write(&path, b"").unwrap();
+    let p = path.to_string_lossy().into_owned();
+    let mut watch = LoggedDaemon::start(&["watch", "--regions", "none", "-v", &p], &path, &[]);
+    watch.wait_for_line("watching 1 file(s)");
+
+    let written = random_direct_writes(&path, 0, 16 << 20, 0xfeed) / 512;
+    let after_writes = reported(&path);
+    direct_read_whole(&path);
+    let held: u64 = file_ranges(&path).iter().map(|r| r.len).sum();
+    let after_read = reported(&path);
+    let device = device_of(&path);
+    let regions = device.list(None).unwrap();
+    eprintln!(
+        "{fs_kind:?}: {written} sectors written, reported {after_writes:?}; {held} held, reported {after_read:?}; regions {regions:?}"
+    );
+    assert_eq!(
+        after_writes.3, written,
+        "written sectors, counted from the first write"
+    );
+    assert!(after_writes.2 > 0);
+    assert_eq!(after_read.1 - after_writes.1, held, "read sectors");
+    assert_eq!(after_read.3, written, "a read adds no write");
+    assert_eq!(
+        regions
+            .iter()
+            .map(|r| (r.program_id.as_str(), r.aux_data.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("filemapd", "DMS_FILEMAPD_HOOK")],
+        "one region on the device, filemapd's hook"
+    );
+    // Without FILEs, every counted file.
+    let all = run(&filemapd_binary().to_string_lossy(), &["report"]).unwrap();
+    assert!(all.contains(&p), "{all}");
+    watch.stop();
+}
+
+#[test]
+fn ext4_known_io_is_counted_exactly_without_regions() {
+    known_io_without_regions(FsKind::Ext4);
+}
+
+#[test]
+fn xfs_known_io_is_counted_exactly_without_regions() {
+    known_io_without_regions(FsKind::Xfs);
+}
+
+/// Bad input: an unknown --regions, or none where the kernel cannot count, is one line on
+/// stderr and exit 1; --exact and another --regions disagree.
+#[test]
+fn regions_none_where_the_kernel_cannot_count_is_refused() {
+    require_device_mapper();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let path = dmfs.mount.dir.join("f.img");
+    write_and_sync(&path, 0, 1 << 20).unwrap();
+    let p = path.to_string_lossy().into_owned();
+    let refused = |args: &[&str], env: &[(&str, &str)]| {
+        let out = std::process::Command::new(filemapd_binary())
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        stderr
+    };
+    let bogus = refused(&["watch", "--regions", "bogus", &p], &[]);
+    assert!(bogus.contains("bogus"), "{bogus}");
+    let disagree = refused(&["watch", "--exact", "--regions", "none", &p], &[]);
+    assert!(disagree.contains("disagree"), "{disagree}");
+    let uncounted = refused(
+        &["watch", "--regions", "none", &p],
+        &[("FILEMAPD_NO_COUNTING", "1")],
+    );
+    assert!(
+        uncounted.contains("--regions none") && uncounted.contains("FILEMAPD_NO_COUNTING"),
+        "{uncounted}"
+    );
+}
+/// A new image in a watched directory (`--regions none`) is counted from its first write: it
+/// is created and written at once, 8 MiB and 8 MiB with O_DIRECT, as a hypervisor creates a
+/// disk and its guest installs onto it.
+fn a_new_image_is_counted_from_its_first_write(fs_kind: FsKind) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    require_device_mapper();
+    ensure_bpffs();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let dir = dmfs.mount.dir.join("images");
+    std::fs::create_dir(&dir).unwrap();
+    let d = dir.to_string_lossy().into_owned();
+    let mut watch = LoggedDaemon::start(&["watch", "--regions", "none", "-v", &d], &dir, &[]);
+    watch.wait_for_line("names no files yet");
+    let path = dir.join("new.img");
+    let file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .unwrap();
+    drop(file);
+    let written = random_direct_writes(&path, 0, 8 << 20, 1)
+        + random_direct_writes(&path, 8 << 20, 8 << 20, 2);
+    let (_, _, _, counted) = reported(&path);
+    eprintln!(
+        "{fs_kind:?}: {} sectors written, {counted} counted",
+        written / 512
+    );
+    assert_eq!(counted, written / 512, "counted from the first write");
+    watch.stop();
+}
+
+#[test]
+fn ext4_a_new_image_is_counted_from_its_first_write() {
+    a_new_image_is_counted_from_its_first_write(FsKind::Ext4);
+}
+
+#[test]
+fn xfs_a_new_image_is_counted_from_its_first_write() {
+    a_new_image_is_counted_from_its_first_write(FsKind::Xfs);
+}
+
+/// What the kernel counted for a file survives its daemon: stopped by SIGTERM (a restart, an
+/// upgrade) or killed, the next daemon of the file carries its counters over, and they never
+/// go back while the file lives.
+#[test]
+fn the_kernels_counts_survive_a_restart_and_a_kill() {
+    require_device_mapper();
+    ensure_bpffs();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let path = dmfs.mount.dir.join("vm.img");
+    write_and_sync(&path, 0, 1 << 20).unwrap();
+    let group = map_without_daemon(&path).unwrap().to_string();
+    // The daemon says what it carries over before it says it is ready.
+    let start = |carries_over: bool| {
+        let mut daemon = LoggedDaemon::ebpf_inode(&path, &group, 1);
+        if carries_over {
+            daemon.wait_for_line("carries over what daemon");
+        }
+        daemon.wait_for_line("Waking on events only");
+        daemon
+    };
+    let written = |mib: u64, seed: u64| random_direct_writes(&path, 1 << 20, mib << 20, seed) / 512;
+
+    let mut first = start(false);
+    let w1 = written(4, 1);
+    assert_eq!(Some(reported(&path).3), Some(w1));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(first.child.id() as i32, libc::SIGTERM) };
+    first.wait_for_line("Terminated: exiting");
+    first.stop();
+
+    let second = start(true);
+    assert_eq!(Some(reported(&path).3), Some(w1), "after a restart");
+    let w2 = written(4, 2);
+    assert_eq!(Some(reported(&path).3), Some(w1 + w2));
+    second.stop(); // SIGKILL
+
+    let third = start(true);
+    let w3 = written(4, 3);
+    assert_eq!(Some(reported(&path).3), Some(w1 + w2 + w3), "after a kill");
+    third.stop();
 }

@@ -139,12 +139,7 @@ fn parse(text: &str) -> anyhow::Result<WatchEntry> {
     if !path.is_absolute() {
         bail!("a hand-over whose path is not absolute");
     }
-    Ok(WatchEntry {
-        group_id,
-        mode,
-        path,
-        delete_with_file: false,
-    })
+    Ok(WatchEntry::of_group(group_id, mode, path))
 }
 
 #[cfg(test)]
@@ -162,12 +157,7 @@ mod tests {
         let handed = receive(service.as_raw_fd()).unwrap();
         assert_eq!(
             handed.entry,
-            WatchEntry {
-                group_id: 7,
-                mode: FollowMode::Path,
-                path: path.to_path_buf(),
-                delete_with_file: false,
-            }
+            WatchEntry::of_group(7, FollowMode::Path, path.to_path_buf())
         );
         assert!(handed.file.metadata().is_ok());
         std::io::Write::write_all(&mut &service, b"taken\n").unwrap();

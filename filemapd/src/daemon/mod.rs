@@ -6,6 +6,7 @@ pub mod handoff;
 pub mod logging;
 pub mod metrics;
 pub mod monitor;
+pub mod regions;
 pub mod tally;
 pub mod trace;
 pub mod watch;

@@ -36,7 +36,9 @@ pub fn of(file: &std::fs::File, id: FileId) -> anyhow::Result<Placement> {
     // The kernel's sector map holds a file's sectors in units of 4 KiB (see
     // filemapd_common::sector_map): a smaller block could share a unit with another file.
     if block_size < 4096 {
-        bail!("its file system's blocks are {block_size} bytes: the kernel counts in units of 4 KiB");
+        bail!(
+            "its file system's blocks are {block_size} bytes: the kernel counts in units of 4 KiB"
+        );
     }
     let (ag_block_log, ag_blocks) = match tracepoint_category(file) {
         Some("xfs") => {

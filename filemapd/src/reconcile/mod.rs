@@ -91,7 +91,7 @@ impl Piece {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Mapping {
     /// One region per extent (lvm2's dmfilemapd).
     Exact,

@@ -3,6 +3,7 @@
 pub mod descriptor;
 pub mod device;
 pub mod group;
+pub mod hook;
 pub mod id_set;
 pub mod new_group;
 pub mod region;

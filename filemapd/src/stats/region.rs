@@ -24,7 +24,7 @@ pub struct Region {
 
 /// What a region was created with besides its place: new members of a group must copy these
 /// from the leader exactly, or the group's counters and histograms disagree.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RegionSettings {
     pub precise_timestamps: bool,
     /// Histogram boundaries as the kernel stores them (ns when precise, else ms).

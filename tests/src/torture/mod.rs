@@ -1,7 +1,9 @@
 //! The torture run: files on ext4 and xfs over dm, each kept by a daemon (dmstats-launched
 //! polling, dmstats-launched eBPF, or the shared `filemapd watch`), changed by a seeded random
-//! mix of operations, with an oracle at every quiescent checkpoint. A failure names the seed
+//! mix of operations, with an oracle at every quiescent checkpoint: the region table
+//! (`oracle`) and, for the files the kernel counts, its counters (`counting`). A failure names the seed
 //! and the operations before it; the same seed replays the same operations.
+mod counting;
 mod ops;
 mod oracle;
 mod slots;
@@ -169,12 +171,15 @@ struct Torture {
     rng: Rng,
     log: Vec<String>,
     report: Report,
+    /// Each counted file's kernel totals at the last checkpoint.
+    counted: counting::LastSeen,
     scratch: ScratchDir,
     watcher: Watcher,
     benches: Vec<Bench>,
 }
 
 pub fn run(config: &Config) -> anyhow::Result<Report> {
+    crate::ensure_bpffs();
     let benches = vec![Bench::new(FsKind::Ext4)?, Bench::new(FsKind::Xfs)?];
     let scratch = ScratchDir::new(Path::new("/tmp"), "torture")?;
     let watched: Vec<&Slot> = watched_slots(&benches);
@@ -182,6 +187,7 @@ pub fn run(config: &Config) -> anyhow::Result<Report> {
     let mut t = Torture {
         rng: Rng(config.seed | 1),
         log: Vec::new(),
+        counted: Default::default(),
         report: Report {
             seed: config.seed,
             ..Default::default()
@@ -356,6 +362,9 @@ impl Torture {
             .push(format!("checkpoint {}", self.report.checkpoints));
         for bench in &self.benches {
             bench.check()?;
+            for slot in &bench.slots {
+                counting::check(slot, &mut self.counted)?;
+            }
             for slot in &bench.slots {
                 anyhow::ensure!(slot.daemon_alive(), "{}: its daemon died", slot.name());
                 if let (Some(pid), Some(rss)) = (slot.pid, slot.rss_kib()) {

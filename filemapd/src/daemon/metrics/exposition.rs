@@ -56,7 +56,10 @@ impl Scraped {
             ("path", state.path.clone()),
             ("alias", state.alias.clone()),
             ("device", state.device.name().to_string()),
-            ("group_id", state.group_id.to_string()),
+            (
+                "group_id",
+                state.group_id.map(|id| id.to_string()).unwrap_or_default(),
+            ),
         ];
         let kernel = state.counted.as_ref().and_then(|counted| {
             counted
@@ -111,8 +114,10 @@ impl Scraped {
 }
 
 /// The group's counters summed over its regions. A region may have gone since the monitor
-/// published (its pass is running): then the group is listed afresh, once.
+/// published (its pass is running): then the group is listed afresh, once. `None` for a file
+/// without a group.
 fn group_stats(state: &FileState) -> Option<RegionStats> {
+    let group_id = state.group_id?;
     let sum = |ids: &mut dyn Iterator<Item = u64>| -> anyhow::Result<RegionStats> {
         let mut total = RegionStats::default();
         for id in ids {
@@ -131,7 +136,7 @@ fn group_stats(state: &FileState) -> Option<RegionStats> {
         Ok(stats) => return Some(stats),
         Err(e) => debug!("{}: reading the group again: {e:#}", state.path),
     }
-    let group = Group::load(&state.device, state.group_id).ok().flatten()?;
+    let group = Group::load(&state.device, group_id).ok().flatten()?;
     sum(&mut group.members().map(|r| r.id))
         .inspect_err(|e| debug!("{}: counters left out of this scrape: {e:#}", state.path))
         .ok()

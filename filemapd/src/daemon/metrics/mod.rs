@@ -40,7 +40,9 @@ pub enum Wakeup {
 struct FileState {
     path: String,
     device: Arc<StatsDevice>,
-    group_id: u64,
+    /// `None`: the file has no regions (the kernel counts it alone).
+    group_id: Option<u64>,
+    /// The group's alias; without a group, the file's name.
     alias: String,
     regions: Vec<u64>,
     settings: RegionSettings,
@@ -97,24 +99,32 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// The file, its group as the pass left it, what the monitor did so far and how it wakes.
-    /// Called after every pass: a pass that left the group as it was (same id and alias, same
-    /// count of regions, nothing created or deleted since) updates the figures alone, so that a
-    /// pass stays as cheap as its change, whatever the group's size.
+    /// The file, its group as the pass left it (`None`: it has none), what the monitor did so
+    /// far and how it wakes. Called after every pass: a pass that left the group as it was
+    /// (same id and alias, same count of regions, nothing created or deleted since) updates
+    /// the figures alone, so that a pass stays as cheap as its change, whatever the group's
+    /// size.
     pub fn publish(
         &self,
         path: &std::path::Path,
         device: &Arc<StatsDevice>,
-        group: &Group,
+        group: Option<&Group>,
         tally: Tally,
         wakeup: Wakeup,
         counted: Option<&CountedFile>,
     ) {
         let mut files = self.board.files.lock().unwrap_or_else(|e| e.into_inner());
+        let alias = match group {
+            Some(group) => group.descriptor.alias.clone(),
+            None => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
         if let Some(state) = files.get_mut(&self.key)
-            && state.group_id == group.id
-            && state.alias == group.descriptor.alias
-            && state.regions.len() == group.member_count()
+            && state.group_id == group.map(|g| g.id)
+            && state.alias == alias
+            && state.regions.len() == group.map_or(0, Group::member_count)
             && (state.tally.created, state.tally.deleted) == (tally.created, tally.deleted)
         {
             state.tally = tally;
@@ -127,10 +137,10 @@ impl Reporter {
         let state = FileState {
             path: path.display().to_string(),
             device: Arc::clone(device),
-            group_id: group.id,
-            alias: group.descriptor.alias.clone(),
-            regions: group.members().map(|r| r.id).collect(),
-            settings: group.settings.clone(),
+            group_id: group.map(|g| g.id),
+            alias,
+            regions: group.map_or_else(Vec::new, |g| g.members().map(|r| r.id).collect()),
+            settings: group.map(|g| g.settings.clone()).unwrap_or_default(),
             tally,
             wakeup,
             counted: counted.cloned(),

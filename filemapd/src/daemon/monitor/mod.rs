@@ -1,6 +1,7 @@
-//! The daemon: one file, one group, one loop. Each pass: is the group still there, does the
-//! file (or, in path mode, the file at the path) still match its regions, wait, is the file
-//! gone. All dm and FIEMAP details live in other modules.
+//! The daemon: one file, one group (or none: the kernel's counters alone), one loop. Each
+//! pass: is the group still there, does the file (or, in path mode, the file at the path)
+//! still match its regions and the kernel's map of it, wait, is the file gone. All dm and
+//! FIEMAP details live in other modules.
 mod pass;
 mod wait;
 
@@ -92,7 +93,8 @@ pub struct Monitor {
     file: File,
     file_id: FileId,
     device: Arc<StatsDevice>,
-    group_id: u64,
+    /// The file's group; `None`: no regions, the kernel counts the file alone.
+    group_id: Option<u64>,
     interval: Duration,
     mapping: Mapping,
     trigger: Trigger,
@@ -157,7 +159,7 @@ impl Monitor {
         Self::with_file(
             file,
             &args.path,
-            args.group_id,
+            Some(args.group_id),
             args.mode,
             interval,
             &mut Devices::default(),
@@ -165,9 +167,10 @@ impl Monitor {
     }
 
     /// Opens the file itself (for `filemapd watch`), sharing device handles through `devices`.
+    /// Without a group, only the kernel counts the file (see [`Monitor::use_ebpf`]).
     pub fn open(
         path: &Path,
-        group_id: u64,
+        group_id: Option<u64>,
         mode: FollowMode,
         interval: Duration,
         devices: &mut Devices,
@@ -194,7 +197,7 @@ impl Monitor {
         Self::with_file(
             file,
             path,
-            group_id,
+            Some(group_id),
             mode,
             interval,
             &mut Devices::default(),
@@ -204,7 +207,7 @@ impl Monitor {
     fn with_file(
         file: File,
         path: &Path,
-        group_id: u64,
+        group_id: Option<u64>,
         mode: FollowMode,
         interval: Duration,
         devices: &mut Devices,
@@ -213,10 +216,17 @@ impl Monitor {
         let device = devices
             .for_st_dev(metadata.dev())
             .with_context(|| format!("{} is not on a device-mapper device", path.display()))?;
-        let Some(group) = devices.group_at_start(metadata.dev(), group_id)? else {
-            bail!("group {group_id} does not exist on {}", device.name());
+        let group = match group_id {
+            Some(id) => match devices.group_at_start(metadata.dev(), id)? {
+                Some(group) => Some(group),
+                None => bail!("group {id} does not exist on {}", device.name()),
+            },
+            None => None,
         };
-        let settings = group.settings.clone();
+        let settings = group
+            .as_ref()
+            .map(|g| g.settings.clone())
+            .unwrap_or_default();
         Ok(Self {
             path: path.to_path_buf(),
             mode,
@@ -234,7 +244,7 @@ impl Monitor {
             io_seen: None,
             tally: Tally::default(),
             // The first pass starts from the group just found.
-            known_group: Some(group),
+            known_group: group,
             next_sweep: Instant::now() + SWEEP,
             owner: metadata.uid(),
             refused: None,
@@ -253,14 +263,33 @@ impl Monitor {
 
     /// The group and device, as a log line names them.
     pub fn describe(&self) -> String {
-        format!("group {} on {}", self.group_id, self.device.name())
+        match self.group_id {
+            Some(id) => format!("group {id} on {}", self.device.name()),
+            None => format!("no regions, on {}", self.device.name()),
+        }
     }
 
     /// Deletes the group (its other members first, the leader last); for a watch whose file
-    /// is gone. Returns how many regions went.
+    /// is gone. Returns how many regions went (none without a group).
     pub fn delete_group(&self) -> anyhow::Result<usize> {
+        let Some(id) = self.group_id else {
+            return Ok(0);
+        };
         let regions = self.device.list(None)?;
-        crate::stats::new_group::delete(&self.device, &regions, self.group_id)
+        crate::stats::new_group::delete(&self.device, &regions, id)
+    }
+
+    /// Whether the file has a group of regions.
+    pub fn has_group(&self) -> bool {
+        self.group_id.is_some()
+    }
+
+    /// A file without a group: the kernel histogram's bounds come from these settings (the
+    /// `[[path]]`'s `bounds`).
+    pub fn use_histogram_of(&mut self, settings: RegionSettings) {
+        if self.group_id.is_none() {
+            self.settings = settings;
+        }
     }
 
     /// Keeps lvm2's mapping, one region per extent (a grown extent's region is replaced and
@@ -303,6 +332,7 @@ impl Monitor {
         let feed = match hub
             .watch(
                 self.file_id.inode_key(),
+                &self.path,
                 self.placement,
                 self.histogram_bounds(),
                 Default::default(),
@@ -320,6 +350,12 @@ impl Monitor {
                 return Ok(());
             }
         };
+        if self.group_id.is_none() {
+            if let Some(why) = self.not_counted(hub, &feed) {
+                bail!("--regions none: {why}");
+            }
+            self.ensure_hook();
+        }
         let notices = match notifier.filter(|_| hub.sees_region_changes()) {
             Some(notifier) => Some(notifier.watch(&self.path, self.mode == FollowMode::Path)?),
             None => None,
@@ -330,7 +366,55 @@ impl Monitor {
             notices,
         };
         self.wakeup = Wakeup::Events;
+        self.prime_kernel_map().await
+    }
+
+    /// Puts the file's sectors in the kernel's map at once, before the monitor says it is up:
+    /// the kernel records what the file allocates from now on, FIEMAP shows what it had.
+    /// Then `filemapd report` lists the file.
+    async fn prime_kernel_map(&mut self) -> anyhow::Result<()> {
+        if self.counted().is_none() {
+            return Ok(());
+        }
+        let read_at = crate::wake::ebpf::counting::Reading::now();
+        self.view.read(&self.file, &self.path, false)?;
+        self.sync_kernel_map(read_at);
+        if let (Trigger::Ebpf { hub, .. }, Some(placement)) = (&self.trigger, self.placement) {
+            hub.name(self.file_id.inode_key(), placement.generation, &self.path)
+                .await;
+        }
         Ok(())
+    }
+
+    /// Why the kernel does not count the file through `feed`, if it does not.
+    fn not_counted(&self, hub: &Hub, feed: &EventFeed) -> Option<String> {
+        if feed.counted().is_some() {
+            return None;
+        }
+        Some(match (hub.counting(), &self.placement) {
+            (None, _) => format!(
+                "the kernel cannot count here ({})",
+                hub.counting_unavailable().unwrap_or("no counting")
+            ),
+            (Some(_), None) => "the kernel cannot count this file's IO (said above)".to_string(),
+            (Some(_), Some(_)) => "no room for it in the kernel's counters".to_string(),
+        })
+    }
+
+    /// Makes sure the device has the region that keeps dm-stats' accounting, where the kernel
+    /// counts, running (see [`crate::stats::hook`]); said when it cannot.
+    fn ensure_hook(&self) {
+        match crate::stats::hook::ensure(&self.device) {
+            Ok(true) => info!(
+                "{}: made the region that keeps dm-stats' accounting on",
+                self.device.name()
+            ),
+            Ok(false) => {}
+            Err(e) => warn!(
+                "{}: no region keeps dm-stats' accounting on, the kernel counts nothing on it: {e:#}",
+                self.device.name()
+            ),
+        }
     }
 
     /// Where the file's blocks lie, for the in-kernel counting; `None` (said why) when that
@@ -416,22 +500,30 @@ impl Monitor {
                 .context("installing the SIGTERM handler")?;
         tokio::select! {
             exit = self.run() => exit,
-            _ = terminate.recv() => Ok(Exit::Terminated),
+            _ = terminate.recv() => {
+                // Stopped to be started again (a restart, an upgrade): what the kernel
+                // counted waits for the next daemon.
+                crate::wake::ebpf::pins::keep_for_successor();
+                Ok(Exit::Terminated)
+            }
         }
     }
 
     pub async fn run(&mut self) -> anyhow::Result<Exit> {
+        if self.group_id.is_none() {
+            return self.run_without_group().await;
+        }
         let mut force = true;
         loop {
             let remembered = self.known_group.is_some();
             let group = match self.known_group.take() {
                 Some(group) => group,
-                None => match Group::load(&self.device, self.group_id)? {
+                None => match Group::load(&self.device, self.group_id.expect("a group"))? {
                     Some(group) => group,
                     None => return Ok(Exit::GroupRemoved),
                 },
             };
-            self.group_id = group.id;
+            self.group_id = Some(group.id);
             if self.mode == FollowMode::Path && self.follow_path()? {
                 self.watch_new_inode().await?;
                 force = true;
@@ -450,7 +542,7 @@ impl Monitor {
                     report.publish(
                         &self.path,
                         &self.device,
-                        &group,
+                        Some(&group),
                         self.tally,
                         self.wakeup,
                         self.counted(),
@@ -462,6 +554,47 @@ impl Monitor {
             };
             if self.event_driven() {
                 self.known_group = Some(group);
+            }
+            force = self.wait().await?;
+            if self.mode == FollowMode::Inode && follow::unlinked(&self.file)? {
+                if !follow::held_elsewhere(self.file_id) {
+                    return Ok(Exit::UnlinkedAndClosed);
+                }
+                debug!(
+                    "{} is unlinked but held by another process",
+                    self.path.display()
+                );
+            }
+        }
+    }
+
+    /// The loop of a file without regions: the kernel's map of it kept in step, until it is
+    /// unlinked and closed (inode mode) or SIGTERM. A file with no extents is kept watched.
+    async fn run_without_group(&mut self) -> anyhow::Result<Exit> {
+        let mut force = true;
+        loop {
+            if self.mode == FollowMode::Path && self.follow_path()? {
+                self.watch_new_inode().await?;
+                force = true;
+            }
+            // Another process deleted regions: perhaps the hook.
+            if std::mem::take(&mut self.regions_changed) {
+                self.ensure_hook();
+            }
+            if force || self.view.changed(&self.file)? {
+                let started = Instant::now();
+                self.count_only_pass()?;
+                if let Some(report) = &self.report {
+                    report.observe_update(started.elapsed());
+                    report.publish(
+                        &self.path,
+                        &self.device,
+                        None,
+                        self.tally,
+                        self.wakeup,
+                        self.counted(),
+                    );
+                }
             }
             force = self.wait().await?;
             if self.mode == FollowMode::Inode && follow::unlinked(&self.file)? {
@@ -491,6 +624,7 @@ impl Monitor {
         match hub
             .watch(
                 self.file_id.inode_key(),
+                &self.path,
                 self.placement,
                 bounds,
                 Default::default(),
@@ -503,6 +637,7 @@ impl Monitor {
                 if let Some(notices) = notices {
                     *notices = notices.notifier().watch(&self.path, true)?;
                 }
+                self.prime_kernel_map().await?;
             }
             Err(e) => {
                 warn!(

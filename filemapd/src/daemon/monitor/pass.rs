@@ -86,7 +86,7 @@ impl Monitor {
                 outcome.deleted
             );
         }
-        self.group_id = outcome.group.id;
+        self.group_id = Some(outcome.group.id);
         if trace::enabled() {
             let now = monotonic_ns();
             trace::pass(trace::Pass {
@@ -110,10 +110,38 @@ impl Monitor {
         Ok(Some(outcome.group))
     }
 
+    /// A pass of a file without regions: read what changed, bring the kernel's map in line.
+    pub(super) fn count_only_pass(&mut self) -> anyhow::Result<()> {
+        self.tally.passes += 1;
+        self.regions_changed = false;
+        let read_at = counting::Reading::now();
+        let span = self.view.span();
+        let reading = self.view.read(&self.file, &self.path, true)?;
+        self.settle();
+        self.sync_kernel_map(read_at);
+        if trace::enabled() {
+            trace::pass(trace::Pass {
+                path: &self.path,
+                number: self.tally.passes,
+                read: if matches!(reading, Reading::Whole) {
+                    None
+                } else {
+                    span
+                },
+                created: 0,
+                deleted: 0,
+                regions: 0,
+                apply_us: 0,
+                event_to_region_us: None,
+            });
+        }
+        Ok(())
+    }
+
     /// Brings the kernel's sector map in line with the file as this pass read it (at
     /// `read_at`): every block where the file's sectors changed since the last pass, where
     /// the kernel recorded allocations since, or (after lost events) where it holds any.
-    fn sync_kernel_map(&mut self, read_at: counting::Reading) {
+    pub(super) fn sync_kernel_map(&mut self, read_at: counting::Reading) {
         let Some(counted) = self.counted().cloned() else {
             return;
         };

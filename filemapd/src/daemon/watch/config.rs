@@ -13,7 +13,12 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
-use crate::{daemon::args::FollowMode, oneshot::parse_bounds, stats::RegionSettings};
+use crate::{
+    daemon::{args::FollowMode, regions::Regions},
+    oneshot::parse_bounds,
+    reconcile::Mapping,
+    stats::RegionSettings,
+};
 
 /// What a config names.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -35,6 +40,8 @@ pub struct PathSpec {
     pub alias: Option<String>,
     pub program_id: String,
     pub settings: RegionSettings,
+    /// Where its files' counters live besides the kernel; `None`: the watch's `--regions`.
+    pub regions: Option<Regions>,
 }
 
 impl PathSpec {
@@ -47,17 +54,37 @@ impl PathSpec {
             alias: None,
             program_id: "dmstats".to_string(),
             settings: RegionSettings::default(),
+            regions: None,
         }
     }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct WatchEntry {
-    pub group_id: u64,
+    /// The file's group; `None`: it has none (`regions = "none"`), the kernel counts it alone.
+    pub group_id: Option<u64>,
+    /// How its group's regions follow the extents; `None`: as the watch's `--regions` says.
+    pub mapping: Option<Mapping>,
+    /// A file without a group: its kernel histogram's bounds (its `[[path]]`'s).
+    pub settings: RegionSettings,
     pub mode: FollowMode,
     pub path: PathBuf,
     /// The group goes when the file does (a file a PATH named, unless kept).
     pub delete_with_file: bool,
+}
+
+impl WatchEntry {
+    /// A file with a group made beforehand, its regions following the watch's `--regions`.
+    pub fn of_group(group_id: u64, mode: FollowMode, path: PathBuf) -> Self {
+        Self {
+            group_id: Some(group_id),
+            mapping: None,
+            settings: RegionSettings::default(),
+            mode,
+            path,
+            delete_with_file: false,
+        }
+    }
 }
 
 /// Reads and parses the config, refusing one that another user could have written: it names
@@ -107,6 +134,7 @@ struct TomlPath {
     #[serde(default)]
     precise: bool,
     bounds: Option<String>,
+    regions: Option<Regions>,
 }
 
 #[derive(Deserialize)]
@@ -156,12 +184,11 @@ pub fn parse_toml(text: &str) -> anyhow::Result<Config> {
     let mut config = Config::default();
     for group in parsed.group {
         absolute(&group.path)?;
-        config.groups.push(WatchEntry {
-            group_id: group.id,
-            mode: group.follow.into(),
-            path: group.path,
-            delete_with_file: false,
-        });
+        config.groups.push(WatchEntry::of_group(
+            group.id,
+            group.follow.into(),
+            group.path,
+        ));
     }
     for entry in parsed.path {
         absolute(&entry.path)?;
@@ -193,6 +220,7 @@ pub fn parse_toml(text: &str) -> anyhow::Result<Config> {
                 precise_timestamps: entry.precise,
                 histogram,
             },
+            regions: entry.regions,
         });
     }
     Ok(config)
@@ -235,12 +263,7 @@ pub fn parse_config(text: &str) -> anyhow::Result<Vec<WatchEntry>> {
             if !path.is_absolute() {
                 bail!("the path must be absolute");
             }
-            Ok(WatchEntry {
-                group_id,
-                mode,
-                path,
-                delete_with_file: false,
-            })
+            Ok(WatchEntry::of_group(group_id, mode, path))
         };
         entries.push(parse().with_context(|| format!("config line {number}: {line:?}"))?);
     }
@@ -272,18 +295,8 @@ mod tests {
         assert_eq!(
             entries,
             vec![
-                WatchEntry {
-                    group_id: 0,
-                    mode: FollowMode::Inode,
-                    path: "/var/lib/vm/a.img".into(),
-                    delete_with_file: false,
-                },
-                WatchEntry {
-                    group_id: 3,
-                    mode: FollowMode::Path,
-                    path: "/var/lib/vm/my disk.img".into(),
-                    delete_with_file: false,
-                },
+                WatchEntry::of_group(0, FollowMode::Inode, "/var/lib/vm/a.img".into()),
+                WatchEntry::of_group(3, FollowMode::Path, "/var/lib/vm/my disk.img".into()),
             ]
         );
     }
@@ -298,6 +311,8 @@ mod tests {
             precise = true
             bounds = "1ms,10ms"
 
+            regions = "none"
+
             [[path]]
             path = "/srv/db.img"
             alias = "db"
@@ -311,12 +326,11 @@ mod tests {
         .unwrap();
         assert_eq!(
             config.groups,
-            vec![WatchEntry {
-                group_id: 3,
-                mode: FollowMode::Inode,
-                path: "/srv/old.img".into(),
-                delete_with_file: false,
-            }]
+            vec![WatchEntry::of_group(
+                3,
+                FollowMode::Inode,
+                "/srv/old.img".into()
+            )]
         );
         let [images, db] = config.paths.as_slice() else {
             panic!("{config:?}")
@@ -324,6 +338,8 @@ mod tests {
         assert_eq!(images.follow, FollowMode::Path);
         assert!(images.settings.precise_timestamps && !images.keep_group);
         assert_eq!(images.settings.histogram, vec![1_000_000, 10_000_000]);
+        assert_eq!(images.regions, Some(Regions::None));
+        assert_eq!(db.regions, None, "the watch's --regions");
         assert_eq!((db.alias.as_deref(), db.keep_group), (Some("db"), true));
         assert_eq!(db.program_id, "dmstats");
         assert!(db.settings.histogram.is_empty());
@@ -337,6 +353,7 @@ mod tests {
             ("[[path]]\npath = \"/a\"\ncolour = 1\n", "unknown field"),
             ("[[path]]\npath = \"/a\"\nbounds = \"fast\"\n", "bounds"),
             ("[[path]]\npath = \"/a\"\nalias = \"my disk\"\n", "one word"),
+            ("[[path]]\npath = \"/a\"\nregions = \"some\"\n", "line 3"),
             ("[[group]]\npath = \"/a\"\n", "missing field `id`"),
             ("[[path]\n", "line 1"),
         ] {

@@ -24,6 +24,7 @@ use crate::{
     daemon::handoff,
     daemon::metrics::{self, Board},
     daemon::monitor::{Exit, Monitor},
+    daemon::regions::Regions,
     reconcile::Mapping,
     stats::Devices,
     wake::ebpf::{Hub, Tracer},
@@ -47,7 +48,8 @@ pub struct Options {
     pub keep_groups: bool,
     pub interval: Duration,
     pub ebpf: bool,
-    pub mapping: Mapping,
+    /// Where files' counters live besides the kernel, unless their `[[path]]` says.
+    pub regions: Regions,
     /// Where to serve metrics (checked by [`metrics::check_address`]).
     pub metrics: Option<SocketAddr>,
     /// Take over files that dmstats-launched daemons hand over ([`handoff`]).
@@ -67,7 +69,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         keep_groups,
         interval,
         ebpf,
-        mapping,
+        regions,
         metrics,
         handoff,
         ebpf_log,
@@ -80,7 +82,12 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     let Resolved {
         entries,
         mut directories,
-    } = resolve(config, &paths)?;
+    } = resolve(config, &paths, regions)?;
+    // Files without regions are counted by the kernel alone: that needs the eBPF programs.
+    let counting_needed = regions == Regions::None
+        || entries.iter().any(|e| e.group_id.is_none())
+        || directories.iter().any(|d| d.regions == Some(Regions::None));
+    let ebpf = ebpf || counting_needed;
     let source = match config {
         Some(config) => config.display().to_string(),
         None => "the paths given".to_string(),
@@ -99,6 +106,9 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
             ebpf_log,
         ) {
             Ok(tracer) => Some((Hub::spawn(tracer), Notifier::spawn_or_warn())),
+            Err(e) if regions == Regions::None => {
+                bail!("--regions none: the kernel cannot count the files' IO here: {e:#}")
+            }
             Err(e) => {
                 warn!("eBPF trigger unavailable ({e:#}): polling every {interval:?}");
                 None
@@ -107,9 +117,15 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     } else {
         None
     };
+    if regions == Regions::None
+        && let Some((hub, _)) = &trigger
+        && let Some(why) = hub.counting_unavailable()
+    {
+        bail!("--regions none: the kernel cannot count the files' IO here: {why}");
+    }
     let mut watch = Watch {
         interval,
-        mapping,
+        regions,
         ebpf_unavailable: ebpf && trigger.is_none(),
         trigger,
         board: metrics.map(|_| board),
@@ -118,6 +134,9 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         handed: HashSet::new(),
         all_ok: true,
     };
+    // Before any file and before the watch says it is up: a file made in a directory from now
+    // on is counted from its first write.
+    watch.count_new_files_in(&[], &directories).await;
     // A file that cannot be watched (gone, not on dm, no group) is said and skipped: one bad
     // line must not leave a host's other images unwatched.
     for entry in &entries {
@@ -163,11 +182,12 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
                     break;
                 }
             }
-            _ = hangup.recv() => match resolve(config, &paths) {
+            _ = hangup.recv() => match resolve(config, &paths, regions) {
                 Ok(resolved) => {
                     named = resolved.entries.len();
                     watch.reload(&resolved.entries).await;
                     if resolved.directories != directories {
+                        watch.count_new_files_in(&directories, &resolved.directories).await;
                         directories = resolved.directories;
                         dir_notices = watch.notices_for(&directories);
                     }
@@ -207,7 +227,9 @@ async fn next_offer(offers: &mut Option<tokio::sync::mpsc::Receiver<Offer>>) -> 
 /// The files being watched, each by its own task.
 struct Watch {
     interval: Duration,
-    mapping: Mapping,
+    /// The watch's `--regions`: how files of groups made beforehand map them (tiled when it
+    /// is none), and how files a PATH names are kept unless their `[[path]]` says.
+    regions: Regions,
     /// --ebpf was given but the programs could not be loaded (every file polls).
     ebpf_unavailable: bool,
     trigger: Option<(Hub, Option<Notifier>)>,
@@ -223,13 +245,14 @@ struct Watch {
 impl Watch {
     /// Opens the entry's file and starts its monitor.
     async fn start(&mut self, entry: &WatchEntry) -> anyhow::Result<()> {
-        let monitor = Monitor::open(
+        let mut monitor = Monitor::open(
             &entry.path,
             entry.group_id,
             entry.mode,
             self.interval,
             &mut Devices::default(),
         )?;
+        monitor.use_histogram_of(entry.settings.clone());
         self.start_monitor(entry.clone(), monitor).await
     }
 
@@ -250,10 +273,11 @@ impl Watch {
         let taken = if watched {
             Ok(())
         } else {
+            let group_id = entry.group_id.expect("a hand-over names a group");
             let started = match Monitor::from_file(
                 handed.file,
                 &entry.path,
-                entry.group_id,
+                group_id,
                 entry.mode,
                 self.interval,
             ) {
@@ -263,9 +287,8 @@ impl Watch {
             started
                 .inspect(|()| {
                     info!(
-                        "{}: handed over by a dmstats-launched daemon (group {})",
+                        "{}: handed over by a dmstats-launched daemon (group {group_id})",
                         entry.path.display(),
-                        entry.group_id
                     );
                     self.handed.insert(entry.clone());
                 })
@@ -283,7 +306,13 @@ impl Watch {
         entry: WatchEntry,
         mut monitor: Monitor,
     ) -> anyhow::Result<()> {
-        if self.mapping == Mapping::Exact {
+        let mapping = entry.mapping.unwrap_or_else(|| {
+            self.regions
+                .with_group()
+                .mapping()
+                .unwrap_or(Mapping::Tiled)
+        });
+        if mapping == Mapping::Exact {
             monitor.use_exact_mapping();
         }
         if let Some((hub, notifier)) = &self.trigger {
@@ -307,7 +336,10 @@ impl Watch {
                     crate::wake::ebpf::counting::describe(&totals)
                 );
             }
-            if delete_when_gone && matches!(result, Ok(Exit::UnlinkedAndClosed)) {
+            if delete_when_gone
+                && monitor.has_group()
+                && matches!(result, Ok(Exit::UnlinkedAndClosed))
+            {
                 match monitor.delete_group() {
                     Ok(n) => info!(
                         "{}: the file is gone, and so is its group ({n} region(s))",
@@ -346,6 +378,37 @@ impl Watch {
         }
     }
 
+    /// The kernel counts the files made in `now`'s directories from birth (those of `before`
+    /// that `now` lacks, no longer): their first writes come before any notice of them.
+    async fn count_new_files_in(&self, before: &[PathSpec], now: &[PathSpec]) {
+        let Some((hub, _)) = &self.trigger else {
+            return;
+        };
+        for gone in before
+            .iter()
+            .filter(|d| !now.iter().any(|n| n.path == d.path))
+        {
+            hub.unwatch_directory(&gone.path);
+        }
+        for dir in now
+            .iter()
+            .filter(|d| !before.iter().any(|b| b.path == d.path))
+        {
+            if let Err(e) = hub.watch_directory(&dir.path).await {
+                warn!("{e:#}");
+                continue;
+            }
+            // dm-stats accounts (and the kernel counts) a device's IO only while it has a
+            // region: a new image's first writes may come before its group, or its device
+            // may have no group at all.
+            if hub.counting().is_some()
+                && let Err(e) = keep_accounting_on(&dir.path)
+            {
+                warn!("{}: {e:#}", dir.path.display());
+            }
+        }
+    }
+
     /// Inotify notices of new files and writes in the directories (an image made empty is
     /// mapped once it has blocks); `None` when there are none or inotify fails (said).
     fn notices_for(&self, directories: &[PathSpec]) -> Option<Notices> {
@@ -377,7 +440,7 @@ impl Watch {
                 if self.watching.keys().any(|e| e.path == file) {
                     continue;
                 }
-                let Ok(entry) = entry_for(&file, directory) else {
+                let Ok(entry) = entry_for(&file, directory, self.regions) else {
                     continue; // no extents yet, most likely: the next write tells
                 };
                 match self.start(&entry).await {
@@ -428,6 +491,20 @@ impl Watch {
             gone.len()
         );
     }
+}
+
+/// Makes sure the device under `dir` has a region, so that dm-stats' accounting, where the
+/// kernel counts, runs (see [`crate::stats::hook`]).
+fn keep_accounting_on(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let device = crate::stats::StatsDevice::for_st_dev(std::fs::metadata(dir)?.dev())?;
+    if crate::stats::hook::ensure(&device)? {
+        info!(
+            "{}: made the region that keeps dm-stats' accounting on",
+            device.name()
+        );
+    }
+    Ok(())
 }
 
 /// Each watched file holds a descriptor: let the process use as many as its hard limit allows.

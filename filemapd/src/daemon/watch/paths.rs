@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use log::{info, warn};
 
 use super::config::{PathSpec, WatchEntry, read_config};
-use crate::oneshot;
+use crate::{daemon::regions::Regions, oneshot};
 
 /// What to watch, and the PATHs that are directories (watched for new files).
 pub struct Resolved {
@@ -16,9 +16,14 @@ pub struct Resolved {
 }
 
 /// What to watch: the config's groups, then the files its paths and the command line's PATHs
-/// name. A file a PATH names that cannot be mapped (no extents yet, not on a device-mapper
-/// device) is said and left out; a file named twice is watched once, as first named.
-pub fn resolve(config: Option<&Path>, paths: &[PathSpec]) -> anyhow::Result<Resolved> {
+/// name (with regions as their `regions` says, else as `regions`). A file a PATH names that
+/// cannot be mapped (no extents yet, not on a device-mapper device) is said and left out; a
+/// file named twice is watched once, as first named.
+pub fn resolve(
+    config: Option<&Path>,
+    paths: &[PathSpec],
+    regions: Regions,
+) -> anyhow::Result<Resolved> {
     let config = match config {
         Some(config) => read_config(config)?,
         None => Default::default(),
@@ -36,7 +41,7 @@ pub fn resolve(config: Option<&Path>, paths: &[PathSpec]) -> anyhow::Result<Reso
             if entries.iter().any(|e| e.path == file) {
                 continue;
             }
-            match entry_for(&file, &spec) {
+            match entry_for(&file, &spec, regions) {
                 Ok(entry) => entries.push(entry),
                 Err(e) => warn!("{}: not watched: {e:#}", file.display()),
             }
@@ -52,8 +57,24 @@ pub fn resolve(config: Option<&Path>, paths: &[PathSpec]) -> anyhow::Result<Reso
 }
 
 /// A file `spec` names (itself, or as a file in its directory), with its group: adopted, or
-/// made as dmstats makes it with the spec's options.
-pub(super) fn entry_for(file: &Path, spec: &PathSpec) -> anyhow::Result<WatchEntry> {
+/// made as dmstats makes it with the spec's options; or none, when its regions (the spec's,
+/// else `regions`) are none.
+pub(super) fn entry_for(
+    file: &Path,
+    spec: &PathSpec,
+    regions: Regions,
+) -> anyhow::Result<WatchEntry> {
+    let regions = spec.regions.unwrap_or(regions);
+    if regions == Regions::None {
+        return Ok(WatchEntry {
+            group_id: None,
+            mapping: None,
+            settings: spec.settings.clone(),
+            mode: spec.follow,
+            path: file.to_path_buf(),
+            delete_with_file: !spec.keep_group,
+        });
+    }
     // An alias names one file: for a directory's files each takes its own name.
     let alias = spec.alias.as_deref().filter(|_| spec.path == file);
     let mapped = oneshot::group_for(file, alias, &spec.program_id, spec.settings.clone())?;
@@ -65,7 +86,9 @@ pub(super) fn entry_for(file: &Path, spec: &PathSpec) -> anyhow::Result<WatchEnt
         );
     }
     Ok(WatchEntry {
-        group_id: mapped.group,
+        group_id: Some(mapped.group),
+        mapping: regions.mapping(),
+        settings: spec.settings.clone(),
         mode: spec.follow,
         path: file.to_path_buf(),
         delete_with_file: !spec.keep_group,

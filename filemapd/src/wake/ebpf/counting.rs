@@ -45,8 +45,6 @@ pub struct CountedFile {
     /// The dm device its sectors lie on (kernel dev_t).
     pub dev: u32,
     counting: Arc<Counting>,
-    /// Counted by an earlier daemon, carried over (see `pins`).
-    base: FileCounters,
     /// Its latency histogram's bounds.
     pub bounds: Arc<Bounds>,
 }
@@ -105,14 +103,25 @@ impl Counting {
         let _ = self.programs.set(programs);
     }
 
-    /// A free slot for a file on `dev` whose histogram has `bounds`, its counters zeroed;
-    /// `None` when every slot is taken. `base`: counts carried over from an earlier daemon.
+    /// A free slot for a file on `dev` whose histogram has `bounds`, its counters starting
+    /// from `base` (what an earlier daemon counted, carried over; kept in the kernel's
+    /// counters, so that every reader of them sees it); `None` when every slot is taken.
     pub fn open(
         self: &Arc<Self>,
         dev: u32,
         bounds: Bounds,
         base: FileCounters,
     ) -> anyhow::Result<Option<CountedFile>> {
+        let Some(slot) = self.reserve(bounds, base)? else {
+            return Ok(None);
+        };
+        Ok(Some(self.adopt(slot, dev, bounds)))
+    }
+
+    /// A free slot with its counters set to `base` (on one CPU; nothing counts in the slot
+    /// yet) and histogram bounds set, not yet any file's (the kernel gives spare ones to
+    /// files made in a watched directory); `None` when every slot is taken.
+    pub fn reserve(&self, bounds: Bounds, base: FileCounters) -> anyhow::Result<Option<u32>> {
         let slot = {
             let mut slots = self.slots.lock().expect("slots lock");
             let Some(free) = slots.iter().position(|used| !used) else {
@@ -125,12 +134,13 @@ impl Counting {
             let cpus = aya::util::nr_cpus()
                 .map_err(|(_, e)| e)
                 .context("counting CPUs")?;
-            let zeros = PerCpuValues::try_from(vec![FileCounters::default(); cpus])?;
+            let mut start = vec![FileCounters::default(); cpus];
+            start[0] = base;
             self.counters
                 .lock()
                 .expect("counters lock")
-                .set(slot, zeros, 0)
-                .context("zeroing a file's counters")?;
+                .set(slot, PerCpuValues::try_from(start)?, 0)
+                .context("setting a file's counters")?;
             self.bounds
                 .lock()
                 .expect("bounds lock")
@@ -141,13 +151,26 @@ impl Counting {
             self.free_slot(slot);
             return Err(e);
         }
-        Ok(Some(CountedFile {
+        Ok(Some(slot))
+    }
+
+    /// The file in a reserved slot (one the kernel gave it from birth keeps what it counted
+    /// since), its histogram bounds set.
+    pub fn adopt(self: &Arc<Self>, slot: u32, dev: u32, bounds: Bounds) -> CountedFile {
+        if let Err(e) = self
+            .bounds
+            .lock()
+            .expect("bounds lock")
+            .set(slot, bounds, 0)
+        {
+            log::warn!("setting the histogram bounds of slot {slot}: {e:#}");
+        }
+        CountedFile {
             slot,
             dev,
             counting: Arc::clone(self),
-            base,
             bounds: Arc::new(bounds),
-        }))
+        }
     }
 
     /// Takes a slot's sectors out of the map and frees it (once the kernel no longer watches
@@ -248,11 +271,9 @@ impl CountedFile {
         )
     }
 
-    /// All the file's IO so far: the kernel's counters, and what an earlier daemon counted.
+    /// All the file's IO so far (what an earlier daemon counted included).
     pub fn counters(&self) -> anyhow::Result<FileCounters> {
-        let mut counters = self.counting.counters(self.slot)?;
-        counters.add(&self.base);
-        Ok(counters)
+        self.counting.counters(self.slot)
     }
 
     /// What the file holds in the map now (reads the whole tables).

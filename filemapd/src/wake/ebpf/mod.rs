@@ -2,8 +2,8 @@
 //! attaches what this kernel offers, and hands the events for watched inodes to user space;
 //! with dm-mod's BTF, also the probe that counts every watched file's IO in the kernel.
 pub mod counting;
-pub mod dm_layout;
 pub mod hub;
+pub mod kernel_layout;
 pub mod pins;
 pub mod sector_map;
 pub mod tracefs;
@@ -16,7 +16,7 @@ use aya::{
     programs::{KProbe, RawTracePoint, TracePoint},
 };
 use filemapd_common::{
-    DmLayout, ExtentEvent, InodeKey, LAYOUTS_LEN, Placement, TracepointLayout, names,
+    DmLayout, ExtentEvent, InodeKey, LAYOUTS_LEN, Placement, SPARE_SLOTS, TracepointLayout, names,
     sector_map::TableLogs,
 };
 use std::sync::{Arc, Mutex};
@@ -43,6 +43,9 @@ pub const MANY_FILES_TABLES: TableLogs = TableLogs {
     blocks: 16,
 };
 
+/// Directories whose new files the kernel watches from birth, at most.
+const MOST_WATCHED_DIRS: u32 = 256;
+
 /// Loaded and attached eBPF programs plus their maps.
 pub struct Tracer {
     // Keeps the programs attached for as long as the tracer lives (and the counting, which
@@ -58,10 +61,22 @@ pub struct Tracer {
     attached: Vec<&'static Tracepoint>,
     /// Whether the kprobe on dm-stats' message handler is attached (it needs dm loaded).
     sees_region_changes: bool,
-    /// The in-kernel counting of the watched files' IO, when its probes are attached.
+    /// The in-kernel counting of the watched files' IO, when its probes are attached; else
+    /// why not.
     counting: Option<Arc<Counting>>,
+    counting_unavailable: Option<String>,
     /// Its maps pinned for `filemapd show` and `report`, unpinned when the tracer goes.
     _pins: Option<pins::PinDir>,
+    /// With the counting, and the probes on new files attached: the watched directories and
+    /// the spare slots the kernel gives new files.
+    new_files: Option<NewFiles>,
+}
+
+/// The maps through which the kernel watches new files from birth (see `new_files` in the
+/// kernel half).
+struct NewFiles {
+    dirs: HashMap<MapData, InodeKey, Placement>,
+    spare: Array<MapData, u64>,
 }
 
 impl Tracer {
@@ -98,32 +113,43 @@ impl Tracer {
         // The fault tests shrink the filter (more files than room) and the ring (overflow).
         let max_watched = test_size("FILEMAPD_TEST_WATCH_ROOM").unwrap_or(max_watched);
         // Asked off, the kernel's BTF is not even read (seconds of start-up under emulation).
-        let dm_layout = if std::env::var_os("FILEMAPD_NO_COUNTING").is_some() {
+        let mut counting_unavailable = None;
+        let kernel_layout = if std::env::var_os("FILEMAPD_NO_COUNTING").is_some() {
             log::info!("FILEMAPD_NO_COUNTING set: no in-kernel counting of the files' IO");
+            counting_unavailable = Some("FILEMAPD_NO_COUNTING is set".to_string());
             None
         } else {
             let started = std::time::Instant::now();
-            let layout = dm_layout::read()
-                .inspect_err(|e| log::info!("no in-kernel counting of the files' IO: {e:#}"))
+            let layout = kernel_layout::read()
+                .inspect_err(|e| {
+                    log::info!("no in-kernel counting of the files' IO: {e:#}");
+                    counting_unavailable = Some(format!("{e:#}"));
+                })
                 .ok();
-            log::debug!("read dm's layout from BTF in {:.1?}", started.elapsed());
+            log::debug!(
+                "read the kernel's layout from BTF in {:.1?}",
+                started.elapsed()
+            );
             layout
         };
-        let dm_layout_value = dm_layout.unwrap_or_default();
+        let layout_value = kernel_layout.unwrap_or_default();
         let log_events = u32::from(ebpf_log);
         let mut loader = EbpfLoader::new();
         loader
             .override_global(names::LAYOUTS, &layouts, true)
             .override_global(names::OWN_TGID, &own_tgid, true)
-            .override_global(names::DM_LAYOUT, &dm_layout_value, true)
+            .override_global(names::DM_LAYOUT, &layout_value.dm, true)
+            .override_global(names::VFS_LAYOUT, &layout_value.vfs, true)
             .override_global(names::LOG_EVENTS, &log_events, true)
             .override_global(names::TABLE_LOGS, &tables, true)
             .map_max_entries(names::WATCHED, max_watched.max(1))
-            .map_max_entries(names::COUNTERS, max_watched.max(1))
-            .map_max_entries(names::BOUNDS, max_watched.max(1))
+            // Room for the spare slots of new files besides the watched ones.
+            .map_max_entries(names::COUNTERS, max_watched.max(1) + SPARE_SLOTS)
+            .map_max_entries(names::BOUNDS, max_watched.max(1) + SPARE_SLOTS)
             .map_max_entries(names::CHUNKS, 1 << tables.chunks)
             .map_max_entries(names::MAKING, 1 << tables.chunks)
-            .map_max_entries(names::BLOCKS, 1 << tables.blocks);
+            .map_max_entries(names::BLOCKS, 1 << tables.blocks)
+            .map_max_entries(names::WATCHED_DIRS, MOST_WATCHED_DIRS);
         if let Some(bytes) = test_size("FILEMAPD_TEST_RING_BYTES") {
             loader.map_max_entries(names::EVENTS, bytes);
         }
@@ -162,17 +188,30 @@ impl Tracer {
         };
         let watched = take_map(&mut ebpf, names::WATCHED)?;
         let started = std::time::Instant::now();
-        let (counting, pins) = match dm_layout {
-            Some(layout) => match attach_counting(&mut ebpf, &layout, &watched, tables) {
+        let (counting, pins) = match kernel_layout {
+            Some(layout) => match attach_counting(&mut ebpf, &layout.dm, &watched, tables) {
                 Ok((counting, pins)) => (Some(Arc::new(counting)), pins),
                 Err(e) => {
                     log::info!("no in-kernel counting of the files' IO: {e:#}");
+                    counting_unavailable = Some(format!("{e:#}"));
                     (None, None)
                 }
             },
             None => (None, None),
         };
         log::debug!("set up the counting in {:.1?}", started.elapsed());
+        let new_files = match counting {
+            Some(_) => match attach_new_files(&mut ebpf) {
+                Ok(new_files) => Some(new_files),
+                Err(e) => {
+                    log::info!(
+                        "files made in a watched directory are counted from when they are taken up, not from birth: {e:#}"
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
         let watched = HashMap::try_from(watched)?;
         let ring = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)?;
         // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd, so the fd stays
@@ -185,7 +224,7 @@ impl Tracer {
         if let Some(counting) = &counting {
             counting.serve_from(Arc::clone(&ebpf));
         }
-        Ok(Self {
+        let tracer = Self {
             ebpf,
             watched,
             events,
@@ -195,8 +234,59 @@ impl Tracer {
             attached,
             sees_region_changes,
             counting,
+            counting_unavailable,
             _pins: pins,
-        })
+            new_files,
+        };
+        log::debug!(
+            "instructions the verifier walked, by program: {:?}",
+            tracer.verified_instructions()
+        );
+        Ok(tracer)
+    }
+
+    /// Whether the kernel watches the new files of a watched directory from birth.
+    pub fn watches_new_files(&self) -> bool {
+        self.new_files.is_some()
+    }
+
+    /// Has the kernel watch every regular file made in the directory `key` from birth, with
+    /// `placement` (its slot filled in by the kernel).
+    pub fn watch_directory(&mut self, key: InodeKey, placement: Placement) -> anyhow::Result<()> {
+        let Some(new_files) = &mut self.new_files else {
+            return Ok(());
+        };
+        new_files
+            .dirs
+            .insert(key, placement, 0)
+            .with_context(|| format!("watching directory {key:?}"))
+    }
+
+    pub fn unwatch_directory(&mut self, key: InodeKey) {
+        if let Some(new_files) = &mut self.new_files {
+            let _ = new_files.dirs.remove(&key);
+        }
+    }
+
+    /// The places of the spare-slot table the kernel has taken (to be filled again).
+    pub fn empty_spare_places(&self) -> Vec<u32> {
+        let Some(new_files) = &self.new_files else {
+            return Vec::new();
+        };
+        (0..SPARE_SLOTS)
+            .filter(|&i| new_files.spare.get(&i, 0).is_ok_and(|v| v == 0))
+            .collect()
+    }
+
+    /// Puts a slot ready in an empty place of the spare-slot table.
+    pub fn put_spare(&mut self, place: u32, slot: u32) -> anyhow::Result<()> {
+        let Some(new_files) = &mut self.new_files else {
+            bail!("no probes on new files");
+        };
+        new_files
+            .spare
+            .set(place, u64::from(slot) + 1, 0)
+            .context("putting a spare slot in place")
     }
 
     /// The in-kernel counting over this tracer's maps with its IO probe attached to nothing,
@@ -218,6 +308,11 @@ impl Tracer {
     /// The in-kernel counting of the watched files' IO, when this kernel allows it.
     pub fn counting(&self) -> Option<&Arc<Counting>> {
         self.counting.as_ref()
+    }
+
+    /// Why the kernel does not count the files' IO, when it does not.
+    pub fn counting_unavailable(&self) -> Option<&str> {
+        self.counting_unavailable.as_deref()
     }
 
     /// How many instructions the kernel's verifier walked for each loaded program (what
@@ -250,6 +345,11 @@ impl Tracer {
         self.watched
             .insert(key, placement, 0)
             .with_context(|| format!("watching {key:?}"))
+    }
+
+    /// The kernel's entry for an inode, if it watches it.
+    pub fn watched(&self, key: InodeKey) -> Option<Placement> {
+        self.watched.get(&key, 0).ok()
     }
 
     pub fn unwatch(&mut self, key: InodeKey) -> anyhow::Result<()> {
@@ -401,13 +501,22 @@ pub fn standalone_counting(max_files: u32, tables: TableLogs) -> anyhow::Result<
     Ok(counting)
 }
 
-/// The counting over the object's maps, its IO probe verified but not attached.
+/// The counting over the object's maps, its IO probe (and the new-file probes) verified but
+/// not attached.
 fn unattached_counting_over(ebpf: &mut Ebpf, tables: TableLogs) -> anyhow::Result<Counting> {
-    let program: &mut KProbe = ebpf
-        .program_mut(names::DM_STATS_ACCOUNT_IO)
-        .context("the IO probe")?
-        .try_into()?;
-    program.load().context("verifying the IO probe")?;
+    for name in [
+        names::DM_STATS_ACCOUNT_IO,
+        names::D_INSTANTIATE,
+        names::D_INSTANTIATE_NEW,
+    ] {
+        let program: &mut KProbe = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name}"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("verifying program {name}"))?;
+    }
     let counters = take_map(ebpf, names::COUNTERS)?;
     counting_over(ebpf, counters, tables)
 }
@@ -472,6 +581,17 @@ fn attach_counting(
     let pins = pins::PinDir::pin(watched, &counters);
     let counting = counting_over(ebpf, counters, tables)?;
     Ok((counting, pins))
+}
+
+/// The probes that watch a new file in a watched directory from birth, and their maps.
+fn attach_new_files(ebpf: &mut Ebpf) -> anyhow::Result<NewFiles> {
+    for name in [names::D_INSTANTIATE, names::D_INSTANTIATE_NEW] {
+        attach_kprobes(ebpf, name, &[name])?;
+    }
+    Ok(NewFiles {
+        dirs: HashMap::try_from(take_map(ebpf, names::WATCHED_DIRS)?)?,
+        spare: Array::try_from(take_map(ebpf, names::SPARE)?)?,
+    })
 }
 
 /// The layout of one tracepoint on this kernel, `None` when the kernel lacks the tracepoint.

@@ -1,8 +1,13 @@
 //! The counting maps of a running daemon, pinned in bpffs under its pid, so that another
 //! process (`filemapd show`, `filemapd report`) can read a file's in-kernel counters: WATCHED
-//! gives the file's slot, COUNTERS the slot's counts. A daemon removes its directory when its tracer goes; one
-//! killed outright leaves it, and the next daemon to start clears it.
-use std::path::{Path, PathBuf};
+//! gives the file's slot, COUNTERS the slot's counts. A daemon killed outright, or stopped by
+//! SIGTERM (to be started again, or upgraded), leaves its directory: the next daemon to watch
+//! one of its files carries the file's counters over ([`Leftovers`]), so that they never go
+//! back while the file lives. A daemon that ends otherwise removes its directory.
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
@@ -10,14 +15,26 @@ use filemapd_common::{FileCounters, InodeKey, Placement, names};
 
 const ROOT: &str = "/sys/fs/bpf/filemapd";
 
-/// A daemon's pin directory, removed on drop.
+/// Set once the daemon stops on SIGTERM: its files' counters stay pinned for the next.
+static KEEP_FOR_SUCCESSOR: AtomicBool = AtomicBool::new(false);
+
+/// The daemon stops to be followed by another (SIGTERM): its files stay in its pinned maps,
+/// and their counters carry over to the next daemon that watches them.
+pub fn keep_for_successor() {
+    KEEP_FOR_SUCCESSOR.store(true, Ordering::SeqCst);
+}
+
+pub fn keeping_for_successor() -> bool {
+    KEEP_FOR_SUCCESSOR.load(Ordering::SeqCst)
+}
+
+/// A daemon's pin directory, removed on drop unless it keeps its counters for a successor.
 pub struct PinDir(PathBuf);
 
 impl PinDir {
     /// Pins `watched` and `counters` for this process; `None` (said why) when bpffs is not
     /// mounted or not writable.
     pub fn pin(watched: &Map, counters: &Map) -> Option<PinDir> {
-        clear_stale();
         let dir = Path::new(ROOT).join(std::process::id().to_string());
         let result = (|| -> anyhow::Result<()> {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -40,23 +57,134 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if !keeping_for_successor() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
-/// Removes the pin directories of processes that no longer run.
-fn clear_stale() {
-    let Ok(entries) = std::fs::read_dir(ROOT) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
+/// The counting maps of daemons that no longer run, each file's counters waiting there for
+/// the next daemon that watches it.
+#[derive(Default)]
+pub struct Leftovers {
+    dirs: Vec<LeftBehind>,
+}
+
+struct LeftBehind {
+    pid: u32,
+    path: PathBuf,
+    watched: HashMap<MapData, InodeKey, Placement>,
+    counters: PerCpuArray<MapData, FileCounters>,
+}
+
+impl Leftovers {
+    /// The pin directories of processes that no longer run, less the files their names file
+    /// says are gone (another inode at the path, or none); a directory left with no file is
+    /// removed.
+    pub fn gather() -> Self {
+        let mut leftovers = Self::default();
+        let Ok(entries) = std::fs::read_dir(ROOT) else {
+            return leftovers;
         };
-        if !Path::new("/proc").join(pid.to_string()).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if Path::new("/proc").join(pid.to_string()).exists() {
+                continue;
+            }
+            match LeftBehind::open(pid, entry.path()) {
+                Ok(mut dir) => {
+                    dir.forget_gone_files();
+                    if dir.is_empty() {
+                        dir.remove();
+                    } else {
+                        leftovers.dirs.push(dir);
+                    }
+                }
+                Err(e) => {
+                    log::debug!("{}: {e:#}; removed", entry.path().display());
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
         }
+        leftovers
+    }
+
+    /// What an earlier daemon counted for the file (`key`, of inode generation `generation`),
+    /// taken: no other daemon gets it again. Its directory goes with its last file.
+    pub fn claim(&mut self, key: InodeKey, generation: u32) -> Option<(u32, FileCounters)> {
+        let mut claimed = None;
+        for dir in &mut self.dirs {
+            let Ok(placement) = dir.watched.get(&key, 0) else {
+                continue;
+            };
+            let counters = dir.counters.get(&placement.slot, 0).ok();
+            // Whoever removes the entry has it (another daemon may be starting too).
+            if dir.watched.remove(&key).is_err() {
+                continue;
+            }
+            if placement.dm_dev != 0 && placement.generation == generation {
+                if let Some(values) = counters {
+                    claimed = Some((dir.pid, FileCounters::sum(values.iter())));
+                }
+                break;
+            }
+        }
+        self.dirs.retain(|dir| {
+            let empty = dir.is_empty();
+            if empty {
+                dir.remove();
+            }
+            !empty
+        });
+        claimed
+    }
+}
+
+impl LeftBehind {
+    fn open(pid: u32, path: PathBuf) -> anyhow::Result<Self> {
+        let open = |name: &str| -> anyhow::Result<Map> {
+            let pinned = path.join(name);
+            let data = MapData::from_pin(&pinned)
+                .with_context(|| format!("opening {}", pinned.display()))?;
+            Ok(Map::from_map_data(data)?)
+        };
+        Ok(Self {
+            pid,
+            watched: HashMap::try_from(open(names::WATCHED)?)?,
+            counters: PerCpuArray::try_from(open(names::COUNTERS)?)?,
+            path,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.watched.keys().next().is_none()
+    }
+
+    /// Drops the entries of files the dead daemon named that are no longer at their path
+    /// (as it saw them). Files it did not name stay.
+    fn forget_gone_files(&mut self) {
+        let names = Path::new(NAMES).join(self.pid.to_string());
+        let Ok(text) = std::fs::read_to_string(&names) else {
+            return;
+        };
+        for named in parse_names(self.pid, &text) {
+            let there = std::fs::metadata(&named.path)
+                .is_ok_and(|m| crate::file::identity::FileId::of(&m).inode_key() == named.key);
+            if !there {
+                let _ = self.watched.remove(&named.key);
+            }
+        }
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+        let _ = std::fs::remove_file(Path::new(NAMES).join(self.pid.to_string()));
     }
 }
 
@@ -98,4 +226,149 @@ pub fn find_counters(key: InodeKey) -> anyhow::Result<Option<(u32, FileCounters)
         return Ok(Some((pid, FileCounters::sum(values.iter()))));
     }
     Ok(None)
+}
+
+/// Where each daemon names the files its kernel counters are for (`<dev> <ino> <generation>
+/// <path>` per line; bpffs holds no plain files): `filemapd report` without FILEs reads them.
+const NAMES: &str = "/run/filemapd/names";
+
+/// How often at most a names file is written: at once after a change when it was last
+/// written longer ago, else that long after the last write (10,000 files starting at once
+/// write it every second, not 10,000 times).
+const NAMES_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// This daemon's names file, removed on drop.
+pub struct NamesFile {
+    files: std::collections::BTreeMap<(u32, u64), (u32, PathBuf)>,
+    path: PathBuf,
+    /// Changed since the last write.
+    dirty: bool,
+    written: Option<std::time::Instant>,
+}
+
+impl Default for NamesFile {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NamesFile {
+    pub fn new() -> Self {
+        Self {
+            files: Default::default(),
+            path: Path::new(NAMES).join(std::process::id().to_string()),
+            dirty: false,
+            written: None,
+        }
+    }
+
+    pub fn insert(&mut self, key: InodeKey, generation: u32, path: PathBuf) {
+        self.files.insert((key.dev, key.ino), (generation, path));
+        self.dirty = true;
+    }
+
+    pub fn remove(&mut self, key: &InodeKey) {
+        self.dirty |= self.files.remove(&(key.dev, key.ino)).is_some();
+    }
+
+    /// When the changes since the last write are due to be written (`None`: there are none).
+    pub fn due(&self) -> Option<std::time::Instant> {
+        let now = std::time::Instant::now();
+        self.dirty
+            .then(|| self.written.map_or(now, |at| (at + NAMES_EVERY).max(now)))
+    }
+
+    /// Writes the changes when they are due.
+    pub fn write_if_due(&mut self) {
+        if self.due().is_some_and(|at| at <= std::time::Instant::now()) {
+            self.write();
+            self.dirty = false;
+            self.written = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Writes the file whole under another name, then renames it: a reader never sees half
+    /// of it. Failures are said at debug level (only `report` without FILEs needs it).
+    fn write(&self) {
+        let result = (|| -> std::io::Result<()> {
+            std::fs::create_dir_all(NAMES)?;
+            let partial = self.path.with_extension("partial");
+            let mut text = String::new();
+            for ((dev, ino), (generation, path)) in &self.files {
+                text += &format!("{dev} {ino} {generation} {}\n", path.display());
+            }
+            std::fs::write(&partial, text)?;
+            std::fs::rename(&partial, &self.path)
+        })();
+        if let Err(e) = result {
+            log::debug!("writing {}: {e}", self.path.display());
+        }
+    }
+}
+
+impl Drop for NamesFile {
+    fn drop(&mut self) {
+        // Kept for the successor with the pinned maps: it tells which files are gone.
+        if keeping_for_successor() {
+            self.write();
+        } else {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// One file a running daemon counts.
+pub struct CountedByDaemon {
+    pub pid: u32,
+    pub key: InodeKey,
+    pub path: PathBuf,
+}
+
+/// Every file the running daemons count, as their names files say, in path order.
+pub fn counted_files() -> Vec<CountedByDaemon> {
+    let mut files = Vec::new();
+    let Ok(entries) = std::fs::read_dir(NAMES) else {
+        return files;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A dead daemon's names wait for its successor (see `Leftovers`).
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        files.extend(parse_names(pid, &text));
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    files
+}
+
+/// The lines of daemon `pid`'s names file.
+fn parse_names(pid: u32, text: &str) -> Vec<CountedByDaemon> {
+    let mut files = Vec::new();
+    for line in text.lines() {
+        let mut fields = line.splitn(4, ' ');
+        let (Some(dev), Some(ino), Some(_generation), Some(path)) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let (Ok(dev), Ok(ino)) = (dev.parse(), ino.parse()) else {
+            continue;
+        };
+        files.push(CountedByDaemon {
+            pid,
+            key: InodeKey { dev, _pad: 0, ino },
+            path: PathBuf::from(path),
+        });
+    }
+    files
 }

@@ -72,6 +72,9 @@ fn main() {
     // On the machine's own kernel, outside the VM: only when named.
     if only.split(',').any(|o| o == "native") {
         native::run(rounds);
+        native::probe_cost();
+    } else if only.split(',').any(|o| o == "probe") {
+        native::probe_cost();
     }
 }
 

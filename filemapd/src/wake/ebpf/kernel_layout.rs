@@ -1,12 +1,14 @@
-//! What the IO probe needs to know about dm's structures on the running kernel: struct offsets
-//! from the kernel's BTF (dm-mod's own BTF for `struct mapped_device`, which lives in a private
-//! header), the meaning of `dm_stats_account_io`'s time argument (renamed between releases:
-//! start_time, duration_jiffies, duration_ns) and the jiffy length from the kernel's config.
+//! What the kernel half's probes need to know of the running kernel's structures: for the IO
+//! probe, struct offsets in dm (dm-mod's own BTF for `struct mapped_device`, which lives in a
+//! private header), the meaning of `dm_stats_account_io`'s time argument (renamed between
+//! releases: start_time, duration_jiffies, duration_ns) and the jiffy length from the
+//! kernel's config; for the new-file probe, offsets in the VFS's dentries, inodes and super
+//! blocks.
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use btf_rs::{Btf, Type};
-use filemapd_common::{DmLayout, time_arg};
+use filemapd_common::{DmLayout, VfsLayout, time_arg};
 
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const DM_MOD: &str = "/sys/kernel/btf/dm_mod";
@@ -15,12 +17,19 @@ const DM_MOD: &str = "/sys/kernel/btf/dm_mod";
 /// (btf-rs: about 0.2 s on hardware, seconds under emulation) for six numbers that change
 /// only with the kernel and dm-mod; every daemon of the host starts with it (dmstats
 /// launches one per group). /run is a tmpfs, gone at reboot; the directory is root's.
-const CACHE: &str = "/run/filemapd/dm-layout";
+const CACHE: &str = "/run/filemapd/kernel-layout";
+
+/// Both layouts, read together (one parse of the kernel's BTF).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    pub dm: DmLayout,
+    pub vfs: VfsLayout,
+}
 
 /// The layout, from the cache when it was written for this boot and this dm-mod, else from
 /// the kernel's BTF (then cached). Fails (with the reason) when dm-mod is not loaded or has
 /// no BTF.
-pub fn read() -> anyhow::Result<DmLayout> {
+pub fn read() -> anyhow::Result<KernelLayout> {
     let key = cache_key();
     let cached = key.as_deref().and_then(|key| {
         let text = std::fs::read_to_string(CACHE).ok()?;
@@ -45,52 +54,66 @@ fn cache_key() -> Option<String> {
     Some(format!("boot {} dm_mod {dm_mod}", boot.trim()))
 }
 
-fn format_cache(key: &str, l: &DmLayout) -> String {
+fn format_cache(key: &str, l: &KernelLayout) -> String {
+    let (d, v) = (&l.dm, &l.vfs);
     format!(
-        "{key}\n{} {} {} {} {} {}\n",
-        l.stats_in_md,
-        l.disk_in_md,
-        l.major_in_disk,
-        l.first_minor_in_disk,
-        l.time_arg,
-        l.ns_per_jiffy
+        "{key}\n{} {} {} {} {} {}\n{} {} {} {} {} {} {}\n",
+        d.stats_in_md,
+        d.disk_in_md,
+        d.major_in_disk,
+        d.first_minor_in_disk,
+        d.time_arg,
+        d.ns_per_jiffy,
+        v.parent_in_dentry,
+        v.inode_in_dentry,
+        v.mode_in_inode,
+        v.ino_in_inode,
+        v.sb_in_inode,
+        v.generation_in_inode,
+        v.dev_in_sb,
     )
 }
 
 /// The cached layout, when the cache was written under `key`.
-fn parse_cache(text: &str, key: &str) -> Option<DmLayout> {
+fn parse_cache(text: &str, key: &str) -> Option<KernelLayout> {
     let mut lines = text.lines();
     if lines.next()? != key {
         return None;
     }
-    let numbers: Vec<u32> = lines
-        .next()?
-        .split_whitespace()
-        .map(|n| n.parse().ok())
-        .collect::<Option<_>>()?;
-    let &[
-        stats_in_md,
-        disk_in_md,
-        major_in_disk,
-        first_minor_in_disk,
-        time_arg,
-        ns_per_jiffy,
-    ] = numbers.as_slice()
-    else {
-        return None;
+    let mut numbers = |count: usize| -> Option<Vec<u32>> {
+        let n: Vec<u32> = lines
+            .next()?
+            .split_whitespace()
+            .map(|n| n.parse().ok())
+            .collect::<Option<_>>()?;
+        (n.len() == count).then_some(n)
     };
-    Some(DmLayout {
-        stats_in_md,
-        disk_in_md,
-        major_in_disk,
-        first_minor_in_disk,
-        time_arg,
-        ns_per_jiffy,
+    let d = numbers(6)?;
+    let v = numbers(7)?;
+    Some(KernelLayout {
+        dm: DmLayout {
+            stats_in_md: d[0],
+            disk_in_md: d[1],
+            major_in_disk: d[2],
+            first_minor_in_disk: d[3],
+            time_arg: d[4],
+            ns_per_jiffy: d[5],
+        },
+        vfs: VfsLayout {
+            parent_in_dentry: v[0],
+            inode_in_dentry: v[1],
+            mode_in_inode: v[2],
+            ino_in_inode: v[3],
+            sb_in_inode: v[4],
+            generation_in_inode: v[5],
+            dev_in_sb: v[6],
+            _pad: 0,
+        },
     })
 }
 
 /// Written whole under another name, then renamed: a reader never sees half of it.
-fn write_cache(key: &str, layout: &DmLayout) -> anyhow::Result<()> {
+fn write_cache(key: &str, layout: &KernelLayout) -> anyhow::Result<()> {
     use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
     let path = Path::new(CACHE);
     let dir = path.parent().context("the cache has a directory")?;
@@ -98,7 +121,7 @@ fn write_cache(key: &str, layout: &DmLayout) -> anyhow::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    let partial = dir.join(format!(".dm-layout.{}", std::process::id()));
+    let partial = dir.join(format!(".kernel-layout.{}", std::process::id()));
     std::fs::write(&partial, format_cache(key, layout))?;
     std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o600))?;
     std::fs::rename(&partial, path)?;
@@ -106,7 +129,7 @@ fn write_cache(key: &str, layout: &DmLayout) -> anyhow::Result<()> {
 }
 
 /// Reads the layout from the kernel's BTF.
-fn read_btf() -> anyhow::Result<DmLayout> {
+fn read_btf() -> anyhow::Result<KernelLayout> {
     let base = Btf::from_file(VMLINUX).with_context(|| format!("reading {VMLINUX}"))?;
     let dm = if Path::new(DM_MOD).exists() {
         Btf::from_split_file(DM_MOD, &base).with_context(|| format!("reading {DM_MOD}"))?
@@ -136,13 +159,26 @@ fn read_btf() -> anyhow::Result<DmLayout> {
             0
         }
     };
-    Ok(DmLayout {
-        stats_in_md,
-        disk_in_md,
-        major_in_disk,
-        first_minor_in_disk,
-        time_arg,
-        ns_per_jiffy,
+    let vfs = VfsLayout {
+        parent_in_dentry: member_offset(&base, "dentry", "d_parent")?,
+        inode_in_dentry: member_offset(&base, "dentry", "d_inode")?,
+        mode_in_inode: member_offset(&base, "inode", "i_mode")?,
+        ino_in_inode: member_offset(&base, "inode", "i_ino")?,
+        sb_in_inode: member_offset(&base, "inode", "i_sb")?,
+        generation_in_inode: member_offset(&base, "inode", "i_generation")?,
+        dev_in_sb: member_offset(&base, "super_block", "s_dev")?,
+        _pad: 0,
+    };
+    Ok(KernelLayout {
+        dm: DmLayout {
+            stats_in_md,
+            disk_in_md,
+            major_in_disk,
+            first_minor_in_disk,
+            time_arg,
+            ns_per_jiffy,
+        },
+        vfs,
     })
 }
 
@@ -203,13 +239,25 @@ mod tests {
 
     #[test]
     fn the_cache_serves_its_own_key_only() {
-        let layout = DmLayout {
-            stats_in_md: 424,
-            disk_in_md: 184,
-            major_in_disk: 0,
-            first_minor_in_disk: 4,
-            time_arg: 1,
-            ns_per_jiffy: 4_000_000,
+        let layout = KernelLayout {
+            dm: DmLayout {
+                stats_in_md: 424,
+                disk_in_md: 184,
+                major_in_disk: 0,
+                first_minor_in_disk: 4,
+                time_arg: 1,
+                ns_per_jiffy: 4_000_000,
+            },
+            vfs: VfsLayout {
+                parent_in_dentry: 24,
+                inode_in_dentry: 48,
+                mode_in_inode: 0,
+                ino_in_inode: 64,
+                sb_in_inode: 40,
+                generation_in_inode: 448,
+                dev_in_sb: 16,
+                _pad: 0,
+            },
         };
         let text = format_cache("boot a dm_mod 7", &layout);
         assert_eq!(parse_cache(&text, "boot a dm_mod 7"), Some(layout));
