@@ -27,8 +27,9 @@ pub const UNIT_LOG: u32 = 3;
 pub const UNIT_SECTORS: u64 = 1 << UNIT_LOG;
 pub const RECORDS_PER_CHUNK: usize = 4;
 pub const OWNERS_PER_BLOCK: usize = 4;
-/// An entry lives in one of the `PROBES` entries from its home.
-pub const PROBES: u32 = 4;
+/// An entry lives in one of `PROBES` entries: its home, then 1, 3, 6, ... entries on
+/// (triangular steps, which keep neighbouring homes' entries from piling into one run).
+pub const PROBES: u32 = 8;
 
 /// The largest slot a record or owner word can name (22 bits hold slot + 1).
 pub const MAX_SLOTS: u32 = (1 << 22) - 2;
@@ -113,7 +114,8 @@ pub fn spread(value: u64, bits: u32) -> u32 {
 /// The `probe`-th entry of a table of 2^table_log entries that `key` may live in.
 #[inline(always)]
 pub fn entry(key: u64, probe: u32, table_log: u32) -> u32 {
-    (spread(key, table_log) + probe) & ((1u32 << (table_log & 31)) - 1)
+    let step = probe * (probe + 1) / 2;
+    (spread(key, table_log).wrapping_add(step)) & ((1u32 << (table_log & 31)) - 1)
 }
 
 /// Birth stamps: CLOCK_MONOTONIC (`bpf_ktime_get_ns`) in units of 2^20 ns (about a
@@ -304,7 +306,8 @@ mod tests {
             let home = entry(key, 0, 14);
             homes.insert(home);
             for probe in 0..PROBES {
-                assert_eq!(entry(key, probe, 14), (home + probe) % (1 << 14));
+                let step = probe * (probe + 1) / 2;
+                assert_eq!(entry(key, probe, 14), (home + step) % (1 << 14));
             }
         }
         // Neighbouring chunks (what one file's growth makes) spread over the table.

@@ -177,68 +177,88 @@ async fn grow(
 }
 
 /// The IO probe's cost per bio, natively, as the number of watched extents grows: the sector
-/// map of a pretend device filled with `files` files of `extents_per_file` scattered extents
-/// each (4 to 64 KiB, at random places of 1 TiB), then pretend bios counted as the probe
-/// counts real ones (the charge service: the probe's lookups and counting, less the kprobe's
-/// entry and its read of the dm device's number), each bio's start and end.
+/// map of a pretend device filled with files of scattered extents (4 to 64 KiB, at random
+/// places of 1 TiB: the worst case for the map, one chunk entry an extent), then pretend bios
+/// counted as the probe counts real ones (the charge service: the probe's lookups and
+/// counting, less the kprobe's entry and its read of the dm device's number), each bio's
+/// start and end. The maps are filled first; each round then runs every size in turn.
 pub fn probe_cost() {
-    use filemapd::wake::ebpf::{MANY_FILES_TABLES, counting::Reading, standalone_counting};
+    use filemapd::wake::ebpf::{
+        Counting, MANY_FILES_TABLES, counting::Reading, standalone_counting,
+    };
     use filemapd_tests::writers::Rng;
     use std::sync::Arc;
     const DEV: u32 = (253 << 20) | 1;
     const DEVICE_SECTORS: u64 = 1 << 31; // 1 TiB
     const BIOS: usize = 20_000;
+    const ROUNDS: usize = 9;
     report!("## The IO probe per bio, natively, as watched extents grow\n");
     report!(
-        "*On the machine's own kernel, not in the VM.* The kernel's sector map of a pretend 1 TiB\ndevice holds files of scattered extents (4 to 64 KiB each, at random places); then {BIOS}\npretend bios (64 KiB, half of them over the files' extents, half anywhere) are counted as\nthe IO probe counts real ones: the charge service runs the probe's walk and counting, a\nbio's start and its end, without the kprobe's own entry and its read of the dm device's\nnumber. Cells: ns per bio (start and end), the median of 5 rounds; the tables' entries in\nuse; the map's memory per extent (the tables are allocated whole at start: {:.1} MB).\n",
+        "*On the machine's own kernel, not in the VM.* The kernel's sector map of a pretend 1 TiB\ndevice holds files of scattered extents (4 to 64 KiB each, at random places: the worst\ncase, one chunk entry an extent); then {BIOS} pretend 64 KiB bios, half over the files'\nextents, half anywhere, are counted as the IO probe counts real ones: the charge service\nruns the probe's walk and counting for a bio's start and its end, without the kprobe's own\nentry and its read of the dm device's number. Each of {ROUNDS} rounds runs every size in turn.\nCells: ns per bio (start and end), median (lowest–highest); the tables' entries in use;\nthe map's memory per extent in use (the tables of `watch` are allocated whole at start:\n{:.1} MB); runs the map had no room for (their IO goes uncounted, and is said).\n",
         MANY_FILES_TABLES.bytes() as f64 / 1e6
     );
     report!(
-        "| watched extents | files | ns per bio | chunk entries | block entries | bytes per extent in use |"
+        "| watched extents | files | ns per bio | chunk entries | block entries | bytes per extent in use | runs without room |"
     );
-    report!("| --- | --- | --- | --- | --- | --- |");
-    let clock = ProgramClock::start();
-    for (files, per_file) in [(1, 0), (10, 100), (100, 100), (100, 1_000)] {
-        let counting = Arc::new(standalone_counting(files as u32 + 1, MANY_FILES_TABLES).unwrap());
-        let mut rng = Rng(0x5eed ^ files as u64);
-        let mut all: Vec<SectorRange> = Vec::new();
-        for _ in 0..files {
-            let file = counting
-                .open(DEV, Default::default(), Default::default())
-                .unwrap()
-                .expect("a slot");
-            let mut ranges: Vec<SectorRange> = (0..per_file)
-                .map(|_| {
-                    let start = rng.below(DEVICE_SECTORS / 8) * 8;
-                    SectorRange::new(start, 8 * (1 + rng.below(16)))
+    report!("| --- | --- | --- | --- | --- | --- | --- |");
+    struct Setup {
+        files: usize,
+        extents: usize,
+        counting: Arc<Counting>,
+        ios: Vec<SectorRange>,
+        left_out: usize,
+        ns: Vec<f64>,
+    }
+    let mut setups: Vec<Setup> = [(1, 0), (10, 100), (100, 100), (100, 1_000)]
+        .into_iter()
+        .map(|(files, per_file)| {
+            let counting =
+                Arc::new(standalone_counting(files as u32 + 1, MANY_FILES_TABLES).unwrap());
+            let mut rng = Rng(0x5eed ^ files as u64 ^ (per_file as u64) << 20);
+            let mut all: Vec<SectorRange> = Vec::new();
+            let mut left_out = 0;
+            for _ in 0..files {
+                let file = counting
+                    .open(DEV, Default::default(), Default::default())
+                    .unwrap()
+                    .expect("a slot");
+                let mut ranges: Vec<SectorRange> = (0..per_file)
+                    .map(|_| {
+                        let start = rng.below(DEVICE_SECTORS / 8) * 8;
+                        SectorRange::new(start, 8 * (1 + rng.below(16)))
+                    })
+                    .collect();
+                ranges.sort_unstable();
+                let ranges = filemapd::sectors::join_adjacent(disjoint(ranges));
+                left_out += file.sync(&ranges, &ranges, Reading::now()).no_room;
+                all.extend(ranges);
+            }
+            let ios = (0..BIOS)
+                .map(|k| match (k % 2 == 0, all.is_empty()) {
+                    (true, false) => {
+                        let e = all[rng.below(all.len() as u64) as usize];
+                        SectorRange::new(e.start, 128)
+                    }
+                    _ => SectorRange::new(rng.below(DEVICE_SECTORS / 8) * 8, 128),
                 })
                 .collect();
-            ranges.sort_unstable();
-            let ranges = filemapd::sectors::join_adjacent(disjoint(ranges));
-            let changes = file.sync(&ranges, &ranges, Reading::now());
-            assert_eq!(
-                changes.no_room,
-                0,
-                "the tables hold {} extents",
-                files * per_file
-            );
-            all.extend(ranges);
-        }
-        let extents = files * per_file;
-        let ios: Vec<SectorRange> = (0..BIOS)
-            .map(|k| match (k % 2 == 0, all.is_empty()) {
-                (true, false) => {
-                    let e = all[rng.below(all.len() as u64) as usize];
-                    SectorRange::new(e.start, 128)
-                }
-                _ => SectorRange::new(rng.below(DEVICE_SECTORS / 8) * 8, 128),
-            })
-            .collect();
-        let mut rounds = Vec::new();
-        for _ in 0..5 {
+            Setup {
+                files,
+                extents: files * per_file,
+                counting,
+                ios,
+                left_out,
+                ns: Vec::new(),
+            }
+        })
+        .collect();
+    let clock = ProgramClock::start();
+    for _ in 0..ROUNDS {
+        for setup in &mut setups {
             let before = clock.read();
-            for &io in &ios {
-                counting
+            for &io in &setup.ios {
+                setup
+                    .counting
                     .charge_pretend_io(DEV, io, false, std::time::Duration::ZERO)
                     .unwrap();
             }
@@ -248,19 +268,26 @@ pub fn probe_cost() {
                 .copied()
                 .unwrap_or_default();
             // Two runs a bio: its start and its end.
-            rounds.push(time.as_secs_f64() * 1e9 / (runs.max(1) as f64 / 2.0));
+            setup
+                .ns
+                .push(time.as_secs_f64() * 1e9 / (runs.max(1) as f64 / 2.0));
         }
-        let (chunks, blocks) = counting.map().entries_in_use();
+    }
+    for setup in setups {
+        let (chunks, blocks) = setup.counting.map().entries_in_use();
         let bytes = chunks * size_of::<filemapd_common::sector_map::Chunk>()
             + blocks * size_of::<filemapd_common::sector_map::Block>();
         report!(
-            "| {extents} | {files} | {:.0} | {chunks} | {blocks} | {} |",
-            median(rounds),
-            if extents == 0 {
+            "| {} | {} | {} | {chunks} | {blocks} | {} | {} |",
+            setup.extents,
+            setup.files,
+            median_and_spread(setup.ns, 0),
+            if setup.extents == 0 {
                 "–".to_string()
             } else {
-                format!("{:.0}", bytes as f64 / extents as f64)
-            }
+                format!("{:.0}", bytes as f64 / setup.extents as f64)
+            },
+            setup.left_out
         );
     }
     report!("");
