@@ -10,5 +10,6 @@ pub mod oneshot;
 pub mod reconcile;
 pub mod report;
 pub mod sectors;
+pub mod show;
 pub mod stats;
 pub mod wake;

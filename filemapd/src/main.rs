@@ -2,9 +2,9 @@
 //! `dmfilemapd <fd> <group_id> <abs_path> <mode> [<foreground>[<verbose>]]`. As `filemapd` it
 //! takes the same arguments plus flags, and `filemapd show FILE [GROUP_ID]` prints a file's
 //! extents beside its group's regions.
-use std::{fs, os::unix::fs::MetadataExt as _, path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser, Subcommand};
 use filemapd::{
     daemon::args::{self, DaemonArgs},
@@ -12,12 +12,10 @@ use filemapd::{
     daemon::logging,
     daemon::monitor::Monitor,
     daemon::regions::Regions,
-    file::view,
     oneshot,
     reconcile::Mapping,
-    sectors::{SectorRange, join_adjacent},
     stats,
-    wake::ebpf::{Hub, ONE_FILE_TABLES, Tracer, counting, pins},
+    wake::ebpf::{Hub, ONE_FILE_TABLES, Tracer, counting},
     wake::notify::Notifier,
 };
 
@@ -312,7 +310,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Show { path, group_id }) => {
             logging::init(0);
-            match show(&path, group_id) {
+            match filemapd::show::run(&path, group_id) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("{e:#}")),
             }
@@ -488,99 +486,4 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool, mapping: Mappin
             ExitCode::FAILURE
         }
     }
-}
-
-fn show(path: &PathBuf, group_id: Option<u64>) -> anyhow::Result<()> {
-    let file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let metadata = file.metadata()?;
-    if !metadata.is_file() {
-        bail!("{} is not a regular file", path.display());
-    }
-    let extents = view::data_ranges(&file, false)?;
-    let device = stats::StatsDevice::for_st_dev(metadata.dev())
-        .with_context(|| format!("{} is not on a device-mapper device", path.display()))?;
-    let regions = device.list(None)?;
-    let group_id = match group_id {
-        Some(id) => id,
-        None => regions
-            .iter()
-            .find(|r| {
-                r.group().ok().flatten().is_some()
-                    && extents
-                        .iter()
-                        .any(|e| e.start <= r.range.start && r.range.end() <= e.end())
-            })
-            .map(|r| r.id)
-            .with_context(|| format!("no group on {} covers {}", device.name(), path.display()))?,
-    };
-    let group = stats::Group::find(&regions, group_id)?
-        .with_context(|| format!("no group {group_id} on {}", device.name()))?;
-    let descriptor = &group.descriptor;
-    println!(
-        "{} on {} ({}:{}), group {group_id} alias {:?}",
-        path.display(),
-        device.name(),
-        device.device_number().0,
-        device.device_number().1,
-        descriptor.alias
-    );
-    println!(
-        "{:>24}  {:>24}",
-        "file extent (sectors)", "region (id: sectors)"
-    );
-    let mut regions: Vec<(u64, SectorRange)> = group.members().map(|r| (r.id, r.range)).collect();
-    regions.sort_unstable_by_key(|&(_, r)| r);
-    for row in 0..extents.len().max(regions.len()) {
-        let extent = extents
-            .get(row)
-            .map(ToString::to_string)
-            .unwrap_or_default();
-        let region = regions
-            .get(row)
-            .map(|(id, r)| format!("{id}: {r}"))
-            .unwrap_or_default();
-        println!("{extent:>24}  {region:>24}");
-    }
-    // Several regions may tile one extent (growth keeps the old region's counters).
-    let places: Vec<SectorRange> = regions.iter().map(|&(_, r)| r).collect();
-    let disjoint = places.windows(2).all(|w| w[0].end() <= w[1].start);
-    let matches = disjoint && join_adjacent(places) == join_adjacent(extents);
-    println!(
-        "{}",
-        if matches {
-            "regions cover the file exactly"
-        } else {
-            "regions DIFFER from the file"
-        }
-    );
-    let mut counted = stats::Counters::default();
-    for &(id, _) in &regions {
-        let c = device.counters(id)?;
-        counted.reads += c.reads;
-        counted.sectors_read += c.sectors_read;
-        counted.read_ms += c.read_ms;
-        counted.writes += c.writes;
-        counted.sectors_written += c.sectors_written;
-        counted.write_ms += c.write_ms;
-    }
-    println!(
-        "counted by the group's regions: {} reads ({} sectors, {} ms), {} writes ({} sectors, {} ms)",
-        counted.reads,
-        counted.sectors_read,
-        counted.read_ms,
-        counted.writes,
-        counted.sectors_written,
-        counted.write_ms
-    );
-    let key = filemapd::file::identity::FileId::of(&metadata).inode_key();
-    match pins::find_counters(key)? {
-        Some((pid, totals)) => println!(
-            "counted in the kernel, all of its IO (daemon {pid}): {}",
-            counting::describe(&totals)
-        ),
-        None => {
-            println!("counted in the kernel: no daemon with in-kernel counting watches this file")
-        }
-    }
-    Ok(())
 }

@@ -59,6 +59,15 @@ pub struct Mapped {
     pub created: Option<usize>,
 }
 
+/// The group that maps `path` already, if any (none while it has no extents).
+pub fn existing_group(path: &Path) -> anyhow::Result<Option<u64>> {
+    let (_, device, extents) = open(path)?;
+    if extents.is_empty() {
+        return Ok(None);
+    }
+    new_group::find_for_file(&device.list(None)?, &extents)
+}
+
 /// The group mapping `path`: the one it has (its leftover markers cleared), else a new one
 /// made as dmstats makes it.
 pub fn group_for(

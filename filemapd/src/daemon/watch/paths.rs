@@ -58,14 +58,15 @@ pub fn resolve(
 
 /// A file `spec` names (itself, or as a file in its directory), with its group: adopted, or
 /// made as dmstats makes it with the spec's options; or none, when its regions (the spec's,
-/// else `regions`) are none.
+/// else `regions`) are none and it has no group yet (a group someone made keeps following
+/// its file).
 pub(super) fn entry_for(
     file: &Path,
     spec: &PathSpec,
     regions: Regions,
 ) -> anyhow::Result<WatchEntry> {
     let regions = spec.regions.unwrap_or(regions);
-    if regions == Regions::None {
+    if regions == Regions::None && oneshot::existing_group(file)?.is_none() {
         return Ok(WatchEntry {
             group_id: None,
             mapping: None,
@@ -78,9 +79,10 @@ pub(super) fn entry_for(
     // An alias names one file: for a directory's files each takes its own name.
     let alias = spec.alias.as_deref().filter(|_| spec.path == file);
     let mapped = oneshot::group_for(file, alias, &spec.program_id, spec.settings.clone())?;
-    if let Some(regions) = mapped.created {
+    let regions = regions.with_group();
+    if let Some(count) = mapped.created {
         info!(
-            "{}: created group {} with {regions} region(s)",
+            "{}: created group {} with {count} region(s)",
             file.display(),
             mapped.group
         );

@@ -7,6 +7,7 @@
 mod appends;
 mod counted;
 mod handoff;
+mod images;
 mod latency;
 mod monitors;
 mod native;
@@ -48,6 +49,9 @@ fn main() {
     if wanted("cost") {
         region_cost::run(rounds);
     }
+    if wanted("images") {
+        images::run(rounds);
+    }
     if wanted("appends") {
         appends::run(rounds);
     }
@@ -60,8 +64,9 @@ fn main() {
     if wanted("scale") {
         scale::run();
     } else if wanted("files") {
-        // The many-files part of scale alone, for a quick look.
+        // The many-files parts of scale alone, for a quick look.
         scale::many_files(1000);
+        scale::many_files_without_regions(&[1000, 10_000]);
     }
     if wanted("handoff") {
         handoff::run(100);

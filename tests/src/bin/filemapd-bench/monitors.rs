@@ -18,7 +18,7 @@ pub enum Monitor {
     /// No monitor: the writer alone (the baseline for interference).
     Nothing,
     Ebpf,
-    /// `--ebpf` with the in-kernel accounting of uncovered IO switched off (its cost).
+    /// `--ebpf` with the in-kernel counting switched off (its cost).
     EbpfUnaccounted,
     Polling,
     /// lvm2's own dmfilemapd, built by `cargo xtask bench` from Debian's source.
@@ -32,7 +32,7 @@ impl Monitor {
         match self {
             Monitor::Nothing => "no monitor",
             Monitor::Ebpf => "filemapd --ebpf",
-            Monitor::EbpfUnaccounted => "filemapd --ebpf, no in-kernel accounting",
+            Monitor::EbpfUnaccounted => "filemapd --ebpf, no in-kernel counting",
             Monitor::Polling => "filemapd (polling, 0.5 s)",
             Monitor::Lvm2 => "lvm2 dmfilemapd 2.03.16 (real)",
         }
@@ -77,7 +77,7 @@ impl Monitor {
                     cmd.arg("--ebpf");
                 }
                 if self == Monitor::EbpfUnaccounted {
-                    cmd.env("FILEMAPD_NO_ACCOUNTING", "1");
+                    cmd.env("FILEMAPD_NO_COUNTING", "1");
                 }
                 let file = PathBuf::from(format!("/tmp/filemapd-bench-{}.log", std::process::id()));
                 cmd.args(["0", &g, &p, "inode", "1", "1"])
@@ -121,6 +121,25 @@ impl Running {
     /// A process started elsewhere (a `filemapd watch`).
     pub fn of(child: Child) -> Self {
         Self { child, log: None }
+    }
+
+    /// `filemapd ARGS`, its log (at info level, `-v`) in a file for [`Running::wait_for_log`].
+    pub fn filemapd(args: &[&str]) -> Self {
+        let file = PathBuf::from(format!(
+            "/tmp/filemapd-bench-{}-{}.log",
+            std::process::id(),
+            args.len()
+        ));
+        let child = Command::new(filemapd_binary())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&file).unwrap())
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            log: Some(file),
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,15 +1,22 @@
 //! What regions cost by merely existing: dm-stats walks a device's whole region list for every
 //! bio, at its start and at its end. A file grown by random O_DIRECT writes (fragmented as a
-//! sparse VM image gets) is rewritten in place, with its group mapped and without; no region
-//! is created meanwhile, so the difference is the walk alone, whichever daemon made them.
-use std::{fs, os::unix::fs::MetadataExt as _, time::Instant};
+//! sparse VM image gets) is rewritten in place, with its group mapped, without, and counted by
+//! the kernel alone (`filemapd watch --regions none`: one region of filemapd's own on the
+//! device, and the IO probe); no region is created meanwhile. Then many images on one device:
+//! one is rewritten while every image has its group, while the kernel counts them all, and
+//! with no monitor.
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    time::{Duration, Instant},
+};
 
 use filemapd::stats::StatsDevice;
 use filemapd_tests::{
     DmFs, FsKind, map_without_daemon, write_and_sync, writers::random_direct_writes,
 };
 
-use crate::{median, median_and_spread, report};
+use crate::{median, median_and_spread, monitors::Running, report};
 
 const HEAD: u64 = 1 << 20;
 const SPAN: u64 = 256 << 20;
@@ -23,14 +30,22 @@ pub fn run(rounds: usize) {
     report!(
         "once by `dmstats create --filemap`, and is then rewritten in place by the same writes"
     );
-    report!("(same offsets: nothing is allocated, no region is created) with its group and, after");
+    report!("(same offsets: nothing is allocated, no region is created) with its group; after");
     report!(
-        "`dmstats delete --allregions`, without; the group is mapped again for each round, and"
+        "`dmstats delete --allregions`, without; and counted by the kernel alone, `filemapd watch"
     );
-    report!("the order alternates. Cells: the writer's MB/s, median (lowest–highest) of {rounds}");
-    report!("rounds. This cost comes with the regions, whoever created them.\n");
-    report!("| fs | regions | without regions | with the group | slowdown |");
-    report!("| --- | --- | --- | --- | --- |");
+    report!(
+        "--regions none FILE` running (the device then holds filemapd's one region). The group is"
+    );
+    report!("mapped again for each round, and the order rotates. Cells: the writer's MB/s, median");
+    report!(
+        "(lowest–highest) of {rounds} rounds; slowdowns against no monitor. The group's cost comes"
+    );
+    report!("with its regions, whoever created them.\n");
+    report!(
+        "| fs | regions | no monitor | with the group | slowdown | `--regions none` | slowdown |"
+    );
+    report!("| --- | --- | --- | --- | --- | --- | --- |");
     for fs_kind in [FsKind::Ext4, FsKind::Xfs] {
         let dmfs = DmFs::new(fs_kind).unwrap();
         let path = dmfs.mount.dir.join("image.img");
@@ -38,33 +53,58 @@ pub fn run(rounds: usize) {
         random_direct_writes(&path, HEAD, SPAN, SEED);
         let device = StatsDevice::for_st_dev(fs::metadata(&path).unwrap().dev()).unwrap();
         let (mut without, mut with, mut regions) = (Vec::new(), Vec::new(), Vec::new());
+        let mut kernel = Vec::new();
         let rewrite = || {
             let started = Instant::now();
             let written = random_direct_writes(&path, HEAD, SPAN, SEED);
             written as f64 / started.elapsed().as_secs_f64() / 1e6
         };
         for round in 0..rounds {
-            for mapped in [round % 2 == 0, round % 2 == 1] {
-                if mapped {
-                    map_without_daemon(&path).unwrap();
-                    regions.push(device.list(None).unwrap().len() as f64);
-                    with.push(rewrite());
-                    filemapd_tests::run("dmstats", &["delete", "--allregions", &dmfs.name])
-                        .unwrap();
-                } else {
-                    without.push(rewrite());
+            for way in 0..3 {
+                match (round + way) % 3 {
+                    0 => {
+                        map_without_daemon(&path).unwrap();
+                        regions.push(device.list(None).unwrap().len() as f64);
+                        with.push(rewrite());
+                        delete_all_regions(&dmfs.name);
+                    }
+                    1 => {
+                        let p = path.to_string_lossy().into_owned();
+                        let watch = Running::filemapd(&["watch", "--regions", "none", "-v", &p]);
+                        assert!(
+                            watch.wait_for_log("watching 1 file(s)", Duration::from_secs(120)),
+                            "filemapd watch --regions none never started"
+                        );
+                        kernel.push(rewrite());
+                        drop(watch);
+                        delete_all_regions(&dmfs.name);
+                    }
+                    _ => without.push(rewrite()),
                 }
             }
         }
         let baseline = median(without.clone());
-        let slowdown = (baseline - median(with.clone())) / baseline * 100.0;
+        let slowdown = |ways: &[f64]| (baseline - median(ways.to_vec())) / baseline * 100.0;
         report!(
-            "| {} | {} | {} | {} | {slowdown:+.1} % |",
+            "| {} | {} | {} | {} | {:+.1} % | {} | {:+.1} % |",
             fs_kind.name(),
             median_and_spread(regions, 0),
             median_and_spread(without, 1),
-            median_and_spread(with, 1),
+            median_and_spread(with.clone(), 1),
+            slowdown(&with),
+            median_and_spread(kernel.clone(), 1),
+            slowdown(&kernel),
         );
     }
     report!("");
+}
+
+/// Every region of the device (`dmstats delete --allregions --allprograms`: filemapd's own
+/// region too).
+fn delete_all_regions(device: &str) {
+    filemapd_tests::run(
+        "dmstats",
+        &["delete", "--allregions", "--allprograms", device],
+    )
+    .unwrap();
 }
