@@ -556,16 +556,25 @@ impl Monitor {
                 self.known_group = Some(group);
             }
             force = self.wait().await?;
-            if self.mode == FollowMode::Inode && follow::unlinked(&self.file)? {
-                if !follow::held_elsewhere(self.file_id) {
-                    return Ok(Exit::UnlinkedAndClosed);
-                }
-                debug!(
-                    "{} is unlinked but held by another process",
-                    self.path.display()
-                );
+            if self.unlinked_and_closed()? {
+                return Ok(Exit::UnlinkedAndClosed);
             }
         }
+    }
+
+    /// Whether the file (followed by inode) is unlinked and no other process holds it open.
+    fn unlinked_and_closed(&self) -> anyhow::Result<bool> {
+        if self.mode != FollowMode::Inode || !follow::unlinked(&self.file)? {
+            return Ok(false);
+        }
+        if follow::held_elsewhere(self.file_id) {
+            debug!(
+                "{} is unlinked but held by another process",
+                self.path.display()
+            );
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// The loop of a file without regions: the kernel's map of it kept in step, until it is
@@ -597,14 +606,8 @@ impl Monitor {
                 }
             }
             force = self.wait().await?;
-            if self.mode == FollowMode::Inode && follow::unlinked(&self.file)? {
-                if !follow::held_elsewhere(self.file_id) {
-                    return Ok(Exit::UnlinkedAndClosed);
-                }
-                debug!(
-                    "{} is unlinked but held by another process",
-                    self.path.display()
-                );
+            if self.unlinked_and_closed()? {
+                return Ok(Exit::UnlinkedAndClosed);
             }
         }
     }

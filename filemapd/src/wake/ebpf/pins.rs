@@ -83,21 +83,11 @@ impl Leftovers {
     /// removed.
     pub fn gather() -> Self {
         let mut leftovers = Self::default();
-        let Ok(entries) = std::fs::read_dir(ROOT) else {
-            return leftovers;
-        };
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if Path::new("/proc").join(pid.to_string()).exists() {
+        for (pid, path, running) in by_pid(ROOT) {
+            if running {
                 continue;
             }
-            match LeftBehind::open(pid, entry.path()) {
+            match LeftBehind::open(pid, path.clone()) {
                 Ok(mut dir) => {
                     dir.forget_gone_files();
                     if dir.is_empty() {
@@ -107,8 +97,8 @@ impl Leftovers {
                     }
                 }
                 Err(e) => {
-                    log::debug!("{}: {e:#}; removed", entry.path().display());
-                    let _ = std::fs::remove_dir_all(entry.path());
+                    log::debug!("{}: {e:#}; removed", path.display());
+                    let _ = std::fs::remove_dir_all(&path);
                 }
             }
         }
@@ -191,21 +181,10 @@ impl LeftBehind {
 /// The in-kernel counters of the inode `key`, from whichever running daemon counts it: (its
 /// pid, the counters); `None` when none does.
 pub fn find_counters(key: InodeKey) -> anyhow::Result<Option<(u32, FileCounters)>> {
-    let Ok(entries) = std::fs::read_dir(ROOT) else {
-        return Ok(None);
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new("/proc").join(pid.to_string()).exists() {
+    for (pid, dir, running) in by_pid(ROOT) {
+        if !running {
             continue;
         }
-        let dir = entry.path();
         let open = |name: &str| -> anyhow::Result<Map> {
             let path = dir.join(name);
             let data =
@@ -317,6 +296,21 @@ impl Drop for NamesFile {
     }
 }
 
+/// The entries of `dir` named by a daemon's pid: (pid, path, whether that process runs).
+fn by_pid(dir: &str) -> Vec<(u32, PathBuf, bool)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let running = Path::new("/proc").join(pid.to_string()).exists();
+            Some((pid, entry.path(), running))
+        })
+        .collect()
+}
+
 /// One file a running daemon counts.
 pub struct CountedByDaemon {
     pub pid: u32,
@@ -327,22 +321,12 @@ pub struct CountedByDaemon {
 /// Every file the running daemons count, as their names files say, in path order.
 pub fn counted_files() -> Vec<CountedByDaemon> {
     let mut files = Vec::new();
-    let Ok(entries) = std::fs::read_dir(NAMES) else {
-        return files;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for (pid, path, running) in by_pid(NAMES) {
         // A dead daemon's names wait for its successor (see `Leftovers`).
-        if !Path::new("/proc").join(pid.to_string()).exists() {
+        if !running {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+        let Ok(text) = std::fs::read_to_string(&path) else {
             continue;
         };
         files.extend(parse_names(pid, &text));

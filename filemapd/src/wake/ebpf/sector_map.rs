@@ -107,29 +107,32 @@ impl SectorMap {
     pub fn clear(&self, slot: u32) -> Changes {
         let _changing = self.changing.lock().expect("sector map lock");
         let mut changes = Changes::default();
-        for index in 0..self.blocks.len() {
-            let key = self.blocks.word(index, 0).load(SeqCst);
-            if key == 0 {
-                continue;
-            }
-            let dev = filemapd_common::sector_map::device_of(key);
-            let block = filemapd_common::sector_map::index_of(key) << BLOCK_LOG;
+        for (_, dev, block) in self.blocks_in_use() {
             // Nothing wanted, nothing kept fresh: the file is gone from the map.
             changes += self.set_block(dev, slot, block, &[], None, 0);
         }
         changes
     }
 
+    /// The block entries in use: (entry, device, the block's first sector).
+    fn blocks_in_use(&self) -> impl Iterator<Item = (u32, u32, u64)> + '_ {
+        (0..self.blocks.len()).filter_map(|index| {
+            let key = self.blocks.word(index, 0).load(SeqCst);
+            (key != 0).then(|| {
+                let dev = filemapd_common::sector_map::device_of(key);
+                (
+                    index,
+                    dev,
+                    filemapd_common::sector_map::index_of(key) << BLOCK_LOG,
+                )
+            })
+        })
+    }
+
     /// Every holding of `slot`, read from the whole tables (tests, `filemapd report`'s check).
     pub fn held(&self, slot: u32) -> Vec<Held> {
         let mut held = Vec::new();
-        for index in 0..self.blocks.len() {
-            let key = self.blocks.word(index, 0).load(SeqCst);
-            if key == 0 {
-                continue;
-            }
-            let dev = filemapd_common::sector_map::device_of(key);
-            let block = filemapd_common::sector_map::index_of(key) << BLOCK_LOG;
+        for (index, dev, block) in self.blocks_in_use() {
             let value = self.blocks.read(index);
             if value
                 .owners

@@ -70,15 +70,12 @@ pub fn many_files_without_regions(counts: &[usize]) {
                 .spawn()
                 .unwrap(),
         );
-        let start_up = quiet(running.pid(), Duration::from_secs(600))
-            .map_or("never quiet".to_string(), |_| {
-                format!("{:.1}", started.elapsed().as_secs_f64())
-            });
-        let over = Duration::from_secs(30);
-        let before = Usage::of(running.pid());
-        std::thread::sleep(over);
-        let (wakeups, cpu_ms) = Usage::of(running.pid()).since(before).per_minute(over);
-        let rss = rss_kib(running.pid()) as f64 / 1024.0;
+        let Settled {
+            start_up,
+            wakeups,
+            cpu_ms,
+            rss,
+        } = Settled::after(&running, started, Duration::from_secs(600));
         let maps = ebpf_map_bytes(running.pid()) as f64 / (1 << 20) as f64;
         let (took, _, cpu) = scrape_cost(&running);
         let regions = device.list(None).unwrap().len();
@@ -88,6 +85,33 @@ pub fn many_files_without_regions(counts: &[usize]) {
         );
     }
     report!("\nTargets: 10,000 files: RSS < 100 MiB, a scrape < 200 ms, 0 idle wake-ups.\n");
+}
+
+/// A daemon once started: how long until it was first quiet (under 2 % of a CPU over 2 s,
+/// within `limit`), then its wake-ups and CPU per minute over 30 s, and its RSS in MiB.
+struct Settled {
+    start_up: String,
+    wakeups: f64,
+    cpu_ms: f64,
+    rss: f64,
+}
+
+impl Settled {
+    fn after(running: &Running, started: Instant, limit: Duration) -> Self {
+        let start_up = quiet(running.pid(), limit).map_or("never quiet".to_string(), |_| {
+            format!("{:.1}", started.elapsed().as_secs_f64())
+        });
+        let over = Duration::from_secs(30);
+        let before = Usage::of(running.pid());
+        std::thread::sleep(over);
+        let (wakeups, cpu_ms) = Usage::of(running.pid()).since(before).per_minute(over);
+        Self {
+            start_up,
+            wakeups,
+            cpu_ms,
+            rss: rss_kib(running.pid()) as f64 / 1024.0,
+        }
+    }
 }
 
 /// The kernel memory of a process's eBPF maps: fdinfo's `memlock`, summed over its map fds.
@@ -268,15 +292,12 @@ pub fn many_files(files: usize) {
         }
         let started = Instant::now();
         let running = Running::of(cmd.stdout(Stdio::null()).spawn().unwrap());
-        let start_up = quiet(running.pid(), Duration::from_secs(120))
-            .map_or("never quiet".to_string(), |_| {
-                format!("{:.1}", started.elapsed().as_secs_f64())
-            });
-        let over = Duration::from_secs(30);
-        let before = Usage::of(running.pid());
-        std::thread::sleep(over);
-        let (wakeups, cpu_ms) = Usage::of(running.pid()).since(before).per_minute(over);
-        let rss = rss_kib(running.pid()) as f64 / 1024.0;
+        let Settled {
+            start_up,
+            wakeups,
+            cpu_ms,
+            rss,
+        } = Settled::after(&running, started, Duration::from_secs(120));
         let mut latencies = Vec::new();
         for k in 0..5 {
             let path = &paths[k * files / 5];
