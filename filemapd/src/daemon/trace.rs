@@ -41,9 +41,7 @@ pub fn event(
         return;
     }
     let tracepoint = Tracepoint::by_index(event.source);
-    // A delayed allocation's placeholder start is no place at all.
-    let placeholder = tracepoint.map_or(0, |t| t.physical_skip);
-    let delayed = placeholder != 0 && event.physical_start & placeholder == placeholder;
+    let delayed = tracepoint.is_some_and(|t| t.is_placeholder(event.physical_start));
     let physical = (event.physical_length > 0).then(|| {
         let mut physical = json!({
             "blocks": [event.physical_start, event.physical_length],

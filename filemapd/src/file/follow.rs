@@ -11,16 +11,22 @@ use anyhow::Context as _;
 
 use crate::file::identity::{FileId, check_mappable};
 
-/// Whether any process other than this one holds the file open. Scans /proc/*/fd and compares
-/// device and inode (a deleted file's descriptor still stats as the file).
-/// Limits: a holder that opens and closes the file between two scans is missed, and so is a
-/// mapping without an open descriptor (mmap after close); both are rare for VM images.
+/// Whether any process other than this one holds the file open (see [`held_by_others`]).
 pub fn held_elsewhere(file: FileId) -> bool {
+    !held_by_others(|held| held == file).is_empty()
+}
+
+/// The files that processes other than this one hold open, of those `wanted` picks. Scans
+/// /proc/*/fd and compares device and inode (a deleted file's descriptor still stats as the
+/// file). Limits: a holder that opens and closes the file between two scans is missed, and
+/// so is a mapping without an open descriptor (mmap after close); both are rare for VM
+/// images.
+pub fn held_by_others(wanted: impl Fn(FileId) -> bool) -> Vec<FileId> {
     let me = std::process::id().to_string();
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return false;
+        return Vec::new();
     };
-    procs
+    let mut held: Vec<FileId> = procs
         .filter_map(Result::ok)
         .filter(|p| {
             p.file_name()
@@ -30,7 +36,13 @@ pub fn held_elsewhere(file: FileId) -> bool {
         .filter_map(|p| std::fs::read_dir(p.path().join("fd")).ok())
         .flatten()
         .filter_map(Result::ok)
-        .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| FileId::of(&m) == file))
+        .filter_map(|fd| std::fs::metadata(fd.path()).ok())
+        .map(|m| FileId::of(&m))
+        .filter(|&id| wanted(id))
+        .collect();
+    held.sort_unstable_by_key(|id| (id.st_dev, id.ino));
+    held.dedup();
+    held
 }
 
 /// Whether the open file has no name left (all links removed).

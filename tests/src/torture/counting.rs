@@ -19,8 +19,10 @@ use crate::{
     writers::direct_read_whole,
 };
 
-/// A file's kernel totals as last seen: (inode, reads, read sectors, writes, written sectors).
-pub type LastSeen = BTreeMap<String, (u64, [u64; 4])>;
+/// A file's kernel totals as last seen: ((inode, generation), [reads, read sectors, writes,
+/// written sectors]). The generation tells a new file from an old one whose inode number
+/// the file system gave again (ext4 does at once).
+pub type LastSeen = BTreeMap<String, ((u64, u32), [u64; 4])>;
 
 /// Checks one slot (those without the kernel's counting are left alone).
 pub fn check(slot: &Slot, last: &mut LastSeen) -> anyhow::Result<()> {
@@ -29,14 +31,23 @@ pub fn check(slot: &Slot, last: &mut LastSeen) -> anyhow::Result<()> {
     }
     let path = slot.path_for_others();
     // Listed once the daemon has put the file's sectors in the kernel's map (a relaunched
-    // daemon may still be loading its programs).
-    let named = slot.path.to_string_lossy().into_owned();
+    // daemon may still be loading its programs), under the path it was given: a daemon
+    // started for an unlinked file names it by its /proc path.
+    let names = [&slot.path, &path].map(|p| p.to_string_lossy().into_owned());
     wait_until(&format!("{} to be counted", slot.name()), SETTLE, || {
         Ok(run(&filemapd_binary().to_string_lossy(), &["report"])?
             .lines()
-            .any(|l| l.starts_with(&named)))
+            .any(|l| {
+                names
+                    .iter()
+                    .any(|n| l.split_whitespace().next() == Some(n.as_str()))
+            }))
     })?;
-    let ino = std::fs::metadata(&path)?.ino();
+    let file = std::fs::File::open(&path)?;
+    let ino = (
+        file.metadata()?.ino(),
+        filemapd::file::placement::generation_of(&file),
+    );
     let before = reported(&path)?;
     if let Some((seen_ino, seen)) = last.get(&slot.name())
         && *seen_ino == ino

@@ -274,6 +274,11 @@ impl Torture {
                 Ok(None)
             }
             Op::CloseHeld => {
+                if slot.keeper == Keeper::Watch {
+                    let before = self.watcher.files_let_go();
+                    slot.release_held();
+                    self.watcher.wait_until_let_go(before)?;
+                }
                 slot.close_held()?;
                 if slot.keeper == Keeper::Watch {
                     // The watch let the old file go; a new file needs a new watch config.

@@ -234,8 +234,10 @@ impl Slot {
 
     /// Closes the held, unlinked file: its (inode-mode) daemon must exit; the group it leaves
     /// is deleted as its user would, and the slot starts over with a new file.
+    /// Deletes the group of a file whose held descriptor `release_held` closed, once its
+    /// daemon has exited, and starts a new file in its place.
     pub fn close_held(&mut self) -> anyhow::Result<()> {
-        self.held = None;
+        self.release_held();
         if let Some(pid) = self.pid.take() {
             ensure!(
                 wait_for_exit(pid, EXIT)?,
@@ -248,6 +250,11 @@ impl Slot {
             &["delete", "--groupid", &id.to_string(), &self.device],
         )?;
         self.start_new_file()
+    }
+
+    /// Closes the descriptor that kept an unlinked file alive.
+    pub fn release_held(&mut self) {
+        self.held = None;
     }
 
     /// Where a relaunched daemon logs (dmstats-launched ones log nowhere at verbose 0).
@@ -384,7 +391,25 @@ impl Watcher {
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
+
+    /// How many files the watch has let go since it started (their last holder closed them).
+    pub fn files_let_go(&self) -> usize {
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        log.matches(LET_GO).count()
+    }
+
+    /// Waits until the watch has let more than `before` files go: it may still be updating
+    /// the file's group after the close (a move changes the group's id), so its group is
+    /// only the torture's to delete once the watch is done with it.
+    pub fn wait_until_let_go(&self, before: usize) -> anyhow::Result<()> {
+        wait_until("the watch to let a closed file go", CONVERGE, || {
+            Ok(self.files_let_go() > before)
+        })
+    }
 }
+
+/// What the watch logs when it stops following an unlinked file nobody holds any more.
+const LET_GO: &str = "File unlinked and closed";
 
 impl Drop for Watcher {
     fn drop(&mut self) {

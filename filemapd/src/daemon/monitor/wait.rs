@@ -103,9 +103,10 @@ impl Monitor {
                     };
                     let logical = tp.byte_range(event.start, event.length, block_size);
                     // Where the kernel may have recorded an allocation: looked at by the next
-                    // pass, whatever FIEMAP shows then.
+                    // pass, whatever FIEMAP shows then (a delayed allocation is nowhere yet).
                     if let Some(p) = self.placement.filter(|p| p.dm_dev != 0)
                         && event.physical_length > 0
+                        && !tp.is_placeholder(event.physical_start)
                     {
                         let start = p.sector_of(event.physical_start);
                         let len = p.sectors_in(event.physical_length);

@@ -13,6 +13,8 @@ use anyhow::Context as _;
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use filemapd_common::{FileCounters, InodeKey, Placement, names};
 
+use crate::file::{follow, identity::FileId};
+
 const ROOT: &str = "/sys/fs/bpf/filemapd";
 
 /// Set once the daemon stops on SIGTERM: its files' counters stay pinned for the next.
@@ -163,10 +165,20 @@ impl LeftBehind {
         let Ok(text) = std::fs::read_to_string(&names) else {
             return;
         };
-        for named in parse_names(self.pid, &text) {
-            let there = std::fs::metadata(&named.path)
-                .is_ok_and(|m| crate::file::identity::FileId::of(&m).inode_key() == named.key);
-            if !there {
+        let (_, elsewhere): (Vec<_>, Vec<_>) =
+            parse_names(self.pid, &text).into_iter().partition(|named| {
+                std::fs::metadata(&named.path)
+                    .is_ok_and(|m| FileId::of(&m).inode_key() == named.key)
+            });
+        // Not at its path: gone, unless a process holds it open (an image unlinked while its
+        // VM runs lives on, and so do its counters).
+        let held: Vec<InodeKey> =
+            follow::held_by_others(|id| elsewhere.iter().any(|named| named.key == id.inode_key()))
+                .iter()
+                .map(|id| id.inode_key())
+                .collect();
+        for named in elsewhere {
+            if !held.contains(&named.key) {
                 let _ = self.watched.remove(&named.key);
             }
         }
@@ -185,26 +197,35 @@ pub fn find_counters(key: InodeKey) -> anyhow::Result<Option<(u32, FileCounters)
         if !running {
             continue;
         }
-        let open = |name: &str| -> anyhow::Result<Map> {
-            let path = dir.join(name);
-            let data =
-                MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-            Ok(Map::from_map_data(data)?)
-        };
-        let watched: HashMap<MapData, InodeKey, Placement> =
-            HashMap::try_from(open(names::WATCHED)?)?;
-        let Ok(placement) = watched.get(&key, 0) else {
-            continue;
-        };
-        if placement.dm_dev == 0 {
-            continue;
+        match counters_in(&dir, key) {
+            Ok(Some(counters)) => return Ok(Some((pid, counters))),
+            Ok(None) => {}
+            // A daemon starting (pinning its maps) or ending (unpinning them).
+            Err(e) => log::debug!("daemon {pid}: {e:#}"),
         }
-        let counters: PerCpuArray<MapData, FileCounters> =
-            PerCpuArray::try_from(open(names::COUNTERS)?)?;
-        let values = counters.get(&placement.slot, 0)?;
-        return Ok(Some((pid, FileCounters::sum(values.iter()))));
     }
     Ok(None)
+}
+
+/// The counters of inode `key` in one daemon's pin directory, if that daemon counts it.
+fn counters_in(dir: &Path, key: InodeKey) -> anyhow::Result<Option<FileCounters>> {
+    let open = |name: &str| -> anyhow::Result<Map> {
+        let path = dir.join(name);
+        let data =
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(Map::from_map_data(data)?)
+    };
+    let watched: HashMap<MapData, InodeKey, Placement> = HashMap::try_from(open(names::WATCHED)?)?;
+    let Ok(placement) = watched.get(&key, 0) else {
+        return Ok(None);
+    };
+    if placement.dm_dev == 0 {
+        return Ok(None);
+    }
+    let counters: PerCpuArray<MapData, FileCounters> =
+        PerCpuArray::try_from(open(names::COUNTERS)?)?;
+    let values = counters.get(&placement.slot, 0)?;
+    Ok(Some(FileCounters::sum(values.iter())))
 }
 
 /// Where each daemon names the files its kernel counters are for (`<dev> <ino> <generation>

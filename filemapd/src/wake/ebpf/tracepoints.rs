@@ -257,6 +257,12 @@ impl Tracepoint {
         TRACEPOINTS.get(index as usize).filter(|t| t.index == index)
     }
 
+    /// Whether an event's physical start is a delayed allocation's placeholder: no place on
+    /// the device at all.
+    pub fn is_placeholder(&self, physical_start: u64) -> bool {
+        self.physical_skip != 0 && physical_start & self.physical_skip == self.physical_skip
+    }
+
     /// The logical byte range an event names, given the inode's block size; `None` when it
     /// names the whole file.
     pub fn byte_range(&self, start: u64, length: u64, block_size: u64) -> Option<(u64, u64)> {
