@@ -19,6 +19,11 @@ fn main() -> anyhow::Result<()> {
         root_dir: ebpf_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?,
         ..Default::default()
     };
+    // aya-build relays the inner cargo's stderr as `cargo:warning`s, which cargo prints on
+    // every build of this crate, cached or not: "Compiling"/"Finished" status lines. A quiet
+    // inner cargo keeps those back, while its errors and the compiler's messages still come.
+    // SAFETY: the build script is single-threaded here; the variable is read by the child.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&toolchain)).context(
         "building the eBPF programs failed (missing nightly, rust-src or bpf-linker? \
          run `cargo xtask setup`)",

@@ -22,8 +22,9 @@ use filemapd::{
 #[derive(Parser)]
 #[command(
     version,
-    about = "Keeps a dm-stats region group in step with a file's extents (drop-in dmfilemapd)",
-    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch [--config <FILE>] [PATH...] [--ebpf] [--regions tiled|exact|none] [--interval <S>] [--metrics <ADDR>] [--handoff] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]\n       filemapd report [FILE...]",
+    about = "Keep a file's dm-stats region group in step with its extents",
+    long_about = "Keep a file's dm-stats region group in step with its extents.\n\nA drop-in for lvm2's dmfilemapd: installed as dmfilemapd, it takes lvm2's arguments and dmstats starts it for `dmstats create --filemap`. Like lvm2's daemon it exits when its group is deleted, or when its file has no extents left (see filemapd-watch(8) for a service that outlives any one file).",
+    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch [--config <FILE>] [PATH...] [--ebpf] [--regions tiled|exact|none] [--interval <S>] [--metrics <ADDR>] [--handoff] [--check-config] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]\n       filemapd report [FILE...]",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -48,12 +49,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Monitor many files in one process: PATHs, and the `[[path]]` tables of a CONFIG named
-    /// *.toml, name files or directories, whose files get groups as dmstats makes them;
-    /// `[[group]]` tables (or, in a CONFIG of another name, lines `<group_id> <inode|path>
-    /// <path>`) name groups made beforehand.
+    /// Monitor many files and directories in one process
     ///
-    /// Runs in the foreground until every group is gone. SIGHUP reads CONFIG again (files it no
+    /// PATHs, and the `[[path]]` tables of a CONFIG named *.toml, name files or directories,
+    /// whose files get groups as dmstats makes them; `[[group]]` tables (or, in a CONFIG of
+    /// another name, lines `<group_id> <inode|path> <path>`) name groups made beforehand.
+    ///
+    /// Runs in the foreground until every file named is gone, or, with a directory to watch,
+    /// until SIGTERM. SIGHUP reads CONFIG again (files it no
     /// longer names are let go, their groups kept; new ones are watched); SIGTERM stops every
     /// monitor between passes and exits 0. A file that cannot be watched is said and skipped.
     /// CONFIG must not be writable by other users. As a systemd service (Type=notify) it
@@ -69,6 +72,14 @@ enum Command {
         /// goes with it, once no process holds the file).
         #[arg(long)]
         keep_groups: bool,
+        /// How PATHs' files are followed: by inode (default), or by path (a file renamed
+        /// over one is followed in its place), as a `[[path]]`'s `follow`.
+        #[arg(long, value_enum, value_name = "HOW")]
+        follow: Option<args::FollowMode>,
+        /// For the groups made for PATHs' files (--alias: one file PATH only), as a
+        /// `[[path]]`'s; --bounds also sets the kernel histogram's bounds.
+        #[command(flatten)]
+        made: GroupOptions,
         /// Wake on the kernel's block-allocation events (eBPF); falls back to polling.
         #[arg(long)]
         ebpf: bool,
@@ -97,16 +108,23 @@ enum Command {
         /// set of eBPF programs serve the host.
         #[arg(long)]
         handoff: bool,
+        /// Print what the config and PATHs would have watched, and how, then exit: 0 when
+        /// every file can be watched, 1 otherwise (a config error names its line). Nothing
+        /// is made or changed.
+        #[arg(long)]
+        check_config: bool,
         /// Log more: -v info, -vv debug, -vvv trace.
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
     },
+    /// Print a file's allocation events and passes as JSON lines
+    ///
     /// For kernel labs: watch FILEs with the eBPF trigger and print, as JSON lines on stdout,
     /// each allocation or removal event of theirs (tracepoint, inode, logical and physical
     /// range, kernel time), each pass the daemon made (the bytes it read with FIEMAP, regions
-    /// created and deleted, event-to-region time), and at the end (SIGTERM or Ctrl-C) the IO
-    /// the kernel counted before regions existed. Files get the group they have, or one made
-    /// as dmstats makes it; groups are kept.
+    /// created and deleted, event-to-region time), and at the end (SIGTERM or Ctrl-C) each
+    /// file's IO as the kernel counted it. Files get the group they have, or one made as
+    /// dmstats makes it; groups are kept.
     Trace {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -118,23 +136,15 @@ enum Command {
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
     },
-    /// Map a file into a new group as `dmstats create --filemap --nomonitor` does (a file that
-    /// has a group keeps it); for hosts whose dmstats lacks --filemap, and for scripts.
+    /// Map a file into a new region group, without a daemon
+    ///
+    /// As `dmstats create --filemap --nomonitor` does (a file that has a group keeps it); for
+    /// hosts whose dmstats lacks --filemap, and for scripts.
     Map {
         /// The file (on a device-mapper device).
         path: PathBuf,
-        /// The group's alias (default: the file's name).
-        #[arg(long)]
-        alias: Option<String>,
-        /// The regions' program id.
-        #[arg(long, default_value = "dmstats")]
-        program_id: String,
-        /// Nanosecond timestamps (dm-stats' precise_timestamps).
-        #[arg(long)]
-        precise: bool,
-        /// Latency histogram bounds, e.g. 1ms,5ms,20ms (ns, us, ms, s; no unit: ms).
-        #[arg(long)]
-        bounds: Option<String>,
+        #[command(flatten)]
+        made: GroupOptions,
     },
     /// Delete the group that maps a file.
     Unmap {
@@ -144,16 +154,19 @@ enum Command {
     /// Write the manual pages (filemapd.8, filemapd-watch.8, ...) into DIR, for installers.
     #[command(hide = true)]
     ManPages { dir: PathBuf },
-    /// Print each FILE's IO as the kernel counted it (all of it, whatever its regions), under
-    /// dmstats report's column names; without FILEs, every file a running daemon counts.
-    /// Clears nothing.
+    /// Print files' IO as the kernel counted it
+    ///
+    /// Each FILE's IO, all of it whatever its regions, under dmstats report's column names;
+    /// without FILEs, every file a running daemon counts. Clears nothing.
     Report {
         /// The files (default: every file a daemon counts in the kernel).
         paths: Vec<PathBuf>,
     },
-    /// Print a file's extents (FIEMAP, in sectors of its dm device) beside its group's regions,
-    /// the group's dm-stats totals, and the IO a running daemon counted in the kernel before
-    /// regions existed.
+    /// Print a file's extents beside its group's regions
+    ///
+    /// The file's extents (FIEMAP, in sectors of its dm device) beside its group's regions,
+    /// the group's dm-stats totals, and the file's IO as a running daemon counted it in the
+    /// kernel.
     Show {
         /// The file.
         path: PathBuf,
@@ -170,6 +183,65 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
         return Err(format!("interval {seconds} s is outside 0.01..3600"));
     }
     Ok(Duration::from_secs_f64(seconds))
+}
+
+/// How a group filemapd makes is made (`dmstats create`'s options).
+#[derive(clap::Args)]
+struct GroupOptions {
+    /// The group's alias (default: the file's name).
+    #[arg(long)]
+    alias: Option<String>,
+    /// The regions' program id.
+    #[arg(long, default_value = "dmstats")]
+    program_id: String,
+    /// Nanosecond timestamps (dm-stats' precise_timestamps).
+    #[arg(long)]
+    precise: bool,
+    /// Latency histogram bounds, e.g. 1ms,5ms,20ms (ns, us, ms, s; no unit: ms).
+    #[arg(long)]
+    bounds: Option<String>,
+}
+
+impl GroupOptions {
+    /// The regions' settings, the bounds checked.
+    fn settings(&self) -> anyhow::Result<stats::RegionSettings> {
+        let histogram = match &self.bounds {
+            Some(bounds) => oneshot::parse_bounds(bounds, self.precise).context("--bounds")?,
+            None => Vec::new(),
+        };
+        Ok(stats::RegionSettings {
+            precise_timestamps: self.precise,
+            histogram,
+        })
+    }
+}
+
+/// The command line's PATHs, each with its options, checked as a `[[path]]`'s are.
+fn path_specs(
+    paths: &[PathBuf],
+    keep_group: bool,
+    follow: args::FollowMode,
+    made: GroupOptions,
+) -> anyhow::Result<Vec<filemapd::daemon::watch::PathSpec>> {
+    use filemapd::daemon::watch::{PathSpec, one_word};
+    if made.alias.is_some() && (paths.len() != 1 || paths[0].is_dir()) {
+        anyhow::bail!("--alias names the group of one file: give exactly one PATH, a file");
+    }
+    one_word("--alias", made.alias.as_deref())?;
+    one_word("--program-id", Some(&made.program_id))?;
+    let settings = made.settings()?;
+    Ok(paths
+        .iter()
+        .map(|path| PathSpec {
+            path: path.clone(),
+            follow,
+            keep_group,
+            alias: made.alias.clone(),
+            program_id: made.program_id.clone(),
+            settings: settings.clone(),
+            regions: None,
+        })
+        .collect())
 }
 
 /// The name the program was started as (`dmfilemapd` when dmstats starts it).
@@ -207,6 +279,8 @@ fn main() -> ExitCode {
             config,
             paths,
             keep_groups,
+            follow,
+            made,
             ebpf,
             regions,
             exact,
@@ -214,6 +288,7 @@ fn main() -> ExitCode {
             metrics,
             metrics_remote,
             handoff,
+            check_config,
             verbose,
         }) => {
             logging::init(verbose);
@@ -226,6 +301,22 @@ fn main() -> ExitCode {
                 (false, None) if mapping(false) == Mapping::Exact => Regions::Exact,
                 (false, None) => Regions::Tiled,
             };
+            let follow = follow.unwrap_or(args::FollowMode::Inode);
+            let paths = match path_specs(&paths, keep_groups, follow, made) {
+                Ok(paths) => paths,
+                Err(e) => return fail(&format!("{e:#}")),
+            };
+            if check_config {
+                return match filemapd::daemon::watch::check_config(
+                    config.as_deref(),
+                    &paths,
+                    regions,
+                ) {
+                    Ok(true) => ExitCode::SUCCESS,
+                    Ok(false) => ExitCode::FAILURE,
+                    Err(e) => fail(&format!("{e:#}")),
+                };
+            }
             let metrics = match metrics
                 .map(|a| filemapd::daemon::metrics::check_address(a, metrics_remote))
                 .transpose()
@@ -236,7 +327,6 @@ fn main() -> ExitCode {
             watch(filemapd::daemon::watch::Options {
                 config,
                 paths,
-                keep_groups,
                 interval,
                 ebpf: ebpf || ebpf_from_env(),
                 regions,
@@ -255,8 +345,10 @@ fn main() -> ExitCode {
             filemapd::daemon::trace::enable();
             watch(filemapd::daemon::watch::Options {
                 config: None,
-                paths,
-                keep_groups: true,
+                paths: paths
+                    .iter()
+                    .map(|p| filemapd::daemon::watch::PathSpec::plain(p, true))
+                    .collect(),
                 interval: Duration::from_millis(500),
                 ebpf: true,
                 regions: Regions::Tiled,
@@ -265,25 +357,11 @@ fn main() -> ExitCode {
                 ebpf_log,
             })
         }
-        Some(Command::Map {
-            path,
-            alias,
-            program_id,
-            precise,
-            bounds,
-        }) => {
+        Some(Command::Map { path, made }) => {
             logging::init(0);
-            let result = bounds
-                .as_deref()
-                .map(|b| oneshot::parse_bounds(b, precise))
-                .transpose()
-                .and_then(|histogram| {
-                    let settings = stats::RegionSettings {
-                        precise_timestamps: precise,
-                        histogram: histogram.unwrap_or_default(),
-                    };
-                    oneshot::map(&path, alias.as_deref(), &program_id, settings)
-                });
+            let result = made.settings().and_then(|settings| {
+                oneshot::map(&path, made.alias.as_deref(), &made.program_id, settings)
+            });
             match result {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("{e:#}")),

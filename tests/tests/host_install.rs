@@ -54,6 +54,7 @@ fn every_manual_page_renders() {
         "filemapd-unmap.8",
         "filemapd-show.8",
         "filemapd-trace.8",
+        "filemapd-report.8",
     ] {
         assert!(
             pages.iter().any(|p| p.ends_with(name)),
@@ -73,6 +74,20 @@ fn every_manual_page_renders() {
             "{}: {}",
             page.display(),
             String::from_utf8_lossy(&out.stderr)
+        );
+        // A NAME is one short line, as in dmstats(8); the detail is DESCRIPTION's.
+        let name: Vec<&str> = text
+            .lines()
+            .skip_while(|l| l.trim() != "NAME")
+            .skip(1)
+            .take_while(|l| l.trim() != "SYNOPSIS")
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert!(
+            name.len() == 1,
+            "{}: NAME runs {} line(s): {name:?}",
+            page.display(),
+            name.len()
         );
     }
 }

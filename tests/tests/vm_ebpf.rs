@@ -465,3 +465,186 @@ fn watch_by_path_adopts_or_makes_each_files_group() {
         log.join("\n")
     );
 }
+
+/// A VM host's images are made anew in place: truncated to empty and written again, or
+/// replaced by a file renamed over them. In a watched directory each ends with exactly one
+/// group of its name, which tiles its new blocks, and no region is left on the blocks it
+/// gave back (they would count other files' IO); the watch, though it followed that one
+/// file, keeps running.
+fn a_re_created_image_keeps_one_group(fs_kind: FsKind) {
+    require_device_mapper();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let images = dmfs.mount.dir.join("images");
+    fs::create_dir(&images).unwrap();
+    let image = images.join("vm.img");
+    write_and_sync(&image, 0, 4 << 20).unwrap();
+    let dir = images.to_string_lossy().into_owned();
+    let mut watch = LoggedDaemon::start(&["watch", "--ebpf", "-v", &dir], &image, &[]);
+    watch.wait_for_line("watching 1 file(s)");
+    wait_converged(&dmfs, &image, "vm.img", "the watch's start");
+
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    watch.wait_for_line("vm.img: no extents left");
+    assert_eq!(strays(&dmfs, "vm.img"), Vec::<String>::new());
+    assert!(group_by_alias(&device_of(&image), "vm.img").is_none());
+    write_and_sync(&image, 0, 2 << 20).unwrap();
+    wait_converged(
+        &dmfs,
+        &image,
+        "vm.img",
+        "truncating to empty and writing anew",
+    );
+    assert_eq!(strays(&dmfs, "vm.img"), Vec::<String>::new());
+
+    // Made beside the directory (a file made in it would be watched as itself), then renamed
+    // over the image.
+    let staging = dmfs.mount.dir.join("staging.img");
+    write_and_sync(&staging, 0, 3 << 20).unwrap();
+    fs::rename(&staging, &image).unwrap();
+    wait_converged(&dmfs, &image, "vm.img", "a new file renamed over it");
+    assert_eq!(strays(&dmfs, "vm.img"), Vec::<String>::new());
+    assert!(
+        watch.child.try_wait().unwrap().is_none(),
+        "the watch exited:\n{}",
+        watch.stop().join("\n")
+    );
+    watch.stop();
+}
+
+/// The regions on the device outside the one group called `alias` (the region that keeps
+/// dm-stats' accounting on aside), and a second group of that name, if any, as dmstats'
+/// lines would name them.
+fn strays(dmfs: &DmFs, alias: &str) -> Vec<String> {
+    let device = device_of(&dmfs.mount.dir);
+    let members = group_by_alias(&device, alias).map(|(_, regions)| regions);
+    let leaders = device
+        .list(None)
+        .unwrap()
+        .into_iter()
+        .filter(|r| {
+            r.group()
+                .ok()
+                .flatten()
+                .is_some_and(|g| g.alias == alias && g.leader() == Some(r.id))
+        })
+        .count();
+    let mut strays: Vec<String> = device
+        .list(None)
+        .unwrap()
+        .into_iter()
+        .filter(|r| !r.aux_data.starts_with(filemapd::stats::hook::AUX_DATA))
+        .filter(|r| !members.iter().flatten().any(|m| m.id == r.id))
+        .map(|r| format!("region {} at {} ({})", r.id, r.range, r.aux_data))
+        .collect();
+    if leaders > 1 {
+        strays.push(format!("{leaders} groups called {alias}"));
+    }
+    strays
+}
+
+#[test]
+fn ext4_a_re_created_image_keeps_one_group() {
+    a_re_created_image_keeps_one_group(FsKind::Ext4);
+}
+
+#[test]
+fn xfs_a_re_created_image_keeps_one_group() {
+    a_re_created_image_keeps_one_group(FsKind::Xfs);
+}
+
+/// `watch --check-config` says, per file, what a watch would do with it (adopt which group,
+/// make one and how, or count it in the kernel alone) and changes nothing on the device; a
+/// config with a mistake fails in one line that names the line at fault.
+#[test]
+fn check_config_says_what_would_be_watched_and_changes_nothing() {
+    require_device_mapper();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let images = dmfs.mount.dir.join("images");
+    fs::create_dir(&images).unwrap();
+    let (fresh, mapped) = (images.join("fresh.img"), images.join("mapped.img"));
+    write_and_sync(&fresh, 0, 1 << 20).unwrap();
+    write_and_sync(&mapped, 0, 1 << 20).unwrap();
+    let group = map_without_daemon(&mapped).unwrap();
+    let quiet = dmfs.mount.dir.join("quiet.img");
+    write_and_sync(&quiet, 0, 1 << 20).unwrap();
+    let config = dmfs.mount.dir.join("watch.toml");
+    fs::write(
+        &config,
+        format!(
+            "[[path]]\npath = \"{}\"\n\n[[path]]\npath = \"{}\"\nregions = \"none\"\n",
+            images.display(),
+            quiet.display()
+        ),
+    )
+    .unwrap();
+    let before = filemapd_tests::daemon::region_table(&mapped);
+    let check = |config: &std::path::Path| {
+        let out = std::process::Command::new(filemapd_tests::daemon::filemapd_binary())
+            .args(["watch", "--check-config", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, said, _) = check(&config);
+    assert_eq!(code, Some(0), "{said}");
+    for (file, how) in [
+        (
+            &fresh,
+            "no group yet: one made as dmstats makes it (alias fresh.img".to_string(),
+        ),
+        (&mapped, format!("adopts group {group}, regions tiled")),
+        (
+            &quiet,
+            "regions none: the kernel's counters alone".to_string(),
+        ),
+    ] {
+        let line = format!("{}: {how}", file.display());
+        assert!(said.contains(&line), "no {line:?} in:\n{said}");
+    }
+    assert_eq!(
+        filemapd_tests::daemon::region_table(&mapped),
+        before,
+        "it changed regions"
+    );
+
+    // A PATH takes a `[[path]]`'s options on the command line.
+    let out = std::process::Command::new(filemapd_tests::daemon::filemapd_binary())
+        .args([
+            "watch",
+            "--check-config",
+            "--follow",
+            "path",
+            "--alias",
+            "renamed",
+        ])
+        .args(["--program-id", "mine"])
+        .arg(&fresh)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    let line = format!(
+        "{}: no group yet: one made as dmstats makes it (alias renamed, program id mine), regions tiled, followed by path",
+        fresh.display()
+    );
+    assert!(
+        out.status.success() && said.contains(&line),
+        "no {line:?} in:\n{said}"
+    );
+
+    let broken = dmfs.mount.dir.join("broken.toml");
+    fs::write(&broken, "[[path]]\npath = \"/x\"\nregion = \"none\"\n").unwrap();
+    let (code, said, errors) = check(&broken);
+    assert_eq!(code, Some(1), "{said}{errors}");
+    assert_eq!(errors.trim().lines().count(), 1, "{errors}");
+    assert!(errors.contains("line 3"), "{errors}");
+}

@@ -167,7 +167,8 @@ fn served(address: &str, alias: &str) -> anyhow::Result<bool> {
 /// config's bounds), a new image is mapped once written, Prometheus holds a file's write
 /// sectors as `dmstats report` gives them, a dmstats-launched daemon hands its file over,
 /// SIGHUP swaps one watched directory for another (and keeps the handed-over file),
-/// SIGTERM ends it with exit 0 and every group tiling its file.
+/// SIGTERM ends it with exit 0 and every group tiling its file; started again, it follows
+/// the handed-over file again.
 #[test]
 fn the_service_as_its_unit_runs_it() {
     require_device_mapper();
@@ -360,5 +361,36 @@ fn the_service_as_its_unit_runs_it() {
         regions.iter().all(|r| !r.aux_data.contains("DMS_FILEMAPD_")
             || r.aux_data == filemapd::stats::hook::AUX_DATA),
         "a marker was left: {regions:?}"
+    );
+    // The stop named the handed-over file that nobody follows until the next start.
+    let stop =
+        "launched.img (group launched.img): followed by nobody until the service starts again";
+    assert!(service.log().contains(stop), "{}", service.log());
+
+    // Started again, as a restart or an upgrade does: the handed-over file is followed again
+    // beside the configured one, by the one service (no daemon of dmstats' own).
+    let service = Service::start(&unit);
+    wait_until(
+        "the restarted service to follow the handed-over file",
+        CONVERGE,
+        || served(&metrics, "launched.img"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", service.log()));
+    append(&launched, 1);
+    append(&moved_in, 1);
+    wait_converged(&dmfs, &launched, "launched.img", "growth after a restart");
+    wait_converged(&dmfs, &moved_in, "b.img", "growth after a restart");
+    assert!(pids_of("dmfilemapd", &launched_arg).is_empty());
+    let mut service = service;
+    service.signal("TERM");
+    assert!(
+        wait_for_exit(service.child.id() as i32, EXIT).unwrap(),
+        "the restarted service outlived SIGTERM"
+    );
+    assert_eq!(
+        service.child.wait().unwrap().code(),
+        Some(0),
+        "{}",
+        service.log()
     );
 }

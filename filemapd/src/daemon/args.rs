@@ -7,7 +7,7 @@ use std::{fmt, path::PathBuf};
 pub const USAGE: &str = "dmfilemapd <fd> <group_id> <abs_path> <mode> [<foreground>[<log_level>]]";
 
 /// How the daemon follows the file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum FollowMode {
     /// Follow the open inode; exit when it is unlinked and nobody holds it.
     Inode,

@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
-use crate::daemon::{args::FollowMode, watch::WatchEntry};
+use crate::daemon::args::FollowMode;
 
 /// Where the service listens.
 pub const SOCKET: &str = "/run/filemapd/handoff.sock";
@@ -78,10 +78,19 @@ fn hand_over(
     }
 }
 
-/// A file handed over: what to watch, and the descriptor.
+/// A file handed over: its group, how it is followed, its path, and the descriptor.
 pub struct Handed {
-    pub entry: WatchEntry,
+    pub what: HandedGroup,
     pub file: File,
+}
+
+/// What a hand-over names (the watch makes its own entry of it: this module stays free of
+/// the watch's types, which use it).
+#[derive(Debug, PartialEq, Eq)]
+pub struct HandedGroup {
+    pub group_id: u64,
+    pub mode: FollowMode,
+    pub path: PathBuf,
 }
 
 /// Service side: reads one hand-over from a connected daemon (the caller has checked its
@@ -111,17 +120,17 @@ pub fn receive(socket: RawFd) -> anyhow::Result<Handed> {
         .map(|fd| unsafe { File::from_raw_fd(fd) })
         .collect();
     let text = std::str::from_utf8(&buffer[..length]).context("a hand-over that is not text")?;
-    let entry = parse(text)?;
+    let what = parse(text)?;
     if files.len() != 1 {
         bail!("a hand-over must carry one descriptor, not {}", files.len());
     }
     Ok(Handed {
-        entry,
+        what,
         file: files.remove(0),
     })
 }
 
-fn parse(text: &str) -> anyhow::Result<WatchEntry> {
+fn parse(text: &str) -> anyhow::Result<HandedGroup> {
     let mut lines = text.splitn(4, '\n');
     if lines.next() != Some(HEADER) {
         bail!("not a filemapd hand-over");
@@ -139,7 +148,11 @@ fn parse(text: &str) -> anyhow::Result<WatchEntry> {
     if !path.is_absolute() {
         bail!("a hand-over whose path is not absolute");
     }
-    Ok(WatchEntry::of_group(group_id, mode, path))
+    Ok(HandedGroup {
+        group_id,
+        mode,
+        path,
+    })
 }
 
 #[cfg(test)]
@@ -156,8 +169,12 @@ mod tests {
         });
         let handed = receive(service.as_raw_fd()).unwrap();
         assert_eq!(
-            handed.entry,
-            WatchEntry::of_group(7, FollowMode::Path, path.to_path_buf())
+            handed.what,
+            HandedGroup {
+                group_id: 7,
+                mode: FollowMode::Path,
+                path: path.to_path_buf()
+            }
         );
         assert!(handed.file.metadata().is_ok());
         std::io::Write::write_all(&mut &service, b"taken\n").unwrap();

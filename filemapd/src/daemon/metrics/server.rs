@@ -38,7 +38,10 @@ pub async fn serve(
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(e) => {
+                    // Out of descriptors (EMFILE) the listener stays readable: retrying at
+                    // once would spin. Pause, and let a file's end or a reply free one.
                     warn!("metrics: accepting a connection: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
             };

@@ -27,7 +27,7 @@ use crate::{
     reconcile::Mapping,
     sectors::SectorRange,
     stats::group::Group,
-    stats::{Devices, RegionSettings, StatsDevice},
+    stats::{Devices, RegionSettings, StatsDevice, new_group::GroupSpec},
     wake::ebpf::{CountedFile, Counting, EventFeed, Hub},
     wake::notify::{Notices, Notifier},
     wake::pacing::Pacer,
@@ -41,6 +41,9 @@ pub enum Exit {
     UnlinkedAndClosed,
     /// SIGTERM, between passes.
     Terminated,
+    /// Not an end: a file that had lost its group got a new one (see
+    /// [`Monitor::regroup_when_refilled`]).
+    Refilled,
 }
 
 impl Exit {
@@ -50,6 +53,7 @@ impl Exit {
             Exit::NoExtents => "File contains no extents: exiting.",
             Exit::UnlinkedAndClosed => "File unlinked and closed: exiting.",
             Exit::Terminated => "Terminated: exiting.",
+            Exit::Refilled => "File has blocks again: following its new group.",
         }
     }
 }
@@ -132,6 +136,12 @@ pub struct Monitor {
     /// The group's settings when the monitor started: its histogram bounds are the kernel
     /// histogram's.
     settings: RegionSettings,
+    /// In a watch: a file left with no extents (truncated to empty, about to be written
+    /// anew) loses its group, whose regions lie on blocks it gave back, and gets a new one
+    /// like it once it has blocks again, instead of ending the monitor (lvm2's way).
+    regroup_when_refilled: bool,
+    /// The lost group's alias, program id and settings, until the file has blocks again.
+    emptied: Option<GroupSpec>,
     /// The in-kernel counting: every sector the file held at the last pass (what the sector
     /// map was set to), the device ranges events named since (allocations the kernel
     /// recorded, which FIEMAP may no longer show), and whether events were lost (the kernel
@@ -253,6 +263,8 @@ impl Monitor {
             placement: None,
             oldest_event_ns: None,
             settings,
+            regroup_when_refilled: false,
+            emptied: None,
             kernel_map: KernelMap::default(),
         })
     }
@@ -277,6 +289,19 @@ impl Monitor {
         };
         let regions = self.device.list(None)?;
         crate::stats::new_group::delete(&self.device, &regions, id)
+    }
+
+    /// A file left with no extents keeps its monitor: its group goes, and a new one like it
+    /// is made once the file has blocks again (see `regroup_when_refilled`).
+    pub fn regroup_when_refilled(&mut self) {
+        self.regroup_when_refilled = true;
+    }
+
+    /// The group's alias as found at start-up (`None` without a group).
+    pub fn alias(&self) -> Option<String> {
+        self.known_group
+            .as_ref()
+            .map(|g| g.descriptor.alias.clone())
     }
 
     /// Whether the file has a group of regions.
@@ -510,9 +535,60 @@ impl Monitor {
     }
 
     pub async fn run(&mut self) -> anyhow::Result<Exit> {
-        if self.group_id.is_none() {
-            return self.run_without_group().await;
+        loop {
+            let exit = match self.group_id {
+                None => self.run_without_group().await?,
+                Some(_) => self.run_with_group().await?,
+            };
+            match exit {
+                Exit::NoExtents if self.regroup_when_refilled => self.let_emptied_group_go()?,
+                // A group was made for the file's new blocks: follow it.
+                Exit::Refilled => {}
+                exit => return Ok(exit),
+            }
         }
+    }
+
+    /// The file has no extents: its group's regions lie on blocks it gave back, where they
+    /// would count other files' IO. The group goes; what the kernel counts for the file goes
+    /// on, and a group like it comes back with the file's next blocks.
+    fn let_emptied_group_go(&mut self) -> anyhow::Result<()> {
+        let deleted = self.delete_group()?;
+        info!(
+            "{}: no extents left: its group ({deleted} region(s)) goes until it has blocks again",
+            self.path.display()
+        );
+        self.group_id = None;
+        self.known_group = None;
+        if self.kernel_counters().is_some() {
+            self.ensure_hook();
+        }
+        Ok(())
+    }
+
+    /// The file of a group let go at emptiness has blocks again: a group like the old one
+    /// for them, made as dmstats makes one. Returns whether it was made.
+    fn regroup(&mut self) -> anyhow::Result<bool> {
+        let Some(spec) = &self.emptied else {
+            return Ok(false);
+        };
+        let extents = crate::file::view::data_ranges(&self.file, true)?;
+        if extents.is_empty() {
+            return Ok(false);
+        }
+        let id = crate::stats::new_group::create(&self.device, &extents, spec, self.file_id)?;
+        info!(
+            "{}: has blocks again: group {id} made with {} region(s)",
+            self.path.display(),
+            extents.len()
+        );
+        self.emptied = None;
+        self.group_id = Some(id);
+        self.known_group = None;
+        Ok(true)
+    }
+
+    async fn run_with_group(&mut self) -> anyhow::Result<Exit> {
         let mut force = true;
         loop {
             let remembered = self.known_group.is_some();
@@ -593,6 +669,9 @@ impl Monitor {
             if force || self.view.changed(&self.file)? {
                 let started = Instant::now();
                 self.count_only_pass()?;
+                if self.regroup()? {
+                    return Ok(Exit::Refilled);
+                }
                 if let Some(report) = &self.report {
                     report.observe_update(started.elapsed());
                     report.publish(

@@ -11,7 +11,7 @@ use crate::{
     file::view::Reading,
     reconcile::{self, Plan},
     sectors::{SectorRange, difference},
-    stats::Group,
+    stats::{Group, new_group::GroupSpec},
     wake::ebpf::counting::{self, monotonic_ns},
 };
 
@@ -33,6 +33,11 @@ impl Monitor {
         let reading = self.view.read(&self.file, &self.path, remembered)?;
         self.settle();
         if self.view.map().is_empty() {
+            self.emptied = Some(GroupSpec {
+                alias: group.descriptor.alias.clone(),
+                program_id: group.program_id.clone(),
+                settings: group.settings.clone(),
+            });
             return Ok(None);
         }
         self.sync_kernel_map(read_at);

@@ -71,6 +71,9 @@ pub struct WatchEntry {
     pub path: PathBuf,
     /// The group goes when the file does (a file a PATH named, unless kept).
     pub delete_with_file: bool,
+    /// A file a PATH named: emptied, it loses its group, and gets one like it back with its
+    /// next blocks (a group made beforehand keeps lvm2's way: its monitor ends).
+    pub regroup_when_refilled: bool,
 }
 
 impl WatchEntry {
@@ -83,6 +86,7 @@ impl WatchEntry {
             mode,
             path,
             delete_with_file: false,
+            regroup_when_refilled: false,
         }
     }
 }
@@ -169,7 +173,8 @@ pub fn parse_toml(text: &str) -> anyhow::Result<Config> {
         let message = e.message().trim().to_string();
         match e
             .span()
-            .map(|span| text[..span.start].lines().count().max(1))
+            // The line the span starts on: one more than the line ends before it.
+            .map(|span| text[..span.start].matches('\n').count() + 1)
         {
             Some(line) => anyhow::anyhow!("line {line}: {message}"),
             None => anyhow::anyhow!("{message}"),
@@ -197,13 +202,7 @@ pub fn parse_toml(text: &str) -> anyhow::Result<Config> {
             ("alias", entry.alias.as_deref()),
             ("program_id", Some(&program_id)),
         ] {
-            // dm messages split on white space: dmstats cannot hold it either.
-            if value.is_some_and(|v| v.is_empty() || v.contains(char::is_whitespace)) {
-                bail!(
-                    "{}: {what} {value:?} must be one word",
-                    entry.path.display()
-                );
-            }
+            one_word(what, value).with_context(|| entry.path.display().to_string())?;
         }
         let histogram = match &entry.bounds {
             Some(bounds) => parse_bounds(bounds, entry.precise)
@@ -224,6 +223,15 @@ pub fn parse_toml(text: &str) -> anyhow::Result<Config> {
         });
     }
     Ok(config)
+}
+
+/// dm messages split on white space: an alias or program id must be one word (dmstats
+/// cannot hold another either).
+pub fn one_word(what: &str, value: Option<&str>) -> anyhow::Result<()> {
+    if let Some(value) = value.filter(|v| v.is_empty() || v.contains(char::is_whitespace)) {
+        bail!("{what} {value:?} must be one word");
+    }
+    Ok(())
 }
 
 /// Whether a file with this mode and owner can be written only by root or by `me`.

@@ -1,12 +1,14 @@
 //! `filemapd watch [--config FILE] [PATH...]`: one process and one set of eBPF programs for
 //! many (file, group) pairs, as a VM host with many images wants: what to watch comes from
 //! [`config`] and [`paths`]; here, a task per file, reloads, new files in directories, ends.
+mod check;
 mod config;
+mod handed_record;
 mod handoffs;
 mod paths;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -31,7 +33,8 @@ use crate::{
     wake::notify::{Notices, Notifier},
 };
 
-pub use config::{Config, PathSpec, WatchEntry, parse_config, parse_toml, read_config};
+pub use config::{Config, PathSpec, WatchEntry, one_word, parse_config, parse_toml, read_config};
+use handed_record::Recorded;
 use handoffs::Offer;
 pub use paths::{Resolved, resolve};
 use paths::{entry_for, files_under};
@@ -43,9 +46,8 @@ const FILTER_ROOM: u32 = 4096;
 /// What `filemapd watch` was asked to do.
 pub struct Options {
     pub config: Option<PathBuf>,
-    pub paths: Vec<PathBuf>,
-    /// Keep the groups of PATH-named files that are deleted (`--keep-groups`).
-    pub keep_groups: bool,
+    /// The command line's PATHs, each with the command line's options for them.
+    pub paths: Vec<PathSpec>,
     pub interval: Duration,
     pub ebpf: bool,
     /// Where files' counters live besides the kernel, unless their `[[path]]` says.
@@ -58,6 +60,16 @@ pub struct Options {
     pub ebpf_log: bool,
 }
 
+/// `watch --check-config`: prints what the config and PATHs would have watched, and how,
+/// changing nothing; returns whether every file named can be watched.
+pub fn check_config(
+    config: Option<&Path>,
+    paths: &[PathSpec],
+    regions: Regions,
+) -> anyhow::Result<bool> {
+    check::check(config, paths, regions)
+}
+
 /// Monitors the config's files until each one's group is gone (or its file is). SIGHUP reads
 /// the config again: files no longer named stop being watched (between passes; their groups
 /// stay), new ones start; the others go on untouched. SIGTERM ends every monitor between
@@ -66,7 +78,6 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     let Options {
         config,
         paths,
-        keep_groups,
         interval,
         ebpf,
         regions,
@@ -75,10 +86,6 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         ebpf_log,
     } = options;
     let config = config.as_deref();
-    let paths: Vec<PathSpec> = paths
-        .iter()
-        .map(|p| PathSpec::plain(p, keep_groups))
-        .collect();
     let Resolved {
         entries,
         mut directories,
@@ -131,7 +138,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         board: metrics.map(|_| board),
         tasks: JoinSet::new(),
         watching: HashMap::new(),
-        handed: HashSet::new(),
+        handed: HashMap::new(),
         all_ok: true,
     };
     // Before any file and before the watch says it is up: a file made in a directory from now
@@ -159,6 +166,9 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         true => Some(handoffs::listen(std::path::Path::new(handoff::SOCKET))?),
         false => None,
     };
+    if handoff {
+        watch.take_up_handed_before().await;
+    }
     if let Some(server) = server {
         tokio::spawn(server);
     }
@@ -177,8 +187,13 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     loop {
         tokio::select! {
             Some(joined) = watch.tasks.join_next(), if !watch.tasks.is_empty() => {
-                watch.ended(joined);
-                if watch.tasks.is_empty() && named > 0 {
+                // A file of a directory replaced by rename: its new file is taken up now,
+                // not at its next write.
+                if watch.ended(joined) == Some(Exit::UnlinkedAndClosed) {
+                    named += watch.take_up_new_files(&directories).await;
+                }
+                // With directories the watch outlives any one file (until SIGTERM).
+                if watch.tasks.is_empty() && named > 0 && directories.is_empty() {
                     break;
                 }
             }
@@ -204,6 +219,15 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     }
     if let Some(counting) = watch.trigger.as_ref().and_then(|(hub, _)| hub.counting()) {
         counting.say_io_probe_skips();
+    }
+    // No daemon of its own follows a handed-over file now: each is named, and the next
+    // service takes them up from the record.
+    for recorded in watch.handed.values() {
+        warn!(
+            "{} (group {}): followed by nobody until the service starts again",
+            recorded.path.display(),
+            recorded.alias
+        );
     }
     Ok(watch.all_ok)
 }
@@ -237,8 +261,8 @@ struct Watch {
     board: Option<Arc<Board>>,
     tasks: JoinSet<(WatchEntry, anyhow::Result<Exit>)>,
     watching: HashMap<WatchEntry, AbortHandle>,
-    /// Files dmstats-launched daemons handed over.
-    handed: HashSet<WatchEntry>,
+    /// Files dmstats-launched daemons handed over, as recorded for a restarted service.
+    handed: HashMap<WatchEntry, Recorded>,
     all_ok: bool,
 }
 
@@ -260,7 +284,8 @@ impl Watch {
     /// watched already is not watched twice.
     async fn take(&mut self, offer: Offer) {
         let Offer { handed, reply } = offer;
-        let mut entry = handed.entry;
+        let what = handed.what;
+        let mut entry = WatchEntry::of_group(what.group_id, what.mode, what.path);
         // Watched already (a directory of the config holds it, or dmstats started a daemon
         // for it again): the same group on the same file, whatever the name's spelling.
         if let Ok(path) = std::fs::canonicalize(&entry.path) {
@@ -274,6 +299,7 @@ impl Watch {
             Ok(())
         } else {
             let group_id = entry.group_id.expect("a hand-over names a group");
+            let mut alias = String::new();
             let started = match Monitor::from_file(
                 handed.file,
                 &entry.path,
@@ -281,7 +307,10 @@ impl Watch {
                 entry.mode,
                 self.interval,
             ) {
-                Ok(monitor) => self.start_monitor(entry.clone(), monitor).await,
+                Ok(monitor) => {
+                    alias = monitor.alias().unwrap_or_default();
+                    self.start_monitor(entry.clone(), monitor).await
+                }
                 Err(e) => Err(e),
             };
             started
@@ -290,7 +319,14 @@ impl Watch {
                         "{}: handed over by a dmstats-launched daemon (group {group_id})",
                         entry.path.display(),
                     );
-                    self.handed.insert(entry.clone());
+                    let recorded = Recorded {
+                        group_id,
+                        mode: entry.mode,
+                        alias,
+                        path: entry.path.clone(),
+                    };
+                    self.handed.insert(entry.clone(), recorded);
+                    self.save_handed();
                 })
                 .map_err(|e| format!("{e:#}"))
         };
@@ -314,6 +350,9 @@ impl Watch {
         });
         if mapping == Mapping::Exact {
             monitor.use_exact_mapping();
+        }
+        if entry.regroup_when_refilled {
+            monitor.regroup_when_refilled();
         }
         if let Some((hub, notifier)) = &self.trigger {
             monitor.use_ebpf(hub, notifier.as_ref()).await?;
@@ -357,13 +396,67 @@ impl Watch {
         Ok(())
     }
 
-    fn ended(&mut self, joined: Result<(WatchEntry, anyhow::Result<Exit>), JoinError>) {
+    /// Takes up again the files handed over to the service before it was stopped. One whose
+    /// file or group is gone is said, by name, and dropped from the record.
+    async fn take_up_handed_before(&mut self) {
+        for recorded in handed_record::load() {
+            let taken = match handed_record::current_group(&recorded) {
+                Ok(group_id) => {
+                    let entry =
+                        WatchEntry::of_group(group_id, recorded.mode, recorded.path.clone());
+                    if self.watching.contains_key(&entry) {
+                        Ok(())
+                    } else {
+                        self.start(&entry).await.map(|()| {
+                            let recorded = Recorded {
+                                group_id,
+                                ..recorded.clone()
+                            };
+                            self.handed.insert(entry, recorded);
+                        })
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match taken {
+                Ok(()) => info!(
+                    "{}: handed over before the restart, followed again (group {})",
+                    recorded.path.display(),
+                    recorded.alias
+                ),
+                Err(e) => warn!(
+                    "{}: handed over before the restart, followed by nobody now: {e:#}",
+                    recorded.path.display()
+                ),
+            }
+        }
+        self.save_handed();
+    }
+
+    /// Records the handed-over files for a restarted service (said when it cannot).
+    fn save_handed(&self) {
+        if let Err(e) = handed_record::save(self.handed.values()) {
+            warn!("handed-over files will not be taken up after a restart: {e:#}");
+        }
+    }
+
+    /// Says how a monitor ended; returns its exit when it ended without an error.
+    fn ended(
+        &mut self,
+        joined: Result<(WatchEntry, anyhow::Result<Exit>), JoinError>,
+    ) -> Option<Exit> {
         match joined {
             Ok((entry, result)) => {
                 self.watching.remove(&entry);
-                self.handed.remove(&entry);
+                // Stopped by SIGTERM, a handed-over file stays recorded for the next service.
+                if !matches!(result, Ok(Exit::Terminated)) && self.handed.remove(&entry).is_some() {
+                    self.save_handed();
+                }
                 match result {
-                    Ok(exit) => info!("{}: {}", entry.path.display(), exit.message()),
+                    Ok(exit) => {
+                        info!("{}: {}", entry.path.display(), exit.message());
+                        return Some(exit);
+                    }
                     Err(e) => {
                         error!("{}: {e:#}", entry.path.display());
                         self.all_ok = false;
@@ -376,6 +469,7 @@ impl Watch {
                 self.all_ok = false;
             }
         }
+        None
     }
 
     /// The kernel counts the files made in `now`'s directories from birth (those of `before`
@@ -461,7 +555,7 @@ impl Watch {
         let gone: Vec<WatchEntry> = self
             .watching
             .keys()
-            .filter(|e| !entries.contains(e) && !self.handed.contains(e))
+            .filter(|e| !entries.contains(e) && !self.handed.contains_key(e))
             .cloned()
             .collect();
         for entry in &gone {
@@ -507,16 +601,32 @@ fn keep_accounting_on(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Each watched file holds a descriptor: let the process use as many as its hard limit allows.
+/// Each watched file holds a descriptor: let the process use as many as the kernel allows
+/// one process (fs.nr_open) where it may raise its hard limit (root), else as many as its
+/// hard limit allows. Shells and a plain `sudo` give a hard limit of 4,096, below a host's
+/// 10,000 images.
 fn raise_open_file_limit() {
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let all = libc::rlimit {
+            rlim_cur: nr_open,
+            rlim_max: nr_open,
+        };
+        if nr_open > limit.rlim_max && libc::setrlimit(libc::RLIMIT_NOFILE, &all) == 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }

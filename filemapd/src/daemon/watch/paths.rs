@@ -74,6 +74,7 @@ pub(super) fn entry_for(
             mode: spec.follow,
             path: file.to_path_buf(),
             delete_with_file: !spec.keep_group,
+            regroup_when_refilled: true,
         });
     }
     // An alias names one file: for a directory's files each takes its own name.
@@ -94,6 +95,7 @@ pub(super) fn entry_for(
         mode: spec.follow,
         path: file.to_path_buf(),
         delete_with_file: !spec.keep_group,
+        regroup_when_refilled: true,
     })
 }
 

@@ -1,0 +1,78 @@
+//! `filemapd watch --check-config`: what a config and PATHs would have the watch follow, and
+//! how, printed one file per line; nothing is made, changed or loaded. A config that cannot
+//! be read or parsed fails with the line at fault; so does a PATH that is not there.
+use std::path::Path;
+
+use super::{
+    config::{Config, PathSpec, read_config},
+    paths::files_under,
+};
+use crate::{daemon::regions::Regions, oneshot};
+
+/// Prints what would be watched; returns whether every file named can be (a file without
+/// extents yet can: the watch takes it up at its first blocks).
+pub fn check(config: Option<&Path>, paths: &[PathSpec], regions: Regions) -> anyhow::Result<bool> {
+    let config = match config {
+        Some(config) => read_config(config)?,
+        None => Config::default(),
+    };
+    let mut all_ok = true;
+    for entry in &config.groups {
+        let group = entry.group_id.expect("a [[group]] names its group");
+        let found = oneshot::existing_group(&entry.path);
+        let state = match found {
+            Ok(Some(id)) if id == group => "its group is there".to_string(),
+            Ok(_) => format!("no group {group} maps it now: the watch would refuse it"),
+            Err(e) => format!("the watch would refuse it: {e:#}"),
+        };
+        all_ok &= state == "its group is there";
+        println!(
+            "{}: group {group} made beforehand, followed by {}; {state}",
+            entry.path.display(),
+            entry.mode
+        );
+    }
+    for spec in config.paths.iter().chain(paths) {
+        let regions = spec.regions.unwrap_or(regions);
+        let files = match files_under(std::slice::from_ref(&spec.path)) {
+            Ok(files) => files,
+            Err(e) => {
+                println!("{}: not there: {e:#}", spec.path.display());
+                all_ok = false;
+                continue;
+            }
+        };
+        let named = std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone());
+        if spec.path.is_dir() {
+            println!(
+                "{}: a directory of {} file(s); files made there later are counted from birth, regions {regions}",
+                spec.path.display(),
+                files.len()
+            );
+        }
+        for file in files {
+            let how = match (regions, oneshot::existing_group(&file)) {
+                (_, Ok(Some(id))) => format!("adopts group {id}, regions {}", regions.with_group()),
+                (Regions::None, Ok(None)) => "regions none: the kernel's counters alone".into(),
+                (_, Ok(None)) => {
+                    let alias = spec
+                        .alias
+                        .clone()
+                        .filter(|_| named == file)
+                        .or_else(|| file.file_name().map(|n| n.to_string_lossy().into_owned()))
+                        .unwrap_or_default();
+                    format!(
+                        "no group yet: one made as dmstats makes it (alias {alias}, program id {}), regions {regions}",
+                        spec.program_id
+                    )
+                }
+                (_, Err(e)) => {
+                    all_ok = false;
+                    format!("the watch would skip it: {e:#}")
+                }
+            };
+            println!("{}: {how}, followed by {}", file.display(), spec.follow);
+        }
+    }
+    Ok(all_ok)
+}
