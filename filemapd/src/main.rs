@@ -117,7 +117,7 @@ enum Command {
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
     },
-    /// Print a file's allocation events and passes as JSON lines
+    /// Print a file's allocation events and passes as JSON
     ///
     /// For kernel labs: watch FILEs with the eBPF trigger and print, as JSON lines on stdout,
     /// each allocation or removal event of theirs (tracepoint, inode, logical and physical
