@@ -47,6 +47,7 @@ pub fn run() -> anyhow::Result<()> {
         "FILEMAPD_BENCH_ONLY",
         "FILEMAPD_BENCH_IDLE_SECS",
         "FILEMAPD_BENCH_ROUNDS",
+        "FILEMAPD_BENCH_FILES",
     ]
     .iter()
     .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v} ")))

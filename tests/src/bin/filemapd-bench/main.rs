@@ -64,9 +64,18 @@ fn main() {
     if wanted("scale") {
         scale::run();
     } else if wanted("files") {
-        // The many-files parts of scale alone, for a quick look.
-        scale::many_files(1000);
-        scale::many_files_without_regions(&[1000, 10_000]);
+        // The many-files parts of scale alone, for a quick look; FILEMAPD_BENCH_FILES=N,...
+        // runs only the rows without regions for those counts.
+        match std::env::var("FILEMAPD_BENCH_FILES") {
+            Ok(counts) => {
+                let counts: Vec<usize> = counts.split(',').filter_map(|n| n.parse().ok()).collect();
+                scale::many_files_without_regions(&counts);
+            }
+            Err(_) => {
+                scale::many_files(1000);
+                scale::many_files_without_regions(&[1000, 10_000]);
+            }
+        }
     }
     if wanted("handoff") {
         handoff::run(100);
