@@ -572,6 +572,10 @@ impl Monitor {
         let Some(spec) = &self.emptied else {
             return Ok(false);
         };
+        // The pass's own reading says whether there are blocks: a synced FIEMAP only then.
+        if self.view.map().is_empty() {
+            return Ok(false);
+        }
         let extents = crate::file::view::data_ranges(&self.file, true)?;
         if extents.is_empty() {
             return Ok(false);

@@ -33,7 +33,8 @@ impl Monitor {
         let reading = self.view.read(&self.file, &self.path, remembered)?;
         self.settle();
         if self.view.map().is_empty() {
-            self.emptied = Some(GroupSpec {
+            // Kept only where a group like it is to come back (see `regroup_when_refilled`).
+            self.emptied = self.regroup_when_refilled.then(|| GroupSpec {
                 alias: group.descriptor.alias.clone(),
                 program_id: group.program_id.clone(),
                 settings: group.settings.clone(),

@@ -21,11 +21,14 @@ pub fn check(config: Option<&Path>, paths: &[PathSpec], regions: Regions) -> any
         let group = entry.group_id.expect("a [[group]] names its group");
         let found = oneshot::existing_group(&entry.path);
         let state = match found {
-            Ok(Some(id)) if id == group => "its group is there".to_string(),
-            Ok(_) => format!("no group {group} maps it now: the watch would refuse it"),
-            Err(e) => format!("the watch would refuse it: {e:#}"),
+            Ok(Some(id)) if id == group => Ok("its group is there".to_string()),
+            Ok(_) => Err(format!(
+                "no group {group} maps it now: the watch would refuse it"
+            )),
+            Err(e) => Err(format!("the watch would refuse it: {e:#}")),
         };
-        all_ok &= state == "its group is there";
+        all_ok &= state.is_ok();
+        let state = state.unwrap_or_else(|refused| refused);
         println!(
             "{}: group {group} made beforehand, followed by {}; {state}",
             entry.path.display(),

@@ -470,18 +470,23 @@ fn attach_region_probe(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 /// Loads the kprobe (or kretprobe) programs `programs` and attaches them to `function`.
 fn attach_kprobes(ebpf: &mut Ebpf, function: &str, programs: &[&str]) -> anyhow::Result<()> {
     for &name in programs {
-        let program: &mut KProbe = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} is missing from the eBPF object"))?
-            .try_into()?;
-        program
-            .load()
-            .with_context(|| format!("verifying program {name}"))?;
-        program
+        load_kprobe(ebpf, name)?
             .attach(function, 0)
             .with_context(|| format!("attaching {name} to {function}"))?;
     }
     Ok(())
+}
+
+/// Loads (verifies) the kprobe program `name` of the object.
+fn load_kprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut KProbe> {
+    let program: &mut KProbe = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} is missing from the eBPF object"))?
+        .try_into()?;
+    program
+        .load()
+        .with_context(|| format!("verifying program {name}"))?;
+    Ok(program)
 }
 
 /// The in-kernel counting's maps with its IO probe verified but attached to nothing, for
@@ -510,13 +515,7 @@ fn unattached_counting_over(ebpf: &mut Ebpf, tables: TableLogs) -> anyhow::Resul
         names::D_INSTANTIATE,
         names::D_INSTANTIATE_NEW,
     ] {
-        let program: &mut KProbe = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name}"))?
-            .try_into()?;
-        program
-            .load()
-            .with_context(|| format!("verifying program {name}"))?;
+        load_kprobe(ebpf, name)?;
     }
     let counters = take_map(ebpf, names::COUNTERS)?;
     counting_over(ebpf, counters, tables)
