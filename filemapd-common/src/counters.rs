@@ -70,17 +70,22 @@ pub struct Bounds {
     pub ns: [u64; 32],
 }
 
+/// How many bounds the default histogram has: powers of two from 16 µs (no bio through
+/// device-mapper completes sooner) to 4.2 s (a stall). Each bucket is a series per file in a
+/// scrape: fewer than the kernel could hold keeps 10,000 files' scrape small.
+pub const DEFAULT_BOUNDS: usize = 19;
+
 impl Default for Bounds {
-    /// Powers of two from 1 µs to 4.2 s.
+    /// Powers of two from 16 µs to 4.2 s.
     fn default() -> Self {
         let mut ns = [u64::MAX; 32];
         let mut i = 0;
-        while i < MAX_BOUNDS {
-            ns[i] = 1000 << i;
+        while i < DEFAULT_BOUNDS {
+            ns[i] = 16_000 << i;
             i += 1;
         }
         Bounds {
-            len: MAX_BOUNDS as u32,
+            len: DEFAULT_BOUNDS as u32,
             _pad: 0,
             ns,
         }
@@ -144,10 +149,12 @@ mod tests {
     #[test]
     fn the_default_bounds_are_powers_of_two_microseconds() {
         let b = Bounds::default();
-        assert_eq!(b.used().len(), MAX_BOUNDS);
-        assert_eq!(b.used()[0], 1000);
-        assert_eq!(b.bucket(1500), 1);
-        assert_eq!(b.bucket(u64::MAX), MAX_BOUNDS);
+        assert_eq!(b.used().len(), DEFAULT_BOUNDS);
+        assert_eq!(b.used()[0], 16_000);
+        assert_eq!(*b.used().last().unwrap(), 4_194_304_000);
+        assert_eq!(b.bucket(15_999), 0);
+        assert_eq!(b.bucket(24_000), 1);
+        assert_eq!(b.bucket(u64::MAX), DEFAULT_BOUNDS);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 pub mod counters;
 pub mod sector_map;
 
-pub use counters::{Bounds, FileCounters, HISTOGRAM_BUCKETS, MAX_BOUNDS};
+pub use counters::{Bounds, DEFAULT_BOUNDS, FileCounters, HISTOGRAM_BUCKETS, MAX_BOUNDS};
 
 /// Key of the watched-inode map: a file system's device in the *kernel's* dev_t encoding
 /// (`major << 20 | minor`, as tracepoints report it; user space's `st_dev` uses glibc's

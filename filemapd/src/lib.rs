@@ -6,6 +6,7 @@
 //! other), and `daemon` (the loop that ties them, its command line and its many-file mode).
 pub mod daemon;
 pub mod file;
+pub mod memory;
 pub mod oneshot;
 pub mod reconcile;
 pub mod report;

@@ -157,7 +157,7 @@ fn write_config(path: &Path, text: &str) {
     fs::set_permissions(path, fs::Permissions::from_mode(0o644)).unwrap();
 }
 
-/// Whether the endpoint lists a file with this alias.
+/// Whether the endpoint lists a file with this alias (in its info series).
 fn served(address: &str, alias: &str) -> anyhow::Result<bool> {
     let (_, text) = http_get(address, "/metrics")?;
     Ok(text.contains(&format!("alias=\"{alias}\"")))
@@ -218,7 +218,7 @@ fn the_service_as_its_unit_runs_it() {
     // Prometheus, pointed at the unit's address, holds what dmstats reports.
     let listen = "127.0.0.1:9090";
     let _prometheus = Prometheus::start(&metrics, listen);
-    let promql = "filemapd_file_write_sectors_total{alias=\"new.img\"}";
+    let promql = "filemapd_file_write_sectors_total{path=~\".*/new[.]img\"}";
     wait_until(
         "Prometheus' first scrape of the service",
         2 * CONVERGE,
@@ -279,7 +279,7 @@ fn the_service_as_its_unit_runs_it() {
         || {
             let (_, text) = http_get(&metrics, "/metrics")?;
             Ok(
-                sample(&text, "filemapd_file_regions", &["alias=\"launched.img\""])?
+                sample(&text, "filemapd_file_regions", &["/launched.img\""])?
                     == members.len() as f64,
             )
         },
@@ -309,7 +309,7 @@ fn the_service_as_its_unit_runs_it() {
     );
     assert!(daemon.wait().unwrap().success());
     let (_, text) = http_get(&metrics, "/metrics").unwrap();
-    sample(&text, "filemapd_file_regions", &["alias=\"old.img\""])
+    sample(&text, "filemapd_file_regions", &["/old.img\""])
         .unwrap_or_else(|e| panic!("old.img watched twice? {e}"));
 
     // SIGHUP: the other directory instead of the images. Its file gets a group; the images

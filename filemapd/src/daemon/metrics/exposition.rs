@@ -1,8 +1,14 @@
 //! What a scrape answers: each watched file's IO and what its monitor published. A file the
 //! kernel counts (eBPF, with dm-mod's BTF) has its IO read from the kernel's counters, all
-//! of it, and costs the scrape no dm message; another's is its group's dm-stats counters,
-//! read now with `@stats_print` and summed over its regions. Times are in seconds whatever
-//! the source (dm-stats counts ms, or ns with precise_timestamps; the kernel counts ns).
+//! of it (every file's in one batch), and costs the scrape no dm message; another's is its
+//! group's dm-stats counters, read now with `@stats_print` and summed over its regions. Times
+//! are in seconds whatever the source (dm-stats counts ms, or ns with precise_timestamps; the
+//! kernel counts ns).
+//!
+//! A file's series are labelled by its path alone, which stays while the file lives; what may
+//! change (its group, the group's alias, who counts it) is in `filemapd_file_info`. A series
+//! that does not apply to a file is left out for it (region series without a group), so that
+//! a scrape of 10,000 files stays small.
 use std::{fmt, sync::Arc};
 
 use log::debug;
@@ -15,7 +21,10 @@ use prometheus_client::{
 use super::{Board, FileState, Wakeup};
 use filemapd_common::FileCounters;
 
-use crate::stats::{Group, RegionStats};
+use crate::{
+    stats::{Group, RegionStats},
+    wake::ebpf::CountedFile,
+};
 
 /// The per-file series; registered as a collector so that they are read at scrape time.
 pub struct FileMetrics(pub Arc<Board>);
@@ -29,7 +38,7 @@ impl fmt::Debug for FileMetrics {
 /// One file at scrape time.
 struct Scraped {
     state: FileState,
-    labels: [(&'static str, String); 4],
+    labels: [(&'static str, String); 1],
     /// All of the file's IO as the kernel counted it; `None` where the kernel does not count
     /// the file (or could not be read).
     kernel: Option<FileCounters>,
@@ -51,21 +60,18 @@ struct Io {
 }
 
 impl Scraped {
-    fn read(state: FileState) -> Self {
-        let labels = [
-            ("path", state.path.clone()),
-            ("alias", state.alias.clone()),
-            ("device", state.device.name().to_string()),
-            (
-                "group_id",
-                state.group_id.map(|id| id.to_string()).unwrap_or_default(),
-            ),
-        ];
+    /// `all_counted`: every slot's kernel counters, read at once for this scrape (`None`:
+    /// read the file's alone).
+    fn read(state: FileState, all_counted: Option<&[FileCounters]>) -> Self {
+        let labels = [("path", label_value(&state.path))];
         let kernel = state.counted.as_ref().and_then(|counted| {
-            counted
-                .counters()
-                .inspect_err(|e| debug!("{}: in-kernel counters left out: {e:#}", state.path))
-                .ok()
+            match all_counted.and_then(|all| all.get(counted.slot as usize)) {
+                Some(counters) => Some(*counters),
+                None => counted
+                    .counters()
+                    .inspect_err(|e| debug!("{}: in-kernel counters left out: {e:#}", state.path))
+                    .ok(),
+            }
         });
         let stats = match kernel {
             Some(_) => None,
@@ -142,12 +148,32 @@ fn group_stats(state: &FileState) -> Option<RegionStats> {
         .ok()
 }
 
+/// Every slot's kernel counters at once, when any file is counted in the kernel (they all
+/// share one counting).
+fn all_kernel_counters(states: &[FileState]) -> Option<Vec<FileCounters>> {
+    let counting = states
+        .iter()
+        .find_map(|s| s.counted.as_ref())
+        .map(CountedFile::counting)?;
+    counting
+        .all_counters()
+        .inspect_err(|e| debug!("reading every file's counters at once: {e:#}"))
+        .ok()
+}
+
 impl Collector for FileMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
-        let files: Vec<Scraped> = self.0.snapshot().into_iter().map(Scraped::read).collect();
+        let states = self.0.snapshot();
+        let all_counted = all_kernel_counters(&states);
+        let files: Vec<Scraped> = states
+            .into_iter()
+            .map(|state| Scraped::read(state, all_counted.as_deref()))
+            .collect();
         let regions = |f: &Scraped| f.stats.as_ref().map(|s| s.counters);
+        let grouped = |f: &Scraped| f.state.group_id.is_some();
         let e = &mut encoder;
 
+        info(e, &files)?;
         counter(
             e,
             "filemapd_file_reads",
@@ -198,13 +224,6 @@ impl Collector for FileMetrics {
             |f| f.io().map(|io| io.in_flight),
         )?;
         latency_histogram(e, &files)?;
-        gauge(
-            e,
-            "filemapd_file_counted_in_kernel",
-            "1 when the kernel counts all of the file's IO (the IO series are its counts), 0 when its dm-stats regions do",
-            &files,
-            |f| Some(u64::from(f.kernel.is_some())),
-        )?;
         counter(
             e,
             "filemapd_file_unrecorded",
@@ -245,9 +264,9 @@ impl Collector for FileMetrics {
         gauge(
             e,
             "filemapd_file_regions",
-            "Regions in the file's group",
+            "Regions in the file's group (files with a group only)",
             &files,
-            |f| Some(f.state.regions.len() as u64),
+            |f| grouped(f).then_some(f.state.regions.len() as u64),
         )?;
         counter(
             e,
@@ -273,16 +292,16 @@ impl Collector for FileMetrics {
         counter(
             e,
             "filemapd_file_regions_created",
-            "Regions the daemon created for the file",
+            "Regions the daemon created for the file (files with a group only)",
             &files,
-            |f| Some(f.state.tally.created),
+            |f| grouped(f).then_some(f.state.tally.created),
         )?;
         counter(
             e,
             "filemapd_file_regions_deleted",
-            "Regions the daemon deleted for the file",
+            "Regions the daemon deleted for the file (files with a group only)",
             &files,
-            |f| Some(f.state.tally.deleted),
+            |f| grouped(f).then_some(f.state.tally.deleted),
         )?;
         polling(e, &files)
     }
@@ -318,6 +337,54 @@ fn gauge<V: EncodeGaugeValue>(
         if let Some(v) = value(file) {
             family.encode_family(&file.labels)?.encode_gauge(&v)?;
         }
+    }
+    Ok(())
+}
+
+/// A label value as the text format spells it: prometheus-client writes values as given, and
+/// one quote or newline in a file's name would make Prometheus refuse the whole scrape.
+fn label_value(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+/// What may change while a file lives, as labels of a constant 1: its group's id and alias
+/// (its name without a group), its device, and who counts its IO (`kernel` or `regions`).
+fn info(encoder: &mut DescriptorEncoder<'_>, files: &[Scraped]) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "filemapd_file_info",
+        "A watched file: its group, alias and device, and who counts its IO (the kernel, or its dm-stats regions)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for file in files {
+        let state = &file.state;
+        let labels = [
+            ("path", file.labels[0].1.as_str()),
+            ("alias", &label_value(&state.alias)),
+            ("device", &label_value(&state.device.name().to_string())),
+            (
+                "group_id",
+                &state.group_id.map(|id| id.to_string()).unwrap_or_default(),
+            ),
+            (
+                "counted_by",
+                if file.kernel.is_some() {
+                    "kernel"
+                } else {
+                    "regions"
+                },
+            ),
+        ];
+        family.encode_family(&labels)?.encode_gauge(&1u64)?;
     }
     Ok(())
 }
@@ -390,4 +457,18 @@ fn latency_histogram(encoder: &mut DescriptorEncoder<'_>, files: &[Scraped]) -> 
             .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped_as_the_text_format_wants() {
+        assert_eq!(label_value("/var/lib/vm1.img"), "/var/lib/vm1.img");
+        assert_eq!(
+            label_value("/images/a \"quoted\"\\name\n.img"),
+            "/images/a \\\"quoted\\\"\\\\name\\n.img"
+        );
+    }
 }

@@ -605,7 +605,7 @@ impl Monitor {
             };
             self.group_id = Some(group.id);
             if self.mode == FollowMode::Path && self.follow_path()? {
-                self.watch_new_inode().await?;
+                Box::pin(self.watch_new_inode()).await?;
                 force = true;
             }
             if self.sweep_due() {
@@ -663,7 +663,7 @@ impl Monitor {
         let mut force = true;
         loop {
             if self.mode == FollowMode::Path && self.follow_path()? {
-                self.watch_new_inode().await?;
+                Box::pin(self.watch_new_inode()).await?;
                 force = true;
             }
             // Another process deleted regions: perhaps the hook.
@@ -696,7 +696,8 @@ impl Monitor {
     }
 
     /// Path mode, after a switch: the kernel filter follows the new inode, or, when it has
-    /// no room for it, the monitor polls from now on (said once).
+    /// no room for it, the monitor polls from now on (said once). Awaited boxed: a rare step
+    /// whose future would otherwise size every idle monitor's task (thousands of them).
     async fn watch_new_inode(&mut self) -> anyhow::Result<()> {
         if !matches!(self.trigger, Trigger::Ebpf { .. }) {
             return Ok(());

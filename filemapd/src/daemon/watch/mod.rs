@@ -100,6 +100,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         None => "the paths given".to_string(),
     };
     raise_open_file_limit();
+    crate::memory::map_large_buffers_apart();
     let board = Arc::new(Board::default());
     // Before any file: a port in use fails the start, not a running watch.
     let server = match metrics {
@@ -124,6 +125,8 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     } else {
         None
     };
+    // Loading parsed the kernel's BTF, now freed.
+    crate::memory::give_back_freed();
     if regions == Regions::None
         && let Some((hub, _)) = &trigger
         && let Some(why) = hub.counting_unavailable()

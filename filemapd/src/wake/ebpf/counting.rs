@@ -4,7 +4,7 @@
 //! device's dm-stats accounting sees, whatever regions exist: regions are a view, not the
 //! count.
 use std::{
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
@@ -17,7 +17,10 @@ use aya::{
 };
 use filemapd_common::{Bounds, FileCounters, names, sector_map::stamp};
 
-use super::sector_map::{Changes, Held, SectorMap};
+use super::{
+    batch_read,
+    sector_map::{Changes, Held, SectorMap},
+};
 use crate::sectors::SectorRange;
 
 /// How much older than a pass's reading of the file a recording must be for the pass to judge
@@ -29,6 +32,8 @@ const READING_MARGIN: Duration = Duration::from_millis(50);
 pub struct Counting {
     map: SectorMap,
     counters: Mutex<PerCpuArray<MapData, FileCounters>>,
+    /// The counters map again, for reading every slot at once.
+    counters_fd: OwnedFd,
     bounds: Mutex<Array<MapData, Bounds>>,
     /// Which slots are in use.
     slots: Mutex<Vec<bool>>,
@@ -80,6 +85,7 @@ impl Counting {
     pub fn new(
         map: SectorMap,
         counters: PerCpuArray<MapData, FileCounters>,
+        counters_fd: OwnedFd,
         bounds: Array<MapData, Bounds>,
         io_probe: ProgramFd,
     ) -> Self {
@@ -87,6 +93,7 @@ impl Counting {
         Self {
             map,
             counters: Mutex::new(counters),
+            counters_fd,
             bounds: Mutex::new(bounds),
             slots: Mutex::new(vec![false; room]),
             io_probe,
@@ -196,6 +203,21 @@ impl Counting {
     pub fn counters(&self, slot: u32) -> anyhow::Result<FileCounters> {
         let values = self.counters.lock().expect("counters lock").get(&slot, 0)?;
         Ok(FileCounters::sum(values.iter()))
+    }
+
+    /// Every slot's counters, summed over CPUs, in slot order: a few system calls for all of
+    /// them (a scrape of thousands of files), where one lookup per slot would cost one each.
+    pub fn all_counters(&self) -> anyhow::Result<Vec<FileCounters>> {
+        let slots = self.slots.lock().expect("slots lock").len() as u32;
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting CPUs")?;
+        match batch_read::per_cpu_values::<FileCounters>(self.counters_fd.as_fd(), slots, cpus)
+            .context("reading the counters map")?
+        {
+            Some(values) => Ok(values.chunks(cpus).map(FileCounters::sum).collect()),
+            None => (0..slots).map(|slot| self.counters(slot)).collect(),
+        }
     }
 
     /// Counts a pretend IO over `range` on `dev` as the IO probe counts a real one (its start

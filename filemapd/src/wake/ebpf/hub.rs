@@ -19,9 +19,10 @@ use super::{
 
 /// What a feed receives: events for its inode, word that events were lost (map everything),
 /// or word that another process deleted or relabelled dm-stats regions (check the group).
-#[derive(Clone, Copy, Debug)]
+/// Events are boxed: a channel allocates room for 32 messages at once, per watched file.
+#[derive(Clone, Debug)]
 pub enum Feed {
-    Event(ExtentEvent),
+    Event(Box<ExtentEvent>),
     Lost,
     RegionsChanged,
 }
@@ -442,7 +443,7 @@ impl Router {
                 tracepoint::NEW_FILE => self.born(&event),
                 _ => {
                     if let Some(feed) = self.feeds.get(&event.key) {
-                        let _ = feed.send(Feed::Event(event));
+                        let _ = feed.send(Feed::Event(Box::new(event)));
                     }
                 }
             }

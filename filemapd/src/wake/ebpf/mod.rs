@@ -1,6 +1,7 @@
 //! The eBPF trigger and counting: loads the kernel half, tells it each tracepoint's layout,
 //! attaches what this kernel offers, and hands the events for watched inodes to user space;
 //! with dm-mod's BTF, also the probe that counts every watched file's IO in the kernel.
+mod batch_read;
 pub mod counting;
 pub mod hub;
 pub mod kernel_layout;
@@ -19,7 +20,10 @@ use filemapd_common::{
     DmLayout, ExtentEvent, InodeKey, LAYOUTS_LEN, Placement, SPARE_SLOTS, TracepointLayout, names,
     sector_map::TableLogs,
 };
-use std::sync::{Arc, Mutex};
+use std::{
+    os::fd::AsFd as _,
+    sync::{Arc, Mutex},
+};
 
 pub use counting::{CountedFile, Counting};
 use tokio::io::unix::AsyncFd;
@@ -544,9 +548,18 @@ fn counting_over(
         take_map(ebpf, names::MAKING)?,
         tables,
     )?;
+    let aya::maps::Map::PerCpuArray(data) = &counters else {
+        anyhow::bail!("the counters map is not a per-CPU array");
+    };
+    let counters_fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating the counters map's descriptor")?;
     Ok(Counting::new(
         map,
         PerCpuArray::try_from(counters)?,
+        counters_fd,
         Array::try_from(take_map(ebpf, names::BOUNDS)?)?,
         io_probe,
     ))
