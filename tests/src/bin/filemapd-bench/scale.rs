@@ -115,20 +115,24 @@ impl Settled {
     }
 }
 
-/// The kernel memory of a process's eBPF maps: fdinfo's `memlock`, summed over its map fds.
+/// The kernel memory of a process's eBPF maps: fdinfo's `memlock`, summed over the maps it holds.
 fn ebpf_map_bytes(pid: u32) -> u64 {
     let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
         return 0;
     };
-    fds.filter_map(Result::ok)
+    let field = |info: &str, name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+    };
+    // By map id: a map the daemon holds twice (a second descriptor for batch reads) once.
+    let maps: std::collections::HashMap<u64, u64> = fds
+        .filter_map(Result::ok)
         .filter_map(|fd| fs::read_to_string(fd.path()).ok())
         .filter(|info| info.contains("map_type:"))
-        .filter_map(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("memlock:"))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-        })
-        .sum()
+        .filter_map(|info| Some((field(&info, "map_id:")?, field(&info, "memlock:")?)))
+        .collect();
+    maps.values().sum()
 }
 
 /// A file of `extents` one-block extents (every other block punched out), mapped once; then,
