@@ -97,7 +97,8 @@ enum Command {
         #[arg(long, default_value = "0.5", value_parser = parse_interval)]
         interval: Duration,
         /// Serve per-file IO and the daemon's health to Prometheus at http://ADDR/metrics
-        /// (e.g. 127.0.0.1:9101); counters are read from dm-stats at each scrape.
+        /// (e.g. 127.0.0.1:9101), read at each scrape; over a TOML config's `metrics = "ADDR"`
+        /// (with `metrics_remote = true` for an address other hosts can reach).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
         /// Allow --metrics on an address other hosts can reach.

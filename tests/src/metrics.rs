@@ -190,6 +190,19 @@ impl Drop for Prometheus {
 
 /// The one value of an instant query through Prometheus' HTTP API; `None` while it has none.
 pub fn query(listen: &str, promql: &str) -> anyhow::Result<Option<f64>> {
+    let results = query_series(listen, promql)?;
+    match results.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(one["value"][1].as_str().and_then(|v| v.parse().ok())),
+        _ => anyhow::bail!(
+            "query {promql:?} matched {} series: {results:?}",
+            results.len()
+        ),
+    }
+}
+
+/// Every series an instant query answers (an error for PromQL that Prometheus refuses).
+pub fn query_series(listen: &str, promql: &str) -> anyhow::Result<Vec<serde_json::Value>> {
     let encoded: String = promql
         .bytes()
         .map(|b| match b {
@@ -200,12 +213,57 @@ pub fn query(listen: &str, promql: &str) -> anyhow::Result<Option<f64>> {
     let (status, body) = http_get(listen, &format!("/api/v1/query?query={encoded}"))?;
     anyhow::ensure!(status == 200, "query {promql:?}: HTTP {status}: {body}");
     let answer: serde_json::Value = serde_json::from_str(&body)?;
-    let results = answer["data"]["result"]
+    answer["data"]["result"]
         .as_array()
-        .ok_or_else(|| anyhow::anyhow!("no result in {body}"))?;
-    match results.as_slice() {
-        [] => Ok(None),
-        [one] => Ok(one["value"][1].as_str().and_then(|v| v.parse().ok())),
-        _ => anyhow::bail!("query {promql:?} matched {} series: {body}", results.len()),
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no result in {body}"))
+}
+
+/// The PromQL of every panel of the shipped Grafana dashboard (dist/grafana-dashboard.json),
+/// as Prometheus can run it: the rate window and the image selection filled in.
+pub fn dashboard_queries() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/grafana-dashboard.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("the dashboard has panels")
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().cloned().unwrap_or_default())
+        .map(|target| {
+            target["expr"]
+                .as_str()
+                .expect("every target has an expr")
+                .replace("$__rate_interval", "1m")
+                .replace("$alias", ".*")
+        })
+        .collect();
+    assert!(!queries.is_empty(), "no query in {}", path.display());
+    for query in &queries {
+        assert!(!query.contains('$'), "a variable left in {query}");
     }
+    queries
+}
+
+/// The metric names a query reads (`filemapd_...`), each as a scrape spells its samples.
+pub fn metric_names(query: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = query;
+    while let Some(at) = rest.find("filemapd_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.push(name);
+    }
+    names
+}
+
+/// Whether a scrape has a sample of `name`.
+pub fn has_samples(text: &str, name: &str) -> bool {
+    text.lines().any(|line| {
+        line.strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+    })
 }

@@ -117,15 +117,18 @@ fn the_shipped_config_watches_nothing_and_only_root_writes_it() {
     let mode = fs::metadata(&config).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o644);
     let text = fs::read_to_string(&config).unwrap();
-    assert!(
-        text.lines()
-            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')),
-        "{text}"
-    );
+    // No file, and the metrics served on loopback (the unit passes no --metrics).
+    let shipped = filemapd::daemon::watch::parse_toml(&text).unwrap();
+    assert_eq!((shipped.paths.len(), shipped.groups.len()), (0, 0));
+    let metrics = shipped
+        .metrics
+        .expect("the shipped config names the metrics address");
     assert_eq!(
-        filemapd::daemon::watch::parse_toml(&text).unwrap(),
-        Default::default()
+        (metrics.address.to_string().as_str(), metrics.remote),
+        ("127.0.0.1:9731", false)
     );
+    let unit = fs::read_to_string(root().join("etc/systemd/system/filemapd.service")).unwrap();
+    assert!(!unit.contains("--metrics"), "{unit}");
     // Its commented examples, uncommented, are a valid config.
     let examples: String = text
         .lines()
@@ -140,4 +143,19 @@ fn the_shipped_config_watches_nothing_and_only_root_writes_it() {
         (1, 1),
         "{examples}"
     );
+}
+
+#[test]
+fn the_grafana_dashboard_is_installed_and_reads_only_filemapd_series() {
+    let path = root().join("usr/local/share/filemapd/grafana-dashboard.json");
+    let text = fs::read_to_string(&path).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(dashboard["uid"], "filemapd-per-image-io");
+    // Whether each series exists is vm_metrics' check (a live scrape).
+    for query in filemapd_tests::metrics::dashboard_queries() {
+        assert!(
+            !filemapd_tests::metrics::metric_names(&query).is_empty(),
+            "{query}"
+        );
+    }
 }

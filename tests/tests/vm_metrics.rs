@@ -6,7 +6,10 @@ use std::{path::Path, process::Command, time::Duration};
 use filemapd_tests::{
     DmFs, FsKind, context_switches,
     daemon::{LoggedDaemon, device_of, group_by_alias, wait_converged},
-    metrics::{dmstats_report, http_get, map_with_bounds, overwrite_first_mib, sample},
+    metrics::{
+        dashboard_queries, dmstats_report, has_samples, http_get, map_with_bounds, metric_names,
+        overwrite_first_mib, sample,
+    },
     require_device_mapper, write_and_sync,
     writers::random_direct_writes,
 };
@@ -116,6 +119,15 @@ fn the_endpoint_serves_what_dmstats_reports() {
     );
     assert!(value("filemapd_file_passes_total") >= 1.0);
     assert!(text.contains("filemapd_update_seconds_count"), "{text}");
+    // Every series the shipped Grafana dashboard reads is served.
+    for query in dashboard_queries() {
+        for name in metric_names(&query) {
+            assert!(
+                has_samples(&text, &name),
+                "the dashboard reads {name} ({query}), which the scrape lacks:\n{text}"
+            );
+        }
+    }
 
     // Growth: the kernel counts all of the file's IO, the writes that came before their
     // regions too (its info says so, above); `dmstats report` (which clears the regions'

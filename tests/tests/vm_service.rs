@@ -16,7 +16,8 @@ use filemapd_tests::{
         group_by_alias, wait_converged,
     },
     metrics::{
-        Prometheus, dmstats_report, http_get, overwrite_first_mib, query, sample, write_sectors_now,
+        Prometheus, dashboard_queries, dmstats_report, http_get, overwrite_first_mib, query,
+        query_series, sample, write_sectors_now,
     },
     pids_of, require_device_mapper, run, run_env, wait_for_exit, wait_until, write_and_sync,
 };
@@ -174,7 +175,17 @@ fn the_service_as_its_unit_runs_it() {
     require_device_mapper();
     let unit = Unit::installed();
     let config = PathBuf::from(unit.option("--config"));
-    let metrics = unit.option("--metrics").to_string();
+    // The shipped config names the metrics address (the unit passes none); each config
+    // written here keeps it.
+    let metrics = filemapd::daemon::watch::parse_toml(&fs::read_to_string(&config).unwrap())
+        .unwrap()
+        .metrics
+        .expect("the shipped config names a metrics address")
+        .address
+        .to_string();
+    let write_config = |path: &Path, text: &str| {
+        write_config(path, &format!("metrics = \"{metrics}\"\n{text}"));
+    };
     let _etc = Writable::over(config.parent().unwrap());
     let dmfs = DmFs::new(FsKind::Xfs).unwrap();
     let images = dmfs.mount.dir.join("images");
@@ -246,6 +257,16 @@ fn the_service_as_its_unit_runs_it() {
         "Prometheus vs dmstats report"
     );
     assert_eq!(query(listen, "up{job=\"filemapd\"}").unwrap(), Some(1.0));
+    // Every panel of the shipped Grafana dashboard is PromQL this Prometheus runs (a bad one
+    // is refused with HTTP 400), and each has an answer for the service's images.
+    for panel_query in dashboard_queries() {
+        wait_until(
+            &format!("an answer to the dashboard's {panel_query}"),
+            2 * CONVERGE,
+            || Ok(!query_series(listen, &panel_query)?.is_empty()),
+        )
+        .unwrap();
+    }
 
     // A daemon Debian's dmstats starts hands its file to the service and exits; the service
     // follows the file from then on.

@@ -51,6 +51,12 @@ pub fn run(prefix: &Path, etc: &Path) -> anyhow::Result<()> {
     let unit_path = units.join("filemapd.service");
     fs::write(&unit_path, unit)?;
 
+    // For Grafana to import (Dashboards > New > Import).
+    let share = prefix.join("share/filemapd");
+    fs::create_dir_all(&share).with_context(|| format!("creating {}", share.display()))?;
+    let dashboard = share.join("grafana-dashboard.json");
+    fs::copy(root.join("dist/grafana-dashboard.json"), &dashboard)?;
+
     let config = config_dir.join("watch.toml");
     let kept = config.exists();
     if !kept {
@@ -64,6 +70,7 @@ pub fn run(prefix: &Path, etc: &Path) -> anyhow::Result<()> {
         &dmfilemapd,
         &man8.join("filemapd*.8"),
         &unit_path,
+        &dashboard,
     ] {
         println!("  {}", path.display());
     }
@@ -72,8 +79,24 @@ pub fn run(prefix: &Path, etc: &Path) -> anyhow::Result<()> {
         config.display(),
         if kept { " (kept as it was)" } else { "" }
     );
+    // The unit no longer passes --metrics: a config kept from before names no address.
+    if kept && !names_metrics_address(&fs::read_to_string(&config)?) {
+        println!(
+            "note: {} names no metrics address: add `metrics = \"127.0.0.1:9731\"` (as dist/watch.toml has) to serve Prometheus",
+            config.display()
+        );
+    }
     println!("then: systemctl daemon-reload && systemctl enable --now filemapd");
     Ok(())
+}
+
+/// Whether a TOML config sets `metrics` (a line of its own, not commented out).
+fn names_metrics_address(config: &str) -> bool {
+    config.lines().any(|line| {
+        line.trim_start()
+            .strip_prefix("metrics")
+            .is_some_and(|rest| rest.trim_start().starts_with('='))
+    })
 }
 
 /// Where `cargo xtask test` installs to check the installation: under target/.

@@ -169,7 +169,7 @@ impl Drop for Reporter {
 pub fn check_address(address: SocketAddr, remote: bool) -> anyhow::Result<SocketAddr> {
     if !address.ip().is_loopback() && !remote {
         bail!(
-            "--metrics {address} is reachable from other hosts: add --metrics-remote to serve them"
+            "metrics address {address} is reachable from other hosts: add --metrics-remote (in a config: metrics_remote = true) to serve them"
         );
     }
     Ok(address)

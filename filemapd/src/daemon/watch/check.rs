@@ -17,6 +17,17 @@ pub fn check(config: Option<&Path>, paths: &[PathSpec], regions: Regions) -> any
         None => Config::default(),
     };
     let mut all_ok = true;
+    if let Some(metrics) = config.metrics {
+        match crate::daemon::metrics::check_address(metrics.address, metrics.remote) {
+            Ok(address) => println!(
+                "metrics: served at http://{address}/metrics unless --metrics says otherwise"
+            ),
+            Err(e) => {
+                println!("metrics: {e:#}");
+                all_ok = false;
+            }
+        }
+    }
     for entry in &config.groups {
         let group = entry.group_id.expect("a [[group]] names its group");
         let found = oneshot::existing_group(&entry.path);

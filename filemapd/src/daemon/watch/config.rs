@@ -27,6 +27,16 @@ pub struct Config {
     pub groups: Vec<WatchEntry>,
     /// Files and directories whose files get a group if they have none.
     pub paths: Vec<PathSpec>,
+    /// Where to serve the metrics (`--metrics` on the command line wins).
+    pub metrics: Option<MetricsAddress>,
+}
+
+/// `metrics = "ADDR"` and `metrics_remote = true|false` of a TOML config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsAddress {
+    pub address: std::net::SocketAddr,
+    /// Serving an address other hosts can reach is allowed.
+    pub remote: bool,
 }
 
 /// A file, or a directory of files, to watch, and how.
@@ -109,7 +119,7 @@ pub fn read_config(path: &Path) -> anyhow::Result<Config> {
         true => parse_toml(&text),
         false => parse_config(&text).map(|groups| Config {
             groups,
-            paths: Vec::new(),
+            ..Config::default()
         }),
     };
     parsed.with_context(|| format!("in {}", path.display()))
@@ -119,6 +129,9 @@ pub fn read_config(path: &Path) -> anyhow::Result<Config> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TomlConfig {
+    metrics: Option<std::net::SocketAddr>,
+    #[serde(default)]
+    metrics_remote: bool,
     #[serde(default)]
     path: Vec<TomlPath>,
     #[serde(default)]
@@ -186,7 +199,16 @@ pub fn parse_toml(text: &str) -> anyhow::Result<Config> {
         }
         Ok(())
     };
-    let mut config = Config::default();
+    if parsed.metrics_remote && parsed.metrics.is_none() {
+        bail!("metrics_remote is set without a metrics address");
+    }
+    let mut config = Config {
+        metrics: parsed.metrics.map(|address| MetricsAddress {
+            address,
+            remote: parsed.metrics_remote,
+        }),
+        ..Config::default()
+    };
     for group in parsed.group {
         absolute(&group.path)?;
         config.groups.push(WatchEntry::of_group(
@@ -313,6 +335,8 @@ mod tests {
     fn toml_paths_carry_their_options_and_groups_their_ids() {
         let config = parse_toml(
             r#"
+            metrics = "[::1]:9731"
+
             [[path]]
             path = "/var/lib/libvirt/images"
             follow = "path"
@@ -351,6 +375,13 @@ mod tests {
         assert_eq!((db.alias.as_deref(), db.keep_group), (Some("db"), true));
         assert_eq!(db.program_id, "dmstats");
         assert!(db.settings.histogram.is_empty());
+        assert_eq!(
+            config.metrics,
+            Some(MetricsAddress {
+                address: "[::1]:9731".parse().unwrap(),
+                remote: false
+            })
+        );
     }
 
     #[test]
@@ -364,6 +395,8 @@ mod tests {
             ("[[path]]\npath = \"/a\"\nregions = \"some\"\n", "line 3"),
             ("[[group]]\npath = \"/a\"\n", "missing field `id`"),
             ("[[path]\n", "line 1"),
+            ("metrics = \"localhost\"\n", "line 1"),
+            ("metrics_remote = true\n", "without a metrics address"),
         ] {
             let err = format!("{:#}", parse_toml(text).unwrap_err());
             assert!(err.contains(expected), "{text:?}: {err}");

@@ -89,7 +89,17 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     let Resolved {
         entries,
         mut directories,
+        metrics: configured_metrics,
     } = resolve(config, &paths, regions)?;
+    // The command line's address wins over the config's.
+    let metrics = match (metrics, configured_metrics) {
+        (Some(address), _) => Some(address),
+        (None, Some(configured)) => Some(
+            metrics::check_address(configured.address, configured.remote)
+                .context("the config's metrics address")?,
+        ),
+        (None, None) => None,
+    };
     // Files without regions are counted by the kernel alone: that needs the eBPF programs.
     let counting_needed = regions == Regions::None
         || entries.iter().any(|e| e.group_id.is_none())
@@ -202,6 +212,9 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
             }
             _ = hangup.recv() => match resolve(config, &paths, regions) {
                 Ok(resolved) => {
+                    if resolved.metrics != configured_metrics {
+                        warn!("SIGHUP: the config's metrics address changes at the next start, not on reload");
+                    }
                     named = resolved.entries.len();
                     watch.reload(&resolved.entries).await;
                     if resolved.directories != directories {

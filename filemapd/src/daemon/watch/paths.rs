@@ -6,13 +6,15 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use log::{info, warn};
 
-use super::config::{PathSpec, WatchEntry, read_config};
+use super::config::{MetricsAddress, PathSpec, WatchEntry, read_config};
 use crate::{daemon::regions::Regions, oneshot};
 
 /// What to watch, and the PATHs that are directories (watched for new files).
 pub struct Resolved {
     pub entries: Vec<WatchEntry>,
     pub directories: Vec<PathSpec>,
+    /// The config's metrics address, if it names one.
+    pub metrics: Option<MetricsAddress>,
 }
 
 /// What to watch: the config's groups, then the files its paths and the command line's PATHs
@@ -53,6 +55,7 @@ pub fn resolve(
     Ok(Resolved {
         entries,
         directories,
+        metrics: config.metrics,
     })
 }
 
