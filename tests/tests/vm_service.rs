@@ -1,6 +1,7 @@
 //! The VM host's service, as installed (run inside the VM by `cargo xtask test`, after it has
-//! installed into target/install-check): the unit's ExecStart run as systemd would run it,
-//! Debian's Prometheus scraping it, images appearing, SIGHUP and SIGTERM.
+//! installed into target/install-check and built the Debian package into target/deb): the
+//! unit's ExecStart run as systemd would run it, Debian's Prometheus scraping it, images
+//! appearing, SIGHUP and SIGTERM; the package installed, run, removed and purged.
 use std::{
     fs,
     os::unix::{fs::PermissionsExt as _, net::UnixDatagram},
@@ -30,9 +31,14 @@ struct Unit {
 
 impl Unit {
     fn installed() -> Self {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/install-check/etc/systemd/system/filemapd.service");
-        let text = fs::read_to_string(&path).unwrap_or_else(|e| {
+        Self::at(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/install-check/etc/systemd/system/filemapd.service"),
+        )
+    }
+
+    fn at(path: &Path) -> Self {
+        let text = fs::read_to_string(path).unwrap_or_else(|e| {
             panic!(
                 "{}: {e}: run this test through `cargo xtask test`, which installs there first",
                 path.display()
@@ -413,5 +419,172 @@ fn the_service_as_its_unit_runs_it() {
         Some(0),
         "{}",
         service.log()
+    );
+}
+
+/// A stand-in for systemd while the package's maintainer scripts run: /run/systemd/system
+/// exists (so they think systemd runs) and `systemctl` ahead in PATH records each call and
+/// says the service is inactive. Both go on drop.
+struct RecordingSystemctl {
+    dir: PathBuf,
+    made_run_dir: bool,
+}
+
+impl RecordingSystemctl {
+    fn new() -> Self {
+        let dir = PathBuf::from("/tmp/filemapd-test-systemctl");
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("systemctl");
+        fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$*\" >> {}/calls\n[ \"$1\" = is-active ] && exit 3\nexit 0\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        let run_dir = Path::new("/run/systemd/system");
+        let made_run_dir = !run_dir.exists();
+        fs::create_dir_all(run_dir).unwrap();
+        Self { dir, made_run_dir }
+    }
+
+    /// Runs dpkg with `args`, this systemctl first in its PATH; panics unless it succeeds.
+    fn dpkg(&self, args: &[&str]) -> String {
+        let path = format!("{}:{}", self.dir.display(), std::env::var("PATH").unwrap());
+        let out = Command::new("dpkg")
+            .args(args)
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "dpkg {args:?}:\n{said}");
+        said
+    }
+
+    /// The calls so far, one line each (`daemon-reload`, `stop filemapd.service`, ...).
+    fn calls(&self) -> Vec<String> {
+        fs::read_to_string(self.dir.join("calls"))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+}
+
+impl Drop for RecordingSystemctl {
+    fn drop(&mut self) {
+        if self.made_run_dir {
+            let _ = fs::remove_dir_all("/run/systemd");
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The Debian package (`cargo xtask deb`): `dpkg -i` puts exactly the install tree's files in
+/// place and starts and enables nothing; the unit's command from the package follows an image
+/// in the config's directory; removal stops the service; purge leaves none of its files, the
+/// config it was given, nor what the service left under /run and /sys/fs/bpf.
+#[test]
+fn the_debian_package_installs_runs_and_purges_without_a_trace() {
+    require_device_mapper();
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/deb");
+    let deb = fs::read_dir(&built)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no .deb in {}: run this test through `cargo xtask test`, which builds it (`cargo xtask deb`)",
+                built.display()
+            )
+        });
+    let expected: std::collections::BTreeSet<String> =
+        fs::read_to_string(built.join("filemapd.files"))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+    let systemd = RecordingSystemctl::new();
+
+    systemd.dpkg(&["-i", &deb.to_string_lossy()]);
+    let calls = systemd.calls();
+    assert!(
+        calls.iter().all(|c| !["start", "enable", "restart"]
+            .iter()
+            .any(|v| c.starts_with(v))),
+        "the install asked systemd for {calls:?}"
+    );
+    assert!(
+        pids_of("filemapd", "watch").is_empty(),
+        "something started filemapd"
+    );
+    // What dpkg says the package holds (directories aside) is the install tree.
+    let listed = run("dpkg", &["-L", "filemapd"]).unwrap();
+    let listed: std::collections::BTreeSet<String> = listed
+        .lines()
+        .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| !m.is_dir()))
+        .map(String::from)
+        .collect();
+    assert_eq!(listed, expected);
+
+    // The packaged unit's command, as systemd would run it, follows an image it is given.
+    let unit = Unit::at(Path::new("/usr/lib/systemd/system/filemapd.service"));
+    assert_eq!(unit.argv[0], "/usr/bin/filemapd");
+    let config = PathBuf::from(unit.option("--config"));
+    let shipped = fs::read_to_string(&config).unwrap();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let images = dmfs.mount.dir.join("images");
+    fs::create_dir(&images).unwrap();
+    let image = images.join("vm.img");
+    write_and_sync(&image, 0, 1 << 20).unwrap();
+    write_config(
+        &config,
+        &format!("{shipped}\n[[path]]\npath = \"{}\"\n", images.display()),
+    );
+    let service = Service::start(&unit);
+    wait_converged(&dmfs, &image, "vm.img", "the packaged service's start");
+    append(&image, 1);
+    wait_converged(
+        &dmfs,
+        &image,
+        "vm.img",
+        "growth the packaged service followed",
+    );
+    service.signal("TERM");
+    assert!(
+        wait_for_exit(service.child.id() as i32, EXIT).unwrap(),
+        "the packaged service did not end on SIGTERM"
+    );
+    drop(service);
+
+    systemd.dpkg(&["-r", "filemapd"]);
+    assert!(
+        systemd.calls().iter().any(|c| c == "stop filemapd.service"),
+        "removal did not stop the service: {:?}",
+        systemd.calls()
+    );
+    systemd.dpkg(&["--purge", "filemapd"]);
+    let left: Vec<&str> = expected
+        .iter()
+        .map(String::as_str)
+        .chain(["/etc/filemapd", "/run/filemapd", "/sys/fs/bpf/filemapd"])
+        .filter(|p| fs::symlink_metadata(p).is_ok())
+        .collect();
+    assert!(left.is_empty(), "left after purge: {left:?}");
+    assert!(
+        Command::new("dpkg")
+            .args(["-s", "filemapd"])
+            .output()
+            .is_ok_and(|out| !out.status.success()),
+        "dpkg still knows the package"
     );
 }

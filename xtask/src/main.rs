@@ -1,6 +1,7 @@
-//! `cargo xtask setup | test | demo | bench | fuzz | torture | install | vm`: everything filemapd needs besides cargo itself.
+//! `cargo xtask setup | test | demo | bench | fuzz | torture | install | deb | vm`: everything filemapd needs besides cargo itself.
 mod bench;
 mod cmd;
+mod deb;
 mod demo;
 mod fuzz;
 mod install;
@@ -62,6 +63,8 @@ enum Task {
         #[arg(long, default_value = "/etc")]
         etc: std::path::PathBuf,
     },
+    /// Build a Debian package (target/deb/) holding what `install` installs, under /usr.
+    Deb,
     /// Run a shell command inside the device-mapper VM.
     Vm {
         /// The command line, run by /bin/sh in the guest.
@@ -83,7 +86,12 @@ fn main() -> ExitCode {
             seed,
             kernel,
         } => torture::run(minutes, seed, &kernel),
-        Task::Install { prefix, etc } => setup::run().and_then(|()| install::run(&prefix, &etc)),
+        Task::Install { prefix, etc } => setup::run()
+            .and_then(|()| install::run(&install::Layout::in_place(&prefix, &etc)))
+            .map(drop),
+        Task::Deb => setup::run().and_then(|()| deb::build()).map(|deb| {
+            println!("built {}", deb.display());
+        }),
         Task::Vm { command } => setup::run().and_then(|()| {
             let out = vm::run(&command, vm::DEFAULT_TIMEOUT)?;
             print!("{}", out.output);

@@ -57,9 +57,17 @@ pub fn run() -> anyhow::Result<()> {
     eprintln!("== installing into a staging root (checked by host_install)");
     let staging = install::staging_root();
     let _ = std::fs::remove_dir_all(&staging);
-    if let Err(e) = install::run(&staging.join("usr/local"), &staging.join("etc")) {
+    let layout = install::Layout::in_place(&staging.join("usr/local"), &staging.join("etc"));
+    if let Err(e) = install::run(&layout) {
         eprintln!("the staged installation failed: {e:#}");
         tally.add("installation", "", false);
+    }
+
+    eprintln!("== the Debian package (installed, run and purged by vm_service)");
+    let _ = std::fs::remove_dir_all(crate::deb::output_dir());
+    if let Err(e) = crate::deb::build() {
+        eprintln!("building the Debian package failed: {e:#}");
+        tally.add("Debian package", "", false);
     }
 
     eprintln!("== eBPF and file-system tests on the host kernel, and the test crate's own");
