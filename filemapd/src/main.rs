@@ -125,7 +125,9 @@ enum Command {
     /// range, kernel time), each pass the daemon made (the bytes it read with FIEMAP, regions
     /// created and deleted, event-to-region time), and at the end (SIGTERM or Ctrl-C) each
     /// file's IO as the kernel counted it. Files get the group they have, or one made as
-    /// dmstats makes it; groups are kept.
+    /// dmstats makes it; groups are kept. Where a FILE is not on device-mapper (a plain
+    /// disk), no region can exist: the events are printed, each followed by the file's
+    /// extents as FIEMAP reads them.
     Trace {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -344,6 +346,19 @@ fn main() -> ExitCode {
             // The programs' log is at debug level: --ebpf-log shows it without -vv.
             logging::init(if ebpf_log { verbose.max(2) } else { verbose });
             filemapd::daemon::trace::enable();
+            let off_dm: Vec<_> = paths
+                .iter()
+                .filter(|p| !filemapd::daemon::trace_plain::on_device_mapper(p))
+                .collect();
+            if !off_dm.is_empty() {
+                for path in off_dm {
+                    log::warn!(
+                        "{} is not on a device-mapper device: tracing its allocation events and FIEMAP reads only (regions and IO counters need device-mapper)",
+                        path.display()
+                    );
+                }
+                return trace_off_device_mapper(&paths);
+            }
             watch(filemapd::daemon::watch::Options {
                 config: None,
                 paths: paths
@@ -475,6 +490,19 @@ fn watch(options: filemapd::daemon::watch::Options) -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
+        Err(e) => fail(&format!("{e:#}")),
+    }
+}
+
+/// `filemapd trace` where a file is not on device-mapper: events and extents only.
+fn trace_off_device_mapper(paths: &[PathBuf]) -> ExitCode {
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+        .and_then(|rt| rt.block_on(filemapd::daemon::trace_plain::run(paths)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("{e:#}")),
     }
 }

@@ -603,3 +603,73 @@ async fn every_program_verifies_within_its_budget() {
     let over: Vec<&(String, u32)> = counts.iter().filter(|(_, n)| *n > BUDGET).collect();
     assert!(over.is_empty(), "over the budget of {BUDGET}: {over:?}");
 }
+
+/// `filemapd trace` on a file of a plain (loop-mounted) ext4, where no region can exist: it
+/// says so in one line, prints the file's extents, then each allocation event followed by the
+/// extents FIEMAP reads after it; SIGTERM ends it with exit 0.
+#[test]
+fn trace_on_a_plain_disk_prints_events_and_extents() {
+    require_root();
+    let scratch = ScratchDir::new(Path::new("/var/tmp"), "trace-plain").unwrap();
+    let loopfs = LoopFs::new(&scratch.0, FsKind::Ext4).unwrap();
+    let path = loopfs.mount.dir.join("lab.img");
+    write_and_sync(&path, 0, 64 << 10).unwrap();
+    let mut child = std::process::Command::new(filemapd_tests::daemon::filemapd_binary())
+        .arg("trace")
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, from_trace) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if lines.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str| -> serde_json::Value {
+        let line = from_trace
+            .recv_timeout(EVENT_TIMEOUT)
+            .unwrap_or_else(|_| panic!("no {what} line within {EVENT_TIMEOUT:?}"));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    // Its first line: the file as it is (one 64 KiB extent).
+    let first = next("first extents");
+    assert_eq!(first["type"], "extents", "{first}");
+    assert_eq!(first["extents"][0]["length"], 64 << 10, "{first}");
+    // A write past the end allocates: an event for it, then the extents read after it.
+    write_and_sync(&path, 1 << 20, 64 << 10).unwrap();
+    let mut seen = Vec::new();
+    let grown = loop {
+        let record = next("event or extents");
+        seen.push(record.clone());
+        if record["type"] == "extents"
+            && record["extents"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|x| x["logical"] == 1 << 20))
+        {
+            break record;
+        }
+    };
+    assert!(
+        seen.iter().any(|r| r["type"] == "event"
+            && r["tracepoint"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("ext4:"))
+            && r["logical_bytes"][0] == 1 << 20),
+        "no allocation event at 1 MiB before {grown}: {seen:?}"
+    );
+    run("kill", &["-TERM", &child.id().to_string()]).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is not on a device-mapper device")
+            && stderr.contains("regions and IO counters need device-mapper"),
+        "{stderr}"
+    );
+}

@@ -9,4 +9,5 @@ pub mod monitor;
 pub mod regions;
 pub mod tally;
 pub mod trace;
+pub mod trace_plain;
 pub mod watch;

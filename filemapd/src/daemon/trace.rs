@@ -122,3 +122,24 @@ pub fn totals(path: &std::path::Path, totals: &FileCounters) {
         "summary": counting::describe(totals),
     }));
 }
+
+/// A file's extents as FIEMAP reads them now (files off device-mapper, where no region can
+/// follow them): logical and physical bytes, length and FIEMAP's flags.
+pub fn extents(path: &std::path::Path, extents: &[crate::file::fiemap::Extent]) {
+    if !enabled() {
+        return;
+    }
+    emit(json!({
+        "type": "extents",
+        "path": path,
+        "extents": extents
+            .iter()
+            .map(|e| json!({
+                "logical": e.logical,
+                "physical": e.physical,
+                "length": e.length,
+                "flags": e.flags,
+            }))
+            .collect::<Vec<_>>(),
+    }));
+}
