@@ -13,4 +13,5 @@ pub mod report;
 pub mod sectors;
 pub mod show;
 pub mod stats;
+pub mod top;
 pub mod wake;

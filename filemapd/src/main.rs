@@ -24,7 +24,7 @@ use filemapd::{
     version,
     about = "Keep a file's dm-stats region group in step with its extents",
     long_about = "Keep a file's dm-stats region group in step with its extents.\n\nA drop-in for lvm2's dmfilemapd: installed as dmfilemapd, it takes lvm2's arguments and dmstats starts it for `dmstats create --filemap`. Like lvm2's daemon it exits when its group is deleted, or when its file has no extents left (see filemapd-watch(8) for a service that outlives any one file).",
-    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch [--config <FILE>] [PATH...] [--ebpf] [--regions tiled|exact|none] [--interval <S>] [--metrics <ADDR>] [--handoff] [--check-config] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]\n       filemapd report [FILE...]",
+    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch [--config <FILE>] [PATH...] [--ebpf] [--regions tiled|exact|none] [--interval <S>] [--metrics <ADDR>] [--handoff] [--check-config] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]\n       filemapd report [FILE...]\n       filemapd top [--metrics ADDR] [--interval S] [--sort COLUMN] [--batch N]",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -164,6 +164,26 @@ enum Command {
     Report {
         /// The files (default: every file a daemon counts in the kernel).
         paths: Vec<PathBuf>,
+    },
+    /// Show the watched files' IO live, like iotop for images
+    ///
+    /// Reads a `filemapd watch --metrics` endpoint every interval and shows per file: MB/s
+    /// and IOPS read and written, latency p50/p99 from its histogram, IOs in flight, regions,
+    /// how its regions follow it, who counts its IO and how it is woken. Keys: s sorts by the
+    /// next column, r reverses, q quits.
+    Top {
+        /// The endpoint's address (the service's, as its config names it).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9731")]
+        metrics: String,
+        /// Seconds between readings.
+        #[arg(long, default_value = "2", value_parser = parse_interval)]
+        interval: Duration,
+        /// The column sorted by at start.
+        #[arg(long, value_enum, default_value = "mbps")]
+        sort: filemapd::top::SortBy,
+        /// Print N plain tables, one each interval, and exit (no terminal needed).
+        #[arg(long, value_name = "N")]
+        batch: Option<u32>,
     },
     /// Print a file's extents beside its group's regions
     ///
@@ -394,6 +414,24 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&format!("{e:#}")),
         },
+        Some(Command::Top {
+            metrics,
+            interval,
+            sort,
+            batch,
+        }) => {
+            logging::init(0);
+            let options = filemapd::top::Options {
+                address: metrics,
+                interval,
+                sort,
+                batch,
+            };
+            match filemapd::top::run(&options) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("{e:#}")),
+            }
+        }
         Some(Command::Report { paths }) => {
             logging::init(0);
             match filemapd::report::run(&paths) {

@@ -206,3 +206,62 @@ fn threads(pid: u32) -> Vec<(String, u64)> {
         })
         .collect()
 }
+
+/// `filemapd top --batch`: a file being written shows as written (MB/s and IOPS above 0, a
+/// p99 from its histogram), with its group's regions, its mode, the kernel counting it and
+/// events waking it.
+#[test]
+fn top_shows_the_file_being_written() {
+    require_device_mapper();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let path = dmfs.mount.dir.join("vm.img");
+    write_and_sync(&path, 0, 2 << 20).unwrap();
+    map_with_bounds(&path);
+    let address = "127.0.0.1:9103";
+    let watch = watch_with_metrics(&path, address);
+    wait_converged(&dmfs, &path, "vm.img", "start-up");
+    let (_, members) = group_by_alias(&device_of(&path), "vm.img").unwrap();
+
+    let mut top = Command::new(filemapd_tests::daemon::filemapd_binary())
+        .args([
+            "top",
+            "--metrics",
+            address,
+            "--interval",
+            "2",
+            "--batch",
+            "2",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Written over and over until top has printed its tables and exited (its second
+    // interval is all writing, whenever its first reading was).
+    while top.try_wait().unwrap().is_none() {
+        overwrite_first_mib(&path);
+    }
+    let out = top.wait_with_output().unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last_table = printed.trim_end().rsplit("filemapd top:").next().unwrap();
+    let row: Vec<&str> = last_table
+        .lines()
+        .find(|l| l.starts_with("vm.img"))
+        .unwrap_or_else(|| panic!("no row for vm.img:\n{printed}"))
+        .split_whitespace()
+        .collect();
+    let number = |column: usize| row[column].parse::<f64>().unwrap();
+    assert!(
+        number(2) > 0.0 && number(4) > 0.0,
+        "no writes seen:\n{printed}"
+    );
+    assert_ne!(row[6], "-", "no p99:\n{printed}");
+    assert_eq!(number(8), members.len() as f64, "{printed}");
+    assert_eq!(&row[9..], ["tiled", "kernel", "events"], "{printed}");
+    drop(watch);
+}

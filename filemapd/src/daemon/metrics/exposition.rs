@@ -357,11 +357,12 @@ fn label_value(value: &str) -> String {
 }
 
 /// What may change while a file lives, as labels of a constant 1: its group's id and alias
-/// (its name without a group), its device, and who counts its IO (`kernel` or `regions`).
+/// (its name without a group), its device, how its regions follow it (`mode`: tiled, exact,
+/// none) and who counts its IO (`kernel` or `regions`).
 fn info(encoder: &mut DescriptorEncoder<'_>, files: &[Scraped]) -> fmt::Result {
     let mut family = encoder.encode_descriptor(
         "filemapd_file_info",
-        "A watched file: its group, alias and device, and who counts its IO (the kernel, or its dm-stats regions)",
+        "A watched file: its group, alias and device, how its regions follow it, and who counts its IO (the kernel, or its dm-stats regions)",
         None,
         MetricType::Gauge,
     )?;
@@ -375,6 +376,7 @@ fn info(encoder: &mut DescriptorEncoder<'_>, files: &[Scraped]) -> fmt::Result {
                 "group_id",
                 &state.group_id.map(|id| id.to_string()).unwrap_or_default(),
             ),
+            ("mode", state.mode),
             (
                 "counted_by",
                 if file.kernel.is_some() {

@@ -20,6 +20,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
 use crate::{
     daemon::tally::Tally,
+    reconcile::Mapping,
     stats::{Group, RegionSettings, StatsDevice},
     wake::ebpf::CountedFile,
 };
@@ -45,6 +46,8 @@ struct FileState {
     /// The group's alias; without a group, the file's name.
     alias: String,
     regions: Vec<u64>,
+    /// How its regions follow it: `tiled`, `exact`, or `none` (no group).
+    mode: &'static str,
     settings: RegionSettings,
     tally: Tally,
     wakeup: Wakeup,
@@ -99,20 +102,26 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// The file, its group as the pass left it (`None`: it has none), what the monitor did so
-    /// far and how it wakes. Called after every pass: a pass that left the group as it was
-    /// (same id and alias, same count of regions, nothing created or deleted since) updates
-    /// the figures alone, so that a pass stays as cheap as its change, whatever the group's
-    /// size.
+    /// The file, its group as the pass left it and how its regions follow it (`None`: it has
+    /// no group), what the monitor did so far and how it wakes. Called after every pass: a
+    /// pass that left the group as it was (same id and alias, same count of regions, nothing
+    /// created or deleted since) updates the figures alone, so that a pass stays as cheap as
+    /// its change, whatever the group's size.
     pub fn publish(
         &self,
         path: &std::path::Path,
         device: &Arc<StatsDevice>,
-        group: Option<&Group>,
+        group: Option<(&Group, Mapping)>,
         tally: Tally,
         wakeup: Wakeup,
         counted: Option<&CountedFile>,
     ) {
+        let mode = match group {
+            None => "none",
+            Some((_, Mapping::Tiled)) => "tiled",
+            Some((_, Mapping::Exact)) => "exact",
+        };
+        let group = group.map(|(group, _)| group);
         let mut files = self.board.files.lock().unwrap_or_else(|e| e.into_inner());
         let alias = match group {
             Some(group) => group.descriptor.alias.clone(),
@@ -135,6 +144,7 @@ impl Reporter {
             return;
         }
         let state = FileState {
+            mode,
             path: path.display().to_string(),
             device: Arc::clone(device),
             group_id: group.map(|g| g.id),

@@ -622,7 +622,7 @@ impl Monitor {
                     report.publish(
                         &self.path,
                         &self.device,
-                        Some(&group),
+                        Some((&group, self.mapping)),
                         self.tally,
                         self.wakeup,
                         self.counted(),
