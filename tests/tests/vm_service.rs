@@ -422,19 +422,52 @@ fn the_service_as_its_unit_runs_it() {
     );
 }
 
-/// A stand-in for systemd while the package's maintainer scripts run: /run/systemd/system
-/// exists (so they think systemd runs) and `systemctl` ahead in PATH records each call and
-/// says the service is inactive. Both go on drop.
-struct RecordingSystemctl {
+/// Where the package is installed from in the VM: dpkg with a database of its own and a
+/// stand-in for systemd. The database holds the packages the package depends on and one that
+/// owns the directories the system has already (dpkg reads the host's whole database, 790
+/// packages, in over three minutes under emulation; this one in a second). The stand-in:
+/// /run/systemd/system exists (so the maintainer scripts think systemd runs) and `systemctl`
+/// ahead in PATH records each call and says the service is inactive. All go on drop.
+struct PackageSandbox {
     dir: PathBuf,
     made_run_dir: bool,
 }
 
-impl RecordingSystemctl {
-    fn new() -> Self {
-        let dir = PathBuf::from("/tmp/filemapd-test-systemctl");
+impl PackageSandbox {
+    /// `files`: the package's files (their final paths).
+    fn new(files: &std::collections::BTreeSet<String>) -> Self {
+        let dir = PathBuf::from("/tmp/filemapd-test-package");
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let admin = dir.join("dpkg");
+        for sub in ["updates", "info", "triggers"] {
+            fs::create_dir_all(admin.join(sub)).unwrap();
+        }
+        // (run() trims the output: the blank line between stanzas is put back.)
+        let mut status = run("dpkg-query", &["-s", "libc6", "libgcc-s1"]).unwrap();
+        status += "\n\nPackage: filemapd-test-system\nStatus: install ok installed\nPriority: optional\nVersion: 1\nArchitecture: all\nMaintainer: test <root@localhost>\nDescription: the directories the system has before the package\n";
+        fs::write(admin.join("status"), status).unwrap();
+        fs::write(admin.join("available"), "").unwrap();
+        let arch = run("dpkg", &["--print-architecture"]).unwrap();
+        for package in ["libc6", "libgcc-s1"] {
+            let list = admin.join(format!("info/{package}:{}.list", arch.trim()));
+            fs::write(list, "").unwrap();
+        }
+        let mut existing = std::collections::BTreeSet::from(["/.".to_string()]);
+        for file in files {
+            existing.extend(
+                Path::new(file)
+                    .ancestors()
+                    .skip(1)
+                    .filter(|d| *d != Path::new("/") && d.is_dir())
+                    .map(|d| d.display().to_string()),
+            );
+        }
+        // And a file of its own: a package whose every path another one also has would
+        // "disappear" at that one's install.
+        existing.insert("/usr/share/doc/filemapd-test-system/marker".to_string());
+        let list: String = existing.iter().map(|d| format!("{d}\n")).collect();
+        fs::write(admin.join("info/filemapd-test-system.list"), list).unwrap();
+
         let script = dir.join("systemctl");
         fs::write(
             &script,
@@ -451,24 +484,28 @@ impl RecordingSystemctl {
         Self { dir, made_run_dir }
     }
 
-    /// Runs dpkg with `args`, this systemctl first in its PATH; panics unless it succeeds.
-    fn dpkg(&self, args: &[&str]) -> String {
+    fn dpkg_command(&self, args: &[&str]) -> Command {
         let path = format!("{}:{}", self.dir.display(), std::env::var("PATH").unwrap());
-        let out = Command::new("dpkg")
+        let mut dpkg = Command::new("dpkg");
+        dpkg.arg(format!("--admindir={}", self.dir.join("dpkg").display()))
             .args(args)
-            .env("PATH", path)
-            .output()
-            .unwrap();
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "dpkg {args:?}:\n{said}");
-        said
+            .env("PATH", path);
+        dpkg
     }
 
-    /// The calls so far, one line each (`daemon-reload`, `stop filemapd.service`, ...).
+    /// Runs dpkg with `args`; panics unless it succeeds. Returns its stdout.
+    fn dpkg(&self, args: &[&str]) -> String {
+        let out = self.dpkg_command(args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "dpkg {args:?}:\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    /// The systemctl calls so far, one line each (`daemon-reload`, `stop filemapd.service`).
     fn calls(&self) -> Vec<String> {
         fs::read_to_string(self.dir.join("calls"))
             .unwrap_or_default()
@@ -478,7 +515,7 @@ impl RecordingSystemctl {
     }
 }
 
-impl Drop for RecordingSystemctl {
+impl Drop for PackageSandbox {
     fn drop(&mut self) {
         if self.made_run_dir {
             let _ = fs::remove_dir_all("/run/systemd");
@@ -487,8 +524,9 @@ impl Drop for RecordingSystemctl {
     }
 }
 
-/// The Debian package (`cargo xtask deb`): `dpkg -i` puts exactly the install tree's files in
-/// place and starts and enables nothing; the unit's command from the package follows an image
+/// The Debian package (`cargo xtask deb`), installed with a database of its own (see
+/// [`PackageSandbox`]): `dpkg -i` puts exactly the install tree's files in place and starts
+/// and enables nothing; the unit's command from the package follows an image
 /// in the config's directory; removal stops the service; purge leaves none of its files, the
 /// config it was given, nor what the service left under /run and /sys/fs/bpf.
 #[test]
@@ -513,10 +551,10 @@ fn the_debian_package_installs_runs_and_purges_without_a_trace() {
             .lines()
             .map(String::from)
             .collect();
-    let systemd = RecordingSystemctl::new();
+    let package = PackageSandbox::new(&expected);
 
-    systemd.dpkg(&["-i", &deb.to_string_lossy()]);
-    let calls = systemd.calls();
+    package.dpkg(&["-i", &deb.to_string_lossy()]);
+    let calls = package.calls();
     assert!(
         calls.iter().all(|c| !["start", "enable", "restart"]
             .iter()
@@ -528,7 +566,7 @@ fn the_debian_package_installs_runs_and_purges_without_a_trace() {
         "something started filemapd"
     );
     // What dpkg says the package holds (directories aside) is the install tree.
-    let listed = run("dpkg", &["-L", "filemapd"]).unwrap();
+    let listed = package.dpkg(&["-L", "filemapd"]);
     let listed: std::collections::BTreeSet<String> = listed
         .lines()
         .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| !m.is_dir()))
@@ -566,13 +604,13 @@ fn the_debian_package_installs_runs_and_purges_without_a_trace() {
     );
     drop(service);
 
-    systemd.dpkg(&["-r", "filemapd"]);
+    package.dpkg(&["-r", "filemapd"]);
     assert!(
-        systemd.calls().iter().any(|c| c == "stop filemapd.service"),
+        package.calls().iter().any(|c| c == "stop filemapd.service"),
         "removal did not stop the service: {:?}",
-        systemd.calls()
+        package.calls()
     );
-    systemd.dpkg(&["--purge", "filemapd"]);
+    package.dpkg(&["--purge", "filemapd"]);
     let left: Vec<&str> = expected
         .iter()
         .map(String::as_str)
@@ -581,8 +619,8 @@ fn the_debian_package_installs_runs_and_purges_without_a_trace() {
         .collect();
     assert!(left.is_empty(), "left after purge: {left:?}");
     assert!(
-        Command::new("dpkg")
-            .args(["-s", "filemapd"])
+        package
+            .dpkg_command(&["-s", "filemapd"])
             .output()
             .is_ok_and(|out| !out.status.success()),
         "dpkg still knows the package"
