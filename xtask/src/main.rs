@@ -69,6 +69,9 @@ enum Task {
     Vm {
         /// The command line, run by /bin/sh in the guest.
         command: String,
+        /// Seconds before the VM is stopped.
+        #[arg(long, default_value_t = vm::DEFAULT_TIMEOUT.as_secs())]
+        timeout: u64,
     },
 }
 
@@ -92,8 +95,8 @@ fn main() -> ExitCode {
         Task::Deb => setup::run().and_then(|()| deb::build()).map(|deb| {
             println!("built {}", deb.display());
         }),
-        Task::Vm { command } => setup::run().and_then(|()| {
-            let out = vm::run(&command, vm::DEFAULT_TIMEOUT)?;
+        Task::Vm { command, timeout } => setup::run().and_then(|()| {
+            let out = vm::run(&command, std::time::Duration::from_secs(timeout))?;
             print!("{}", out.output);
             anyhow::ensure!(out.success, "the command failed in the VM ({})", out.status);
             Ok(())

@@ -71,6 +71,12 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     eprintln!("== eBPF and file-system tests on the host kernel, and the test crate's own");
+    // host_ebpf runs the daemon's binary too (`filemapd trace` on a plain disk).
+    cmd::status(
+        Command::new(env!("CARGO"))
+            .args(["build", "-p", "filemapd"])
+            .current_dir(cmd::workspace_root()),
+    )?;
     let (out, ok) = cargo_test(&[
         "-p",
         "filemapd-tests",
