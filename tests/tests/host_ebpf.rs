@@ -673,3 +673,38 @@ fn trace_on_a_plain_disk_prints_events_and_extents() {
         "{stderr}"
     );
 }
+
+/// A scrape reads every slot's counters at once (`BPF_MAP_LOOKUP_BATCH`, 1,024 slots a call):
+/// over 2,500 slots, each comes back as its own, the same as a lookup of that slot alone.
+#[test]
+fn every_slots_counters_are_read_at_once() {
+    use filemapd::wake::ebpf::{ONE_FILE_TABLES, standalone_counting};
+    use filemapd_common::{Bounds, FileCounters};
+    require_root();
+    let counting = std::sync::Arc::new(standalone_counting(3000, ONE_FILE_TABLES).unwrap());
+    let opened: Vec<_> = (0..2500u64)
+        .map(|n| {
+            let base = FileCounters {
+                reads: n + 1,
+                write_sectors: 8 * n,
+                ..FileCounters::default()
+            };
+            counting
+                .open((253 << 20) | 12, Bounds::default(), base)
+                .unwrap()
+                .expect("a free slot")
+        })
+        .collect();
+    let all = counting.all_counters().unwrap();
+    assert_eq!(all.len(), 3000);
+    for (n, file) in opened.iter().enumerate() {
+        let read = &all[file.slot as usize];
+        assert_eq!(
+            (read.reads, read.write_sectors),
+            (n as u64 + 1, 8 * n as u64),
+            "slot {}",
+            file.slot
+        );
+        assert_eq!(*read, counting.counters(file.slot).unwrap());
+    }
+}
