@@ -72,11 +72,7 @@ pub fn run() -> anyhow::Result<()> {
 
     eprintln!("== eBPF and file-system tests on the host kernel, and the test crate's own");
     // host_ebpf runs the daemon's binary too (`filemapd trace` on a plain disk).
-    cmd::status(
-        Command::new(env!("CARGO"))
-            .args(["build", "-p", "filemapd"])
-            .current_dir(cmd::workspace_root()),
-    )?;
+    build_daemon()?;
     let (out, ok) = cargo_test(&[
         "-p",
         "filemapd-tests",
@@ -165,11 +161,7 @@ const VM_TEST_TARGETS: &[&str] = &[
 /// Builds the VM test binaries (and the daemon they launch) on the host, once for every
 /// kernel, and returns the guest script that runs them all.
 fn vm_script() -> anyhow::Result<String> {
-    cmd::status(
-        Command::new(env!("CARGO"))
-            .args(["build", "-p", "filemapd"])
-            .current_dir(cmd::workspace_root()),
-    )?;
+    build_daemon()?;
     let mut script = String::from("modprobe -a dm_mod loop || exit 1; status=0");
     for target in VM_TEST_TARGETS {
         let binary = test_binary(target)?;
@@ -185,6 +177,15 @@ fn vm_script() -> anyhow::Result<String> {
     }
     script.push_str("; exit $status");
     Ok(script)
+}
+
+/// The debug build of the daemon, which the integration tests run.
+fn build_daemon() -> anyhow::Result<()> {
+    cmd::status(
+        Command::new(env!("CARGO"))
+            .args(["build", "-p", "filemapd"])
+            .current_dir(cmd::workspace_root()),
+    )
 }
 
 /// Runs the VM tests' `script` in one VM boot on a kernel of `series`.

@@ -3,7 +3,7 @@
 //! after each batch of them, the file's extents as FIEMAP reads them; until SIGINT or SIGTERM.
 //! What a file's IO costs is counted only on device-mapper.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{HashMap, HashSet},
     fs::File,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -61,7 +61,7 @@ pub async fn run(paths: &[PathBuf]) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             events = tracer.next_events() => {
-                let mut changed = BTreeSet::new();
+                let mut changed = HashSet::new();
                 for event in events? {
                     let Some(traced) = files.get(&event.key) else {
                         continue;
@@ -69,12 +69,10 @@ pub async fn run(paths: &[PathBuf]) -> anyhow::Result<()> {
                     let logical = Tracepoint::by_index(event.source)
                         .and_then(|tp| tp.byte_range(event.start, event.length, traced.block_size));
                     trace::event(&traced.path, &event, logical, None);
-                    changed.insert((event.key.dev, event.key.ino));
+                    changed.insert(event.key);
                 }
-                for (key, traced) in &files {
-                    if changed.contains(&(key.dev, key.ino)) {
-                        trace::extents(&traced.path, &read(traced)?);
-                    }
+                for traced in changed.iter().filter_map(|key| files.get(key)) {
+                    trace::extents(&traced.path, &read(traced)?);
                 }
             }
             _ = terminate.recv() => return Ok(()),

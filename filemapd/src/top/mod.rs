@@ -32,18 +32,14 @@ pub struct Options {
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
-    let mut before = read(&options.address)?;
-    let mut read_at = Instant::now();
+    let mut readings = Readings::start(&options.address)?;
     match options.batch {
         Some(tables) => {
             for _ in 0..tables {
                 std::thread::sleep(options.interval);
-                let now = read(&options.address)?;
-                let mut rows = rates::rows(&before, &now, read_at.elapsed().as_secs_f64());
-                read_at = Instant::now();
+                let mut rows = readings.next()?;
                 rates::sort(&mut rows, options.sort, false);
                 print!("{}", plain_table(&rows, options));
-                before = now;
             }
             Ok(())
         }
@@ -56,7 +52,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                     let mut shown = rows.clone();
                     rates::sort(&mut shown, sort, reversed);
                     terminal.draw(|frame| draw(frame, &shown, options, sort, reversed))?;
-                    let wait = options.interval.saturating_sub(read_at.elapsed());
+                    let wait = options.interval.saturating_sub(readings.age());
                     if event::poll(wait)? {
                         if let Event::Key(key) = event::read()?
                             && key.kind == KeyEventKind::Press
@@ -70,10 +66,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                         }
                         continue;
                     }
-                    let now = read(&options.address)?;
-                    rows = rates::rows(&before, &now, read_at.elapsed().as_secs_f64());
-                    read_at = Instant::now();
-                    before = now;
+                    rows = readings.next()?;
                 }
             })();
             ratatui::restore();
@@ -82,8 +75,39 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
 }
 
-fn read(address: &str) -> anyhow::Result<exposition::Scrape> {
-    Ok(exposition::parse(&exposition::fetch(address)?))
+/// The endpoint's last reading, which the next is rated against.
+struct Readings<'a> {
+    address: &'a str,
+    last: exposition::Scrape,
+    at: Instant,
+}
+
+impl<'a> Readings<'a> {
+    fn start(address: &'a str) -> anyhow::Result<Self> {
+        Ok(Self {
+            address,
+            last: Self::read(address)?,
+            at: Instant::now(),
+        })
+    }
+
+    /// Reads again: each file's rates since the last reading (unsorted).
+    fn next(&mut self) -> anyhow::Result<Vec<Row>> {
+        let now = Self::read(self.address)?;
+        let rows = rates::rows(&self.last, &now, self.age().as_secs_f64());
+        self.last = now;
+        self.at = Instant::now();
+        Ok(rows)
+    }
+
+    /// How long ago the last reading was.
+    fn age(&self) -> Duration {
+        self.at.elapsed()
+    }
+
+    fn read(address: &str) -> anyhow::Result<exposition::Scrape> {
+        Ok(exposition::parse(&exposition::fetch(address)?))
+    }
 }
 
 const HEADER: [&str; 12] = [
