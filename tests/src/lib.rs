@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail, ensure};
 pub mod daemon;
 pub mod metrics;
 pub mod torture;
+pub mod trace;
 pub mod writers;
 
 /// Runs a command; its stdout, or an error with its stderr.

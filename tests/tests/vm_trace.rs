@@ -3,18 +3,14 @@
 //! physical place that `filefrag -v` shows in the file; a pass that made the regions, with its
 //! event-to-region time; the in-kernel totals at the end; and `--ebpf-log` shows the kernel
 //! filter's own verdicts.
-use std::{
-    io::{BufRead as _, BufReader},
-    os::unix::fs::MetadataExt as _,
-    process::{Command, Stdio},
-    sync::mpsc,
-    time::Duration,
-};
+use std::os::unix::fs::MetadataExt as _;
 
 use filemapd_tests::{
     DmFs, FsKind,
-    daemon::{CONVERGE, filemapd_binary, wait_converged},
-    filefrag_sectors, require_device_mapper, write_and_sync,
+    daemon::{CONVERGE, wait_converged},
+    filefrag_sectors, punch_hole, require_device_mapper,
+    trace::TraceRun,
+    write_and_sync,
 };
 use serde_json::Value;
 
@@ -23,29 +19,9 @@ fn trace_shows_events_passes_and_totals(fs_kind: FsKind, tracepoints: &[&str]) {
     let dmfs = DmFs::new(fs_kind).unwrap();
     let path = dmfs.mount.dir.join("lab.img");
     write_and_sync(&path, 0, 1 << 20).unwrap();
-    let mut child = Command::new(filemapd_binary())
-        .args(["trace", "--ebpf-log", &path.to_string_lossy()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, lines) = mpsc::channel::<Value>();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            let value = serde_json::from_str(&line)
-                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
-            if tx.send(value).is_err() {
-                break;
-            }
-        }
-    });
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let log = std::thread::spawn(move || stderr.lines().map_while(Result::ok).collect::<Vec<_>>());
+    let mut trace = TraceRun::start(&["--ebpf-log"], &path);
     // The trace has mapped the file once its first pass is out.
-    let first = lines
-        .recv_timeout(CONVERGE)
-        .expect("no trace line at start-up");
+    let first = trace.next(CONVERGE, "at start-up");
     assert_eq!(first["type"], "pass", "{first}");
     wait_converged(&dmfs, &path, "lab.img", "start-up");
 
@@ -57,21 +33,16 @@ fn trace_shows_events_passes_and_totals(fs_kind: FsKind, tracepoints: &[&str]) {
             && tracepoints.contains(&l["tracepoint"].as_str().unwrap_or(""))
             && l["physical"]["sectors"].is_array()
     };
-    let mut seen: Vec<Value> = Vec::new();
-    let made_regions = loop {
-        let made = seen
-            .iter()
-            .find(|l| l["type"] == "pass" && l["regions_created"].as_u64() > Some(0));
-        if let Some(made) = made.filter(|_| seen.iter().any(placed)) {
-            break made.clone();
-        }
-        let line = lines.recv_timeout(CONVERGE).unwrap_or_else(|e| {
-            panic!("no pass made regions, or no {tracepoints:?} event placed blocks ({e}); lines:\n{seen:#?}")
-        });
-        seen.push(line);
-    };
+    let made = |l: &Value| l["type"] == "pass" && l["regions_created"].as_u64() > Some(0);
+    while !(trace.seen.iter().any(made) && trace.seen.iter().any(placed)) {
+        trace.next(
+            CONVERGE,
+            "a pass that made regions, and an event that placed blocks",
+        );
+    }
+    let made_regions = trace.seen.iter().find(|l| made(l)).unwrap().clone();
     let ino = std::fs::metadata(&path).unwrap().ino();
-    let event = seen.iter().find(|l| placed(l)).expect("seen above");
+    let event = trace.seen.iter().find(|l| placed(l)).unwrap().clone();
     assert_eq!(event["ino"], ino, "{event}");
     assert_eq!(event["change"], "allocated", "{event}");
     assert!(event["ktime_ns"].as_u64() > Some(0), "{event}");
@@ -96,25 +67,19 @@ fn trace_shows_events_passes_and_totals(fs_kind: FsKind, tracepoints: &[&str]) {
         "{made_regions}"
     );
     assert!(made_regions["fiemap_bytes"].is_array() || made_regions["whole_file"] == true);
+    assert!(
+        made_regions["dm_messages"].as_u64() > Some(0),
+        "{made_regions}"
+    );
 
     // SIGTERM: the totals line, then exit 0.
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let totals = loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(30))
-            .expect("no totals line after SIGTERM");
-        if line["type"] == "totals" {
-            break line;
-        }
-    };
+    let (totals, exited_0, log) = trace.stop();
     assert!(
         totals["write_sectors"].as_u64().is_some_and(|n| n > 0),
         "{totals}"
     );
     assert_eq!(totals["counted_by"], "kernel", "{totals}");
-    assert!(child.wait().unwrap().success());
-    let log = log.join().unwrap();
+    assert!(exited_0);
     assert!(
         log.iter().any(|l| l.contains(&format!("inode {ino} kept"))),
         "--ebpf-log shows the kernel filter keeping the file's events:\n{}",
@@ -135,4 +100,51 @@ fn xfs_trace() {
         FsKind::Xfs,
         &["xfs:xfs_bmap_post_update", "xfs:xfs_iext_insert"],
     );
+}
+
+/// An isolated growth of a tiled group costs three dm messages: the region's creation
+/// (carrying its in-transit marker), the group's new descriptor, and the marker's removal. No
+/// neighbour is asked for its counters (no `@stats_print`): below the tile budget nothing is
+/// fused, also where the new block joins the regions on both its sides into one extent (a
+/// punched block written again goes back to its place).
+fn isolated_growths_cost_three_dm_messages(fs_kind: FsKind) {
+    const HOLES: u64 = 8;
+    require_device_mapper();
+    let dmfs = DmFs::new(fs_kind).unwrap();
+    let path = dmfs.mount.dir.join("holes.img");
+    write_and_sync(&path, 0, (HOLES << 20) as usize).unwrap();
+    let hole = |i: u64| (i << 20) + (512 << 10);
+    for i in 0..HOLES {
+        punch_hole(&path, hole(i), 4096).unwrap();
+    }
+    let mut trace = TraceRun::start(&[], &path);
+    trace.next(CONVERGE, "the start-up pass");
+    wait_converged(&dmfs, &path, "holes.img", "start-up");
+    // Every other hole: each growth then joins two regions' extents, never more.
+    for i in (0..HOLES).step_by(2) {
+        write_and_sync(&path, hole(i), 4096).unwrap();
+        let pass = trace.until(CONVERGE, "a pass that covered the new block", |l| {
+            l["type"] == "pass" && l["regions_created"].as_u64() > Some(0)
+        });
+        assert_eq!(
+            pass["dm_messages"],
+            3,
+            "growth {i}: {pass}\nfilefrag: {:?}\n{}",
+            filefrag_sectors(&path).unwrap(),
+            filemapd_tests::run("dmstats", &["list", "--units", "s", &dmfs.name]).unwrap()
+        );
+        wait_converged(&dmfs, &path, "holes.img", "a block in a hole");
+    }
+    let (_, exited_0, _) = trace.stop();
+    assert!(exited_0);
+}
+
+#[test]
+fn ext4_isolated_growths_cost_three_dm_messages() {
+    isolated_growths_cost_three_dm_messages(FsKind::Ext4);
+}
+
+#[test]
+fn xfs_isolated_growths_cost_three_dm_messages() {
+    isolated_growths_cost_three_dm_messages(FsKind::Xfs);
 }

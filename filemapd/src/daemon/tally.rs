@@ -19,6 +19,8 @@ pub struct Tally {
     pub deleted: u64,
     /// Regions replaced by a longer one because they had counted nothing yet.
     pub fused: u64,
+    /// `@stats_*` messages the updates sent.
+    pub dm_messages: u64,
     /// Times the kernel's ring buffer overflowed and the whole file was read again.
     pub lost_rescans: u64,
 }
@@ -27,7 +29,7 @@ impl fmt::Display for Tally {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} events, {} passes ({} of the whole file), {} paced, {} deferred, {} regions created, {} deleted ({} fused into longer ones), {} rescans after lost events",
+            "{} events, {} passes ({} of the whole file), {} paced, {} deferred, {} regions created, {} deleted ({} fused into longer ones), {} dm messages, {} rescans after lost events",
             self.events,
             self.passes,
             self.whole_passes,
@@ -36,6 +38,7 @@ impl fmt::Display for Tally {
             self.created,
             self.deleted,
             self.fused,
+            self.dm_messages,
             self.lost_rescans
         )
     }

@@ -77,6 +77,8 @@ pub struct Pass<'a> {
     pub created: usize,
     pub deleted: usize,
     pub regions: usize,
+    /// The `@stats_*` messages the update sent.
+    pub dm_messages: u64,
     /// Time spent carrying out the plan (creating and deleting regions).
     pub apply_us: u128,
     /// From the oldest event the pass answered to the end of its region creations.
@@ -96,6 +98,7 @@ pub fn pass(p: Pass<'_>) {
         "regions_created": p.created,
         "regions_deleted": p.deleted,
         "regions": p.regions,
+        "dm_messages": p.dm_messages,
         "apply_us": p.apply_us,
         "event_to_region_us": p.event_to_region_us,
     }));

@@ -3,10 +3,11 @@
 //!
 //! Two mappings: `Exact` is lvm2's (one region per extent, so an extent that grows loses its
 //! region and its counters); `Tiled` keeps every region that still lies inside an extent and
-//! adds regions for the parts no region covers, so counters survive growth. Parts next to
-//! kept regions are offered as a `fuse` run: the daemon replaces the kept regions of the run
-//! that have counted nothing yet, together with the new parts, by one region, so that an
-//! extent growing step by step (appends, a storm of writes) keeps few tiles.
+//! adds regions for the parts no region covers, so counters survive growth. An extent that
+//! would hold more than [`TILES_PER_EXTENT`] regions is offered as a `fuse` run: the daemon
+//! replaces the kept regions of the run that have counted nothing yet, together with the new
+//! parts, by one region, so that an extent growing step by step (appends, a storm of writes)
+//! keeps few tiles.
 //!
 //! lvm2 matches each extent with a linear search over the regions (quadratic in the extent
 //! count). Here both sides are sorted once and walked together: O(n log n) for the whole file,
@@ -15,7 +16,7 @@ mod window;
 
 pub use window::plan_window;
 
-use crate::sectors::{SectorRange, join_adjacent};
+use crate::sectors::SectorRange;
 
 /// What to do to a group so that its regions equal the file's extents, one region per extent.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -24,10 +25,10 @@ pub struct Plan {
     pub keep: Vec<u64>,
     /// Extents without a region: create one each.
     pub create: Vec<SectorRange>,
-    /// Tiled only: runs of adjacent pieces, each new part (`Gap`) next to kept regions
-    /// (`Kept`, which are in `keep` too). Kept regions that have counted nothing may be fused
-    /// with the gaps beside them into one region; the others stay, and the gaps become
-    /// regions of their own.
+    /// Tiled only: the pieces of each extent that would hold too many regions (new parts,
+    /// `Gap`, and kept regions, `Kept`, which are in `keep` too). Kept regions that have
+    /// counted nothing may be fused with the gaps beside them into one region; the others
+    /// stay, and split the run.
     pub fuse: Vec<Vec<Piece>>,
     /// Regions of the group that match no extent (or duplicate a kept one): delete.
     pub delete: Vec<u64>,
@@ -113,11 +114,17 @@ fn sorted(
     members: &[(u64, SectorRange)],
     extents: &[SectorRange],
 ) -> (Vec<(SectorRange, u64)>, Vec<SectorRange>) {
-    let mut regions: Vec<(SectorRange, u64)> = members.iter().map(|&(id, r)| (r, id)).collect();
-    regions.sort_unstable();
+    let regions = by_place(members);
     let mut wanted: Vec<SectorRange> = extents.to_vec();
     wanted.sort_unstable();
     (regions, wanted)
+}
+
+/// The regions as (range, id), sorted by place.
+fn by_place(members: &[(u64, SectorRange)]) -> Vec<(SectorRange, u64)> {
+    let mut regions: Vec<(SectorRange, u64)> = members.iter().map(|&(id, r)| (r, id)).collect();
+    regions.sort_unstable();
+    regions
 }
 
 fn plan_exact(members: &[(u64, SectorRange)], extents: &[SectorRange]) -> Plan {
@@ -149,12 +156,12 @@ fn plan_tiled(members: &[(u64, SectorRange)], extents: &[SectorRange]) -> Plan {
     // that touch on the device are one span here. (Merged ranges follow logical order, so a
     // new extent between two physically adjacent ones splits their range; a region over both
     // still counts only the file's IO, and deleting it would lose its counters.)
-    let extents = join_adjacent(extents.to_vec());
-    let (regions, wanted) = sorted(members, &extents);
+    let spans = spans_of(extents);
+    let regions = by_place(members);
 
     let mut result = Plan::default();
     let mut r = 0;
-    for extent in wanted {
+    for (extent, joined) in spans {
         // Regions starting before this extent cannot lie inside it (extents do not overlap).
         while r < regions.len() && regions[r].0.start < extent.start {
             result.delete.push(regions[r].1);
@@ -187,7 +194,7 @@ fn plan_tiled(members: &[(u64, SectorRange)], extents: &[SectorRange]) -> Plan {
                 extent.end() - covered_to,
             )));
         }
-        runs_around_gaps(&pieces, &mut result);
+        cover_gaps(&pieces, TILES_PER_EXTENT * joined, &mut result);
     }
     result.delete.extend(regions[r..].iter().map(|&(_, id)| id));
     result.keep.sort_unstable();
@@ -195,41 +202,51 @@ fn plan_tiled(members: &[(u64, SectorRange)], extents: &[SectorRange]) -> Plan {
     result
 }
 
-/// Groups an extent's pieces into runs around its gaps: a gap alone is a region to create; a
-/// gap with the kept regions touching it is a run to fuse. Only regions touching a gap are
-/// offered, so fusing costs a look at two regions per gap, not at every tile of the extent.
-fn runs_around_gaps(pieces: &[Piece], result: &mut Plan) {
-    let is_gap = |i: usize| matches!(pieces.get(i), Some(Piece::Gap(_)));
-    let mut run: Vec<Piece> = Vec::new();
-    let flush = |run: &mut Vec<Piece>, result: &mut Plan| {
-        match run.as_slice() {
-            [] => {}
-            [Piece::Gap(range)] => result.create.push(*range),
-            _ => result.fuse.push(run.clone()),
-        }
-        run.clear();
-    };
-    for (i, piece) in pieces.iter().enumerate() {
-        let joins = match piece {
-            Piece::Gap(_) => true,
-            Piece::Kept(..) => is_gap(i + 1) || (i > 0 && is_gap(i - 1)),
-        };
-        // Two kept regions in a row: each belongs to the gap on its side.
-        if joins {
-            if let (Piece::Kept(..), Some(Piece::Kept(..))) = (piece, run.last()) {
-                flush(&mut run, result);
+/// The most regions an extent keeps before its growth fuses them. Below it, new parts simply
+/// become regions of their own: an isolated growth then costs three dm messages (see
+/// stats/group.rs), no `@stats_print` of its neighbours. Past it, the whole span is offered
+/// as one fuse run, so that one fuse takes back several growths' tiles at once (an extent
+/// that grows by appends holds 1 to 4 regions, and pays for a fuse every few appends, not at
+/// each one). A span of extents that touch on the device (xfs lays a file written out of
+/// order end to end) may hold as many for each extent it joins.
+pub const TILES_PER_EXTENT: usize = 4;
+
+/// The extents as spans of ranges that touch on the device, sorted, each with how many
+/// extents it joins.
+fn spans_of(extents: &[SectorRange]) -> Vec<(SectorRange, usize)> {
+    let mut sorted = extents.to_vec();
+    sorted.sort_unstable();
+    let mut spans: Vec<(SectorRange, usize)> = Vec::with_capacity(sorted.len());
+    for range in sorted {
+        match spans.last_mut() {
+            Some((last, joined)) if last.end() == range.start => {
+                last.len += range.len;
+                *joined += 1;
             }
-            run.push(*piece);
-        } else {
-            flush(&mut run, result);
+            _ => spans.push((range, 1)),
         }
     }
-    flush(&mut run, result);
+    spans
+}
+
+/// Covers a span's gaps: each becomes a region while the span holds at most `budget` regions
+/// so; past that, the span's pieces are one run to fuse.
+fn cover_gaps(pieces: &[Piece], budget: usize, result: &mut Plan) {
+    let gaps = pieces.iter().filter_map(|p| match p {
+        Piece::Gap(range) => Some(*range),
+        Piece::Kept(..) => None,
+    });
+    if pieces.len() <= budget {
+        result.create.extend(gaps);
+    } else if gaps.count() > 0 {
+        result.fuse.push(pieces.to_vec());
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sectors::join_adjacent;
     use proptest::prelude::*;
 
     fn r(start: u64, len: u64) -> SectorRange {
@@ -446,7 +463,7 @@ mod tests {
             p,
             Plan {
                 keep: vec![0, 1],
-                fuse: vec![vec![Piece::Kept(1, r(300, 8)), Piece::Gap(r(308, 16))]],
+                create: vec![r(308, 16)],
                 ..Plan::default()
             }
         );
@@ -463,7 +480,7 @@ mod tests {
             p,
             Plan {
                 keep: vec![0],
-                fuse: vec![vec![Piece::Kept(0, r(100, 8)), Piece::Gap(r(108, 8))]],
+                create: vec![r(108, 8)],
                 delete: vec![1],
                 ..Plan::default()
             }
@@ -481,12 +498,7 @@ mod tests {
             p,
             Plan {
                 keep: vec![0, 2],
-                fuse: vec![vec![
-                    Piece::Kept(0, r(100, 8)),
-                    Piece::Gap(r(108, 12)),
-                    Piece::Kept(2, r(120, 8)),
-                    Piece::Gap(r(128, 4))
-                ]],
+                create: vec![r(108, 12), r(128, 4)],
                 delete: vec![1],
                 ..Plan::default()
             }
@@ -553,9 +565,43 @@ mod tests {
         }
     }
 
+    /// An extent grown by 100 appends: three growths in four are a plain creation (no
+    /// neighbour to look at), and the extent never holds more than the budget.
     #[test]
-    fn only_regions_touching_a_gap_join_a_run() {
-        // 0 and 1 are inside the extent, 2 sits between two gaps, 3 ends the extent.
+    fn appends_fuse_once_every_few_growths_and_keep_within_the_budget() {
+        let mut members = vec![(0, r(1000, 8))];
+        let mut fuses = 0;
+        for n in 2..=100 {
+            let p = plan(&members, &[r(1000, 8 * n)], Mapping::Tiled);
+            fuses += p.fuse.len();
+            members = apply(&members, &p, true);
+            assert!(members.len() <= TILES_PER_EXTENT, "{members:?}");
+            assert!(tiles_exactly(&members, &[r(1000, 8 * n)]));
+        }
+        // A fused extent is one region; it takes three plain growths, and the fourth fuses.
+        assert_eq!(fuses, 99 / TILES_PER_EXTENT, "{fuses} fuses in 99 growths");
+    }
+
+    /// xfs lays a file written out of order end to end: one span of many extents. Each
+    /// extent it joins may hold its share of tiles before a growth there fuses.
+    #[test]
+    fn a_span_of_touching_extents_has_a_budget_for_each() {
+        // Five extents touching on the device, each with its region, and a sixth touching
+        // them: six regions for six extents, no fuse.
+        let members: Vec<(u64, SectorRange)> = (0..5).map(|i| (i, r(100 + 8 * i, 8))).collect();
+        let grown: Vec<SectorRange> = (0..6).map(|i| r(100 + 8 * i, 8)).collect();
+        let p = plan(&members, &grown, Mapping::Tiled);
+        assert_eq!(p.create, vec![r(140, 8)]);
+        assert!(p.fuse.is_empty());
+        // One extent as long as the six: its budget is four regions, and six are over it.
+        let p = plan(&members, &[r(100, 48)], Mapping::Tiled);
+        assert_eq!(p.fuse.len(), 1);
+        assert!(p.create.is_empty());
+    }
+
+    #[test]
+    fn an_extent_past_its_tile_budget_is_one_run() {
+        // Four regions and two gaps would be six regions: the whole extent is offered.
         let p = plan(
             &[
                 (0, r(100, 8)),
@@ -570,6 +616,7 @@ mod tests {
         assert_eq!(
             p.fuse,
             vec![vec![
+                Piece::Kept(0, r(100, 8)),
                 Piece::Kept(1, r(108, 8)),
                 Piece::Gap(r(116, 8)),
                 Piece::Kept(2, r(124, 8)),

@@ -89,6 +89,7 @@ impl StatsDevice {
     /// Sends one `@stats_*` message; the answer, or "" when the kernel returned none.
     fn message(&self, msg: &str) -> anyhow::Result<String> {
         log::trace!("dm message to {}: {msg}", &*self.name);
+        MESSAGES_SENT.with(|sent| sent.set(sent.get() + 1));
         let (_, answer) = self
             .dm
             .target_msg(&DevId::Name(&self.name), None, msg)
@@ -158,6 +159,16 @@ impl StatsDevice {
         region::parse_print(&self.message(&format!("@stats_print {id}"))?)
             .with_context(|| format!("device {}: region {id} counters", &*self.name))
     }
+}
+
+thread_local! {
+    static MESSAGES_SENT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many `@stats_*` messages this thread has sent so far: an update (which never awaits)
+/// counts its own as the difference, whatever other threads send meanwhile.
+pub fn messages_sent() -> u64 {
+    MESSAGES_SENT.with(|sent| sent.get())
 }
 
 /// The dm devices of the files a process monitors, opened once each (one control descriptor

@@ -9,6 +9,15 @@
 //! 2. write the new descriptor (one message: the switch);
 //! 3. delete the leavers; clear the arrivals' markers.
 //!
+//! What each step costs, in dm messages: an isolated growth (one arrival, nobody leaves) is
+//! three, the fewest that keep it safe: the `@stats_create` that carries its marker (a region
+//! must never exist unmarked outside the descriptor), the descriptor's `@stats_set_aux` (the
+//! switch), and the arrival's unmarking (a member left marked would, after a user's
+//! `dmstats ungroup`, look like a stray of a later group with the same leader id, and be
+//! deleted). Each leaver adds a mark and a delete; a fuse adds one `@stats_print` per kept
+//! region not yet known to have counted IO. The reconciler fuses only extents past their tile
+//! budget (reconcile::TILES_PER_EXTENT), so most growths are the three.
+//!
 //! When the leader itself leaves, the descriptor moves to the new lowest member (as in lvm2,
 //! the group id changes). Step 2 is then two messages: the old leader first records the whole
 //! new descriptor as `DMS_FILEMAPD_MOVED=<alias>:<members>#<aux>` (which dissolves the old group
@@ -83,6 +92,9 @@ pub struct Group {
     by_place: BTreeSet<(SectorRange, u64)>,
     /// Regions outside the group marked pending for it (left by an interrupted update).
     pub strays: Vec<Region>,
+    /// Members found to have counted IO: they never fuse, and counters only grow, so one
+    /// `@stats_print` each is enough.
+    busy: BTreeSet<u64>,
 }
 
 /// What an update did.
@@ -94,6 +106,8 @@ pub struct Outcome {
     pub fused: usize,
     /// Time spent in `@stats_create`, during which the device was suspended.
     pub creating: Duration,
+    /// The `@stats_*` messages the update sent.
+    pub messages: u64,
     /// The group as the update left it, as a fresh listing would show it (as long as no other
     /// process changed regions meanwhile). Its id changes when the leader's extent went away.
     pub group: Group,
@@ -125,6 +139,7 @@ impl Group {
             members: BTreeMap::new(),
             by_place: BTreeSet::new(),
             strays: Vec::new(),
+            busy: BTreeSet::new(),
             descriptor,
         };
         for region in regions {
@@ -241,6 +256,21 @@ impl Group {
         if let Some(region) = self.members.remove(&id) {
             self.by_place.remove(&(region.range, id));
         }
+        self.busy.remove(&id);
+    }
+
+    /// Whether member `id` may be replaced by a longer region: it does not lead the group
+    /// (replacing the leader would change the group's id at every growth) and has counted
+    /// nothing (asked of the kernel once per member, until it has).
+    fn may_fuse(&mut self, device: &StatsDevice, id: u64) -> anyhow::Result<bool> {
+        if id == self.id || self.busy.contains(&id) {
+            return Ok(false);
+        }
+        let idle = counted_nothing(device, id)?;
+        if !idle {
+            self.busy.insert(id);
+        }
+        Ok(idle)
     }
 
     /// Carries out `plan` (whose ids must all be members); regions outside the group are never
@@ -248,6 +278,7 @@ impl Group {
     /// the group (it may have thousands of members): the outcome carries it on, changed in
     /// O(plan · log n).
     pub fn apply(mut self, device: &StatsDevice, plan: &Plan) -> anyhow::Result<Outcome> {
+        let sent_before = super::device::messages_sent();
         let marker = pending_marker(self.id);
         let mut deleted = 0;
 
@@ -279,6 +310,7 @@ impl Group {
                 deleted,
                 fused: 0,
                 creating: Duration::ZERO,
+                messages: super::device::messages_sent() - sent_before,
                 group: self,
             });
         }
@@ -301,7 +333,7 @@ impl Group {
             for piece in run {
                 let joins = match *piece {
                     Piece::Gap(_) => true,
-                    Piece::Kept(id, _) => id != self.id && counted_nothing(device, id)?,
+                    Piece::Kept(id, _) => self.may_fuse(device, id)?,
                 };
                 if !joins {
                     flush_part(part.take(), &mut absorbed, &mut create, &mut leaving);
@@ -437,6 +469,7 @@ impl Group {
             deleted: deleted + leaving.len(),
             fused,
             creating,
+            messages: super::device::messages_sent() - sent_before,
             group: self,
         })
     }

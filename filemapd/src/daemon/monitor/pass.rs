@@ -83,6 +83,7 @@ impl Monitor {
         self.tally.created += outcome.created as u64;
         self.tally.deleted += outcome.deleted as u64;
         self.tally.fused += outcome.fused as u64;
+        self.tally.dm_messages += outcome.messages;
         if outcome.created + outcome.deleted > 0 {
             info!(
                 "Updated group {}: {} region(s), {} created, {} deleted",
@@ -102,6 +103,7 @@ impl Monitor {
                 created: outcome.created,
                 deleted: outcome.deleted,
                 regions: outcome.group.member_count(),
+                dm_messages: outcome.messages,
                 apply_us: applying.elapsed().as_micros(),
                 event_to_region_us: self
                     .oldest_event_ns
@@ -137,6 +139,7 @@ impl Monitor {
                 created: 0,
                 deleted: 0,
                 regions: 0,
+                dm_messages: 0,
                 apply_us: 0,
                 event_to_region_us: None,
             });
