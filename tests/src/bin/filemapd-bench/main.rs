@@ -63,6 +63,9 @@ fn main() {
     }
     if wanted("scale") {
         scale::run();
+    } else if wanted("extents") {
+        // The one-file parts of scale alone: an update of a 10,000- and a 30,000-extent group.
+        scale::many_extents_rows();
     } else if wanted("files") {
         // The many-files parts of scale alone, for a quick look; FILEMAPD_BENCH_FILES=N,...
         // runs only the rows without regions for those counts.

@@ -24,6 +24,13 @@ use crate::{
 const BLOCK: u64 = 4096;
 
 pub fn run() {
+    many_extents_rows();
+    many_files(1000);
+    many_files_without_regions(&[1000, 10_000]);
+}
+
+/// One file of 10,000 extents, then one of 30,000: each monitor's updates.
+pub fn many_extents_rows() {
     many_extents(10_000, &Monitor::ALL, 10);
     // lvm2 plans in O(extents²) (a linear search per extent): a few updates say enough. In
     // the bench VM's 8 GiB dm-stats refuses region 31,537 of 100,000: it caps its memory at a
@@ -31,8 +38,6 @@ pub fn run() {
     // (64 KiB with Debian's NR_CPUS=8192). 30,000 is the largest round count it holds;
     // 100,000 would need ~26 GiB of guest RAM, more than the host has.
     many_extents(30_000, &[Monitor::Ebpf, Monitor::Lvm2], 5);
-    many_files(1000);
-    many_files_without_regions(&[1000, 10_000]);
 }
 
 /// `filemapd watch --regions none --metrics DIR` over a directory of `files` small files: no
