@@ -1,5 +1,6 @@
 //! `cargo xtask setup | test | demo | bench | fuzz | torture | install | deb | vm`: everything filemapd needs besides cargo itself.
 mod bench;
+mod bench_report;
 mod cmd;
 mod deb;
 mod demo;
@@ -30,8 +31,12 @@ enum Task {
     Test,
     /// Boot the device-mapper VM, map a file with dmstats, show dmstats' and filemapd's view.
     Demo,
-    /// Run the benchmarks in the VM and write BENCHMARKS.md (FILEMAPD_BENCH_STEPS, default 200).
-    Bench,
+    /// Run the benchmarks in the VM and write BENCHMARKS.md, part by part (FILEMAPD_BENCH_STEPS latency steps, default 500).
+    Bench {
+        /// Only this part (latency, writers, growth, service, native); repeatable.
+        #[arg(long)]
+        part: Vec<String>,
+    },
     /// Fuzz the parsers (cargo-fuzz on the nightly) for some seconds per target.
     Fuzz {
         /// Seconds per target.
@@ -80,7 +85,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Test => test::run(),
         Task::Demo => demo::run(),
-        Task::Bench => bench::run(),
+        Task::Bench { part } => bench::run(&part),
         Task::Fuzz { seconds, target } => {
             setup::run().and_then(|()| fuzz::run(seconds, target.as_deref()))
         }

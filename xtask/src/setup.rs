@@ -35,6 +35,10 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
 ];
 
+/// What `cargo xtask bench` needs beyond the tests: bpftrace, whose probe on dm-stats' message
+/// handler is the latency section's witness of region creations.
+const BENCH_PACKAGES: &[&str] = &["bpftrace"];
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const VIRTME_NG_VERSION: &str = "1.42";
 
@@ -42,7 +46,7 @@ pub fn run() -> anyhow::Result<()> {
     require_root()?;
     let log = cmd::workspace_root().join("target/setup.log");
     std::fs::create_dir_all(log.parent().unwrap())?;
-    apt_packages(&log)?;
+    apt_packages(APT_PACKAGES, &log)?;
     nightly_with_rust_src(&log)?;
     bpf_linker(&log)?;
     virtme_ng(&log)?;
@@ -94,8 +98,17 @@ fn require_root() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn apt_packages(log: &Path) -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// The bench's own tools, after everything `run` installs.
+pub fn bench_tools() -> anyhow::Result<()> {
+    run()?;
+    apt_packages(
+        BENCH_PACKAGES,
+        &cmd::workspace_root().join("target/setup.log"),
+    )
+}
+
+fn apt_packages(packages: &[&str], log: &Path) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {

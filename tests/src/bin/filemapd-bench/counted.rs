@@ -113,6 +113,7 @@ pub fn run(rounds: usize, scope: Scope) {
     let clock = ProgramClock::start();
     let mut costs = Vec::new();
     let mut breakdowns = Vec::new();
+    let mut verdicts = Vec::new();
     const MONITORS: [Monitor; 5] = [
         Monitor::Nothing,
         Monitor::Ebpf,
@@ -142,6 +143,16 @@ pub fn run(rounds: usize, scope: Scope) {
             let rate = |o: &Outcome| o.written as f64 / o.elapsed.as_secs_f64() / 1e6;
             let median_rate = |runs: &[Outcome]| median(runs.iter().map(rate).collect());
             let baseline = (!outcomes[0].is_empty()).then(|| median_rate(&outcomes[0]));
+            let ebpf = MONITORS.iter().position(|&k| k == Monitor::Ebpf).unwrap();
+            if matches!(pattern, Pattern::VmImage) && !outcomes[0].is_empty() {
+                let rates = |runs: &[Outcome]| runs.iter().map(rate).collect::<Vec<_>>();
+                verdicts.push(crate::slowdown_verdict(
+                    &format!("{} {}, filemapd --ebpf", fs_kind.name(), pattern.name()),
+                    &rates(&outcomes[0]),
+                    &rates(&outcomes[ebpf]),
+                    5.0,
+                ));
+            }
             let share = |monitor: Monitor| {
                 let m = MONITORS.iter().position(|&k| k == monitor).unwrap();
                 median(outcomes[m].iter().map(Outcome::program_share).collect())
@@ -222,6 +233,9 @@ pub fn run(rounds: usize, scope: Scope) {
     report!(
         "\nTargets (issue 9): slowdown ≤ 5 % (median) for filemapd --ebpf under random-write growth."
     );
+    for verdict in verdicts {
+        report!("{verdict}");
+    }
     report!(
         "Targets (issue 12): lost 0.00 % for filemapd --ebpf; the accounting costs ≤ 1 % of the writer's MB/s.\n"
     );

@@ -90,6 +90,11 @@ pub fn run(rounds: usize) {
         slowdown(&counted)
     );
     report!("");
+    report!(
+        "{}",
+        crate::slowdown_verdict("kernel counters", &bare, &counted, 5.0)
+    );
+    report!("");
 }
 
 /// A file of `FRAGMENTS` separate 4 KiB extents: an O_DIRECT write every other block.

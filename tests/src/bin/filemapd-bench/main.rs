@@ -16,6 +16,7 @@ mod program_time;
 mod region_cost;
 mod scale;
 mod usage;
+mod witness;
 
 use std::time::Duration;
 
@@ -33,66 +34,76 @@ macro_rules! report {
 }
 
 fn main() {
-    let steps: usize = env_number("FILEMAPD_BENCH_STEPS", 200);
+    let steps: usize = env_number("FILEMAPD_BENCH_STEPS", 500);
     let only = std::env::var("FILEMAPD_BENCH_ONLY").unwrap_or_default();
-    let wanted = |name: &str| only.is_empty() || only.split(',').any(|o| o == name);
-    if wanted("latency") {
-        latency::run(steps);
-    }
+    let named = |name: &str| only.split(',').any(|o| o == name);
+    let wanted = |name: &str| only.is_empty() || named(name);
     let rounds = env_number("FILEMAPD_BENCH_ROUNDS", 5);
+    if wanted("latency") {
+        timed(|| latency::run(steps));
+    }
     if wanted("counted") {
-        counted::run(rounds, counted::Scope::Whole);
-    } else if only.split(',').any(|o| o == "accounting") {
+        timed(|| counted::run(rounds, counted::Scope::Whole));
+    } else if named("accounting") {
         // The accounting's cost alone, for a quick look.
-        counted::run(rounds, counted::Scope::AccountingCost);
+        timed(|| counted::run(rounds, counted::Scope::AccountingCost));
     }
     if wanted("cost") {
-        region_cost::run(rounds);
+        timed(|| region_cost::run(rounds));
     }
     if wanted("images") {
-        images::run(rounds);
+        timed(|| images::run(rounds));
     }
     if wanted("appends") {
-        appends::run(rounds);
+        timed(|| appends::run(rounds));
     }
     if wanted("idle") {
-        usage::run_idle(Duration::from_secs(env_number(
-            "FILEMAPD_BENCH_IDLE_SECS",
-            60,
-        )));
+        let idle = Duration::from_secs(env_number("FILEMAPD_BENCH_IDLE_SECS", 60));
+        timed(|| usage::run_idle(idle));
     }
     if wanted("scale") {
-        scale::run();
-    } else if wanted("extents") {
+        timed(scale::many_extents_rows);
+        timed(scale::many_files_rows);
+    } else if named("extents") {
         // The one-file parts of scale alone: an update of a 10,000- and a 30,000-extent group.
-        scale::many_extents_rows();
-    } else if wanted("files") {
+        timed(scale::many_extents_rows);
+    } else if named("files") {
         // The many-files parts of scale alone, for a quick look; FILEMAPD_BENCH_FILES=N,...
         // runs only the rows without regions for those counts.
         match std::env::var("FILEMAPD_BENCH_FILES") {
             Ok(counts) => {
                 let counts: Vec<usize> = counts.split(',').filter_map(|n| n.parse().ok()).collect();
-                scale::many_files_without_regions(&counts);
+                timed(|| scale::many_files_without_regions(&counts));
             }
-            Err(_) => {
-                scale::many_files(1000);
-                scale::many_files_without_regions(&[1000, 10_000]);
-            }
+            Err(_) => timed(scale::many_files_rows),
         }
     }
     if wanted("handoff") {
-        handoff::run(100);
+        timed(|| handoff::run(100));
     }
     if wanted("new-image") {
-        new_image::run(5);
+        timed(|| new_image::run(5));
     }
     // On the machine's own kernel, outside the VM: only when named.
-    if only.split(',').any(|o| o == "native") {
-        native::run(rounds);
-        native::probe_cost();
-    } else if only.split(',').any(|o| o == "probe") {
-        native::probe_cost();
+    if named("native") {
+        timed(|| {
+            native::run(rounds);
+            native::probe_cost();
+        });
+    } else if named("probe") {
+        timed(native::probe_cost);
     }
+}
+
+/// Runs one section and says under it how long it took, so that a reader (and whoever splits
+/// the bench into parts) sees where a run's time goes.
+fn timed(section: impl FnOnce()) {
+    let started = std::time::Instant::now();
+    section();
+    report!(
+        "*This section ran for {:.1} min.*\n",
+        started.elapsed().as_secs_f64() / 60.0
+    );
 }
 
 fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -125,5 +136,31 @@ pub fn median_and_spread(mut values: Vec<f64>, decimals: usize) -> String {
         quantile(&values, 0.5),
         values[0],
         values[values.len() - 1]
+    )
+}
+
+/// A writer-slowdown target judged as the report judges every such target: met only when the
+/// median slowdown meets it, and said when the rounds' range straddles it. Round i of
+/// `monitored` ran beside round i of `baseline` (MB/s each); the median slowdown is that of the
+/// medians, as the tables show it.
+pub fn slowdown_verdict(what: &str, baseline: &[f64], monitored: &[f64], target: f64) -> String {
+    let slowdown = |b: f64, m: f64| (b - m) / b * 100.0;
+    let at_median = slowdown(median(baseline.to_vec()), median(monitored.to_vec()));
+    let mut rounds: Vec<f64> = baseline
+        .iter()
+        .zip(monitored)
+        .map(|(&b, &m)| slowdown(b, m))
+        .collect();
+    rounds.sort_unstable_by(f64::total_cmp);
+    let (low, high) = (rounds[0], rounds[rounds.len() - 1]);
+    let verdict = if at_median <= target { "met" } else { "missed" };
+    let straddles = if low <= target && target < high {
+        format!(", a range that straddles {target} %")
+    } else {
+        String::new()
+    };
+    format!(
+        "- {what}: slowdown ≤ {target} % {verdict} (median {at_median:+.1} %; rounds {low:+.1} to {high:+.1} %{straddles}, {} rounds)",
+        rounds.len()
     )
 }

@@ -199,14 +199,7 @@ pub fn wait_covered(
     len: u64,
     limit: Duration,
 ) -> bool {
-    let file = fs::File::open(path).unwrap();
-    // Cut at the end of the file, as the daemon's regions are.
-    let eof = view::data_end(&file.metadata().unwrap());
-    let wanted = ExtentMap::new(
-        fiemap::read_extents(&file, offset, len, false).unwrap(),
-        eof,
-    )
-    .device_ranges();
+    let wanted = sectors_of(path, offset, len);
     let started = Instant::now();
     let deadline = started + limit;
     while Instant::now() < deadline {
@@ -223,6 +216,18 @@ pub fn wait_covered(
         std::thread::sleep(pause);
     }
     false
+}
+
+/// The device sectors that hold bytes `offset..offset + len` of the file, as FIEMAP shows them
+/// now, cut at the end of the file as the daemon's regions are.
+pub fn sectors_of(path: &Path, offset: u64, len: u64) -> Vec<SectorRange> {
+    let file = fs::File::open(path).unwrap();
+    let eof = view::data_end(&file.metadata().unwrap());
+    ExtentMap::new(
+        fiemap::read_extents(&file, offset, len, false).unwrap(),
+        eof,
+    )
+    .device_ranges()
 }
 
 /// Whether regions sorted by start cover every sector of `wanted` between them (a tiled

@@ -46,6 +46,7 @@ pub fn run(rounds: usize) {
         "| fs | regions | no monitor | with the group | slowdown | `--regions none` | slowdown |"
     );
     report!("| --- | --- | --- | --- | --- | --- | --- |");
+    let mut verdicts = Vec::new();
     for fs_kind in [FsKind::Ext4, FsKind::Xfs] {
         let dmfs = DmFs::new(fs_kind).unwrap();
         let path = dmfs.mount.dir.join("image.img");
@@ -89,12 +90,22 @@ pub fn run(rounds: usize) {
             "| {} | {} | {} | {} | {:+.1} % | {} | {:+.1} % |",
             fs_kind.name(),
             median_and_spread(regions, 0),
-            median_and_spread(without, 1),
+            median_and_spread(without.clone(), 1),
             median_and_spread(with.clone(), 1),
             slowdown(&with),
             median_and_spread(kernel.clone(), 1),
             slowdown(&kernel),
         );
+        verdicts.push(crate::slowdown_verdict(
+            &format!("{}, `--regions none`", fs_kind.name()),
+            &without,
+            &kernel,
+            5.0,
+        ));
+    }
+    report!("");
+    for verdict in verdicts {
+        report!("{verdict}");
     }
     report!("");
 }

@@ -23,8 +23,9 @@ use crate::{
 
 const BLOCK: u64 = 4096;
 
-pub fn run() {
-    many_extents_rows();
+/// 1,000 files in one process with and without regions, then 1,000 and 10,000 files counted
+/// by the kernel alone.
+pub fn many_files_rows() {
     many_files(1000);
     many_files_without_regions(&[1000, 10_000]);
 }
