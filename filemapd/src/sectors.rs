@@ -42,6 +42,20 @@ pub fn join_adjacent(mut ranges: Vec<SectorRange>) -> Vec<SectorRange> {
     joined
 }
 
+/// The sectors some of `ranges` hold (in any order, overlapping or not), as sorted disjoint
+/// ranges.
+pub fn union(mut ranges: Vec<SectorRange>) -> Vec<SectorRange> {
+    ranges.sort_unstable();
+    let mut joined: Vec<SectorRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match joined.last_mut() {
+            Some(last) if r.start <= last.end() => last.len = last.len.max(r.end() - last.start),
+            _ => joined.push(r),
+        }
+    }
+    joined
+}
+
 /// The parts of `range` that none of `taken` overlaps, in order (`taken` in any order, and
 /// reaching past `range` or not).
 pub fn parts_not_in(range: SectorRange, mut taken: Vec<SectorRange>) -> Vec<SectorRange> {
@@ -87,6 +101,15 @@ pub fn difference(a: &[SectorRange], b: &[SectorRange]) -> Vec<SectorRange> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn union_makes_overlapping_ranges_one_cover() {
+        let r = SectorRange::new;
+        assert_eq!(
+            union(vec![r(10, 5), r(0, 20), r(20, 5), r(30, 1)]),
+            vec![r(0, 25), r(30, 1)]
+        );
+    }
 
     #[test]
     fn touching_ranges_join_and_gaps_stay() {

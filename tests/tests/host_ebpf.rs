@@ -470,6 +470,64 @@ fn whole_blocks_sharers_and_counters() {
     }
 }
 
+/// A pass judges only the sectors it has news about: one that read a stretch of the file
+/// (FIEMAP of what its events named) adds what it saw and takes out what it saw given back,
+/// and leaves alone an older allocation elsewhere in the same 16 MiB block whose event it has
+/// not taken yet (taken out, its bios would go uncounted until the next pass). A later pass
+/// that judges those sectors takes them out when the file no longer has them; sectors held by
+/// a recording newer than the reading are left and handed back for a later pass to judge.
+#[test]
+fn a_pass_takes_out_only_what_it_judged() {
+    use filemapd::{
+        sectors::SectorRange,
+        wake::ebpf::{
+            ONE_FILE_TABLES,
+            counting::{Reading, monotonic_ns},
+            standalone_counting,
+        },
+    };
+    require_root();
+    const DEV: u32 = (253 << 20) | 12;
+    let counting = std::sync::Arc::new(standalone_counting(16, ONE_FILE_TABLES).unwrap());
+    let file = counting
+        .open(DEV, Default::default(), Default::default())
+        .unwrap()
+        .unwrap();
+    let held = || join_adjacent(file.held().iter().map(|h| h.range).collect());
+    // Ten seconds ago: far older than any reading's margin.
+    let long_ago = Reading {
+        at_ns: monotonic_ns() - 10_000_000_000,
+    };
+    // 64 KiB pieces, two in one 256 KiB chunk and one in the next.
+    let a = SectorRange::new(4096, 128);
+    let b = SectorRange::new(4096 + 256, 128);
+    let c = SectorRange::new(4096 + 512, 128);
+    assert_eq!(file.sync(&[a, b], &[a, b], long_ago).no_room, 0);
+    assert_eq!(held(), vec![a, b]);
+    // A stretch read saw `c` appear; its view still lacks `b` (allocated, event not taken).
+    file.sync(&[c], &[a, c], Reading::now());
+    assert_eq!(held(), vec![a, b, c], "b kept: the pass had no news of it");
+    // A pass with news of `b` (its event, or the file giving it back) judges it.
+    let changes = file.sync(&[b], &[a, c], Reading::now());
+    assert_eq!(held(), vec![a, c], "b judged and taken out");
+    assert_eq!(changes.deferred, vec![]);
+    // Sectors held by a recording newer than the reading are left, and said to be left, so
+    // that a later pass judges them again.
+    let later = |s: u64| Reading {
+        at_ns: monotonic_ns() + s * 1_000_000_000,
+    };
+    // (A chunk of its own, so that the record carries that reading's stamp.)
+    let d = SectorRange::new(4096 + 1024, 128);
+    file.sync(&[d], &[a, c, d], later(10));
+    let changes = file.sync(&[d], &[a, c], Reading::now());
+    assert_eq!(held(), vec![a, c, d], "d recorded after the reading: kept");
+    assert_eq!(changes.deferred, vec![d], "and left for a later pass");
+    let changes = file.sync(&changes.deferred, &[a, c], later(20));
+    assert_eq!(held(), vec![a, c], "d judged by a later reading");
+    assert_eq!(changes.deferred, vec![]);
+    counting.close(file.slot);
+}
+
 /// A file of `head` bytes on a fresh file system, watched by a tracer whose (unattached)
 /// counting holds it in a slot, on the pretend dm device `dev`. Unwatched when dropped.
 struct CountedFileOnHost {

@@ -284,12 +284,13 @@ fn known_io_without_regions(fs_kind: FsKind) {
     let after_read = reported(&path);
     let device = device_of(&path);
     let regions = device.list(None).unwrap();
+    let shown = run(&filemapd_binary().to_string_lossy(), &["show", &p]).unwrap();
     eprintln!(
         "{fs_kind:?}: {written} sectors written, reported {after_writes:?}; {held} held, reported {after_read:?}; regions {regions:?}"
     );
     assert_eq!(
         after_writes.3, written,
-        "written sectors, counted from the first write"
+        "written sectors, counted from the first write; filemapd show:\n{shown}"
     );
     assert!(after_writes.2 > 0);
     assert_eq!(after_read.1 - after_writes.1, held, "read sectors");

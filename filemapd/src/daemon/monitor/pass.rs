@@ -179,6 +179,8 @@ impl Monitor {
         }
         // With no room, the next pass goes over all the file's sectors again.
         map.synced = if changes.no_room > 0 { Vec::new() } else { now };
+        // Left for now (held by too recent a recording): the next pass judges them again.
+        map.recorded.extend(changes.deferred);
     }
 
     /// Whether the device did no IO since the last look and has none in flight, so that

@@ -24,7 +24,7 @@ use filemapd_common::sector_map::{
 };
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
-use crate::sectors::SectorRange;
+use crate::sectors::{SectorRange, difference, union};
 
 pub struct SectorMap {
     chunks: Table<Chunk>,
@@ -37,19 +37,23 @@ pub struct SectorMap {
 }
 
 /// What a [`SectorMap::set`] did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     /// Words written (records' units and meta, whole-block owners).
     pub words: usize,
     /// Chunks or blocks with wanted sectors and no room (a chunk's records or a table's
     /// window full): their IO is not counted until room is made.
     pub no_room: usize,
+    /// Judged sectors the file no longer has that stay, held by a recording too recent to
+    /// judge: a later pass judges them again.
+    pub deferred: Vec<SectorRange>,
 }
 
 impl std::ops::AddAssign for Changes {
     fn add_assign(&mut self, other: Changes) {
         self.words += other.words;
         self.no_room += other.no_room;
+        self.deferred.extend(other.deferred);
     }
 }
 
@@ -77,10 +81,12 @@ impl SectorMap {
         self.logs
     }
 
-    /// Makes `slot`'s holdings on `dev`, over every 16 MiB block that `over` touches, exactly
-    /// `ranges` (the file's sectors as FIEMAP showed them: sorted, disjoint), except what was
-    /// recorded at or after `since` (a [`stamp`]; `None`: nothing is kept) outside them. New
-    /// words carry `stamp`.
+    /// Adds `slot`'s `ranges` on `dev` (the file's sectors as FIEMAP showed them: sorted,
+    /// disjoint) over every 16 MiB block that `over` touches, and takes out what it holds in
+    /// `over` outside them, except what was recorded at or after `since` (a [`stamp`]; `None`:
+    /// nothing is kept). Only `over` is judged: a pass that read a stretch of the file knows
+    /// nothing of an allocation elsewhere whose event it has not taken yet, however old its
+    /// recording. New words carry `stamp`.
     pub fn set(
         &self,
         dev: u32,
@@ -92,12 +98,13 @@ impl SectorMap {
     ) -> Changes {
         let _changing = self.changing.lock().expect("sector map lock");
         let mut changes = Changes::default();
-        for block in blocks_touched(over) {
+        let over = union(over.to_vec());
+        for block in blocks_touched(&over) {
             if !fits(dev, block + BLOCK_SECTORS - 1) {
                 changes.no_room += 1;
                 continue;
             }
-            changes += self.set_block(dev, slot, block, ranges, since, stamp);
+            changes += self.set_block(dev, slot, block, ranges, &over, since, stamp);
         }
         changes
     }
@@ -108,8 +115,9 @@ impl SectorMap {
         let _changing = self.changing.lock().expect("sector map lock");
         let mut changes = Changes::default();
         for (_, dev, block) in self.blocks_in_use() {
-            // Nothing wanted, nothing kept fresh: the file is gone from the map.
-            changes += self.set_block(dev, slot, block, &[], None, 0);
+            // Nothing wanted, nothing kept fresh, all judged: the file is gone from the map.
+            let whole = [SectorRange::new(block, BLOCK_SECTORS)];
+            changes += self.set_block(dev, slot, block, &[], &whole, None, 0);
         }
         changes
     }
@@ -177,12 +185,14 @@ impl SectorMap {
     }
 
     /// One 16 MiB block (its first sector `block`): see [`SectorMap::set`].
+    #[allow(clippy::too_many_arguments)]
     fn set_block(
         &self,
         dev: u32,
         slot: u32,
         block: u64,
         ranges: &[SectorRange],
+        over: &[SectorRange],
         since: Option<u64>,
         stamp: u64,
     ) -> Changes {
@@ -227,13 +237,29 @@ impl SectorMap {
             false => since,
         };
         let chunks = self.blocks.word(entry, CHUNKS_WORD).load(SeqCst);
+        let judged = clip(over, block_range);
+        if fresh_owner {
+            changes
+                .deferred
+                .extend(difference(&judged, &clip(ranges, block_range)));
+        }
         for c in 0..64u64 {
-            let base = block + c * CHUNK_SECTORS;
-            let in_chunk = clip(&spans_wanted, SectorRange::new(base, CHUNK_SECTORS));
-            if in_chunk.is_empty() && chunks & (1 << c) == 0 {
+            let chunk = SectorRange::new(block + c * CHUNK_SECTORS, CHUNK_SECTORS);
+            let in_chunk = clip(&spans_wanted, chunk);
+            let judged_in_chunk = clip(&judged, chunk);
+            if in_chunk.is_empty() && (judged_in_chunk.is_empty() || chunks & (1 << c) == 0) {
                 continue;
             }
-            changes += self.set_chunk(dev, slot, entry, base, &in_chunk, spans_since, stamp);
+            changes += self.set_chunk(
+                dev,
+                slot,
+                entry,
+                chunk.start,
+                &in_chunk,
+                &judged_in_chunk,
+                spans_since,
+                stamp,
+            );
         }
         if let Some((index, word)) = owned
             && !whole
@@ -250,7 +276,8 @@ impl SectorMap {
     }
 
     /// One chunk (its first sector `base`, in the block entry `block_entry`): `slot`'s units
-    /// there become those of `wanted`, except units of a record stamped at or after `since`.
+    /// there gain those of `wanted` and lose those of `judged` outside it, except units of a
+    /// record stamped at or after `since`.
     #[allow(clippy::too_many_arguments)]
     fn set_chunk(
         &self,
@@ -259,13 +286,19 @@ impl SectorMap {
         block_entry: u32,
         base: u64,
         wanted: &[SectorRange],
+        judged: &[SectorRange],
         since: Option<u64>,
         stamp: u64,
     ) -> Changes {
         let mut changes = Changes::default();
-        let want: u64 = wanted.iter().fold(0, |units, r| {
-            units | units_touched(r.start - base, r.end() - base)
-        });
+        let units_of = |ranges: &[SectorRange]| {
+            ranges.iter().fold(0u64, |units, r| {
+                units | units_touched(r.start - base, r.end() - base)
+            })
+        };
+        let want = units_of(wanted);
+        // Units outside the judged sectors stay as they are.
+        let keep = want | !units_of(judged);
         let found = match want {
             0 => self.find_chunk(dev, base).map(|(e, _)| e),
             _ => self.ensure_chunk(dev, base),
@@ -307,10 +340,18 @@ impl SectorMap {
             loop {
                 let now = units.load(SeqCst);
                 let word = m.load(SeqCst);
-                if !mine(word) || fresh(word) {
+                if !mine(word) {
                     break;
                 }
-                let kept = now & want;
+                if fresh(word) {
+                    changes.deferred.extend(
+                        unit_runs(now & !keep)
+                            .into_iter()
+                            .map(|r| SectorRange::new(base + r.start, r.len)),
+                    );
+                    break;
+                }
+                let kept = now & keep;
                 if kept == now {
                     // An empty record is freed, unless the kernel stamped it meanwhile.
                     if now == 0 && m.compare_exchange(word, 0, SeqCst, SeqCst).is_ok() {

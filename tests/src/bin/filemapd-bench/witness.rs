@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use filemapd::sectors::{SectorRange, difference};
+use filemapd::sectors::{SectorRange, difference, union};
 
 /// `dm_stats_message(md, argc, argv, result, maxlen)` is dm-mod's entry for every `@stats_*`
 /// message. The range is remembered per thread at entry and said at return with the result
@@ -128,19 +128,6 @@ impl Drop for Witness {
     }
 }
 
-/// The sectors some of `ranges` hold, as sorted disjoint ranges (regions may overlap).
-fn union(mut ranges: Vec<SectorRange>) -> Vec<SectorRange> {
-    ranges.sort_unstable();
-    let mut joined: Vec<SectorRange> = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        match joined.last_mut() {
-            Some(last) if r.start <= last.end() => last.len = last.len.max(r.end() - last.start),
-            _ => joined.push(r),
-        }
-    }
-    joined
-}
-
 /// `created <ns> <result> <range>`, the range `<start>+<length>` or `-` (the whole device).
 /// Failed creations (result other than 1) are left out.
 fn parse(line: &str) -> Option<Creation> {
@@ -173,14 +160,5 @@ mod tests {
         assert!(parse("created 5 -22 2048+128").is_none());
         assert_eq!(parse("created 5 1 -").unwrap().range.start, 0);
         assert!(parse("Attaching 3 probes...").is_none());
-    }
-
-    #[test]
-    fn overlapping_regions_make_one_cover() {
-        let r = SectorRange::new;
-        assert_eq!(
-            union(vec![r(10, 5), r(0, 20), r(20, 5), r(30, 1)]),
-            vec![r(0, 25), r(30, 1)]
-        );
     }
 }
