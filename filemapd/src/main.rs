@@ -23,7 +23,7 @@ use filemapd::{
 #[command(
     version,
     about = "Keep a file's dm-stats region group in step with its extents",
-    long_about = "Keep a file's dm-stats region group in step with its extents.\n\nA drop-in for lvm2's dmfilemapd: installed as dmfilemapd, it takes lvm2's arguments and dmstats starts it for `dmstats create --filemap`. Like lvm2's daemon it exits when its group is deleted, or when its file has no extents left (see filemapd-watch(8) for a service that outlives any one file).",
+    long_about = "Keep a file's dm-stats region group in step with its extents.\n\nA drop-in for lvm2's dmfilemapd: installed as dmfilemapd, it takes lvm2's arguments and dmstats starts it for `dmstats create --filemap`. Like lvm2's daemon it exits when its group is deleted, or when its file has no extents left (see filemapd-watch(8) for a service that outlives any one file).\n\nWith a `filemapd watch --handoff` service running, the daemon hands its file to the service and exits. It looks for the service on /run/filemapd/handoff.sock, or on the socket FILEMAPD_HANDOFF_SOCKET names (for a service whose config sets handoff_socket), and hands its file only to a service running as root or as its own user.",
     override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch [--config <FILE>] [PATH...] [--ebpf] [--regions tiled|exact|none] [--interval <S>] [--metrics <ADDR>] [--handoff] [--check-config] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]\n       filemapd report [FILE...]\n       filemapd top [--metrics ADDR] [--interval S] [--sort COLUMN] [--batch N]",
     args_conflicts_with_subcommands = true
 )]
@@ -105,8 +105,9 @@ enum Command {
         #[arg(long, requires = "metrics")]
         metrics_remote: bool,
         /// Take over the files of dmfilemapd daemons that Debian's dmstats starts: they hand
-        /// their file over (on /run/filemapd/handoff.sock) and exit, so one process and one
-        /// set of eBPF programs serve the host.
+        /// their file over (on /run/filemapd/handoff.sock, or the TOML config's
+        /// handoff_socket) and exit, so one process and one set of eBPF programs serve the
+        /// host. Also set by the config's `handoff = true`.
         #[arg(long)]
         handoff: bool,
         /// Print what the config and PATHs would have watched, and how, then exit: 0 when
@@ -564,8 +565,8 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool, mapping: Mappin
         monitor.use_exact_mapping();
     }
     // With a `filemapd watch --handoff` service running, it keeps the group instead.
-    let socket = std::path::Path::new(filemapd::daemon::handoff::SOCKET);
-    match filemapd::daemon::handoff::offer(socket, args.fd, args.group_id, args.mode, &args.path) {
+    let socket = filemapd::daemon::handoff::socket_for_daemons();
+    match filemapd::daemon::handoff::offer(&socket, args.fd, args.group_id, args.mode, &args.path) {
         Ok(true) => {
             log::info!("Handed the file to the filemapd service");
             return ExitCode::SUCCESS;

@@ -626,3 +626,53 @@ fn the_debian_package_installs_runs_and_purges_without_a_trace() {
         "dpkg still knows the package"
     );
 }
+
+/// The config takes hand-overs on a socket of its own (`handoff = true`, `handoff_socket`),
+/// without `--handoff`: a daemon started with FILEMAPD_HANDOFF_SOCKET naming it hands its file
+/// over and exits, and the service follows the file's growth from then on.
+#[test]
+fn a_config_names_its_own_hand_over_socket() {
+    use filemapd_tests::daemon::LoggedDaemon;
+    require_device_mapper();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let path = dmfs.mount.dir.join("vm.img");
+    write_and_sync(&path, 0, 1 << 20).unwrap();
+    let p = path.to_string_lossy().into_owned();
+    let out = run(&filemapd_binary().to_string_lossy(), &["map", &p]).unwrap();
+    let group = filemapd_tests::created_group_id(&out).unwrap().to_string();
+    let socket_dir = Path::new("/run/filemapd-config-test");
+    let socket = socket_dir.join("handoff.sock");
+    let config = dmfs.mount.dir.join("watch.toml");
+    write_config(
+        &config,
+        &format!(
+            "handoff = true\nhandoff_socket = \"{}\"\n",
+            socket.display()
+        ),
+    );
+    let c = config.to_string_lossy().into_owned();
+    let mut service = LoggedDaemon::start(&["watch", "--config", &c, "-v"], &config, &[]);
+    service.wait_for_line("waiting for SIGHUP");
+    assert!(
+        socket.exists(),
+        "the service listens on the config's socket"
+    );
+
+    let s = socket.to_string_lossy().into_owned();
+    let mut daemon = Command::new(filemapd_binary())
+        .args(["0", &group, &p, "inode", "1", "0"])
+        .env("FILEMAPD_HANDOFF_SOCKET", &s)
+        .stdin(fs::File::open(&path).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for_exit(daemon.id() as i32, EXIT).unwrap(),
+        "the daemon did not hand over"
+    );
+    assert!(daemon.wait().unwrap().success());
+    service.wait_for_line("handed over by a dmstats-launched daemon");
+    append(&path, 2);
+    wait_converged(&dmfs, &path, "vm.img", "growth the service followed");
+    service.stop();
+    let _ = fs::remove_dir_all(socket_dir);
+}

@@ -19,12 +19,25 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, getsockopt, recvmsg, sendmsg,
+    sockopt::PeerCredentials,
+};
 
 use crate::daemon::args::FollowMode;
 
-/// Where the service listens.
+/// Where the service listens unless its config says otherwise.
 pub const SOCKET: &str = "/run/filemapd/handoff.sock";
+
+/// Where a daemon offers its file: `FILEMAPD_HANDOFF_SOCKET` (a service whose config names
+/// another socket), else [`SOCKET`]. dmstats passes its own environment to the daemons it
+/// starts.
+pub fn socket_for_daemons() -> PathBuf {
+    std::env::var_os("FILEMAPD_HANDOFF_SOCKET")
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(SOCKET))
+}
 
 const HEADER: &str = "filemapd-handoff 1";
 
@@ -42,9 +55,29 @@ pub fn offer(
     path: &Path,
 ) -> anyhow::Result<bool> {
     match UnixStream::connect(socket) {
-        Ok(stream) => hand_over(stream, fd, group_id, mode, path).map(|()| true),
+        Ok(stream) => {
+            check_listener(&stream, socket)?;
+            hand_over(stream, fd, group_id, mode, path).map(|()| true)
+        }
         Err(_) => Ok(false), // no service (or a stale socket)
     }
+}
+
+/// The descriptor goes only to a service running as root or as this daemon's user: a socket
+/// named by the environment may lie where others can listen first.
+fn check_listener(stream: &UnixStream, socket: &Path) -> anyhow::Result<()> {
+    let uid = getsockopt(stream, PeerCredentials)
+        .with_context(|| format!("who listens on {}", socket.display()))?
+        .uid();
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if uid != 0 && uid != me {
+        bail!(
+            "the process listening on {} runs as uid {uid}, neither root nor this daemon's user: the file is not handed to it",
+            socket.display()
+        );
+    }
+    Ok(())
 }
 
 /// Sends the file and what to watch on a connected stream, and waits for `taken`.
@@ -180,6 +213,67 @@ mod tests {
         std::io::Write::write_all(&mut &service, b"taken\n").unwrap();
         drop(service);
         offering.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_service_of_this_user_is_trusted() {
+        let (daemon, _service) = UnixStream::pair().unwrap();
+        check_listener(&daemon, Path::new("/run/test.sock")).unwrap();
+    }
+
+    /// A socket where another user listens (here: nobody, 65534) gets no descriptor.
+    #[test]
+    fn a_listener_of_another_user_gets_nothing() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root");
+        let dir = std::env::temp_dir().join(format!("filemapd-handoff-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        let socket = dir.join("h.sock");
+        let _ = std::fs::remove_file(&socket);
+        let address = nix::sys::socket::UnixAddr::new(&socket).unwrap();
+        let (ready_r, ready_w) = nix::unistd::pipe().unwrap();
+        // The listener is a forked child that becomes nobody: after a fork in a threaded
+        // process only plain system calls, on what was prepared before it.
+        // SAFETY: the child makes system calls only and ends with _exit.
+        let child = match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => unsafe {
+                if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                    libc::_exit(1);
+                }
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let bound = libc::bind(
+                    fd,
+                    nix::sys::socket::SockaddrLike::as_ptr(&address),
+                    nix::sys::socket::SockaddrLike::len(&address),
+                );
+                if bound != 0 || libc::listen(fd, 1) != 0 {
+                    libc::_exit(2);
+                }
+                libc::write(ready_w.as_raw_fd(), b"r".as_ptr().cast(), 1);
+                libc::pause();
+                libc::_exit(0)
+            },
+            nix::unistd::ForkResult::Parent { child } => child,
+        };
+        drop(ready_w);
+        let mut ready = [0u8; 1];
+        let got = nix::unistd::read(&ready_r, &mut ready);
+        let file = File::open("/proc/self/status").unwrap();
+        let offered = offer(
+            &socket,
+            file.as_raw_fd(),
+            1,
+            FollowMode::Inode,
+            Path::new("/a"),
+        );
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(child, None);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(got.ok(), Some(1), "the listener as nobody did not start");
+        let err = format!("{:#}", offered.unwrap_err());
+        assert!(err.contains("uid 65534"), "{err}");
     }
 
     #[test]

@@ -28,6 +28,18 @@ pub fn check(config: Option<&Path>, paths: &[PathSpec], regions: Regions) -> any
             }
         }
     }
+    if let Some(socket) = &config.handoff {
+        println!(
+            "handoff: takes the files dmstats-launched daemons hand over on {}",
+            socket.display()
+        );
+        if socket != std::path::Path::new(crate::daemon::handoff::SOCKET) {
+            println!(
+                "handoff: daemons look there only with FILEMAPD_HANDOFF_SOCKET={} in their environment",
+                socket.display()
+            );
+        }
+    }
     for entry in &config.groups {
         let group = entry.group_id.expect("a [[group]] names its group");
         let found = oneshot::existing_group(&entry.path);

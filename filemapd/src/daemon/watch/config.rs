@@ -29,6 +29,9 @@ pub struct Config {
     pub paths: Vec<PathSpec>,
     /// Where to serve the metrics (`--metrics` on the command line wins).
     pub metrics: Option<MetricsAddress>,
+    /// `handoff = true`: the socket to take hand-overs on (as `--handoff` does), the
+    /// config's `handoff_socket` or [`crate::daemon::handoff::SOCKET`].
+    pub handoff: Option<PathBuf>,
 }
 
 /// `metrics = "ADDR"` and `metrics_remote = true|false` of a TOML config.
@@ -133,6 +136,9 @@ struct TomlConfig {
     #[serde(default)]
     metrics_remote: bool,
     #[serde(default)]
+    handoff: bool,
+    handoff_socket: Option<PathBuf>,
+    #[serde(default)]
     path: Vec<TomlPath>,
     #[serde(default)]
     group: Vec<TomlGroup>,
@@ -202,11 +208,21 @@ pub fn parse_toml(text: &str) -> anyhow::Result<Config> {
     if parsed.metrics_remote && parsed.metrics.is_none() {
         bail!("metrics_remote is set without a metrics address");
     }
+    let handoff = match (parsed.handoff, parsed.handoff_socket) {
+        (true, Some(socket)) => {
+            absolute(&socket)?;
+            Some(socket)
+        }
+        (true, None) => Some(PathBuf::from(crate::daemon::handoff::SOCKET)),
+        (false, Some(_)) => bail!("handoff_socket is set without handoff = true"),
+        (false, None) => None,
+    };
     let mut config = Config {
         metrics: parsed.metrics.map(|address| MetricsAddress {
             address,
             remote: parsed.metrics_remote,
         }),
+        handoff,
         ..Config::default()
     };
     for group in parsed.group {
@@ -336,6 +352,8 @@ mod tests {
         let config = parse_toml(
             r#"
             metrics = "[::1]:9731"
+            handoff = true
+            handoff_socket = "/run/images/handoff.sock"
 
             [[path]]
             path = "/var/lib/libvirt/images"
@@ -382,6 +400,10 @@ mod tests {
                 remote: false
             })
         );
+        assert_eq!(config.handoff, Some("/run/images/handoff.sock".into()));
+        let default = parse_toml("handoff = true\n").unwrap();
+        assert_eq!(default.handoff, Some("/run/filemapd/handoff.sock".into()));
+        assert_eq!(parse_toml("handoff = false\n").unwrap().handoff, None);
     }
 
     #[test]
@@ -397,6 +419,15 @@ mod tests {
             ("[[path]\n", "line 1"),
             ("metrics = \"localhost\"\n", "line 1"),
             ("metrics_remote = true\n", "without a metrics address"),
+            (
+                "handoff_socket = \"/run/h.sock\"\n",
+                "without handoff = true",
+            ),
+            (
+                "handoff = true\nhandoff_socket = \"h.sock\"\n",
+                "must be absolute",
+            ),
+            ("handoff = \"yes\"\n", "line 1"),
         ] {
             let err = format!("{:#}", parse_toml(text).unwrap_err());
             assert!(err.contains(expected), "{text:?}: {err}");

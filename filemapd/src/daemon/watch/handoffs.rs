@@ -42,14 +42,11 @@ pub fn listen(socket: &Path) -> anyhow::Result<mpsc::Receiver<Offer>> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-        bail!(
-            "--handoff: another process takes hand-overs on {}",
-            socket.display()
-        );
+        bail!("another process takes hand-overs on {}", socket.display());
     }
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)
-        .with_context(|| format!("--handoff: cannot listen on {}", socket.display()))?;
+        .with_context(|| format!("cannot take hand-overs on {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     let (sender, receiver) = mpsc::channel(16);
     tokio::spawn(async move {

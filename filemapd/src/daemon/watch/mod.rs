@@ -90,7 +90,14 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         entries,
         mut directories,
         metrics: configured_metrics,
+        handoff: configured_handoff,
     } = resolve(config, &paths, regions)?;
+    // `--handoff` takes hand-overs on the config's socket, or on the one daemons look for.
+    let handoff_socket = match (handoff, &configured_handoff) {
+        (_, Some(socket)) => Some(socket.clone()),
+        (true, None) => Some(std::path::PathBuf::from(handoff::SOCKET)),
+        (false, None) => None,
+    };
     // The command line's address wins over the config's.
     let metrics = match (metrics, configured_metrics) {
         (Some(address), _) => Some(address),
@@ -175,11 +182,11 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         info!("eBPF trigger for {} file(s)", watch.watching.len());
     }
     info!("watching {} file(s)", watch.watching.len());
-    let mut offers = match handoff {
-        true => Some(handoffs::listen(std::path::Path::new(handoff::SOCKET))?),
-        false => None,
+    let mut offers = match &handoff_socket {
+        Some(socket) => Some(handoffs::listen(socket)?),
+        None => None,
     };
-    if handoff {
+    if handoff_socket.is_some() {
         watch.take_up_handed_before().await;
     }
     if let Some(server) = server {
@@ -214,6 +221,9 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
                 Ok(resolved) => {
                     if resolved.metrics != configured_metrics {
                         warn!("SIGHUP: the config's metrics address changes at the next start, not on reload");
+                    }
+                    if resolved.handoff != configured_handoff {
+                        warn!("SIGHUP: the config's hand-over settings change at the next start, not on reload");
                     }
                     named = resolved.entries.len();
                     watch.reload(&resolved.entries).await;

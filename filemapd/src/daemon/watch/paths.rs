@@ -15,6 +15,8 @@ pub struct Resolved {
     pub directories: Vec<PathSpec>,
     /// The config's metrics address, if it names one.
     pub metrics: Option<MetricsAddress>,
+    /// The config's hand-over socket, when it takes hand-overs.
+    pub handoff: Option<PathBuf>,
 }
 
 /// What to watch: the config's groups, then the files its paths and the command line's PATHs
@@ -56,6 +58,7 @@ pub fn resolve(
         entries,
         directories,
         metrics: config.metrics,
+        handoff: config.handoff,
     })
 }
 
