@@ -164,6 +164,29 @@ fn write_config(path: &Path, text: &str) {
     fs::set_permissions(path, fs::Permissions::from_mode(0o644)).unwrap();
 }
 
+/// Runs the drop-in for `group` in the foreground, as dmstats would start it for `path` with
+/// `file` open as its descriptor, and checks that it handed the file over and exited 0.
+fn hand_over_in_foreground(group: u64, path: &Path, file: &Path, env: &[(&str, &str)]) {
+    let mut daemon = Command::new(filemapd_binary())
+        .args([
+            "0",
+            &group.to_string(),
+            &path.to_string_lossy(),
+            "inode",
+            "1",
+            "0",
+        ])
+        .envs(env.iter().copied())
+        .stdin(fs::File::open(file).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for_exit(daemon.id() as i32, EXIT).unwrap(),
+        "the daemon did not hand over"
+    );
+    assert!(daemon.wait().unwrap().success());
+}
+
 /// Whether the endpoint lists a file with this alias (in its info series).
 fn served(address: &str, alias: &str) -> anyhow::Result<bool> {
     let (_, text) = http_get(address, "/metrics")?;
@@ -318,23 +341,7 @@ fn the_service_as_its_unit_runs_it() {
     // image still watched once (its path spelt another way).
     let (old_group, _) = group_by_alias(&device, "old.img").unwrap();
     let spelt = images.join("../images/old.img");
-    let mut daemon = Command::new(filemapd_binary())
-        .args([
-            "0",
-            &old_group.to_string(),
-            &spelt.to_string_lossy(),
-            "inode",
-            "1",
-            "0",
-        ])
-        .stdin(fs::File::open(&old).unwrap())
-        .spawn()
-        .unwrap();
-    assert!(
-        wait_for_exit(daemon.id() as i32, EXIT).unwrap(),
-        "the daemon did not hand over"
-    );
-    assert!(daemon.wait().unwrap().success());
+    hand_over_in_foreground(old_group, &spelt, &old, &[]);
     let (_, text) = http_get(&metrics, "/metrics").unwrap();
     sample(&text, "filemapd_file_regions", &["/old.img\""])
         .unwrap_or_else(|e| panic!("old.img watched twice? {e}"));
@@ -639,7 +646,7 @@ fn a_config_names_its_own_hand_over_socket() {
     write_and_sync(&path, 0, 1 << 20).unwrap();
     let p = path.to_string_lossy().into_owned();
     let out = run(&filemapd_binary().to_string_lossy(), &["map", &p]).unwrap();
-    let group = filemapd_tests::created_group_id(&out).unwrap().to_string();
+    let group = filemapd_tests::created_group_id(&out).unwrap();
     let socket_dir = Path::new("/run/filemapd-config-test");
     let socket = socket_dir.join("handoff.sock");
     let config = dmfs.mount.dir.join("watch.toml");
@@ -659,17 +666,7 @@ fn a_config_names_its_own_hand_over_socket() {
     );
 
     let s = socket.to_string_lossy().into_owned();
-    let mut daemon = Command::new(filemapd_binary())
-        .args(["0", &group, &p, "inode", "1", "0"])
-        .env("FILEMAPD_HANDOFF_SOCKET", &s)
-        .stdin(fs::File::open(&path).unwrap())
-        .spawn()
-        .unwrap();
-    assert!(
-        wait_for_exit(daemon.id() as i32, EXIT).unwrap(),
-        "the daemon did not hand over"
-    );
-    assert!(daemon.wait().unwrap().success());
+    hand_over_in_foreground(group, &path, &path, &[("FILEMAPD_HANDOFF_SOCKET", &s)]);
     service.wait_for_line("handed over by a dmstats-launched daemon");
     append(&path, 2);
     wait_converged(&dmfs, &path, "vm.img", "growth the service followed");
