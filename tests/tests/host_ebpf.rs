@@ -525,6 +525,25 @@ fn a_pass_takes_out_only_what_it_judged() {
     let changes = file.sync(&changes.deferred, &[a, c], later(20));
     assert_eq!(held(), vec![a, c], "d judged by a later reading");
     assert_eq!(changes.deferred, vec![]);
+
+    // The file comes to hold its whole 16 MiB block, seen by a pass with news of the rest
+    // alone: the block's owner word counts every sector, and no span of it is left beside
+    // (a bio would count twice).
+    let block = SectorRange::new(0, filemapd_common::sector_map::BLOCK_SECTORS);
+    let rest = filemapd::sectors::difference(&[block], &[a, c]);
+    file.sync(&rest, &[block], Reading::now());
+    let whole: Vec<_> = file
+        .held()
+        .iter()
+        .map(|h| (h.range, h.whole_block))
+        .collect();
+    assert_eq!(whole, vec![(block, true)], "one owner word, no spans");
+    let before = counting.counters(file.slot).unwrap();
+    counting
+        .charge_pretend_io(DEV, block, true, Duration::from_millis(1))
+        .unwrap();
+    let after = counting.counters(file.slot).unwrap();
+    assert_eq!(after.write_sectors - before.write_sectors, block.len);
     counting.close(file.slot);
 }
 

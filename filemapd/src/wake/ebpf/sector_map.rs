@@ -225,24 +225,18 @@ impl SectorMap {
             since.is_some_and(|since| stamp::at_or_after(owner::stamp(w), since))
         });
         // Owned whole (now, or by a recording newer than the reading): the owner word counts
-        // every sector, and the file's spans here would count them twice.
-        let spans_wanted = if whole && owned.is_some() || fresh_owner {
-            Vec::new()
-        } else {
-            wanted
+        // every sector, and any span of the file here would count them twice: all go.
+        let owner_holds_all = owned.is_some() && (whole || fresh_owner);
+        let (spans_wanted, spans_since, judged) = match owner_holds_all {
+            true => (Vec::new(), None, vec![block_range]),
+            false => (wanted, since, clip(over, block_range)),
         };
-        let spans_since = match spans_wanted.is_empty() && owned.is_some() {
-            // Nothing of the block is kept in spans (the owner holds it all).
-            true => None,
-            false => since,
-        };
-        let chunks = self.blocks.word(entry, CHUNKS_WORD).load(SeqCst);
-        let judged = clip(over, block_range);
-        if fresh_owner {
-            changes
-                .deferred
-                .extend(difference(&judged, &clip(ranges, block_range)));
+        if fresh_owner && !whole {
+            // What the owner word holds past the file's sectors waits for a later pass.
+            let given_back = difference(&clip(over, block_range), &clip(ranges, block_range));
+            changes.deferred.extend(given_back);
         }
+        let chunks = self.blocks.word(entry, CHUNKS_WORD).load(SeqCst);
         for c in 0..64u64 {
             let chunk = SectorRange::new(block + c * CHUNK_SECTORS, CHUNK_SECTORS);
             let in_chunk = clip(&spans_wanted, chunk);
