@@ -227,15 +227,15 @@ impl SectorMap {
         // Owned whole (now, or by a recording newer than the reading): the owner word counts
         // every sector, and any span of the file here would count them twice: all go.
         let owner_holds_all = owned.is_some() && (whole || fresh_owner);
-        let (spans_wanted, spans_since, judged) = match owner_holds_all {
-            true => (Vec::new(), None, vec![block_range]),
-            false => (wanted, since, clip(over, block_range)),
-        };
+        let over_here = clip(over, block_range);
         if fresh_owner && !whole {
             // What the owner word holds past the file's sectors waits for a later pass.
-            let given_back = difference(&clip(over, block_range), &clip(ranges, block_range));
-            changes.deferred.extend(given_back);
+            changes.deferred.extend(difference(&over_here, &wanted));
         }
+        let (spans_wanted, spans_since, judged) = match owner_holds_all {
+            true => (Vec::new(), None, vec![block_range]),
+            false => (wanted, since, over_here),
+        };
         let chunks = self.blocks.word(entry, CHUNKS_WORD).load(SeqCst);
         for c in 0..64u64 {
             let chunk = SectorRange::new(block + c * CHUNK_SECTORS, CHUNK_SECTORS);
