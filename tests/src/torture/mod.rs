@@ -99,33 +99,32 @@ impl Report {
     /// allocations) and its last, in KiB.
     pub fn rss_growth_kib(&self) -> (u64, String) {
         self.grown_most()
-            .map(|((who, _), s)| (s.last().unwrap().saturating_sub(s[1]), who.clone()))
+            .map(|((who, _), s)| (growth_after_warm_up(s).unwrap_or(0), who.clone()))
             .unwrap_or_default()
     }
 
     /// A daemon that grew past its limit after warm-up: who, by how much, and its samples.
     fn over_rss_limit(&self) -> Option<(String, u64, String)> {
-        self.rss
-            .iter()
-            .filter(|(_, s)| s.len() >= 3)
-            .map(|((who, _), s)| (who, s.last().unwrap().saturating_sub(s[1]), s))
-            .find(|(who, growth, _)| *growth > rss_growth_limit_kib(who))
-            .map(|(who, growth, s)| (who.clone(), growth, samples_line(s)))
-    }
-
-    /// The samples of the daemon whose RSS grew most, as one line.
-    pub fn most_grown_samples(&self) -> String {
-        self.grown_most()
-            .map(|(_, s)| samples_line(s))
-            .unwrap_or_default()
+        self.rss.iter().find_map(|((who, _), s)| {
+            let growth = growth_after_warm_up(s)?;
+            (growth > rss_growth_limit_kib(who)).then(|| (who.clone(), growth, samples_line(s)))
+        })
     }
 
     /// The daemon whose RSS grew most after warm-up, and its samples.
     fn grown_most(&self) -> Option<(&(String, i32), &Vec<u64>)> {
         self.rss
             .iter()
-            .filter(|(_, s)| s.len() >= 3)
-            .max_by_key(|(_, s)| s.last().unwrap().saturating_sub(s[1]))
+            .filter(|(_, s)| growth_after_warm_up(s).is_some())
+            .max_by_key(|(_, s)| growth_after_warm_up(s))
+    }
+}
+
+/// RSS growth from a daemon's second checkpoint to its last; `None` before its third.
+fn growth_after_warm_up(samples: &[u64]) -> Option<u64> {
+    match samples {
+        [_, second, .., last] if samples.len() >= 3 => Some(last.saturating_sub(*second)),
+        _ => None,
     }
 }
 
@@ -152,11 +151,11 @@ impl fmt::Display for Report {
             self.rss.len()
         )?;
         // Its samples tell growth that levels off from a leak.
-        if self.grown_most().is_some() {
+        if let Some((_, samples)) = self.grown_most() {
             write!(
                 f,
                 "\nits RSS at each checkpoint, KiB: {}",
-                self.most_grown_samples()
+                samples_line(samples)
             )?;
         }
         Ok(())
@@ -476,5 +475,32 @@ impl Torture {
         }
         context.push_str(&format!("filemapd watch log:\n{}", self.watcher.log_tail()));
         context
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn growth_counts_from_the_second_checkpoint_and_needs_three() {
+        assert_eq!(growth_after_warm_up(&[1000, 2000]), None);
+        assert_eq!(growth_after_warm_up(&[1000, 2000, 1500, 2600]), Some(600));
+        assert_eq!(growth_after_warm_up(&[1000, 2000, 1900]), Some(0));
+    }
+
+    #[test]
+    fn the_watch_is_held_to_its_own_limit() {
+        let mut report = Report::default();
+        report
+            .rss
+            .insert(("Watch".into(), 1), vec![1000, 2000, 6000]);
+        assert!(report.over_rss_limit().is_none(), "4000 KiB: within 6 MiB");
+        report
+            .rss
+            .insert(("Drop-in".into(), 2), vec![1000, 2000, 6000]);
+        let (who, growth, samples) = report.over_rss_limit().unwrap();
+        assert_eq!((who.as_str(), growth), ("Drop-in", 4000));
+        assert_eq!(samples, "1000 2000 6000");
     }
 }
