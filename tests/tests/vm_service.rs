@@ -659,7 +659,8 @@ fn a_config_names_its_own_hand_over_socket() {
     );
     let c = config.to_string_lossy().into_owned();
     let mut service = LoggedDaemon::start(&["watch", "--config", &c, "-v"], &config, &[]);
-    service.wait_for_line("waiting for SIGHUP");
+    // Said once the socket is bound, after "waiting for SIGHUP" (CI once raced the two).
+    service.wait_for_line(&format!("taking hand-overs on {}", socket.display()));
     assert!(
         socket.exists(),
         "the service listens on the config's socket"

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use log::{debug, warn};
+use log::{debug, info, warn};
 use tokio::{net::UnixListener, sync::mpsc};
 
 use crate::daemon::handoff::{self, Handed};
@@ -48,6 +48,7 @@ pub fn listen(socket: &Path) -> anyhow::Result<mpsc::Receiver<Offer>> {
     let listener = UnixListener::bind(socket)
         .with_context(|| format!("cannot take hand-overs on {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    info!("taking hand-overs on {}", socket.display());
     let (sender, receiver) = mpsc::channel(16);
     tokio::spawn(async move {
         loop {
