@@ -14,7 +14,7 @@ use crate::{
     monitors::{Running, filemapd_binary},
     report,
     scale::small_files_in_groups,
-    usage::{quiet, rss_kib},
+    usage::{mapped_ebpf_kib, quiet, rss_kib},
 };
 
 pub fn run(files: usize) {
@@ -27,16 +27,24 @@ pub fn run(files: usize) {
     report!(
         "(`dmfilemapd <fd> <group> <path> inode 0 0`, FILEMAPD_EBPF=1), then left until quiet. RSS"
     );
-    report!("summed over every filemapd process left.\n");
-    report!("| launch | processes | RSS MiB in all |");
-    report!("| --- | --- | --- |");
+    report!(
+        "summed over every filemapd process left, and the part of it that is the eBPF maps' tables"
+    );
+    report!(
+        "mapped into the processes (the kernel's memory, allocated whole at load, counted in RSS"
+    );
+    report!("because it is mapped).\n");
+    report!("| launch | processes | RSS MiB in all | of it eBPF maps' tables MiB |");
+    report!("| --- | --- | --- | --- |");
 
     let pids = launch(&paths, &groups, false);
     let rss: u64 = pids.iter().map(|&p| rss_kib(p as u32)).sum();
+    let maps: u64 = pids.iter().map(|&p| mapped_ebpf_kib(p as u32)).sum();
     report!(
-        "| {files} daemons, no service | {} | {:.1} |",
+        "| {files} daemons, no service | {} | {:.1} | {:.1} |",
         pids.len(),
-        rss as f64 / 1024.0
+        rss as f64 / 1024.0,
+        maps as f64 / 1024.0
     );
     for &pid in &pids {
         // SAFETY: kill with a pid and a valid signal.
@@ -63,10 +71,13 @@ pub fn run(files: usize) {
     quiet(service.pid(), Duration::from_secs(120));
     let left = launch(&paths, &groups, true);
     let rss: u64 = rss_kib(service.pid()) + left.iter().map(|&p| rss_kib(p as u32)).sum::<u64>();
+    let maps: u64 = mapped_ebpf_kib(service.pid())
+        + left.iter().map(|&p| mapped_ebpf_kib(p as u32)).sum::<u64>();
     report!(
-        "| {files} daemons handing over to `filemapd watch --ebpf --handoff` | {} | {:.1} |",
+        "| {files} daemons handing over to `filemapd watch --ebpf --handoff` | {} | {:.1} | {:.1} |",
         1 + left.len(),
-        rss as f64 / 1024.0
+        rss as f64 / 1024.0,
+        maps as f64 / 1024.0
     );
     report!("\nTarget: {files} dmstats-launched files with the service: one process, < 30 MiB.\n");
 }

@@ -87,6 +87,43 @@ pub fn rss_kib(pid: u32) -> u64 {
     )
 }
 
+/// The part of a process's resident memory that is the eBPF maps it has mapped (the sector
+/// map's tables, `BPF_F_MMAPABLE`), in KiB: the kernel's memory, allocated whole when the
+/// programs load, which RSS counts as the process's own pages because they are mapped.
+pub fn mapped_ebpf_kib(pid: u32) -> u64 {
+    mapped_ebpf_kib_in(&fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap())
+}
+
+fn mapped_ebpf_kib_in(smaps: &str) -> u64 {
+    let mut in_map = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        if let Some(rss) = line.strip_prefix("Rss:") {
+            if in_map {
+                kib += rss
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        } else if is_mapping_header(line) {
+            in_map = line.ends_with("anon_inode:bpf-map");
+        }
+    }
+    kib
+}
+
+/// Whether a line of smaps opens a mapping (`start-end perms offset dev inode [path]`) rather
+/// than giving one of its fields (`Name:   value`).
+fn is_mapping_header(line: &str) -> bool {
+    line.split_whitespace()
+        .next()
+        .and_then(|range| range.split_once('-'))
+        .is_some_and(|(start, end)| {
+            u64::from_str_radix(start, 16).is_ok() && u64::from_str_radix(end, 16).is_ok()
+        })
+}
+
 /// One monitored file nobody touches: what each monitor costs per minute.
 pub fn run_idle(over: Duration) {
     report!("## Idle cost: one monitored file, nobody writes\n");
@@ -126,4 +163,29 @@ pub fn run_idle(over: Duration) {
         filemapd_tests::run("dmstats", &["delete", "--allregions", &dmfs.name]).unwrap();
     }
     report!("\nTarget: 0 wake-ups for filemapd --ebpf.\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_bpf_maps_rss_is_summed() {
+        let smaps = "\
+55d0c0a00000-55d0c0b00000 r-xp 00000000 fd:01 1234   /usr/bin/filemapd
+Size:               1024 kB
+Rss:                 800 kB
+7f0000000000-7f0001200000 rw-s 00000000 00:0f 42     anon_inode:bpf-map
+Size:              18432 kB
+Rss:               18432 kB
+Pss:               18432 kB
+7f0002000000-7f0002100000 rw-p 00000000 00:00 0
+Rss:                 512 kB
+7f0003000000-7f0003640000 rw-s 00000000 00:0f 43     anon_inode:bpf-map
+Rss:                6400 kB
+VmFlags: rd wr sh mr mw me ms
+";
+        assert_eq!(mapped_ebpf_kib_in(smaps), 18432 + 6400);
+        assert_eq!(mapped_ebpf_kib_in(""), 0);
+    }
 }
