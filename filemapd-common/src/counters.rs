@@ -53,6 +53,27 @@ impl FileCounters {
         *self = Self::sum([&*self, other]);
     }
 
+    /// What was counted after `earlier` (an earlier reading of the same counters), wrapping
+    /// as the counters do.
+    pub fn since(&self, earlier: &FileCounters) -> FileCounters {
+        let mut histogram = self.histogram;
+        for (n, before) in histogram.iter_mut().zip(earlier.histogram) {
+            *n = n.wrapping_sub(before);
+        }
+        FileCounters {
+            reads: self.reads.wrapping_sub(earlier.reads),
+            read_sectors: self.read_sectors.wrapping_sub(earlier.read_sectors),
+            read_ns: self.read_ns.wrapping_sub(earlier.read_ns),
+            writes: self.writes.wrapping_sub(earlier.writes),
+            write_sectors: self.write_sectors.wrapping_sub(earlier.write_sectors),
+            write_ns: self.write_ns.wrapping_sub(earlier.write_ns),
+            in_flight: self.in_flight.wrapping_sub(earlier.in_flight),
+            unrecorded: self.unrecorded.wrapping_sub(earlier.unrecorded),
+            unwalked: self.unwalked.wrapping_sub(earlier.unwalked),
+            histogram,
+        }
+    }
+
     /// IO in flight (never below 0: a bio that began before the file was counted may end
     /// after).
     pub fn in_flight(&self) -> u64 {
@@ -133,6 +154,30 @@ mod tests {
     extern crate std;
     use super::*;
     use std::{vec, vec::Vec};
+
+    #[test]
+    fn what_came_since_an_earlier_reading_adds_back_to_the_later_one() {
+        let mut earlier = FileCounters {
+            writes: 3,
+            write_sectors: 24,
+            in_flight: 1,
+            ..Default::default()
+        };
+        earlier.histogram[2] = 3;
+        let mut later = earlier;
+        later.writes += 2;
+        later.write_sectors += 16;
+        // A bio that began before the earlier reading ended since: one fewer in flight.
+        later.in_flight = 0;
+        later.histogram[2] += 2;
+        let since = later.since(&earlier);
+        assert_eq!((since.writes, since.write_sectors), (2, 16));
+        assert_eq!(since.in_flight as i64, -1);
+        assert_eq!(since.histogram[2], 2);
+        let mut sum = earlier;
+        sum.add(&since);
+        assert_eq!(sum, later);
+    }
 
     #[test]
     fn durations_fall_into_dm_stats_buckets() {

@@ -236,6 +236,14 @@ pub mod names {
     pub const BOUNDS: &str = "BOUNDS";
     /// The program that charges a pretend IO as the IO probe would (no device-mapper needed).
     pub const CHARGE_SERVICE: &str = "charge_service";
+    /// One u32: the pid of the daemon whose IO probe counts (0: every daemon's). A service
+    /// stopped for a successor leaves its programs attached and this word pinned; the
+    /// successor shares the word and sets its own pid once it has taken the files up.
+    pub const GATE: &str = "GATE";
+    /// What the carry service adds to a slot's counters (one entry, set by user space), and
+    /// the program that adds it atomically on its CPU while the IO probe counts.
+    pub const CARRY: &str = "CARRY";
+    pub const CARRY_SERVICE: &str = "carry_service";
     /// Global: nonzero when the programs log (aya-log) what their filter kept or dropped.
     pub const LOG_EVENTS: &str = "LOG_EVENTS";
     /// Global: the [`DmLayout`](super::DmLayout).

@@ -21,13 +21,24 @@ use filemapd_common::{
 };
 
 use crate::{
-    atomics::{cas, load, publish, put},
+    atomics::{add, cas, load, publish, put},
     sector_map::{find_block, find_chunk},
 };
 
 /// Per file (by `Placement::slot`), per CPU: what it did. Resized by user space at load time.
 #[map]
 static COUNTERS: PerCpuArray<FileCounters> = PerCpuArray::with_max_entries(1, 0);
+
+/// The pid of the daemon whose IO probe counts, 0: any (`names::GATE`). A service stopped for
+/// a successor leaves its programs attached and this word pinned; the successor loads with
+/// the same word and writes its own pid there once it has taken the files up, so that each
+/// bio is counted by exactly one of the two, and none goes uncounted between them.
+#[map]
+static GATE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// What the carry service adds to a slot (one entry, written by user space before each run).
+#[map]
+static CARRY: Array<FileCounters> = Array::with_max_entries(1, 0);
 
 /// Per file: its latency histogram's bounds (set by user space before it watches the file).
 #[map]
@@ -72,7 +83,7 @@ const MOST_FILES_PER_BIO: usize = 8;
 pub fn dm_stats_account_io(ctx: ProbeContext) -> u32 {
     // SAFETY: plain data in .rodata that user space sets at load time.
     let layout: DmLayout = unsafe { core::ptr::read_volatile(&DM_LAYOUT) };
-    if layout.disk_in_md == 0 {
+    if layout.disk_in_md == 0 || !counts_now() {
         return 0;
     }
     let (Some(stats), Some(rw), Some(sector), Some(sectors), Some(end), Some(time)) = (
@@ -109,6 +120,37 @@ pub fn dm_stats_account_io(ctx: ProbeContext) -> u32 {
         sector + (sectors & 0xffff_ffff),
         duration_ns,
     );
+    0
+}
+
+/// Whether this daemon's IO probe counts (see `GATE`).
+#[inline(always)]
+fn counts_now() -> bool {
+    // SAFETY: an aligned u32 that user space changes with one store.
+    let gate = GATE
+        .get_ptr(0)
+        .map_or(0, |gate| unsafe { core::ptr::read_volatile(gate) });
+    gate == 0 || gate == crate::trigger::own_tgid()
+}
+
+/// Adds `CARRY` to the counters of the slot given as the only argument, on the CPU it runs
+/// on, with atomic adds: the IO probe may interrupt it there (a bio ending in an interrupt),
+/// and neither add is lost. Run by user space with BPF_PROG_TEST_RUN, never attached: what a
+/// predecessor counted joins a file's counters while the probe counts into them.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "raw_tp/carry_service")]
+pub fn carry_service(ctx: *mut c_void) -> u32 {
+    const WORDS: usize = core::mem::size_of::<FileCounters>() / 8;
+    let slot: u64 = RawTracePointContext::new(ctx).arg(0);
+    let (Some(carry), Some(counters)) = (CARRY.get_ptr(0), COUNTERS.get_ptr_mut(slot as u32))
+    else {
+        return 1;
+    };
+    let (from, to) = (carry as *const u64, counters as *mut u64);
+    for i in 0..WORDS {
+        // SAFETY: both point at a whole FileCounters, which is WORDS aligned u64s.
+        unsafe { add(to.add(i), *from.add(i)) };
+    }
     0
 }
 

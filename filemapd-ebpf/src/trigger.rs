@@ -72,6 +72,13 @@ static CHANGING: HashMap<u64, u8> = HashMap::with_max_entries(256, 0);
 #[unsafe(no_mangle)]
 static OWN_TGID: u32 = 0;
 
+/// This daemon's tgid, as set at load time.
+#[inline(always)]
+pub fn own_tgid() -> u32 {
+    // SAFETY: OWN_TGID is plain data in .rodata that user space sets at load time.
+    unsafe { core::ptr::read_volatile(&OWN_TGID) }
+}
+
 #[tracepoint]
 pub fn ext4_allocate_blocks(ctx: TracePointContext) -> u32 {
     report(&ctx, tp::EXT4_ALLOCATE_BLOCKS, "ext4_allocate_blocks")
@@ -134,9 +141,7 @@ pub fn xfs_iext_remove(ctx: TracePointContext) -> u32 {
 #[kprobe]
 pub fn dm_stats_message(ctx: ProbeContext) -> u32 {
     let thread = bpf_get_current_pid_tgid();
-    // SAFETY: OWN_TGID is plain data in .rodata that user space sets at load time.
-    let own = unsafe { core::ptr::read_volatile(&OWN_TGID) };
-    if (thread >> 32) as u32 == own || !changes_regions(&ctx) {
+    if (thread >> 32) as u32 == own_tgid() || !changes_regions(&ctx) {
         return 0;
     }
     let _ = CHANGING.insert(&thread, &1, 0);

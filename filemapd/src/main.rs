@@ -58,7 +58,10 @@ enum Command {
     /// Runs in the foreground until every file named is gone, or, with a directory to watch,
     /// until SIGTERM. SIGHUP reads CONFIG again (files it no
     /// longer names are let go, their groups kept; new ones are watched); SIGTERM stops every
-    /// monitor between passes and exits 0. A file that cannot be watched is said and skipped.
+    /// monitor between passes and exits 0, leaving the kernel's counting programs pinned under
+    /// /sys/fs/bpf/filemapd/PID/links: they count the files' IO until the next start (a
+    /// restart, an upgrade) takes the counting over and unpins them. A file that cannot be
+    /// watched is said and skipped.
     /// CONFIG must not be writable by other users. As a systemd service (Type=notify) it
     /// reports ready once every file is watched.
     Watch {

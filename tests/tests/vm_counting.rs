@@ -435,3 +435,76 @@ fn the_kernels_counts_survive_a_restart_and_a_kill() {
     assert_eq!(Some(reported(&path).3), Some(w1 + w2 + w3), "after a kill");
     third.stop();
 }
+
+/// A restarted service counts the IO of the gap (SIGTERM, then the same command: what
+/// `systemctl restart` does): the stopping service leaves its programs pinned, counting while
+/// no daemon runs, and the next one takes the counting over once it has taken the files up.
+/// An image written during the gap, and one made and written then, are counted exactly; the
+/// stopped service's pinned programs are gone after the take-over, and each later IO counts
+/// once.
+#[test]
+fn a_restarts_gap_is_counted() {
+    require_device_mapper();
+    ensure_bpffs();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let dir = dmfs.mount.dir.join("images");
+    std::fs::create_dir(&dir).unwrap();
+    let old = dir.join("old.img");
+    write_and_sync(&old, 0, 1 << 20).unwrap();
+    let d = dir.to_string_lossy().into_owned();
+    let start = || LoggedDaemon::start(&["watch", "--regions", "none", "-v", &d], &dir, &[]);
+    let written = |path: &Path, at_mib: u64, seed: u64| {
+        random_direct_writes(path, at_mib << 20, 4 << 20, seed) / 512
+    };
+
+    let mut first = start();
+    first.wait_for_line("watching 1 file(s)");
+    let before = reported(&old).3;
+    let w1 = written(&old, 1, 1);
+    assert_eq!(reported(&old).3, before + w1);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(first.child.id() as i32, libc::SIGTERM) };
+    first.wait_for_line("counted until the next start");
+    assert!(
+        first.wait_for_exit().is_some(),
+        "the service ends on SIGTERM"
+    );
+    let links =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/filemapd/{}/links", first.child.id()));
+    assert!(
+        links.is_dir(),
+        "{} holds the stopped service's links",
+        links.display()
+    );
+
+    // The gap: the image grows, and a new one is made and written.
+    let w_gap = written(&old, 5, 2);
+    let new = dir.join("new.img");
+    std::fs::write(&new, b"").unwrap();
+    let w_new = written(&new, 0, 3);
+
+    let mut second = start();
+    second.wait_for_line("watching 2 file(s)");
+    second.wait_for_line("took the counting over from daemon");
+    assert_eq!(
+        reported(&old).3,
+        before + w1 + w_gap,
+        "the image written in the gap"
+    );
+    assert_eq!(reported(&new).3, w_new, "the image made in the gap");
+    assert!(
+        !links.exists(),
+        "the stopped service's programs are unpinned once the next has taken over"
+    );
+    let w3 = written(&old, 9, 4);
+    assert_eq!(
+        reported(&old).3,
+        before + w1 + w_gap + w3,
+        "after the take-over, each IO counted once"
+    );
+    for line in second.stop() {
+        if line.contains("carries over") || line.contains("took the counting over") {
+            eprintln!("{line}");
+        }
+    }
+}

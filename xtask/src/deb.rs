@@ -122,11 +122,15 @@ fi
 exit 0
 "#;
 
-/// Before removal (not an upgrade): the service stops while its binary is still there.
+/// Before removal (not an upgrade): the service stops while its binary is still there, and
+/// the programs a stopped service leaves counting for its successor (pinned links) go.
 const PRERM: &str = r#"#!/bin/sh
 set -e
 if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
     systemctl stop filemapd.service || true
+fi
+if [ "$1" = remove ]; then
+    rm -rf /sys/fs/bpf/filemapd/*/links
 fi
 exit 0
 "#;

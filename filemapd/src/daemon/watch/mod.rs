@@ -125,7 +125,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         None => None,
     };
     let trigger = if ebpf {
-        match Tracer::load_with_log(
+        match Tracer::load_service(
             2 * entries.len() as u32 + FILTER_ROOM,
             crate::wake::ebpf::MANY_FILES_TABLES,
             ebpf_log,
@@ -188,6 +188,11 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     };
     if handoff_socket.is_some() {
         watch.take_up_handed_before().await;
+    }
+    // Every file is taken up: a stopped service's programs, which counted through the
+    // restart's gap, stop, and this one's count.
+    if let Some((hub, _)) = &watch.trigger {
+        hub.take_over().await;
     }
     if let Some(server) = server {
         tokio::spawn(server);

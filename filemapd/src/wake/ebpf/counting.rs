@@ -256,6 +256,34 @@ impl Counting {
         Ok(())
     }
 
+    /// Adds `counters` to a slot's in the kernel, atomically on one CPU (the carry service):
+    /// also while the IO probe counts into the slot.
+    pub fn carry(&self, slot: u32, counters: &FileCounters) -> anyhow::Result<()> {
+        let Some(programs) = self.programs.get() else {
+            bail!("the carry service is not loaded");
+        };
+        let mut programs = programs.lock().expect("programs lock");
+        let mut carry: Array<&mut MapData, FileCounters> = Array::try_from(
+            programs
+                .map_mut(names::CARRY)
+                .context("the carry map is missing from the eBPF object")?,
+        )?;
+        carry.set(0, counters, 0).context("setting what to carry")?;
+        let service: &RawTracePoint = programs
+            .program(names::CARRY_SERVICE)
+            .context("the carry service is missing from the eBPF object")?
+            .try_into()?;
+        let mut options = RawTracePointRunOptions::new();
+        options.args[0] = u64::from(slot);
+        let result = service
+            .test_run(options)
+            .context("running the carry service")?;
+        if result.return_value != 0 {
+            bail!("the carry service found no slot {slot}");
+        }
+        Ok(())
+    }
+
     /// Says, at a daemon's end, how many bios the IO probe never saw (when any, and when the
     /// kernel counts them).
     pub fn say_io_probe_skips(&self) {

@@ -51,6 +51,8 @@ enum Request {
     /// The kernel watches the directory's new files from birth, with this placement (`None`:
     /// no longer); answered once it does.
     WatchDirectory(InodeKey, PathBuf, Option<Placement>, oneshot::Sender<()>),
+    /// The files are taken up: this daemon counts from now on (see `restart`).
+    TakeOver(oneshot::Sender<()>),
 }
 
 /// A handle for starting and stopping watches; cheap to clone.
@@ -192,6 +194,16 @@ impl Hub {
         Ok(())
     }
 
+    /// Once the files are taken up: this daemon's IO probe counts from now on, a stopped
+    /// service's (whose programs counted through the gap) no more, and what that one counted
+    /// since each file was taken up is added to the file's counters. Returns once done.
+    pub async fn take_over(&self) {
+        let (done, ack) = oneshot::channel();
+        if self.requests.send(Request::TakeOver(done)).is_ok() {
+            let _ = ack.await;
+        }
+    }
+
     pub fn unwatch_directory(&self, dir: &Path) {
         if let Ok(metadata) = std::fs::metadata(dir) {
             let key = crate::file::identity::FileId::of(&metadata).inode_key();
@@ -247,6 +259,15 @@ struct Birth {
     at: Instant,
 }
 
+/// A file a stopped service's programs count until this daemon takes over.
+struct Bridged {
+    /// Its slot in the stopped service's counters, and what they held when it was taken up.
+    their_slot: u32,
+    taken_up_at: FileCounters,
+    /// Its slot here.
+    slot: u32,
+}
+
 /// The routing task's state.
 struct Router {
     tracer: Tracer,
@@ -260,6 +281,7 @@ struct Router {
     directories: HashMap<InodeKey, PathBuf>,
     /// What daemons that no longer run counted, for the files they watched.
     leftovers: Leftovers,
+    bridged: HashMap<InodeKey, Bridged>,
 }
 
 impl Router {
@@ -273,9 +295,10 @@ impl Router {
             spares: Default::default(),
             directories: HashMap::new(),
             leftovers: Leftovers::default(),
+            bridged: HashMap::new(),
         };
         if router.tracer.counting().is_some() {
-            router.leftovers = Leftovers::gather();
+            router.leftovers = Leftovers::gather(router.tracer.predecessor());
         }
         router
     }
@@ -336,6 +359,7 @@ impl Router {
                 let _ = done.send(());
             }
             Request::Unwatch(key, slot) => {
+                self.bridged.remove(&key);
                 self.names.remove(&key);
                 self.feeds.remove(&key);
                 if let Err(e) = self.tracer.unwatch(key) {
@@ -364,6 +388,10 @@ impl Router {
                 self.tracer.unwatch_directory(key);
                 self.directories.remove(&key);
             }
+            Request::TakeOver(done) => {
+                self.take_over();
+                let _ = done.send(());
+            }
         }
     }
 
@@ -388,13 +416,17 @@ impl Router {
         let file = match (counted, self.tracer.counting()) {
             (Some(c), Some(counting)) => {
                 let mut base = c.base;
-                if let Some((pid, carried)) = self.leftovers.claim(key, c.placement.generation) {
+                let claim = self.leftovers.claim(key, c.placement.generation);
+                if let Some(claim) = &claim {
                     log::info!(
-                        "{}: carries over what daemon {pid} counted ({})",
+                        "{}: carries over what daemon {} counted ({})",
                         path.display(),
-                        super::counting::describe(&carried)
+                        claim.pid,
+                        super::counting::describe(&claim.counters)
                     );
-                    base.add(&carried);
+                    if claim.still_counted_in.is_none() {
+                        base.add(&claim.counters);
+                    }
                 }
                 let file = match born {
                     Some(slot) => Some(counting.adopt(slot, c.placement.dm_dev, c.bounds)),
@@ -405,6 +437,29 @@ impl Router {
                             None
                         }),
                 };
+                // Still counted by a stopped service: what it counted so far is added now
+                // (nothing counts in the new slot before the take-over), the rest then.
+                if let (Some(file), Some(claim)) = (&file, &claim)
+                    && let Some(their_slot) = claim.still_counted_in
+                {
+                    match counting.carry(file.slot, &claim.counters) {
+                        Ok(()) => {
+                            self.bridged.insert(
+                                key,
+                                Bridged {
+                                    their_slot,
+                                    taken_up_at: claim.counters,
+                                    slot: file.slot,
+                                },
+                            );
+                        }
+                        Err(e) => log::warn!(
+                            "{}: what daemon {} counted is not carried over: {e:#}",
+                            path.display(),
+                            claim.pid
+                        ),
+                    }
+                }
                 file.map(|file| (file, c.placement))
             }
             _ => {
@@ -430,6 +485,39 @@ impl Router {
             return Err(e);
         }
         Ok(file.map(|(file, _)| file))
+    }
+
+    /// See [`Hub::take_over`].
+    fn take_over(&mut self) {
+        let Some(pid) = self.tracer.predecessor() else {
+            return;
+        };
+        if let Err(e) = self.tracer.take_over() {
+            log::warn!("daemon {pid}'s programs go on counting: {e:#}");
+            return;
+        }
+        let Some(counting) = self.tracer.counting().cloned() else {
+            return;
+        };
+        let mut sectors = 0;
+        for (key, bridged) in std::mem::take(&mut self.bridged) {
+            let Some(last) = self.leftovers.settle(key, bridged.their_slot) else {
+                continue;
+            };
+            let since = last.since(&bridged.taken_up_at);
+            sectors += since.read_sectors + since.write_sectors;
+            if let Err(e) = counting.carry(bridged.slot, &since) {
+                log::warn!(
+                    "inode {}: the IO counted while taking it up is lost: {e:#}",
+                    key.ino
+                );
+            }
+        }
+        self.tracer.detach_predecessor();
+        self.leftovers.end_bridge();
+        log::info!(
+            "took the counting over from daemon {pid} ({sectors} sector(s) of IO it counted while this one took the files up)"
+        );
     }
 
     fn route(&mut self, events: Vec<ExtentEvent>) {

@@ -6,6 +6,7 @@ pub mod counting;
 pub mod hub;
 pub mod kernel_layout;
 pub mod pins;
+pub mod restart;
 pub mod sector_map;
 pub mod tracefs;
 pub mod tracepoints;
@@ -14,7 +15,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{KProbe, RawTracePoint, TracePoint},
+    programs::{KProbe, RawTracePoint, TracePoint, links::FdLink},
 };
 use filemapd_common::{
     DmLayout, ExtentEvent, InodeKey, LAYOUTS_LEN, Placement, SPARE_SLOTS, TracepointLayout, names,
@@ -71,7 +72,14 @@ pub struct Tracer {
     counting: Option<Arc<Counting>>,
     counting_unavailable: Option<String>,
     /// Its maps pinned for `filemapd show` and `report`, unpinned when the tracer goes.
-    _pins: Option<pins::PinDir>,
+    pins: Option<pins::PinDir>,
+    /// Whose IO probe counts (see `restart`): this daemon's, or a stopped service's until
+    /// this one takes over.
+    gate: Array<MapData, u32>,
+    /// The stopped service whose programs count until this one takes over.
+    predecessor: Option<restart::Predecessor>,
+    /// The programs' links, pinned for a successor when the service stops for one.
+    links: restart::Links,
     /// With the counting, and the probes on new files attached: the watched directories and
     /// the spare slots the kernel gives new files.
     new_files: Option<NewFiles>,
@@ -89,15 +97,26 @@ impl Tracer {
     /// attaches every tracepoint this kernel has. Fails (with the reason) when none can be
     /// attached.
     pub fn load(max_watched: u32, tables: TableLogs) -> anyhow::Result<Self> {
-        Self::load_with_log(max_watched, tables, false)
+        Self::load_with(max_watched, tables, false, false)
     }
 
-    /// [`Tracer::load`]; with `ebpf_log`, the programs also log (aya-log, through this
-    /// process's logger) which events their filter kept or dropped, and why.
-    pub fn load_with_log(
+    /// [`Tracer::load`] for the service, which counts through a restart's gap (see
+    /// `restart`): a stopped service's programs count until [`Tracer::take_over`]. With
+    /// `ebpf_log`, the programs also log (aya-log, through this process's logger) which
+    /// events their filter kept or dropped, and why.
+    pub fn load_service(
         max_watched: u32,
         tables: TableLogs,
         ebpf_log: bool,
+    ) -> anyhow::Result<Self> {
+        Self::load_with(max_watched, tables, ebpf_log, true)
+    }
+
+    fn load_with(
+        max_watched: u32,
+        tables: TableLogs,
+        ebpf_log: bool,
+        service: bool,
     ) -> anyhow::Result<Self> {
         raise_memlock_limit();
         let mut layouts = [TracepointLayout::default(); LAYOUTS_LEN];
@@ -158,9 +177,46 @@ impl Tracer {
         if let Some(bytes) = test_size("FILEMAPD_TEST_RING_BYTES") {
             loader.map_max_entries(names::EVENTS, bytes);
         }
+        // The service's gate word is pinned: its successor shares it.
+        let (predecessor, mut links) = match (service, &kernel_layout) {
+            (true, Some(_)) => (
+                restart::Predecessor::find(),
+                restart::Links::for_successor(),
+            ),
+            _ => (None, restart::Links::default()),
+        };
+        let gate_pin = match &predecessor {
+            Some(predecessor) => Some(predecessor.gate()),
+            None if links.keeps() => {
+                let dir = pins::own_dir();
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                Some(dir.join(names::GATE))
+            }
+            None => None,
+        };
+        if let Some(path) = &gate_pin {
+            loader.map_pin_path(names::GATE, path.as_path());
+        }
         let started = std::time::Instant::now();
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
         log::debug!("loaded the eBPF object in {:.1?}", started.elapsed());
+        let gate_map = take_map(&mut ebpf, names::GATE)?;
+        if let Some(predecessor) = &predecessor {
+            log::info!(
+                "daemon {}'s programs count the files' IO until this one has taken them up",
+                predecessor.pid
+            );
+            let own = pins::own_dir();
+            std::fs::create_dir_all(&own).with_context(|| format!("creating {}", own.display()))?;
+            gate_map
+                .pin(own.join(names::GATE))
+                .context("pinning the gate word for a successor")?;
+        }
+        let mut gate = Array::try_from(gate_map)?;
+        if predecessor.is_none() {
+            open_gate(&mut gate)?;
+        }
         let started = std::time::Instant::now();
         if ebpf_log {
             spawn_program_log(&mut ebpf)?;
@@ -174,9 +230,12 @@ impl Tracer {
             program
                 .load()
                 .with_context(|| format!("verifying program {}", tp.name))?;
-            program
+            let link = program
                 .attach(tp.category, tp.name)
                 .with_context(|| format!("attaching to {}:{}", tp.category, tp.name))?;
+            if links.keeps() {
+                links.hold(tp.name, FdLink::try_from(program.take_link(link)?)?);
+            }
             attached.push(tp);
         }
         log::debug!(
@@ -184,7 +243,7 @@ impl Tracer {
             attached.len(),
             started.elapsed()
         );
-        let sees_region_changes = match attach_region_probe(&mut ebpf) {
+        let sees_region_changes = match attach_region_probe(&mut ebpf, &mut links) {
             Ok(()) => true,
             Err(e) => {
                 log::debug!("no word of other processes' region changes: {e:#}");
@@ -194,19 +253,21 @@ impl Tracer {
         let watched = take_map(&mut ebpf, names::WATCHED)?;
         let started = std::time::Instant::now();
         let (counting, pins) = match kernel_layout {
-            Some(layout) => match attach_counting(&mut ebpf, &layout.dm, &watched, tables) {
-                Ok((counting, pins)) => (Some(Arc::new(counting)), pins),
-                Err(e) => {
-                    log::info!("no in-kernel counting of the files' IO: {e:#}");
-                    counting_unavailable = Some(format!("{e:#}"));
-                    (None, None)
+            Some(layout) => {
+                match attach_counting(&mut ebpf, &layout.dm, &watched, tables, &mut links) {
+                    Ok((counting, pins)) => (Some(Arc::new(counting)), pins),
+                    Err(e) => {
+                        log::info!("no in-kernel counting of the files' IO: {e:#}");
+                        counting_unavailable = Some(format!("{e:#}"));
+                        (None, None)
+                    }
                 }
-            },
+            }
             None => (None, None),
         };
         log::debug!("set up the counting in {:.1?}", started.elapsed());
         let new_files = match counting {
-            Some(_) => match attach_new_files(&mut ebpf) {
+            Some(_) => match attach_new_files(&mut ebpf, &mut links) {
                 Ok(new_files) => Some(new_files),
                 Err(e) => {
                     log::info!(
@@ -240,7 +301,10 @@ impl Tracer {
             sees_region_changes,
             counting,
             counting_unavailable,
-            _pins: pins,
+            pins,
+            gate,
+            predecessor,
+            links,
             new_files,
         };
         log::debug!(
@@ -248,6 +312,25 @@ impl Tracer {
             tracer.verified_instructions()
         );
         Ok(tracer)
+    }
+
+    /// The stopped service whose programs count this one's files until it takes over.
+    pub fn predecessor(&self) -> Option<u32> {
+        self.predecessor.as_ref().map(|p| p.pid)
+    }
+
+    /// This daemon's IO probe counts from now on, the stopped service's no more (one store:
+    /// a bio is counted by one of them; only one ending in the same instant, as the two
+    /// probes read the word one after the other, may be counted by both or by neither).
+    pub fn take_over(&mut self) -> anyhow::Result<()> {
+        open_gate(&mut self.gate)
+    }
+
+    /// Unpins the stopped service's links once this daemon has taken over: its programs stop.
+    pub fn detach_predecessor(&mut self) {
+        if let Some(predecessor) = self.predecessor.take() {
+            predecessor.detach();
+        }
     }
 
     /// Whether the kernel watches the new files of a watched directory from birth.
@@ -414,6 +497,25 @@ impl Tracer {
     }
 }
 
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        // Stopped for a successor, a service that counts leaves its programs counting.
+        let counts = self.gate.get(&0, 0).ok() == Some(std::process::id());
+        if pins::keeping_for_successor()
+            && counts
+            && let Some(pins) = &self.pins
+        {
+            self.links.pin_for_successor(pins.path());
+        }
+    }
+}
+
+/// Sets the gate word to this process: its IO probe counts.
+fn open_gate(gate: &mut Array<MapData, u32>) -> anyhow::Result<()> {
+    gate.set(0, std::process::id(), 0)
+        .context("opening the IO probe's gate")
+}
+
 /// How long events gather unheard while they flow: under an allocation storm the kernel wakes
 /// the reader not at all, and an event waits at most this long (a region is created
 /// meanwhile only where its pass would have run anyway).
@@ -463,20 +565,31 @@ fn test_size(variable: &str) -> Option<u32> {
 
 /// The probes on `dm_stats_message`'s entry and return (in dm-mod, so absent where
 /// device-mapper is not loaded).
-fn attach_region_probe(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+fn attach_region_probe(ebpf: &mut Ebpf, links: &mut restart::Links) -> anyhow::Result<()> {
     attach_kprobes(
         ebpf,
         names::DM_STATS_MESSAGE,
         &[names::DM_STATS_MESSAGE, names::DM_STATS_MESSAGE_RETURN],
+        links,
     )
 }
 
-/// Loads the kprobe (or kretprobe) programs `programs` and attaches them to `function`.
-fn attach_kprobes(ebpf: &mut Ebpf, function: &str, programs: &[&str]) -> anyhow::Result<()> {
+/// Loads the kprobe (or kretprobe) programs `programs` and attaches them to `function`; their
+/// links go to `links` where it keeps them.
+fn attach_kprobes(
+    ebpf: &mut Ebpf,
+    function: &str,
+    programs: &[&str],
+    links: &mut restart::Links,
+) -> anyhow::Result<()> {
     for &name in programs {
-        load_kprobe(ebpf, name)?
+        let program = load_kprobe(ebpf, name)?;
+        let link = program
             .attach(function, 0)
             .with_context(|| format!("attaching {name} to {function}"))?;
+        if links.keeps() {
+            links.hold(name, FdLink::try_from(program.take_link(link)?)?);
+        }
     }
     Ok(())
 }
@@ -542,6 +655,11 @@ fn counting_over(
         .context("the charge service")?
         .try_into()?;
     service.load().context("verifying the charge service")?;
+    let carry: &mut RawTracePoint = ebpf
+        .program_mut(names::CARRY_SERVICE)
+        .context("the carry service")?
+        .try_into()?;
+    carry.load().context("verifying the carry service")?;
     let map = sector_map::SectorMap::new(
         take_map(ebpf, names::CHUNKS)?,
         take_map(ebpf, names::BLOCKS)?,
@@ -572,11 +690,12 @@ fn attach_counting(
     layout: &DmLayout,
     watched: &aya::maps::Map,
     tables: TableLogs,
+    links: &mut restart::Links,
 ) -> anyhow::Result<(Counting, Option<pins::PinDir>)> {
     log::debug!("dm layout for the in-kernel counting: {layout:?}");
     // The cleanup probe first: the IO probe remembers devices only while it is attached.
     for name in [names::DM_STATS_CLEANUP, names::DM_STATS_ACCOUNT_IO] {
-        attach_kprobes(ebpf, name, &[name])?;
+        attach_kprobes(ebpf, name, &[name], links)?;
     }
     // xfs's writeback conversions (xfs may not be loaded: then only direct IO on xfs is
     // recorded at once, buffered writes by the pass after their allocation).
@@ -587,6 +706,7 @@ fn attach_counting(
             names::XFS_BMAPI_CONVERT_DELALLOC,
             names::XFS_BMAPI_CONVERT_DELALLOC_RETURN,
         ],
+        links,
     ) {
         log::info!("no recording of xfs writeback's allocations at once: {e:#}");
     }
@@ -597,9 +717,9 @@ fn attach_counting(
 }
 
 /// The probes that watch a new file in a watched directory from birth, and their maps.
-fn attach_new_files(ebpf: &mut Ebpf) -> anyhow::Result<NewFiles> {
+fn attach_new_files(ebpf: &mut Ebpf, links: &mut restart::Links) -> anyhow::Result<NewFiles> {
     for name in [names::D_INSTANTIATE, names::D_INSTANTIATE_NEW] {
-        attach_kprobes(ebpf, name, &[name])?;
+        attach_kprobes(ebpf, name, &[name], links)?;
     }
     Ok(NewFiles {
         dirs: HashMap::try_from(take_map(ebpf, names::WATCHED_DIRS)?)?,

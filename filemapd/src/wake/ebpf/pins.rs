@@ -15,7 +15,7 @@ use filemapd_common::{FileCounters, InodeKey, Placement, names};
 
 use crate::file::{follow, identity::FileId};
 
-const ROOT: &str = "/sys/fs/bpf/filemapd";
+pub(super) const ROOT: &str = "/sys/fs/bpf/filemapd";
 
 /// Set once the daemon stops on SIGTERM: its files' counters stay pinned for the next.
 static KEEP_FOR_SUCCESSOR: AtomicBool = AtomicBool::new(false);
@@ -37,7 +37,7 @@ impl PinDir {
     /// Pins `watched` and `counters` for this process; `None` (said why) when bpffs is not
     /// mounted or not writable.
     pub fn pin(watched: &Map, counters: &Map) -> Option<PinDir> {
-        let dir = Path::new(ROOT).join(std::process::id().to_string());
+        let dir = own_dir();
         let result = (|| -> anyhow::Result<()> {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             watched.pin(dir.join(names::WATCHED))?;
@@ -57,6 +57,17 @@ impl PinDir {
     }
 }
 
+impl PinDir {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+/// This process's pin directory.
+pub fn own_dir() -> PathBuf {
+    Path::new(ROOT).join(std::process::id().to_string())
+}
+
 impl Drop for PinDir {
     fn drop(&mut self) {
         if !keeping_for_successor() {
@@ -70,6 +81,17 @@ impl Drop for PinDir {
 #[derive(Default)]
 pub struct Leftovers {
     dirs: Vec<LeftBehind>,
+    /// The stopped service whose programs still count its files (see `restart`).
+    bridged: Option<u32>,
+}
+
+/// What an earlier daemon counted for a file.
+pub struct Claim {
+    pub pid: u32,
+    pub counters: FileCounters,
+    /// The slot in which the earlier daemon's programs still count the file (a stopped
+    /// service bridging the gap to this daemon): `counters` is what they counted so far.
+    pub still_counted_in: Option<u32>,
 }
 
 struct LeftBehind {
@@ -83,8 +105,13 @@ impl Leftovers {
     /// The pin directories of processes that no longer run, less the files their names file
     /// says are gone (another inode at the path, or none); a directory left with no file is
     /// removed.
-    pub fn gather() -> Self {
-        let mut leftovers = Self::default();
+    /// `bridged`: the pid of the stopped service whose programs still count, whose files
+    /// are claimed without being taken out of its maps until [`Leftovers::settle`].
+    pub fn gather(bridged: Option<u32>) -> Self {
+        let mut leftovers = Self {
+            bridged,
+            ..Self::default()
+        };
         for (pid, path, running) in by_pid(ROOT) {
             if running {
                 continue;
@@ -109,24 +136,61 @@ impl Leftovers {
 
     /// What an earlier daemon counted for the file (`key`, of inode generation `generation`),
     /// taken: no other daemon gets it again. Its directory goes with its last file.
-    pub fn claim(&mut self, key: InodeKey, generation: u32) -> Option<(u32, FileCounters)> {
+    pub fn claim(&mut self, key: InodeKey, generation: u32) -> Option<Claim> {
         let mut claimed = None;
         for dir in &mut self.dirs {
             let Ok(placement) = dir.watched.get(&key, 0) else {
                 continue;
             };
             let counters = dir.counters.get(&placement.slot, 0).ok();
+            let same_file = placement.dm_dev != 0 && placement.generation == generation;
+            if Some(dir.pid) == self.bridged
+                && same_file
+                && let Some(values) = &counters
+            {
+                // Left in its maps: its programs count the file until this daemon takes over.
+                return Some(Claim {
+                    pid: dir.pid,
+                    counters: FileCounters::sum(values.iter()),
+                    still_counted_in: Some(placement.slot),
+                });
+            }
             // Whoever removes the entry has it (another daemon may be starting too).
             if dir.watched.remove(&key).is_err() {
                 continue;
             }
-            if placement.dm_dev != 0 && placement.generation == generation {
+            if same_file {
                 if let Some(values) = counters {
-                    claimed = Some((dir.pid, FileCounters::sum(values.iter())));
+                    claimed = Some(Claim {
+                        pid: dir.pid,
+                        counters: FileCounters::sum(values.iter()),
+                        still_counted_in: None,
+                    });
                 }
                 break;
             }
         }
+        self.remove_empty();
+        claimed
+    }
+
+    /// Once the bridged service's programs count no more: what they counted in `slot` for the
+    /// file `key`, which its maps then let go.
+    pub fn settle(&mut self, key: InodeKey, slot: u32) -> Option<FileCounters> {
+        let dir = self.dirs.iter_mut().find(|d| Some(d.pid) == self.bridged)?;
+        let counters = dir.counters.get(&slot, 0).ok();
+        let _ = dir.watched.remove(&key);
+        counters.map(|values| FileCounters::sum(values.iter()))
+    }
+
+    /// The bridge is over: the stopped service's files not taken up wait for a later daemon
+    /// like any other's.
+    pub fn end_bridge(&mut self) {
+        self.bridged = None;
+        self.remove_empty();
+    }
+
+    fn remove_empty(&mut self) {
         self.dirs.retain(|dir| {
             let empty = dir.is_empty();
             if empty {
@@ -134,7 +198,6 @@ impl Leftovers {
             }
             !empty
         });
-        claimed
     }
 }
 
@@ -318,7 +381,7 @@ impl Drop for NamesFile {
 }
 
 /// The entries of `dir` named by a daemon's pid: (pid, path, whether that process runs).
-fn by_pid(dir: &str) -> Vec<(u32, PathBuf, bool)> {
+pub(super) fn by_pid(dir: &str) -> Vec<(u32, PathBuf, bool)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
