@@ -16,6 +16,7 @@ use filemapd_tests::{
         CONVERGE, EXIT, append, converged, device_of, drop_in_search_path, filemapd_binary,
         group_by_alias, wait_converged,
     },
+    ensure_bpffs,
     metrics::{
         Prometheus, dashboard_queries, dmstats_report, http_get, overwrite_first_mib, query,
         query_series, sample, write_sectors_now,
@@ -539,6 +540,8 @@ impl Drop for PackageSandbox {
 #[test]
 fn the_debian_package_installs_runs_and_purges_without_a_trace() {
     require_device_mapper();
+    // As on a host (systemd mounts it): where a stopped service pins its programs.
+    ensure_bpffs();
     let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/deb");
     let deb = fs::read_dir(&built)
         .into_iter()
@@ -609,6 +612,13 @@ fn the_debian_package_installs_runs_and_purges_without_a_trace() {
         wait_for_exit(service.child.id() as i32, EXIT).unwrap(),
         "the packaged service did not end on SIGTERM"
     );
+    // Its counting programs stay pinned for its next start...
+    let links = PathBuf::from(format!("/sys/fs/bpf/filemapd/{}/links", service.child.id()));
+    assert!(
+        links.is_dir(),
+        "the stopped service left no {}",
+        links.display()
+    );
     drop(service);
 
     package.dpkg(&["-r", "filemapd"]);
@@ -617,6 +627,8 @@ fn the_debian_package_installs_runs_and_purges_without_a_trace() {
         "removal did not stop the service: {:?}",
         package.calls()
     );
+    // ... but not past the package's removal.
+    assert!(!links.exists(), "{} is left after removal", links.display());
     package.dpkg(&["--purge", "filemapd"]);
     let left: Vec<&str> = expected
         .iter()

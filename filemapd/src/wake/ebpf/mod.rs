@@ -189,9 +189,18 @@ impl Tracer {
             Some(predecessor) => Some(predecessor.gate()),
             None if links.keeps() => {
                 let dir = pins::own_dir();
-                std::fs::create_dir_all(&dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-                Some(dir.join(names::GATE))
+                match std::fs::create_dir_all(&dir) {
+                    Ok(()) => Some(dir.join(names::GATE)),
+                    Err(e) => {
+                        // No bpffs: nothing can be pinned for a successor either.
+                        log::info!(
+                            "a restart's gap goes uncounted: creating {}: {e}",
+                            dir.display()
+                        );
+                        links = restart::Links::default();
+                        None
+                    }
+                }
             }
             None => None,
         };
@@ -208,10 +217,13 @@ impl Tracer {
                 predecessor.pid
             );
             let own = pins::own_dir();
-            std::fs::create_dir_all(&own).with_context(|| format!("creating {}", own.display()))?;
-            gate_map
-                .pin(own.join(names::GATE))
-                .context("pinning the gate word for a successor")?;
+            let pinned = std::fs::create_dir_all(&own)
+                .context("creating the pin directory")
+                .and_then(|()| Ok(gate_map.pin(own.join(names::GATE))?));
+            if let Err(e) = pinned {
+                log::warn!("the next restart's gap goes uncounted: {e:#}");
+                links = restart::Links::default();
+            }
         }
         let mut gate = Array::try_from(gate_map)?;
         if predecessor.is_none() {

@@ -23,6 +23,8 @@ pub enum Monitor {
     Polling,
     /// lvm2's own dmfilemapd, built by `cargo xtask bench` from Debian's source.
     Lvm2,
+    /// `filemapd watch --regions none FILE`: the kernel's counters alone, no group.
+    RegionsNone,
 }
 
 impl Monitor {
@@ -35,17 +37,37 @@ impl Monitor {
             Monitor::EbpfUnaccounted => "filemapd --ebpf, no in-kernel counting",
             Monitor::Polling => "filemapd (polling, 0.5 s)",
             Monitor::Lvm2 => "lvm2 dmfilemapd 2.03.16 (real)",
+            Monitor::RegionsNone => "filemapd watch --regions none",
         }
+    }
+
+    /// Whether the monitor follows the file with a group (all but the kernel's counters
+    /// alone, which need none made for the file).
+    pub fn has_group(self) -> bool {
+        self != Monitor::RegionsNone
+    }
+
+    /// Whether filemapd's eBPF programs run for it.
+    pub fn runs_ebpf(self) -> bool {
+        matches!(
+            self,
+            Monitor::Ebpf | Monitor::EbpfUnaccounted | Monitor::RegionsNone
+        )
     }
 
     /// Waits until an eBPF monitor has attached its programs and watches the file (loading
     /// them takes seconds under emulation), so that measuring starts as it would on a host
     /// where the daemon runs first. The others are ready once started.
     pub fn wait_ready(self, running: Option<&Running>) {
-        if let (Monitor::Ebpf | Monitor::EbpfUnaccounted, Some(running)) = (self, running) {
+        let ready = match self {
+            Monitor::Ebpf | Monitor::EbpfUnaccounted => "Waking on events only",
+            Monitor::RegionsNone => "watching 1 file(s)",
+            _ => return,
+        };
+        if let Some(running) = running {
             assert!(
-                running.wait_for_log("Waking on events only", Duration::from_secs(120)),
-                "{} never said it was event-driven",
+                running.wait_for_log(ready, Duration::from_secs(120)),
+                "{} never said it was ready ({ready:?})",
                 self.name()
             );
         }
@@ -70,6 +92,9 @@ impl Monitor {
                     .env("LD_LIBRARY_PATH", lib)
                     .stderr(Stdio::null());
                 cmd
+            }
+            Monitor::RegionsNone => {
+                return Some(Running::filemapd(&["watch", "--regions", "none", "-v", &p]));
             }
             Monitor::Ebpf | Monitor::EbpfUnaccounted | Monitor::Polling => {
                 let mut cmd = Command::new(filemapd_binary());
@@ -176,6 +201,9 @@ impl Running {
         // SAFETY: kill with a child's pid and a valid signal.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
+        // A `watch` leaves its counting programs pinned for its next start: they would run
+        // on every bio of the rows after this one.
+        let _ = fs::remove_dir_all(format!("/sys/fs/bpf/filemapd/{}/links", self.child.id()));
         fs::read_to_string(self.log.as_ref()?).ok()
     }
 }
