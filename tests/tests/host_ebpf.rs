@@ -657,29 +657,67 @@ fn sectors_of(path: &Path) -> Vec<filemapd::sectors::SectorRange> {
 }
 
 /// What each program costs the verifier (start-up time: the kernel walks every program when
-/// it is loaded), within a budget, so that a change that multiplies it is caught where it is
-/// made. The counts are printed (`--nocapture`) for BENCHMARKS.md.
+/// it is loaded), each within a budget of about 1.5 times what it took when the budget was
+/// set, so that a change that multiplies one is caught where it is made. The IO and new-file
+/// probes are verified with a made-up dm layout: with none (no device-mapper here) they return
+/// at once and the verifier would walk nothing of them. The counts are printed
+/// (`--nocapture`); the bench's native part reports them too.
 #[tokio::test]
 async fn every_program_verifies_within_its_budget() {
-    use filemapd::wake::ebpf::ONE_FILE_TABLES;
-    /// Instructions the verifier may walk per program: the largest today (the charge service,
-    /// the IO probe's walk) take a fraction of it.
-    const BUDGET: u32 = 60_000;
+    use filemapd::wake::ebpf::MANY_FILES_TABLES;
     require_root();
-    let mut tracer =
-        Tracer::load(16, ONE_FILE_TABLES).expect("eBPF programs load on the host kernel");
-    tracer.counting_unattached(ONE_FILE_TABLES).unwrap();
+    let mut tracer = Tracer::load_pretending_device_mapper(16, MANY_FILES_TABLES)
+        .expect("eBPF programs load on the host kernel");
+    tracer.counting_unattached(MANY_FILES_TABLES).unwrap();
     let counts = tracer.verified_instructions();
     for (name, count) in &counts {
         println!("{name}: {count} instructions verified");
     }
-    assert!(
-        counts.iter().any(|(name, _)| name == "dm_stats_account_io"),
-        "the IO probe was verified: {counts:?}"
-    );
-    let over: Vec<&(String, u32)> = counts.iter().filter(|(_, n)| *n > BUDGET).collect();
-    assert!(over.is_empty(), "over the budget of {BUDGET}: {over:?}");
+    let mut faults = Vec::new();
+    for (name, count) in &counts {
+        match VERIFIER_BUDGETS.iter().find(|(n, _)| n == name) {
+            Some((_, budget)) if count > budget => {
+                faults.push(format!("{name}: {count} > its budget of {budget}"))
+            }
+            Some(_) => {}
+            None => faults.push(format!(
+                "{name} ({count}) has no budget in VERIFIER_BUDGETS"
+            )),
+        }
+    }
+    for (name, _) in VERIFIER_BUDGETS {
+        if !counts.iter().any(|(n, _)| n == name) {
+            faults.push(format!("{name} was not verified"));
+        }
+    }
+    assert!(faults.is_empty(), "{}", faults.join("; "));
 }
+
+/// Instructions the verifier may walk, per program (see the test above), set at 1.5 times or
+/// more of what each took on 2026-12-05 (kernel 6.18).
+const VERIFIER_BUDGETS: &[(&str, u32)] = &[
+    // The allocation programs: the event, the filter, the sector map's recording.
+    ("ext4_allocate_blocks", 35_000),
+    ("xfs_bmap_post_update", 35_000),
+    ("xfs_bmap_pre_update", 35_000),
+    ("xfs_iext_insert", 35_000),
+    ("xfs_iext_remove", 35_000),
+    ("xfs_iomap_alloc", 35_000),
+    ("xfs_map_blocks_alloc", 35_000),
+    // The removal programs: the event and the filter.
+    ("ext4_es_remove_extent", 2_000),
+    ("ext4_ext_remove_space", 2_000),
+    ("xfs_bunmap", 2_000),
+    ("xfs_swap_extent_after", 2_000),
+    // The IO probe and the charge service share the walk of a bio through the sector map
+    // (the probe also reads the dm device and the bio's time: 53,598 and 33,984 when set).
+    ("dm_stats_account_io", 80_000),
+    ("charge_service", 50_000),
+    ("carry_service", 500),
+    ("dm_stats_message", 500),
+    ("d_instantiate", 2_000),
+    ("d_instantiate_new", 2_000),
+];
 
 /// `filemapd trace` on a file of a plain (loop-mounted) ext4, where no region can exist: it
 /// says so in one line, prints the file's extents, then each allocation event followed by the

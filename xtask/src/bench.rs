@@ -181,8 +181,8 @@ impl Bench {
 }
 
 /// The sections that run on this machine's own kernel rather than in the VM ("native"
-/// holds "probe", the IO probe's cost alone).
-const NATIVE: [&str; 2] = ["native", "probe"];
+/// holds "probe", the IO probe's cost alone, and "start-up").
+const NATIVE: [&str; 3] = ["native", "probe", "start-up"];
 
 /// Runs the benchmark in the device-mapper VM; its console output.
 fn run_in_vm(
@@ -232,13 +232,15 @@ fn report_lines(output: &str) -> String {
         .collect()
 }
 
-/// The commit the bench ran at, and whether the tree held changes beside it (then the figures
+/// The commit of the code the bench ran: the newest that changed anything but the report
+/// itself (a commit of BENCHMARKS.md alone measures nothing new, so parts run on either side
+/// of it are one commit's), and whether the tree held changes beside it (then the figures
 /// are not that commit's alone).
 fn commit() -> anyhow::Result<String> {
     let root = cmd::workspace_root();
     let head = cmd::stdout(
         Command::new("git")
-            .args(["rev-parse", "--short", "HEAD"])
+            .args(["log", "-1", "--format=%h", "--", ".", ":!BENCHMARKS.md"])
             .current_dir(&root),
     )?;
     let changes = cmd::stdout(
@@ -275,7 +277,8 @@ fn intro() -> anyhow::Result<String> {
          filemapd with its eBPF trigger, filemapd polling (lvm2's 0.5 s interval; both tile, \
          the default), and **lvm2's own dmfilemapd** (2.03.16, built by the bench from Debian's \
          lvm2 source package, the source of the VM's dmstats 1.02.185, and run with its own \
-         libdevmapper).\n"
+         libdevmapper). A part's commit is that of the code it measured: the newest commit that \
+         changed more than this report.\n"
     )?;
     writeln!(
         md,

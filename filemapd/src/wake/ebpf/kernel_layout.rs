@@ -26,10 +26,42 @@ pub struct KernelLayout {
     pub vfs: VfsLayout,
 }
 
+impl KernelLayout {
+    /// Plausible offsets of no real kernel, non-zero everywhere, so that the verifier walks
+    /// the probes whole: for verifying them where device-mapper is absent, never for running.
+    pub fn made_up() -> Self {
+        Self {
+            dm: DmLayout {
+                stats_in_md: 512,
+                disk_in_md: 64,
+                major_in_disk: 0,
+                first_minor_in_disk: 4,
+                time_arg: time_arg::START_JIFFIES,
+                ns_per_jiffy: 4_000_000,
+            },
+            vfs: VfsLayout {
+                parent_in_dentry: 24,
+                inode_in_dentry: 48,
+                mode_in_inode: 0,
+                ino_in_inode: 64,
+                sb_in_inode: 40,
+                generation_in_inode: 200,
+                dev_in_sb: 16,
+                _pad: 0,
+            },
+        }
+    }
+}
+
 /// The layout, from the cache when it was written for this boot and this dm-mod, else from
 /// the kernel's BTF (then cached). Fails (with the reason) when dm-mod is not loaded or has
 /// no BTF.
 pub fn read() -> anyhow::Result<KernelLayout> {
+    // Built in or loaded, dm-mod shows here (it has parameters): without it there is nothing
+    // to count, and no reason to parse the kernel's BTF.
+    if !Path::new("/sys/module/dm_mod").exists() {
+        bail!("dm-mod is not loaded");
+    }
     let key = cache_key();
     let cached = key.as_deref().and_then(|key| {
         let text = std::fs::read_to_string(CACHE).ok()?;

@@ -49,6 +49,13 @@ pub const MANY_FILES_TABLES: TableLogs = TableLogs {
     blocks: 17,
 };
 
+/// Where the probes learn the kernel's structures from (see [`Tracer::load_pretending_device_mapper`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    Kernel,
+    Pretend,
+}
+
 /// Directories whose new files the kernel watches from birth, at most.
 const MOST_WATCHED_DIRS: u32 = 256;
 
@@ -97,7 +104,19 @@ impl Tracer {
     /// attaches every tracepoint this kernel has. Fails (with the reason) when none can be
     /// attached.
     pub fn load(max_watched: u32, tables: TableLogs) -> anyhow::Result<Self> {
-        Self::load_with(max_watched, tables, false, false)
+        Self::load_with(max_watched, tables, false, false, Layout::Kernel)
+    }
+
+    /// [`Tracer::load`] that also verifies the programs a kernel without device-mapper cannot
+    /// run as a dm host verifies them, for tests and the bench that price start-up: the IO and
+    /// new-file probes get a made-up layout of the kernel's structures (an all-zero one makes
+    /// them return at once, and the verifier would walk nothing else) and stay unattached.
+    /// [`Tracer::counting_unattached`] then verifies the IO probe.
+    pub fn load_pretending_device_mapper(
+        max_watched: u32,
+        tables: TableLogs,
+    ) -> anyhow::Result<Self> {
+        Self::load_with(max_watched, tables, false, false, Layout::Pretend)
     }
 
     /// [`Tracer::load`] for the service, which counts through a restart's gap (see
@@ -109,7 +128,7 @@ impl Tracer {
         tables: TableLogs,
         ebpf_log: bool,
     ) -> anyhow::Result<Self> {
-        Self::load_with(max_watched, tables, ebpf_log, true)
+        Self::load_with(max_watched, tables, ebpf_log, true, Layout::Kernel)
     }
 
     fn load_with(
@@ -117,6 +136,7 @@ impl Tracer {
         tables: TableLogs,
         ebpf_log: bool,
         service: bool,
+        layout: Layout,
     ) -> anyhow::Result<Self> {
         raise_memlock_limit();
         let mut layouts = [TracepointLayout::default(); LAYOUTS_LEN];
@@ -138,7 +158,10 @@ impl Tracer {
         let max_watched = test_size("FILEMAPD_TEST_WATCH_ROOM").unwrap_or(max_watched);
         // Asked off, the kernel's BTF is not even read (seconds of start-up under emulation).
         let mut counting_unavailable = None;
-        let kernel_layout = if std::env::var_os("FILEMAPD_NO_COUNTING").is_some() {
+        let kernel_layout = if layout == Layout::Pretend {
+            counting_unavailable = Some("the layout is made up: verification only".to_string());
+            None
+        } else if std::env::var_os("FILEMAPD_NO_COUNTING").is_some() {
             log::info!("FILEMAPD_NO_COUNTING set: no in-kernel counting of the files' IO");
             counting_unavailable = Some("FILEMAPD_NO_COUNTING is set".to_string());
             None
@@ -156,7 +179,10 @@ impl Tracer {
             );
             layout
         };
-        let layout_value = kernel_layout.unwrap_or_default();
+        let layout_value = match layout {
+            Layout::Pretend => kernel_layout::KernelLayout::made_up(),
+            Layout::Kernel => kernel_layout.unwrap_or_default(),
+        };
         let log_events = u32::from(ebpf_log);
         let mut loader = EbpfLoader::new();
         loader

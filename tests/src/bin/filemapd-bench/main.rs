@@ -15,6 +15,7 @@ mod new_image;
 mod program_time;
 mod region_cost;
 mod scale;
+mod start_up;
 mod usage;
 mod witness;
 
@@ -89,9 +90,12 @@ fn main() {
         timed(|| {
             native::run(rounds);
             native::probe_cost();
+            start_up::run(rounds);
         });
     } else if named("probe") {
         timed(native::probe_cost);
+    } else if named("start-up") {
+        timed(|| start_up::run(rounds));
     }
 }
 

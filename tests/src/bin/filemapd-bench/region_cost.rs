@@ -2,7 +2,8 @@
 //! bio, at its start and at its end. A file grown by random O_DIRECT writes (fragmented as a
 //! sparse VM image gets) is rewritten in place, with its group mapped, without, and counted by
 //! the kernel alone (`filemapd watch --regions none`: one region of filemapd's own on the
-//! device, and the IO probe); no region is created meanwhile. Then many images on one device:
+//! device, and the IO probe), and with that one region alone, which splits the kernel
+//! counting's cost into dm-stats' own and the probe's; no region is created meanwhile. Then many images on one device:
 //! one is rewritten while every image has its group, while the kernel counts them all, and
 //! with no monitor.
 use std::{
@@ -25,27 +26,20 @@ const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 pub fn run(rounds: usize) {
     report!("## What regions cost every IO to their device\n");
     report!(
-        "A 1 MiB file grows by 256 MiB of random 64 KiB O_DIRECT writes (no monitor), is mapped"
+        "A 1 MiB file grows by 256 MiB of random 64 KiB O_DIRECT writes (no monitor), is mapped\n\
+         once by `dmstats create --filemap`, and is then rewritten in place by the same writes\n\
+         (same offsets: nothing is allocated, no region is created) with its group; after\n\
+         `dmstats delete --allregions`, without; counted by the kernel alone, `filemapd watch\n\
+         --regions none FILE` running (the device then holds filemapd's one region); and with\n\
+         that one region alone, no probe: dm-stats' own accounting, without which the probe is\n\
+         not called. The group is mapped again for each round, and the order rotates. Cells:\n\
+         the writer's MB/s, median (lowest–highest) of {rounds} rounds; slowdowns against no\n\
+         monitor. The group's cost comes with its regions, whoever created them.\n"
     );
     report!(
-        "once by `dmstats create --filemap`, and is then rewritten in place by the same writes"
+        "| fs | regions | no monitor | with the group | slowdown | `--regions none` | slowdown | its region alone | slowdown |"
     );
-    report!("(same offsets: nothing is allocated, no region is created) with its group; after");
-    report!(
-        "`dmstats delete --allregions`, without; and counted by the kernel alone, `filemapd watch"
-    );
-    report!(
-        "--regions none FILE` running (the device then holds filemapd's one region). The group is"
-    );
-    report!("mapped again for each round, and the order rotates. Cells: the writer's MB/s, median");
-    report!(
-        "(lowest–highest) of {rounds} rounds; slowdowns against no monitor. The group's cost comes"
-    );
-    report!("with its regions, whoever created them.\n");
-    report!(
-        "| fs | regions | no monitor | with the group | slowdown | `--regions none` | slowdown |"
-    );
-    report!("| --- | --- | --- | --- | --- | --- | --- |");
+    report!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut verdicts = Vec::new();
     for fs_kind in [FsKind::Ext4, FsKind::Xfs] {
         let dmfs = DmFs::new(fs_kind).unwrap();
@@ -54,15 +48,15 @@ pub fn run(rounds: usize) {
         random_direct_writes(&path, HEAD, SPAN, SEED);
         let device = StatsDevice::for_st_dev(fs::metadata(&path).unwrap().dev()).unwrap();
         let (mut without, mut with, mut regions) = (Vec::new(), Vec::new(), Vec::new());
-        let mut kernel = Vec::new();
+        let (mut kernel, mut hook) = (Vec::new(), Vec::new());
         let rewrite = || {
             let started = Instant::now();
             let written = random_direct_writes(&path, HEAD, SPAN, SEED);
             written as f64 / started.elapsed().as_secs_f64() / 1e6
         };
         for round in 0..rounds {
-            for way in 0..3 {
-                match (round + way) % 3 {
+            for way in 0..4 {
+                match (round + way) % 4 {
                     0 => {
                         map_without_daemon(&path).unwrap();
                         regions.push(device.list(None).unwrap().len() as f64);
@@ -80,6 +74,11 @@ pub fn run(rounds: usize) {
                         drop(watch);
                         delete_all_regions(&dmfs.name);
                     }
+                    2 => {
+                        filemapd::stats::hook::ensure(&device).unwrap();
+                        hook.push(rewrite());
+                        delete_all_regions(&dmfs.name);
+                    }
                     _ => without.push(rewrite()),
                 }
             }
@@ -87,7 +86,7 @@ pub fn run(rounds: usize) {
         let baseline = median(without.clone());
         let slowdown = |ways: &[f64]| (baseline - median(ways.to_vec())) / baseline * 100.0;
         report!(
-            "| {} | {} | {} | {} | {:+.1} % | {} | {:+.1} % |",
+            "| {} | {} | {} | {} | {:+.1} % | {} | {:+.1} % | {} | {:+.1} % |",
             fs_kind.name(),
             median_and_spread(regions, 0),
             median_and_spread(without.clone(), 1),
@@ -95,6 +94,8 @@ pub fn run(rounds: usize) {
             slowdown(&with),
             median_and_spread(kernel.clone(), 1),
             slowdown(&kernel),
+            median_and_spread(hook.clone(), 1),
+            slowdown(&hook),
         );
         verdicts.push(crate::slowdown_verdict(
             &format!("{}, `--regions none`", fs_kind.name()),
