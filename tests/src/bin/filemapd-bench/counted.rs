@@ -273,6 +273,9 @@ fn counted_cell(monitor: Monitor, runs: &[Outcome]) -> String {
     if monitor == Monitor::Nothing {
         return "—".into();
     }
+    if !monitor.has_group() {
+        return "— (no group)".into();
+    }
     let shares: Vec<f64> = runs
         .iter()
         .filter_map(|o| {
