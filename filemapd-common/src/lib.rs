@@ -127,6 +127,22 @@ pub struct DmLayout {
     pub ns_per_jiffy: u32,
 }
 
+/// Where the bio hook finds what it needs in the block layer's structures (offsets from the
+/// kernel's own BTF, no module's); all zero leaves it idle.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BioLayout {
+    /// offsetof(struct bio, bi_bdev) and bi_opf.
+    pub bdev_in_bio: u32,
+    pub opf_in_bio: u32,
+    /// offsetof(struct bio, bi_iter) plus offsetof(struct bvec_iter, bi_sector), and bi_size.
+    pub sector_in_bio: u32,
+    pub size_in_bio: u32,
+    /// offsetof(struct block_device, bd_dev).
+    pub dev_in_bdev: u32,
+    pub _pad: u32,
+}
+
 /// Where the new-file probe finds what it needs in the VFS's structures (offsets from the
 /// kernel's BTF); all zero leaves it idle.
 #[repr(C)]
@@ -248,6 +264,13 @@ pub mod names {
     pub const LOG_EVENTS: &str = "LOG_EVENTS";
     /// Global: the [`DmLayout`](super::DmLayout).
     pub const DM_LAYOUT: &str = "DM_LAYOUT";
+    /// Global: the [`BioLayout`](super::BioLayout).
+    pub const BIO_LAYOUT: &str = "BIO_LAYOUT";
+    /// The bio hook: the block layer's tracepoints at a bio's queueing and its completion
+    /// (the programs carry their names), and the bios they met in flight (by address).
+    pub const BLOCK_BIO_QUEUE: &str = "block_bio_queue";
+    pub const BLOCK_BIO_COMPLETE: &str = "block_bio_complete";
+    pub const BIOS: &str = "BIOS";
     /// dm-mod's per-bio accounting function, and the program on it.
     pub const DM_STATS_ACCOUNT_IO: &str = "dm_stats_account_io";
     /// A dm device's statistics freed: the IO probe's memory of that device is dropped.
@@ -277,6 +300,7 @@ mod pod {
     unsafe impl aya::Pod for Placement {}
     unsafe impl aya::Pod for DmLayout {}
     unsafe impl aya::Pod for VfsLayout {}
+    unsafe impl aya::Pod for BioLayout {}
     unsafe impl aya::Pod for FileCounters {}
     unsafe impl aya::Pod for Bounds {}
     unsafe impl aya::Pod for sector_map::Chunk {}

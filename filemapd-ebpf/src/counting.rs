@@ -1,6 +1,8 @@
-//! Per-file IO counted in the kernel: a probe on dm-stats' own per-bio accounting
-//! (`dm_stats_account_io`, called at each bio's start and end while the device has a region)
-//! looks the bio's sectors up in the sector map and charges each file that owns some of them.
+//! Per-file IO counted in the kernel: at each bio's start and end its sectors are looked up in
+//! the sector map and each file that owns some of them is charged. Two hooks call it: the bio
+//! hook (`bio_hook`: the block layer's tracepoints, no dm-stats region needed) and, where that
+//! cannot run, a probe on dm-stats' own per-bio accounting (`dm_stats_account_io`, called
+//! while the device has a region).
 //! A bio costs a block lookup and a chunk lookup per 256 KiB chunk it touches that holds
 //! spans (a bio inside blocks owned whole: one lookup per 16 MiB), whatever the number of
 //! files or extents watched.
@@ -10,9 +12,9 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
     programs::{ProbeContext, RawTracePointContext},
 };
-use core::ffi::c_void;
+use core::{ffi::c_void, ptr::addr_of_mut};
 use filemapd_common::{
-    Bounds, DmLayout, FileCounters,
+    Bounds, DmLayout, FileCounters, HISTOGRAM_BUCKETS,
     sector_map::{
         BLOCK_LOG, BLOCK_SECTORS, CHUNK_SECTORS, OWNERS_PER_BLOCK, RECORDS_PER_CHUNK, chunk_bits,
         meta, owner, sectors_in_units, spread,
@@ -44,12 +46,19 @@ static CARRY: Array<FileCounters> = Array::with_max_entries(1, 0);
 #[map]
 static BOUNDS: Array<Bounds> = Array::with_max_entries(1, 0);
 
-/// The walk of the bio being counted on this CPU (the probe never runs nested on a CPU: the
-/// kernel skips a kprobe while another runs there). In a map rather than on the stack: the
-/// verifier tracks every stack slot of a `bpf_loop` callback's state, and a walk's file
-/// table there multiplied its states; map memory it takes as it comes.
+/// The walks of the bios being counted on this CPU, one per nesting level (`DEPTH`): the bio
+/// hook's programs are not kept from nesting as kprobes are (a bio's completion in an
+/// interrupt may come in the middle of another bio's queueing). In a map rather than on the
+/// stack: the verifier tracks every stack slot of a `bpf_loop` callback's state, and a walk's
+/// file table there multiplied its states; map memory it takes as it comes.
 #[map]
-static WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
+static WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(WALK_LEVELS, 0);
+const WALK_LEVELS: u32 = 4;
+
+/// How many walks are under way on this CPU (each run that interrupts another has finished,
+/// and put the word back, before the one it interrupted goes on).
+#[map]
+static DEPTH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// The dm devices the IO probe met: `[address of their struct dm_stats, dev_t]`, so that a
 /// bio costs an array read instead of two probe reads of dm's structures. An entry is dropped
@@ -125,7 +134,7 @@ pub fn dm_stats_account_io(ctx: ProbeContext) -> u32 {
 
 /// Whether this daemon's IO probe counts (see `GATE`).
 #[inline(always)]
-fn counts_now() -> bool {
+pub fn counts_now() -> bool {
     // SAFETY: an aligned u32 that user space changes with one store.
     let gate = GATE
         .get_ptr(0)
@@ -190,18 +199,18 @@ pub fn count_unrecorded(slot: u32) {
 /// What a call to the probe is about: a read or a write, its start or its end. Packed with
 /// the device into one argument (eBPF functions take at most five).
 #[derive(Clone, Copy)]
-struct How {
-    write: bool,
-    end: bool,
+pub struct How {
+    pub write: bool,
+    pub end: bool,
 }
 
 impl How {
     const WRITE: u64 = 1 << 32;
-    const END: u64 = 1 << 33;
+    pub const END: u64 = 1 << 33;
     /// (Only for `count_bio`: the walk did not count all of the bio.)
     const CUT_SHORT: u64 = 1 << 34;
 
-    fn with(self, dev: u32) -> u64 {
+    pub fn with(self, dev: u32) -> u64 {
         u64::from(dev)
             | if self.write { Self::WRITE } else { 0 }
             | if self.end { Self::END } else { 0 }
@@ -228,10 +237,29 @@ pub struct Walk {
 
 /// Walks the bio `[sector, end)` through the sector map, then counts it for each file it
 /// met: once per file, with that file's sectors of it. `how`: the device, `How`'s bits.
+/// Returns how many files it met (0: the bio is none of theirs). A run nested deeper than
+/// `WALK_LEVELS` on its CPU counts nothing.
 #[inline(always)]
-fn charge(how: u64, sector: u64, end: u64, duration_ns: u64) {
-    let Some(walk) = this_walk() else {
-        return;
+pub fn charge(how: u64, sector: u64, end: u64, duration_ns: u64) -> u32 {
+    let Some(depth) = DEPTH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's word; volatile, so that the raised level is stored before the walk.
+    let level = unsafe { core::ptr::read_volatile(depth) };
+    if level >= WALK_LEVELS {
+        return 0;
+    }
+    unsafe { core::ptr::write_volatile(depth, level + 1) };
+    let found = charge_at(level, how, sector, end, duration_ns);
+    unsafe { core::ptr::write_volatile(depth, level) };
+    found
+}
+
+/// [`charge`] with the walk of nesting level `level`.
+#[inline(always)]
+fn charge_at(level: u32, how: u64, sector: u64, end: u64, duration_ns: u64) -> u32 {
+    let Some(walk) = this_walk(level) else {
+        return 0;
     };
     walk.at = sector;
     walk.end = end;
@@ -241,20 +269,20 @@ fn charge(how: u64, sector: u64, end: u64, duration_ns: u64) {
     walk.missed = 0;
     // Most bios lie in one chunk: that one is walked without bpf_loop's calls.
     if walk_step(walk) {
-        let mut unused = 0u64;
+        let mut context = u64::from(level);
         // SAFETY: the callback is a static function of the signature bpf_loop wants; it finds
-        // the walk in `WALK` (the context, on this stack, is not used).
+        // the walk in `WALK` at the level the context, on this stack, holds.
         unsafe {
             bpf_loop(
                 MAX_WALK_ROUNDS,
                 walk_round as *mut c_void,
-                &mut unused as *mut u64 as *mut c_void,
+                &mut context as *mut u64 as *mut c_void,
                 0,
             )
         };
     }
-    let Some(walk) = this_walk() else {
-        return;
+    let Some(walk) = this_walk(level) else {
+        return 0;
     };
     let cut_short = walk.at < walk.end || walk.missed > 0;
     for index in 0..MOST_FILES_PER_BIO {
@@ -269,16 +297,20 @@ fn charge(how: u64, sector: u64, end: u64, duration_ns: u64) {
             };
         count_bio(walk.files[index], walk.sectors[index], flags, duration_ns);
     }
+    walk.found
 }
 
 #[inline(always)]
-fn this_walk() -> Option<&'static mut Walk> {
-    // SAFETY: this CPU's entry, used by one program run at a time (see `WALK`).
-    WALK.get_ptr_mut(0).map(|w| unsafe { &mut *w })
+fn this_walk(level: u32) -> Option<&'static mut Walk> {
+    // SAFETY: this CPU's entry of this nesting level, used by one program run at a time (see
+    // `WALK`).
+    WALK.get_ptr_mut(level).map(|w| unsafe { &mut *w })
 }
 
-extern "C" fn walk_round(_round: u64, _context: *mut c_void) -> i64 {
-    match this_walk() {
+extern "C" fn walk_round(_round: u64, context: *mut c_void) -> i64 {
+    // SAFETY: `charge_at`'s context: the level, a u64 on its stack.
+    let level = unsafe { *(context as *const u64) } as u32;
+    match this_walk(level) {
         Some(w) => i64::from(!walk_step(w)),
         None => 1,
     }
@@ -389,34 +421,37 @@ fn note(w: &mut Walk, slot: u32, sectors: u64) {
 /// files than it counts).
 #[inline(always)]
 fn count_bio(slot: u32, sectors: u64, flags: u64, duration_ns: u64) {
-    let Some(counters) = COUNTERS.get_ptr_mut(slot) else {
+    let Some(c) = COUNTERS.get_ptr_mut(slot) else {
         return;
     };
-    // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
-    let counters = unsafe { &mut *counters };
-    if flags & How::END == 0 {
-        counters.in_flight = counters.in_flight.wrapping_add(1);
-        return;
-    }
-    counters.in_flight = counters.in_flight.wrapping_sub(1);
-    if flags & How::WRITE != 0 {
-        counters.writes += 1;
-        counters.write_sectors += sectors;
-        counters.write_ns += duration_ns;
-    } else {
-        counters.reads += 1;
-        counters.read_sectors += sectors;
-        counters.read_ns += duration_ns;
-    }
-    if flags & How::CUT_SHORT != 0 {
-        counters.unwalked += 1;
+    // Atomic adds: a run nested on this CPU (see `WALK`) may count into the same slot.
+    // SAFETY: fields of this CPU's value of the slot.
+    unsafe {
+        if flags & How::END == 0 {
+            add(addr_of_mut!((*c).in_flight), 1);
+            return;
+        }
+        add(addr_of_mut!((*c).in_flight), u64::MAX);
+        if flags & How::WRITE != 0 {
+            add(addr_of_mut!((*c).writes), 1);
+            add(addr_of_mut!((*c).write_sectors), sectors);
+            add(addr_of_mut!((*c).write_ns), duration_ns);
+        } else {
+            add(addr_of_mut!((*c).reads), 1);
+            add(addr_of_mut!((*c).read_sectors), sectors);
+            add(addr_of_mut!((*c).read_ns), duration_ns);
+        }
+        if flags & How::CUT_SHORT != 0 {
+            add(addr_of_mut!((*c).unwalked), 1);
+        }
     }
     let bucket = match BOUNDS.get(slot) {
         Some(bounds) => bounds.bucket(duration_ns),
         None => 0,
     };
-    if let Some(count) = counters.histogram.get_mut(bucket) {
-        *count += 1;
+    if bucket < HISTOGRAM_BUCKETS {
+        // SAFETY: as above, the index checked.
+        unsafe { add(addr_of_mut!((*c).histogram[bucket]), 1) };
     }
 }
 

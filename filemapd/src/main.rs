@@ -89,7 +89,7 @@ enum Command {
         /// Where each file's counters live besides the kernel's: a dmstats group whose
         /// regions tile its extents (tiled, the default), one region per extent as lvm2 maps
         /// (exact), or no regions at all (none: the kernel's counters alone, which needs eBPF
-        /// and dm-mod's BTF; --ebpf is then implied). A `[[path]]`'s `regions` overrides it
+        /// and the kernel's BTF; --ebpf is then implied). A `[[path]]`'s `regions` overrides it
         /// for its files; groups made beforehand keep their regions.
         #[arg(long, value_enum, value_name = "MODE")]
         regions: Option<Regions>,

@@ -204,6 +204,57 @@ impl LoopFs {
     }
 }
 
+/// A compressed RAM disk (zram), added for the test and removed on drop: a bio-based device
+/// (its bios end through `bio_endio`, as dm's do, where a loop device's end with their
+/// request), on kernels without device-mapper.
+pub struct ZramDevice {
+    pub path: PathBuf,
+    id: String,
+}
+
+impl ZramDevice {
+    pub fn add(size_mib: u64) -> anyhow::Result<Self> {
+        const CONTROL: &str = "/sys/class/zram-control/hot_add";
+        let id = fs::read_to_string(CONTROL)
+            .with_context(|| format!("reading {CONTROL}: this test needs zram (CONFIG_ZRAM)"))?
+            .trim()
+            .to_string();
+        let device = Self {
+            path: PathBuf::from(format!("/dev/zram{id}")),
+            id,
+        };
+        let disksize = format!("/sys/block/zram{}/disksize", device.id);
+        fs::write(&disksize, format!("{}", size_mib << 20))
+            .with_context(|| format!("writing {disksize}"))?;
+        Ok(device)
+    }
+}
+
+impl Drop for ZramDevice {
+    fn drop(&mut self) {
+        let _ = fs::write(format!("/sys/block/zram{}/reset", self.id), "1");
+        let _ = fs::write("/sys/class/zram-control/hot_remove", &self.id);
+    }
+}
+
+/// A file system on a zram device; fields drop in reverse order of setup.
+pub struct ZramFs {
+    pub mount: Mount,
+    pub device: ZramDevice,
+}
+
+impl ZramFs {
+    pub fn new(scratch: &Path, fs: FsKind) -> anyhow::Result<Self> {
+        let device = ZramDevice::add(512)?;
+        let mount = Mount::new(
+            &device.path,
+            fs,
+            &scratch.join(format!("{}-zram", fs.name())),
+        )?;
+        Ok(Self { mount, device })
+    }
+}
+
 /// Real hosts mount bpffs (systemd does), where the counting daemons pin their counters for
 /// `filemapd report`; the test VM may not.
 pub fn ensure_bpffs() {

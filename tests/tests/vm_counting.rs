@@ -6,7 +6,10 @@
 //! counting the regions alone miss some writes, which is what makes the sums a test.
 use std::path::Path;
 
-use filemapd::stats::{Counters, StatsDevice};
+use filemapd::{
+    stats::{Counters, StatsDevice},
+    wake::ebpf::IoHook,
+};
 use filemapd_tests::{
     DmFs, FsKind,
     daemon::{
@@ -265,16 +268,21 @@ fn reported(path: &Path) -> (u64, u64, u64, u64) {
 
 /// Known IO with `--regions none`: a new file watched before its first write, grown by
 /// O_DIRECT writes in random order, then read whole with O_DIRECT. The kernel counts exactly
-/// the sectors written and those read (`filemapd report`), and the device holds one region
-/// whatever the file does: filemapd's own, which keeps dm-stats' accounting on.
-fn known_io_without_regions(fs_kind: FsKind) {
+/// the sectors written and those read (`filemapd report`). Through dm-stats' accounting (the
+/// default) the device holds one region whatever the file does: filemapd's own, which keeps
+/// that accounting on; through the bio hook (`FILEMAPD_IO_HOOK=bio`), none.
+fn known_io_without_regions(fs_kind: FsKind, hook: IoHook) {
     require_device_mapper();
     ensure_bpffs();
     let dmfs = DmFs::new(fs_kind).unwrap();
     let path = dmfs.mount.dir.join("new.img");
     std::fs::write(&path, b"").unwrap();
     let p = path.to_string_lossy().into_owned();
-    let mut watch = LoggedDaemon::start(&["watch", "--regions", "none", "-v", &p], &path, &[]);
+    let env: &[(&str, &str)] = match hook {
+        IoHook::Bio => &[("FILEMAPD_IO_HOOK", "bio")],
+        IoHook::DmStats => &[],
+    };
+    let mut watch = LoggedDaemon::start(&["watch", "--regions", "none", "-v", &p], &path, env);
     watch.wait_for_line("watching 1 file(s)");
 
     let written = random_direct_writes(&path, 0, 16 << 20, 0xfeed) / 512;
@@ -295,13 +303,17 @@ fn known_io_without_regions(fs_kind: FsKind) {
     assert!(after_writes.2 > 0);
     assert_eq!(after_read.1 - after_writes.1, held, "read sectors");
     assert_eq!(after_read.3, written, "a read adds no write");
+    let expected = match hook {
+        IoHook::Bio => vec![],
+        IoHook::DmStats => vec![("filemapd", "DMS_FILEMAPD_HOOK")],
+    };
     assert_eq!(
         regions
             .iter()
             .map(|r| (r.program_id.as_str(), r.aux_data.as_str()))
             .collect::<Vec<_>>(),
-        vec![("filemapd", "DMS_FILEMAPD_HOOK")],
-        "one region on the device, filemapd's hook"
+        expected,
+        "the regions on the device, counting through {hook:?}"
     );
     // Without FILEs, every counted file.
     let all = run(&filemapd_binary().to_string_lossy(), &["report"]).unwrap();
@@ -311,12 +323,23 @@ fn known_io_without_regions(fs_kind: FsKind) {
 
 #[test]
 fn ext4_known_io_is_counted_exactly_without_regions() {
-    known_io_without_regions(FsKind::Ext4);
+    known_io_without_regions(FsKind::Ext4, IoHook::DmStats);
 }
 
 #[test]
 fn xfs_known_io_is_counted_exactly_without_regions() {
-    known_io_without_regions(FsKind::Xfs);
+    known_io_without_regions(FsKind::Xfs, IoHook::DmStats);
+}
+
+/// The same through the bio hook: no region on the device at all.
+#[test]
+fn ext4_known_io_is_counted_exactly_by_the_bio_hook() {
+    known_io_without_regions(FsKind::Ext4, IoHook::Bio);
+}
+
+#[test]
+fn xfs_known_io_is_counted_exactly_by_the_bio_hook() {
+    known_io_without_regions(FsKind::Xfs, IoHook::Bio);
 }
 
 /// Bad input: an unknown --regions, or none where the kernel cannot count, is one line on

@@ -11,7 +11,7 @@ pub enum Regions {
     Tiled,
     /// A group of one region per extent (lvm2's mapping).
     Exact,
-    /// No regions: the kernel counts the file (needs eBPF and dm-mod's BTF).
+    /// No regions: the kernel counts the file (needs eBPF and the kernel's BTF).
     None,
 }
 

@@ -1,5 +1,5 @@
 //! What a scrape answers: each watched file's IO and what its monitor published. A file the
-//! kernel counts (eBPF, with dm-mod's BTF) has its IO read from the kernel's counters, all
+//! kernel counts (eBPF, with the kernel's BTF) has its IO read from the kernel's counters, all
 //! of it (every file's in one batch), and costs the scrape no dm message; another's is its
 //! group's dm-stats counters, read now with `@stats_print` and summed over its regions. Times
 //! are in seconds whatever the source (dm-stats counts ms, or ns with precise_timestamps; the

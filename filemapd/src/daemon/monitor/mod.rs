@@ -379,7 +379,7 @@ impl Monitor {
             if let Some(why) = self.not_counted(hub, &feed) {
                 bail!("--regions none: {why}");
             }
-            self.ensure_hook();
+            self.ensure_hook(hub.counting().map(|c| &**c));
         }
         let notices = match notifier.filter(|_| hub.sees_region_changes()) {
             Some(notifier) => Some(notifier.watch(&self.path, self.mode == FollowMode::Path)?),
@@ -427,8 +427,12 @@ impl Monitor {
     }
 
     /// Makes sure the device has the region that keeps dm-stats' accounting, where the kernel
-    /// counts, running (see [`crate::stats::hook`]); said when it cannot.
-    fn ensure_hook(&self) {
+    /// counts, running (see [`crate::stats::hook`]), when `counting` counts there (the bio
+    /// hook needs no region); said when it cannot.
+    fn ensure_hook(&self, counting: Option<&Counting>) {
+        if !counting.is_some_and(Counting::needs_region) {
+            return;
+        }
         match crate::stats::hook::ensure(&self.device) {
             Ok(true) => info!(
                 "{}: made the region that keeps dm-stats' accounting on",
@@ -561,7 +565,7 @@ impl Monitor {
         self.group_id = None;
         self.known_group = None;
         if self.kernel_counters().is_some() {
-            self.ensure_hook();
+            self.ensure_hook(self.counting());
         }
         Ok(())
     }
@@ -668,7 +672,7 @@ impl Monitor {
             }
             // Another process deleted regions: perhaps the hook.
             if std::mem::take(&mut self.regions_changed) {
-                self.ensure_hook();
+                self.ensure_hook(self.counting());
             }
             if force || self.view.changed(&self.file)? {
                 let started = Instant::now();

@@ -523,10 +523,10 @@ impl Watch {
                 warn!("{e:#}");
                 continue;
             }
-            // dm-stats accounts (and the kernel counts) a device's IO only while it has a
-            // region: a new image's first writes may come before its group, or its device
-            // may have no group at all.
-            if hub.counting().is_some()
+            // Where the kernel counts through dm-stats' accounting, it counts a device's IO
+            // only while the device has a region: a new image's first writes may come before
+            // its group, or its device may have no group at all.
+            if hub.counting().is_some_and(|c| c.needs_region())
                 && let Err(e) = keep_accounting_on(&dir.path)
             {
                 warn!("{}: {e:#}", dir.path.display());

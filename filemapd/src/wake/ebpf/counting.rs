@@ -1,8 +1,7 @@
 //! User space's half of the in-kernel counting: a slot per watched file (its counters and
 //! histogram bounds in the kernel), the file's sectors kept in the sector map after each
-//! pass, and the counters read back. The kernel counts every bio of a watched file that a
-//! device's dm-stats accounting sees, whatever regions exist: regions are a view, not the
-//! count.
+//! pass, and the counters read back. The kernel counts every bio of a watched file, whatever
+//! regions exist: regions are a view, not the count.
 use std::{
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     sync::{Arc, Mutex, OnceLock},
@@ -39,6 +38,8 @@ pub struct Counting {
     slots: Mutex<Vec<bool>>,
     /// The IO probe, whose skipped runs the kernel counts.
     io_probe: ProgramFd,
+    /// Which programs count.
+    hook: super::IoHook,
     /// The loaded object, for its charge service (set once the tracer has attached the rest).
     programs: OnceLock<Arc<Mutex<Ebpf>>>,
 }
@@ -88,6 +89,7 @@ impl Counting {
         counters_fd: OwnedFd,
         bounds: Array<MapData, Bounds>,
         io_probe: ProgramFd,
+        hook: super::IoHook,
     ) -> Self {
         let room = counters.len() as usize;
         Self {
@@ -97,8 +99,20 @@ impl Counting {
             bounds: Mutex::new(bounds),
             slots: Mutex::new(vec![false; room]),
             io_probe,
+            hook,
             programs: OnceLock::new(),
         }
+    }
+
+    /// Which programs count the files' IO.
+    pub fn hook(&self) -> super::IoHook {
+        self.hook
+    }
+
+    /// Whether the kernel counts a device's IO only while the device has a dm-stats region
+    /// (see [`crate::stats::hook`]).
+    pub fn needs_region(&self) -> bool {
+        self.hook == super::IoHook::DmStats
     }
 
     pub fn map(&self) -> &SectorMap {
@@ -119,6 +133,13 @@ impl Counting {
         bounds: Bounds,
         base: FileCounters,
     ) -> anyhow::Result<Option<CountedFile>> {
+        if self.hook == super::IoHook::Bio && request_based(dev) {
+            bail!(
+                "its device {}:{} is request-based (multipath): the block layer does not trace its bios' completion, which the bio hook counts at",
+                dev >> 20,
+                dev & 0xfffff
+            );
+        }
         let Some(slot) = self.reserve(bounds, base)? else {
             return Ok(None);
         };
@@ -334,6 +355,18 @@ impl CountedFile {
     pub fn counting(&self) -> &Counting {
         &self.counting
     }
+}
+
+/// Whether the block device `dev` (kernel dev_t) queues requests (blk-mq: loop, disks,
+/// request-based dm such as multipath) rather than taking bios (bio-based: dm-linear, thin,
+/// crypt, zram). A request's bios end without `block:block_bio_complete`.
+fn request_based(dev: u32) -> bool {
+    std::path::Path::new(&format!(
+        "/sys/dev/block/{}:{}/mq",
+        dev >> 20,
+        dev & 0xfffff
+    ))
+    .exists()
 }
 
 /// The runs of the eBPF program behind `program` (a descriptor of this process) that the

@@ -1,14 +1,15 @@
-//! What the kernel half's probes need to know of the running kernel's structures: for the IO
-//! probe, struct offsets in dm (dm-mod's own BTF for `struct mapped_device`, which lives in a
-//! private header), the meaning of `dm_stats_account_io`'s time argument (renamed between
-//! releases: start_time, duration_jiffies, duration_ns) and the jiffy length from the
-//! kernel's config; for the new-file probe, offsets in the VFS's dentries, inodes and super
-//! blocks.
+//! What the kernel half's probes need to know of the running kernel's structures: for the bio
+//! hook, offsets in the block layer's bios and block devices; for the dm-stats IO probe
+//! (where the bio hook cannot run), struct offsets in dm (dm-mod's own BTF for `struct
+//! mapped_device`, which lives in a private header), the meaning of `dm_stats_account_io`'s
+//! time argument (renamed between releases: start_time, duration_jiffies, duration_ns) and
+//! the jiffy length from the kernel's config; for the new-file probe, offsets in the VFS's
+//! dentries, inodes and super blocks.
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use btf_rs::{Btf, Type};
-use filemapd_common::{DmLayout, VfsLayout, time_arg};
+use filemapd_common::{BioLayout, DmLayout, VfsLayout, time_arg};
 
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const DM_MOD: &str = "/sys/kernel/btf/dm_mod";
@@ -19,16 +20,19 @@ const DM_MOD: &str = "/sys/kernel/btf/dm_mod";
 /// launches one per group). /run is a tmpfs, gone at reboot; the directory is root's.
 const CACHE: &str = "/run/filemapd/kernel-layout";
 
-/// Both layouts, read together (one parse of the kernel's BTF).
+/// The layouts, read together (one parse of the kernel's BTF).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelLayout {
     pub dm: DmLayout,
     pub vfs: VfsLayout,
+    pub bio: BioLayout,
 }
 
 impl KernelLayout {
-    /// Plausible offsets of no real kernel, non-zero everywhere, so that the verifier walks
-    /// the probes whole: for verifying them where device-mapper is absent, never for running.
+    /// Plausible offsets of no real kernel, so that the verifier walks the probes whole: for
+    /// verifying them where device-mapper is absent, never for running. The fields a probe
+    /// checks before it does anything must be non-zero: `disk_in_md` (the IO probe on
+    /// dm-stats), `bdev_in_bio` (the bio hook), `ino_in_inode` (the new-file probes).
     pub fn made_up() -> Self {
         Self {
             dm: DmLayout {
@@ -49,13 +53,21 @@ impl KernelLayout {
                 dev_in_sb: 16,
                 _pad: 0,
             },
+            bio: BioLayout {
+                bdev_in_bio: 8,
+                opf_in_bio: 16,
+                sector_in_bio: 32,
+                size_in_bio: 40,
+                dev_in_bdev: 72,
+                _pad: 0,
+            },
         }
     }
 }
 
 /// The layout, from the cache when it was written for this boot and this dm-mod, else from
-/// the kernel's BTF (then cached). Fails (with the reason) when dm-mod is not loaded or has
-/// no BTF.
+/// the kernel's BTF (then cached). Fails (with the reason) when dm-mod is not loaded or the
+/// kernel has no BTF; dm's part is all zero when dm-mod has none.
 pub fn read() -> anyhow::Result<KernelLayout> {
     // Built in or loaded, dm-mod shows here (it has parameters): without it there is nothing
     // to count, and no reason to parse the kernel's BTF.
@@ -87,9 +99,9 @@ fn cache_key() -> Option<String> {
 }
 
 fn format_cache(key: &str, l: &KernelLayout) -> String {
-    let (d, v) = (&l.dm, &l.vfs);
+    let (d, v, b) = (&l.dm, &l.vfs, &l.bio);
     format!(
-        "{key}\n{} {} {} {} {} {}\n{} {} {} {} {} {} {}\n",
+        "{key}\n{} {} {} {} {} {}\n{} {} {} {} {} {} {}\n{} {} {} {} {}\n",
         d.stats_in_md,
         d.disk_in_md,
         d.major_in_disk,
@@ -103,6 +115,11 @@ fn format_cache(key: &str, l: &KernelLayout) -> String {
         v.sb_in_inode,
         v.generation_in_inode,
         v.dev_in_sb,
+        b.bdev_in_bio,
+        b.opf_in_bio,
+        b.sector_in_bio,
+        b.size_in_bio,
+        b.dev_in_bdev,
     )
 }
 
@@ -122,6 +139,7 @@ fn parse_cache(text: &str, key: &str) -> Option<KernelLayout> {
     };
     let d = numbers(6)?;
     let v = numbers(7)?;
+    let b = numbers(5)?;
     Some(KernelLayout {
         dm: DmLayout {
             stats_in_md: d[0],
@@ -139,6 +157,14 @@ fn parse_cache(text: &str, key: &str) -> Option<KernelLayout> {
             sb_in_inode: v[4],
             generation_in_inode: v[5],
             dev_in_sb: v[6],
+            _pad: 0,
+        },
+        bio: BioLayout {
+            bdev_in_bio: b[0],
+            opf_in_bio: b[1],
+            sector_in_bio: b[2],
+            size_in_bio: b[3],
+            dev_in_bdev: b[4],
             _pad: 0,
         },
     })
@@ -160,19 +186,43 @@ fn write_cache(key: &str, layout: &KernelLayout) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The layouts the bio hook and the new-file probes need, from the kernel's own BTF alone
+/// (none of dm's, which stays all zero), uncached: for tests that count the IO of plain
+/// block devices, where device-mapper is absent.
+pub fn read_for_any_device() -> anyhow::Result<KernelLayout> {
+    let base = Btf::from_file(VMLINUX).with_context(|| format!("reading {VMLINUX}"))?;
+    let (vfs, bio) = read_vmlinux(&base)?;
+    Ok(KernelLayout {
+        dm: DmLayout::default(),
+        vfs,
+        bio,
+    })
+}
+
 /// Reads the layout from the kernel's BTF.
 fn read_btf() -> anyhow::Result<KernelLayout> {
     let base = Btf::from_file(VMLINUX).with_context(|| format!("reading {VMLINUX}"))?;
+    let (vfs, bio) = read_vmlinux(&base)?;
+    // Only the probe on dm-stats' accounting needs dm's layout; the bio hook counts without.
+    let dm = read_dm(&base).unwrap_or_else(|e| {
+        log::info!("dm-mod's layout unknown, only the bio hook can count: {e:#}");
+        DmLayout::default()
+    });
+    Ok(KernelLayout { dm, vfs, bio })
+}
+
+/// dm's layout, from dm-mod's BTF (split from the kernel's, `base`).
+fn read_dm(base: &Btf) -> anyhow::Result<DmLayout> {
     let dm = if Path::new(DM_MOD).exists() {
-        Btf::from_split_file(DM_MOD, &base).with_context(|| format!("reading {DM_MOD}"))?
+        Btf::from_split_file(DM_MOD, base).with_context(|| format!("reading {DM_MOD}"))?
     } else {
         // dm-mod built into the kernel: its types are in vmlinux.
         Btf::from_file(VMLINUX)?
     };
     let stats_in_md = member_offset(&dm, "mapped_device", "stats")?;
     let disk_in_md = member_offset(&dm, "mapped_device", "disk")?;
-    let major_in_disk = member_offset(&base, "gendisk", "major")?;
-    let first_minor_in_disk = member_offset(&base, "gendisk", "first_minor")?;
+    let major_in_disk = member_offset(base, "gendisk", "major")?;
+    let first_minor_in_disk = member_offset(base, "gendisk", "first_minor")?;
     let time_arg = match parameter_name(&dm, "dm_stats_account_io", 5)?.as_str() {
         "start_time" => time_arg::START_JIFFIES,
         "duration_jiffies" => time_arg::DURATION_JIFFIES,
@@ -191,27 +241,38 @@ fn read_btf() -> anyhow::Result<KernelLayout> {
             0
         }
     };
+    Ok(DmLayout {
+        stats_in_md,
+        disk_in_md,
+        major_in_disk,
+        first_minor_in_disk,
+        time_arg,
+        ns_per_jiffy,
+    })
+}
+
+/// The VFS's and the block layer's layouts, from the kernel's own BTF.
+fn read_vmlinux(base: &Btf) -> anyhow::Result<(VfsLayout, BioLayout)> {
     let vfs = VfsLayout {
-        parent_in_dentry: member_offset(&base, "dentry", "d_parent")?,
-        inode_in_dentry: member_offset(&base, "dentry", "d_inode")?,
-        mode_in_inode: member_offset(&base, "inode", "i_mode")?,
-        ino_in_inode: member_offset(&base, "inode", "i_ino")?,
-        sb_in_inode: member_offset(&base, "inode", "i_sb")?,
-        generation_in_inode: member_offset(&base, "inode", "i_generation")?,
-        dev_in_sb: member_offset(&base, "super_block", "s_dev")?,
+        parent_in_dentry: member_offset(base, "dentry", "d_parent")?,
+        inode_in_dentry: member_offset(base, "dentry", "d_inode")?,
+        mode_in_inode: member_offset(base, "inode", "i_mode")?,
+        ino_in_inode: member_offset(base, "inode", "i_ino")?,
+        sb_in_inode: member_offset(base, "inode", "i_sb")?,
+        generation_in_inode: member_offset(base, "inode", "i_generation")?,
+        dev_in_sb: member_offset(base, "super_block", "s_dev")?,
         _pad: 0,
     };
-    Ok(KernelLayout {
-        dm: DmLayout {
-            stats_in_md,
-            disk_in_md,
-            major_in_disk,
-            first_minor_in_disk,
-            time_arg,
-            ns_per_jiffy,
-        },
-        vfs,
-    })
+    let iter_in_bio = member_offset(base, "bio", "bi_iter")?;
+    let bio = BioLayout {
+        bdev_in_bio: member_offset(base, "bio", "bi_bdev")?,
+        opf_in_bio: member_offset(base, "bio", "bi_opf")?,
+        sector_in_bio: iter_in_bio + member_offset(base, "bvec_iter", "bi_sector")?,
+        size_in_bio: iter_in_bio + member_offset(base, "bvec_iter", "bi_size")?,
+        dev_in_bdev: member_offset(base, "block_device", "bd_dev")?,
+        _pad: 0,
+    };
+    Ok((vfs, bio))
 }
 
 /// The byte offset of a (non-bitfield) member of a struct.
@@ -288,6 +349,14 @@ mod tests {
                 sb_in_inode: 40,
                 generation_in_inode: 448,
                 dev_in_sb: 16,
+                _pad: 0,
+            },
+            bio: BioLayout {
+                bdev_in_bio: 8,
+                opf_in_bio: 16,
+                sector_in_bio: 32,
+                size_in_bio: 40,
+                dev_in_bdev: 76,
                 _pad: 0,
             },
         };

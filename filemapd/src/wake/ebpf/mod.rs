@@ -1,6 +1,8 @@
 //! The eBPF trigger and counting: loads the kernel half, tells it each tracepoint's layout,
 //! attaches what this kernel offers, and hands the events for watched inodes to user space;
-//! with dm-mod's BTF, also the probe that counts every watched file's IO in the kernel.
+//! with the kernel's BTF, also the programs that count every watched file's IO in the kernel
+//! (the bio hook; or, without block tracepoints, a probe on dm-stats' accounting, which needs
+//! dm-mod's BTF).
 mod batch_read;
 pub mod counting;
 pub mod hub;
@@ -18,8 +20,8 @@ use aya::{
     programs::{KProbe, RawTracePoint, TracePoint, links::FdLink},
 };
 use filemapd_common::{
-    DmLayout, ExtentEvent, InodeKey, LAYOUTS_LEN, Placement, SPARE_SLOTS, TracepointLayout, names,
-    sector_map::TableLogs,
+    BioLayout, DmLayout, ExtentEvent, InodeKey, LAYOUTS_LEN, Placement, SPARE_SLOTS,
+    TracepointLayout, names, sector_map::TableLogs,
 };
 use std::{
     os::fd::AsFd as _,
@@ -54,6 +56,44 @@ pub const MANY_FILES_TABLES: TableLogs = TableLogs {
 enum Layout {
     Kernel,
     Pretend,
+    /// The kernel's own, without dm's (see [`Tracer::load_counting_any_device`]).
+    AnyDevice,
+}
+
+/// Which programs count the watched files' IO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoHook {
+    /// The block layer's tracepoints at every bio's queueing and completion (`bio_hook` in
+    /// the kernel half): a device's dm-stats needs no region, but every bio of the host pays
+    /// the hook a look at its device.
+    Bio,
+    /// A kprobe on dm-stats' per-bio accounting, which runs only while the device has a
+    /// region (see [`crate::stats::hook`]): only the counted devices' bios pay.
+    DmStats,
+}
+
+impl IoHook {
+    /// The probe on dm-stats' accounting where dm's layout is known, unless
+    /// `FILEMAPD_IO_HOOK=bio` asks for the bio hook; the bio hook where the layout is not
+    /// (dm-mod without BTF). `None`: neither can run.
+    fn choose(dm_known: bool) -> Option<IoHook> {
+        let present = |name| matches!(tracefs::read_format("block", name), Ok(Some(_)));
+        let bio = present(names::BLOCK_BIO_QUEUE) && present(names::BLOCK_BIO_COMPLETE);
+        let asked = std::env::var("FILEMAPD_IO_HOOK").ok();
+        match (asked.as_deref(), bio, dm_known) {
+            (Some("bio"), true, _) => {
+                log::info!("FILEMAPD_IO_HOOK=bio: counting through the block tracepoints");
+                Some(IoHook::Bio)
+            }
+            (Some("bio"), false, _) => {
+                log::warn!("FILEMAPD_IO_HOOK=bio, but this kernel has no block tracepoints");
+                dm_known.then_some(IoHook::DmStats)
+            }
+            (_, _, true) => Some(IoHook::DmStats),
+            (_, true, false) => Some(IoHook::Bio),
+            (_, false, false) => None,
+        }
+    }
 }
 
 /// Directories whose new files the kernel watches from birth, at most.
@@ -119,6 +159,13 @@ impl Tracer {
         Self::load_with(max_watched, tables, false, false, Layout::Pretend)
     }
 
+    /// [`Tracer::load`] whose counting, through the bio hook, counts the IO of files on any
+    /// block device, not only on dm's: for tests of the hook on machines without
+    /// device-mapper (a file's placement then names its own device).
+    pub fn load_counting_any_device(max_watched: u32, tables: TableLogs) -> anyhow::Result<Self> {
+        Self::load_with(max_watched, tables, false, false, Layout::AnyDevice)
+    }
+
     /// [`Tracer::load`] for the service, which counts through a restart's gap (see
     /// `restart`): a stopped service's programs count until [`Tracer::take_over`]. With
     /// `ebpf_log`, the programs also log (aya-log, through this process's logger) which
@@ -158,9 +205,11 @@ impl Tracer {
         let max_watched = test_size("FILEMAPD_TEST_WATCH_ROOM").unwrap_or(max_watched);
         // Asked off, the kernel's BTF is not even read (seconds of start-up under emulation).
         let mut counting_unavailable = None;
-        let kernel_layout = if layout == Layout::Pretend {
+        let mut kernel_layout = if layout == Layout::Pretend {
             counting_unavailable = Some("the layout is made up: verification only".to_string());
             None
+        } else if layout == Layout::AnyDevice {
+            Some(kernel_layout::read_for_any_device()?)
         } else if std::env::var_os("FILEMAPD_NO_COUNTING").is_some() {
             log::info!("FILEMAPD_NO_COUNTING set: no in-kernel counting of the files' IO");
             counting_unavailable = Some("FILEMAPD_NO_COUNTING is set".to_string());
@@ -179,16 +228,39 @@ impl Tracer {
             );
             layout
         };
-        let layout_value = match layout {
-            Layout::Pretend => kernel_layout::KernelLayout::made_up(),
-            Layout::Kernel => kernel_layout.unwrap_or_default(),
+        let hook = match (layout, &kernel_layout) {
+            (Layout::Pretend | Layout::AnyDevice, _) => IoHook::Bio,
+            (Layout::Kernel, None) => IoHook::DmStats,
+            (Layout::Kernel, Some(known)) => {
+                match IoHook::choose(known.dm != DmLayout::default()) {
+                    Some(hook) => hook,
+                    None => {
+                        let why = "no BTF for dm-mod, and no block tracepoints";
+                        log::info!("no in-kernel counting of the files' IO: {why}");
+                        counting_unavailable = Some(why.to_string());
+                        kernel_layout = None;
+                        IoHook::DmStats
+                    }
+                }
+            }
         };
+        let mut layout_value = match layout {
+            Layout::Pretend => kernel_layout::KernelLayout::made_up(),
+            Layout::Kernel | Layout::AnyDevice => kernel_layout.unwrap_or_default(),
+        };
+        // The hook not chosen stays idle (its layout all zero), attached or not.
+        match (layout, hook) {
+            (Layout::Pretend, _) => {}
+            (_, IoHook::Bio) => layout_value.dm = DmLayout::default(),
+            (_, IoHook::DmStats) => layout_value.bio = BioLayout::default(),
+        }
         let log_events = u32::from(ebpf_log);
         let mut loader = EbpfLoader::new();
         loader
             .override_global(names::LAYOUTS, &layouts, true)
             .override_global(names::OWN_TGID, &own_tgid, true)
             .override_global(names::DM_LAYOUT, &layout_value.dm, true)
+            .override_global(names::BIO_LAYOUT, &layout_value.bio, true)
             .override_global(names::VFS_LAYOUT, &layout_value.vfs, true)
             .override_global(names::LOG_EVENTS, &log_events, true)
             .override_global(names::TABLE_LOGS, &tables, true)
@@ -230,8 +302,18 @@ impl Tracer {
             }
             None => None,
         };
+        // The bios in flight go with the gate word: a bio queued under one daemon may
+        // complete under the next (a predecessor too old to share them has none pinned).
+        let bios_pin = match (&predecessor, &gate_pin) {
+            (Some(predecessor), _) => Some(predecessor.bios()).filter(|p| p.exists()),
+            (None, Some(gate)) => gate.parent().map(|dir| dir.join(names::BIOS)),
+            (None, None) => None,
+        };
         if let Some(path) = &gate_pin {
             loader.map_pin_path(names::GATE, path.as_path());
+        }
+        if let Some(path) = &bios_pin {
+            loader.map_pin_path(names::BIOS, path.as_path());
         }
         let started = std::time::Instant::now();
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
@@ -245,7 +327,11 @@ impl Tracer {
             let own = pins::own_dir();
             let pinned = std::fs::create_dir_all(&own)
                 .context("creating the pin directory")
-                .and_then(|()| Ok(gate_map.pin(own.join(names::GATE))?));
+                .and_then(|()| Ok(gate_map.pin(own.join(names::GATE))?))
+                .and_then(|()| match ebpf.map(names::BIOS) {
+                    Some(bios) => Ok(bios.pin(own.join(names::BIOS))?),
+                    None => Ok(()),
+                });
             if let Err(e) = pinned {
                 log::warn!("the next restart's gap goes uncounted: {e:#}");
                 links = restart::Links::default();
@@ -292,7 +378,7 @@ impl Tracer {
         let started = std::time::Instant::now();
         let (counting, pins) = match kernel_layout {
             Some(layout) => {
-                match attach_counting(&mut ebpf, &layout.dm, &watched, tables, &mut links) {
+                match attach_counting(&mut ebpf, hook, &layout, &watched, tables, &mut links) {
                     Ok((counting, pins)) => (Some(Arc::new(counting)), pins),
                     Err(e) => {
                         log::info!("no in-kernel counting of the files' IO: {e:#}");
@@ -662,6 +748,36 @@ pub fn standalone_counting(max_files: u32, tables: TableLogs) -> anyhow::Result<
     Ok(counting)
 }
 
+/// Loads (verifies) the raw tracepoint program `name` of the object.
+fn load_raw_tracepoint<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> anyhow::Result<&'a mut RawTracePoint> {
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} is missing from the eBPF object"))?
+        .try_into()?;
+    program
+        .load()
+        .with_context(|| format!("verifying program {name}"))?;
+    Ok(program)
+}
+
+/// The bio hook's programs, attached to the block tracepoints they are named after; their
+/// links go to `links` where it keeps them.
+fn attach_bio_hook(ebpf: &mut Ebpf, links: &mut restart::Links) -> anyhow::Result<()> {
+    for name in [names::BLOCK_BIO_COMPLETE, names::BLOCK_BIO_QUEUE] {
+        let program = load_raw_tracepoint(ebpf, name)?;
+        let link = program
+            .attach(name)
+            .with_context(|| format!("attaching {name} to block:{name}"))?;
+        if links.keeps() {
+            links.hold(name, FdLink::from(program.take_link(link)?));
+        }
+    }
+    Ok(())
+}
+
 /// The counting over the object's maps, its IO probe (and the new-file probes) verified but
 /// not attached.
 fn unattached_counting_over(ebpf: &mut Ebpf, tables: TableLogs) -> anyhow::Result<Counting> {
@@ -672,19 +788,28 @@ fn unattached_counting_over(ebpf: &mut Ebpf, tables: TableLogs) -> anyhow::Resul
     ] {
         load_kprobe(ebpf, name)?;
     }
+    for name in [names::BLOCK_BIO_QUEUE, names::BLOCK_BIO_COMPLETE] {
+        load_raw_tracepoint(ebpf, name)?;
+    }
     let counters = take_map(ebpf, names::COUNTERS)?;
-    counting_over(ebpf, counters, tables)
+    counting_over(ebpf, counters, tables, IoHook::DmStats)
 }
 
-/// The counting over the object's maps (`counters` already taken out, to be pinned), its IO
-/// probe loaded: kept to read how often the kernel skipped it (`Counting::io_probe_skips`).
+/// The counting over the object's maps (`counters` already taken out, to be pinned), its
+/// `hook`'s programs loaded: the one that walks bios is kept to read how often the kernel
+/// skipped it (`Counting::io_probe_skips`).
 fn counting_over(
     ebpf: &mut Ebpf,
     counters: aya::maps::Map,
     tables: TableLogs,
+    hook: IoHook,
 ) -> anyhow::Result<Counting> {
+    let walker = match hook {
+        IoHook::Bio => names::BLOCK_BIO_QUEUE,
+        IoHook::DmStats => names::DM_STATS_ACCOUNT_IO,
+    };
     let io_probe = ebpf
-        .program(names::DM_STATS_ACCOUNT_IO)
+        .program(walker)
         .context("the IO probe")?
         .fd()?
         .try_clone()?;
@@ -718,22 +843,33 @@ fn counting_over(
         counters_fd,
         Array::try_from(take_map(ebpf, names::BOUNDS)?)?,
         io_probe,
+        hook,
     ))
 }
 
-/// The probes of the in-kernel counting (on dm-mod's per-bio accounting, and on its cleanup of
-/// a device), and its maps.
+/// The programs of the in-kernel counting (the bio hook; or probes on dm-mod's per-bio
+/// accounting and on its cleanup of a device), and its maps.
 fn attach_counting(
     ebpf: &mut Ebpf,
-    layout: &DmLayout,
+    hook: IoHook,
+    layout: &kernel_layout::KernelLayout,
     watched: &aya::maps::Map,
     tables: TableLogs,
     links: &mut restart::Links,
 ) -> anyhow::Result<(Counting, Option<pins::PinDir>)> {
-    log::debug!("dm layout for the in-kernel counting: {layout:?}");
-    // The cleanup probe first: the IO probe remembers devices only while it is attached.
-    for name in [names::DM_STATS_CLEANUP, names::DM_STATS_ACCOUNT_IO] {
-        attach_kprobes(ebpf, name, &[name], links)?;
+    match hook {
+        IoHook::Bio => {
+            log::debug!("bio layout for the in-kernel counting: {:?}", layout.bio);
+            attach_bio_hook(ebpf, links)?;
+        }
+        IoHook::DmStats => {
+            log::debug!("dm layout for the in-kernel counting: {:?}", layout.dm);
+            // The cleanup probe first: the IO probe remembers devices only while it is
+            // attached.
+            for name in [names::DM_STATS_CLEANUP, names::DM_STATS_ACCOUNT_IO] {
+                attach_kprobes(ebpf, name, &[name], links)?;
+            }
+        }
     }
     // xfs's writeback conversions (xfs may not be loaded: then only direct IO on xfs is
     // recorded at once, buffered writes by the pass after their allocation).
@@ -750,7 +886,7 @@ fn attach_counting(
     }
     let counters = take_map(ebpf, names::COUNTERS)?;
     let pins = pins::PinDir::pin(watched, &counters);
-    let counting = counting_over(ebpf, counters, tables)?;
+    let counting = counting_over(ebpf, counters, tables, hook)?;
     Ok((counting, pins))
 }
 

@@ -20,6 +20,12 @@ use super::pins;
 /// Where a stopped service's links are pinned, in its pin directory.
 const LINKS: &str = "links";
 
+/// Where the daemon `pid` pins its links when it stops for a successor (removing it stops
+/// the programs).
+pub fn pinned_links(pid: u32) -> PathBuf {
+    Path::new(pins::ROOT).join(pid.to_string()).join(LINKS)
+}
+
 /// A stopped service whose programs still count its files' IO.
 pub struct Predecessor {
     pub pid: u32,
@@ -41,6 +47,11 @@ impl Predecessor {
     /// Its gate word's pin, which the successor loads its programs with.
     pub fn gate(&self) -> PathBuf {
         self.dir.join(names::GATE)
+    }
+
+    /// Its bios in flight's pin, shared as the gate word is.
+    pub fn bios(&self) -> PathBuf {
+        self.dir.join(names::BIOS)
     }
 
     /// Unpins its links: its programs stop (its maps stay with the files not taken up).

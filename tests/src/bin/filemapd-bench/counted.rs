@@ -101,16 +101,18 @@ pub fn run(rounds: usize, scope: Scope) {
     );
     report!("exit log); lost: what neither counted (100 % less the two, each against the writer's");
     report!("bytes). eBPF time: the kernel's time in eBPF programs (BPF_ENABLE_STATS) while the");
+    report!("writer ran, as a share of the writer's time, and the IO probe's time per run (the");
     report!(
-        "writer ran, as a share of the writer's time, and the IO probe's (dm_stats_account_io)"
+        "bio hook's two programs, which run for every bio of the host, or dm_stats_account_io,"
     );
-    report!("time per bio. The accounting's cost: the two filemapd --ebpf rows, with it and");
-    report!("without; their eBPF time prices it without the writer's round-to-round noise.");
-    report!("`filemapd watch --regions none`: the file is not mapped; the kernel's counters alone");
-    report!("count it (in the kernel: all the writer's IO, from the watch's exit log), and the");
-    report!("device holds filemapd's one region, which keeps dm-stats' accounting on.\n");
+    report!("twice per bio of a device with a region). The accounting's cost: the two filemapd");
+    report!("--ebpf rows, with it and without; their eBPF time prices it without the writer's");
+    report!("round-to-round noise. `filemapd watch --regions none`: the file is not mapped; the");
+    report!("kernel's counters alone count it (in the kernel: all the writer's IO, from the");
+    report!("watch's exit log), and the device holds filemapd's one region, which keeps");
+    report!("dm-stats' accounting on.\n");
     report!(
-        "| fs | writer | monitor | MB/s | slowdown | counted by regions % | counted in the kernel % | lost % | regions at end | caught up s | eBPF time % | IO probe ns/bio |"
+        "| fs | writer | monitor | MB/s | slowdown | counted by regions % | counted in the kernel % | lost % | regions at end | caught up s | eBPF time % | IO probe ns/run |"
     );
     report!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let clock = ProgramClock::start();

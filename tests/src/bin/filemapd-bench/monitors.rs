@@ -150,6 +150,11 @@ impl Running {
 
     /// `filemapd ARGS`, its log (at info level, `-v`) in a file for [`Running::wait_for_log`].
     pub fn filemapd(args: &[&str]) -> Self {
+        Self::filemapd_with(args, &[])
+    }
+
+    /// [`Running::filemapd`] with more variables in its environment.
+    pub fn filemapd_with(args: &[&str], env: &[(&str, &str)]) -> Self {
         let file = PathBuf::from(format!(
             "/tmp/filemapd-bench-{}-{}.log",
             std::process::id(),
@@ -157,6 +162,7 @@ impl Running {
         ));
         let child = Command::new(filemapd_binary())
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&file).unwrap())
             .spawn()
@@ -203,7 +209,7 @@ impl Running {
         let _ = self.child.wait();
         // A `watch` leaves its counting programs pinned for its next start: they would run
         // on every bio of the rows after this one.
-        let _ = fs::remove_dir_all(format!("/sys/fs/bpf/filemapd/{}/links", self.child.id()));
+        let _ = fs::remove_dir_all(filemapd::wake::ebpf::restart::pinned_links(self.child.id()));
         fs::read_to_string(self.log.as_ref()?).ok()
     }
 }

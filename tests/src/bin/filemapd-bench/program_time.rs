@@ -8,8 +8,9 @@ use aya::{
     sys::{Stats, enable_stats},
 };
 
-/// The kernel's name for the IO probe (program names are cut to 15 bytes).
-const IO_PROBE: &str = "dm_stats_accoun";
+/// The kernel's names for the IO probe's programs (names are cut to 15 bytes): the bio hook's
+/// two, and the probe on dm-stats' accounting.
+const IO_PROBE: [&str; 3] = ["block_bio_queue", "block_bio_compl", "dm_stats_accoun"];
 
 /// Keeps run-time statistics on while it lives.
 pub struct ProgramClock {
@@ -43,7 +44,7 @@ impl ProgramClock {
             let entry = time.by_name.entry(name).or_default();
             entry.0 += info.run_time();
             entry.1 += info.run_count();
-            if info.name_as_str() == Some(IO_PROBE) {
+            if info.name_as_str().is_some_and(|n| IO_PROBE.contains(&n)) {
                 time.io_probe += info.run_time();
                 time.io_probe_runs += info.run_count();
             }

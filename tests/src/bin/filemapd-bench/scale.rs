@@ -239,15 +239,11 @@ fn many_extents(extents: u64, monitors: &[Monitor], updates: u64) {
     if let (Some((_, Some(el), Some(ec))), Some((_, Some(ll), Some(lc)))) =
         (of(Monitor::Ebpf), of(Monitor::Lvm2))
     {
+        let cpu_ratio = lc / ec.max(0.001);
         report!(
-            "\n- lvm2 dmfilemapd / filemapd --ebpf: update latency {:.0}×, update CPU {:.0}× (target at {extents} extents: ≥ {target:.0}× cheaper: {})\n",
+            "\n- lvm2 dmfilemapd / filemapd --ebpf: update latency {:.0}×, update CPU {cpu_ratio:.0}× (target at {extents} extents: ≥ {target:.0}× cheaper: {})\n",
             ll / el.max(0.001),
-            lc / ec.max(0.001),
-            if lc / ec.max(0.001) >= target {
-                "met"
-            } else {
-                "missed"
-            }
+            if cpu_ratio >= target { "met" } else { "missed" }
         );
     } else {
         report!("\n- no ratio: a monitor missed every update (see the table)\n");

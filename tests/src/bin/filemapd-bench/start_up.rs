@@ -60,12 +60,11 @@ pub fn run(rounds: usize) {
             "missed"
         }
     };
+    let (ready_ms, load_ms) = (median(readies), median(loads));
     report!(
-        "\nTarget: ready in ≤ {TARGET_MS:.0} ms natively: the watch here {:.0} ms ({}); with every program a dm host loads, the load alone {:.0} ms ({}).\n",
-        median(readies.clone()),
-        verdict(median(readies)),
-        median(loads.clone()),
-        verdict(median(loads))
+        "\nTarget: ready in ≤ {TARGET_MS:.0} ms natively: the watch here {ready_ms:.0} ms ({}); with every program a dm host loads, the load alone {load_ms:.0} ms ({}).\n",
+        verdict(ready_ms),
+        verdict(load_ms)
     );
     let total: u32 = counts.iter().map(|(_, n)| n).sum();
     report!(
