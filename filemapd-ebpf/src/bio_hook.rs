@@ -58,15 +58,22 @@ pub fn block_bio_queue(ctx: RawTracePointContext) -> i32 {
     let Some(seen) = read_bio(bio, &layout) else {
         return 0;
     };
-    let how = How {
-        write: seen.write,
+    let end = seen.sector + seen.sectors;
+    // A bio's start only raises its files' IO in flight: its direction is read (one probe
+    // read fewer for every other bio of the host) once it is known to be a watched file's.
+    let started = How {
+        write: false,
         end: false,
     }
     .with(seen.dev);
-    let end = seen.sector + seen.sectors;
-    if seen.sectors == 0 || charge(how, seen.sector, end, 0) == 0 {
+    if seen.sectors == 0 || charge(started, seen.sector, end, 0) == 0 {
         return 0;
     }
+    let how = How {
+        write: is_write(bio, &layout),
+        end: false,
+    }
+    .with(seen.dev);
     let start = BioStart {
         // SAFETY: a helper without arguments or preconditions.
         queued_ns: unsafe { bpf_ktime_get_ns() },
@@ -77,12 +84,7 @@ pub fn block_bio_queue(ctx: RawTracePointContext) -> i32 {
     if BIOS.insert(&bio, &start, 0).is_err() {
         // No room: the bio is counted now, its time unknown, so that its files' IO in flight
         // does not stay raised.
-        let ended = How {
-            write: seen.write,
-            end: true,
-        }
-        .with(seen.dev);
-        charge(ended, seen.sector, end, 0);
+        charge(how | How::END, seen.sector, end, 0);
     }
     0
 }
@@ -115,15 +117,14 @@ pub fn block_bio_complete(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// What the hook needs of a bio.
+/// What the hook needs of every bio.
 struct Seen {
     dev: u32,
-    write: bool,
     sector: u64,
     sectors: u64,
 }
 
-/// The bio's device (kernel dev_t), direction and sectors, read at the layout's offsets.
+/// The bio's device (kernel dev_t) and sectors, read at the layout's offsets.
 #[inline(always)]
 fn read_bio(bio: u64, layout: &BioLayout) -> Option<Seen> {
     // SAFETY (every read): the helper checks the access; the offsets are the kernel's own.
@@ -134,17 +135,23 @@ fn read_bio(bio: u64, layout: &BioLayout) -> Option<Seen> {
     }
     let dev: u32 =
         unsafe { bpf_probe_read_kernel((bdev + layout.dev_in_bdev as u64) as *const u32) }.ok()?;
-    let opf: u32 =
-        unsafe { bpf_probe_read_kernel((bio + layout.opf_in_bio as u64) as *const u32) }.ok()?;
     let sector: u64 =
         unsafe { bpf_probe_read_kernel((bio + layout.sector_in_bio as u64) as *const u64) }.ok()?;
     let bytes: u32 =
         unsafe { bpf_probe_read_kernel((bio + layout.size_in_bio as u64) as *const u32) }.ok()?;
     Some(Seen {
         dev,
-        // The operation is the low byte of bi_opf; odd ones write (op_is_write).
-        write: opf & 1 == 1,
         sector,
         sectors: u64::from(bytes >> 9),
     })
+}
+
+/// Whether the bio writes: its operation is the low byte of bi_opf, and odd ones write
+/// (op_is_write). A read that fails counts it as a read.
+#[inline(always)]
+fn is_write(bio: u64, layout: &BioLayout) -> bool {
+    // SAFETY: as in `read_bio`.
+    let opf: u32 = unsafe { bpf_probe_read_kernel((bio + layout.opf_in_bio as u64) as *const u32) }
+        .unwrap_or(0);
+    opf & 1 == 1
 }

@@ -1,8 +1,8 @@
 //! Per-file IO counted in the kernel: at each bio's start and end its sectors are looked up in
-//! the sector map and each file that owns some of them is charged. Two hooks call it: the bio
-//! hook (`bio_hook`: the block layer's tracepoints, no dm-stats region needed) and, where that
-//! cannot run, a probe on dm-stats' own per-bio accounting (`dm_stats_account_io`, called
-//! while the device has a region).
+//! the sector map and each file that owns some of them is charged. Two hooks call it: by
+//! default a probe on dm-stats' own per-bio accounting (`dm_stats_account_io`, called while
+//! the device has a region), and, where asked or where dm's layout is unknown, the bio hook
+//! (`bio_hook`: the block layer's tracepoints, no dm-stats region needed).
 //! A bio costs a block lookup and a chunk lookup per 256 KiB chunk it touches that holds
 //! spans (a bio inside blocks owned whole: one lookup per 16 MiB), whatever the number of
 //! files or extents watched.

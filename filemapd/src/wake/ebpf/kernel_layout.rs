@@ -1,6 +1,6 @@
 //! What the kernel half's probes need to know of the running kernel's structures: for the bio
-//! hook, offsets in the block layer's bios and block devices; for the dm-stats IO probe
-//! (where the bio hook cannot run), struct offsets in dm (dm-mod's own BTF for `struct
+//! hook, offsets in the block layer's bios and block devices; for the IO probe on dm-stats'
+//! accounting, struct offsets in dm (dm-mod's own BTF for `struct
 //! mapped_device`, which lives in a private header), the meaning of `dm_stats_account_io`'s
 //! time argument (renamed between releases: start_time, duration_jiffies, duration_ns) and
 //! the jiffy length from the kernel's config; for the new-file probe, offsets in the VFS's

@@ -77,22 +77,22 @@ impl IoHook {
     /// `FILEMAPD_IO_HOOK=bio` asks for the bio hook; the bio hook where the layout is not
     /// (dm-mod without BTF). `None`: neither can run.
     fn choose(dm_known: bool) -> Option<IoHook> {
-        let present = |name| matches!(tracefs::read_format("block", name), Ok(Some(_)));
-        let bio = present(names::BLOCK_BIO_QUEUE) && present(names::BLOCK_BIO_COMPLETE);
-        let asked = std::env::var("FILEMAPD_IO_HOOK").ok();
-        match (asked.as_deref(), bio, dm_known) {
-            (Some("bio"), true, _) => {
-                log::info!("FILEMAPD_IO_HOOK=bio: counting through the block tracepoints");
-                Some(IoHook::Bio)
-            }
-            (Some("bio"), false, _) => {
-                log::warn!("FILEMAPD_IO_HOOK=bio, but this kernel has no block tracepoints");
-                dm_known.then_some(IoHook::DmStats)
-            }
-            (_, _, true) => Some(IoHook::DmStats),
-            (_, true, false) => Some(IoHook::Bio),
-            (_, false, false) => None,
+        let asked = std::env::var("FILEMAPD_IO_HOOK").is_ok_and(|v| v == "bio");
+        if dm_known && !asked {
+            return Some(IoHook::DmStats);
         }
+        // The tracepoints are looked for only where the bio hook is wanted.
+        let present = |name| matches!(tracefs::read_format("block", name), Ok(Some(_)));
+        if present(names::BLOCK_BIO_QUEUE) && present(names::BLOCK_BIO_COMPLETE) {
+            if asked {
+                log::info!("FILEMAPD_IO_HOOK=bio: counting through the block tracepoints");
+            }
+            return Some(IoHook::Bio);
+        }
+        if asked {
+            log::warn!("FILEMAPD_IO_HOOK=bio, but this kernel has no block tracepoints");
+        }
+        dm_known.then_some(IoHook::DmStats)
     }
 }
 
