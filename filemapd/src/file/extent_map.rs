@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
     file::fiemap::{self, Extent, extent_flags},
-    sectors::SectorRange,
+    sectors::{SECTOR_SHIFT, SectorRange},
 };
 
 #[derive(Clone, Debug)]
@@ -26,6 +26,9 @@ pub struct ExtentMap {
     extents: BTreeMap<u64, Extent>,
     /// Placed blocks past `eof`, by the logical offset of the extent they were cut from.
     tails: BTreeMap<u64, Extent>,
+    /// Every placed piece of `extents` and `tails` as (physical, length, its key there), in
+    /// device order: the file's sectors without a sort of every extent at each pass.
+    by_place: BTreeSet<(u64, u64, u64)>,
     /// How many extents await a place (delayed allocation).
     unplaced: usize,
     /// Where the file's data ends, rounded up to its block (`u64::MAX`: nothing is cut).
@@ -55,6 +58,7 @@ impl ExtentMap {
         let mut map = Self {
             extents: BTreeMap::new(),
             tails: BTreeMap::new(),
+            by_place: BTreeSet::new(),
             unplaced: 0,
             eof,
         };
@@ -90,6 +94,25 @@ impl ExtentMap {
     /// The merged device ranges of the whole file.
     pub fn device_ranges(&self) -> Vec<SectorRange> {
         fiemap::device_ranges(&self.extents.values().copied().collect::<Vec<_>>())
+    }
+
+    /// Every sector the file's placed blocks hold on the device, its end's tails too, sorted,
+    /// joined where they touch or overlap: O(n) in device order, no sort.
+    pub fn placed_sectors(&self) -> Vec<SectorRange> {
+        let mut joined: Vec<SectorRange> = Vec::new();
+        for &(physical, length, _) in &self.by_place {
+            let range = SectorRange::new(physical >> SECTOR_SHIFT, length >> SECTOR_SHIFT);
+            if range.len == 0 {
+                continue;
+            }
+            match joined.last_mut() {
+                Some(last) if range.start <= last.end() => {
+                    last.len = last.len.max(range.end() - last.start);
+                }
+                _ => joined.push(range),
+            }
+        }
+        joined
     }
 
     /// Whether placed blocks of the file (before or past its end) hold the logical bytes
@@ -140,12 +163,12 @@ impl ExtentMap {
         let old_stretch = self.stretch(from, to);
         let dropped_tails: Vec<u64> = self.tails.range(lo..hi).map(|(&at, _)| at).collect();
         for at in dropped_tails {
-            self.tails.remove(&at);
+            self.take_tail(at);
         }
         self.eof = eof;
         let dropped: Vec<u64> = self.extents.range(lo..hi).map(|(&at, _)| at).collect();
         for at in dropped {
-            if let Some(extent) = self.extents.remove(&at)
+            if let Some(extent) = self.take_extent(at)
                 && !extent.is_placed()
             {
                 self.unplaced -= 1;
@@ -179,7 +202,7 @@ impl ExtentMap {
         let end = extent.logical.saturating_add(extent.length);
         if extent.is_placed() && end > self.eof {
             let head = self.eof.saturating_sub(extent.logical);
-            self.tails.insert(
+            self.put_tail(
                 extent.logical,
                 Extent {
                     logical: extent.logical + head,
@@ -196,10 +219,45 @@ impl ExtentMap {
         if !extent.is_placed() {
             self.unplaced += 1;
         }
-        if let Some(old) = self.extents.insert(extent.logical, extent)
+        if let Some(old) = self.put_extent(extent)
             && !old.is_placed()
         {
             self.unplaced -= 1;
+        }
+    }
+
+    /// The map's only ways of changing `extents` and `tails`: they keep `by_place` in step.
+    fn put_extent(&mut self, extent: Extent) -> Option<Extent> {
+        let old = self.extents.insert(extent.logical, extent);
+        if let Some(old) = old.filter(Extent::is_placed) {
+            self.by_place
+                .remove(&(old.physical, old.length, old.logical));
+        }
+        if extent.is_placed() {
+            self.by_place
+                .insert((extent.physical, extent.length, extent.logical));
+        }
+        old
+    }
+
+    fn take_extent(&mut self, at: u64) -> Option<Extent> {
+        let old = self.extents.remove(&at)?;
+        if old.is_placed() {
+            self.by_place.remove(&(old.physical, old.length, at));
+        }
+        Some(old)
+    }
+
+    fn put_tail(&mut self, key: u64, tail: Extent) {
+        if let Some(old) = self.tails.insert(key, tail) {
+            self.by_place.remove(&(old.physical, old.length, key));
+        }
+        self.by_place.insert((tail.physical, tail.length, key));
+    }
+
+    fn take_tail(&mut self, key: u64) {
+        if let Some(old) = self.tails.remove(&key) {
+            self.by_place.remove(&(old.physical, old.length, key));
         }
     }
 
@@ -408,6 +466,28 @@ mod tests {
     }
 
     proptest! {
+        /// The file's sectors in device order, kept beside the logical maps, are what those maps
+        /// hold (ends cut and moved, extents replaced and dropped, blocks unplaced).
+        #[test]
+        fn placed_sectors_follow_every_change(
+            old in file(),
+            steps in proptest::collection::vec((file(), 0u64..30, 1u64..30, 0u64..40), 1..6),
+            first_eof in 0u64..40,
+        ) {
+            let mut map = ExtentMap::new(old, first_eof * 4096);
+            for (new, start, len, eof) in steps {
+                let (lo, hi) = map.widen(start * 4096, (start + len) * 4096);
+                let fresh: Vec<Extent> = new
+                    .into_iter()
+                    .filter(|e| e.logical < hi && lo < e.logical + e.length)
+                    .collect();
+                map.replace(lo, hi, fresh, eof * 4096);
+                let mut expected = map.device_ranges();
+                expected.extend(map.tail_ranges());
+                prop_assert_eq!(map.placed_sectors(), crate::sectors::union(expected));
+            }
+        }
+
         /// Replacing a span with what the new file holds there gives the new file's map, and
         /// the reported stretch accounts for every range that changed.
         #[test]

@@ -132,9 +132,7 @@ impl FileView {
     /// Every sector the file holds on its device, past its end too: what the kernel counts
     /// for it (sorted, disjoint, joined where they touch).
     pub fn all_sectors(&self) -> Vec<crate::sectors::SectorRange> {
-        let mut ranges = self.map.device_ranges();
-        ranges.extend(self.map.tail_ranges());
-        crate::sectors::join_adjacent(ranges)
+        self.map.placed_sectors()
     }
 
     /// Event ranges FIEMAP has not shown placed yet.
