@@ -143,6 +143,7 @@ impl Bench {
             "FILEMAPD_BENCH_IDLE_SECS",
             "FILEMAPD_BENCH_ROUNDS",
             "FILEMAPD_BENCH_FILES",
+            "FILEMAPD_BENCH_10K_ONLY",
         ]
         .iter()
         .filter_map(|k| self.knob(k).map(|v| format!("{k}={v} ")))

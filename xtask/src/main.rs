@@ -77,6 +77,9 @@ enum Task {
         /// Seconds before the VM is stopped.
         #[arg(long, default_value_t = vm::DEFAULT_TIMEOUT.as_secs())]
         timeout: u64,
+        /// Guest memory, in vng's `--memory` syntax (dm-stats caps its regions at a quarter of it).
+        #[arg(long, default_value = "2G")]
+        memory: String,
     },
 }
 
@@ -100,8 +103,17 @@ fn main() -> ExitCode {
         Task::Deb => setup::run().and_then(|()| deb::build()).map(|deb| {
             println!("built {}", deb.display());
         }),
-        Task::Vm { command, timeout } => setup::run().and_then(|()| {
-            let out = vm::run(&command, std::time::Duration::from_secs(timeout))?;
+        Task::Vm {
+            command,
+            timeout,
+            memory,
+        } => setup::run().and_then(|()| {
+            let out = vm::run_on(
+                vm::KERNEL_SERIES[0],
+                &command,
+                std::time::Duration::from_secs(timeout),
+                &memory,
+            )?;
             print!("{}", out.output);
             anyhow::ensure!(out.success, "the command failed in the VM ({})", out.status);
             Ok(())

@@ -11,14 +11,16 @@ use std::{
 use filemapd::{
     file::{fiemap, view},
     stats::{GroupDescriptor, RegionSettings, StatsDevice},
+    wake::ebpf::counting::monotonic_ns,
 };
 use filemapd_tests::{DmFs, FsKind, map_without_daemon, write_and_sync};
 
 use crate::{
     median_and_spread,
-    monitors::{Monitor, Running, filemapd_binary, wait_covered},
+    monitors::{Monitor, Running, filemapd_binary, sectors_of, wait_covered},
     ms, quantile, report,
     usage::{Usage, mapped_ebpf_kib, quiet, rss_kib},
+    witness::Witness,
 };
 
 const BLOCK: u64 = 4096;
@@ -33,6 +35,10 @@ pub fn many_files_rows() {
 /// One file of 10,000 extents, then one of 30,000: each monitor's updates.
 pub fn many_extents_rows() {
     many_extents(10_000, &Monitor::ALL, 10);
+    if std::env::var_os("FILEMAPD_BENCH_10K_ONLY").is_some() {
+        // A quick look at the smaller file alone (the larger takes ~15 min under emulation).
+        return;
+    }
     // lvm2 plans in O(extents²) (a linear search per extent): a few updates say enough. In
     // the bench VM's 8 GiB dm-stats refuses region 31,537 of 100,000: it caps its memory at a
     // quarter of the RAM, and each region's struct dm_stat holds a pointer per possible CPU
@@ -176,20 +182,33 @@ fn many_extents(extents: u64, monitors: &[Monitor], updates: u64) {
         "a hole (with fsync), once the monitor is past its start-up. Latency: fsync → a region"
     );
     report!(
-        "covers it. Update CPU: the monitor's CPU time from the write until a second after the"
+        "covers it, witnessed by the kernel (a probe on `@stats_create`, as in the latency section;"
     );
     report!(
-        "region appeared, less its idle rate over that time. Cells: median (lowest–highest).\n"
+        "the bench sends dm no message meanwhile). Update CPU: the monitor's CPU time from the write until a second after the"
     );
-    report!("| monitor | idle CPU ms/s | update ms | update CPU ms | missed |");
-    report!("| --- | --- | --- | --- | --- |");
+    report!(
+        "region appeared, less its idle rate over that time; of it in dm-stats: the kernel's time in"
+    );
+    report!(
+        "dm-stats' message handler for the monitor's messages meanwhile (timed by the witness; for"
+    );
+    report!(
+        "lvm2, its polls' listings too), a cost no monitor sending those messages can avoid. Cells:"
+    );
+    report!("median (lowest–highest).\n");
+    report!(
+        "| monitor | idle CPU ms/s | update ms | update CPU ms | of it in dm-stats ms | missed |"
+    );
+    report!("| --- | --- | --- | --- | --- | --- |");
     let mut medians = Vec::new();
     let mut next_hole = 0;
+    let mut witness = Witness::start();
     for &monitor in monitors {
         let running = monitor.spawn(&path, group).unwrap();
         if !wait_covered(&device, &path, 0, size, Duration::from_secs(900)) {
             report!(
-                "| {} | — | — | — | never covered the file |",
+                "| {} | — | — | — | — | never covered the file |",
                 monitor.name()
             );
             continue;
@@ -197,26 +216,38 @@ fn many_extents(extents: u64, monitors: &[Monitor], updates: u64) {
         quiet(running.pid(), Duration::from_secs(300));
         let idle_window = Duration::from_secs(5);
         let idle = cpu_over(&running, idle_window).as_secs_f64() / idle_window.as_secs_f64();
-        let (mut latencies, mut cpus, mut missed) = (Vec::new(), Vec::new(), 0);
+        // What exists now, listed once; from here on the kernel's witness says what is made.
+        // A listing of this many regions takes dm-stats' mutex for long enough that the
+        // monitor's creation would spin on it, charged to the monitor's CPU.
+        witness.forget();
+        let before: Vec<_> = device.list(None).unwrap().iter().map(|r| r.range).collect();
+        let (mut latencies, mut cpus, mut in_dm, mut missed) =
+            (Vec::new(), Vec::new(), Vec::new(), 0);
         for _ in 0..updates {
             let hole = (2 * next_hole + 1) * BLOCK;
             next_hole += 1;
-            let before = Usage::of(running.pid());
+            let before_usage = Usage::of(running.pid());
+            let handled_before = witness.handling(running.pid());
             let started = Instant::now();
             write_and_sync(&path, hole, BLOCK as usize).unwrap();
-            let synced = Instant::now();
-            if !wait_covered(&device, &path, hole, BLOCK, Duration::from_secs(120)) {
+            let synced_ns = monotonic_ns();
+            let wanted = sectors_of(&path, hole, BLOCK);
+            let Some(covered_ns) = witness.covered_at(&wanted, &before, Duration::from_secs(120))
+            else {
                 missed += 1;
                 continue;
-            }
-            latencies.push(ms(synced.elapsed()));
+            };
+            latencies.push(covered_ns.saturating_sub(synced_ns) as f64 / 1e6);
             std::thread::sleep(Duration::from_secs(1));
             // The update's share: what the monitor used beyond its idle rate meanwhile.
-            let used = Usage::of(running.pid()).since(before).cpu;
+            let used = Usage::of(running.pid()).since(before_usage).cpu;
             cpus.push(ms(used.saturating_sub(started.elapsed().mul_f64(idle))));
+            in_dm.push(ms(witness
+                .handling(running.pid())
+                .saturating_sub(handled_before)));
         }
         let median = |v: &[f64]| (!v.is_empty()).then(|| crate::median(v.to_vec()));
-        medians.push((monitor, median(&latencies), median(&cpus)));
+        medians.push((monitor, median(&latencies), median(&cpus), median(&in_dm)));
         let cell = |v: &[f64]| {
             if v.is_empty() {
                 "—".to_string()
@@ -225,26 +256,40 @@ fn many_extents(extents: u64, monitors: &[Monitor], updates: u64) {
             }
         };
         report!(
-            "| {} | {:.1} | {} | {} | {missed} |",
+            "| {} | {:.1} | {} | {} | {} | {missed} |",
             monitor.name(),
             idle * 1000.0,
             cell(&latencies),
-            cell(&cpus)
+            cell(&cpus),
+            cell(&in_dm)
         );
         drop(running.stop());
     }
     let of = |m: Monitor| medians.iter().find(|(x, ..)| *x == m);
     // Issue 25's targets: ≥ 100× less update CPU than lvm2 at 10,000 extents, ≥ 200× at 30,000.
     let target = if extents >= 30_000 { 200.0 } else { 100.0 };
-    if let (Some((_, Some(el), Some(ec))), Some((_, Some(ll), Some(lc)))) =
+    if let (Some((_, Some(el), Some(ec), edm)), Some((_, Some(ll), Some(lc), _))) =
         (of(Monitor::Ebpf), of(Monitor::Lvm2))
     {
         let cpu_ratio = lc / ec.max(0.001);
+        // A region made before fsync returned (the allocation's event came first) is 0 ms.
+        let latency = if *el < 0.001 {
+            format!(
+                "update latency lvm2 {ll:.0} ms, filemapd --ebpf 0 (covered before fsync returned)"
+            )
+        } else {
+            format!("update latency {:.0}×", ll / el)
+        };
         report!(
-            "\n- lvm2 dmfilemapd / filemapd --ebpf: update latency {:.0}×, update CPU {cpu_ratio:.0}× (target at {extents} extents: ≥ {target:.0}× cheaper: {})\n",
-            ll / el.max(0.001),
+            "\n- lvm2 dmfilemapd / filemapd --ebpf: {latency}, update CPU {cpu_ratio:.0}× (target at {extents} extents: ≥ {target:.0}× cheaper: {})\n",
             if cpu_ratio >= target { "met" } else { "missed" }
         );
+        if let Some(edm) = (*edm).filter(|t| *t > 0.0) {
+            report!(
+                "- filemapd --ebpf's update: {edm:.1} of its {ec:.1} ms of CPU were dm-stats' handling of its messages; with only that, the ratio would be {:.0}×\n",
+                lc / edm
+            );
+        }
     } else {
         report!("\n- no ratio: a monitor missed every update (see the table)\n");
     }

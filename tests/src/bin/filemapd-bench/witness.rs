@@ -3,10 +3,14 @@
 //! which the handler returned (the region counts IO from then on). The bench asks nothing of
 //! dm while steps run: a witness that lists regions itself takes dm-stats' mutex, which the
 //! monitor's creations need, and its CPU, which the monitor shares under emulation.
+//!
+//! It also times every message's handling per process: what a monitor's updates cost in
+//! dm-stats itself, which no monitor can take off.
 use std::{
+    collections::HashMap,
     io::{BufRead as _, BufReader},
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
 };
 
@@ -14,13 +18,24 @@ use filemapd::sectors::{SectorRange, difference, union};
 
 /// `dm_stats_message(md, argc, argv, result, maxlen)` is dm-mod's entry for every `@stats_*`
 /// message. The range is remembered per thread at entry and said at return with the result
-/// (1: the region exists). BEGIN runs once every probe is attached.
+/// (1: the region exists); every message's time in the handler is said with its process.
+/// BEGIN runs once every probe is attached.
 const SCRIPT: &str = r#"
 BEGIN { printf("ready\n"); }
+kprobe:dm_stats_message
+{
+    @entered[tid] = nsecs;
+}
 kprobe:dm_stats_message
 / arg1 >= 2 && str(*(uint64 *)arg2) == "@stats_create" /
 {
     @range[tid] = str(*(uint64 *)(arg2 + 8));
+}
+kretprobe:dm_stats_message
+/ @entered[tid] != 0 /
+{
+    printf("handled %d %llu\n", pid, nsecs - @entered[tid]);
+    delete(@entered[tid]);
 }
 kretprobe:dm_stats_message
 / @range[tid] != "" /
@@ -43,6 +58,8 @@ pub struct Witness {
     lines: mpsc::Receiver<Creation>,
     /// Every creation said so far, in order.
     seen: Vec<Creation>,
+    /// Per process: its messages' time in dm-stats' handler so far, ns.
+    handled: Arc<Mutex<HashMap<u32, u64>>>,
 }
 
 impl Witness {
@@ -58,10 +75,14 @@ impl Witness {
         let stdout = BufReader::new(bpftrace.stdout.take().unwrap());
         let (ready_tx, ready_rx) = mpsc::channel();
         let (tx, lines) = mpsc::channel();
+        let handled = Arc::new(Mutex::new(HashMap::new()));
+        let handled_by_reader = handled.clone();
         std::thread::spawn(move || {
             for line in stdout.lines().map_while(Result::ok) {
                 if line == "ready" {
                     let _ = ready_tx.send(());
+                } else if let Some((pid, ns)) = parse_handled(&line) {
+                    *handled_by_reader.lock().unwrap().entry(pid).or_insert(0) += ns;
                 } else if let Some(creation) = parse(&line)
                     && tx.send(creation).is_err()
                 {
@@ -77,7 +98,14 @@ impl Witness {
             bpftrace,
             lines,
             seen: Vec::new(),
+            handled,
         }
+    }
+
+    /// The time process `pid`'s dm-stats messages spent in the kernel's handler so far (as
+    /// the witness has read it: call a little after the messages).
+    pub fn handling(&self, pid: u32) -> Duration {
+        Duration::from_nanos(self.handled.lock().unwrap().get(&pid).copied().unwrap_or(0))
     }
 
     /// Forgets the creations said so far (a new group, on another device, is measured next).
@@ -128,6 +156,12 @@ impl Drop for Witness {
     }
 }
 
+/// `handled <pid> <ns>`: one message's time in the handler.
+fn parse_handled(line: &str) -> Option<(u32, u64)> {
+    let (pid, ns) = line.strip_prefix("handled ")?.split_once(' ')?;
+    Some((pid.parse().ok()?, ns.parse().ok()?))
+}
+
 /// `created <ns> <result> <range>`, the range `<start>+<length>` or `-` (the whole device).
 /// Failed creations (result other than 1) are left out.
 fn parse(line: &str) -> Option<Creation> {
@@ -160,5 +194,8 @@ mod tests {
         assert!(parse("created 5 -22 2048+128").is_none());
         assert_eq!(parse("created 5 1 -").unwrap().range.start, 0);
         assert!(parse("Attaching 3 probes...").is_none());
+        assert_eq!(parse_handled("handled 42 1500"), Some((42, 1500)));
+        assert!(parse_handled("created 5 1 -").is_none());
+        assert!(parse("handled 42 1500").is_none());
     }
 }
