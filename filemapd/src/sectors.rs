@@ -46,7 +46,12 @@ pub fn join_adjacent(mut ranges: Vec<SectorRange>) -> Vec<SectorRange> {
 /// ranges.
 pub fn union(mut ranges: Vec<SectorRange>) -> Vec<SectorRange> {
     ranges.sort_unstable();
-    let mut joined: Vec<SectorRange> = Vec::with_capacity(ranges.len());
+    union_sorted(ranges)
+}
+
+/// [`union`] of ranges already sorted by start: one pass, no sort.
+pub fn union_sorted(ranges: impl IntoIterator<Item = SectorRange>) -> Vec<SectorRange> {
+    let mut joined: Vec<SectorRange> = Vec::new();
     for r in ranges {
         match joined.last_mut() {
             Some(last) if r.start <= last.end() => last.len = last.len.max(r.end() - last.start),

@@ -78,7 +78,7 @@ enum Task {
         #[arg(long, default_value_t = vm::DEFAULT_TIMEOUT.as_secs())]
         timeout: u64,
         /// Guest memory, in vng's `--memory` syntax (dm-stats caps its regions at a quarter of it).
-        #[arg(long, default_value = "2G")]
+        #[arg(long, default_value = vm::DEFAULT_MEMORY)]
         memory: String,
     },
 }

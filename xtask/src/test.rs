@@ -190,7 +190,7 @@ fn build_daemon() -> anyhow::Result<()> {
 
 /// Runs the VM tests' `script` in one VM boot on a kernel of `series`.
 fn vm_tests(series: &str, script: &str) -> anyhow::Result<(String, bool)> {
-    let out = vm::run_on(series, script, vm::DEFAULT_TIMEOUT, "2G")?;
+    let out = vm::run_on(series, script, vm::DEFAULT_TIMEOUT, vm::DEFAULT_MEMORY)?;
     println!("{}", out.output);
     eprintln!("(VM boot + tests on {series}: {:.1?})", out.elapsed);
     Ok((out.output, out.success))

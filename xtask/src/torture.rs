@@ -28,7 +28,7 @@ pub fn run(minutes: f64, seed: Option<u64>, kernel: &str) -> anyhow::Result<()> 
     );
     // The run, its last checkpoint (up to two minutes when it fails) and the boot.
     let timeout = Duration::from_secs_f64(minutes * 60.0) + Duration::from_secs(600);
-    let out = vm::run_on(kernel, &script, timeout, "2G")?;
+    let out = vm::run_on(kernel, &script, timeout, vm::DEFAULT_MEMORY)?;
     print!("{}", out.output);
     ensure!(out.success, "the torture run failed ({})", out.status);
     Ok(())

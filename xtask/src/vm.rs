@@ -40,6 +40,10 @@ fn kill_vm_on_signals() {
 /// ran 3 times slower; a hung VM still ends well within CI's 90 minutes.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1500);
 
+/// Guest memory for the test suite, the demo and `xtask vm` (vng's `--memory` syntax): enough
+/// for their files' regions (each ~64 KiB of dm-stats memory); the bench asks for more.
+pub const DEFAULT_MEMORY: &str = "2G";
+
 pub struct VmOutput {
     /// Whether the script exited 0 inside the guest.
     pub success: bool,
@@ -72,10 +76,10 @@ pub fn kernel(series: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("no {series} kernel in /boot: run `cargo xtask setup`"))
 }
 
-/// Boots the VM (2 GiB), runs `script` with /bin/sh inside it, and returns its status and
+/// Boots the VM ([`DEFAULT_MEMORY`]), runs `script` with /bin/sh inside it, and returns its status and
 /// output. Kills the whole qemu process group if it is not done within `timeout`.
 pub fn run(script: &str, timeout: Duration) -> anyhow::Result<VmOutput> {
-    run_on(KERNEL_SERIES[0], script, timeout, "2G")
+    run_on(KERNEL_SERIES[0], script, timeout, DEFAULT_MEMORY)
 }
 
 /// [`run`] on a kernel series of [`KERNEL_SERIES`], with an amount of guest memory (vng's

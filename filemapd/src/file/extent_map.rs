@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
     file::fiemap::{self, Extent, extent_flags},
-    sectors::{SECTOR_SHIFT, SectorRange},
+    sectors::{self, SECTOR_SHIFT, SectorRange},
 };
 
 #[derive(Clone, Debug)]
@@ -99,20 +99,14 @@ impl ExtentMap {
     /// Every sector the file's placed blocks hold on the device, its end's tails too, sorted,
     /// joined where they touch or overlap: O(n) in device order, no sort.
     pub fn placed_sectors(&self) -> Vec<SectorRange> {
-        let mut joined: Vec<SectorRange> = Vec::new();
-        for &(physical, length, _) in &self.by_place {
-            let range = SectorRange::new(physical >> SECTOR_SHIFT, length >> SECTOR_SHIFT);
-            if range.len == 0 {
-                continue;
-            }
-            match joined.last_mut() {
-                Some(last) if range.start <= last.end() => {
-                    last.len = last.len.max(range.end() - last.start);
-                }
-                _ => joined.push(range),
-            }
-        }
-        joined
+        let in_place_order = self
+            .by_place
+            .iter()
+            .map(|&(physical, length, _)| {
+                SectorRange::new(physical >> SECTOR_SHIFT, length >> SECTOR_SHIFT)
+            })
+            .filter(|range| range.len > 0);
+        sectors::union_sorted(in_place_order)
     }
 
     /// Whether placed blocks of the file (before or past its end) hold the logical bytes
