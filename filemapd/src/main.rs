@@ -24,7 +24,7 @@ use filemapd::{
     version,
     about = "Keep a file's dm-stats region group in step with its extents",
     long_about = "Keep a file's dm-stats region group in step with its extents.\n\nA drop-in for lvm2's dmfilemapd: installed as dmfilemapd, it takes lvm2's arguments and dmstats starts it for `dmstats create --filemap`. Like lvm2's daemon it exits when its group is deleted, or when its file has no extents left (see filemapd-watch(8) for a service that outlives any one file).\n\nWith a `filemapd watch --handoff` service running, the daemon hands its file to the service and exits. It looks for the service on /run/filemapd/handoff.sock, or on the socket FILEMAPD_HANDOFF_SOCKET names (for a service whose config sets handoff_socket), and hands its file only to a service running as root or as its own user.",
-    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch [--config <FILE>] [PATH...] [--ebpf] [--regions tiled|exact|none] [--interval <S>] [--metrics <ADDR>] [--handoff] [--check-config] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]\n       filemapd report [FILE...]\n       filemapd top [--metrics ADDR] [--interval S] [--sort COLUMN] [--batch N]",
+    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch [--config <FILE>] [PATH...] [--ebpf] [--regions tiled|exact|none] [--io-hook dm-stats|bio] [--interval <S>] [--metrics <ADDR>] [--handoff] [--check-config] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]\n       filemapd report [FILE...]\n       filemapd top [--metrics ADDR] [--interval S] [--sort COLUMN] [--batch N]",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -96,6 +96,11 @@ enum Command {
         /// Another spelling of --regions exact.
         #[arg(long)]
         exact: bool,
+        /// Which kernel programs count the files' IO (default: dm-stats where dm-mod has BTF,
+        /// else bio). Over a TOML config's `io_hook`; implies --ebpf; the start fails where
+        /// the hook asked for cannot run.
+        #[arg(long, value_enum, value_name = "HOOK")]
+        io_hook: Option<filemapd::wake::ebpf::IoHook>,
         /// Seconds between checks (eBPF: only for deleted groups and unlinked files).
         #[arg(long, default_value = "0.5", value_parser = parse_interval)]
         interval: Duration,
@@ -311,6 +316,7 @@ fn main() -> ExitCode {
             ebpf,
             regions,
             exact,
+            io_hook,
             interval,
             metrics,
             metrics_remote,
@@ -360,6 +366,7 @@ fn main() -> ExitCode {
                 metrics,
                 handoff,
                 ebpf_log: false,
+                io_hook,
             })
         }
         Some(Command::Trace {
@@ -395,6 +402,7 @@ fn main() -> ExitCode {
                 metrics: None,
                 handoff: false,
                 ebpf_log,
+                io_hook: None,
             })
         }
         Some(Command::Map { path, made }) => {

@@ -630,6 +630,45 @@ async fn xfs_the_bio_hook_counts_real_io() {
     the_bio_hook_counts_real_io(FsKind::Xfs).await;
 }
 
+/// The bio hook counts a bio at its completion, which the block layer does not trace for a
+/// request-based device (loop here, multipath on a dm host): a file there gets no slot, and a
+/// directory there is not watched for new files (whose bios would stay in flight), each with
+/// the reason; on a bio-based device (zram) both are taken.
+#[tokio::test]
+async fn the_bio_hook_refuses_request_based_devices() {
+    use filemapd::{file::identity::kernel_dev, file::placement, wake::ebpf::ONE_FILE_TABLES};
+    require_root();
+    let scratch = ScratchDir::new(Path::new("/var/tmp"), "bio-hook-request-based").unwrap();
+    let loopfs = LoopFs::new(&scratch.0, FsKind::Ext4).unwrap();
+    let zramfs = filemapd_tests::ZramFs::new(&scratch.0, FsKind::Ext4).unwrap();
+    let mut tracer = Tracer::load_counting_any_device(16, ONE_FILE_TABLES)
+        .expect("eBPF programs load on the host kernel");
+    let counting = std::sync::Arc::clone(tracer.counting().expect("the bio hook counts here"));
+    for (dir, request_based) in [(&loopfs.mount.dir, true), (&zramfs.mount.dir, false)] {
+        let directory = fs::File::open(dir).unwrap();
+        let id = FileId::of(&directory.metadata().unwrap());
+        let dev = kernel_dev(directory.metadata().unwrap().dev());
+        let mut dir_placement = placement::of(&directory, id).unwrap();
+        dir_placement.dm_dev = dev;
+        let opened = counting.open(dev, Default::default(), Default::default());
+        let watched = tracer.watch_directory(id.inode_key(), dir_placement);
+        if request_based {
+            for (what, error) in [
+                ("a file's slot", opened.err()),
+                ("a directory's new files", watched.err()),
+            ] {
+                let error = format!("{:#}", error.unwrap_or_else(|| panic!("{what} taken")));
+                assert!(error.contains("request-based"), "{what}: {error}");
+            }
+        } else {
+            let counted = opened.unwrap().expect("a free slot");
+            watched.unwrap();
+            tracer.unwatch_directory(id.inode_key());
+            counting.close(counted.slot);
+        }
+    }
+}
+
 /// Gives `file` a slot in `counting`, its sectors on the device `dev`, and has the tracer
 /// watch it with that slot.
 fn watch_counted(

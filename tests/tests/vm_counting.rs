@@ -270,7 +270,8 @@ fn reported(path: &Path) -> (u64, u64, u64, u64) {
 /// O_DIRECT writes in random order, then read whole with O_DIRECT. The kernel counts exactly
 /// the sectors written and those read (`filemapd report`). Through dm-stats' accounting (the
 /// default) the device holds one region whatever the file does: filemapd's own, which keeps
-/// that accounting on; through the bio hook (`FILEMAPD_IO_HOOK=bio`), none.
+/// that accounting on; through the bio hook, none. Each hook is asked for by name
+/// (`--io-hook`).
 fn known_io_without_regions(fs_kind: FsKind, hook: IoHook) {
     require_device_mapper();
     ensure_bpffs();
@@ -278,11 +279,20 @@ fn known_io_without_regions(fs_kind: FsKind, hook: IoHook) {
     let path = dmfs.mount.dir.join("new.img");
     std::fs::write(&path, b"").unwrap();
     let p = path.to_string_lossy().into_owned();
-    let env: &[(&str, &str)] = match hook {
-        IoHook::Bio => &[("FILEMAPD_IO_HOOK", "bio")],
-        IoHook::DmStats => &[],
-    };
-    let mut watch = LoggedDaemon::start(&["watch", "--regions", "none", "-v", &p], &path, env);
+    let hook_name = hook.to_string();
+    let mut watch = LoggedDaemon::start(
+        &[
+            "watch",
+            "--regions",
+            "none",
+            "--io-hook",
+            &hook_name,
+            "-v",
+            &p,
+        ],
+        &path,
+        &[],
+    );
     watch.wait_for_line("watching 1 file(s)");
 
     let written = random_direct_writes(&path, 0, 16 << 20, 0xfeed) / 512;
@@ -342,8 +352,9 @@ fn xfs_known_io_is_counted_exactly_by_the_bio_hook() {
     known_io_without_regions(FsKind::Xfs, IoHook::Bio);
 }
 
-/// Bad input: an unknown --regions, or none where the kernel cannot count, is one line on
-/// stderr and exit 1; --exact and another --regions disagree.
+/// Bad input: an unknown --regions or --io-hook, or none (or a hook asked for) where the
+/// kernel cannot count, is one line on stderr and exit 1; --exact and another --regions
+/// disagree.
 #[test]
 fn regions_none_where_the_kernel_cannot_count_is_refused() {
     require_device_mapper();
@@ -373,6 +384,17 @@ fn regions_none_where_the_kernel_cannot_count_is_refused() {
     assert!(
         uncounted.contains("--regions none") && uncounted.contains("FILEMAPD_NO_COUNTING"),
         "{uncounted}"
+    );
+    let unknown_hook = refused(&["watch", "--io-hook", "kprobe", &p], &[]);
+    assert!(unknown_hook.contains("kprobe"), "{unknown_hook}");
+    let hook_unavailable = refused(
+        &["watch", "--io-hook", "bio", &p],
+        &[("FILEMAPD_NO_COUNTING", "1")],
+    );
+    assert!(
+        hook_unavailable.contains("--io-hook bio")
+            && hook_unavailable.contains("FILEMAPD_NO_COUNTING"),
+        "{hook_unavailable}"
     );
 }
 /// A new image in a watched directory (`--regions none`) is counted from its first write: it

@@ -18,6 +18,7 @@ use crate::{
     oneshot::parse_bounds,
     reconcile::Mapping,
     stats::RegionSettings,
+    wake::ebpf::IoHook,
 };
 
 /// What a config names.
@@ -32,6 +33,8 @@ pub struct Config {
     /// `handoff = true`: the socket to take hand-overs on (as `--handoff` does), the
     /// config's `handoff_socket` or [`crate::daemon::handoff::SOCKET`].
     pub handoff: Option<PathBuf>,
+    /// `io_hook = "bio"|"dm-stats"`: which programs count the files' IO (`--io-hook` wins).
+    pub io_hook: Option<IoHook>,
 }
 
 /// `metrics = "ADDR"` and `metrics_remote = true|false` of a TOML config.
@@ -138,6 +141,7 @@ struct TomlConfig {
     #[serde(default)]
     handoff: bool,
     handoff_socket: Option<PathBuf>,
+    io_hook: Option<IoHook>,
     #[serde(default)]
     path: Vec<TomlPath>,
     #[serde(default)]
@@ -223,6 +227,7 @@ pub fn parse_toml(text: &str) -> anyhow::Result<Config> {
             remote: parsed.metrics_remote,
         }),
         handoff,
+        io_hook: parsed.io_hook,
         ..Config::default()
     };
     for group in parsed.group {
@@ -354,6 +359,7 @@ mod tests {
             metrics = "[::1]:9731"
             handoff = true
             handoff_socket = "/run/images/handoff.sock"
+            io_hook = "bio"
 
             [[path]]
             path = "/var/lib/libvirt/images"
@@ -404,6 +410,10 @@ mod tests {
         let default = parse_toml("handoff = true\n").unwrap();
         assert_eq!(default.handoff, Some("/run/filemapd/handoff.sock".into()));
         assert_eq!(parse_toml("handoff = false\n").unwrap().handoff, None);
+        assert_eq!(config.io_hook, Some(IoHook::Bio));
+        let dm_stats = parse_toml("io_hook = \"dm-stats\"\n").unwrap();
+        assert_eq!(dm_stats.io_hook, Some(IoHook::DmStats));
+        assert_eq!(default.io_hook, None, "as the daemon chooses");
     }
 
     #[test]
@@ -428,6 +438,7 @@ mod tests {
                 "must be absolute",
             ),
             ("handoff = \"yes\"\n", "line 1"),
+            ("io_hook = \"kprobe\"\n", "line 1"),
         ] {
             let err = format!("{:#}", parse_toml(text).unwrap_err());
             assert!(err.contains(expected), "{text:?}: {err}");

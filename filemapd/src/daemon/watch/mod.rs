@@ -58,6 +58,9 @@ pub struct Options {
     pub handoff: bool,
     /// The eBPF programs log what their filter kept or dropped (`filemapd trace --ebpf-log`).
     pub ebpf_log: bool,
+    /// Which programs count the files' IO (`--io-hook`, over the config's `io_hook`); `None`:
+    /// as [`crate::wake::ebpf::IoHook`] chooses.
+    pub io_hook: Option<crate::wake::ebpf::IoHook>,
 }
 
 /// `watch --check-config`: prints what the config and PATHs would have watched, and how,
@@ -84,6 +87,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         metrics,
         handoff,
         ebpf_log,
+        io_hook,
     } = options;
     let config = config.as_deref();
     let Resolved {
@@ -91,7 +95,9 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         mut directories,
         metrics: configured_metrics,
         handoff: configured_handoff,
+        io_hook: configured_io_hook,
     } = resolve(config, &paths, regions)?;
+    let io_hook = io_hook.or(configured_io_hook);
     // `--handoff` takes hand-overs on the config's socket, or on the one daemons look for.
     let handoff_socket = match (handoff, &configured_handoff) {
         (_, Some(socket)) => Some(socket.clone()),
@@ -111,7 +117,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     let counting_needed = regions == Regions::None
         || entries.iter().any(|e| e.group_id.is_none())
         || directories.iter().any(|d| d.regions == Some(Regions::None));
-    let ebpf = ebpf || counting_needed;
+    let ebpf = ebpf || counting_needed || io_hook.is_some();
     let source = match config {
         Some(config) => config.display().to_string(),
         None => "the paths given".to_string(),
@@ -129,10 +135,14 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
             2 * entries.len() as u32 + FILTER_ROOM,
             crate::wake::ebpf::MANY_FILES_TABLES,
             ebpf_log,
+            io_hook,
         ) {
             Ok(tracer) => Some((Hub::spawn(tracer), Notifier::spawn_or_warn())),
             Err(e) if regions == Regions::None => {
                 bail!("--regions none: the kernel cannot count the files' IO here: {e:#}")
+            }
+            Err(e) if let Some(hook) = io_hook => {
+                bail!("--io-hook {hook}: the kernel cannot count the files' IO here: {e:#}")
             }
             Err(e) => {
                 warn!("eBPF trigger unavailable ({e:#}): polling every {interval:?}");
@@ -144,11 +154,15 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     };
     // Loading parsed the kernel's BTF, now freed.
     crate::memory::give_back_freed();
-    if regions == Regions::None
-        && let Some((hub, _)) = &trigger
+    if let Some((hub, _)) = &trigger
         && let Some(why) = hub.counting_unavailable()
     {
-        bail!("--regions none: the kernel cannot count the files' IO here: {why}");
+        if regions == Regions::None {
+            bail!("--regions none: the kernel cannot count the files' IO here: {why}");
+        }
+        if let Some(hook) = io_hook {
+            bail!("--io-hook {hook}: the kernel cannot count the files' IO here: {why}");
+        }
     }
     let mut watch = Watch {
         interval,

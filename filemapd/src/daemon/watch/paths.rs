@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use log::{info, warn};
 
 use super::config::{MetricsAddress, PathSpec, WatchEntry, read_config};
-use crate::{daemon::regions::Regions, oneshot};
+use crate::{daemon::regions::Regions, oneshot, wake::ebpf::IoHook};
 
 /// What to watch, and the PATHs that are directories (watched for new files).
 pub struct Resolved {
@@ -17,6 +17,8 @@ pub struct Resolved {
     pub metrics: Option<MetricsAddress>,
     /// The config's hand-over socket, when it takes hand-overs.
     pub handoff: Option<PathBuf>,
+    /// The config's `io_hook`, if it names one.
+    pub io_hook: Option<IoHook>,
 }
 
 /// What to watch: the config's groups, then the files its paths and the command line's PATHs
@@ -59,6 +61,7 @@ pub fn resolve(
         directories,
         metrics: config.metrics,
         handoff: config.handoff,
+        io_hook: config.io_hook,
     })
 }
 

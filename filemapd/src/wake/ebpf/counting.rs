@@ -115,6 +115,18 @@ impl Counting {
         self.hook == super::IoHook::DmStats
     }
 
+    /// Whether this hook can count the IO of files on the block device `dev`; else why not.
+    pub fn can_count_on(&self, dev: u32) -> anyhow::Result<()> {
+        if self.hook == super::IoHook::Bio && request_based(dev) {
+            bail!(
+                "its device {}:{} is request-based (multipath): the block layer does not trace its bios' completion, which the bio hook counts at",
+                dev >> 20,
+                dev & 0xfffff
+            );
+        }
+        Ok(())
+    }
+
     pub fn map(&self) -> &SectorMap {
         &self.map
     }
@@ -133,13 +145,7 @@ impl Counting {
         bounds: Bounds,
         base: FileCounters,
     ) -> anyhow::Result<Option<CountedFile>> {
-        if self.hook == super::IoHook::Bio && request_based(dev) {
-            bail!(
-                "its device {}:{} is request-based (multipath): the block layer does not trace its bios' completion, which the bio hook counts at",
-                dev >> 20,
-                dev & 0xfffff
-            );
-        }
+        self.can_count_on(dev)?;
         let Some(slot) = self.reserve(bounds, base)? else {
             return Ok(None);
         };

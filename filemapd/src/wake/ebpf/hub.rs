@@ -378,7 +378,7 @@ impl Router {
                         self.fill_spares();
                     }
                     Err(e) => log::warn!(
-                        "{}: its new files are counted from when they are taken up: {e:#}",
+                        "{}: the kernel does not watch its new files from birth: {e:#}",
                         path.display()
                     ),
                 }

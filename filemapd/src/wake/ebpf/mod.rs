@@ -60,39 +60,63 @@ enum Layout {
     AnyDevice,
 }
 
-/// Which programs count the watched files' IO.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which programs count the watched files' IO (`watch --io-hook`, the config's `io_hook`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum IoHook {
     /// The block layer's tracepoints at every bio's queueing and completion (`bio_hook` in
     /// the kernel half): a device's dm-stats needs no region, but every bio of the host pays
     /// the hook a look at its device.
+    #[value(
+        help = "the block layer's tracepoints: no region on any device; every bio of the host pays a look"
+    )]
     Bio,
     /// A kprobe on dm-stats' per-bio accounting, which runs only while the device has a
     /// region (see [`crate::stats::hook`]): only the counted devices' bios pay.
+    #[value(
+        help = "a probe on dm-stats' accounting: only counted devices' bios pay; a device whose files have no region keeps one of filemapd's own"
+    )]
     DmStats,
 }
 
+impl std::fmt::Display for IoHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoHook::Bio => "bio",
+            IoHook::DmStats => "dm-stats",
+        })
+    }
+}
+
 impl IoHook {
-    /// The probe on dm-stats' accounting where dm's layout is known, unless
-    /// `FILEMAPD_IO_HOOK=bio` asks for the bio hook; the bio hook where the layout is not
-    /// (dm-mod without BTF). `None`: neither can run.
-    fn choose(dm_known: bool) -> Option<IoHook> {
-        let asked = std::env::var("FILEMAPD_IO_HOOK").is_ok_and(|v| v == "bio");
-        if dm_known && !asked {
-            return Some(IoHook::DmStats);
-        }
-        // The tracepoints are looked for only where the bio hook is wanted.
-        let present = |name| matches!(tracefs::read_format("block", name), Ok(Some(_)));
-        if present(names::BLOCK_BIO_QUEUE) && present(names::BLOCK_BIO_COMPLETE) {
-            if asked {
-                log::info!("FILEMAPD_IO_HOOK=bio: counting through the block tracepoints");
+    /// The hook `wanted` (else `FILEMAPD_IO_HOOK=bio|dm-stats`, for daemons that dmstats
+    /// launches), or, where none is wanted, the probe on dm-stats' accounting where dm's
+    /// layout is known and the bio hook where it is not (dm-mod without BTF). Err: why the
+    /// hook wanted, or every hook, cannot run.
+    fn choose(dm_known: bool, wanted: Option<IoHook>) -> Result<IoHook, String> {
+        let wanted = wanted.or_else(|| {
+            let asked = std::env::var("FILEMAPD_IO_HOOK").ok()?;
+            <IoHook as clap::ValueEnum>::from_str(&asked, false).ok()
+        });
+        // The tracepoints are looked for only where the bio hook may be chosen.
+        let bio_possible = || {
+            let present = |name| matches!(tracefs::read_format("block", name), Ok(Some(_)));
+            present(names::BLOCK_BIO_QUEUE) && present(names::BLOCK_BIO_COMPLETE)
+        };
+        match wanted {
+            Some(IoHook::DmStats) if dm_known => Ok(IoHook::DmStats),
+            Some(IoHook::DmStats) => Err("the dm-stats hook needs dm-mod's BTF".to_string()),
+            Some(IoHook::Bio) if bio_possible() => {
+                log::info!("counting through the block tracepoints (the bio hook, as asked)");
+                Ok(IoHook::Bio)
             }
-            return Some(IoHook::Bio);
+            Some(IoHook::Bio) => {
+                Err("this kernel has no block tracepoints for the bio hook".to_string())
+            }
+            None if dm_known => Ok(IoHook::DmStats),
+            None if bio_possible() => Ok(IoHook::Bio),
+            None => Err("no BTF for dm-mod, and no block tracepoints".to_string()),
         }
-        if asked {
-            log::warn!("FILEMAPD_IO_HOOK=bio, but this kernel has no block tracepoints");
-        }
-        dm_known.then_some(IoHook::DmStats)
     }
 }
 
@@ -144,7 +168,7 @@ impl Tracer {
     /// attaches every tracepoint this kernel has. Fails (with the reason) when none can be
     /// attached.
     pub fn load(max_watched: u32, tables: TableLogs) -> anyhow::Result<Self> {
-        Self::load_with(max_watched, tables, false, false, Layout::Kernel)
+        Self::load_with(max_watched, tables, false, false, Layout::Kernel, None)
     }
 
     /// [`Tracer::load`] that also verifies the programs a kernel without device-mapper cannot
@@ -156,26 +180,28 @@ impl Tracer {
         max_watched: u32,
         tables: TableLogs,
     ) -> anyhow::Result<Self> {
-        Self::load_with(max_watched, tables, false, false, Layout::Pretend)
+        Self::load_with(max_watched, tables, false, false, Layout::Pretend, None)
     }
 
     /// [`Tracer::load`] whose counting, through the bio hook, counts the IO of files on any
     /// block device, not only on dm's: for tests of the hook on machines without
     /// device-mapper (a file's placement then names its own device).
     pub fn load_counting_any_device(max_watched: u32, tables: TableLogs) -> anyhow::Result<Self> {
-        Self::load_with(max_watched, tables, false, false, Layout::AnyDevice)
+        Self::load_with(max_watched, tables, false, false, Layout::AnyDevice, None)
     }
 
     /// [`Tracer::load`] for the service, which counts through a restart's gap (see
     /// `restart`): a stopped service's programs count until [`Tracer::take_over`]. With
     /// `ebpf_log`, the programs also log (aya-log, through this process's logger) which
-    /// events their filter kept or dropped, and why.
+    /// events their filter kept or dropped, and why. `io_hook`: the hook asked for, if any
+    /// (see [`IoHook::choose`]).
     pub fn load_service(
         max_watched: u32,
         tables: TableLogs,
         ebpf_log: bool,
+        io_hook: Option<IoHook>,
     ) -> anyhow::Result<Self> {
-        Self::load_with(max_watched, tables, ebpf_log, true, Layout::Kernel)
+        Self::load_with(max_watched, tables, ebpf_log, true, Layout::Kernel, io_hook)
     }
 
     fn load_with(
@@ -184,6 +210,7 @@ impl Tracer {
         ebpf_log: bool,
         service: bool,
         layout: Layout,
+        io_hook: Option<IoHook>,
     ) -> anyhow::Result<Self> {
         raise_memlock_limit();
         let mut layouts = [TracepointLayout::default(); LAYOUTS_LEN];
@@ -232,12 +259,11 @@ impl Tracer {
             (Layout::Pretend | Layout::AnyDevice, _) => IoHook::Bio,
             (Layout::Kernel, None) => IoHook::DmStats,
             (Layout::Kernel, Some(known)) => {
-                match IoHook::choose(known.dm != DmLayout::default()) {
-                    Some(hook) => hook,
-                    None => {
-                        let why = "no BTF for dm-mod, and no block tracepoints";
+                match IoHook::choose(known.dm != DmLayout::default(), io_hook) {
+                    Ok(hook) => hook,
+                    Err(why) => {
                         log::info!("no in-kernel counting of the files' IO: {why}");
-                        counting_unavailable = Some(why.to_string());
+                        counting_unavailable = Some(why);
                         kernel_layout = None;
                         IoHook::DmStats
                     }
@@ -463,8 +489,12 @@ impl Tracer {
     }
 
     /// Has the kernel watch every regular file made in the directory `key` from birth, with
-    /// `placement` (its slot filled in by the kernel).
+    /// `placement` (its slot filled in by the kernel). Fails where the counting cannot count
+    /// the directory's device: a new file the kernel took up there would stay in flight.
     pub fn watch_directory(&mut self, key: InodeKey, placement: Placement) -> anyhow::Result<()> {
+        if let Some(counting) = &self.counting {
+            counting.can_count_on(placement.dm_dev)?;
+        }
         let Some(new_files) = &mut self.new_files else {
             return Ok(());
         };

@@ -5,6 +5,7 @@
 //! Output: the markdown body of BENCHMARKS.md, each line prefixed with [`OUT`] so that xtask
 //! can pick it out of the VM's console.
 mod appends;
+mod bio_hook;
 mod counted;
 mod handoff;
 mod images;
@@ -90,10 +91,13 @@ fn main() {
         timed(|| {
             native::run(rounds);
             native::probe_cost();
+            bio_hook::run(rounds);
             start_up::run(rounds);
         });
     } else if named("probe") {
         timed(native::probe_cost);
+    } else if named("bio-hook") {
+        timed(|| bio_hook::run(rounds));
     } else if named("start-up") {
         timed(|| start_up::run(rounds));
     }
