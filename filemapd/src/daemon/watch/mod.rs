@@ -175,9 +175,16 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         handed: HashMap::new(),
         all_ok: true,
     };
+    // Before anything that takes time: a stop during start-up (or the moment READY=1 is
+    // sent) ends the watch as any stop does, once it is up, instead of killing it midway.
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    // Monitors end themselves on SIGTERM; this one ends a watch that has none.
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     // Before any file and before the watch says it is up: a file made in a directory from now
-    // on is counted from its first write.
+    // on is counted from its first write, and noticed.
     watch.count_new_files_in(&[], &directories).await;
+    let mut dir_notices = watch.notices_for(&directories);
     // A file that cannot be watched (gone, not on dm, no group) is said and skipped: one bad
     // line must not leave a host's other images unwatched.
     for entry in &entries {
@@ -189,7 +196,12 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     if watch.watching.is_empty() && !entries.is_empty() {
         bail!("none of the files in {source} can be watched");
     }
-    if entries.is_empty() {
+    // Files made since the directories were listed, before they were noticed.
+    let mut named = entries.len();
+    if dir_notices.is_some() {
+        named += watch.take_up_new_files(&directories).await;
+    }
+    if named == 0 {
         info!("{source} names no files yet: waiting for SIGHUP");
     }
     if watch.trigger.is_some() {
@@ -215,14 +227,8 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         warn!("could not tell systemd the service is ready: {e}");
     }
-    let mut dir_notices = watch.notices_for(&directories);
-    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    // Monitors end themselves on SIGTERM; this one ends a watch that has none.
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    // Files the config names now: once all of them have ended, so does the watch. With none
-    // named it waits for a reload.
-    let mut named = entries.len();
+    // Files the config names now (`named`): once all of them have ended, so does the watch.
+    // With none named it waits for a reload.
     loop {
         tokio::select! {
             Some(joined) = watch.tasks.join_next(), if !watch.tasks.is_empty() => {
