@@ -65,7 +65,7 @@ struct Cell {
 pub fn run(rounds: usize) {
     report!("## The bio hook per bio, natively, on real IO\n");
     report!(
-        "*On the machine's own kernel, not in the VM.* The bio hook (`FILEMAPD_IO_HOOK=bio`) needs\nno device-mapper: the block layer traces a zram device's bios as it traces dm's. A tracer\ncounts a {} MiB file of ext4 on zram (its blocks written first); a writer rewrites, in\nrandom 64 KiB O_DIRECT writes, that file, another file of the same size on the same device,\nor one on a loop device (an uncounted device: every bio of the host pays the hook's look at\nits device). \"crowded\": {CROWD} more extents of other files in the sector map, scattered\nover 1 TiB of the zram device's sector space (the worst case, as in the table above). Cells:\nthe hook's two programs' run time per bio queued (BPF_ENABLE_STATS; the tracepoints' own\nentry not included); the bios the block layer queued meanwhile (the loop device's writes to\nits backing file too); the writer's MB/s, median (lowest–highest) of {rounds} rounds, and its\nmedian's change against no hook. Each round runs without the hook, with it, and crowded, in\nturn. Run-time statistics are on in every row, the hook's absent too. zram stores a page of\none repeated byte without compressing it: its bios are short (~5 µs), the hook's share of\nthem is what it would be of a fast NVMe's.\n",
+        "*On the machine's own kernel, not in the VM.* The bio hook (`--io-hook bio`) needs\nno device-mapper: the block layer traces a zram device's bios as it traces dm's. A tracer\ncounts a {} MiB file of ext4 on zram (its blocks written first); a writer rewrites, in\nrandom 64 KiB O_DIRECT writes, that file, another file of the same size on the same device,\nor one on a loop device (an uncounted device: every bio of the host pays the hook's look at\nits device). \"crowded\": {CROWD} more extents of other files in the sector map, scattered\nover 1 TiB of the zram device's sector space (the worst case, as in the table above). Cells:\nthe hook's two programs' run time per bio queued (BPF_ENABLE_STATS; the tracepoints' own\nentry not included); the bios the block layer queued meanwhile (the loop device's writes to\nits backing file too); the writer's MB/s, median (lowest–highest) of {rounds} rounds, and its\nmedian's change against no hook. Each round runs without the hook, with it, and crowded, in\nturn, the order rotating. Run-time statistics are on in every row, the hook's absent too. zram stores a page of\none repeated byte without compressing it: its bios are short (~5 µs, shorter than a fast\nNVMe's), so the hook's share of them here is more than of a real disk's.\n",
         SIZE >> 20
     );
     let scratch = ScratchDir::new(Path::new("/var/tmp"), "bench-bio-hook").unwrap();
@@ -105,7 +105,9 @@ pub fn run(rounds: usize) {
         .collect();
     let mut no_room = 0;
     for round in 0..rounds {
-        for (h, &hook) in hooks.iter().enumerate() {
+        // The order rotates, so that no row always follows the same one.
+        for h in (0..hooks.len()).map(|k| (round + k) % hooks.len()) {
+            let hook = hooks[h];
             let tracer = (hook != Hook::None).then(|| {
                 let mut tracer = Tracer::load_counting_any_device(128, MANY_FILES_TABLES)
                     .expect("the eBPF programs load on this kernel");
