@@ -56,8 +56,8 @@ impl Monitor {
     }
 
     /// Waits until an eBPF monitor has attached its programs and watches the file (loading
-    /// them takes seconds under emulation), so that measuring starts as it would on a host
-    /// where the daemon runs first. The others are ready once started.
+    /// them takes seconds under emulation), and is quiet, so that measuring starts as it
+    /// would on a host where the daemon runs first. The others are ready once started.
     pub fn wait_ready(self, running: Option<&Running>) {
         let ready = match self {
             Monitor::Ebpf | Monitor::EbpfUnaccounted => "Waking on events only",
@@ -66,8 +66,8 @@ impl Monitor {
         };
         if let Some(running) = running {
             assert!(
-                running.wait_for_log(ready, Duration::from_secs(120)),
-                "{} never said it was ready ({ready:?})",
+                running.wait_until_settled(ready, Duration::from_secs(120)),
+                "{} never said it was ready ({ready:?}), or never became quiet",
                 self.name()
             );
         }
@@ -150,11 +150,6 @@ impl Running {
 
     /// `filemapd ARGS`, its log (at info level, `-v`) in a file for [`Running::wait_for_log`].
     pub fn filemapd(args: &[&str]) -> Self {
-        Self::filemapd_with(args, &[])
-    }
-
-    /// [`Running::filemapd`] with more variables in its environment.
-    pub fn filemapd_with(args: &[&str], env: &[(&str, &str)]) -> Self {
         let file = PathBuf::from(format!(
             "/tmp/filemapd-bench-{}-{}.log",
             std::process::id(),
@@ -162,7 +157,6 @@ impl Running {
         ));
         let child = Command::new(filemapd_binary())
             .args(args)
-            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&file).unwrap())
             .spawn()
@@ -191,6 +185,15 @@ impl Running {
             std::thread::sleep(Duration::from_millis(50));
         }
         false
+    }
+
+    /// [`Running::wait_for_log`], then until the process is past its start-up work (quiet,
+    /// see [`crate::usage::quiet`]): what is measured next must not share the CPUs with that
+    /// work. Under emulation a busy second vCPU even speeds a writer up (it never sleeps, so
+    /// it is never woken): a watch of 100 images still busy after its log said it watched
+    /// them doubled a writer's MB/s, as a busy loop at nice 19 does. False after `limit`.
+    pub fn wait_until_settled(&self, text: &str, limit: Duration) -> bool {
+        self.wait_for_log(text, limit) && crate::usage::quiet(self.pid(), limit).is_some()
     }
 
     /// Stops the monitor with SIGTERM (filemapd ends between passes and logs its tally) and

@@ -30,7 +30,7 @@ pub fn run(rounds: usize) {
          `dmstats delete --allregions`, without; counted by the kernel alone, `filemapd watch\n\
          --regions none FILE` running (the device then holds filemapd's one region, whose\n\
          every bio dm-stats accounts, and a probe on that accounting); and so counted through\n\
-         the bio hook (`FILEMAPD_IO_HOOK=bio`: the block layer's tracepoints, no region, every\n\
+         the bio hook (`--io-hook bio`: the block layer's tracepoints, no region, every\n\
          bio of the VM looked at). The group is mapped again for each round, and the order\n\
          rotates. Cells:\n\
          the writer's MB/s, median (lowest–highest) of {rounds} rounds; slowdowns against no\n\
@@ -67,8 +67,9 @@ pub fn run(rounds: usize) {
                         let p = path.to_string_lossy().into_owned();
                         let watch = Running::filemapd(&["watch", "--regions", "none", "-v", &p]);
                         assert!(
-                            watch.wait_for_log("watching 1 file(s)", Duration::from_secs(120)),
-                            "filemapd watch --regions none never started"
+                            watch
+                                .wait_until_settled("watching 1 file(s)", Duration::from_secs(120)),
+                            "filemapd watch --regions none never started, or never became quiet"
                         );
                         kernel.push(rewrite());
                         drop(watch);
@@ -76,13 +77,19 @@ pub fn run(rounds: usize) {
                     }
                     2 => {
                         let p = path.to_string_lossy().into_owned();
-                        let watch = Running::filemapd_with(
-                            &["watch", "--regions", "none", "-v", &p],
-                            &[("FILEMAPD_IO_HOOK", "bio")],
-                        );
+                        let watch = Running::filemapd(&[
+                            "watch",
+                            "--regions",
+                            "none",
+                            "--io-hook",
+                            "bio",
+                            "-v",
+                            &p,
+                        ]);
                         assert!(
-                            watch.wait_for_log("watching 1 file(s)", Duration::from_secs(120)),
-                            "filemapd watch --regions none (the bio hook) never started"
+                            watch
+                                .wait_until_settled("watching 1 file(s)", Duration::from_secs(120)),
+                            "filemapd watch --regions none (the bio hook) never started, or never became quiet"
                         );
                         bio_hook.push(rewrite());
                         drop(watch);
