@@ -434,3 +434,45 @@ impl Drop for LoggedDaemon {
         }
     }
 }
+
+/// A process run as systemd runs a `Type=notify` service: with a NOTIFY_SOCKET of its own,
+/// its output discarded.
+pub struct NotifyingService {
+    child: std::process::Child,
+    notify: std::os::unix::net::UnixDatagram,
+}
+
+impl NotifyingService {
+    /// Starts `binary ARGS`, its notifications to a socket made at `socket`.
+    pub fn start(binary: &Path, args: &[&std::ffi::OsStr], socket: &Path) -> Self {
+        let notify = std::os::unix::net::UnixDatagram::bind(socket).unwrap();
+        let child = Command::new(binary)
+            .args(args)
+            .env("NOTIFY_SOCKET", socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self { child, notify }
+    }
+
+    /// Waits for READY=1; kills the process and panics when it is not sent within `limit`.
+    pub fn wait_ready(&mut self, limit: Duration) {
+        self.notify.set_read_timeout(Some(limit)).unwrap();
+        let mut said = [0u8; 64];
+        match self.notify.recv(&mut said) {
+            Ok(len) => assert_eq!(String::from_utf8_lossy(&said[..len]).trim(), "READY=1"),
+            Err(e) => {
+                let _ = self.child.kill();
+                panic!("no READY=1 within {limit:?}: {e}");
+            }
+        }
+    }
+
+    /// Stops it as `systemctl stop` does (SIGTERM) and returns how it ended.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+}

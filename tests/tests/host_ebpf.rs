@@ -969,7 +969,6 @@ fn every_slots_counters_are_read_at_once() {
 /// stopped on READY=1, 10 times (it died in the first, before the fix).
 #[test]
 fn a_stop_right_after_ready_ends_the_watch_cleanly() {
-    use std::{os::unix::net::UnixDatagram, process::Stdio};
     require_root();
     let scratch = ScratchDir::new(Path::new("/var/tmp"), "stop-on-ready").unwrap();
     let loopfs = LoopFs::new(&scratch.0, FsKind::Ext4).unwrap();
@@ -978,26 +977,13 @@ fn a_stop_right_after_ready_ends_the_watch_cleanly() {
     fs::write(dir.join("a.img"), vec![0x5a; 1 << 20]).unwrap();
     for round in 0..10 {
         let socket = scratch.0.join(format!("notify-{round}.sock"));
-        let notify = UnixDatagram::bind(&socket).unwrap();
-        notify
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
-        let mut watch = std::process::Command::new(filemapd_tests::daemon::filemapd_binary())
-            .args(["watch", "--ebpf"])
-            .arg(&dir)
-            .env("NOTIFY_SOCKET", &socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut said = [0u8; 64];
-        if let Err(e) = notify.recv(&mut said) {
-            let _ = watch.kill();
-            panic!("no READY=1 within 60 s: {e}");
-        }
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(watch.id() as i32, libc::SIGTERM) };
-        let status = watch.wait().unwrap();
+        let mut watch = filemapd_tests::daemon::NotifyingService::start(
+            &filemapd_tests::daemon::filemapd_binary(),
+            &["watch".as_ref(), "--ebpf".as_ref(), dir.as_os_str()],
+            &socket,
+        );
+        watch.wait_ready(Duration::from_secs(60));
+        let status = watch.stop();
         assert!(
             status.success(),
             "round {round}: the watch ended with {status}"

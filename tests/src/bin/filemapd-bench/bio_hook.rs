@@ -95,10 +95,7 @@ pub fn run(rounds: usize) {
     let extents = filemapd::sectors::join_adjacent(extents);
 
     let clock = ProgramClock::start();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = crate::runtime_for_tracers();
     let _inside = runtime.enter();
     let hooks = [Hook::None, Hook::OneFile, Hook::Crowded];
     let mut cells: Vec<Vec<Cell>> = hooks

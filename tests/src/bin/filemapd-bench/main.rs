@@ -114,6 +114,15 @@ fn timed(section: impl FnOnce()) {
     );
 }
 
+/// A runtime for a tracer in the bench's own process, to enter while the tracer lives: it
+/// registers its ring with the runtime when it loads.
+pub fn runtime_for_tracers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()

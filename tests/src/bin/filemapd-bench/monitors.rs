@@ -189,9 +189,9 @@ impl Running {
 
     /// [`Running::wait_for_log`], then until the process is past its start-up work (quiet,
     /// see [`crate::usage::quiet`]): what is measured next must not share the CPUs with that
-    /// work. Under emulation a busy second vCPU even speeds a writer up (it never sleeps, so
-    /// it is never woken): a watch of 100 images still busy after its log said it watched
-    /// them doubled a writer's MB/s, as a busy loop at nice 19 does. False after `limit`.
+    /// work. Under emulation a busy second vCPU even speeds a synchronous writer up (it never
+    /// sleeps, so it is never woken): a busy loop at nice 19 took the 100-images writer from
+    /// ~20 to 26-49 MB/s. False after `limit`.
     pub fn wait_until_settled(&self, text: &str, limit: Duration) -> bool {
         self.wait_for_log(text, limit) && crate::usage::quiet(self.pid(), limit).is_some()
     }

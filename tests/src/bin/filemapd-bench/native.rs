@@ -46,11 +46,7 @@ pub fn run(rounds: usize) {
     report!("| fs | recording | eBPF time % | per program, median round |");
     report!("| --- | --- | --- | --- |");
     let clock = ProgramClock::start();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    // The tracer registers its ring with the runtime when it loads.
+    let runtime = crate::runtime_for_tracers();
     let _inside = runtime.enter();
     let mut costs = Vec::new();
     let mut walks = Vec::new();

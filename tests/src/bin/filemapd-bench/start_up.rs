@@ -4,14 +4,12 @@
 //! verified as a dm host's watch loads them, and what each cost the verifier.
 use std::{
     fs,
-    os::unix::net::UnixDatagram,
     path::Path,
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use filemapd::wake::ebpf::{MANY_FILES_TABLES, Tracer};
-use filemapd_tests::{FsKind, LoopFs, ScratchDir};
+use filemapd_tests::{FsKind, LoopFs, ScratchDir, daemon::NotifyingService};
 
 use crate::{median, median_and_spread, monitors::filemapd_binary, ms, report};
 
@@ -24,11 +22,7 @@ pub fn run(rounds: usize) {
     report!(
         "*On the machine's own kernel, not in the VM.* Here there is no device-mapper, so the\nwatch cannot read dm's layout and loads no IO probe: the first row is the real process\nfrom its start until it sends systemd READY=1 (`filemapd watch --ebpf DIR`, one 1 MiB file\nof a loop-mounted ext4, so none is mapped), the second loads and verifies every program as\na dm host's watch does, the IO probe and the new-file probes included (with a made-up\nlayout of dm's structures; not attached), in the bench's own process. Neither holds the\nread of dm's layout from the kernel's BTF that a dm host's first watch after boot makes\n(later ones find it in /run/filemapd). Median (lowest–highest) of {rounds} rounds.\n"
     );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    // The tracer registers its ring with the runtime when it loads.
+    let runtime = crate::runtime_for_tracers();
     let _inside = runtime.enter();
     let mut loads = Vec::new();
     let mut counts = Vec::new();
@@ -90,27 +84,15 @@ fn watch_until_ready(rounds: usize) -> Vec<f64> {
         .map(|round| {
             // Where systemd would listen for Type=notify's READY=1.
             let socket = scratch.0.join(format!("notify-{round}.sock"));
-            let notify = UnixDatagram::bind(&socket).unwrap();
-            notify.set_read_timeout(Some(READY_WITHIN)).unwrap();
             let started = Instant::now();
-            let mut watch = Command::new(filemapd_binary())
-                .args(["watch", "--ebpf"])
-                .arg(&dir)
-                .env("NOTIFY_SOCKET", &socket)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let mut said = [0u8; 64];
-            let len = notify.recv(&mut said).unwrap_or_else(|e| {
-                let _ = watch.kill();
-                panic!("filemapd watch --ebpf sent no READY=1 within {READY_WITHIN:?}: {e}")
-            });
+            let mut watch = NotifyingService::start(
+                &filemapd_binary(),
+                &["watch".as_ref(), "--ebpf".as_ref(), dir.as_os_str()],
+                &socket,
+            );
+            watch.wait_ready(READY_WITHIN);
             let ready = ms(started.elapsed());
-            assert_eq!(String::from_utf8_lossy(&said[..len]).trim(), "READY=1");
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(watch.id() as i32, libc::SIGTERM) };
-            let status = watch.wait().unwrap();
+            let status = watch.stop();
             assert!(status.success(), "the watch ended with {status} on SIGTERM");
             ready
         })
