@@ -29,7 +29,7 @@ use crate::{
     daemon::regions::Regions,
     reconcile::Mapping,
     stats::Devices,
-    wake::ebpf::{Hub, Tracer},
+    wake::ebpf::{Hub, IoHook, Tracer},
     wake::notify::{Notices, Notifier},
 };
 
@@ -59,8 +59,18 @@ pub struct Options {
     /// The eBPF programs log what their filter kept or dropped (`filemapd trace --ebpf-log`).
     pub ebpf_log: bool,
     /// Which programs count the files' IO (`--io-hook`, over the config's `io_hook`); `None`:
-    /// as [`crate::wake::ebpf::IoHook`] chooses.
-    pub io_hook: Option<crate::wake::ebpf::IoHook>,
+    /// as [`IoHook`] chooses.
+    pub io_hook: Option<IoHook>,
+}
+
+/// The option that makes the kernel's counting a condition of the start, as the user spelled
+/// it: without the counting, `--regions none` counts nothing and a hook asked for is not had.
+fn counting_demanded_by(regions: Regions, io_hook: Option<IoHook>) -> Option<String> {
+    match (regions, io_hook) {
+        (Regions::None, _) => Some("--regions none".to_string()),
+        (_, Some(hook)) => Some(format!("--io-hook {hook}")),
+        _ => None,
+    }
 }
 
 /// `watch --check-config`: prints what the config and PATHs would have watched, and how,
@@ -138,11 +148,8 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
             io_hook,
         ) {
             Ok(tracer) => Some((Hub::spawn(tracer), Notifier::spawn_or_warn())),
-            Err(e) if regions == Regions::None => {
-                bail!("--regions none: the kernel cannot count the files' IO here: {e:#}")
-            }
-            Err(e) if let Some(hook) = io_hook => {
-                bail!("--io-hook {hook}: the kernel cannot count the files' IO here: {e:#}")
+            Err(e) if let Some(option) = counting_demanded_by(regions, io_hook) => {
+                bail!("{option}: the kernel cannot count the files' IO here: {e:#}")
             }
             Err(e) => {
                 warn!("eBPF trigger unavailable ({e:#}): polling every {interval:?}");
@@ -156,13 +163,9 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     crate::memory::give_back_freed();
     if let Some((hub, _)) = &trigger
         && let Some(why) = hub.counting_unavailable()
+        && let Some(option) = counting_demanded_by(regions, io_hook)
     {
-        if regions == Regions::None {
-            bail!("--regions none: the kernel cannot count the files' IO here: {why}");
-        }
-        if let Some(hook) = io_hook {
-            bail!("--io-hook {hook}: the kernel cannot count the files' IO here: {why}");
-        }
+        bail!("{option}: the kernel cannot count the files' IO here: {why}");
     }
     let mut watch = Watch {
         interval,

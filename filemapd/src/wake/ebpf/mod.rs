@@ -79,12 +79,11 @@ pub enum IoHook {
     DmStats,
 }
 
+/// The name `--io-hook` and the config take.
 impl std::fmt::Display for IoHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            IoHook::Bio => "bio",
-            IoHook::DmStats => "dm-stats",
-        })
+        let value = clap::ValueEnum::to_possible_value(self).expect("no variant is skipped");
+        f.write_str(value.get_name())
     }
 }
 
