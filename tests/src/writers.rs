@@ -29,6 +29,27 @@ pub fn random_direct_writes(path: &Path, head: u64, span: u64, seed: u64) -> u64
     chunks * CHUNK as u64
 }
 
+/// A running VM rewriting its image in place: `passes` passes of 64 KiB O_DIRECT writes over
+/// the file's first `span` bytes, through one descriptor (no resize, no fsync, one close).
+/// Returns the writes made.
+pub fn direct_rewrites(path: &Path, span: u64, passes: u64) -> u64 {
+    const CHUNK: usize = 64 << 10;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    let buffer = AlignedBuffer::new(CHUNK);
+    let chunks = span / CHUNK as u64;
+    for _ in 0..passes {
+        for chunk in 0..chunks {
+            file.write_all_at(buffer.bytes(), chunk * CHUNK as u64)
+                .unwrap();
+        }
+    }
+    passes * chunks
+}
+
 /// Small allocations close together on the disk: `count` O_DIRECT writes of one 4 KiB block,
 /// each `stride` bytes after the last, from `head` (the file is first sized to their end),
 /// each with an fsync so that each is its own allocation.

@@ -12,6 +12,7 @@ use filemapd_tests::{
     },
     map_without_daemon, pids_of, punch_hole, require_device_mapper, run, run_env, wait_for_exit,
     wait_until, write_and_sync,
+    writers::{direct_rewrites, random_direct_writes},
 };
 
 /// With --ebpf and an hour-long interval, only the kernel's events can bring the regions in
@@ -464,6 +465,43 @@ fn watch_by_path_adopts_or_makes_each_files_group() {
         "{}",
         log.join("\n")
     );
+}
+
+/// Writes to an image the directory's watch follows already are no news to the watch: 1,600
+/// O_DIRECT rewrites of its blocks through one descriptor (nothing allocated, as a running
+/// VM writes) wake it a handful of times at most. (inotify used to tell it of every write in
+/// the directory, and each made it list the directory again: a CPU-second for 100 images.) A
+/// file made empty in the directory is still taken up at its first write, its own writes
+/// being heard until then.
+#[test]
+fn rewrites_of_watched_images_do_not_wake_the_watch() {
+    require_device_mapper();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let images = dmfs.mount.dir.join("images");
+    fs::create_dir(&images).unwrap();
+    let image = images.join("vm.img");
+    write_and_sync(&image, 0, 1 << 20).unwrap();
+    let dir = images.to_string_lossy().into_owned();
+    let mut watch = LoggedDaemon::start(&["watch", "--ebpf", "-v", &dir], &image, &[]);
+    watch.wait_for_line("watching 1 file(s)");
+    wait_converged(&dmfs, &image, "vm.img", "start-up");
+
+    let pid = watch.child.id();
+    let before = context_switches(pid);
+    let writes = direct_rewrites(&image, 1 << 20, 100);
+    let woken = context_switches(pid) - before;
+    assert!(
+        woken <= 10,
+        "the watch woke {woken} times for {writes} rewrites of a watched image"
+    );
+
+    let later = images.join("later.img");
+    let made = fs::File::create(&later).unwrap();
+    random_direct_writes(&later, 0, 1 << 20, 7);
+    watch.wait_for_line("later.img: watched from now on");
+    drop(made);
+    wait_converged(&dmfs, &later, "later.img", "its first blocks");
+    watch.stop();
 }
 
 /// A VM host's images are made anew in place: truncated to empty and written again, or

@@ -4,9 +4,9 @@
 //! (the kernel allows only 128 instances per user by default; watch mode has thousands of
 //! files), and a task routes its events to the monitors by watch descriptor.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     os::fd::AsFd as _,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
@@ -41,8 +41,14 @@ pub struct Notifier {
 pub struct Notices {
     notifier: Notifier,
     watches: Vec<(WatchDescriptor, u64)>,
+    /// Files whose writes are noticed too, until they leave [`Notices::notice_writes_to`]'s set.
+    written: HashMap<PathBuf, (WatchDescriptor, u64)>,
+    sender: mpsc::UnboundedSender<()>,
     receiver: mpsc::UnboundedReceiver<()>,
 }
+
+/// Writes to a file: what tells that a file not mapped yet (made empty) has its first blocks.
+const WRITE_EVENTS: AddWatchFlags = AddWatchFlags::IN_MODIFY.union(AddWatchFlags::IN_CLOSE_WRITE);
 
 impl Notifier {
     /// Opens the inotify instance and starts the routing task on the current runtime.
@@ -78,13 +84,11 @@ impl Notifier {
         self.watch_all(&targets)
     }
 
-    /// Notices of any file in these directories appearing, being written or closed after
-    /// writing: where new images turn up and get their first blocks.
+    /// Notices of files appearing in these directories or leaving them: where new images
+    /// turn up. Not of writes to their files (a write to a watched image is no news, and
+    /// would wake the watch at every write): see [`Notices::notice_writes_to`].
     pub fn watch_directories(&self, dirs: &[&Path]) -> anyhow::Result<Notices> {
-        let events = DIR_EVENTS
-            .union(AddWatchFlags::IN_MODIFY)
-            .union(AddWatchFlags::IN_CLOSE_WRITE);
-        let targets: Vec<(&Path, AddWatchFlags)> = dirs.iter().map(|d| (*d, events)).collect();
+        let targets: Vec<(&Path, AddWatchFlags)> = dirs.iter().map(|d| (*d, DIR_EVENTS)).collect();
         self.watch_all(&targets)
     }
 
@@ -94,23 +98,13 @@ impl Notifier {
         let mut notices = Notices {
             notifier: self.clone(),
             watches: Vec::new(),
+            written: HashMap::new(),
+            sender,
             receiver,
         };
         for &(target, events) in targets {
-            let wd = self
-                .inotify
-                .get_ref()
-                .0
-                .add_watch(target, events)
-                .with_context(|| format!("inotify watch on {}", target.display()))?;
-            let mut routes = self.routes.lock().unwrap();
-            let (table, next_id) = &mut *routes;
-            *next_id += 1;
-            table
-                .entry(wd)
-                .or_default()
-                .push((*next_id, sender.clone()));
-            notices.watches.push((wd, *next_id));
+            let watch = notices.add(target, events)?;
+            notices.watches.push(watch);
         }
         Ok(notices)
     }
@@ -120,6 +114,72 @@ impl Notices {
     /// The instance these come from (to watch a replacement file).
     pub fn notifier(&self) -> &Notifier {
         &self.notifier
+    }
+
+    /// Notices of writes to exactly these files from now on, besides the targets these
+    /// notices began with. inotify keeps one set of events per inode and instance, so such a
+    /// file must not be one that another listener of the same instance watches.
+    pub fn notice_writes_to(&mut self, files: &HashSet<PathBuf>) {
+        let stale: Vec<PathBuf> = self
+            .written
+            .keys()
+            .filter(|f| !files.contains(*f))
+            .cloned()
+            .collect();
+        for file in stale {
+            if let Some(watch) = self.written.remove(&file) {
+                self.stop(watch);
+            }
+        }
+        for file in files {
+            if self.written.contains_key(file) {
+                continue;
+            }
+            match self.add(file, WRITE_EVENTS) {
+                Ok(watch) => {
+                    self.written.insert(file.clone(), watch);
+                }
+                // Gone meanwhile, most likely: its directory's notice tells.
+                Err(e) => log::debug!("{e:#}"),
+            }
+        }
+    }
+
+    /// Adds `target` to what these notices report.
+    fn add(
+        &mut self,
+        target: &Path,
+        events: AddWatchFlags,
+    ) -> anyhow::Result<(WatchDescriptor, u64)> {
+        let wd = self
+            .notifier
+            .inotify
+            .get_ref()
+            .0
+            .add_watch(target, events)
+            .with_context(|| format!("inotify watch on {}", target.display()))?;
+        let mut routes = self.notifier.routes.lock().unwrap();
+        let (table, next_id) = &mut *routes;
+        *next_id += 1;
+        table
+            .entry(wd)
+            .or_default()
+            .push((*next_id, self.sender.clone()));
+        Ok((wd, *next_id))
+    }
+
+    /// Stops one watch of these notices; the kernel's goes once no listener is left.
+    fn stop(&self, (wd, id): (WatchDescriptor, u64)) {
+        let mut routes = self.notifier.routes.lock().unwrap();
+        let Some(listeners) = routes.0.get_mut(&wd) else {
+            return;
+        };
+        listeners.retain(|(other, _)| *other != id);
+        if listeners.is_empty() {
+            routes.0.remove(&wd);
+            // Fails harmlessly when the kernel already dropped it (file deleted).
+            let _ = self.notifier.inotify.get_ref().0.rm_watch(wd);
+        }
     }
 
     /// Waits for the next notice and swallows any that queued behind it.
@@ -135,17 +195,13 @@ impl Notices {
 
 impl Drop for Notices {
     fn drop(&mut self) {
-        let mut routes = self.notifier.routes.lock().unwrap();
-        for (wd, id) in self.watches.drain(..) {
-            let Some(listeners) = routes.0.get_mut(&wd) else {
-                continue;
-            };
-            listeners.retain(|(other, _)| *other != id);
-            if listeners.is_empty() {
-                routes.0.remove(&wd);
-                // Fails harmlessly when the kernel already dropped it (file deleted).
-                let _ = self.notifier.inotify.get_ref().0.rm_watch(wd);
-            }
+        let watches: Vec<_> = self
+            .watches
+            .drain(..)
+            .chain(self.written.drain().map(|(_, watch)| watch))
+            .collect();
+        for watch in watches {
+            self.stop(watch);
         }
     }
 }
@@ -163,6 +219,14 @@ async fn route(notifier: Notifier) {
             Ok(events) => {
                 let routes = notifier.routes.lock().unwrap();
                 for event in events {
+                    // The queue overflowed and events were lost: anyone may have missed one.
+                    if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                        log::warn!("inotify's queue overflowed: every watcher looks again");
+                        for (_, listener) in routes.0.values().flatten() {
+                            let _ = listener.send(());
+                        }
+                        continue;
+                    }
                     for (_, listener) in routes.0.get(&event.wd).into_iter().flatten() {
                         let _ = listener.send(());
                     }

@@ -5,10 +5,11 @@ mod check;
 mod config;
 mod handed_record;
 mod handoffs;
+mod new_files;
 mod paths;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -30,12 +31,13 @@ use crate::{
     reconcile::Mapping,
     stats::Devices,
     wake::ebpf::{Hub, IoHook, Tracer},
-    wake::notify::{Notices, Notifier},
+    wake::notify::Notifier,
 };
 
 pub use config::{Config, PathSpec, WatchEntry, one_word, parse_config, parse_toml, read_config};
 use handed_record::Recorded;
 use handoffs::Offer;
+use new_files::NewFiles;
 pub use paths::{Resolved, resolve};
 use paths::{entry_for, files_under};
 
@@ -176,6 +178,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         tasks: JoinSet::new(),
         watching: HashMap::new(),
         handed: HashMap::new(),
+        new_files: NewFiles::default(),
         all_ok: true,
     };
     // Before anything that takes time: a stop during start-up (or the moment READY=1 is
@@ -187,12 +190,14 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     // Before any file and before the watch says it is up: a file made in a directory from now
     // on is counted from its first write, and noticed.
     watch.count_new_files_in(&[], &directories).await;
-    let mut dir_notices = watch.notices_for(&directories);
+    watch.new_files.watch(&directories);
     // A file that cannot be watched (gone, not on dm, no group) is said and skipped: one bad
     // line must not leave a host's other images unwatched.
     for entry in &entries {
         if let Err(e) = watch.start(entry).await {
-            error!("{}: not watched: {e:#}", entry.path.display());
+            let why = format!("{e:#}");
+            error!("{}: not watched: {why}", entry.path.display());
+            watch.new_files.waits(&entry.path, why);
             watch.all_ok = false;
         }
     }
@@ -201,7 +206,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     }
     // Files made since the directories were listed, before they were noticed.
     let mut named = entries.len();
-    if dir_notices.is_some() {
+    if watch.new_files.are_noticed() {
         named += watch.take_up_new_files(&directories).await;
     }
     if named == 0 {
@@ -258,14 +263,17 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
                     if resolved.directories != directories {
                         watch.count_new_files_in(&directories, &resolved.directories).await;
                         directories = resolved.directories;
-                        dir_notices = watch.notices_for(&directories);
+                        watch.new_files.watch(&directories);
                     }
+                    // The directories' files that wait for their first blocks are heard
+                    // again from now on.
+                    named += watch.take_up_new_files(&directories).await;
                 }
                 Err(e) => error!("SIGHUP: keeping the files watched now: {e:#}"),
             },
             _ = terminate.recv(), if watch.tasks.is_empty() => break,
             Some(offer) = next_offer(&mut offers) => watch.take(offer).await,
-            noticed = next_notice(&mut dir_notices) => {
+            noticed = watch.new_files.next() => {
                 noticed?;
                 named += watch.take_up_new_files(&directories).await;
             }
@@ -284,14 +292,6 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         );
     }
     Ok(watch.all_ok)
-}
-
-/// The next notice from the directories, or never when there are none.
-async fn next_notice(notices: &mut Option<Notices>) -> anyhow::Result<()> {
-    match notices {
-        Some(notices) => notices.next().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// The next hand-over, or never without `--handoff`.
@@ -317,6 +317,8 @@ struct Watch {
     watching: HashMap<WatchEntry, AbortHandle>,
     /// Files dmstats-launched daemons handed over, as recorded for a restarted service.
     handed: HashMap<WatchEntry, Recorded>,
+    /// Files that turn up in the directories.
+    new_files: NewFiles,
     all_ok: bool,
 }
 
@@ -557,49 +559,45 @@ impl Watch {
         }
     }
 
-    /// Inotify notices of new files and writes in the directories (an image made empty is
-    /// mapped once it has blocks); `None` when there are none or inotify fails (said).
-    fn notices_for(&self, directories: &[PathSpec]) -> Option<Notices> {
-        if directories.is_empty() {
-            return None;
-        }
-        let notifier = match &self.trigger {
-            Some((_, Some(notifier))) => Some(notifier.clone()),
-            _ => Notifier::spawn_or_warn(),
-        };
-        let dirs: Vec<&Path> = directories.iter().map(|d| d.path.as_path()).collect();
-        notifier.and_then(|n| {
-            n.watch_directories(&dirs)
-                .inspect_err(|e| warn!("new files will wait for SIGHUP: {e:#}"))
-                .ok()
-        })
-    }
-
     /// Starts watching the files in the directories that are not watched yet and can be
-    /// mapped now, each with its directory's options; returns how many. Those still without
-    /// extents are looked at again on the next notice.
+    /// mapped now, each with its directory's options; returns how many. The others (without
+    /// extents yet, most likely) are looked at again at their next write.
     async fn take_up_new_files(&mut self, directories: &[PathSpec]) -> usize {
+        let watched: HashSet<PathBuf> = self.watching.keys().map(|e| e.path.clone()).collect();
+        let mut listed = HashSet::new();
         let mut started = 0;
         for directory in directories {
             let Ok(files) = files_under(std::slice::from_ref(&directory.path)) else {
                 continue;
             };
             for file in files {
-                if self.watching.keys().any(|e| e.path == file) {
+                listed.insert(file.clone());
+                if watched.contains(&file) {
                     continue;
                 }
-                let Ok(entry) = entry_for(&file, directory, self.regions) else {
-                    continue; // no extents yet, most likely: the next write tells
+                let entry = match entry_for(&file, directory, self.regions) {
+                    Ok(entry) => entry,
+                    Err(e) => {
+                        self.new_files.waits(&file, format!("{e:#}"));
+                        continue;
+                    }
                 };
                 match self.start(&entry).await {
                     Ok(()) => {
                         info!("{}: watched from now on", file.display());
+                        self.new_files.taken_up(&file);
                         started += 1;
                     }
-                    Err(e) => error!("{}: not watched: {e:#}", file.display()),
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        if self.new_files.waits(&file, why.clone()) {
+                            error!("{}: not watched: {why}", file.display());
+                        }
+                    }
                 }
             }
         }
+        self.new_files.swept(&listed);
         started
     }
 
@@ -629,7 +627,9 @@ impl Watch {
         // One at a time: a file that cannot be watched must not keep the others out.
         for entry in &new {
             if let Err(e) = self.start(entry).await {
-                error!("{}: not watched: {e:#}", entry.path.display());
+                let why = format!("{e:#}");
+                error!("{}: not watched: {why}", entry.path.display());
+                self.new_files.waits(&entry.path, why);
             }
         }
         info!(
