@@ -95,7 +95,13 @@ impl IoHook {
     fn choose(dm_known: bool, wanted: Option<IoHook>) -> Result<IoHook, String> {
         let wanted = wanted.or_else(|| {
             let asked = std::env::var("FILEMAPD_IO_HOOK").ok()?;
-            <IoHook as clap::ValueEnum>::from_str(&asked, false).ok()
+            <IoHook as clap::ValueEnum>::from_str(&asked, false)
+                .inspect_err(|_| {
+                    log::warn!(
+                        "FILEMAPD_IO_HOOK={asked:?} names no hook (bio, dm-stats): choosing as if it were unset"
+                    )
+                })
+                .ok()
         });
         // The tracepoints are looked for only where the bio hook may be chosen.
         let bio_possible = || {
