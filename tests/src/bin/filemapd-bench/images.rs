@@ -3,7 +3,7 @@
 //! `FRAGMENTS` separate 4 KiB extents each (one O_DIRECT write every other block); then one
 //! writer rewrites the first image in place while every image has its group (as many as
 //! dm-stats' memory holds), while `filemapd watch --regions none` counts them all in the
-//! kernel, and with no monitor.
+//! kernel (through each IO hook), and with no monitor.
 use std::{
     fs,
     os::unix::fs::{FileExt as _, OpenOptionsExt as _},
@@ -18,13 +18,15 @@ use crate::{median, median_and_spread, monitors::Running, report};
 const IMAGES: usize = 100;
 const FRAGMENTS: u64 = 1000;
 const BLOCK: u64 = 4096;
+/// The kernel's ways to count, as `--io-hook` names them.
+const HOOKS: [&str; 2] = ["dm-stats", "bio"];
 /// How often the writer rewrites its image's blocks in one measurement.
 const PASSES: usize = 8;
 
 pub fn run(rounds: usize) {
     report!("## {IMAGES} images on one device\n");
     report!(
-        "ext4 over dm (4 GiB), {IMAGES} files of {FRAGMENTS} separate 4 KiB extents each (an O_DIRECT\nwrite every other block). One writer rewrites the first image's blocks in place, {PASSES} times\n(4 KiB O_DIRECT writes, nothing allocated), while every image has its dmstats group (as\nmany as dm-stats' memory holds: it caps itself at a quarter of the VM's RAM, 64 KiB a\nregion), while `filemapd watch --regions none` counts every image in the kernel (from once it is\nquiet: past its start-up work), with one\nregion over the whole device and no monitor, and with no monitor; the order rotates. Cells: the writer's MB/s, median (lowest–highest) of {rounds}\nrounds; slowdowns against no monitor.\n"
+        "ext4 over dm (4 GiB), {IMAGES} files of {FRAGMENTS} separate 4 KiB extents each (an O_DIRECT\nwrite every other block). One writer rewrites the first image's blocks in place, {PASSES} times\n(4 KiB O_DIRECT writes, nothing allocated), while every image has its dmstats group (as\nmany as dm-stats' memory holds: it caps itself at a quarter of the VM's RAM, 64 KiB a\nregion), while `filemapd watch --regions none` counts every image in the kernel through\nthe probe on dm-stats' accounting and through the bio hook (`--io-hook`; from once it is\nquiet: past its start-up work), with one region over the whole device and no monitor, and\nwith no monitor; the order rotates. Cells: the writer's MB/s, median (lowest–highest) of {rounds}\nrounds; slowdowns against no monitor.\n"
     );
     let dmfs = DmFs::with_size(FsKind::Ext4, 4096).unwrap();
     let dir = dmfs.mount.dir.join("images");
@@ -37,7 +39,10 @@ pub fn run(rounds: usize) {
         })
         .collect();
     let extents = filemapd_tests::filefrag_sectors(&paths[0]).unwrap().len();
-    let (mut bare, mut grouped, mut counted) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut bare, mut grouped) = (Vec::new(), Vec::new());
+    // By hook: dm-stats' probe, then the bio hook.
+    let mut counted = [Vec::new(), Vec::new()];
+    let mut counted_regions = [Vec::new(), Vec::new()];
     // One region over the whole device and no monitor: what dm-stats' accounting alone does
     // to these writes, apart from the kernel's counting (the `--regions none` row's device
     // holds one region too).
@@ -45,8 +50,8 @@ pub fn run(rounds: usize) {
     let mut regions = Vec::new();
     let mut mapped_images = Vec::new();
     for round in 0..rounds {
-        for way in 0..4 {
-            match (round + way) % 4 {
+        for way in 0..5 {
+            match (round + way) % 5 {
                 0 => {
                     let (images, held) = map_as_many_as_fit(&paths);
                     mapped_images.push(images as f64);
@@ -54,9 +59,18 @@ pub fn run(rounds: usize) {
                     grouped.push(rewrite(&paths[0]));
                     delete_all_regions(&dmfs.name);
                 }
-                1 => {
+                hook @ (1 | 2) => {
                     let d = dir.to_string_lossy().into_owned();
-                    let watch = Running::filemapd(&["watch", "--regions", "none", "-v", &d]);
+                    let io_hook = HOOKS[hook - 1];
+                    let watch = Running::filemapd(&[
+                        "watch",
+                        "--regions",
+                        "none",
+                        "--io-hook",
+                        io_hook,
+                        "-v",
+                        &d,
+                    ]);
                     assert!(
                         watch.wait_until_settled(
                             &format!("watching {IMAGES} file(s)"),
@@ -64,11 +78,12 @@ pub fn run(rounds: usize) {
                         ),
                         "filemapd watch --regions none never started, or never became quiet"
                     );
-                    counted.push(rewrite(&paths[0]));
+                    counted[hook - 1].push(rewrite(&paths[0]));
+                    counted_regions[hook - 1].push(regions_on(&paths[0]) as f64);
                     drop(watch);
                     delete_all_regions(&dmfs.name);
                 }
-                2 => {
+                3 => {
                     filemapd_tests::run("dmstats", &["create", &dmfs.name]).unwrap();
                     one_region.push(rewrite(&paths[0]));
                     delete_all_regions(&dmfs.name);
@@ -98,16 +113,26 @@ pub fn run(rounds: usize) {
         median_and_spread(one_region.clone(), 2),
         slowdown(&one_region)
     );
-    report!(
-        "| `filemapd watch --regions none` (the kernel counts all {IMAGES}) | 1 | {} | {:+.1} % |",
-        median_and_spread(counted.clone(), 2),
-        slowdown(&counted)
-    );
+    for ((hook, counted), held) in HOOKS.iter().zip(&counted).zip(counted_regions) {
+        report!(
+            "| `filemapd watch --regions none --io-hook {hook}` (the kernel counts all {IMAGES}) | {} | {} | {:+.1} % |",
+            median_and_spread(held, 0),
+            median_and_spread(counted.clone(), 2),
+            slowdown(counted)
+        );
+    }
     report!("");
-    report!(
-        "{}",
-        crate::slowdown_verdict("kernel counters", &bare, &counted, 5.0)
-    );
+    for (hook, counted) in HOOKS.iter().zip(&counted) {
+        report!(
+            "{}",
+            crate::slowdown_verdict(
+                &format!("kernel counters (--io-hook {hook})"),
+                &bare,
+                counted,
+                5.0
+            )
+        );
+    }
     report!("");
 }
 
@@ -153,11 +178,16 @@ fn map_as_many_as_fit(paths: &[PathBuf]) -> (usize, usize) {
         }
         mapped += 1;
     }
+    (mapped, regions_on(&paths[0]))
+}
+
+/// The regions on the device under `path`.
+fn regions_on(path: &Path) -> usize {
     let device = filemapd::stats::StatsDevice::for_st_dev(std::os::unix::fs::MetadataExt::dev(
-        &fs::metadata(&paths[0]).unwrap(),
+        &fs::metadata(path).unwrap(),
     ))
     .unwrap();
-    (mapped, device.list(None).unwrap().len())
+    device.list(None).unwrap().len()
 }
 
 fn delete_all_regions(device: &str) {
