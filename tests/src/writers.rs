@@ -7,43 +7,36 @@ use std::{
     time::Duration,
 };
 
+/// A guest's write with cache=none, as the writers here make it.
+const WRITE_CHUNK: usize = 64 << 10;
+
 /// A VM image with cache=none: 64 KiB O_DIRECT writes at random 64 KiB-aligned offsets of the
 /// sparse span `head..head + span`, as many bytes as the span (so some land twice), then one
 /// fsync. The file is first sized to the span's end. Returns the bytes written.
 pub fn random_direct_writes(path: &Path, head: u64, span: u64, seed: u64) -> u64 {
-    const CHUNK: usize = 64 << 10;
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap();
+    let file = open_direct_for_writing(path);
     file.set_len(head + span).unwrap();
-    let buffer = AlignedBuffer::new(CHUNK);
-    let chunks = span / CHUNK as u64;
+    let buffer = AlignedBuffer::new(WRITE_CHUNK);
+    let chunks = span / WRITE_CHUNK as u64;
     let mut rng = Rng(seed);
     for _ in 0..chunks {
-        let offset = head + rng.below(chunks) * CHUNK as u64;
+        let offset = head + rng.below(chunks) * WRITE_CHUNK as u64;
         file.write_all_at(buffer.bytes(), offset).unwrap();
     }
     file.sync_all().unwrap();
-    chunks * CHUNK as u64
+    chunks * WRITE_CHUNK as u64
 }
 
 /// A running VM rewriting its image in place: `passes` passes of 64 KiB O_DIRECT writes over
 /// the file's first `span` bytes, through one descriptor (no resize, no fsync, one close).
 /// Returns the writes made.
 pub fn direct_rewrites(path: &Path, span: u64, passes: u64) -> u64 {
-    const CHUNK: usize = 64 << 10;
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap();
-    let buffer = AlignedBuffer::new(CHUNK);
-    let chunks = span / CHUNK as u64;
+    let file = open_direct_for_writing(path);
+    let buffer = AlignedBuffer::new(WRITE_CHUNK);
+    let chunks = span / WRITE_CHUNK as u64;
     for _ in 0..passes {
         for chunk in 0..chunks {
-            file.write_all_at(buffer.bytes(), chunk * CHUNK as u64)
+            file.write_all_at(buffer.bytes(), chunk * WRITE_CHUNK as u64)
                 .unwrap();
         }
     }
@@ -54,11 +47,7 @@ pub fn direct_rewrites(path: &Path, span: u64, passes: u64) -> u64 {
 /// each `stride` bytes after the last, from `head` (the file is first sized to their end),
 /// each with an fsync so that each is its own allocation.
 pub fn spaced_block_writes(path: &Path, head: u64, count: u64, stride: u64) {
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap();
+    let file = open_direct_for_writing(path);
     file.set_len(head + count * stride).unwrap();
     let buffer = AlignedBuffer::new(4096);
     for k in 0..count {
@@ -66,6 +55,15 @@ pub fn spaced_block_writes(path: &Path, head: u64, count: u64, stride: u64) {
             .unwrap();
         file.sync_all().unwrap();
     }
+}
+
+/// The file opened for O_DIRECT writes (no page cache: each write is its own bio).
+fn open_direct_for_writing(path: &Path) -> fs::File {
+    fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap()
 }
 
 /// Reads the whole file with O_DIRECT, 1 MiB at a time (no page cache: every byte is a read
