@@ -118,7 +118,9 @@ impl Notices {
 
     /// Notices of writes to exactly these files from now on, besides the targets these
     /// notices began with. inotify keeps one set of events per inode and instance, so such a
-    /// file must not be one that another listener of the same instance watches.
+    /// file must not be one that another listener of the same instance watches. When a file
+    /// is added, one notice follows at once: a write made after the caller last looked at it
+    /// but before its watch began is not missed.
     pub fn notice_writes_to(&mut self, files: &HashSet<PathBuf>) {
         let stale: Vec<PathBuf> = self
             .written
@@ -138,6 +140,7 @@ impl Notices {
             match self.add(file, WRITE_EVENTS) {
                 Ok(watch) => {
                     self.written.insert(file.clone(), watch);
+                    let _ = self.sender.send(());
                 }
                 // Gone meanwhile, most likely: its directory's notice tells.
                 Err(e) => log::debug!("{e:#}"),
@@ -247,5 +250,45 @@ struct Instance(Inotify);
 impl std::os::fd::AsRawFd for Instance {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.0.as_fd().as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file whose writes are asked for is heard at once (a write before its watch began
+    /// is not missed), then at its writes; one let go of is no longer heard of, so that its
+    /// watch is gone from the kernel too.
+    #[tokio::test]
+    async fn writes_are_heard_from_the_files_asked_for() {
+        let dir = std::env::temp_dir().join(format!("filemapd-notify-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("new.img");
+        std::fs::write(&file, b"").unwrap();
+        let notifier = Notifier::spawn().unwrap();
+        let mut notices = notifier.watch_directories(&[dir.as_path()]).unwrap();
+
+        notices.notice_writes_to(&HashSet::from([file.clone()]));
+        heard(&mut notices).await;
+        std::fs::write(&file, b"first blocks").unwrap();
+        heard(&mut notices).await;
+
+        notices.notice_writes_to(&HashSet::new());
+        assert!(notices.written.is_empty());
+        let routes = notifier.routes.lock().unwrap();
+        assert_eq!(routes.0.len(), 1, "only the directory's watch is left");
+        drop(routes);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The next notice. The timeout guards against a hang, it does not synchronise: each
+    /// notice comes at once.
+    async fn heard(notices: &mut Notices) {
+        tokio::time::timeout(std::time::Duration::from_secs(10), notices.next())
+            .await
+            .expect("no notice within 10 s")
+            .unwrap();
     }
 }
