@@ -183,7 +183,7 @@ impl Bench {
 
 /// The sections that run on this machine's own kernel rather than in the VM ("native"
 /// holds "probe", the IO probe's cost alone, and "start-up").
-const NATIVE: [&str; 4] = ["native", "probe", "bio-hook", "start-up"];
+const NATIVE: [&str; 5] = ["native", "probe", "scrape", "bio-hook", "start-up"];
 
 /// Runs the benchmark in the device-mapper VM; its console output.
 fn run_in_vm(

@@ -149,11 +149,7 @@ impl Notices {
     }
 
     /// Adds `target` to what these notices report.
-    fn add(
-        &mut self,
-        target: &Path,
-        events: AddWatchFlags,
-    ) -> anyhow::Result<(WatchDescriptor, u64)> {
+    fn add(&self, target: &Path, events: AddWatchFlags) -> anyhow::Result<(WatchDescriptor, u64)> {
         let wd = self
             .notifier
             .inotify

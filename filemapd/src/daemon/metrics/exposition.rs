@@ -109,13 +109,14 @@ impl Scraped {
         })
     }
 
-    /// A time counter in seconds.
+    /// A time counter of the file's regions in seconds.
     fn seconds(&self, ticks: u64) -> f64 {
-        let per_second = match self.state.settings.precise_timestamps {
-            true => 1e9,
-            false => 1e3,
-        };
-        ticks as f64 / per_second
+        let precise = self
+            .state
+            .group
+            .as_ref()
+            .is_some_and(|g| g.settings.precise_timestamps);
+        ticks as f64 / if precise { 1e9 } else { 1e3 }
     }
 }
 
@@ -123,11 +124,11 @@ impl Scraped {
 /// published (its pass is running): then the group is listed afresh, once. `None` for a file
 /// without a group.
 fn group_stats(state: &FileState) -> Option<RegionStats> {
-    let group_id = state.group_id?;
+    let group = state.group.as_ref()?;
     let sum = |ids: &mut dyn Iterator<Item = u64>| -> anyhow::Result<RegionStats> {
         let mut total = RegionStats::default();
         for id in ids {
-            let stats = state.device.stats(id)?;
+            let stats = group.device.stats(id)?;
             total.counters = total.counters + stats.counters;
             if total.histogram.len() < stats.histogram.len() {
                 total.histogram.resize(stats.histogram.len(), 0);
@@ -138,12 +139,12 @@ fn group_stats(state: &FileState) -> Option<RegionStats> {
         }
         Ok(total)
     };
-    match sum(&mut state.regions.iter().copied()) {
+    match sum(&mut group.regions.iter().copied()) {
         Ok(stats) => return Some(stats),
         Err(e) => debug!("{}: reading the group again: {e:#}", state.path),
     }
-    let group = Group::load(&state.device, group_id).ok().flatten()?;
-    sum(&mut group.members().map(|r| r.id))
+    let listed = Group::load(&group.device, group.id).ok().flatten()?;
+    sum(&mut listed.members().map(|r| r.id))
         .inspect_err(|e| debug!("{}: counters left out of this scrape: {e:#}", state.path))
         .ok()
 }
@@ -170,7 +171,6 @@ impl Collector for FileMetrics {
             .map(|state| Scraped::read(state, all_counted.as_deref()))
             .collect();
         let regions = |f: &Scraped| f.stats.as_ref().map(|s| s.counters);
-        let grouped = |f: &Scraped| f.state.group_id.is_some();
         let e = &mut encoder;
 
         info(e, &files)?;
@@ -266,7 +266,7 @@ impl Collector for FileMetrics {
             "filemapd_file_regions",
             "Regions in the file's group (files with a group only)",
             &files,
-            |f| grouped(f).then_some(f.state.regions.len() as u64),
+            |f| f.state.group.as_ref().map(|g| g.regions.len() as u64),
         )?;
         counter(
             e,
@@ -294,14 +294,14 @@ impl Collector for FileMetrics {
             "filemapd_file_regions_created",
             "Regions the daemon created for the file (files with a group only)",
             &files,
-            |f| grouped(f).then_some(f.state.tally.created),
+            |f| f.state.group.as_ref().map(|_| f.state.tally.created),
         )?;
         counter(
             e,
             "filemapd_file_regions_deleted",
             "Regions the daemon deleted for the file (files with a group only)",
             &files,
-            |f| grouped(f).then_some(f.state.tally.deleted),
+            |f| f.state.group.as_ref().map(|_| f.state.tally.deleted),
         )?;
         polling(e, &files)
     }
@@ -371,12 +371,16 @@ fn info(encoder: &mut DescriptorEncoder<'_>, files: &[Scraped]) -> fmt::Result {
         let labels = [
             ("path", file.labels[0].1.as_str()),
             ("alias", &label_value(&state.alias)),
-            ("device", &label_value(&state.device.name().to_string())),
+            ("device", &label_value(&state.device)),
             (
                 "group_id",
-                &state.group_id.map(|id| id.to_string()).unwrap_or_default(),
+                &state
+                    .group
+                    .as_ref()
+                    .map(|g| g.id.to_string())
+                    .unwrap_or_default(),
             ),
-            ("mode", state.mode),
+            ("mode", state.group.as_ref().map_or("none", |g| g.mode)),
             (
                 "counted_by",
                 if file.kernel.is_some() {
@@ -436,7 +440,10 @@ fn latency_histogram(encoder: &mut DescriptorEncoder<'_>, files: &[Scraped]) -> 
                 )
             }
             (None, Some(stats)) => {
-                let bounds = &file.state.settings.histogram;
+                let Some(group) = &file.state.group else {
+                    continue;
+                };
+                let bounds = &group.settings.histogram;
                 if bounds.is_empty() || stats.histogram.len() != bounds.len() + 1 {
                     continue;
                 }

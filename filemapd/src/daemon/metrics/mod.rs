@@ -25,7 +25,7 @@ use crate::{
     wake::ebpf::CountedFile,
 };
 
-pub use server::serve;
+pub use server::{registry, scrape, serve};
 
 /// How a monitor learns that its file changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,20 +40,40 @@ pub enum Wakeup {
 #[derive(Clone)]
 struct FileState {
     path: String,
-    device: Arc<StatsDevice>,
-    /// `None`: the file has no regions (the kernel counts it alone).
-    group_id: Option<u64>,
+    /// The name of the file's dm device.
+    device: String,
+    /// The file's group; `None`: the file has no regions (the kernel counts it alone).
+    group: Option<GroupState>,
     /// The group's alias; without a group, the file's name.
     alias: String,
-    regions: Vec<u64>,
-    /// How its regions follow it: `tiled`, `exact`, or `none` (no group).
-    mode: &'static str,
-    settings: RegionSettings,
     tally: Tally,
     wakeup: Wakeup,
     /// The file's slot in the in-kernel counting, read at scrape time: then its IO series
     /// are the kernel's, and no region is read.
     counted: Option<CountedFile>,
+}
+
+/// A file's group as its monitor last published it.
+#[derive(Clone)]
+struct GroupState {
+    id: u64,
+    /// Where its regions are read.
+    device: Arc<StatsDevice>,
+    regions: Vec<u64>,
+    /// How its regions follow the file: `tiled` or `exact`.
+    mode: &'static str,
+    settings: RegionSettings,
+}
+
+impl FileState {
+    /// A pass that left the file's group (or its lack of one) as it was: the figures alone.
+    fn refresh(&mut self, tally: Tally, wakeup: Wakeup, counted: Option<&CountedFile>) {
+        self.tally = tally;
+        self.wakeup = wakeup;
+        if self.counted.as_ref().map(|c| c.slot) != counted.map(|c| c.slot) {
+            self.counted = counted.cloned();
+        }
+    }
 }
 
 /// What every monitor of a watch published, and the daemon-wide figures.
@@ -102,55 +122,79 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// The file, its group as the pass left it and how its regions follow it (`None`: it has
-    /// no group), what the monitor did so far and how it wakes. Called after every pass: a
-    /// pass that left the group as it was (same id and alias, same count of regions, nothing
-    /// created or deleted since) updates the figures alone, so that a pass stays as cheap as
-    /// its change, whatever the group's size.
+    /// The file, the dm device it lies on, its group as the pass left it and how its
+    /// regions follow it, what the monitor did so far and how it wakes. Called after every
+    /// pass: a pass that left the group as it was (same id and alias, same count of regions,
+    /// nothing created or deleted since) updates the figures alone, so that a pass stays as
+    /// cheap as its change, whatever the group's size.
     pub fn publish(
         &self,
         path: &std::path::Path,
         device: &Arc<StatsDevice>,
-        group: Option<(&Group, Mapping)>,
+        group: (&Group, Mapping),
         tally: Tally,
         wakeup: Wakeup,
         counted: Option<&CountedFile>,
     ) {
-        let mode = match group {
-            None => "none",
-            Some((_, Mapping::Tiled)) => "tiled",
-            Some((_, Mapping::Exact)) => "exact",
-        };
-        let group = group.map(|(group, _)| group);
+        let (group, mapping) = group;
+        let alias = &group.descriptor.alias;
         let mut files = self.board.files.lock().unwrap_or_else(|e| e.into_inner());
-        let alias = match group {
-            Some(group) => group.descriptor.alias.clone(),
-            None => path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        };
         if let Some(state) = files.get_mut(&self.key)
-            && state.group_id == group.map(|g| g.id)
-            && state.alias == alias
-            && state.regions.len() == group.map_or(0, Group::member_count)
+            && let Some(known) = &state.group
+            && known.id == group.id
+            && state.alias == *alias
+            && known.regions.len() == group.member_count()
             && (state.tally.created, state.tally.deleted) == (tally.created, tally.deleted)
         {
-            state.tally = tally;
-            state.wakeup = wakeup;
-            if state.counted.as_ref().map(|c| c.slot) != counted.map(|c| c.slot) {
-                state.counted = counted.cloned();
-            }
+            state.refresh(tally, wakeup, counted);
             return;
         }
         let state = FileState {
-            mode,
             path: path.display().to_string(),
-            device: Arc::clone(device),
-            group_id: group.map(|g| g.id),
-            alias,
-            regions: group.map_or_else(Vec::new, |g| g.members().map(|r| r.id).collect()),
-            settings: group.map(|g| g.settings.clone()).unwrap_or_default(),
+            device: device.name().to_string(),
+            group: Some(GroupState {
+                id: group.id,
+                device: Arc::clone(device),
+                regions: group.members().map(|r| r.id).collect(),
+                mode: match mapping {
+                    Mapping::Tiled => "tiled",
+                    Mapping::Exact => "exact",
+                },
+                settings: group.settings.clone(),
+            }),
+            alias: alias.clone(),
+            tally,
+            wakeup,
+            counted: counted.cloned(),
+        };
+        files.insert(self.key, state);
+    }
+
+    /// Like [`Reporter::publish`], for a file without regions (the kernel counts it alone):
+    /// only the name of its dm device is needed.
+    pub fn publish_without_regions(
+        &self,
+        path: &std::path::Path,
+        device_name: impl std::fmt::Display,
+        tally: Tally,
+        wakeup: Wakeup,
+        counted: Option<&CountedFile>,
+    ) {
+        let mut files = self.board.files.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(state) = files.get_mut(&self.key)
+            && state.group.is_none()
+        {
+            state.refresh(tally, wakeup, counted);
+            return;
+        }
+        let state = FileState {
+            path: path.display().to_string(),
+            device: device_name.to_string(),
+            group: None,
+            alias: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             tally,
             wakeup,
             counted: counted.cloned(),

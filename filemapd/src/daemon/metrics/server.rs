@@ -25,14 +25,7 @@ pub async fn serve(
         .await
         .with_context(|| format!("--metrics: cannot listen on {address}"))?;
     info!("metrics on http://{address}/metrics");
-    let mut registry = Registry::default();
-    registry.register(
-        "filemapd_update_seconds",
-        "How long each pass over a file took (FIEMAP read, plan, dm messages)",
-        board.update_seconds.clone(),
-    );
-    registry.register_collector(Box::new(FileMetrics(board)));
-    let registry = Arc::new(registry);
+    let registry = Arc::new(registry(board));
     Ok(async move {
         loop {
             let stream = match listener.accept().await {
@@ -59,6 +52,24 @@ pub async fn serve(
     })
 }
 
+/// Every series the board's files and the daemon have.
+pub fn registry(board: Arc<Board>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register(
+        "filemapd_update_seconds",
+        "How long each pass over a file took (FIEMAP read, plan, dm messages)",
+        board.update_seconds.clone(),
+    );
+    registry.register_collector(Box::new(FileMetrics(board)));
+    registry
+}
+
+/// What a scrape answers: the registry read now, in the text format.
+pub fn scrape(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).map(|()| text)
+}
+
 async fn answer<B>(
     request: Request<B>,
     registry: Arc<Registry>,
@@ -77,11 +88,7 @@ async fn answer<B>(
         return reply(StatusCode::NOT_FOUND, "text/plain", "see /metrics\n".into());
     }
     // Reading counters is one dm ioctl per region: off the thread the monitors run on.
-    let encoded = tokio::task::spawn_blocking(move || {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry).map(|()| text)
-    })
-    .await;
+    let encoded = tokio::task::spawn_blocking(move || scrape(&registry)).await;
     match encoded {
         Ok(Ok(text)) => reply(StatusCode::OK, CONTENT_TYPE, text),
         _ => reply(

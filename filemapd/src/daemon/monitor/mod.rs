@@ -626,7 +626,7 @@ impl Monitor {
                     report.publish(
                         &self.path,
                         &self.device,
-                        Some((&group, self.mapping)),
+                        (&group, self.mapping),
                         self.tally,
                         self.wakeup,
                         self.counted(),
@@ -682,10 +682,9 @@ impl Monitor {
                 }
                 if let Some(report) = &self.report {
                     report.observe_update(started.elapsed());
-                    report.publish(
+                    report.publish_without_regions(
                         &self.path,
-                        &self.device,
-                        None,
+                        self.device.name(),
                         self.tally,
                         self.wakeup,
                         self.counted(),

@@ -16,6 +16,7 @@ mod new_image;
 mod program_time;
 mod region_cost;
 mod scale;
+mod scrape;
 mod start_up;
 mod usage;
 mod witness;
@@ -91,11 +92,14 @@ fn main() {
         timed(|| {
             native::run(rounds);
             native::probe_cost();
+            scrape::run(rounds);
             bio_hook::run(rounds);
             start_up::run(rounds);
         });
     } else if named("probe") {
         timed(native::probe_cost);
+    } else if named("scrape") {
+        timed(|| scrape::run(rounds));
     } else if named("bio-hook") {
         timed(|| bio_hook::run(rounds));
     } else if named("start-up") {
