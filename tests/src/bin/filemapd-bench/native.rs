@@ -20,7 +20,7 @@ use crate::{
 const GROWTH: u64 = 256 << 20;
 const HEAD: u64 = 1 << 20;
 /// Any dm device number: on this kernel only the recording (the allocation side) runs.
-const SOME_DM_DEVICE: u32 = 253 << 20;
+pub(crate) const SOME_DM_DEVICE: u32 = 253 << 20;
 /// The kernel's name for the charge service (program names are cut to 15 bytes).
 const CHARGE_SERVICE: &str = "charge_service";
 

@@ -14,10 +14,8 @@ use filemapd::{
 };
 use filemapd_common::{Bounds, FileCounters};
 
-use crate::{median_and_spread, report};
+use crate::{median_and_spread, native::SOME_DM_DEVICE, report};
 
-/// Any dm device number: the counting only checks that one is given.
-const SOME_DM_DEVICE: u32 = (253 << 20) | 1;
 /// A path as long as the scale section's (`/tmp/…/mnt/images/vmN.img`), so that the
 /// answers' sizes compare.
 const IMAGES: &str = "/tmp/filemapd-scratch-XXXXXX/mnt/images";
