@@ -233,6 +233,9 @@ pub struct Walk {
     /// 1 once the bio met more files than `MOST_FILES_PER_BIO` (those are not counted).
     missed: u32,
     _pad: u32,
+    /// The live records of the chunk being walked (meta and units; 0: none), kept here
+    /// rather than on the stack: the verifier would follow every mix of found and not found.
+    records: [[u64; 2]; RECORDS_PER_CHUNK],
 }
 
 /// Walks the bio `[sector, end)` through the sector map, then counts it for each file it
@@ -367,21 +370,22 @@ fn walk_chunk(w: &mut Walk, stop: u64) {
         return;
     };
     let key = load(&chunk.key);
-    let mut found = [(0u64, 0u64); RECORDS_PER_CHUNK];
     for index in 0..RECORDS_PER_CHUNK {
         let record = &chunk.records[index];
         let before = load(&record.meta);
         let units = load(&record.units);
-        if meta::live(before) && load(&record.meta) == before {
-            found[index] = (before, units);
-        }
+        let live = meta::live(before) && load(&record.meta) == before;
+        w.records[index] = if live { [before, units] } else { [0, 0] };
     }
     if load(&chunk.key) != key {
         return;
     }
     let base = w.at & !(CHUNK_SECTORS - 1);
     let (from, to) = (w.at - base, stop - base);
-    for (word, units) in found {
+    for index in 0..RECORDS_PER_CHUNK {
+        // SAFETY: plain reads of the walk's own fields; volatile, so that the verifier sees
+        // values read from the map, not the ones just stored.
+        let [word, units] = unsafe { core::ptr::read_volatile(&w.records[index]) };
         if word == 0 {
             continue;
         }

@@ -2,7 +2,12 @@
 //! makes, and the recording of a watched file's fresh allocation, made the moment its
 //! tracepoint fires, before any write to the new blocks. User space adds the rest of a file's
 //! sectors (what it had before it was watched) and takes out what the file gave back.
-use aya_ebpf::{bindings::BPF_F_MMAPABLE, helpers::bpf_loop, macros::map, maps::Array};
+use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
+    helpers::bpf_loop,
+    macros::map,
+    maps::{Array, PerCpuArray},
+};
 use core::ffi::c_void;
 use filemapd_common::{
     Placement,
@@ -270,9 +275,23 @@ struct Recording {
     _pad: u32,
 }
 
+/// A long recording's state, in map memory rather than on the stack: the verifier tracks
+/// every stack value a `bpf_loop` callback reads and walks its body again while they differ
+/// from round to round; values it reads from a map are unknown, so one walk of the body does.
+/// One entry per CPU is enough: the recording programs are tracepoint programs, which run
+/// with preemption disabled and which the kernel skips while another one runs on the CPU.
+#[map]
+static RECORDING: PerCpuArray<Recording> = PerCpuArray::with_max_entries(1, 0);
+
 #[inline(never)]
 fn record_long(dev: u32, slot: u32, start: u64, end: u64, stamp: u64) -> u32 {
-    let mut r = Recording {
+    let Some(r) = RECORDING.get_ptr_mut(0) else {
+        count_unrecorded(slot);
+        return 0;
+    };
+    // SAFETY: this CPU's entry, used by one recording at a time (see `RECORDING`).
+    let r = unsafe { &mut *r };
+    *r = Recording {
         at: start,
         end,
         stamp,
@@ -282,16 +301,22 @@ fn record_long(dev: u32, slot: u32, start: u64, end: u64, stamp: u64) -> u32 {
         failed: 0,
         _pad: 0,
     };
-    // SAFETY: the callback is a static function of the signature bpf_loop wants, and its
-    // context lives on this stack for the whole call.
+    // SAFETY: the callback is a static function of the signature bpf_loop wants; it finds
+    // its state in `RECORDING`.
     unsafe {
         bpf_loop(
             MAX_RECORD_ROUNDS,
             record_round as *mut c_void,
-            &mut r as *mut Recording as *mut c_void,
+            core::ptr::null_mut(),
             0,
         )
     };
+    // Looked up again: the rounds changed it through references of their own.
+    let Some(r) = RECORDING.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: as above.
+    let r = unsafe { &*r };
     if r.at < r.end || r.failed != 0 {
         count_unrecorded(slot);
     }
@@ -299,9 +324,12 @@ fn record_long(dev: u32, slot: u32, start: u64, end: u64, stamp: u64) -> u32 {
 }
 
 /// One round of [`record_long`]: a whole block as an owner, else the chunk at `at`.
-extern "C" fn record_round(_round: u64, context: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop hands back the context record_long gave it.
-    let r = unsafe { &mut *(context as *mut Recording) };
+extern "C" fn record_round(_round: u64, _context: *mut c_void) -> i64 {
+    let Some(r) = RECORDING.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's entry (see `RECORDING`).
+    let r = unsafe { &mut *r };
     if r.at >= r.end {
         return 1;
     }
