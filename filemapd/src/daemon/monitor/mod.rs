@@ -117,7 +117,9 @@ pub struct Monitor {
     /// only, as the last pass left it. Trusted until the kernel reports another process's
     /// region change (or lost events), so that a pass needs no `@stats_list` (costly for a
     /// file with thousands of regions). Polling lists every pass, as lvm2 does.
-    known_group: Option<Group>,
+    /// Boxed, as `emptied` is: most monitors of a watch have no group, and a watch of
+    /// thousands of files keeps one monitor each.
+    known_group: Option<Box<Group>>,
     /// Polling: when the next whole-map read is due whatever stat says ([`SWEEP`]).
     next_sweep: Instant,
     /// The followed file's owner: path mode takes a replacement only from the same owner.
@@ -141,7 +143,7 @@ pub struct Monitor {
     /// like it once it has blocks again, instead of ending the monitor (lvm2's way).
     regroup_when_refilled: bool,
     /// The lost group's alias, program id and settings, until the file has blocks again.
-    emptied: Option<GroupSpec>,
+    emptied: Option<Box<GroupSpec>>,
     /// The in-kernel counting: every sector the file held at the last pass (what the sector
     /// map was set to), the device ranges events named since (allocations the kernel
     /// recorded, which FIEMAP may no longer show), and whether events were lost (the kernel
@@ -254,7 +256,7 @@ impl Monitor {
             io_seen: None,
             tally: Tally::default(),
             // The first pass starts from the group just found.
-            known_group: group,
+            known_group: group.map(Box::new),
             next_sweep: Instant::now() + SWEEP,
             owner: metadata.uid(),
             refused: None,
@@ -601,7 +603,7 @@ impl Monitor {
         loop {
             let remembered = self.known_group.is_some();
             let group = match self.known_group.take() {
-                Some(group) => group,
+                Some(group) => *group,
                 None => match Group::load(&self.device, self.group_id.expect("a group"))? {
                     Some(group) => group,
                     None => return Ok(Exit::GroupRemoved),
@@ -637,7 +639,7 @@ impl Monitor {
                 group
             };
             if self.event_driven() {
-                self.known_group = Some(group);
+                self.known_group = Some(Box::new(group));
             }
             force = self.wait().await?;
             if self.unlinked_and_closed()? {

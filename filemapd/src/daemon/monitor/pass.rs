@@ -34,10 +34,12 @@ impl Monitor {
         self.settle();
         if self.view.map().is_empty() {
             // Kept only where a group like it is to come back (see `regroup_when_refilled`).
-            self.emptied = self.regroup_when_refilled.then(|| GroupSpec {
-                alias: group.descriptor.alias.clone(),
-                program_id: group.program_id.clone(),
-                settings: group.settings.clone(),
+            self.emptied = self.regroup_when_refilled.then(|| {
+                Box::new(GroupSpec {
+                    alias: group.descriptor.alias.clone(),
+                    program_id: group.program_id.clone(),
+                    settings: group.settings.clone(),
+                })
             });
             return Ok(None);
         }
