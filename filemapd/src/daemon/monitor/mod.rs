@@ -529,11 +529,23 @@ impl Monitor {
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .context("installing the SIGTERM handler")?;
+        self.run_until_stopped(async move {
+            terminate.recv().await;
+        })
+        .await
+    }
+
+    /// Runs until the file's monitoring ends, or until `stop` completes: the daemon is being
+    /// stopped to be started again (a restart, an upgrade), and what the kernel counted waits
+    /// for the next one. A watch gives each of its monitors the same stop, not a SIGTERM
+    /// listener each.
+    pub async fn run_until_stopped(
+        &mut self,
+        stop: impl Future<Output = ()>,
+    ) -> anyhow::Result<Exit> {
         tokio::select! {
             exit = self.run() => exit,
-            _ = terminate.recv() => {
-                // Stopped to be started again (a restart, an upgrade): what the kernel
-                // counted waits for the next daemon.
+            () = stop => {
                 crate::wake::ebpf::pins::keep_for_successor();
                 Ok(Exit::Terminated)
             }

@@ -179,14 +179,16 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         watching: HashMap::new(),
         handed: HashMap::new(),
         new_files: NewFiles::default(),
+        stop: tokio::sync::watch::channel(false).0,
         all_ok: true,
     };
     // Before anything that takes time: a stop during start-up (or the moment READY=1 is
     // sent) ends the watch as any stop does, once it is up, instead of killing it midway.
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    // Monitors end themselves on SIGTERM; this one ends a watch that has none.
+    // SIGTERM stops every monitor (through `Watch::stop`), then the watch once they ended.
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut stopping = false;
     // Before any file and before the watch says it is up: a file made in a directory from now
     // on is counted from its first write, and noticed.
     watch.count_new_files_in(&[], &directories).await;
@@ -246,7 +248,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
                     named += watch.take_up_new_files(&directories).await;
                 }
                 // With directories the watch outlives any one file (until SIGTERM).
-                if watch.tasks.is_empty() && named > 0 && directories.is_empty() {
+                if watch.tasks.is_empty() && (stopping || named > 0 && directories.is_empty()) {
                     break;
                 }
             }
@@ -271,7 +273,13 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
                 }
                 Err(e) => error!("SIGHUP: keeping the files watched now: {e:#}"),
             },
-            _ = terminate.recv(), if watch.tasks.is_empty() => break,
+            _ = terminate.recv() => {
+                stopping = true;
+                watch.stop.send_replace(true);
+                if watch.tasks.is_empty() {
+                    break;
+                }
+            }
             Some(offer) = next_offer(&mut offers) => watch.take(offer).await,
             noticed = watch.new_files.next() => {
                 noticed?;
@@ -319,6 +327,8 @@ struct Watch {
     handed: HashMap<WatchEntry, Recorded>,
     /// Files that turn up in the directories.
     new_files: NewFiles,
+    /// Set on SIGTERM: every monitor, started before or after, ends as stopped.
+    stop: tokio::sync::watch::Sender<bool>,
     all_ok: bool,
 }
 
@@ -420,8 +430,15 @@ impl Watch {
         }
         let task = entry.clone();
         let delete_when_gone = entry.delete_with_file;
+        let mut stop = self.stop.subscribe();
         let handle = self.tasks.spawn(async move {
-            let result = monitor.run_until_terminated().await;
+            let stopped = async move {
+                // The sender lives as long as the watch, which ends its tasks before it goes.
+                if stop.wait_for(|stop| *stop).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let result = monitor.run_until_stopped(stopped).await;
             info!("{}: {}", monitor.path().display(), monitor.tally());
             if let Some(totals) = monitor.kernel_counters() {
                 crate::daemon::trace::totals(monitor.path(), &totals);
