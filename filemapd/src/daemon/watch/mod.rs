@@ -188,7 +188,6 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     // SIGTERM stops every monitor (through `Watch::stop`), then the watch once they ended.
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut stopping = false;
     // Before any file and before the watch says it is up: a file made in a directory from now
     // on is counted from its first write, and noticed.
     watch.count_new_files_in(&[], &directories).await;
@@ -248,6 +247,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
                     named += watch.take_up_new_files(&directories).await;
                 }
                 // With directories the watch outlives any one file (until SIGTERM).
+                let stopping = *watch.stop.borrow();
                 if watch.tasks.is_empty() && (stopping || named > 0 && directories.is_empty()) {
                     break;
                 }
@@ -274,7 +274,6 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
                 Err(e) => error!("SIGHUP: keeping the files watched now: {e:#}"),
             },
             _ = terminate.recv() => {
-                stopping = true;
                 watch.stop.send_replace(true);
                 if watch.tasks.is_empty() {
                     break;
