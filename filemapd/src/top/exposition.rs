@@ -54,6 +54,11 @@ pub fn fetch(address: &str) -> anyhow::Result<String> {
     if status != "200" {
         bail!("{address} answered HTTP {status}, not metrics");
     }
+    // HTTP/1.0 ends an answer with the connection, also one cut short: OpenMetrics' last
+    // line tells them apart.
+    if !body.ends_with("# EOF\n") {
+        bail!("{address}'s answer was cut short (it lacks OpenMetrics' closing # EOF)");
+    }
     Ok(body.to_string())
 }
 

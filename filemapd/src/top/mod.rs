@@ -4,7 +4,7 @@
 //! flight, regions, how its regions follow it, who counts its IO and how it is woken. In a
 //! terminal it is a full-screen view (ratatui): `s` sorts by the next column, `r` reverses,
 //! `q` quits. With `--batch N` it prints N plain tables and exits, for scripts.
-mod exposition;
+pub(crate) mod exposition;
 mod rates;
 
 use std::time::{Duration, Instant};
