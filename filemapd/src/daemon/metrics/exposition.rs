@@ -9,14 +9,14 @@
 //! change (its group, the group's alias, who counts it) is in `filemapd_file_info`. A series
 //! that does not apply to a file is left out for it (region series without a group), so that
 //! a scrape of 10,000 files stays small.
-use std::{fmt, sync::Arc};
+//!
+//! These families are written here in OpenMetrics' text format, a line at a time, rather than
+//! through prometheus-client's encoder (which writes the daemon-wide series): 10,000 files are
+//! ~350,000 lines a scrape, and the crate's dozen dynamic writes per line (name, suffix, each
+//! label's parts, value) were most of a scrape's time.
+use std::fmt;
 
 use log::debug;
-use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, NoLabelSet},
-    metrics::MetricType,
-};
 
 use super::{Board, FileState, Wakeup};
 use filemapd_common::FileCounters;
@@ -26,19 +26,11 @@ use crate::{
     wake::ebpf::CountedFile,
 };
 
-/// The per-file series; registered as a collector so that they are read at scrape time.
-pub struct FileMetrics(pub Arc<Board>);
-
-impl fmt::Debug for FileMetrics {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("FileMetrics")
-    }
-}
-
 /// One file at scrape time.
 struct Scraped {
     state: FileState,
-    labels: [(&'static str, String); 1],
+    /// `{path="…"`: the file's label, not yet closed (a sample may add its own).
+    labels: String,
     /// All of the file's IO as the kernel counted it; `None` where the kernel does not count
     /// the file (or could not be read).
     kernel: Option<FileCounters>,
@@ -63,7 +55,7 @@ impl Scraped {
     /// `all_counted`: every slot's kernel counters, read at once for this scrape (`None`:
     /// read the file's alone).
     fn read(state: FileState, all_counted: Option<&[FileCounters]>) -> Self {
-        let labels = [("path", label_value(&state.path))];
+        let labels = format!("{{path=\"{}\"", label_value(&state.path));
         let kernel = state.counted.as_ref().and_then(|counted| {
             match all_counted.and_then(|all| all.get(counted.slot as usize)) {
                 Some(counters) => Some(*counters),
@@ -162,180 +154,235 @@ fn all_kernel_counters(states: &[FileState]) -> Option<Vec<FileCounters>> {
         .ok()
 }
 
-impl Collector for FileMetrics {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
-        let states = self.0.snapshot();
-        let all_counted = all_kernel_counters(&states);
-        let files: Vec<Scraped> = states
-            .into_iter()
-            .map(|state| Scraped::read(state, all_counted.as_deref()))
-            .collect();
-        let regions = |f: &Scraped| f.stats.as_ref().map(|s| s.counters);
-        let e = &mut encoder;
+/// Writes every watched file's series, read now, to `out`.
+pub fn write_files(board: &Board, out: &mut dyn fmt::Write) -> fmt::Result {
+    let states = board.snapshot();
+    let all_counted = all_kernel_counters(&states);
+    let files: Vec<Scraped> = states
+        .into_iter()
+        .map(|state| Scraped::read(state, all_counted.as_deref()))
+        .collect();
+    let regions = |f: &Scraped| f.stats.as_ref().map(|s| s.counters);
+    let e = &mut Text {
+        out,
+        line: String::with_capacity(256),
+    };
 
-        info(e, &files)?;
-        counter(
-            e,
-            "filemapd_file_reads",
-            "Reads of the file (counted in the kernel where it can, else by its dm-stats regions)",
-            &files,
-            |f| f.io().map(|io| io.reads),
-        )?;
-        counter(
-            e,
-            "filemapd_file_read_sectors",
-            "512-byte sectors read",
-            &files,
-            |f| f.io().map(|io| io.read_sectors),
-        )?;
-        counter(
-            e,
-            "filemapd_file_read_seconds",
-            "Time spent reading",
-            &files,
-            |f| f.io().map(|io| io.read_seconds),
-        )?;
-        counter(
-            e,
-            "filemapd_file_writes",
-            "Writes to the file (counted in the kernel where it can, else by its dm-stats regions)",
-            &files,
-            |f| f.io().map(|io| io.writes),
-        )?;
-        counter(
-            e,
-            "filemapd_file_write_sectors",
-            "512-byte sectors written",
-            &files,
-            |f| f.io().map(|io| io.write_sectors),
-        )?;
-        counter(
-            e,
-            "filemapd_file_write_seconds",
-            "Time spent writing",
-            &files,
-            |f| f.io().map(|io| io.write_seconds),
-        )?;
-        gauge(
-            e,
-            "filemapd_file_in_flight",
-            "IOs in flight now",
-            &files,
-            |f| f.io().map(|io| io.in_flight),
-        )?;
-        latency_histogram(e, &files)?;
-        counter(
-            e,
-            "filemapd_file_unrecorded",
-            "Allocations the kernel could not record at once (their IO may be uncounted until the next pass)",
-            &files,
-            |f| f.kernel.map(|k| k.unrecorded),
-        )?;
-        // What only dm-stats counts, for files counted by their regions.
-        counter(
-            e,
-            "filemapd_file_reads_merged",
-            "Reads merged with an adjacent one (dm-stats regions only)",
-            &files,
-            |f| regions(f).map(|c| c.reads_merged),
-        )?;
-        counter(
-            e,
-            "filemapd_file_writes_merged",
-            "Writes merged with an adjacent one (dm-stats regions only)",
-            &files,
-            |f| regions(f).map(|c| c.writes_merged),
-        )?;
-        counter(
-            e,
-            "filemapd_file_io_seconds",
-            "Time with IO in flight, io_ticks (dm-stats regions only)",
-            &files,
-            |f| regions(f).map(|c| f.seconds(c.io_ms)),
-        )?;
-        counter(
-            e,
-            "filemapd_file_queue_seconds",
-            "IO time weighted by the IOs in flight, time in queue (dm-stats regions only)",
-            &files,
-            |f| regions(f).map(|c| f.seconds(c.weighted_io_ms)),
-        )?;
+    info(e, &files)?;
+    counter(
+        e,
+        "filemapd_file_reads",
+        "Reads of the file (counted in the kernel where it can, else by its dm-stats regions)",
+        &files,
+        |f| f.io().map(|io| io.reads),
+    )?;
+    counter(
+        e,
+        "filemapd_file_read_sectors",
+        "512-byte sectors read",
+        &files,
+        |f| f.io().map(|io| io.read_sectors),
+    )?;
+    counter(
+        e,
+        "filemapd_file_read_seconds",
+        "Time spent reading",
+        &files,
+        |f| f.io().map(|io| io.read_seconds),
+    )?;
+    counter(
+        e,
+        "filemapd_file_writes",
+        "Writes to the file (counted in the kernel where it can, else by its dm-stats regions)",
+        &files,
+        |f| f.io().map(|io| io.writes),
+    )?;
+    counter(
+        e,
+        "filemapd_file_write_sectors",
+        "512-byte sectors written",
+        &files,
+        |f| f.io().map(|io| io.write_sectors),
+    )?;
+    counter(
+        e,
+        "filemapd_file_write_seconds",
+        "Time spent writing",
+        &files,
+        |f| f.io().map(|io| io.write_seconds),
+    )?;
+    gauge(
+        e,
+        "filemapd_file_in_flight",
+        "IOs in flight now",
+        &files,
+        |f| f.io().map(|io| io.in_flight),
+    )?;
+    latency_histogram(e, &files)?;
+    counter(
+        e,
+        "filemapd_file_unrecorded",
+        "Allocations the kernel could not record at once (their IO may be uncounted until the next pass)",
+        &files,
+        |f| f.kernel.map(|k| k.unrecorded),
+    )?;
+    // What only dm-stats counts, for files counted by their regions.
+    counter(
+        e,
+        "filemapd_file_reads_merged",
+        "Reads merged with an adjacent one (dm-stats regions only)",
+        &files,
+        |f| regions(f).map(|c| c.reads_merged),
+    )?;
+    counter(
+        e,
+        "filemapd_file_writes_merged",
+        "Writes merged with an adjacent one (dm-stats regions only)",
+        &files,
+        |f| regions(f).map(|c| c.writes_merged),
+    )?;
+    counter(
+        e,
+        "filemapd_file_io_seconds",
+        "Time with IO in flight, io_ticks (dm-stats regions only)",
+        &files,
+        |f| regions(f).map(|c| f.seconds(c.io_ms)),
+    )?;
+    counter(
+        e,
+        "filemapd_file_queue_seconds",
+        "IO time weighted by the IOs in flight, time in queue (dm-stats regions only)",
+        &files,
+        |f| regions(f).map(|c| f.seconds(c.weighted_io_ms)),
+    )?;
 
-        gauge(
-            e,
-            "filemapd_file_regions",
-            "Regions in the file's group (files with a group only)",
-            &files,
-            |f| f.state.group.as_ref().map(|g| g.regions.len() as u64),
-        )?;
-        counter(
-            e,
-            "filemapd_file_events",
-            "Allocation and removal events the kernel reported for the file",
-            &files,
-            |f| Some(f.state.tally.events),
-        )?;
-        counter(
-            e,
-            "filemapd_file_passes",
-            "Passes that looked at the file",
-            &files,
-            |f| Some(f.state.tally.passes),
-        )?;
-        counter(
-            e,
-            "filemapd_file_lost_event_rescans",
-            "Whole-file reads after the kernel's event ring overflowed",
-            &files,
-            |f| Some(f.state.tally.lost_rescans),
-        )?;
-        counter(
-            e,
-            "filemapd_file_regions_created",
-            "Regions the daemon created for the file (files with a group only)",
-            &files,
-            |f| f.state.group.as_ref().map(|_| f.state.tally.created),
-        )?;
-        counter(
-            e,
-            "filemapd_file_regions_deleted",
-            "Regions the daemon deleted for the file (files with a group only)",
-            &files,
-            |f| f.state.group.as_ref().map(|_| f.state.tally.deleted),
-        )?;
-        polling(e, &files)
+    gauge(
+        e,
+        "filemapd_file_regions",
+        "Regions in the file's group (files with a group only)",
+        &files,
+        |f| f.state.group.as_ref().map(|g| g.regions.len() as u64),
+    )?;
+    counter(
+        e,
+        "filemapd_file_events",
+        "Allocation and removal events the kernel reported for the file",
+        &files,
+        |f| Some(f.state.tally.events),
+    )?;
+    counter(
+        e,
+        "filemapd_file_passes",
+        "Passes that looked at the file",
+        &files,
+        |f| Some(f.state.tally.passes),
+    )?;
+    counter(
+        e,
+        "filemapd_file_lost_event_rescans",
+        "Whole-file reads after the kernel's event ring overflowed",
+        &files,
+        |f| Some(f.state.tally.lost_rescans),
+    )?;
+    counter(
+        e,
+        "filemapd_file_regions_created",
+        "Regions the daemon created for the file (files with a group only)",
+        &files,
+        |f| f.state.group.as_ref().map(|_| f.state.tally.created),
+    )?;
+    counter(
+        e,
+        "filemapd_file_regions_deleted",
+        "Regions the daemon deleted for the file (files with a group only)",
+        &files,
+        |f| f.state.group.as_ref().map(|_| f.state.tally.deleted),
+    )?;
+    polling(e, &files)
+}
+
+/// Lines of the text format, each built in one buffer and written whole.
+struct Text<'w> {
+    out: &'w mut dyn fmt::Write,
+    line: String,
+}
+
+impl Text<'_> {
+    /// A family's `# HELP` and `# TYPE` lines, before its samples.
+    fn family(&mut self, name: &str, help: &str, kind: &str) -> fmt::Result {
+        self.line.clear();
+        for (what, text) in [("HELP", help), ("TYPE", kind)] {
+            for part in ["# ", what, " ", name, " ", text, "\n"] {
+                self.line.push_str(part);
+            }
+        }
+        self.out.write_str(&self.line)
+    }
+
+    /// `name` + `suffix`, the file's `labels` and `more` of them (`,key="value"…`), then the
+    /// value.
+    fn sample(
+        &mut self,
+        name: &str,
+        suffix: &str,
+        labels: &str,
+        more: &str,
+        value: impl Number,
+    ) -> fmt::Result {
+        self.line.clear();
+        for part in [name, suffix, labels, more, "} "] {
+            self.line.push_str(part);
+        }
+        value.push_to(&mut self.line);
+        self.line.push('\n');
+        self.out.write_str(&self.line)
     }
 }
 
-fn counter<V: EncodeCounterValue>(
-    encoder: &mut DescriptorEncoder<'_>,
+/// A sample's value as the text format spells it (as prometheus-client does: itoa, dtoa).
+trait Number {
+    fn push_to(&self, text: &mut String);
+}
+
+impl Number for u64 {
+    fn push_to(&self, text: &mut String) {
+        text.push_str(itoa::Buffer::new().format(*self));
+    }
+}
+
+impl Number for f64 {
+    fn push_to(&self, text: &mut String) {
+        text.push_str(dtoa::Buffer::new().format(*self));
+    }
+}
+
+fn counter<V: Number>(
+    text: &mut Text<'_>,
     name: &str,
     help: &str,
     files: &[Scraped],
     value: impl Fn(&Scraped) -> Option<V>,
 ) -> fmt::Result {
-    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    text.family(name, help, "counter")?;
     for file in files {
         if let Some(v) = value(file) {
-            family
-                .encode_family(&file.labels)?
-                .encode_counter::<NoLabelSet, V, f64>(&v, None)?;
+            text.sample(name, "_total", &file.labels, "", v)?;
         }
     }
     Ok(())
 }
 
-fn gauge<V: EncodeGaugeValue>(
-    encoder: &mut DescriptorEncoder<'_>,
+fn gauge<V: Number>(
+    text: &mut Text<'_>,
     name: &str,
     help: &str,
     files: &[Scraped],
     value: impl Fn(&Scraped) -> Option<V>,
 ) -> fmt::Result {
-    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    text.family(name, help, "gauge")?;
     for file in files {
         if let Some(v) = value(file) {
-            family.encode_family(&file.labels)?.encode_gauge(&v)?;
+            text.sample(name, "", &file.labels, "", v)?;
         }
     }
     Ok(())
@@ -359,58 +406,51 @@ fn label_value(value: &str) -> String {
 /// What may change while a file lives, as labels of a constant 1: its group's id and alias
 /// (its name without a group), its device, how its regions follow it (`mode`: tiled, exact,
 /// none) and who counts its IO (`kernel` or `regions`).
-fn info(encoder: &mut DescriptorEncoder<'_>, files: &[Scraped]) -> fmt::Result {
-    let mut family = encoder.encode_descriptor(
-        "filemapd_file_info",
+fn info(text: &mut Text<'_>, files: &[Scraped]) -> fmt::Result {
+    const NAME: &str = "filemapd_file_info";
+    text.family(
+        NAME,
         "A watched file: its group, alias and device, how its regions follow it, and who counts its IO (the kernel, or its dm-stats regions)",
-        None,
-        MetricType::Gauge,
+        "gauge",
     )?;
     for file in files {
         let state = &file.state;
-        let labels = [
-            ("path", file.labels[0].1.as_str()),
-            ("alias", &label_value(&state.alias)),
-            ("device", &label_value(&state.device)),
-            (
-                "group_id",
-                &state
-                    .group
-                    .as_ref()
-                    .map(|g| g.id.to_string())
-                    .unwrap_or_default(),
-            ),
-            ("mode", state.group.as_ref().map_or("none", |g| g.mode)),
-            (
-                "counted_by",
-                if file.kernel.is_some() {
-                    "kernel"
-                } else {
-                    "regions"
-                },
-            ),
-        ];
-        family.encode_family(&labels)?.encode_gauge(&1u64)?;
+        let more = format!(
+            ",alias=\"{}\",device=\"{}\",group_id=\"{}\",mode=\"{}\",counted_by=\"{}\"",
+            label_value(&state.alias),
+            label_value(&state.device),
+            state
+                .group
+                .as_ref()
+                .map(|g| g.id.to_string())
+                .unwrap_or_default(),
+            state.group.as_ref().map_or("none", |g| g.mode),
+            if file.kernel.is_some() {
+                "kernel"
+            } else {
+                "regions"
+            },
+        );
+        text.sample(NAME, "", &file.labels, &more, 1u64)?;
     }
     Ok(())
 }
 
 /// Whether each file is polled (1) or woken by events (0); a polled file says why.
-fn polling(encoder: &mut DescriptorEncoder<'_>, files: &[Scraped]) -> fmt::Result {
-    let mut family = encoder.encode_descriptor(
-        "filemapd_file_polling",
+fn polling(text: &mut Text<'_>, files: &[Scraped]) -> fmt::Result {
+    const NAME: &str = "filemapd_file_polling";
+    text.family(
+        NAME,
         "1 when the file is polled instead of woken by the kernel's events; reason says why",
-        None,
-        MetricType::Gauge,
+        "gauge",
     )?;
     for file in files {
         let (value, reason) = match file.state.wakeup {
             Wakeup::Events => (0u64, ""),
             Wakeup::Polling(reason) => (1, reason),
         };
-        let mut labels = file.labels.to_vec();
-        labels.push(("reason", reason.to_string()));
-        family.encode_family(&labels)?.encode_gauge(&value)?;
+        let more = format!(",reason=\"{}\"", label_value(reason));
+        text.sample(NAME, "", &file.labels, &more, value)?;
     }
     Ok(())
 }
@@ -419,13 +459,15 @@ fn polling(encoder: &mut DescriptorEncoder<'_>, files: &[Scraped]) -> fmt::Resul
 /// bounds, or powers of two), else its group's (groups made with bounds). dm-stats' buckets
 /// are [b(i-1), b(i)), Prometheus' are up to and including `le`: an IO of exactly a bound's
 /// latency is one bucket higher here than Prometheus' reading of it.
-fn latency_histogram(encoder: &mut DescriptorEncoder<'_>, files: &[Scraped]) -> fmt::Result {
-    let mut family = encoder.encode_descriptor(
-        "filemapd_file_io_latency_seconds",
+fn latency_histogram(text: &mut Text<'_>, files: &[Scraped]) -> fmt::Result {
+    const NAME: &str = "filemapd_file_io_latency_seconds";
+    text.family(
+        NAME,
         "IO latency (the kernel's histogram, or the group's: dmstats --bounds); sum is read plus write time",
-        None,
-        MetricType::Histogram,
+        "histogram",
     )?;
+    // The `,le="…"` labels of the last bounds seen: most files share theirs.
+    let mut le: (Vec<f64>, Vec<String>) = Default::default();
     for file in files {
         let (bounds, counts, sum): (Vec<f64>, Vec<u64>, f64) = match (&file.kernel, &file.stats) {
             (Some(k), _) => {
@@ -455,22 +497,72 @@ fn latency_histogram(encoder: &mut DescriptorEncoder<'_>, files: &[Scraped]) -> 
             }
             (None, None) => continue,
         };
-        let buckets: Vec<(f64, u64)> = bounds
-            .into_iter()
-            .chain([f64::MAX]) // prometheus-client's +Inf
-            .zip(counts.iter().copied())
-            .collect();
-        let count = counts.iter().sum();
-        family
-            .encode_family(&file.labels)?
-            .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        if le.0 != bounds {
+            le.1 = bounds
+                .iter()
+                .map(|b| format!(",le=\"{}\"", dtoa::Buffer::new().format(*b)))
+                .chain([",le=\"+Inf\"".to_string()])
+                .collect();
+            le.0 = bounds;
+        }
+        text.sample(NAME, "_sum", &file.labels, "", sum)?;
+        text.sample(NAME, "_count", &file.labels, "", counts.iter().sum::<u64>())?;
+        let mut cumulative = 0;
+        for (le, count) in le.1.iter().zip(&counts) {
+            cumulative += count;
+            text.sample(NAME, "_bucket", &file.labels, le, cumulative)?;
+        }
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::{path::Path, sync::Arc};
+
     use super::*;
+    use crate::daemon::tally::Tally;
+
+    #[test]
+    fn a_file_is_written_in_the_text_format() {
+        let board = Arc::new(Board::default());
+        let reporter = board.reporter();
+        reporter.publish_without_regions(
+            Path::new("/images/a \"b\".img"),
+            "vg-images",
+            Tally {
+                passes: 3,
+                events: 2,
+                ..Default::default()
+            },
+            Wakeup::Polling("no-btf"),
+            None,
+        );
+        let mut text = String::new();
+        write_files(&board, &mut text).unwrap();
+        let path = r#"{path="/images/a \"b\".img""#;
+        for line in [
+            "# HELP filemapd_file_passes Passes that looked at the file\n".to_string(),
+            "# TYPE filemapd_file_passes counter\n".to_string(),
+            format!("filemapd_file_passes_total{path}}} 3\n"),
+            format!("filemapd_file_events_total{path}}} 2\n"),
+            format!("filemapd_file_lost_event_rescans_total{path}}} 0\n"),
+            format!(
+                r#"filemapd_file_info{path},alias="a \"b\".img",device="vg-images",group_id="",mode="none",counted_by="regions"}} 1"#
+            ) + "\n",
+            format!(r#"filemapd_file_polling{path},reason="no-btf"}} 1"#) + "\n",
+            "# TYPE filemapd_file_io_latency_seconds histogram\n".to_string(),
+        ] {
+            assert!(text.contains(&line), "no {line:?} in:\n{text}");
+        }
+        // Neither kernel counters nor regions: no IO series rather than zeros.
+        assert!(!text.contains("filemapd_file_reads_total"), "{text}");
+        assert!(
+            !text.contains("filemapd_file_io_latency_seconds_count"),
+            "{text}"
+        );
+        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 5);
+    }
 
     #[test]
     fn label_values_are_escaped_as_the_text_format_wants() {

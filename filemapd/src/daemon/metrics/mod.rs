@@ -25,7 +25,7 @@ use crate::{
     wake::ebpf::CountedFile,
 };
 
-pub use server::{registry, scrape, serve};
+pub use server::{Endpoint, endpoint, scrape, serve};
 
 /// How a monitor learns that its file changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

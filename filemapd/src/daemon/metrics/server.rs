@@ -1,4 +1,4 @@
-//! The HTTP side of `--metrics`: `GET /metrics` answers the registry in the OpenMetrics text
+//! The HTTP side of `--metrics`: `GET /metrics` answers the endpoint in the OpenMetrics text
 //! format (which Prometheus reads); nothing else is served. No timers: between scrapes the
 //! server sleeps in accept and read. An answer is sent in pieces as it is written (10,000
 //! files make ~27 MB of text): the daemon never holds it whole, and the allocator gives every
@@ -20,7 +20,7 @@ use log::{debug, info, warn};
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::mpsc};
 
-use super::{Board, exposition::FileMetrics};
+use super::{Board, exposition};
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -38,7 +38,7 @@ pub async fn serve(
         .await
         .with_context(|| format!("--metrics: cannot listen on {address}"))?;
     info!("metrics on http://{address}/metrics");
-    let registry = Arc::new(registry(board));
+    let endpoint = Arc::new(endpoint(board));
     Ok(async move {
         loop {
             let stream = match listener.accept().await {
@@ -51,9 +51,9 @@ pub async fn serve(
                     continue;
                 }
             };
-            let registry = Arc::clone(&registry);
+            let endpoint = Arc::clone(&endpoint);
             tokio::spawn(async move {
-                let service = service_fn(move |request| answer(request, Arc::clone(&registry)));
+                let service = service_fn(move |request| answer(request, Arc::clone(&endpoint)));
                 if let Err(e) = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await
@@ -65,27 +65,36 @@ pub async fn serve(
     })
 }
 
-/// Every series the board's files and the daemon have.
-pub fn registry(board: Arc<Board>) -> Registry {
+/// What a scrape reads: the daemon-wide series (in prometheus-client's registry) and the
+/// board's files.
+pub struct Endpoint {
+    registry: Registry,
+    board: Arc<Board>,
+}
+
+/// The endpoint of the board's files and the daemon.
+pub fn endpoint(board: Arc<Board>) -> Endpoint {
     let mut registry = Registry::default();
     registry.register(
         "filemapd_update_seconds",
         "How long each pass over a file took (FIEMAP read, plan, dm messages)",
         board.update_seconds.clone(),
     );
-    registry.register_collector(Box::new(FileMetrics(board)));
-    registry
+    Endpoint { registry, board }
 }
 
-/// Writes the registry's answer, read now, in the text format, handing each piece of about
+/// Writes the endpoint's answer, read now, in the text format, handing each piece of about
 /// [`PIECE_BYTES`] to `send` as it is full; `send` returns false when the answer is no
 /// longer wanted (the scraper went), which ends the writing.
-pub fn scrape(registry: &Registry, send: impl FnMut(Bytes) -> bool) -> fmt::Result {
+pub fn scrape(endpoint: &Endpoint, send: impl FnMut(Bytes) -> bool) -> fmt::Result {
+    use prometheus_client::encoding::text;
     let mut pieces = Pieces {
         piece: String::with_capacity(PIECE_BYTES + 4096),
         send,
     };
-    prometheus_client::encoding::text::encode(&mut pieces, registry)?;
+    text::encode_registry(&mut pieces, &endpoint.registry)?;
+    exposition::write_files(&endpoint.board, &mut pieces)?;
+    text::encode_eof(&mut pieces)?;
     pieces.hand_on()
 }
 
@@ -149,7 +158,7 @@ impl Body for Answer {
 
 async fn answer<B>(
     request: Request<B>,
-    registry: Arc<Registry>,
+    endpoint: Arc<Endpoint>,
 ) -> Result<Response<Answer>, Infallible> {
     if request.uri().path() != "/metrics" {
         return Ok(response(
@@ -163,7 +172,7 @@ async fn answer<B>(
     let failed = sender.clone();
     // Reading counters may be one dm ioctl per region: off the thread the monitors run on.
     let writing = tokio::task::spawn_blocking(move || {
-        scrape(&registry, |piece| sender.blocking_send(Ok(piece)).is_ok())
+        scrape(&endpoint, |piece| sender.blocking_send(Ok(piece)).is_ok())
     });
     tokio::spawn(async move {
         let why = match writing.await {
@@ -239,9 +248,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_is_the_whole_registry_in_the_text_format() {
-        let registry = Arc::new(registry(Arc::new(Board::default())));
+        let endpoint = Arc::new(endpoint(Arc::new(Board::default())));
         let request = Request::get("/metrics").body(()).unwrap();
-        let mut response = answer(request, registry).await.unwrap();
+        let mut response = answer(request, Arc::clone(&endpoint)).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         let mut body = Vec::new();
         while let Some(frame) =
@@ -257,9 +266,7 @@ mod tests {
         assert!(body.ends_with("# EOF\n"), "{body}");
 
         let request = Request::get("/").body(()).unwrap();
-        let response = answer(request, Arc::new(Registry::default()))
-            .await
-            .unwrap();
+        let response = answer(request, endpoint).await.unwrap();
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
     }
 

@@ -61,9 +61,9 @@ pub fn run(rounds: usize) {
                 (reporter, counted)
             })
             .collect();
-        let registry = metrics::registry(Arc::clone(&board));
+        let endpoint = metrics::endpoint(Arc::clone(&board));
         let mut first = Vec::new();
-        metrics::scrape(&registry, |piece| {
+        metrics::scrape(&endpoint, |piece| {
             first.extend_from_slice(&piece);
             true
         })
@@ -78,7 +78,7 @@ pub fn run(rounds: usize) {
                 let started = Instant::now();
                 // As the server answers: each piece handed on (and here dropped) when full.
                 let mut bytes = 0;
-                metrics::scrape(&registry, |piece| {
+                metrics::scrape(&endpoint, |piece| {
                     bytes += piece.len();
                     true
                 })
