@@ -28,6 +28,12 @@ const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset
 /// giving memory its own mapping (128 KiB), so that a piece reuses a freed one's memory.
 const PIECE_BYTES: usize = 64 << 10;
 
+/// A piece to write into: room for [`PIECE_BYTES`] and a line more (4 KiB, more than any
+/// sample's line), so that the write that fills a piece does not make it grow.
+fn empty_piece() -> String {
+    String::with_capacity(PIECE_BYTES + 4096)
+}
+
 /// Binds `address` now (so that a taken port fails the start) and returns the task that
 /// serves the board's metrics until the watch ends.
 pub async fn serve(
@@ -89,7 +95,7 @@ pub fn endpoint(board: Arc<Board>) -> Endpoint {
 pub fn scrape(endpoint: &Endpoint, send: impl FnMut(Bytes) -> bool) -> fmt::Result {
     use prometheus_client::encoding::text;
     let mut pieces = Pieces {
-        piece: String::with_capacity(PIECE_BYTES + 4096),
+        piece: String::new(),
         send,
     };
     text::encode_registry(&mut pieces, &endpoint.registry)?;
@@ -98,7 +104,8 @@ pub fn scrape(endpoint: &Endpoint, send: impl FnMut(Bytes) -> bool) -> fmt::Resu
     pieces.hand_on()
 }
 
-/// A [`fmt::Write`] that hands its text on in pieces.
+/// A [`fmt::Write`] that hands its text on in pieces. A piece's memory is taken when its
+/// first text comes, so that none is taken after the last.
 struct Pieces<F: FnMut(Bytes) -> bool> {
     piece: String,
     send: F,
@@ -109,8 +116,7 @@ impl<F: FnMut(Bytes) -> bool> Pieces<F> {
         if self.piece.is_empty() {
             return Ok(());
         }
-        let full = std::mem::replace(&mut self.piece, String::with_capacity(PIECE_BYTES + 4096));
-        if (self.send)(Bytes::from(full)) {
+        if (self.send)(Bytes::from(std::mem::take(&mut self.piece))) {
             Ok(())
         } else {
             Err(fmt::Error)
@@ -120,6 +126,9 @@ impl<F: FnMut(Bytes) -> bool> Pieces<F> {
 
 impl<F: FnMut(Bytes) -> bool> fmt::Write for Pieces<F> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        if self.piece.capacity() == 0 {
+            self.piece = empty_piece();
+        }
         self.piece.push_str(s);
         if self.piece.len() >= PIECE_BYTES {
             self.hand_on()?;
