@@ -529,10 +529,10 @@ impl Monitor {
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .context("installing the SIGTERM handler")?;
-        self.run_until_stopped(async move {
+        let terminated = std::pin::pin!(async move {
             terminate.recv().await;
-        })
-        .await
+        });
+        self.run_until_stopped(terminated).await
     }
 
     /// Runs until the file's monitoring ends, or until `stop` completes: the daemon is being
@@ -541,7 +541,7 @@ impl Monitor {
     /// listener each.
     pub async fn run_until_stopped(
         &mut self,
-        stop: impl Future<Output = ()>,
+        stop: std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> anyhow::Result<Exit> {
         tokio::select! {
             exit = self.run() => exit,
@@ -650,8 +650,11 @@ impl Monitor {
             } else {
                 group
             };
+            // Not held across the wait, where each file's task would keep room for it.
             if self.event_driven() {
                 self.known_group = Some(Box::new(group));
+            } else {
+                drop(group);
             }
             force = self.wait().await?;
             if self.unlinked_and_closed()? {

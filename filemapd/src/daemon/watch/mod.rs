@@ -437,7 +437,9 @@ impl Watch {
                     std::future::pending::<()>().await;
                 }
             };
-            let result = monitor.run_until_stopped(stopped).await;
+            // Pinned here and lent: moved into the monitor's future instead, it would be
+            // kept twice in every file's task.
+            let result = monitor.run_until_stopped(std::pin::pin!(stopped)).await;
             info!("{}: {}", monitor.path().display(), monitor.tally());
             if let Some(totals) = monitor.kernel_counters() {
                 crate::daemon::trace::totals(monitor.path(), &totals);
