@@ -401,6 +401,11 @@ impl LoggedDaemon {
         }
     }
 
+    /// Sends it `signal` (SIGTERM ends it between passes, with its tally).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        crate::send_signal(self.child.id() as i32, signal);
+    }
+
     /// Waits up to `EXIT` for the daemon to end by itself; `None` if it still runs.
     pub fn wait_for_exit(&mut self) -> Option<std::process::ExitStatus> {
         if !crate::wait_for_exit(self.child.id() as i32, EXIT).unwrap() {
@@ -471,8 +476,7 @@ impl NotifyingService {
 
     /// Stops it as `systemctl stop` does (SIGTERM) and returns how it ended.
     pub fn stop(mut self) -> std::process::ExitStatus {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        crate::send_signal(self.child.id() as i32, nix::sys::signal::SIGTERM);
         self.child.wait().unwrap()
     }
 }

@@ -315,8 +315,7 @@ impl Drop for DmFs {
     fn drop(&mut self) {
         let dir = self.mount.dir.to_string_lossy().into_owned();
         for pid in pids_with_arg_under("", &dir) {
-            // SAFETY: signalling a process by pid.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            send_signal(pid, nix::sys::signal::SIGKILL);
             let _ = wait_for_exit(pid, std::time::Duration::from_secs(10));
         }
     }
@@ -425,6 +424,15 @@ pub fn wait_until(
             bail!("timed out after {timeout:?} waiting for {what}");
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Sends `signal` to process `pid`. One already gone (reaped elsewhere) is no error: every
+/// caller wants it stopped or waits for its end next.
+pub fn send_signal(pid: i32, signal: nix::sys::signal::Signal) {
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => panic!("{signal} to process {pid}: {e}"),
     }
 }
 

@@ -82,8 +82,7 @@ impl TraceRun {
 
     /// SIGTERM; the lines up to the `totals` line, whether it exited 0, and its log.
     pub fn stop(mut self) -> (Value, bool, Vec<String>) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        crate::send_signal(self.child.id() as i32, nix::sys::signal::SIGTERM);
         let totals = self.until(Duration::from_secs(30), "the totals after SIGTERM", |l| {
             l["type"] == "totals"
         });

@@ -6,6 +6,8 @@
 //! counting the regions alone miss some writes, which is what makes the sums a test.
 use std::path::Path;
 
+use nix::sys::signal::SIGTERM;
+
 use filemapd::{
     stats::{Counters, StatsDevice},
     wake::ebpf::IoHook,
@@ -163,8 +165,7 @@ fn grow_and_read(fs_kind: FsKind, growth: Growth, env: &[(&str, &str)]) -> Count
         filemapd_tests::skipped_program_runs()
     );
     // SIGTERM: the daemon ends between passes and logs what the kernel counted.
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+    daemon.signal(SIGTERM);
     daemon.wait_for_line("Terminated: exiting");
     let log = daemon.stop();
     if counted.kernel_growth.is_some() {
@@ -464,8 +465,7 @@ fn the_kernels_counts_survive_a_restart_and_a_kill() {
     let mut first = start(false);
     let w1 = written(4, 1);
     assert_kernel_wrote(&path, &group, w1, &mut first, "by the first daemon");
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(first.child.id() as i32, libc::SIGTERM) };
+    first.signal(SIGTERM);
     first.wait_for_line("Terminated: exiting");
     first.stop();
 
@@ -507,8 +507,7 @@ fn assert_kernel_wrote(
         &["show", &path.to_string_lossy(), group],
     )
     .unwrap_or_else(|e| format!("(filemapd show failed: {e})"));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+    daemon.signal(SIGTERM);
     let ended = daemon.wait_for_exit();
     panic!(
         "written sectors {when}: counted {counted}, written {expected}; the daemon ended on SIGTERM: {ended:?}; filemapd show:\n{shown}"
@@ -541,8 +540,7 @@ fn a_restarts_gap_is_counted() {
     let before = reported(&old).3;
     let w1 = written(&old, 1, 1);
     assert_eq!(reported(&old).3, before + w1);
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(first.child.id() as i32, libc::SIGTERM) };
+    first.signal(SIGTERM);
     first.wait_for_line("counted until the next start");
     assert!(
         first.wait_for_exit().is_some(),

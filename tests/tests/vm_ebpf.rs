@@ -14,6 +14,7 @@ use filemapd_tests::{
     wait_until, write_and_sync,
     writers::{direct_rewrites, random_direct_writes},
 };
+use nix::sys::signal::{SIGHUP, SIGTERM};
 
 /// With --ebpf and an hour-long interval, only the kernel's events can bring the regions in
 /// line with the file in time.
@@ -380,9 +381,7 @@ fn watch_reloads_on_sighup_and_ends_cleanly_on_sigterm() {
     wait_converged(&dmfs, &a, "a.img", "start-up");
 
     fs::write(&conf, &lines[1]).unwrap();
-    let pid = watch.child.id() as i32;
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(pid, libc::SIGHUP) };
+    watch.signal(SIGHUP);
     watch.wait_for_line("SIGHUP: 1 file(s) watched (1 new, 1 let go)");
     let (_, a_before) = group_by_alias(&device_of(&a), "a.img").unwrap();
     append(&a, 2);
@@ -394,8 +393,7 @@ fn watch_reloads_on_sighup_and_ends_cleanly_on_sigterm() {
         "a file the config no longer names was updated"
     );
 
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    watch.signal(SIGTERM);
     watch.wait_for_line("Terminated: exiting.");
     let status = watch.child.wait().unwrap();
     assert!(status.success(), "SIGTERM: {status}");

@@ -14,6 +14,7 @@ use filemapd_tests::{
     },
     map_without_daemon, require_device_mapper, run, wait_until, write_and_sync,
 };
+use nix::sys::signal::{SIGCONT, SIGSTOP, SIGTERM};
 
 /// `dmfilemapd 0 GROUP PATH inode 1 1` in the foreground on `path`, as a child.
 fn foreground_daemon(path: &Path, group: u64) -> std::process::Child {
@@ -269,9 +270,7 @@ fn lost_events_are_counted_and_a_rescan_converges() {
     let mut daemon =
         LoggedDaemon::ebpf_inode_with(&path, &group, 1, &[("FILEMAPD_TEST_RING_BYTES", "4096")]);
     daemon.wait_for_line("Waking on events only");
-    let pid = daemon.child.id() as i32;
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    daemon.signal(SIGSTOP);
     // Sized first, so that no write extends the file: each one is an allocation of its own.
     std::fs::OpenOptions::new()
         .write(true)
@@ -282,12 +281,10 @@ fn lost_events_are_counted_and_a_rescan_converges() {
     for chunk in (0..400u64).rev() {
         write_and_sync(&path, (2 << 20) + chunk * (128 << 10), 4096).unwrap();
     }
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
+    daemon.signal(SIGCONT);
     daemon.wait_for_line("eBPF event(s) lost: mapping every file again");
     wait_converged(&dmfs, &path, "vm.img", "lost events");
-    // SAFETY: as above; SIGTERM ends it between passes, with its tally.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    daemon.signal(SIGTERM); // it ends between passes, with its tally
     daemon.wait_for_line("Terminated: exiting.");
     let log = daemon.stop();
     let tally = log

@@ -171,8 +171,7 @@ impl Slot {
     /// launches it (`dmfilemapd FD GROUP PATH MODE 0 0`), which finishes an interrupted update.
     pub fn kill_and_relaunch(&mut self, by_dmstats: bool) -> anyhow::Result<()> {
         let pid = self.pid.context("no daemon of ours to kill")?;
-        // SAFETY: signalling a process by pid.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        crate::send_signal(pid, nix::sys::signal::SIGKILL);
         ensure!(
             wait_for_exit(pid, EXIT)?,
             "daemon {pid} survived SIGKILL for {EXIT:?}: {}",

@@ -47,8 +47,7 @@ pub fn run(files: usize) {
         maps as f64 / 1024.0
     );
     for &pid in &pids {
-        // SAFETY: kill with a pid and a valid signal.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        filemapd_tests::send_signal(pid, nix::sys::signal::SIGTERM);
     }
     for pid in pids {
         assert!(

@@ -207,8 +207,7 @@ impl Running {
 
     /// Stops the monitor with SIGTERM and returns filemapd's whole log.
     pub fn stop_and_read_log(mut self) -> Option<String> {
-        // SAFETY: kill with a child's pid and a valid signal.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        filemapd_tests::send_signal(self.child.id() as i32, nix::sys::signal::SIGTERM);
         let _ = self.child.wait();
         // A `watch` leaves its counting programs pinned for its next start: they would run
         // on every bio of the rows after this one.
