@@ -110,19 +110,30 @@ impl ExtentMap {
     }
 
     /// Whether placed blocks of the file (before or past its end) hold the logical bytes
-    /// `start..start + len`.
+    /// `start..start + len`, in one extent or in several that follow each other: xfs writes
+    /// an append into the front of its preallocation, and FIEMAP then shows the written part
+    /// and the unwritten rest as two extents, while the allocation's event named both.
     pub fn holds_placed(&self, start: u64, len: u64) -> bool {
         let end = start.saturating_add(len);
-        let holds = |e: &Extent| e.is_placed() && e.logical <= start && end <= e.logical + e.length;
-        let head = self.extents.range(..=start).next_back().map(|(_, e)| e);
-        let tail = self.tails.range(..=start).next_back().map(|(_, e)| e);
-        match (head, tail) {
-            // An extent cut at the end: its head and tail together.
-            (Some(h), Some(t)) if h.logical + h.length == t.logical && h.is_placed() => {
-                h.logical <= start && end <= t.logical + t.length
+        let mut at = start;
+        while at < end {
+            match self.placed_end_at(at) {
+                Some(next) => at = next,
+                None => return false,
             }
-            (h, t) => h.is_some_and(holds) || t.is_some_and(holds),
         }
+        true
+    }
+
+    /// Where the placed piece (extent, or tail past the end) holding logical byte `at` ends.
+    fn placed_end_at(&self, at: u64) -> Option<u64> {
+        let holds = |e: &&Extent| e.is_placed() && e.logical <= at && at < e.logical + e.length;
+        // Tails are keyed by the extent they were cut from, which starts before them.
+        let head = self.extents.range(..=at).next_back().map(|(_, e)| e);
+        let tail = self.tails.range(..=at).next_back().map(|(_, e)| e);
+        head.filter(holds)
+            .or(tail.filter(holds))
+            .map(|e| e.logical + e.length)
     }
 
     /// Widens the logical span `lo..hi` to the whole extents it cuts into: FIEMAP of the
@@ -331,6 +342,28 @@ mod tests {
         assert!(map.holds_placed(12288, 4096));
         assert!(map.holds_placed(16384, 8192));
         assert!(!map.holds_placed(24576, 4096));
+    }
+
+    #[test]
+    fn an_event_over_written_and_unwritten_extents_has_settled() {
+        // xfs: 64 KiB appended at 1 MiB into a preallocation that reaches 3 MiB. The event
+        // named 1 MiB..3 MiB; FIEMAP shows the written blocks to the end of the file, then
+        // the unwritten rest, physically next to them, as an extent of its own.
+        let unwritten = Extent {
+            flags: extent_flags::UNWRITTEN,
+            ..ext(1114112, (1 << 20) + 1114112, 2031616)
+        };
+        let map = ExtentMap::new(vec![ext(0, 1 << 20, 1114112), unwritten], 1114112);
+        assert!(map.holds_placed(1 << 20, 2 << 20));
+        assert!(map.holds_placed(0, 3 << 20));
+        assert!(!map.holds_placed(0, (3 << 20) + 4096));
+        // A hole between two extents is not held.
+        let map = ExtentMap::new(
+            vec![ext(0, 1 << 20, 8192), ext(12288, 2 << 20, 4096)],
+            16384,
+        );
+        assert!(!map.holds_placed(0, 16384));
+        assert!(map.holds_placed(12288, 4096));
     }
 
     #[test]

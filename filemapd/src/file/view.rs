@@ -65,6 +65,10 @@ impl FileView {
     pub fn note_event(&mut self, start: u64, len: u64, allocated: bool) {
         if allocated && len > 0 {
             self.unsettled.push((start, len));
+        } else if len > 0 {
+            // Blocks on their way out (xfs gives an append's preallocation back when the
+            // writer closes the file): what earlier events allocated there will never show.
+            self.unsettled = without(&self.unsettled, start, start.saturating_add(len));
         }
         if len == 0 {
             self.whole = true;
@@ -148,6 +152,22 @@ impl FileView {
     }
 }
 
+/// The byte ranges `(start, len)` less the bytes `lo..hi`.
+fn without(ranges: &[(u64, u64)], lo: u64, hi: u64) -> Vec<(u64, u64)> {
+    let mut left = Vec::with_capacity(ranges.len());
+    for &(start, len) in ranges {
+        let end = start.saturating_add(len);
+        if start < lo {
+            left.push((start, end.min(lo) - start));
+        }
+        if end > hi {
+            let from = start.max(hi);
+            left.push((from, end - from));
+        }
+    }
+    left
+}
+
 /// Where the file's data ends, rounded up to its block: what regions cover.
 pub fn data_end(metadata: &std::fs::Metadata) -> u64 {
     let block = metadata.blksize().max(512);
@@ -160,4 +180,26 @@ pub fn data_ranges(file: &File, sync: bool) -> std::io::Result<Vec<crate::sector
     let metadata = file.metadata()?;
     let extents = fiemap::read_extents(file, 0, u64::MAX, sync)?;
     Ok(ExtentMap::new(extents, data_end(&metadata)).device_ranges())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_removal_settles_what_it_takes_away() {
+        let mut view = FileView::default();
+        view.note_event(1 << 20, 2 << 20, true);
+        view.note_event(8192, 4096, true);
+        // xfs gives the preallocation past the new end back: everything from there on.
+        view.note_event((1 << 20) + 65536, u64::MAX, false);
+        assert_eq!(view.unsettled(), &[(1 << 20, 65536), (8192, 4096)]);
+        // A removal inside a range leaves both ends unsettled; an allocation after it counts.
+        view.note_event(9216, 1024, false);
+        view.note_event(9216, 1024, true);
+        assert_eq!(
+            view.unsettled(),
+            &[(1 << 20, 65536), (8192, 1024), (10240, 2048), (9216, 1024)]
+        );
+    }
 }
