@@ -15,8 +15,9 @@
 //! switch), and the arrival's unmarking (a member left marked would, after a user's
 //! `dmstats ungroup`, look like a stray of a later group with the same leader id, and be
 //! deleted). Each leaver adds a mark and a delete; a fuse adds one `@stats_print` per kept
-//! region not yet known to have counted IO. The reconciler fuses only extents past their tile
-//! budget (reconcile::TILES_PER_EXTENT), so most growths are the three.
+//! region not yet known to have counted IO, asked once its successor exists. The reconciler
+//! fuses only extents past their tile budget (reconcile::TILES_PER_EXTENT), so most growths
+//! are the three.
 //!
 //! When the leader itself leaves, the descriptor moves to the new lowest member (as in lvm2,
 //! the group id changes). Step 2 is then two messages: the old leader first records the whole
@@ -259,18 +260,90 @@ impl Group {
         self.busy.remove(&id);
     }
 
-    /// Whether member `id` may be replaced by a longer region: it does not lead the group
-    /// (replacing the leader would change the group's id at every growth) and has counted
-    /// nothing (asked of the kernel once per member, until it has).
-    fn may_fuse(&mut self, device: &StatsDevice, id: u64) -> anyhow::Result<bool> {
-        if id == self.id || self.busy.contains(&id) {
-            return Ok(false);
-        }
+    /// Whether member `id` may be taken as idle until asked: it does not lead the group
+    /// (replacing the leader would change the group's id at every growth) and has not been
+    /// found to have counted IO.
+    fn may_be_idle(&self, id: u64) -> bool {
+        id != self.id && !self.busy.contains(&id)
+    }
+
+    /// Asks the kernel whether member `id` has counted nothing yet (once per member, until it
+    /// has: counters only grow).
+    fn found_idle(&mut self, device: &StatsDevice, id: u64) -> anyhow::Result<bool> {
         let idle = counted_nothing(device, id)?;
         if !idle {
             self.busy.insert(id);
         }
         Ok(idle)
+    }
+
+    /// The parts of a fuse run that become regions, each member not found busy taken as idle.
+    fn fuse_parts(&self, run: &[Piece]) -> Vec<FusePart> {
+        fuse_parts(run, |id| self.may_be_idle(id))
+    }
+
+    /// Creates the plan's arrivals, marked `marker`: a region for each new extent, and the
+    /// longer regions of its fuse runs. Those are made first, each member they replace taken
+    /// as idle, and the members are asked only then (see [`Group::apply`]); a member found
+    /// busy splits its run again: the longer region made over it goes, the parts beside it
+    /// are made. On a failure, every region made here is deleted again.
+    fn create_arrivals(
+        &mut self,
+        device: &StatsDevice,
+        plan: &Plan,
+        marker: &str,
+    ) -> anyhow::Result<Arrivals> {
+        let mut arrivals = Arrivals::default();
+        match self.try_create_arrivals(device, plan, marker, &mut arrivals) {
+            Ok(()) => Ok(arrivals),
+            Err(e) => {
+                for &id in &arrivals.ids {
+                    let _ = device.delete(id);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn try_create_arrivals(
+        &mut self,
+        device: &StatsDevice,
+        plan: &Plan,
+        marker: &str,
+        arrivals: &mut Arrivals,
+    ) -> anyhow::Result<()> {
+        let mut runs: Vec<Vec<FusePart>> =
+            plan.fuse.iter().map(|run| self.fuse_parts(run)).collect();
+        let spans = runs.iter().flatten().map(|part| part.span);
+        for range in plan.create.iter().copied().chain(spans) {
+            arrivals.create(device, self, range, marker)?;
+        }
+        for (run, parts) in plan.fuse.iter().zip(&mut runs) {
+            let mut split = false;
+            for id in parts.iter().flat_map(|part| part.absorbed.iter().copied()) {
+                split |= !self.found_idle(device, id)?;
+            }
+            if split {
+                log::debug!(
+                    "a fuse run of group {} held a busy region: split again",
+                    self.id
+                );
+                let fresh = self.fuse_parts(run);
+                for part in parts.iter().filter(|&part| !fresh.contains(part)) {
+                    arrivals.delete(device, part.span)?;
+                }
+                for part in fresh.iter().filter(|&part| !parts.contains(part)) {
+                    arrivals.create(device, self, part.span, marker)?;
+                }
+                *parts = fresh;
+            }
+        }
+        arrivals.absorbed = runs
+            .into_iter()
+            .flatten()
+            .flat_map(|part| part.absorbed)
+            .collect();
+        Ok(())
     }
 
     /// Carries out `plan` (whose ids must all be members); regions outside the group are never
@@ -318,49 +391,28 @@ impl Group {
         // Fuse runs: the kept regions of a run that have counted nothing leave, and one new
         // region covers them with the gaps beside them; a region that has counted something
         // (or leads the group: replacing it would change the group's id at every growth)
-        // stays and splits the run. The longer region exists before the old ones go, so IO
-        // to them meanwhile is counted in both and kept. IO after a region's check and before
-        // its successor exists (the creation's suspend drains bios in flight into it) goes
-        // with the region: the regions' view loses it, the kernel's counters (which count
-        // every IO of the file, whatever the regions) do not. The fuse runs' successors are
-        // created first, right after their regions were found idle, so that the window is
-        // short.
-        let mut create: Vec<SectorRange> = Vec::new();
-        let mut leaving: Vec<u64> = plan.delete.clone();
-        for run in &plan.fuse {
-            let mut part: Option<(SectorRange, bool)> = None; // (span, holds a gap)
-            let mut absorbed = Vec::new();
-            for piece in run {
-                let joins = match *piece {
-                    Piece::Gap(_) => true,
-                    Piece::Kept(id, _) => self.may_fuse(device, id)?,
-                };
-                if !joins {
-                    flush_part(part.take(), &mut absorbed, &mut create, &mut leaving);
-                    continue;
-                }
-                if let Piece::Kept(id, _) = *piece {
-                    absorbed.push(id);
-                }
-                let range = piece.range();
-                part = Some(match part {
-                    None => (range, matches!(piece, Piece::Gap(_))),
-                    Some((span, gap)) => (
-                        SectorRange::new(span.start, range.end() - span.start),
-                        gap || matches!(piece, Piece::Gap(_)),
-                    ),
-                });
-            }
-            flush_part(part, &mut absorbed, &mut create, &mut leaving);
-        }
-        create.extend(&plan.create);
+        // stays and splits the run. The longer region is made first, and the regions it
+        // replaces are asked whether they counted anything only then: one that had not has
+        // had its successor counting beside it all along, so no IO leaves the regions' view
+        // (IO to both until it goes is kept by the successor), and no question stands between
+        // an allocation and the region that covers it. One found busy after all splits its
+        // run again: the longer region made over it goes, and what that counted over the gaps
+        // meanwhile leaves the regions' view (not the kernel's counters, which count every IO
+        // of the file).
         for id in &plan.delete {
             if let Some(region) = self.members.get(id) {
                 log::debug!("region {id} at {} leaves group {}", region.range, self.id);
             }
         }
-        let fused = leaving.len() - plan.delete.len();
+
+        // 1. Create the arrivals, marked for this group; then mark the leavers for the group
+        //    as it will be (the leader keeps its descriptor until the switch).
+        let arrivals = self.create_arrivals(device, plan, &marker)?;
+        let mut leaving = plan.delete.clone();
+        leaving.extend(&arrivals.absorbed);
+        let fused = arrivals.absorbed.len();
         leaving.sort_unstable();
+        let (create, created, creating) = (arrivals.ranges, arrivals.ids, arrivals.creating);
         let survivors = self.members.len() - leaving.len();
         if survivors == 0 && create.is_empty() {
             bail!(
@@ -368,26 +420,6 @@ impl Group {
                 self.id
             );
         }
-
-        // 1. Create the arrivals, marked for this group; then mark the leavers for the group
-        //    as it will be (the leader keeps its descriptor until the switch).
-        let mut created = Vec::with_capacity(create.len());
-        let started = Instant::now();
-        for &range in &create {
-            match device.create(range, &self.settings, &self.program_id, &marker) {
-                Ok(id) => created.push(id),
-                Err(e) => {
-                    for &id in &created {
-                        let _ = device.delete(id);
-                    }
-                    return Err(e.context(format!(
-                        "creating a region for {range} in group {}",
-                        self.id
-                    )));
-                }
-            }
-        }
-        let creating = started.elapsed();
         let mut members = self.descriptor.members.clone();
         for id in &leaving {
             members.remove(*id);
@@ -412,22 +444,8 @@ impl Group {
         }
         device.set_aux(leader, &descriptor.to_string())?;
 
-        // 3. Remove the leavers, unmark the arrivals. A fused region that counted IO after
-        //    all (between its check and its successor's creation) takes that IO out of the
-        //    regions' view: said at debug level (the debug log reads its counters first).
-        if log::log_enabled!(log::Level::Debug) {
-            for &id in leaving.iter().filter(|id| !plan.delete.contains(id)) {
-                if let Ok(counters) = device.counters(id)
-                    && counters != Default::default()
-                {
-                    log::debug!(
-                        "region {id}, fused into a longer one, counted IO after it was found idle: {} sectors written and {} read leave the regions' view with it",
-                        counters.sectors_written,
-                        counters.sectors_read
-                    );
-                }
-            }
-        }
+        // 3. Remove the leavers, unmark the arrivals. (A fused region's IO since its check
+        //    was counted by its successor too.)
         for &id in &leaving {
             device
                 .delete(id)
@@ -482,25 +500,136 @@ impl Group {
     }
 }
 
-/// Ends one part of a fuse run: a part holding a gap becomes one region, and the regions it
-/// absorbed leave; a part of kept regions alone stays as it is.
-fn flush_part(
-    part: Option<(SectorRange, bool)>,
-    absorbed: &mut Vec<u64>,
-    create: &mut Vec<SectorRange>,
-    leaving: &mut Vec<u64>,
-) {
-    if let Some((span, true)) = part {
-        create.push(span);
-        leaving.append(absorbed);
+/// One part of a fuse run that becomes one region: its span, and the kept regions it replaces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FusePart {
+    span: SectorRange,
+    absorbed: Vec<u64>,
+}
+
+/// The parts of a fuse run that become regions when the kept regions for which `joins` holds
+/// join the gaps beside them: a kept region that does not join splits the run, and a part of
+/// kept regions alone (no gap) stays as it is.
+fn fuse_parts(run: &[Piece], joins: impl Fn(u64) -> bool) -> Vec<FusePart> {
+    let mut parts = Vec::new();
+    let mut part: Option<(SectorRange, bool)> = None; // (span, holds a gap)
+    let mut absorbed = Vec::new();
+    let mut end_part = |part: &mut Option<(SectorRange, bool)>, absorbed: &mut Vec<u64>| {
+        if let Some((span, true)) = part.take() {
+            parts.push(FusePart {
+                span,
+                absorbed: std::mem::take(absorbed),
+            });
+        }
+        absorbed.clear();
+    };
+    for piece in run {
+        if let Piece::Kept(id, _) = *piece {
+            if !joins(id) {
+                end_part(&mut part, &mut absorbed);
+                continue;
+            }
+            absorbed.push(id);
+        }
+        let range = piece.range();
+        part = Some(match part {
+            None => (range, matches!(piece, Piece::Gap(_))),
+            Some((span, gap)) => (
+                SectorRange::new(span.start, range.end() - span.start),
+                gap || matches!(piece, Piece::Gap(_)),
+            ),
+        });
     }
-    absorbed.clear();
+    end_part(&mut part, &mut absorbed);
+    parts
+}
+
+/// The regions an update made, in the order made: ranges and ids side by side.
+#[derive(Default)]
+struct Arrivals {
+    ranges: Vec<SectorRange>,
+    ids: Vec<u64>,
+    /// The members the longer ones replace.
+    absorbed: Vec<u64>,
+    /// Time spent in `@stats_create`, during which the device was suspended.
+    creating: Duration,
+}
+
+impl Arrivals {
+    fn create(
+        &mut self,
+        device: &StatsDevice,
+        group: &Group,
+        range: SectorRange,
+        marker: &str,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let made = device.create(range, &group.settings, &group.program_id, marker);
+        self.creating += started.elapsed();
+        let id =
+            made.with_context(|| format!("creating a region for {range} in group {}", group.id))?;
+        self.ranges.push(range);
+        self.ids.push(id);
+        Ok(())
+    }
+
+    /// Deletes the arrival made over `range` (marked, so safe at any point).
+    fn delete(&mut self, device: &StatsDevice, range: SectorRange) -> anyhow::Result<()> {
+        let at = self
+            .ranges
+            .iter()
+            .position(|&r| r == range)
+            .expect("only an arrival made is deleted");
+        let id = self.ids[at];
+        device
+            .delete(id)
+            .with_context(|| format!("deleting region {id}, made over a busy region"))?;
+        self.ranges.remove(at);
+        self.ids.remove(at);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::stats::region::parse_list;
+
+    #[test]
+    fn a_fuse_run_splits_at_the_regions_that_do_not_join() {
+        let kept = |id, start| Piece::Kept(id, SectorRange::new(start, 8));
+        let gap = |start| Piece::Gap(SectorRange::new(start, 8));
+        let run = [kept(1, 0), gap(8), kept(2, 16), gap(24), kept(3, 32)];
+        assert_eq!(
+            fuse_parts(&run, |_| true),
+            vec![FusePart {
+                span: SectorRange::new(0, 40),
+                absorbed: vec![1, 2, 3]
+            }]
+        );
+        assert_eq!(
+            fuse_parts(&run, |id| id != 2),
+            vec![
+                FusePart {
+                    span: SectorRange::new(0, 16),
+                    absorbed: vec![1]
+                },
+                FusePart {
+                    span: SectorRange::new(24, 16),
+                    absorbed: vec![3]
+                }
+            ]
+        );
+        // Kept regions alone, with no gap between them, make nothing new.
+        assert_eq!(
+            fuse_parts(&[kept(1, 0), kept(2, 8), gap(16)], |id| id == 1),
+            vec![FusePart {
+                span: SectorRange::new(16, 8),
+                absorbed: vec![]
+            }]
+        );
+        assert_eq!(fuse_parts(&[kept(1, 0), kept(2, 8)], |_| true), vec![]);
+    }
 
     #[test]
     fn finds_a_groups_members_and_strays_and_ignores_other_regions() {
