@@ -2,7 +2,7 @@
 //! growing file and keep their counters whatever wakes the daemon, few regions per extent
 //! after many appends, a storm of allocations in few passes, and lvm2's exact mapping on
 //! request.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use filemapd::stats::{Counters, StatsDevice};
 use filemapd_tests::{
@@ -192,17 +192,24 @@ fn xfs_appends_keep_few_regions_per_extent() {
     appends_keep_few_regions_per_extent(FsKind::Xfs);
 }
 
-/// A storm of allocations (random 64 KiB O_DIRECT writes into a sparse span, each allocating)
-/// ends covered, in far fewer passes than events: as the daemon counts them in its tally.
-fn a_storm_takes_few_passes(fs_kind: FsKind) {
+/// A 1 MiB vm.img on a new `fs_kind` device, its group made as dmstats makes it, under
+/// `filemapd --ebpf` (logging at `verbose`) past its first pass.
+fn watched_image(fs_kind: FsKind, verbose: u8) -> (DmFs, PathBuf, LoggedDaemon) {
     require_device_mapper();
     let dmfs = DmFs::new(fs_kind).unwrap();
     let path = dmfs.mount.dir.join("vm.img");
     write_and_sync(&path, 0, 1 << 20).unwrap();
     let group = map_without_daemon(&path).unwrap().to_string();
-    let mut daemon = LoggedDaemon::ebpf_inode(&path, &group, 1);
+    let mut daemon = LoggedDaemon::ebpf_inode(&path, &group, verbose);
     daemon.wait_for_line("Waking on events only");
     wait_converged(&dmfs, &path, "vm.img", "start-up");
+    (dmfs, path, daemon)
+}
+
+/// A storm of allocations (random 64 KiB O_DIRECT writes into a sparse span, each allocating)
+/// ends covered, in far fewer passes than events: as the daemon counts them in its tally.
+fn a_storm_takes_few_passes(fs_kind: FsKind) {
+    let (dmfs, path, mut daemon) = watched_image(fs_kind, 1);
 
     random_direct_writes(&path, 1 << 20, 64 << 20, 0x9e37_79b9_7f4a_7c15);
     wait_converged(&dmfs, &path, "vm.img", "the storm");
@@ -243,14 +250,7 @@ fn xfs_a_storm_takes_few_passes() {
 #[test]
 fn a_tile_found_busy_late_keeps_its_counters() {
     const STEP: u64 = 64 << 10;
-    require_device_mapper();
-    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
-    let path = dmfs.mount.dir.join("vm.img");
-    write_and_sync(&path, 0, 1 << 20).unwrap();
-    let group = map_without_daemon(&path).unwrap().to_string();
-    let mut daemon = LoggedDaemon::ebpf_inode(&path, &group, 2);
-    daemon.wait_for_line("Waking on events only");
-    wait_converged(&dmfs, &path, "vm.img", "start-up");
+    let (dmfs, path, mut daemon) = watched_image(FsKind::Ext4, 2);
     for i in 0..8 {
         write_and_sync(&path, (1 << 20) + i * STEP, STEP as usize).unwrap();
         wait_converged(&dmfs, &path, "vm.img", "an append");
@@ -294,14 +294,7 @@ fn a_tile_found_busy_late_keeps_its_counters() {
 #[test]
 fn xfs_appends_settle_at_once() {
     const APPENDS: u64 = 20;
-    require_device_mapper();
-    let dmfs = DmFs::new(FsKind::Xfs).unwrap();
-    let path = dmfs.mount.dir.join("vm.img");
-    write_and_sync(&path, 0, 1 << 20).unwrap();
-    let group = map_without_daemon(&path).unwrap().to_string();
-    let mut daemon = LoggedDaemon::ebpf_inode(&path, &group, 1);
-    daemon.wait_for_line("Waking on events only");
-    wait_converged(&dmfs, &path, "vm.img", "start-up");
+    let (dmfs, path, mut daemon) = watched_image(FsKind::Xfs, 1);
     for i in 0..APPENDS {
         write_and_sync(&path, (1 << 20) + i * (64 << 10), 64 << 10).unwrap();
     }
