@@ -33,6 +33,16 @@ pub struct ExtentMap {
     unplaced: usize,
     /// Where the file's data ends, rounded up to its block (`u64::MAX`: nothing is cut).
     eof: u64,
+    /// Names the placed pieces as they are: it changes whenever they may have, and no other
+    /// map or state of this map had it (see [`ExtentMap::placed_version`]).
+    placed_version: u64,
+}
+
+/// The next number for [`ExtentMap::placed_version`]: from one counter for every map, so that
+/// a map read anew never repeats a version the map it replaces had.
+fn next_placed_version() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Default for ExtentMap {
@@ -61,6 +71,7 @@ impl ExtentMap {
             by_place: BTreeSet::new(),
             unplaced: 0,
             eof,
+            placed_version: next_placed_version(),
         };
         for extent in extents {
             map.insert(extent);
@@ -94,6 +105,13 @@ impl ExtentMap {
     /// The merged device ranges of the whole file.
     pub fn device_ranges(&self) -> Vec<SectorRange> {
         fiemap::device_ranges(&self.extents.values().copied().collect::<Vec<_>>())
+    }
+
+    /// A number that stays the same while [`ExtentMap::placed_sectors`] does: a caller that
+    /// kept the sectors of one version need not walk every extent again to learn that nothing
+    /// moved (a pass that reads a stretch anew and finds it as it was keeps the version).
+    pub fn placed_version(&self) -> u64 {
+        self.placed_version
     }
 
     /// Every sector the file's placed blocks hold on the device, its end's tails too, sorted,
@@ -166,6 +184,7 @@ impl ExtentMap {
         let (from, to) = (self.run_start_before(lo), self.run_end_after(hi));
 
         let old_stretch = self.stretch(from, to);
+        let old_places = self.places_in(from, to, lo, hi);
         let dropped_tails: Vec<u64> = self.tails.range(lo..hi).map(|(&at, _)| at).collect();
         for at in dropped_tails {
             self.take_tail(at);
@@ -183,6 +202,11 @@ impl ExtentMap {
             self.insert(extent);
         }
         let new_stretch = self.stretch(from, to);
+        // Only extents and tails in lo..hi were taken out and put back. An extent whose
+        // flags alone changed (unwritten to written) holds the same sectors.
+        if old_places != self.places_in(from, to, lo, hi) {
+            self.placed_version = next_placed_version();
+        }
         // Ranges the stretch holds before and after alike did not change: leave them out.
         let mut before = fiemap::device_ranges(&old_stretch);
         let mut after = fiemap::device_ranges(&new_stretch);
@@ -264,6 +288,18 @@ impl ExtentMap {
         if let Some(old) = self.tails.remove(&key) {
             self.by_place.remove(&(old.physical, old.length, key));
         }
+    }
+
+    /// The placed pieces of the extents in `from..to` and of the tails in `lo..hi`: (whether a
+    /// tail, key, physical, length).
+    fn places_in(&self, from: u64, to: u64, lo: u64, hi: u64) -> Vec<(bool, u64, u64, u64)> {
+        let extents = self.extents.range(from..to).map(|(&at, e)| (false, at, e));
+        let tails = self.tails.range(lo..hi).map(|(&at, t)| (true, at, t));
+        extents
+            .chain(tails)
+            .filter(|(_, _, e)| e.is_placed())
+            .map(|(tail, at, e)| (tail, at, e.physical, e.length))
+            .collect()
     }
 
     fn stretch(&self, from: u64, to: u64) -> Vec<Extent> {
@@ -364,6 +400,32 @@ mod tests {
         );
         assert!(!map.holds_placed(0, 16384));
         assert!(map.holds_placed(12288, 4096));
+    }
+
+    #[test]
+    fn the_placed_version_changes_only_with_the_placed_pieces() {
+        let extents = vec![ext(0, 1 << 20, 4096), ext(8192, 2 << 20, 4096)];
+        let mut map = ExtentMap::new(extents.clone(), 12288);
+        let first = map.placed_version();
+        // A stretch read again and found as it was (a settling pass).
+        map.replace(8192, 12288, vec![ext(8192, 2 << 20, 4096)], 12288);
+        assert_eq!(map.placed_version(), first);
+        // Written where it was unwritten: the same sectors.
+        let unwritten = Extent {
+            flags: extent_flags::UNWRITTEN,
+            ..ext(8192, 2 << 20, 4096)
+        };
+        map.replace(8192, 12288, vec![unwritten], 12288);
+        assert_eq!(map.placed_version(), first);
+        // The hole filled, elsewhere on the device.
+        map.replace(4096, 8192, vec![ext(4096, 3 << 20, 4096)], 12288);
+        let filled = map.placed_version();
+        assert_ne!(filled, first);
+        // Only a tail past the end moves (xfs gives preallocation back).
+        map.replace(8192, 16384, vec![ext(8192, 2 << 20, 8192)], 12288);
+        assert_ne!(map.placed_version(), filled);
+        // A map read anew never repeats an old map's version.
+        assert_ne!(ExtentMap::new(extents, 12288).placed_version(), first);
     }
 
     #[test]
@@ -494,7 +556,8 @@ mod tests {
 
     proptest! {
         /// The file's sectors in device order, kept beside the logical maps, are what those maps
-        /// hold (ends cut and moved, extents replaced and dropped, blocks unplaced).
+        /// hold (ends cut and moved, extents replaced and dropped, blocks unplaced), and change
+        /// only with their version.
         #[test]
         fn placed_sectors_follow_every_change(
             old in file(),
@@ -508,10 +571,15 @@ mod tests {
                     .into_iter()
                     .filter(|e| e.logical < hi && lo < e.logical + e.length)
                     .collect();
+                let (version, sectors) = (map.placed_version(), map.placed_sectors());
                 map.replace(lo, hi, fresh, eof * 4096);
                 let mut expected = map.device_ranges();
                 expected.extend(map.tail_ranges());
                 prop_assert_eq!(map.placed_sectors(), crate::sectors::union(expected));
+                // A version kept promises the same sectors.
+                if map.placed_version() == version {
+                    prop_assert_eq!(map.placed_sectors(), sectors);
+                }
             }
         }
 

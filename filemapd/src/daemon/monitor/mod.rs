@@ -155,6 +155,9 @@ pub struct Monitor {
 #[derive(Default)]
 struct KernelMap {
     synced: Vec<SectorRange>,
+    /// The version of the view's placed sectors (`ExtentMap::placed_version`) that `synced`
+    /// holds; `None` when the last sync left some out.
+    synced_version: Option<u64>,
     recorded: Vec<SectorRange>,
     unknown: bool,
 }

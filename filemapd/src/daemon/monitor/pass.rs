@@ -156,8 +156,14 @@ impl Monitor {
         let Some(counted) = self.counted().cloned() else {
             return;
         };
-        let now = self.view.all_sectors();
+        let version = self.view.map().placed_version();
         let map = &mut self.kernel_map;
+        // Nothing moved, nothing recorded, nothing lost: the sync would change no block, and
+        // its sweeps over every extent are what a large file's settling pass spent most on.
+        if map.synced_version == Some(version) && map.recorded.is_empty() && !map.unknown {
+            return;
+        }
+        let now = self.view.all_sectors();
         let mut over = difference(&map.synced, &now);
         over.extend(difference(&now, &map.synced));
         over.append(&mut map.recorded);
@@ -180,7 +186,11 @@ impl Monitor {
             );
         }
         // With no room, the next pass goes over all the file's sectors again.
-        map.synced = if changes.no_room > 0 { Vec::new() } else { now };
+        (map.synced, map.synced_version) = if changes.no_room > 0 {
+            (Vec::new(), None)
+        } else {
+            (now, Some(version))
+        };
         // Left for now (held by too recent a recording): the next pass judges them again.
         map.recorded.extend(changes.deferred);
     }
