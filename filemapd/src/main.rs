@@ -24,7 +24,7 @@ use filemapd::{
     version,
     about = "Keep a file's dm-stats region group in step with its extents",
     long_about = "Keep a file's dm-stats region group in step with its extents.\n\nA drop-in for lvm2's dmfilemapd: installed as dmfilemapd, it takes lvm2's arguments and dmstats starts it for `dmstats create --filemap`. Like lvm2's daemon it exits when its group is deleted, or when its file has no extents left (see filemapd-watch(8) for a service that outlives any one file).\n\nWith a `filemapd watch --handoff` service running, the daemon hands its file to the service and exits. It looks for the service on /run/filemapd/handoff.sock, or on the socket FILEMAPD_HANDOFF_SOCKET names (for a service whose config sets handoff_socket), and hands its file only to a service running as root or as its own user.",
-    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch [--config <FILE>] [PATH...] [--ebpf] [--regions tiled|exact|none] [--io-hook dm-stats|bio] [--interval <S>] [--metrics <ADDR>] [--handoff] [--check-config] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]\n       filemapd report [FILE...]\n       filemapd top [--metrics ADDR] [--interval S] [--sort COLUMN] [--batch N]",
+    override_usage = "filemapd [OPTIONS] <fd> <group_id> <abs_path> <inode|path> [<foreground> [<verbose>]]\n       filemapd watch [--config <FILE>] [PATH...] [--ebpf] [--regions tiled|exact|none] [--io-hook dm-stats|bio] [--kernel-map-extents <N>] [--interval <S>] [--metrics <ADDR>] [--handoff] [--check-config] [-v...]\n       filemapd map <FILE> [--alias A] [--program-id P] [--precise] [--bounds B]\n       filemapd unmap <FILE>\n       filemapd show <FILE> [GROUP_ID]\n       filemapd report [FILE...]\n       filemapd top [--metrics ADDR] [--interval S] [--sort COLUMN] [--batch N]",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -101,6 +101,14 @@ enum Command {
         /// the hook asked for cannot run.
         #[arg(long, value_enum, value_name = "HOOK")]
         io_hook: Option<filemapd::wake::ebpf::IoHook>,
+        /// How many file extents the kernel's sector map (the counting's) is sized for,
+        /// scattered as badly as they can be (default 50,000: 25 MB of the kernel's memory,
+        /// mapped into the daemon; the tables double at each power of two, up to 3,000,000:
+        /// 1.7 GB). Past it some runs of sectors may find no room: the daemon warns, and
+        /// their IO is not counted (`filemapd_file_uncounted_runs`). Over a TOML config's
+        /// `kernel_map_extents`.
+        #[arg(long, value_name = "N", value_parser = parse_map_extents)]
+        kernel_map_extents: Option<u32>,
         /// Seconds between checks (eBPF: only for deleted groups and unlinked files).
         #[arg(long, default_value = "0.5", value_parser = parse_interval)]
         interval: Duration,
@@ -205,6 +213,13 @@ enum Command {
         /// The group to compare with; default: the first group whose regions lie in the file.
         group_id: Option<u64>,
     },
+}
+
+fn parse_map_extents(text: &str) -> Result<u32, String> {
+    let extents: u32 = text
+        .parse()
+        .map_err(|_| format!("not a number of extents: {text}"))?;
+    filemapd::wake::ebpf::check_map_extents(extents).map_err(|e| e.to_string())
 }
 
 fn parse_interval(text: &str) -> Result<Duration, String> {
@@ -317,6 +332,7 @@ fn main() -> ExitCode {
             regions,
             exact,
             io_hook,
+            kernel_map_extents,
             interval,
             metrics,
             metrics_remote,
@@ -367,6 +383,7 @@ fn main() -> ExitCode {
                 handoff,
                 ebpf_log: false,
                 io_hook,
+                kernel_map_extents,
             })
         }
         Some(Command::Trace {
@@ -403,6 +420,7 @@ fn main() -> ExitCode {
                 handoff: false,
                 ebpf_log,
                 io_hook: None,
+                kernel_map_extents: None,
             })
         }
         Some(Command::Map { path, made }) => {

@@ -355,7 +355,7 @@ fn xfs_known_io_is_counted_exactly_by_the_bio_hook() {
 
 /// Bad input: an unknown --regions or --io-hook, or none (or a hook asked for) where the
 /// kernel cannot count, is one line on stderr and exit 1; --exact and another --regions
-/// disagree.
+/// disagree; a sector map for no extent, past the most, or not a number is refused.
 #[test]
 fn regions_none_where_the_kernel_cannot_count_is_refused() {
     require_device_mapper();
@@ -386,6 +386,13 @@ fn regions_none_where_the_kernel_cannot_count_is_refused() {
         uncounted.contains("--regions none") && uncounted.contains("FILEMAPD_NO_COUNTING"),
         "{uncounted}"
     );
+    for size in ["0", "3000001", "many"] {
+        let bad_size = refused(&["watch", "--kernel-map-extents", size, &p], &[]);
+        assert!(
+            bad_size.contains("--kernel-map-extents") && bad_size.contains(size),
+            "{bad_size}"
+        );
+    }
     let unknown_hook = refused(&["watch", "--io-hook", "kprobe", &p], &[]);
     assert!(unknown_hook.contains("kprobe"), "{unknown_hook}");
     let hook_unavailable = refused(

@@ -5,13 +5,13 @@ use std::{path::Path, process::Command, time::Duration};
 
 use filemapd_tests::{
     DmFs, FsKind, context_switches,
-    daemon::{LoggedDaemon, device_of, group_by_alias, wait_converged},
+    daemon::{LoggedDaemon, device_of, file_ranges, group_by_alias, wait_converged},
     metrics::{
         dashboard_queries, dmstats_report, has_samples, http_get, map_with_bounds, metric_names,
         overwrite_first_mib, sample,
     },
-    require_device_mapper, write_and_sync,
-    writers::random_direct_writes,
+    punch_hole, require_device_mapper, write_and_sync,
+    writers::{direct_read_whole, random_direct_writes},
 };
 
 fn watch_with_metrics(path: &Path, address: &str) -> LoggedDaemon {
@@ -118,6 +118,11 @@ fn the_endpoint_serves_what_dmstats_reports() {
         "the file should be woken by events"
     );
     assert!(value("filemapd_file_passes_total") >= 1.0);
+    assert_eq!(
+        value("filemapd_file_uncounted_runs"),
+        0.0,
+        "the default sector map has room for a small file"
+    );
     assert!(text.contains("filemapd_update_seconds_count"), "{text}");
     // Every series the shipped Grafana dashboard reads is served.
     for query in dashboard_queries() {
@@ -155,6 +160,84 @@ fn the_endpoint_serves_what_dmstats_reports() {
         "{stderr}"
     );
     watch.stop();
+}
+
+/// A sector map sized for fewer extents than the file has (`--kernel-map-extents 1`: 16
+/// chunk entries) cannot hold all of its sectors: the daemon says so once, the gauge
+/// `filemapd_file_uncounted_runs` gives the same count, and a read of the whole file is
+/// counted short by the kernel, as the gauge warns.
+#[test]
+fn a_sector_map_too_small_says_what_goes_uncounted() {
+    require_device_mapper();
+    let dmfs = DmFs::new(FsKind::Ext4).unwrap();
+    let path = dmfs.mount.dir.join("holey.img");
+    // 64 runs of 256 KiB, each in a chunk of its own or two: more than 16 chunk entries.
+    write_and_sync(&path, 0, 32 << 20).unwrap();
+    for run in (0..128u64).step_by(2) {
+        punch_hole(&path, run << 18, 1 << 18).unwrap();
+    }
+    let p = path.to_string_lossy().into_owned();
+    let address = "127.0.0.1:9104";
+    let mut watch = LoggedDaemon::start(
+        &[
+            "watch",
+            "--regions",
+            "none",
+            "--kernel-map-extents",
+            "1",
+            "-v",
+            "--metrics",
+            address,
+            &p,
+        ],
+        &path,
+        &[],
+    );
+    watch.wait_for_line("sized for 1 scattered extents");
+    watch.wait_for_line("has no room for");
+    let labels = [format!("path=\"{p}\"")];
+    let labels = [labels[0].as_str()];
+    // The pass publishes its figures just after it warns.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let gauge = loop {
+        let text = http_get(address, "/metrics").unwrap().1;
+        let gauge = sample(&text, "filemapd_file_uncounted_runs", &labels).unwrap();
+        if gauge > 0.0 || std::time::Instant::now() > deadline {
+            break gauge;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let held: u64 = file_ranges(&path).iter().map(|r| r.len).sum();
+    let before = sample(
+        &http_get(address, "/metrics").unwrap().1,
+        "filemapd_file_read_sectors_total",
+        &labels,
+    )
+    .unwrap();
+    direct_read_whole(&path);
+    let text = http_get(address, "/metrics").unwrap().1;
+    let read = sample(&text, "filemapd_file_read_sectors_total", &labels).unwrap() - before;
+    let log = watch.stop();
+    let warnings: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("has no room for"))
+        .collect();
+    let [warning] = warnings.as_slice() else {
+        panic!("said {} times:\n{}", warnings.len(), log.join("\n"));
+    };
+    let said: f64 = warning
+        .split("has no room for ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {warning:?}"));
+    eprintln!("{said} runs without room; {read} of {held} sectors read counted");
+    assert!(said > 0.0, "{warning}");
+    assert_eq!(gauge, said, "the gauge and the warning: {warning}");
+    assert!(
+        read > 0.0 && read < held as f64,
+        "the kernel counted {read} of the {held} sectors read, some of them in runs without room"
+    );
 }
 
 /// Between scrapes the endpoint adds no wake-up to an idle event-driven watch: not one context

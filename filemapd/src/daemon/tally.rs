@@ -23,6 +23,9 @@ pub struct Tally {
     pub dm_messages: u64,
     /// Times the kernel's ring buffer overflowed and the whole file was read again.
     pub lost_rescans: u64,
+    /// Not over its life but now: runs of the file's sectors that the kernel's sector map had
+    /// no room for at the last pass (their IO goes uncounted).
+    pub uncounted_runs: u64,
 }
 
 impl fmt::Display for Tally {

@@ -226,6 +226,13 @@ pub fn write_files(board: &Board, out: &mut dyn fmt::Write) -> fmt::Result {
         &files,
         |f| f.kernel.map(|k| k.unrecorded),
     )?;
+    gauge(
+        e,
+        "filemapd_file_uncounted_runs",
+        "Runs of the file's sectors the kernel's sector map had no room for at the last pass: their IO goes uncounted (kernel_map_extents sizes the map)",
+        &files,
+        |f| f.kernel.as_ref().map(|_| f.state.tally.uncounted_runs),
+    )?;
     // What only dm-stats counts, for files counted by their regions.
     counter(
         e,

@@ -171,12 +171,21 @@ impl Monitor {
             over.extend(counted.held().iter().map(|h| h.range));
         }
         let changes = counted.sync(&over, &now, read_at);
-        if changes.no_room > 0 {
-            log::warn!(
-                "{}: the kernel's sector map has no room for {} run(s) of its sectors: their IO goes uncounted until room is made",
-                self.path.display(),
-                changes.no_room
-            );
+        // Said when it changes: a file left without room is synced whole at every pass.
+        let uncounted = changes.no_room as u64;
+        if uncounted != self.tally.uncounted_runs {
+            if uncounted > 0 {
+                log::warn!(
+                    "{}: the kernel's sector map has no room for {uncounted} run(s) of its sectors: their IO goes uncounted until room is made (kernel_map_extents sizes the map)",
+                    self.path.display(),
+                );
+            } else {
+                log::info!(
+                    "{}: the kernel's sector map holds all of its sectors again",
+                    self.path.display()
+                );
+            }
+            self.tally.uncounted_runs = uncounted;
         }
         if changes.words > 0 {
             debug!(

@@ -18,7 +18,7 @@ use crate::{
     oneshot::parse_bounds,
     reconcile::Mapping,
     stats::RegionSettings,
-    wake::ebpf::IoHook,
+    wake::ebpf::{IoHook, check_map_extents},
 };
 
 /// What a config names.
@@ -35,6 +35,9 @@ pub struct Config {
     pub handoff: Option<PathBuf>,
     /// `io_hook = "bio"|"dm-stats"`: which programs count the files' IO (`--io-hook` wins).
     pub io_hook: Option<IoHook>,
+    /// `kernel_map_extents = N`: the extents the kernel's sector map is sized for
+    /// (`--kernel-map-extents` wins).
+    pub kernel_map_extents: Option<u32>,
 }
 
 /// `metrics = "ADDR"` and `metrics_remote = true|false` of a TOML config.
@@ -142,6 +145,7 @@ struct TomlConfig {
     handoff: bool,
     handoff_socket: Option<PathBuf>,
     io_hook: Option<IoHook>,
+    kernel_map_extents: Option<u32>,
     #[serde(default)]
     path: Vec<TomlPath>,
     #[serde(default)]
@@ -228,6 +232,11 @@ pub fn parse_toml(text: &str) -> anyhow::Result<Config> {
         }),
         handoff,
         io_hook: parsed.io_hook,
+        kernel_map_extents: parsed
+            .kernel_map_extents
+            .map(check_map_extents)
+            .transpose()
+            .context("kernel_map_extents")?,
         ..Config::default()
     };
     for group in parsed.group {
@@ -414,6 +423,9 @@ mod tests {
         let dm_stats = parse_toml("io_hook = \"dm-stats\"\n").unwrap();
         assert_eq!(dm_stats.io_hook, Some(IoHook::DmStats));
         assert_eq!(default.io_hook, None, "as the daemon chooses");
+        assert_eq!(default.kernel_map_extents, None, "the daemon's default");
+        let sized = parse_toml("kernel_map_extents = 200000\n").unwrap();
+        assert_eq!(sized.kernel_map_extents, Some(200_000));
     }
 
     #[test]
@@ -439,6 +451,9 @@ mod tests {
             ),
             ("handoff = \"yes\"\n", "line 1"),
             ("io_hook = \"kprobe\"\n", "line 1"),
+            ("kernel_map_extents = 0\n", "kernel_map_extents: 0"),
+            ("kernel_map_extents = 9000000\n", "at most 3000000"),
+            ("kernel_map_extents = -1\n", "line 1"),
         ] {
             let err = format!("{:#}", parse_toml(text).unwrap_err());
             assert!(err.contains(expected), "{text:?}: {err}");

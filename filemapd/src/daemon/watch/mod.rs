@@ -30,7 +30,7 @@ use crate::{
     daemon::regions::Regions,
     reconcile::Mapping,
     stats::Devices,
-    wake::ebpf::{Hub, IoHook, Tracer},
+    wake::ebpf::{DEFAULT_MAP_EXTENTS, Hub, IoHook, Tracer, tables_for_extents},
     wake::notify::Notifier,
 };
 
@@ -63,6 +63,9 @@ pub struct Options {
     /// Which programs count the files' IO (`--io-hook`, over the config's `io_hook`); `None`:
     /// as [`IoHook`] chooses.
     pub io_hook: Option<IoHook>,
+    /// The extents the kernel's sector map is sized for (`--kernel-map-extents`, over the
+    /// config's `kernel_map_extents`); `None`: [`DEFAULT_MAP_EXTENTS`].
+    pub kernel_map_extents: Option<u32>,
 }
 
 /// The option that makes the kernel's counting a condition of the start, as the user spelled
@@ -100,6 +103,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         handoff,
         ebpf_log,
         io_hook,
+        kernel_map_extents,
     } = options;
     let config = config.as_deref();
     let Resolved {
@@ -108,8 +112,12 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         metrics: configured_metrics,
         handoff: configured_handoff,
         io_hook: configured_io_hook,
+        kernel_map_extents: configured_map_extents,
     } = resolve(config, &paths, regions)?;
     let io_hook = io_hook.or(configured_io_hook);
+    let map_extents = kernel_map_extents
+        .or(configured_map_extents)
+        .unwrap_or(DEFAULT_MAP_EXTENTS);
     // `--handoff` takes hand-overs on the config's socket, or on the one daemons look for.
     let handoff_socket = match (handoff, &configured_handoff) {
         (_, Some(socket)) => Some(socket.clone()),
@@ -142,10 +150,11 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         Some(address) => Some(metrics::serve(address, Arc::clone(&board)).await?),
         None => None,
     };
+    let tables = tables_for_extents(map_extents);
     let trigger = if ebpf {
         match Tracer::load_service(
             2 * entries.len() as u32 + FILTER_ROOM,
-            crate::wake::ebpf::MANY_FILES_TABLES,
+            tables,
             ebpf_log,
             io_hook,
         ) {
@@ -168,6 +177,14 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         && let Some(option) = counting_demanded_by(regions, io_hook)
     {
         bail!("{option}: the kernel cannot count the files' IO here: {why}");
+    }
+    if let Some((hub, _)) = &trigger
+        && hub.counting_unavailable().is_none()
+    {
+        info!(
+            "the kernel's sector map is sized for {map_extents} scattered extents ({:.1} MB)",
+            tables.bytes() as f64 / 1e6
+        );
     }
     let mut watch = Watch {
         interval,
@@ -259,6 +276,9 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
                     }
                     if resolved.handoff != configured_handoff {
                         warn!("SIGHUP: the config's hand-over settings change at the next start, not on reload");
+                    }
+                    if resolved.kernel_map_extents != configured_map_extents {
+                        warn!("SIGHUP: the config's kernel_map_extents changes at the next start, not on reload");
                     }
                     named = resolved.entries.len();
                     watch.reload(&resolved.entries).await;

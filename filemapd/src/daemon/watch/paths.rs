@@ -19,6 +19,8 @@ pub struct Resolved {
     pub handoff: Option<PathBuf>,
     /// The config's `io_hook`, if it names one.
     pub io_hook: Option<IoHook>,
+    /// The config's `kernel_map_extents`, if it names it.
+    pub kernel_map_extents: Option<u32>,
 }
 
 /// What to watch: the config's groups, then the files its paths and the command line's PATHs
@@ -62,6 +64,7 @@ pub fn resolve(
         metrics: config.metrics,
         handoff: config.handoff,
         io_hook: config.io_hook,
+        kernel_map_extents: config.kernel_map_extents,
     })
 }
 

@@ -29,6 +29,9 @@ use std::{
 };
 
 pub use counting::{CountedFile, Counting};
+pub use sector_map::{
+    DEFAULT_MAP_EXTENTS, MOST_MAP_EXTENTS, check_map_extents, tables_for_extents,
+};
 use tokio::io::unix::AsyncFd;
 
 pub use hub::{EventFeed, Feed, Hub};
@@ -38,18 +41,15 @@ pub use tracepoints::{Change, TRACEPOINTS, Tracepoint};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/filemapd"));
 
 /// How big the sector map's tables are (log2 of their entries). A daemon that watches one
-/// file: 32,768 chunks (2.4 MB) and 8,192 blocks (0.4 MB). `filemapd watch`: 262,144 chunks
-/// (18.9 MB) and 131,072 blocks (6.3 MB), for 100,000 extents scattered over a whole 1 TiB
-/// device (the bench's native section: a few of those find their entry's eight places
-/// taken). A table whose places are full leaves sectors uncounted, and says so.
+/// file: 32,768 chunks (2.4 MB) and 8,192 blocks (0.4 MB). `filemapd watch`: tables for
+/// [`DEFAULT_MAP_EXTENTS`] unless `kernel_map_extents` asks for more or fewer (see
+/// [`tables_for_extents`]). A table whose places are full leaves sectors uncounted, and says
+/// so.
 pub const ONE_FILE_TABLES: TableLogs = TableLogs {
     chunks: 15,
     blocks: 13,
 };
-pub const MANY_FILES_TABLES: TableLogs = TableLogs {
-    chunks: 18,
-    blocks: 17,
-};
+pub const MANY_FILES_TABLES: TableLogs = tables_for_extents(DEFAULT_MAP_EXTENTS);
 
 /// Where the probes learn the kernel's structures from (see [`Tracer::load_pretending_device_mapper`]).
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -66,6 +66,40 @@ pub struct Held {
     pub whole_block: bool,
 }
 
+/// The extents a `watch`'s sector map is sized for unless its `kernel_map_extents` says: its
+/// tables are 262,144 chunks (18.9 MB) and 131,072 blocks (6.3 MB).
+pub const DEFAULT_MAP_EXTENTS: u32 = 50_000;
+/// The most `kernel_map_extents` may ask for: 2^24 chunks and 2^23 blocks (about 1.7 GB of
+/// the kernel's memory, with the chunk makers' words).
+pub const MOST_MAP_EXTENTS: u32 = 3_000_000;
+
+/// Tables for `extents` extents scattered over their devices, the worst case: one chunk
+/// entry and one block entry each. Five chunk entries per extent keep the table at most a
+/// fifth full, where an entry finds a free place among its `PROBES` with next to certainty
+/// (the bench's native section: 100,000 extents in the tables of 50,000, 42 % full, found no
+/// room for 28 runs); blocks are fewer than chunks (a block holds 64), half as many entries.
+pub const fn tables_for_extents(extents: u32) -> TableLogs {
+    let wanted = extents as u64 * 5;
+    let chunks = wanted.next_power_of_two().trailing_zeros();
+    // At least a window of probes in each table (8 blocks).
+    let chunks = if chunks < 4 { 4 } else { chunks };
+    TableLogs {
+        chunks,
+        blocks: chunks - 1,
+    }
+}
+
+/// `extents`, if a `watch` may size its sector map for that many (1 to [`MOST_MAP_EXTENTS`]).
+pub fn check_map_extents(extents: u32) -> anyhow::Result<u32> {
+    match extents {
+        0 => bail!("0: the map needs room for one extent at least"),
+        n if n > MOST_MAP_EXTENTS => bail!(
+            "{n}: at most {MOST_MAP_EXTENTS} (2^24 chunk entries, about 1.7 GB of the kernel's memory)"
+        ),
+        n => Ok(n),
+    }
+}
+
 impl SectorMap {
     pub fn new(chunks: Map, blocks: Map, making: Map, logs: TableLogs) -> anyhow::Result<Self> {
         Ok(Self {
@@ -615,6 +649,53 @@ impl<T> Drop for Table<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tables_grow_with_the_extents_asked_for() {
+        assert_eq!(
+            crate::wake::ebpf::MANY_FILES_TABLES,
+            TableLogs {
+                chunks: 18,
+                blocks: 17
+            },
+            "watch's default, the tables the bench measures"
+        );
+        assert_eq!(
+            tables_for_extents(MOST_MAP_EXTENTS),
+            TableLogs {
+                chunks: 24,
+                blocks: 23
+            }
+        );
+        assert_eq!(
+            tables_for_extents(1),
+            TableLogs {
+                chunks: 4,
+                blocks: 3
+            }
+        );
+        for extents in [2, 10, 1000, 50_000, 100_000, MOST_MAP_EXTENTS] {
+            let chunks = 1u64 << tables_for_extents(extents).chunks;
+            let wanted = 5 * u64::from(extents);
+            assert!(
+                wanted <= chunks && chunks < 2 * wanted,
+                "{extents}: {chunks}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_map_for_no_extent_or_past_the_most_is_refused() {
+        assert_eq!(check_map_extents(1).unwrap(), 1);
+        assert_eq!(
+            check_map_extents(MOST_MAP_EXTENTS).unwrap(),
+            MOST_MAP_EXTENTS
+        );
+        for bad in [0, MOST_MAP_EXTENTS + 1] {
+            let err = check_map_extents(bad).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{bad}: ")), "{err}");
+        }
+    }
 
     #[test]
     fn blocks_touched_are_listed_once_in_order() {

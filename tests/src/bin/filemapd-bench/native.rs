@@ -180,7 +180,8 @@ async fn grow(
 /// start and end. The maps are filled first; each round then runs every size in turn.
 pub fn probe_cost() {
     use filemapd::wake::ebpf::{
-        Counting, MANY_FILES_TABLES, counting::Reading, standalone_counting,
+        Counting, DEFAULT_MAP_EXTENTS, MANY_FILES_TABLES, counting::Reading, standalone_counting,
+        tables_for_extents,
     };
     use filemapd_tests::writers::Rng;
     use std::sync::Arc;
@@ -190,64 +191,73 @@ pub fn probe_cost() {
     const ROUNDS: usize = 9;
     report!("## The IO probe per bio, natively, as watched extents grow\n");
     report!(
-        "*On the machine's own kernel, not in the VM.* The kernel's sector map of a pretend 1 TiB\ndevice holds files of scattered extents (4 to 64 KiB each, at random places: the worst\ncase, one chunk entry an extent); then {BIOS} pretend 64 KiB bios, half over the files'\nextents, half anywhere, are counted as the IO probe counts real ones: the charge service\nruns the probe's walk and counting for a bio's start and its end, without the kprobe's own\nentry and its read of the dm device's number. Each of {ROUNDS} rounds runs every size in turn.\nCells: ns per bio (start and end), median (lowest–highest); the tables' entries in use;\nthe map's memory per extent in use (the tables of `watch` are allocated whole at start:\n{:.1} MB); runs the map had no room for (their IO goes uncounted, and is said).\n",
+        "*On the machine's own kernel, not in the VM.* The kernel's sector map of a pretend 1 TiB\ndevice holds files of scattered extents (4 to 64 KiB each, at random places: the worst\ncase, one chunk entry an extent); then {BIOS} pretend 64 KiB bios, half over the files'\nextents, half anywhere, are counted as the IO probe counts real ones: the charge service\nruns the probe's walk and counting for a bio's start and its end, without the kprobe's own\nentry and its read of the dm device's number. Each of {ROUNDS} rounds runs every size in turn.\nCells: ns per bio (start and end), median (lowest–highest); the extents the tables are\nsized for (`--kernel-map-extents`; the tables of `watch` are allocated whole at start: {:.1} MB\nfor its default, {DEFAULT_MAP_EXTENTS}); the tables' entries in use; the map's memory per extent in use;\nruns the map had no room for (their IO goes uncounted, and is said).\n",
         MANY_FILES_TABLES.bytes() as f64 / 1e6
     );
     report!(
-        "| watched extents | files | ns per bio | chunk entries | block entries | bytes per extent in use | runs without room |"
+        "| watched extents | files | ns per bio | tables sized for | chunk entries | block entries | bytes per extent in use | runs without room |"
     );
-    report!("| --- | --- | --- | --- | --- | --- | --- |");
+    report!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     struct Setup {
         files: usize,
         extents: usize,
+        sized_for: u32,
         counting: Arc<Counting>,
         ios: Vec<SectorRange>,
         left_out: usize,
         ns: Vec<f64>,
     }
-    let mut setups: Vec<Setup> = [(1, 0), (10, 100), (100, 100), (100, 1_000)]
-        .into_iter()
-        .map(|(files, per_file)| {
-            let counting =
-                Arc::new(standalone_counting(files as u32 + 1, MANY_FILES_TABLES).unwrap());
-            let mut rng = Rng(0x5eed ^ files as u64 ^ (per_file as u64) << 20);
-            let mut all: Vec<SectorRange> = Vec::new();
-            let mut left_out = 0;
-            for _ in 0..files {
-                let file = counting
-                    .open(DEV, Default::default(), Default::default())
-                    .unwrap()
-                    .expect("a slot");
-                let mut ranges: Vec<SectorRange> = (0..per_file)
-                    .map(|_| {
-                        let start = rng.below(DEVICE_SECTORS / 8) * 8;
-                        SectorRange::new(start, 8 * (1 + rng.below(16)))
-                    })
-                    .collect();
-                ranges.sort_unstable();
-                let ranges = filemapd::sectors::join_adjacent(disjoint(ranges));
-                left_out += file.sync(&ranges, &ranges, Reading::now()).no_room;
-                all.extend(ranges);
-            }
-            let ios = (0..BIOS)
-                .map(|k| match (k % 2 == 0, all.is_empty()) {
-                    (true, false) => {
-                        let e = all[rng.below(all.len() as u64) as usize];
-                        SectorRange::new(e.start, 128)
-                    }
-                    _ => SectorRange::new(rng.below(DEVICE_SECTORS / 8) * 8, 128),
+    // The last: as many extents in tables sized for them.
+    let mut setups: Vec<Setup> = [
+        (1, 0, DEFAULT_MAP_EXTENTS),
+        (10, 100, DEFAULT_MAP_EXTENTS),
+        (100, 100, DEFAULT_MAP_EXTENTS),
+        (100, 1_000, DEFAULT_MAP_EXTENTS),
+        (100, 1_000, 100_000),
+    ]
+    .into_iter()
+    .map(|(files, per_file, sized_for)| {
+        let counting =
+            Arc::new(standalone_counting(files as u32 + 1, tables_for_extents(sized_for)).unwrap());
+        let mut rng = Rng(0x5eed ^ files as u64 ^ (per_file as u64) << 20);
+        let mut all: Vec<SectorRange> = Vec::new();
+        let mut left_out = 0;
+        for _ in 0..files {
+            let file = counting
+                .open(DEV, Default::default(), Default::default())
+                .unwrap()
+                .expect("a slot");
+            let mut ranges: Vec<SectorRange> = (0..per_file)
+                .map(|_| {
+                    let start = rng.below(DEVICE_SECTORS / 8) * 8;
+                    SectorRange::new(start, 8 * (1 + rng.below(16)))
                 })
                 .collect();
-            Setup {
-                files,
-                extents: files * per_file,
-                counting,
-                ios,
-                left_out,
-                ns: Vec::new(),
-            }
-        })
-        .collect();
+            ranges.sort_unstable();
+            let ranges = filemapd::sectors::join_adjacent(disjoint(ranges));
+            left_out += file.sync(&ranges, &ranges, Reading::now()).no_room;
+            all.extend(ranges);
+        }
+        let ios = (0..BIOS)
+            .map(|k| match (k % 2 == 0, all.is_empty()) {
+                (true, false) => {
+                    let e = all[rng.below(all.len() as u64) as usize];
+                    SectorRange::new(e.start, 128)
+                }
+                _ => SectorRange::new(rng.below(DEVICE_SECTORS / 8) * 8, 128),
+            })
+            .collect();
+        Setup {
+            files,
+            extents: files * per_file,
+            sized_for,
+            counting,
+            ios,
+            left_out,
+            ns: Vec::new(),
+        }
+    })
+    .collect();
     let clock = ProgramClock::start();
     for _ in 0..ROUNDS {
         for setup in &mut setups {
@@ -274,10 +284,11 @@ pub fn probe_cost() {
         let bytes = chunks * size_of::<filemapd_common::sector_map::Chunk>()
             + blocks * size_of::<filemapd_common::sector_map::Block>();
         report!(
-            "| {} | {} | {} | {chunks} | {blocks} | {} | {} |",
+            "| {} | {} | {} | {} | {chunks} | {blocks} | {} | {} |",
             setup.extents,
             setup.files,
             median_and_spread(setup.ns, 0),
+            setup.sized_for,
             if setup.extents == 0 {
                 "–".to_string()
             } else {
