@@ -60,8 +60,10 @@ fn trace_shows_events_passes_and_totals(fs_kind: FsKind, tracepoints: &[&str]) {
             && (fs_kind == FsKind::Xfs || start + len <= s + l)),
         "event sectors {start}+{len} are not in filefrag's extents {extents:?}"
     );
-    // A pass that answered events says how long they waited for their region; a pass that
-    // read the whole file for another reason may have made the region before the event came.
+    // A pass that made the region of events says how long they waited for it, also when it
+    // is the settling pass after the one that answered them (xfs's blocks show in FIEMAP
+    // after writeback); a pass that read the whole file for another reason may have made the
+    // region before the event came.
     assert!(
         made_regions["event_to_region_us"].as_u64().is_some() || made_regions["whole_file"] == true,
         "{made_regions}"

@@ -81,7 +81,8 @@ pub struct Pass<'a> {
     pub dm_messages: u64,
     /// Time spent carrying out the plan (creating and deleting regions).
     pub apply_us: u128,
-    /// From the oldest event the pass answered to the end of its region creations.
+    /// From the oldest event still waiting for a region (answered by this pass, or by the
+    /// passes before it that settled the same change) to the end of its region creations.
     pub event_to_region_us: Option<u64>,
 }
 

@@ -41,12 +41,16 @@ impl Monitor {
                     settings: group.settings.clone(),
                 })
             });
+            self.forget_events_when_settled();
             return Ok(None);
         }
         self.sync_kernel_map(read_at);
         let whole_read = matches!(reading, Reading::Whole);
         let plan = match reading {
-            Reading::Stretch(change) if change.unchanged => return Ok(Some(group)),
+            Reading::Stretch(change) if change.unchanged => {
+                self.forget_events_when_settled();
+                return Ok(Some(group));
+            }
             Reading::Stretch(change) => {
                 let mut near: Vec<SectorRange> = change.before.clone();
                 near.extend(&change.after);
@@ -59,7 +63,10 @@ impl Monitor {
             Some(plan) => plan,
             None => match self.whole_plan(&group) {
                 Some(plan) => plan,
-                None => return Ok(Some(group)),
+                None => {
+                    self.forget_events_when_settled();
+                    return Ok(Some(group));
+                }
             },
         };
         // Only a pass that creates regions suspends the device: only it needs to know.
@@ -107,13 +114,13 @@ impl Monitor {
                 regions: outcome.group.member_count(),
                 dm_messages: outcome.messages,
                 apply_us: applying.elapsed().as_micros(),
-                event_to_region_us: self
-                    .oldest_event_ns
-                    .take()
-                    .filter(|_| outcome.created > 0)
+                event_to_region_us: (outcome.created > 0)
+                    .then(|| self.oldest_event_ns.take())
+                    .flatten()
                     .map(|oldest| now.saturating_sub(oldest) / 1000),
             });
         }
+        self.forget_events_when_settled();
         if cfg!(debug_assertions) && self.event_driven() {
             self.check_remembered(&outcome.group)?;
         }
@@ -242,6 +249,16 @@ impl Monitor {
             );
         }
         Ok(())
+    }
+
+    /// The events a pass answered wait for their region until a pass makes it: xfs shows a
+    /// delayed allocation's blocks only after writeback, which a settling pass (no new
+    /// event) may be the first to see. Once the file is settled, what made no region stops
+    /// waiting, so that a later growth's wait starts at its own event.
+    fn forget_events_when_settled(&mut self) {
+        if self.recheck.is_none() {
+            self.oldest_event_ns = None;
+        }
     }
 
     /// Decides whether to look again soon after events: while their ranges have not shown
