@@ -2,12 +2,16 @@
 //! attaches what this kernel offers, and hands the events for watched inodes to user space;
 //! with the kernel's BTF, also the programs that count every watched file's IO in the kernel
 //! (the bio hook; or, without block tracepoints, a probe on dm-stats' accounting, which needs
-//! dm-mod's BTF).
+//! dm-mod's BTF). Here: the [`Tracer`] and its event ring. The other programs' loading is in
+//! `programs`, the choice of the IO hook in `io_hook`, a tracepoint's fields on this kernel
+//! in `tracepoints`.
 mod batch_read;
 pub mod counting;
 pub mod hub;
+mod io_hook;
 pub mod kernel_layout;
 pub mod pins;
+mod programs;
 pub mod restart;
 pub mod sector_map;
 pub mod tracefs;
@@ -17,16 +21,13 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{KProbe, RawTracePoint, TracePoint, links::FdLink},
+    programs::{TracePoint, links::FdLink},
 };
 use filemapd_common::{
     BioLayout, DmLayout, ExtentEvent, InodeKey, LAYOUTS_LEN, Placement, SPARE_SLOTS,
     TracepointLayout, names, sector_map::TableLogs,
 };
-use std::{
-    os::fd::AsFd as _,
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
 pub use counting::{CountedFile, Counting};
 pub use sector_map::{
@@ -35,10 +36,14 @@ pub use sector_map::{
 use tokio::io::unix::AsyncFd;
 
 pub use hub::{EventFeed, Feed, Hub};
+pub use io_hook::IoHook;
+pub use programs::standalone_counting;
+use programs::{
+    NewFiles, OBJECT, attach_counting, attach_new_files, attach_region_probe, raise_memlock_limit,
+    spawn_program_log, take_map, unattached_counting_over,
+};
+use tracepoints::layout_of;
 pub use tracepoints::{Change, TRACEPOINTS, Tracepoint};
-
-/// The kernel half, built by build.rs.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/filemapd"));
 
 /// How big the sector map's tables are (log2 of their entries). A daemon that watches one
 /// file: 32,768 chunks (2.4 MB) and 8,192 blocks (0.4 MB). `filemapd watch`: tables for
@@ -60,68 +65,76 @@ enum Layout {
     AnyDevice,
 }
 
-/// Which programs count the watched files' IO (`watch --io-hook`, the config's `io_hook`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum IoHook {
-    /// The block layer's tracepoints at every bio's queueing and completion (`bio_hook` in
-    /// the kernel half): a device's dm-stats needs no region, but every bio of the host pays
-    /// the hook a look at its device.
-    #[value(
-        help = "the block layer's tracepoints: no region on any device; every bio of the host pays a look"
-    )]
-    Bio,
-    /// A kprobe on dm-stats' per-bio accounting, which runs only while the device has a
-    /// region (see [`crate::stats::hook`]): only the counted devices' bios pay.
-    #[value(
-        help = "a probe on dm-stats' accounting: only counted devices' bios pay; a device whose files have no region keeps one of filemapd's own"
-    )]
-    DmStats,
+/// How the kernel half counts the files' IO, decided before it loads.
+struct CountingPlan {
+    /// The kernel's structures as the counting programs read them; `None` where the kernel
+    /// does not count the files' IO, and `unavailable` says why.
+    known: Option<kernel_layout::KernelLayout>,
+    unavailable: Option<String>,
+    hook: IoHook,
+    /// What the programs' layout globals are set to: the hook not chosen gets an all-zero
+    /// layout, which keeps it idle, attached or not.
+    globals: kernel_layout::KernelLayout,
 }
 
-/// The name `--io-hook` and the config take.
-impl std::fmt::Display for IoHook {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let value = clap::ValueEnum::to_possible_value(self).expect("no variant is skipped");
-        f.write_str(value.get_name())
-    }
-}
-
-impl IoHook {
-    /// The hook `wanted` (else `FILEMAPD_IO_HOOK=bio|dm-stats`, for daemons that dmstats
-    /// launches), or, where none is wanted, the probe on dm-stats' accounting where dm's
-    /// layout is known and the bio hook where it is not (dm-mod without BTF). Err: why the
-    /// hook wanted, or every hook, cannot run.
-    fn choose(dm_known: bool, wanted: Option<IoHook>) -> Result<IoHook, String> {
-        let wanted = wanted.or_else(|| {
-            let asked = std::env::var("FILEMAPD_IO_HOOK").ok()?;
-            <IoHook as clap::ValueEnum>::from_str(&asked, false)
-                .inspect_err(|_| {
-                    log::warn!(
-                        "FILEMAPD_IO_HOOK={asked:?} names no hook (bio, dm-stats): choosing as if it were unset"
-                    )
+impl CountingPlan {
+    fn make(layout: Layout, io_hook: Option<IoHook>) -> anyhow::Result<Self> {
+        let mut unavailable = None;
+        // Asked off, the kernel's BTF is not even read (seconds of start-up under emulation).
+        let mut known = if layout == Layout::Pretend {
+            unavailable = Some("the layout is made up: verification only".to_string());
+            None
+        } else if layout == Layout::AnyDevice {
+            Some(kernel_layout::read_for_any_device()?)
+        } else if std::env::var_os("FILEMAPD_NO_COUNTING").is_some() {
+            log::info!("FILEMAPD_NO_COUNTING set: no in-kernel counting of the files' IO");
+            unavailable = Some("FILEMAPD_NO_COUNTING is set".to_string());
+            None
+        } else {
+            let started = std::time::Instant::now();
+            let read = kernel_layout::read()
+                .inspect_err(|e| {
+                    log::info!("no in-kernel counting of the files' IO: {e:#}");
+                    unavailable = Some(format!("{e:#}"));
                 })
-                .ok()
-        });
-        // The tracepoints are looked for only where the bio hook may be chosen.
-        let bio_possible = || {
-            let present = |name| matches!(tracefs::read_format("block", name), Ok(Some(_)));
-            present(names::BLOCK_BIO_QUEUE) && present(names::BLOCK_BIO_COMPLETE)
+                .ok();
+            log::debug!(
+                "read the kernel's layout from BTF in {:.1?}",
+                started.elapsed()
+            );
+            read
         };
-        match wanted {
-            Some(IoHook::DmStats) if dm_known => Ok(IoHook::DmStats),
-            Some(IoHook::DmStats) => Err("the dm-stats hook needs dm-mod's BTF".to_string()),
-            Some(IoHook::Bio) if bio_possible() => {
-                log::info!("counting through the block tracepoints (the bio hook, as asked)");
-                Ok(IoHook::Bio)
+        let hook = match (layout, &known) {
+            (Layout::Pretend | Layout::AnyDevice, _) => IoHook::Bio,
+            (Layout::Kernel, None) => IoHook::DmStats,
+            (Layout::Kernel, Some(read)) => {
+                match IoHook::choose(read.dm != DmLayout::default(), io_hook) {
+                    Ok(hook) => hook,
+                    Err(why) => {
+                        log::info!("no in-kernel counting of the files' IO: {why}");
+                        unavailable = Some(why);
+                        known = None;
+                        IoHook::DmStats
+                    }
+                }
             }
-            Some(IoHook::Bio) => {
-                Err("this kernel has no block tracepoints for the bio hook".to_string())
-            }
-            None if dm_known => Ok(IoHook::DmStats),
-            None if bio_possible() => Ok(IoHook::Bio),
-            None => Err("no BTF for dm-mod, and no block tracepoints".to_string()),
+        };
+        let mut globals = match layout {
+            Layout::Pretend => kernel_layout::KernelLayout::made_up(),
+            Layout::Kernel | Layout::AnyDevice => known.unwrap_or_default(),
+        };
+        // The hook not chosen stays idle (its layout all zero), attached or not.
+        match (layout, hook) {
+            (Layout::Pretend, _) => {}
+            (_, IoHook::Bio) => globals.dm = DmLayout::default(),
+            (_, IoHook::DmStats) => globals.bio = BioLayout::default(),
         }
+        Ok(Self {
+            known,
+            unavailable,
+            hook,
+            globals,
+        })
     }
 }
 
@@ -159,13 +172,6 @@ pub struct Tracer {
     /// With the counting, and the probes on new files attached: the watched directories and
     /// the spare slots the kernel gives new files.
     new_files: Option<NewFiles>,
-}
-
-/// The maps through which the kernel watches new files from birth (see `new_files` in the
-/// kernel half).
-struct NewFiles {
-    dirs: HashMap<MapData, InodeKey, Placement>,
-    spare: Array<MapData, u64>,
 }
 
 impl Tracer {
@@ -235,56 +241,12 @@ impl Tracer {
         let own_tgid = std::process::id();
         // The fault tests shrink the filter (more files than room) and the ring (overflow).
         let max_watched = test_size("FILEMAPD_TEST_WATCH_ROOM").unwrap_or(max_watched);
-        // Asked off, the kernel's BTF is not even read (seconds of start-up under emulation).
-        let mut counting_unavailable = None;
-        let mut kernel_layout = if layout == Layout::Pretend {
-            counting_unavailable = Some("the layout is made up: verification only".to_string());
-            None
-        } else if layout == Layout::AnyDevice {
-            Some(kernel_layout::read_for_any_device()?)
-        } else if std::env::var_os("FILEMAPD_NO_COUNTING").is_some() {
-            log::info!("FILEMAPD_NO_COUNTING set: no in-kernel counting of the files' IO");
-            counting_unavailable = Some("FILEMAPD_NO_COUNTING is set".to_string());
-            None
-        } else {
-            let started = std::time::Instant::now();
-            let layout = kernel_layout::read()
-                .inspect_err(|e| {
-                    log::info!("no in-kernel counting of the files' IO: {e:#}");
-                    counting_unavailable = Some(format!("{e:#}"));
-                })
-                .ok();
-            log::debug!(
-                "read the kernel's layout from BTF in {:.1?}",
-                started.elapsed()
-            );
-            layout
-        };
-        let hook = match (layout, &kernel_layout) {
-            (Layout::Pretend | Layout::AnyDevice, _) => IoHook::Bio,
-            (Layout::Kernel, None) => IoHook::DmStats,
-            (Layout::Kernel, Some(known)) => {
-                match IoHook::choose(known.dm != DmLayout::default(), io_hook) {
-                    Ok(hook) => hook,
-                    Err(why) => {
-                        log::info!("no in-kernel counting of the files' IO: {why}");
-                        counting_unavailable = Some(why);
-                        kernel_layout = None;
-                        IoHook::DmStats
-                    }
-                }
-            }
-        };
-        let mut layout_value = match layout {
-            Layout::Pretend => kernel_layout::KernelLayout::made_up(),
-            Layout::Kernel | Layout::AnyDevice => kernel_layout.unwrap_or_default(),
-        };
-        // The hook not chosen stays idle (its layout all zero), attached or not.
-        match (layout, hook) {
-            (Layout::Pretend, _) => {}
-            (_, IoHook::Bio) => layout_value.dm = DmLayout::default(),
-            (_, IoHook::DmStats) => layout_value.bio = BioLayout::default(),
-        }
+        let CountingPlan {
+            mut unavailable,
+            known: kernel_layout,
+            hook,
+            globals: layout_value,
+        } = CountingPlan::make(layout, io_hook)?;
         let log_events = u32::from(ebpf_log);
         let mut loader = EbpfLoader::new();
         loader
@@ -413,7 +375,7 @@ impl Tracer {
                     Ok((counting, pins)) => (Some(Arc::new(counting)), pins),
                     Err(e) => {
                         log::info!("no in-kernel counting of the files' IO: {e:#}");
-                        counting_unavailable = Some(format!("{e:#}"));
+                        unavailable = Some(format!("{e:#}"));
                         (None, None)
                     }
                 }
@@ -455,7 +417,7 @@ impl Tracer {
             attached,
             sees_region_changes,
             counting,
-            counting_unavailable,
+            counting_unavailable: unavailable,
             pins,
             gate,
             predecessor,
@@ -696,309 +658,9 @@ fn take_events(ring: &mut RingBuf<MapData>) -> Vec<ExtentEvent> {
     batch
 }
 
-/// Passes the programs' aya-log records to this process's logger as they come.
-fn spawn_program_log(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    let logger = aya_log::EbpfLogger::init(ebpf).context("starting the eBPF programs' log")?;
-    // SAFETY: the logger owns its ring buffer's fd and lives inside the AsyncFd, so the fd
-    // stays open for as long as it is registered.
-    let mut logger = unsafe { AsyncFd::register(logger) }
-        .map_err(|e| anyhow::anyhow!("registering the eBPF programs' log with tokio: {e}"))?;
-    tokio::spawn(async move {
-        loop {
-            let Ok(mut guard) = logger.readable_mut().await else {
-                return;
-            };
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-    });
-    Ok(())
-}
-
 /// A size the fault tests set through the environment (never set in production).
 fn test_size(variable: &str) -> Option<u32> {
     let value = std::env::var(variable).ok()?.parse().ok()?;
     log::warn!("{variable}={value}: a test size, not for production");
     Some(value)
-}
-
-/// The probes on `dm_stats_message`'s entry and return (in dm-mod, so absent where
-/// device-mapper is not loaded).
-fn attach_region_probe(ebpf: &mut Ebpf, links: &mut restart::Links) -> anyhow::Result<()> {
-    attach_kprobes(
-        ebpf,
-        names::DM_STATS_MESSAGE,
-        &[names::DM_STATS_MESSAGE, names::DM_STATS_MESSAGE_RETURN],
-        links,
-    )
-}
-
-/// Loads the kprobe (or kretprobe) programs `programs` and attaches them to `function`; their
-/// links go to `links` where it keeps them.
-fn attach_kprobes(
-    ebpf: &mut Ebpf,
-    function: &str,
-    programs: &[&str],
-    links: &mut restart::Links,
-) -> anyhow::Result<()> {
-    for &name in programs {
-        let program = load_kprobe(ebpf, name)?;
-        let link = program
-            .attach(function, 0)
-            .with_context(|| format!("attaching {name} to {function}"))?;
-        if links.keeps() {
-            links.hold(name, FdLink::try_from(program.take_link(link)?)?);
-        }
-    }
-    Ok(())
-}
-
-/// Loads (verifies) the kprobe program `name` of the object.
-fn load_kprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut KProbe> {
-    let program: &mut KProbe = ebpf
-        .program_mut(name)
-        .with_context(|| format!("program {name} is missing from the eBPF object"))?
-        .try_into()?;
-    program
-        .load()
-        .with_context(|| format!("verifying program {name}"))?;
-    Ok(program)
-}
-
-/// The in-kernel counting's maps with its IO probe verified but attached to nothing, for
-/// tests and benchmarks on machines without device-mapper.
-pub fn standalone_counting(max_files: u32, tables: TableLogs) -> anyhow::Result<Counting> {
-    raise_memlock_limit();
-    let mut ebpf = EbpfLoader::new()
-        .override_global(names::TABLE_LOGS, &tables, true)
-        .map_max_entries(names::COUNTERS, max_files.max(1))
-        .map_max_entries(names::BOUNDS, max_files.max(1))
-        .map_max_entries(names::CHUNKS, 1 << tables.chunks)
-        .map_max_entries(names::MAKING, 1 << tables.chunks)
-        .map_max_entries(names::BLOCKS, 1 << tables.blocks)
-        .load(OBJECT)
-        .context("loading the eBPF object")?;
-    let counting = unattached_counting_over(&mut ebpf, tables)?;
-    counting.serve_from(Arc::new(Mutex::new(ebpf)));
-    Ok(counting)
-}
-
-/// Loads (verifies) the raw tracepoint program `name` of the object.
-fn load_raw_tracepoint<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &str,
-) -> anyhow::Result<&'a mut RawTracePoint> {
-    let program: &mut RawTracePoint = ebpf
-        .program_mut(name)
-        .with_context(|| format!("program {name} is missing from the eBPF object"))?
-        .try_into()?;
-    program
-        .load()
-        .with_context(|| format!("verifying program {name}"))?;
-    Ok(program)
-}
-
-/// The bio hook's programs, attached to the block tracepoints they are named after; their
-/// links go to `links` where it keeps them.
-fn attach_bio_hook(ebpf: &mut Ebpf, links: &mut restart::Links) -> anyhow::Result<()> {
-    for name in [names::BLOCK_BIO_COMPLETE, names::BLOCK_BIO_QUEUE] {
-        let program = load_raw_tracepoint(ebpf, name)?;
-        let link = program
-            .attach(name)
-            .with_context(|| format!("attaching {name} to block:{name}"))?;
-        if links.keeps() {
-            links.hold(name, FdLink::from(program.take_link(link)?));
-        }
-    }
-    Ok(())
-}
-
-/// The counting over the object's maps, its IO probe (and the new-file probes) verified but
-/// not attached.
-fn unattached_counting_over(ebpf: &mut Ebpf, tables: TableLogs) -> anyhow::Result<Counting> {
-    for name in [
-        names::DM_STATS_ACCOUNT_IO,
-        names::D_INSTANTIATE,
-        names::D_INSTANTIATE_NEW,
-    ] {
-        load_kprobe(ebpf, name)?;
-    }
-    for name in [names::BLOCK_BIO_QUEUE, names::BLOCK_BIO_COMPLETE] {
-        load_raw_tracepoint(ebpf, name)?;
-    }
-    let counters = take_map(ebpf, names::COUNTERS)?;
-    counting_over(ebpf, counters, tables, IoHook::DmStats)
-}
-
-/// The counting over the object's maps (`counters` already taken out, to be pinned), its
-/// `hook`'s programs loaded: the one that walks bios is kept to read how often the kernel
-/// skipped it (`Counting::io_probe_skips`).
-fn counting_over(
-    ebpf: &mut Ebpf,
-    counters: aya::maps::Map,
-    tables: TableLogs,
-    hook: IoHook,
-) -> anyhow::Result<Counting> {
-    let walker = match hook {
-        IoHook::Bio => names::BLOCK_BIO_QUEUE,
-        IoHook::DmStats => names::DM_STATS_ACCOUNT_IO,
-    };
-    let io_probe = ebpf
-        .program(walker)
-        .context("the IO probe")?
-        .fd()?
-        .try_clone()?;
-    let service: &mut RawTracePoint = ebpf
-        .program_mut(names::CHARGE_SERVICE)
-        .context("the charge service")?
-        .try_into()?;
-    service.load().context("verifying the charge service")?;
-    let carry: &mut RawTracePoint = ebpf
-        .program_mut(names::CARRY_SERVICE)
-        .context("the carry service")?
-        .try_into()?;
-    carry.load().context("verifying the carry service")?;
-    let map = sector_map::SectorMap::new(
-        take_map(ebpf, names::CHUNKS)?,
-        take_map(ebpf, names::BLOCKS)?,
-        take_map(ebpf, names::MAKING)?,
-        tables,
-    )?;
-    let aya::maps::Map::PerCpuArray(data) = &counters else {
-        anyhow::bail!("the counters map is not a per-CPU array");
-    };
-    let counters_fd = data
-        .fd()
-        .as_fd()
-        .try_clone_to_owned()
-        .context("duplicating the counters map's descriptor")?;
-    Ok(Counting::new(
-        map,
-        PerCpuArray::try_from(counters)?,
-        counters_fd,
-        Array::try_from(take_map(ebpf, names::BOUNDS)?)?,
-        io_probe,
-        hook,
-    ))
-}
-
-/// The programs of the in-kernel counting (the bio hook; or probes on dm-mod's per-bio
-/// accounting and on its cleanup of a device), and its maps.
-fn attach_counting(
-    ebpf: &mut Ebpf,
-    hook: IoHook,
-    layout: &kernel_layout::KernelLayout,
-    watched: &aya::maps::Map,
-    tables: TableLogs,
-    links: &mut restart::Links,
-) -> anyhow::Result<(Counting, Option<pins::PinDir>)> {
-    match hook {
-        IoHook::Bio => {
-            log::debug!("bio layout for the in-kernel counting: {:?}", layout.bio);
-            attach_bio_hook(ebpf, links)?;
-        }
-        IoHook::DmStats => {
-            log::debug!("dm layout for the in-kernel counting: {:?}", layout.dm);
-            // The cleanup probe first: the IO probe remembers devices only while it is
-            // attached.
-            for name in [names::DM_STATS_CLEANUP, names::DM_STATS_ACCOUNT_IO] {
-                attach_kprobes(ebpf, name, &[name], links)?;
-            }
-        }
-    }
-    // xfs's writeback conversions (xfs may not be loaded: then only direct IO on xfs is
-    // recorded at once, buffered writes by the pass after their allocation).
-    if let Err(e) = attach_kprobes(
-        ebpf,
-        names::XFS_BMAPI_CONVERT_DELALLOC,
-        &[
-            names::XFS_BMAPI_CONVERT_DELALLOC,
-            names::XFS_BMAPI_CONVERT_DELALLOC_RETURN,
-        ],
-        links,
-    ) {
-        log::info!("no recording of xfs writeback's allocations at once: {e:#}");
-    }
-    let counters = take_map(ebpf, names::COUNTERS)?;
-    let pins = pins::PinDir::pin(watched, &counters);
-    let counting = counting_over(ebpf, counters, tables, hook)?;
-    Ok((counting, pins))
-}
-
-/// The probes that watch a new file in a watched directory from birth, and their maps.
-fn attach_new_files(ebpf: &mut Ebpf, links: &mut restart::Links) -> anyhow::Result<NewFiles> {
-    for name in [names::D_INSTANTIATE, names::D_INSTANTIATE_NEW] {
-        attach_kprobes(ebpf, name, &[name], links)?;
-    }
-    Ok(NewFiles {
-        dirs: HashMap::try_from(take_map(ebpf, names::WATCHED_DIRS)?)?,
-        spare: Array::try_from(take_map(ebpf, names::SPARE)?)?,
-    })
-}
-
-/// The layout of one tracepoint on this kernel, `None` when the kernel lacks the tracepoint.
-fn layout_of(tp: &Tracepoint) -> anyhow::Result<Option<TracepointLayout>> {
-    let Some(format) = tracefs::read_format(tp.category, tp.name)? else {
-        return Ok(None);
-    };
-    let field = |name: &str| {
-        tracefs::find_field(&format, name).with_context(|| {
-            format!(
-                "tracepoint {}:{} has no field {name:?}",
-                tp.category, tp.name
-            )
-        })
-    };
-    let (skip, skip_mask) = match tp.skip {
-        Some((name, mask)) => (field(name)?, mask),
-        None => (Default::default(), 0),
-    };
-    // A change of the whole file has no range: its start and length read as 0.
-    let (start, length) = match &tp.range {
-        Some(range) => (field(range.start.0)?, field(range.length.0)?),
-        None => Default::default(),
-    };
-    let (data_flags, data_mask) = match tp.data_flag {
-        Some((name, mask)) => (field(name)?, mask),
-        None => (Default::default(), 0),
-    };
-    let (physical_start, physical_length) = match tp.physical {
-        Some((start, length)) => (field(start)?, field(length)?),
-        None => Default::default(),
-    };
-    Ok(Some(TracepointLayout {
-        dev: field("dev")?,
-        ino: field("ino")?,
-        start,
-        length,
-        skip,
-        physical_start,
-        physical_length,
-        flags: tp.flags,
-        skip_mask,
-        physical_skip_mask: tp.physical_skip,
-        data_flags,
-        _pad2: 0,
-        data_mask,
-    }))
-}
-
-fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
-    ebpf.take_map(name)
-        .with_context(|| format!("map {name} missing from the eBPF object"))
-}
-
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.
-fn raise_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit with a valid rlimit struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        log::debug!(
-            "could not raise RLIMIT_MEMLOCK: {}",
-            std::io::Error::last_os_error()
-        );
-    }
 }

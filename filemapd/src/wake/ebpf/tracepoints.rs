@@ -1,6 +1,9 @@
 //! What each tracepoint the kernel half listens to means: where its fields are called what,
 //! in which unit, and whether it grows or shrinks a file's mapping.
-use filemapd_common::{layout_flags, tracepoint as tp};
+use anyhow::Context as _;
+use filemapd_common::{TracepointLayout, layout_flags, tracepoint as tp};
+
+use super::tracefs;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unit {
@@ -278,6 +281,53 @@ impl Tracepoint {
         };
         Some((bytes(start, range.start.1), bytes(length, range.length.1)))
     }
+}
+
+/// The layout of one tracepoint on this kernel, `None` when the kernel lacks the tracepoint.
+pub(super) fn layout_of(point: &Tracepoint) -> anyhow::Result<Option<TracepointLayout>> {
+    let Some(format) = tracefs::read_format(point.category, point.name)? else {
+        return Ok(None);
+    };
+    let field = |name: &str| {
+        tracefs::find_field(&format, name).with_context(|| {
+            format!(
+                "tracepoint {}:{} has no field {name:?}",
+                point.category, point.name
+            )
+        })
+    };
+    let (skip, skip_mask) = match point.skip {
+        Some((name, mask)) => (field(name)?, mask),
+        None => (Default::default(), 0),
+    };
+    // A change of the whole file has no range: its start and length read as 0.
+    let (start, length) = match &point.range {
+        Some(range) => (field(range.start.0)?, field(range.length.0)?),
+        None => Default::default(),
+    };
+    let (data_flags, data_mask) = match point.data_flag {
+        Some((name, mask)) => (field(name)?, mask),
+        None => (Default::default(), 0),
+    };
+    let (physical_start, physical_length) = match point.physical {
+        Some((start, length)) => (field(start)?, field(length)?),
+        None => Default::default(),
+    };
+    Ok(Some(TracepointLayout {
+        dev: field("dev")?,
+        ino: field("ino")?,
+        start,
+        length,
+        skip,
+        physical_start,
+        physical_length,
+        flags: point.flags,
+        skip_mask,
+        physical_skip_mask: point.physical_skip,
+        data_flags,
+        _pad2: 0,
+        data_mask,
+    }))
 }
 
 #[cfg(test)]
