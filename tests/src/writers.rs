@@ -101,6 +101,13 @@ impl Rng {
         self.next_u64() % n
     }
 
+    /// A pretend extent as the bench crowds the kernel's sector map with: its start (in
+    /// sectors, 4 KiB-aligned, in `[lo, hi)`) and its length, 4 to 64 KiB.
+    pub fn scattered_extent(&mut self, lo: u64, hi: u64) -> (u64, u64) {
+        let start = lo + self.below((hi - lo) / 8) * 8;
+        (start, 8 * (1 + self.below(16)))
+    }
+
     pub fn duration_below(&mut self, max: Duration) -> Duration {
         max.mul_f64((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
     }

@@ -39,8 +39,8 @@ pub use hub::{EventFeed, Feed, Hub};
 pub use io_hook::IoHook;
 pub use programs::standalone_counting;
 use programs::{
-    NewFiles, OBJECT, attach_counting, attach_new_files, attach_region_probe, raise_memlock_limit,
-    spawn_program_log, take_map, unattached_counting_over,
+    NewFiles, OBJECT, attach_counting, attach_new_files, attach_region_probe, load_program,
+    raise_memlock_limit, spawn_program_log, take_map, unattached_counting_over,
 };
 use tracepoints::layout_of;
 pub use tracepoints::{Change, TRACEPOINTS, Tracepoint};
@@ -340,13 +340,7 @@ impl Tracer {
         }
         let mut attached = Vec::new();
         for tp in present {
-            let program: &mut TracePoint = ebpf
-                .program_mut(tp.name)
-                .with_context(|| format!("program {} missing from the eBPF object", tp.name))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("verifying program {}", tp.name))?;
+            let program = load_program(&mut ebpf, tp.name, TracePoint::load)?;
             let link = program
                 .attach(tp.category, tp.name)
                 .with_context(|| format!("attaching to {}:{}", tp.category, tp.name))?;

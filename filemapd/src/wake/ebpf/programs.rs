@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{KProbe, RawTracePoint, links::FdLink},
+    programs::{KProbe, Program, ProgramError, RawTracePoint, links::FdLink},
 };
 use filemapd_common::{InodeKey, Placement, names, sector_map::TableLogs};
 use std::{
@@ -75,14 +75,7 @@ fn attach_kprobes(
 
 /// Loads (verifies) the kprobe program `name` of the object.
 fn load_kprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut KProbe> {
-    let program: &mut KProbe = ebpf
-        .program_mut(name)
-        .with_context(|| format!("program {name} is missing from the eBPF object"))?
-        .try_into()?;
-    program
-        .load()
-        .with_context(|| format!("verifying program {name}"))?;
-    Ok(program)
+    load_program(ebpf, name, KProbe::load)
 }
 
 /// Loads (verifies) the raw tracepoint program `name` of the object.
@@ -90,13 +83,23 @@ fn load_raw_tracepoint<'a>(
     ebpf: &'a mut Ebpf,
     name: &str,
 ) -> anyhow::Result<&'a mut RawTracePoint> {
-    let program: &mut RawTracePoint = ebpf
+    load_program(ebpf, name, RawTracePoint::load)
+}
+
+/// The program `name` of the object as a `P`, loaded (verified) with `load`.
+pub(super) fn load_program<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+    load: impl FnOnce(&mut P) -> Result<(), ProgramError>,
+) -> anyhow::Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let program: &mut P = ebpf
         .program_mut(name)
         .with_context(|| format!("program {name} is missing from the eBPF object"))?
         .try_into()?;
-    program
-        .load()
-        .with_context(|| format!("verifying program {name}"))?;
+    load(program).with_context(|| format!("verifying program {name}"))?;
     Ok(program)
 }
 
@@ -217,16 +220,9 @@ fn counting_over(
         .context("the IO probe")?
         .fd()?
         .try_clone()?;
-    let service: &mut RawTracePoint = ebpf
-        .program_mut(names::CHARGE_SERVICE)
-        .context("the charge service")?
-        .try_into()?;
-    service.load().context("verifying the charge service")?;
-    let carry: &mut RawTracePoint = ebpf
-        .program_mut(names::CARRY_SERVICE)
-        .context("the carry service")?
-        .try_into()?;
-    carry.load().context("verifying the carry service")?;
+    for service in [names::CHARGE_SERVICE, names::CARRY_SERVICE] {
+        load_raw_tracepoint(ebpf, service)?;
+    }
     let map = sector_map::SectorMap::new(
         take_map(ebpf, names::CHUNKS)?,
         take_map(ebpf, names::BLOCKS)?,

@@ -204,8 +204,8 @@ fn crowd(counting: &Arc<Counting>, dev: u32, round: usize) -> usize {
             .expect("a slot");
         let mut ranges: Vec<SectorRange> = (0..CROWD / FILES)
             .map(|_| {
-                let start = PAST_THE_DEVICE + rng.below((DEVICE_SECTORS - PAST_THE_DEVICE) / 8) * 8;
-                SectorRange::new(start, 8 * (1 + rng.below(16)))
+                let (start, len) = rng.scattered_extent(PAST_THE_DEVICE, DEVICE_SECTORS);
+                SectorRange::new(start, len)
             })
             .collect();
         ranges = filemapd::sectors::union(ranges);

@@ -229,8 +229,8 @@ pub fn probe_cost() {
                 .expect("a slot");
             let mut ranges: Vec<SectorRange> = (0..per_file)
                 .map(|_| {
-                    let start = rng.below(DEVICE_SECTORS / 8) * 8;
-                    SectorRange::new(start, 8 * (1 + rng.below(16)))
+                    let (start, len) = rng.scattered_extent(0, DEVICE_SECTORS);
+                    SectorRange::new(start, len)
                 })
                 .collect();
             ranges.sort_unstable();
