@@ -360,6 +360,7 @@ fn main() -> ExitCode {
                     config.as_deref(),
                     &paths,
                     regions,
+                    kernel_map_extents,
                 ) {
                     Ok(true) => ExitCode::SUCCESS,
                     Ok(false) => ExitCode::FAILURE,

@@ -594,8 +594,9 @@ fn xfs_a_re_created_image_keeps_one_group() {
 }
 
 /// `watch --check-config` says, per file, what a watch would do with it (adopt which group,
-/// make one and how, or count it in the kernel alone) and changes nothing on the device; a
-/// config with a mistake fails in one line that names the line at fault.
+/// make one and how, or count it in the kernel alone), what the kernel's sector map is sized
+/// for against the extents the files hold, and changes nothing on the device; a config with
+/// a mistake fails in one line that names the line at fault.
 #[test]
 fn check_config_says_what_would_be_watched_and_changes_nothing() {
     require_device_mapper();
@@ -612,7 +613,7 @@ fn check_config_says_what_would_be_watched_and_changes_nothing() {
     fs::write(
         &config,
         format!(
-            "[[path]]\npath = \"{}\"\n\n[[path]]\npath = \"{}\"\nregions = \"none\"\n",
+            "kernel_map_extents = 2\n\n[[path]]\npath = \"{}\"\n\n[[path]]\npath = \"{}\"\nregions = \"none\"\n",
             images.display(),
             quiet.display()
         ),
@@ -647,6 +648,17 @@ fn check_config_says_what_would_be_watched_and_changes_nothing() {
         let line = format!("{}: {how}", file.display());
         assert!(said.contains(&line), "no {line:?} in:\n{said}");
     }
+    // The map's size as the config sets it, against the extents filefrag lists.
+    let held: usize = [&fresh, &mapped, &quiet]
+        .iter()
+        .map(|file| listed_extents(file))
+        .sum();
+    for line in [
+        "kernel map: with eBPF, sized for 2 extents (kernel_map_extents in the config): 1.5 kB of the kernel's memory".to_string(),
+        format!("kernel map: the files hold {held} extents now, more than it is sized for"),
+    ] {
+        assert!(held > 2 && said.contains(&line), "no {line:?} in:\n{said}");
+    }
     assert_eq!(
         filemapd_tests::daemon::region_table(&mapped),
         before,
@@ -668,14 +680,25 @@ fn check_config_says_what_would_be_watched_and_changes_nothing() {
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
-    let line = format!(
-        "{}: no group yet: one made as dmstats makes it (alias renamed, program id mine), regions tiled, followed by path",
-        fresh.display()
-    );
-    assert!(
-        out.status.success() && said.contains(&line),
-        "no {line:?} in:\n{said}"
-    );
+    for line in [
+        format!(
+            "{}: no group yet: one made as dmstats makes it (alias renamed, program id mine), regions tiled, followed by path",
+            fresh.display()
+        ),
+        "kernel map: with eBPF, sized for 50000 extents (the default): 25.2 MB".to_string(),
+        format!(
+            "kernel map: the files hold {} now\n",
+            match listed_extents(&fresh) {
+                1 => "1 extent".to_string(),
+                n => format!("{n} extents"),
+            }
+        ),
+    ] {
+        assert!(
+            out.status.success() && said.contains(&line),
+            "no {line:?} in:\n{said}"
+        );
+    }
 
     let broken = dmfs.mount.dir.join("broken.toml");
     fs::write(&broken, "[[path]]\npath = \"/x\"\nregion = \"none\"\n").unwrap();
@@ -683,4 +706,22 @@ fn check_config_says_what_would_be_watched_and_changes_nothing() {
     assert_eq!(code, Some(1), "{said}{errors}");
     assert_eq!(errors.trim().lines().count(), 1, "{errors}");
     assert!(errors.contains("line 3"), "{errors}");
+}
+
+/// The placed extents `filefrag -v` lists for a file, one per line (not merged).
+fn listed_extents(file: &std::path::Path) -> usize {
+    let out = std::process::Command::new("filefrag")
+        .arg("-v")
+        .arg(file)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|line| {
+            let mut cols = line.split(':');
+            cols.next().is_some_and(|i| i.trim().parse::<u64>().is_ok())
+                && !line.contains("unknown_loc")
+                && !line.contains("delalloc")
+        })
+        .count()
 }

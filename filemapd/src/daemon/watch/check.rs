@@ -1,22 +1,45 @@
 //! `filemapd watch --check-config`: what a config and PATHs would have the watch follow, and
 //! how, printed one file per line; nothing is made, changed or loaded. A config that cannot
-//! be read or parsed fails with the line at fault; so does a PATH that is not there.
+//! be read or parsed fails with the line at fault; so does a PATH that is not there. With
+//! eBPF, what the kernel's sector map is sized for, against the extents the files hold now.
 use std::path::Path;
 
 use super::{
     config::{Config, PathSpec, read_config},
     paths::files_under,
 };
-use crate::{daemon::regions::Regions, oneshot};
+use crate::{
+    daemon::regions::Regions,
+    file::fiemap,
+    oneshot,
+    wake::ebpf::{DEFAULT_MAP_EXTENTS, check_map_extents, tables_for_extents},
+};
 
 /// Prints what would be watched; returns whether every file named can be (a file without
-/// extents yet can: the watch takes it up at its first blocks).
-pub fn check(config: Option<&Path>, paths: &[PathSpec], regions: Regions) -> anyhow::Result<bool> {
+/// extents yet can: the watch takes it up at its first blocks). `kernel_map_extents`:
+/// `--kernel-map-extents`, over the config's.
+pub fn check(
+    config: Option<&Path>,
+    paths: &[PathSpec],
+    regions: Regions,
+    kernel_map_extents: Option<u32>,
+) -> anyhow::Result<bool> {
     let config = match config {
         Some(config) => read_config(config)?,
         None => Config::default(),
     };
     let mut all_ok = true;
+    let (map_extents, sized_by) = match (kernel_map_extents, config.kernel_map_extents) {
+        (Some(n), _) => (check_map_extents(n)?, "--kernel-map-extents"),
+        (None, Some(n)) => (n, "kernel_map_extents in the config"),
+        (None, None) => (DEFAULT_MAP_EXTENTS, "the default"),
+    };
+    println!(
+        "kernel map: with eBPF, sized for {} ({sized_by}): {} of the kernel's memory, taken whole at start",
+        extents(u64::from(map_extents)),
+        megabytes(tables_for_extents(map_extents).bytes())
+    );
+    let mut extents_now = 0;
     if let Some(metrics) = config.metrics {
         match crate::daemon::metrics::check_address(metrics.address, metrics.remote) {
             Ok(address) => println!(
@@ -94,11 +117,52 @@ pub fn check(config: Option<&Path>, paths: &[PathSpec], regions: Regions) -> any
                 }
                 (_, Err(e)) => {
                     all_ok = false;
-                    format!("the watch would skip it: {e:#}")
+                    println!(
+                        "{}: the watch would skip it: {e:#}, followed by {}",
+                        file.display(),
+                        spec.follow
+                    );
+                    continue;
                 }
             };
             println!("{}: {how}, followed by {}", file.display(), spec.follow);
+            extents_now += placed_extents(&file);
         }
     }
+    let held = format!("kernel map: the files hold {} now", extents(extents_now));
+    if extents_now > u64::from(map_extents) {
+        println!(
+            "{held}, more than it is sized for: some of their IO may go uncounted (filemapd_file_uncounted_runs says; raise kernel_map_extents)"
+        );
+    } else {
+        println!("{held}");
+    }
     Ok(all_ok)
+}
+
+/// The file's extents on its device now, as FIEMAP lists them (0 when it cannot be read:
+/// its line said why already).
+fn placed_extents(file: &Path) -> u64 {
+    let Ok(opened) = std::fs::File::open(file) else {
+        return 0;
+    };
+    fiemap::read_extents(&opened, 0, u64::MAX, false)
+        .map(|extents| extents.iter().filter(|e| e.is_placed()).count() as u64)
+        .unwrap_or(0)
+}
+
+fn extents(n: u64) -> String {
+    match n {
+        1 => "1 extent".to_string(),
+        n => format!("{n} extents"),
+    }
+}
+
+/// Bytes as MB with one decimal (kB below 0.1 MB, where that would read 0.0).
+fn megabytes(bytes: u64) -> String {
+    if bytes < 100_000 {
+        format!("{:.1} kB", bytes as f64 / 1e3)
+    } else {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    }
 }

@@ -84,8 +84,9 @@ pub fn check_config(
     config: Option<&Path>,
     paths: &[PathSpec],
     regions: Regions,
+    kernel_map_extents: Option<u32>,
 ) -> anyhow::Result<bool> {
-    check::check(config, paths, regions)
+    check::check(config, paths, regions, kernel_map_extents)
 }
 
 /// Monitors the config's files until each one's group is gone (or its file is). SIGHUP reads
