@@ -74,9 +74,10 @@ pub struct TableLogs {
 }
 
 impl TableLogs {
-    /// The bytes both tables take in the kernel.
+    /// The bytes the tables take in the kernel, with the word per chunk entry that its makers
+    /// take turns on (the kernel half's `MAKING`, a u64 each).
     pub const fn bytes(&self) -> u64 {
-        (1u64 << self.chunks) * core::mem::size_of::<Chunk>() as u64
+        (1u64 << self.chunks) * (core::mem::size_of::<Chunk>() as u64 + 8)
             + (1u64 << self.blocks) * core::mem::size_of::<Block>() as u64
     }
 }

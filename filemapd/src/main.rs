@@ -102,7 +102,7 @@ enum Command {
         #[arg(long, value_enum, value_name = "HOOK")]
         io_hook: Option<filemapd::wake::ebpf::IoHook>,
         /// How many file extents the kernel's sector map (the counting's) is sized for,
-        /// scattered as badly as they can be (default 50,000: 25 MB of the kernel's memory,
+        /// scattered as badly as they can be (default 50,000: 27 MB of the kernel's memory,
         /// mapped into the daemon; the tables double at each power of two, up to 3,000,000:
         /// 1.7 GB). Past it some runs of sectors may find no room: the daemon warns, and
         /// their IO is not counted (`filemapd_file_uncounted_runs`). Over a TOML config's
@@ -356,6 +356,7 @@ fn main() -> ExitCode {
                 Err(e) => return fail(&format!("{e:#}")),
             };
             if check_config {
+                ends_with_its_reader();
                 return match filemapd::daemon::watch::check_config(
                     config.as_deref(),
                     &paths,
@@ -452,6 +453,7 @@ fn main() -> ExitCode {
             batch,
         }) => {
             logging::init(0);
+            ends_with_its_reader();
             let options = filemapd::top::Options {
                 address: metrics,
                 interval,
@@ -465,6 +467,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Report { paths }) => {
             logging::init(0);
+            ends_with_its_reader();
             match filemapd::report::run(&paths) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
@@ -473,6 +476,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Show { path, group_id }) => {
             logging::init(0);
+            ends_with_its_reader();
             match filemapd::show::run(&path, group_id) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("{e:#}")),
@@ -488,6 +492,15 @@ fn main() -> ExitCode {
             Err(e) => fail(&e.to_string()),
         },
     }
+}
+
+/// A command that only reads and prints (`report`, `show`, `top`, `watch --check-config`)
+/// ends quietly when its reader goes (`| head`), as other tools do: Rust starts with SIGPIPE
+/// ignored, and a print to a closed pipe would panic. The daemons and `trace` keep it
+/// ignored: a reader or a scraper that goes must not end them between two dm messages.
+fn ends_with_its_reader() {
+    // SAFETY: sets one signal's disposition to the default; no handler is involved.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
 /// dmstats starts the daemon with lvm2's arguments only, so the eBPF trigger is chosen through

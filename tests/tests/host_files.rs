@@ -1,4 +1,5 @@
-//! File checks on this machine's kernel: what filemapd refuses to map, and why.
+//! File checks on this machine's kernel: what filemapd refuses to map, and why; and how its
+//! printing commands end when their reader goes.
 use std::{fs, path::Path};
 
 use filemapd::file::identity::check_mappable;
@@ -108,5 +109,34 @@ fn data_ranges_stop_at_the_end_of_the_file() {
             .map(|r| r.len)
             .sum();
         assert_eq!(data, 24, "{}: three 4 KiB blocks of data", fs_kind.name());
+    }
+}
+
+/// `report` and `watch --check-config` piped into a reader that has gone (`| head` after its
+/// lines) end by SIGPIPE, as other tools do, without a panic's message on stderr.
+#[test]
+fn printing_commands_end_quietly_when_their_reader_goes() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let scratch = ScratchDir::new(Path::new("/var/tmp"), "sigpipe").unwrap();
+    let file = scratch.0.join("f.img");
+    write_and_sync(&file, 0, 64 << 10).unwrap();
+    for args in [&["report"][..], &["watch", "--check-config"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(filemapd_tests::daemon::filemapd_binary())
+            .args(args)
+            .arg(&file)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {:?}, stderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let errors = String::from_utf8_lossy(&out.stderr);
+        assert!(!errors.contains("panicked"), "{args:?}: {errors}");
     }
 }

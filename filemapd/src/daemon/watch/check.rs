@@ -12,7 +12,7 @@ use crate::{
     daemon::regions::Regions,
     file::fiemap,
     oneshot,
-    wake::ebpf::{DEFAULT_MAP_EXTENTS, check_map_extents, tables_for_extents},
+    wake::ebpf::{DEFAULT_MAP_EXTENTS, check_map_extents, tables_for_extents, tables_size},
 };
 
 /// Prints what would be watched; returns whether every file named can be (a file without
@@ -37,7 +37,7 @@ pub fn check(
     println!(
         "kernel map: with eBPF, sized for {} ({sized_by}): {} of the kernel's memory, taken whole at start",
         extents(u64::from(map_extents)),
-        megabytes(tables_for_extents(map_extents).bytes())
+        tables_size(tables_for_extents(map_extents))
     );
     let mut extents_now = 0;
     if let Some(metrics) = config.metrics {
@@ -155,14 +155,5 @@ fn extents(n: u64) -> String {
     match n {
         1 => "1 extent".to_string(),
         n => format!("{n} extents"),
-    }
-}
-
-/// Bytes as MB with one decimal (kB below 0.1 MB, where that would read 0.0).
-fn megabytes(bytes: u64) -> String {
-    if bytes < 100_000 {
-        format!("{:.1} kB", bytes as f64 / 1e3)
-    } else {
-        format!("{:.1} MB", bytes as f64 / 1e6)
     }
 }

@@ -30,7 +30,7 @@ use crate::{
     daemon::regions::Regions,
     reconcile::Mapping,
     stats::Devices,
-    wake::ebpf::{DEFAULT_MAP_EXTENTS, Hub, IoHook, Tracer, tables_for_extents},
+    wake::ebpf::{DEFAULT_MAP_EXTENTS, Hub, IoHook, Tracer, tables_for_extents, tables_size},
     wake::notify::Notifier,
 };
 
@@ -183,8 +183,8 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         && hub.counting_unavailable().is_none()
     {
         info!(
-            "the kernel's sector map is sized for {map_extents} scattered extents ({:.1} MB)",
-            tables.bytes() as f64 / 1e6
+            "the kernel's sector map is sized for {map_extents} scattered extents ({})",
+            tables_size(tables)
         );
     }
     let mut watch = Watch {

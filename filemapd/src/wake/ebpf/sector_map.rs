@@ -67,7 +67,8 @@ pub struct Held {
 }
 
 /// The extents a `watch`'s sector map is sized for unless its `kernel_map_extents` says: its
-/// tables are 262,144 chunks (18.9 MB) and 131,072 blocks (6.3 MB).
+/// tables are 262,144 chunks (18.9 MB, and 2.1 MB of their makers' words) and 131,072 blocks
+/// (6.3 MB): 27.3 MB.
 pub const DEFAULT_MAP_EXTENTS: u32 = 50_000;
 /// The most `kernel_map_extents` may ask for: 2^24 chunks and 2^23 blocks (about 1.7 GB of
 /// the kernel's memory, with the chunk makers' words).
@@ -86,6 +87,15 @@ pub const fn tables_for_extents(extents: u32) -> TableLogs {
     TableLogs {
         chunks,
         blocks: chunks - 1,
+    }
+}
+
+/// The kernel memory `tables` take, in kB, MB or GB with one decimal.
+pub fn tables_size(tables: TableLogs) -> String {
+    match tables.bytes() as f64 {
+        b if b < 1e5 => format!("{:.1} kB", b / 1e3),
+        b if b < 1e9 => format!("{:.1} MB", b / 1e6),
+        b => format!("{:.1} GB", b / 1e9),
     }
 }
 
@@ -682,6 +692,18 @@ mod tests {
                 "{extents}: {chunks}"
             );
         }
+    }
+
+    #[test]
+    fn the_tables_size_counts_every_table_and_the_makers_words() {
+        // Per chunk entry: the chunk (72 bytes) and its maker's word (8); per block: 48.
+        assert_eq!(tables_for_extents(1).bytes(), 16 * (72 + 8) + 8 * 48);
+        assert_eq!(tables_size(tables_for_extents(1)), "1.7 kB");
+        assert_eq!(
+            tables_size(tables_for_extents(DEFAULT_MAP_EXTENTS)),
+            "27.3 MB"
+        );
+        assert_eq!(tables_size(tables_for_extents(MOST_MAP_EXTENTS)), "1.7 GB");
     }
 
     #[test]
