@@ -80,6 +80,9 @@ enum Task {
         /// Guest memory, in vng's `--memory` syntax (dm-stats caps its regions at a quarter of it).
         #[arg(long, default_value = vm::DEFAULT_MEMORY)]
         memory: String,
+        /// The Debian kernel series to boot (6.1 or 6.12).
+        #[arg(long, default_value = "6.1")]
+        kernel: String,
     },
 }
 
@@ -107,17 +110,20 @@ fn main() -> ExitCode {
             command,
             timeout,
             memory,
-        } => setup::run().and_then(|()| {
-            let out = vm::run_on(
-                vm::KERNEL_SERIES[0],
-                &command,
-                std::time::Duration::from_secs(timeout),
-                &memory,
-            )?;
-            print!("{}", out.output);
-            anyhow::ensure!(out.success, "the command failed in the VM ({})", out.status);
-            Ok(())
-        }),
+            kernel,
+        } => vm::check_series(&kernel)
+            .and_then(|()| setup::run())
+            .and_then(|()| {
+                let out = vm::run_on(
+                    &kernel,
+                    &command,
+                    std::time::Duration::from_secs(timeout),
+                    &memory,
+                )?;
+                print!("{}", out.output);
+                anyhow::ensure!(out.success, "the command failed in the VM ({})", out.status);
+                Ok(())
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

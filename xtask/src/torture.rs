@@ -9,11 +9,7 @@ use crate::{cmd, setup, test, vm};
 
 pub fn run(minutes: f64, seed: Option<u64>, kernel: &str) -> anyhow::Result<()> {
     setup::run()?;
-    ensure!(
-        vm::KERNEL_SERIES.contains(&kernel),
-        "no kernel series {kernel:?} (there are: {})",
-        vm::KERNEL_SERIES.join(", ")
-    );
+    vm::check_series(kernel)?;
     ensure!(minutes > 0.0, "--minutes must be positive");
     cmd::status(
         Command::new(env!("CARGO"))

@@ -58,6 +58,16 @@ pub struct VmOutput {
 /// the one `demo`, `bench` and `vm` boot.
 pub const KERNEL_SERIES: [&str; 2] = ["6.1", "6.12"];
 
+/// Fails, naming the series there are, unless `series` is one of [`KERNEL_SERIES`].
+pub fn check_series(series: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        KERNEL_SERIES.contains(&series),
+        "no kernel series {series:?} (there are: {})",
+        KERNEL_SERIES.join(", ")
+    );
+    Ok(())
+}
+
 /// The newest installed Debian kernel image of one series (`6.1` finds vmlinuz-6.1.0-56-amd64,
 /// not 6.12).
 pub fn kernel(series: &str) -> anyhow::Result<PathBuf> {
