@@ -24,6 +24,13 @@ impl Monitor {
         group: Group,
         remembered: bool,
     ) -> anyhow::Result<Option<Group>> {
+        let updated = self.update_group(group, remembered);
+        self.forget_events_when_settled();
+        updated
+    }
+
+    /// [`Monitor::update`] but for the events' wait, which every way out of it leaves alone.
+    fn update_group(&mut self, group: Group, remembered: bool) -> anyhow::Result<Option<Group>> {
         self.tally.passes += 1;
         self.regions_changed = false;
         // Recordings after this instant may be missing from the reading: the kernel's sector
@@ -41,16 +48,12 @@ impl Monitor {
                     settings: group.settings.clone(),
                 })
             });
-            self.forget_events_when_settled();
             return Ok(None);
         }
         self.sync_kernel_map(read_at);
         let whole_read = matches!(reading, Reading::Whole);
         let plan = match reading {
-            Reading::Stretch(change) if change.unchanged => {
-                self.forget_events_when_settled();
-                return Ok(Some(group));
-            }
+            Reading::Stretch(change) if change.unchanged => return Ok(Some(group)),
             Reading::Stretch(change) => {
                 let mut near: Vec<SectorRange> = change.before.clone();
                 near.extend(&change.after);
@@ -63,10 +66,7 @@ impl Monitor {
             Some(plan) => plan,
             None => match self.whole_plan(&group) {
                 Some(plan) => plan,
-                None => {
-                    self.forget_events_when_settled();
-                    return Ok(Some(group));
-                }
+                None => return Ok(Some(group)),
             },
         };
         // Only a pass that creates regions suspends the device: only it needs to know.
@@ -120,7 +120,6 @@ impl Monitor {
                     .map(|oldest| now.saturating_sub(oldest) / 1000),
             });
         }
-        self.forget_events_when_settled();
         if cfg!(debug_assertions) && self.event_driven() {
             self.check_remembered(&outcome.group)?;
         }
@@ -254,7 +253,8 @@ impl Monitor {
     /// The events a pass answered wait for their region until a pass makes it: xfs shows a
     /// delayed allocation's blocks only after writeback, which a settling pass (no new
     /// event) may be the first to see. Once the file is settled, what made no region stops
-    /// waiting, so that a later growth's wait starts at its own event.
+    /// waiting, so that a later growth's wait starts at its own event. Called after every
+    /// update, whichever way it ended.
     fn forget_events_when_settled(&mut self) {
         if self.recheck.is_none() {
             self.oldest_event_ns = None;

@@ -6,13 +6,14 @@ use std::path::Path;
 
 use super::{
     config::{Config, PathSpec, read_config},
+    map_extents,
     paths::files_under,
 };
 use crate::{
     daemon::regions::Regions,
     file::fiemap,
     oneshot,
-    wake::ebpf::{DEFAULT_MAP_EXTENTS, check_map_extents, tables_for_extents, tables_size},
+    wake::ebpf::{tables_for_extents, tables_size},
 };
 
 /// Prints what would be watched; returns whether every file named can be (a file without
@@ -29,11 +30,7 @@ pub fn check(
         None => Config::default(),
     };
     let mut all_ok = true;
-    let (map_extents, sized_by) = match (kernel_map_extents, config.kernel_map_extents) {
-        (Some(n), _) => (check_map_extents(n)?, "--kernel-map-extents"),
-        (None, Some(n)) => (n, "kernel_map_extents in the config"),
-        (None, None) => (DEFAULT_MAP_EXTENTS, "the default"),
-    };
+    let (map_extents, sized_by) = map_extents(kernel_map_extents, config.kernel_map_extents);
     println!(
         "kernel map: with eBPF, sized for {} ({sized_by}): {} of the kernel's memory, taken whole at start",
         extents(u64::from(map_extents)),

@@ -89,6 +89,16 @@ pub fn check_config(
     check::check(config, paths, regions, kernel_map_extents)
 }
 
+/// The extents the kernel's sector map is sized for, and what set them: `--kernel-map-extents`
+/// (`asked`, checked when parsed) over the config's `kernel_map_extents` over the default.
+fn map_extents(asked: Option<u32>, configured: Option<u32>) -> (u32, &'static str) {
+    match (asked, configured) {
+        (Some(n), _) => (n, "--kernel-map-extents"),
+        (None, Some(n)) => (n, "kernel_map_extents in the config"),
+        (None, None) => (DEFAULT_MAP_EXTENTS, "the default"),
+    }
+}
+
 /// Monitors the config's files until each one's group is gone (or its file is). SIGHUP reads
 /// the config again: files no longer named stop being watched (between passes; their groups
 /// stay), new ones start; the others go on untouched. SIGTERM ends every monitor between
@@ -116,9 +126,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         kernel_map_extents: configured_map_extents,
     } = resolve(config, &paths, regions)?;
     let io_hook = io_hook.or(configured_io_hook);
-    let map_extents = kernel_map_extents
-        .or(configured_map_extents)
-        .unwrap_or(DEFAULT_MAP_EXTENTS);
+    let (map_extents, _) = map_extents(kernel_map_extents, configured_map_extents);
     // `--handoff` takes hand-overs on the config's socket, or on the one daemons look for.
     let handoff_socket = match (handoff, &configured_handoff) {
         (_, Some(socket)) => Some(socket.clone()),
