@@ -127,8 +127,9 @@ enum Command {
         #[arg(long)]
         handoff: bool,
         /// Print what the config and PATHs would have watched, and how, then exit: 0 when
-        /// every file can be watched, 1 otherwise (a config error names its line). Nothing
-        /// is made or changed.
+        /// every file can be watched and the watch would start, 1 otherwise (a config error
+        /// names its line). Where the watch would use eBPF, its programs are loaded for a
+        /// moment to say whether they can run here. Nothing is made or changed.
         #[arg(long)]
         check_config: bool,
         /// Log more: -v info, -vv debug, -vvv trace.
@@ -355,19 +356,6 @@ fn main() -> ExitCode {
                 Ok(paths) => paths,
                 Err(e) => return fail(&format!("{e:#}")),
             };
-            if check_config {
-                ends_with_its_reader();
-                return match filemapd::daemon::watch::check_config(
-                    config.as_deref(),
-                    &paths,
-                    regions,
-                    kernel_map_extents,
-                ) {
-                    Ok(true) => ExitCode::SUCCESS,
-                    Ok(false) => ExitCode::FAILURE,
-                    Err(e) => fail(&format!("{e:#}")),
-                };
-            }
             let metrics = match metrics
                 .map(|a| filemapd::daemon::metrics::check_address(a, metrics_remote))
                 .transpose()
@@ -375,7 +363,7 @@ fn main() -> ExitCode {
                 Ok(metrics) => metrics,
                 Err(e) => return fail(&format!("{e:#}")),
             };
-            watch(filemapd::daemon::watch::Options {
+            let options = filemapd::daemon::watch::Options {
                 config,
                 paths,
                 interval,
@@ -386,7 +374,16 @@ fn main() -> ExitCode {
                 ebpf_log: false,
                 io_hook,
                 kernel_map_extents,
-            })
+            };
+            if check_config {
+                ends_with_its_reader();
+                return match filemapd::daemon::watch::check_config(&options) {
+                    Ok(true) => ExitCode::SUCCESS,
+                    Ok(false) => ExitCode::FAILURE,
+                    Err(e) => fail(&format!("{e:#}")),
+                };
+            }
+            watch(options)
         }
         Some(Command::Trace {
             paths,

@@ -993,3 +993,55 @@ fn a_stop_right_after_ready_ends_the_watch_cleanly() {
         );
     }
 }
+
+/// `watch --check-config` loads the programs as the watch would and says what they can do
+/// here: nothing loaded without a reason to; with `--ebpf` they load, and say why the kernel
+/// cannot count (this machine has no device-mapper); with `--regions none`, which needs the
+/// counting, it fails with the reason the watch itself refuses to start with.
+#[test]
+fn check_config_says_whether_the_programs_load_here() {
+    require_root();
+    let scratch = ScratchDir::new(Path::new("/var/tmp"), "check-ebpf").unwrap();
+    let config = scratch.0.join("empty.toml");
+    fs::write(&config, "").unwrap();
+    let filemapd = |args: &[&str]| {
+        let out = std::process::Command::new(filemapd_tests::daemon::filemapd_binary())
+            .arg("watch")
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("FILEMAPD_EBPF")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, said, _) = filemapd(&["--check-config"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.contains("eBPF: not asked for: files poll every 0.5 s"),
+        "{said}"
+    );
+    let (code, said, _) = filemapd(&["--check-config", "--ebpf"]);
+    let loaded = "eBPF: the programs load here: allocation events wake the watch; the kernel cannot count the files' IO here: ";
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains(loaded), "no {loaded:?} in:\n{said}");
+
+    let (code, said, _) = filemapd(&["--check-config", "--regions", "none"]);
+    assert_eq!(code, Some(1), "{said}");
+    let refused = said
+        .lines()
+        .find_map(|line| line.strip_prefix("eBPF: the watch would refuse to start: "))
+        .unwrap_or_else(|| panic!("no refusal in:\n{said}"));
+    assert!(
+        refused.starts_with("--regions none: the kernel cannot count the files' IO here: "),
+        "{refused}"
+    );
+    // The watch itself refuses with the same words, before it watches anything.
+    let (code, _, errors) = filemapd(&["--regions", "none"]);
+    assert_eq!(code, Some(1), "{errors}");
+    assert_eq!(errors.trim_end().lines().last(), Some(refused), "{errors}");
+}

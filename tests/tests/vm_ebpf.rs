@@ -595,8 +595,9 @@ fn xfs_a_re_created_image_keeps_one_group() {
 
 /// `watch --check-config` says, per file, what a watch would do with it (adopt which group,
 /// make one and how, or count it in the kernel alone), what the kernel's sector map is sized
-/// for against the extents the files hold, and changes nothing on the device; a config with
-/// a mistake fails in one line that names the line at fault.
+/// for against the extents the files hold, whether the programs load (and count through
+/// which hook) when the watch would load them, and changes nothing on the device; a config
+/// with a mistake fails in one line that names the line at fault.
 #[test]
 fn check_config_says_what_would_be_watched_and_changes_nothing() {
     require_device_mapper();
@@ -659,6 +660,9 @@ fn check_config_says_what_would_be_watched_and_changes_nothing() {
     ] {
         assert!(held > 2 && said.contains(&line), "no {line:?} in:\n{said}");
     }
+    // A file counted by the kernel alone needs the programs: they are loaded to see.
+    let line = "eBPF: the programs load here: allocation events wake the watch, and the kernel counts the files' IO through the dm-stats hook";
+    assert!(said.contains(line), "no {line:?} in:\n{said}");
     assert_eq!(
         filemapd_tests::daemon::region_table(&mapped),
         before,
@@ -677,6 +681,7 @@ fn check_config_says_what_would_be_watched_and_changes_nothing() {
         ])
         .args(["--program-id", "mine"])
         .arg(&fresh)
+        .env_remove("FILEMAPD_EBPF")
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
@@ -686,6 +691,7 @@ fn check_config_says_what_would_be_watched_and_changes_nothing() {
             fresh.display()
         ),
         "kernel map: with eBPF, sized for 50000 extents (the default): 27.3 MB".to_string(),
+        "eBPF: not asked for: files poll every 0.5 s".to_string(),
         format!(
             "kernel map: the files hold {} now\n",
             match listed_extents(&fresh) {

@@ -1,36 +1,45 @@
 //! `filemapd watch --check-config`: what a config and PATHs would have the watch follow, and
-//! how, printed one file per line; nothing is made, changed or loaded. A config that cannot
-//! be read or parsed fails with the line at fault; so does a PATH that is not there. With
-//! eBPF, what the kernel's sector map is sized for, against the extents the files hold now.
+//! how, printed one file per line; nothing is made or changed. A config that cannot be read
+//! or parsed fails with the line at fault; so does a PATH that is not there. With eBPF, what
+//! the kernel's sector map is sized for, against the extents the files hold now, and whether
+//! the programs load here (they are loaded and attached for a moment, as the watch would):
+//! where an option needs the kernel's counting and cannot have it, the watch would refuse to
+//! start, and the check fails with the same reason.
 use std::path::Path;
 
 use super::{
-    config::{Config, PathSpec, read_config},
-    map_extents,
+    Options,
+    config::{Config, read_config},
+    counting_demanded_by, loads_ebpf, map_extents,
     paths::files_under,
+    refusal,
 };
 use crate::{
     daemon::regions::Regions,
     file::fiemap,
     oneshot,
-    wake::ebpf::{tables_for_extents, tables_size},
+    wake::ebpf::{IoHook, Tracer, tables_for_extents, tables_size},
 };
 
 /// Prints what would be watched; returns whether every file named can be (a file without
-/// extents yet can: the watch takes it up at its first blocks). `kernel_map_extents`:
-/// `--kernel-map-extents`, over the config's.
-pub fn check(
-    config: Option<&Path>,
-    paths: &[PathSpec],
-    regions: Regions,
-    kernel_map_extents: Option<u32>,
-) -> anyhow::Result<bool> {
+/// extents yet can: the watch takes it up at its first blocks) and the watch would start.
+pub fn check(options: &Options) -> anyhow::Result<bool> {
+    let Options {
+        config,
+        paths,
+        regions,
+        kernel_map_extents,
+        ..
+    } = options;
+    let regions = *regions;
     let config = match config {
         Some(config) => read_config(config)?,
         None => Config::default(),
     };
     let mut all_ok = true;
-    let (map_extents, sized_by) = map_extents(kernel_map_extents, config.kernel_map_extents);
+    // As the watch decides it: a file left to the kernel's counters alone needs them.
+    let mut files_need_counting = regions == Regions::None;
+    let (map_extents, sized_by) = map_extents(*kernel_map_extents, config.kernel_map_extents);
     println!(
         "kernel map: with eBPF, sized for {} ({sized_by}): {} of the kernel's memory, taken whole at start",
         extents(u64::from(map_extents)),
@@ -90,6 +99,7 @@ pub fn check(
         };
         let named = std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone());
         if spec.path.is_dir() {
+            files_need_counting |= regions == Regions::None;
             println!(
                 "{}: a directory of {} file(s); files made there later are counted from birth, regions {regions}",
                 spec.path.display(),
@@ -99,7 +109,10 @@ pub fn check(
         for file in files {
             let how = match (regions, oneshot::existing_group(&file)) {
                 (_, Ok(Some(id))) => format!("adopts group {id}, regions {}", regions.with_group()),
-                (Regions::None, Ok(None)) => "regions none: the kernel's counters alone".into(),
+                (Regions::None, Ok(None)) => {
+                    files_need_counting = true;
+                    "regions none: the kernel's counters alone".into()
+                }
                 (_, Ok(None)) => {
                     let alias = spec
                         .alias
@@ -134,7 +147,60 @@ pub fn check(
     } else {
         println!("{held}");
     }
+    let io_hook = options.io_hook.or(config.io_hook);
+    if loads_ebpf(options.ebpf, files_need_counting, io_hook) {
+        all_ok &= programs_load(map_extents, io_hook, regions, options.interval);
+    } else {
+        println!(
+            "eBPF: not asked for: files poll every {} s (--ebpf wakes them on allocation instead)",
+            options.interval.as_secs_f64()
+        );
+    }
     Ok(all_ok)
+}
+
+/// Loads the programs as the watch would, says what they do here, and returns whether the
+/// watch would start.
+fn programs_load(
+    map_extents: u32,
+    io_hook: Option<IoHook>,
+    regions: Regions,
+    interval: std::time::Duration,
+) -> bool {
+    // The ring buffer registers with a runtime's reactor, which the check otherwise lacks.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            println!("eBPF: not tried: starting a runtime: {e}");
+            return false;
+        }
+    };
+    let _inside = runtime.enter();
+    let loaded = Tracer::load_to_check(tables_for_extents(map_extents), io_hook);
+    if let Some(refused) = refusal(&loaded, counting_demanded_by(regions, io_hook).as_deref()) {
+        println!("eBPF: the watch would refuse to start: {refused}");
+        return false;
+    }
+    match loaded {
+        Ok(tracer) => match (tracer.counting(), tracer.counting_unavailable()) {
+            (Some(counting), _) => println!(
+                "eBPF: the programs load here: allocation events wake the watch, and the kernel counts the files' IO through the {} hook",
+                counting.hook()
+            ),
+            (None, why) => println!(
+                "eBPF: the programs load here: allocation events wake the watch; the kernel cannot count the files' IO here: {}",
+                why.unwrap_or("no reason given")
+            ),
+        },
+        Err(e) => println!(
+            "eBPF: cannot be used here ({e:#}): files would poll every {} s",
+            interval.as_secs_f64()
+        ),
+    }
+    true
 }
 
 /// The file's extents on its device now, as FIEMAP lists them (0 when it cannot be read:

@@ -78,15 +78,31 @@ fn counting_demanded_by(regions: Regions, io_hook: Option<IoHook>) -> Option<Str
     }
 }
 
-/// `watch --check-config`: prints what the config and PATHs would have watched, and how,
-/// changing nothing; returns whether every file named can be watched.
-pub fn check_config(
-    config: Option<&Path>,
-    paths: &[PathSpec],
-    regions: Regions,
-    kernel_map_extents: Option<u32>,
-) -> anyhow::Result<bool> {
-    check::check(config, paths, regions, kernel_map_extents)
+/// Whether the watch loads the eBPF programs: asked to (`--ebpf`), or some file is to be
+/// counted by the kernel alone, or an IO hook is asked for.
+fn loads_ebpf(asked: bool, files_need_counting: bool, io_hook: Option<IoHook>) -> bool {
+    asked || files_need_counting || io_hook.is_some()
+}
+
+/// `watch --check-config`: prints what the config and PATHs would have watched, and how, and
+/// whether the kernel's programs load here, changing nothing; returns whether every file
+/// named can be watched and the watch would start.
+pub fn check_config(options: &Options) -> anyhow::Result<bool> {
+    check::check(options)
+}
+
+/// Why the watch cannot start with the kernel's programs as they loaded (`loaded`): an option
+/// that needs the kernel's counting (`demanded`, see [`counting_demanded_by`]) where the
+/// kernel cannot count.
+fn refusal(loaded: &anyhow::Result<Tracer>, demanded: Option<&str>) -> Option<String> {
+    let option = demanded?;
+    let why = match loaded {
+        Err(e) => format!("{e:#}"),
+        Ok(tracer) => tracer.counting_unavailable()?.to_string(),
+    };
+    Some(format!(
+        "{option}: the kernel cannot count the files' IO here: {why}"
+    ))
 }
 
 /// The extents the kernel's sector map is sized for, and what set them: `--kernel-map-extents`
@@ -146,7 +162,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     let counting_needed = regions == Regions::None
         || entries.iter().any(|e| e.group_id.is_none())
         || directories.iter().any(|d| d.regions == Some(Regions::None));
-    let ebpf = ebpf || counting_needed || io_hook.is_some();
+    let ebpf = loads_ebpf(ebpf, counting_needed, io_hook);
     let source = match config {
         Some(config) => config.display().to_string(),
         None => "the paths given".to_string(),
@@ -161,16 +177,17 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     };
     let tables = tables_for_extents(map_extents);
     let trigger = if ebpf {
-        match Tracer::load_service(
+        let loaded = Tracer::load_service(
             2 * entries.len() as u32 + FILTER_ROOM,
             tables,
             ebpf_log,
             io_hook,
-        ) {
+        );
+        if let Some(refused) = refusal(&loaded, counting_demanded_by(regions, io_hook).as_deref()) {
+            bail!("{refused}");
+        }
+        match loaded {
             Ok(tracer) => Some((Hub::spawn(tracer), Notifier::spawn_or_warn())),
-            Err(e) if let Some(option) = counting_demanded_by(regions, io_hook) => {
-                bail!("{option}: the kernel cannot count the files' IO here: {e:#}")
-            }
             Err(e) => {
                 warn!("eBPF trigger unavailable ({e:#}): polling every {interval:?}");
                 None
@@ -181,12 +198,6 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     };
     // Loading parsed the kernel's BTF, now freed.
     crate::memory::give_back_freed();
-    if let Some((hub, _)) = &trigger
-        && let Some(why) = hub.counting_unavailable()
-        && let Some(option) = counting_demanded_by(regions, io_hook)
-    {
-        bail!("{option}: the kernel cannot count the files' IO here: {why}");
-    }
     if let Some((hub, _)) = &trigger
         && hub.counting_unavailable().is_none()
     {

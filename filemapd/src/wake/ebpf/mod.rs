@@ -182,6 +182,13 @@ impl Tracer {
         Self::load_with(max_watched, tables, false, false, Layout::Kernel, None)
     }
 
+    /// [`Tracer::load`] as `watch --check-config` tries it: the programs a watch with the IO
+    /// hook `io_hook` (if asked for) and a sector map of `tables` would load, loaded and
+    /// attached for a moment, to learn whether they can be here.
+    pub fn load_to_check(tables: TableLogs, io_hook: Option<IoHook>) -> anyhow::Result<Self> {
+        Self::load_with(1, tables, false, false, Layout::Kernel, io_hook)
+    }
+
     /// [`Tracer::load`] that also verifies the programs a kernel without device-mapper cannot
     /// run as a dm host verifies them, for tests and the bench that price start-up: the IO and
     /// new-file probes get a made-up layout of the kernel's structures (an all-zero one makes
