@@ -997,7 +997,8 @@ fn a_stop_right_after_ready_ends_the_watch_cleanly() {
 /// `watch --check-config` loads the programs as the watch would and says what they can do
 /// here: nothing loaded without a reason to; with `--ebpf` they load, and say why the kernel
 /// cannot count (this machine has no device-mapper); with `--regions none`, which needs the
-/// counting, it fails with the reason the watch itself refuses to start with.
+/// counting, it fails with the reason the watch itself refuses to start with; with a
+/// directory of regions none in the config, it fails saying its files would not be followed.
 #[test]
 fn check_config_says_whether_the_programs_load_here() {
     require_root();
@@ -1044,4 +1045,24 @@ fn check_config_says_whether_the_programs_load_here() {
     let (code, _, errors) = filemapd(&["--regions", "none"]);
     assert_eq!(code, Some(1), "{errors}");
     assert_eq!(errors.trim_end().lines().last(), Some(refused), "{errors}");
+
+    // A config's directory of regions none: the watch would start, without following its
+    // files.
+    let images = scratch.0.join("images");
+    fs::create_dir(&images).unwrap();
+    fs::write(
+        &config,
+        format!(
+            "[[path]]\npath = \"{}\"\nregions = \"none\"\n",
+            images.display()
+        ),
+    )
+    .unwrap();
+    let (code, said, _) = filemapd(&["--check-config"]);
+    assert_eq!(code, Some(1), "{said}");
+    let line = said.lines().find(|line| line.starts_with(loaded));
+    assert!(
+        line.is_some_and(|line| line.ends_with("; the files of regions none would not be followed")),
+        "{said}"
+    );
 }

@@ -149,7 +149,13 @@ pub fn check(options: &Options) -> anyhow::Result<bool> {
     }
     let io_hook = options.io_hook.or(config.io_hook);
     if loads_ebpf(options.ebpf, files_need_counting, io_hook) {
-        all_ok &= programs_load(map_extents, io_hook, regions, options.interval);
+        all_ok &= programs_load(
+            map_extents,
+            io_hook,
+            regions,
+            files_need_counting,
+            options.interval,
+        );
     } else {
         println!(
             "eBPF: not asked for: files poll every {} s (--ebpf wakes them on allocation instead)",
@@ -160,11 +166,13 @@ pub fn check(options: &Options) -> anyhow::Result<bool> {
 }
 
 /// Loads the programs as the watch would, says what they do here, and returns whether the
-/// watch would start.
+/// watch would start and follow every file: one that the kernel's counters alone would count
+/// (`files_need_counting`) it stops following where the kernel cannot count.
 fn programs_load(
     map_extents: u32,
     io_hook: Option<IoHook>,
     regions: Regions,
+    files_need_counting: bool,
     interval: std::time::Duration,
 ) -> bool {
     // The ring buffer registers with a runtime's reactor, which the check otherwise lacks.
@@ -184,23 +192,34 @@ fn programs_load(
         println!("eBPF: the watch would refuse to start: {refused}");
         return false;
     }
+    let uncounted = "; the files of regions none would not be followed";
     match loaded {
         Ok(tracer) => match (tracer.counting(), tracer.counting_unavailable()) {
-            (Some(counting), _) => println!(
-                "eBPF: the programs load here: allocation events wake the watch, and the kernel counts the files' IO through the {} hook",
-                counting.hook()
-            ),
-            (None, why) => println!(
-                "eBPF: the programs load here: allocation events wake the watch; the kernel cannot count the files' IO here: {}",
-                why.unwrap_or("no reason given")
-            ),
+            (Some(counting), _) => {
+                println!(
+                    "eBPF: the programs load here: allocation events wake the watch, and the kernel counts the files' IO through the {} hook",
+                    counting.hook()
+                );
+                true
+            }
+            (None, why) => {
+                println!(
+                    "eBPF: the programs load here: allocation events wake the watch; the kernel cannot count the files' IO here: {}{}",
+                    why.unwrap_or("no reason given"),
+                    if files_need_counting { uncounted } else { "" }
+                );
+                !files_need_counting
+            }
         },
-        Err(e) => println!(
-            "eBPF: cannot be used here ({e:#}): files would poll every {} s",
-            interval.as_secs_f64()
-        ),
+        Err(e) => {
+            println!(
+                "eBPF: cannot be used here ({e:#}): files would poll every {} s{}",
+                interval.as_secs_f64(),
+                if files_need_counting { uncounted } else { "" }
+            );
+            !files_need_counting
+        }
     }
-    true
 }
 
 /// The file's extents on its device now, as FIEMAP lists them (0 when it cannot be read:
