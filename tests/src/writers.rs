@@ -8,7 +8,7 @@ use std::{
 };
 
 /// A guest's write with cache=none, as the writers here make it.
-const WRITE_CHUNK: usize = 64 << 10;
+pub const WRITE_CHUNK: usize = 64 << 10;
 
 /// A VM image with cache=none: 64 KiB O_DIRECT writes at random 64 KiB-aligned offsets of the
 /// sparse span `head..head + span`, as many bytes as the span (so some land twice), then one

@@ -12,7 +12,8 @@ use std::{
 
 use filemapd::stats::StatsDevice;
 use filemapd_tests::{
-    DmFs, FsKind, map_without_daemon, write_and_sync, writers::random_direct_writes,
+    DmFs, FsKind, map_without_daemon, write_and_sync,
+    writers::{WRITE_CHUNK, random_direct_writes},
 };
 
 use crate::{median, median_and_spread, monitors::Running, report};
@@ -41,6 +42,7 @@ pub fn run(rounds: usize) {
     );
     report!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut verdicts = Vec::new();
+    let mut prices = Vec::new();
     for fs_kind in [FsKind::Ext4, FsKind::Xfs] {
         let dmfs = DmFs::new(fs_kind).unwrap();
         let path = dmfs.mount.dir.join("image.img");
@@ -104,7 +106,7 @@ pub fn run(rounds: usize) {
         report!(
             "| {} | {} | {} | {} | {:+.1} % | {} | {:+.1} % | {} | {:+.1} % |",
             fs_kind.name(),
-            median_and_spread(regions, 0),
+            median_and_spread(regions.clone(), 0),
             median_and_spread(without.clone(), 1),
             median_and_spread(with.clone(), 1),
             slowdown(&with),
@@ -119,12 +121,78 @@ pub fn run(rounds: usize) {
             &kernel,
             5.0,
         ));
+        let regions_here = median(regions.clone());
+        prices.push((
+            fs_kind.name(),
+            walk_price(median(without.clone()), median(with.clone()), regions_here),
+            regions_here,
+        ));
     }
     report!("");
     for verdict in verdicts {
         report!("{verdict}");
     }
+    growth_against_the_walk(&prices);
     report!("");
+}
+
+/// What one region adds to each 64 KiB write's time, in seconds: the rewrite's time per write
+/// with the group less without it, over the group's regions (dm-stats walks them all).
+fn walk_price(without_mb_s: f64, with_mb_s: f64, regions: f64) -> f64 {
+    let write_mb = WRITE_CHUNK as f64 / 1e6;
+    (write_mb / with_mb_s - write_mb / without_mb_s) / regions
+}
+
+/// Issue 25's target for random-write growth with tiled regions: a slowdown no greater than
+/// the walk of the regions that exist explains. The counted-IO section's growth (same writes,
+/// allocating) set beside this section's price of a region, for the regions at its end (had
+/// they all been there from the start: the most the walk can explain) and for half of them
+/// (they come as the file grows).
+fn growth_against_the_walk(prices: &[(&str, f64, f64)]) {
+    let rows = crate::counted::TILED_GROWTH.lock().unwrap();
+    if rows.is_empty() {
+        report!(
+            "\n(The counted-IO section did not run: no growth to set beside the walk's price.)"
+        );
+        return;
+    }
+    report!(
+        "\nIssue 25: random 64 KiB O_DIRECT growth with tiled regions (the counted-IO section)\nagainst what the walk of its regions explains, priced here (a rewrite's time per write\nwith the group less without, over its regions):"
+    );
+    for row in rows.iter() {
+        let Some(&(_, price, priced_regions)) = prices.iter().find(|(fs, ..)| *fs == row.fs) else {
+            continue;
+        };
+        let base = median(row.baseline.clone());
+        let measured = (base - median(row.tiled.clone())) / base * 100.0;
+        let mut rounds: Vec<f64> = row
+            .baseline
+            .iter()
+            .zip(&row.tiled)
+            .map(|(b, t)| (b - t) / b * 100.0)
+            .collect();
+        rounds.sort_unstable_by(f64::total_cmp);
+        let per_write = WRITE_CHUNK as f64 / 1e6 / base;
+        let explained = |regions: f64| {
+            let walk = price * regions;
+            walk / (per_write + walk) * 100.0
+        };
+        let (all, half) = (explained(row.regions), explained(row.regions / 2.0));
+        let verdict = if measured <= all {
+            "met: no more than the walk explains"
+        } else {
+            "missed: more than the walk explains"
+        };
+        report!(
+            "- {}: {measured:+.1} % (median; rounds {:+.1} to {:+.1} %); the walk of its {:.0} regions at the end explains up to {all:+.1} % (every one there from the start), {half:+.1} % for half of them; a region costs a write {:.2} µs here ({:.0} regions priced): {verdict}",
+            row.fs,
+            rounds[0],
+            rounds[rounds.len() - 1],
+            row.regions,
+            price * 1e6,
+            priced_regions,
+        );
+    }
 }
 
 /// Every region of the device (`dmstats delete --allregions --allprograms`: filemapd's own
