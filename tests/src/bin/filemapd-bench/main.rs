@@ -165,15 +165,12 @@ pub fn median_and_spread(mut values: Vec<f64>, decimals: usize) -> String {
 /// `monitored` ran beside round i of `baseline` (MB/s each); the median slowdown is that of the
 /// medians, as the tables show it.
 pub fn slowdown_verdict(what: &str, baseline: &[f64], monitored: &[f64], target: f64) -> String {
-    let slowdown = |b: f64, m: f64| (b - m) / b * 100.0;
-    let at_median = slowdown(median(baseline.to_vec()), median(monitored.to_vec()));
-    let mut rounds: Vec<f64> = baseline
-        .iter()
-        .zip(monitored)
-        .map(|(&b, &m)| slowdown(b, m))
-        .collect();
-    rounds.sort_unstable_by(f64::total_cmp);
-    let (low, high) = (rounds[0], rounds[rounds.len() - 1]);
+    let Slowdowns {
+        at_median,
+        low,
+        high,
+        rounds,
+    } = slowdowns(baseline, monitored);
     let verdict = if at_median <= target { "met" } else { "missed" };
     let straddles = if low <= target && target < high {
         format!(", a range that straddles {target} %")
@@ -181,7 +178,33 @@ pub fn slowdown_verdict(what: &str, baseline: &[f64], monitored: &[f64], target:
         String::new()
     };
     format!(
-        "- {what}: slowdown ≤ {target} % {verdict} (median {at_median:+.1} %; rounds {low:+.1} to {high:+.1} %{straddles}, {} rounds)",
-        rounds.len()
+        "- {what}: slowdown ≤ {target} % {verdict} (median {at_median:+.1} %; rounds {low:+.1} to {high:+.1} %{straddles}, {rounds} rounds)"
     )
+}
+
+/// A monitor's slowdowns of a writer, %, against the writer alone: from the two medians, and
+/// the lowest and highest of the rounds' (each round's pair).
+pub struct Slowdowns {
+    pub at_median: f64,
+    pub low: f64,
+    pub high: f64,
+    pub rounds: usize,
+}
+
+/// The slowdowns of a writer's MB/s with a monitor (`monitored`) against without
+/// (`baseline`), round by round.
+pub fn slowdowns(baseline: &[f64], monitored: &[f64]) -> Slowdowns {
+    let slowdown = |b: f64, m: f64| (b - m) / b * 100.0;
+    let mut rounds: Vec<f64> = baseline
+        .iter()
+        .zip(monitored)
+        .map(|(&b, &m)| slowdown(b, m))
+        .collect();
+    rounds.sort_unstable_by(f64::total_cmp);
+    Slowdowns {
+        at_median: slowdown(median(baseline.to_vec()), median(monitored.to_vec())),
+        low: rounds[0],
+        high: rounds[rounds.len() - 1],
+        rounds: rounds.len(),
+    }
 }

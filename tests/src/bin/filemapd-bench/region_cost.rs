@@ -163,16 +163,13 @@ fn growth_against_the_walk(prices: &[(&str, f64, f64)]) {
         let Some(&(_, price, priced_regions)) = prices.iter().find(|(fs, ..)| *fs == row.fs) else {
             continue;
         };
-        let base = median(row.baseline.clone());
-        let measured = (base - median(row.tiled.clone())) / base * 100.0;
-        let mut rounds: Vec<f64> = row
-            .baseline
-            .iter()
-            .zip(&row.tiled)
-            .map(|(b, t)| (b - t) / b * 100.0)
-            .collect();
-        rounds.sort_unstable_by(f64::total_cmp);
-        let per_write = WRITE_CHUNK as f64 / 1e6 / base;
+        let crate::Slowdowns {
+            at_median: measured,
+            low,
+            high,
+            ..
+        } = crate::slowdowns(&row.baseline, &row.tiled);
+        let per_write = WRITE_CHUNK as f64 / 1e6 / median(row.baseline.clone());
         let explained = |regions: f64| {
             let walk = price * regions;
             walk / (per_write + walk) * 100.0
@@ -184,10 +181,8 @@ fn growth_against_the_walk(prices: &[(&str, f64, f64)]) {
             "missed: more than the walk explains"
         };
         report!(
-            "- {}: {measured:+.1} % (median; rounds {:+.1} to {:+.1} %); the walk of its {:.0} regions at the end explains up to {all:+.1} % (every one there from the start), {half:+.1} % for half of them; a region costs a write {:.2} µs here ({:.0} regions priced): {verdict}",
+            "- {}: {measured:+.1} % (median; rounds {low:+.1} to {high:+.1} %); the walk of its {:.0} regions at the end explains up to {all:+.1} % (every one there from the start), {half:+.1} % for half of them; a region costs a write {:.2} µs here ({:.0} regions priced): {verdict}",
             row.fs,
-            rounds[0],
-            rounds[rounds.len() - 1],
             row.regions,
             price * 1e6,
             priced_regions,
