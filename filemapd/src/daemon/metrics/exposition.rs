@@ -14,7 +14,7 @@
 //! through prometheus-client's encoder (which writes the daemon-wide series): 10,000 files are
 //! ~350,000 lines a scrape, and the crate's dozen dynamic writes per line (name, suffix, each
 //! label's parts, value) were most of a scrape's time.
-use std::fmt;
+use std::{borrow::Cow, fmt, sync::Arc};
 
 use log::debug;
 
@@ -27,13 +27,11 @@ use crate::{
 };
 
 /// One file at scrape time.
-struct Scraped {
-    state: FileState,
-    /// `{path="…"`: the file's label, not yet closed (a sample may add its own).
-    labels: String,
-    /// All of the file's IO as the kernel counted it; `None` where the kernel does not count
-    /// the file (or could not be read).
-    kernel: Option<FileCounters>,
+struct Scraped<'a> {
+    state: Arc<FileState>,
+    /// All of the file's IO as the kernel counted it (borrowed from the scrape's batch);
+    /// `None` where the kernel does not count the file (or could not be read).
+    kernel: Option<Cow<'a, FileCounters>>,
     /// The group's regions' counters, read only for a file the kernel does not count; `None`
     /// also when they could not be read (the file's IO series are then left out of this
     /// scrape rather than shown wrong).
@@ -51,18 +49,18 @@ struct Io {
     in_flight: u64,
 }
 
-impl Scraped {
+impl<'a> Scraped<'a> {
     /// `all_counted`: every slot's kernel counters, read at once for this scrape (`None`:
     /// read the file's alone).
-    fn read(state: FileState, all_counted: Option<&[FileCounters]>) -> Self {
-        let labels = format!("{{path=\"{}\"", label_value(&state.path));
+    fn read(state: Arc<FileState>, all_counted: Option<&'a [FileCounters]>) -> Self {
         let kernel = state.counted.as_ref().and_then(|counted| {
             match all_counted.and_then(|all| all.get(counted.slot as usize)) {
-                Some(counters) => Some(*counters),
+                Some(counters) => Some(Cow::Borrowed(counters)),
                 None => counted
                     .counters()
                     .inspect_err(|e| debug!("{}: in-kernel counters left out: {e:#}", state.path))
-                    .ok(),
+                    .ok()
+                    .map(Cow::Owned),
             }
         });
         let stats = match kernel {
@@ -71,10 +69,14 @@ impl Scraped {
         };
         Self {
             state,
-            labels,
             kernel,
             stats,
         }
+    }
+
+    /// `{path="…"`: the file's label, not yet closed (a sample may add its own).
+    fn labels(&self) -> &str {
+        &self.state.labels
     }
 
     fn io(&self) -> Option<Io> {
@@ -143,7 +145,7 @@ fn group_stats(state: &FileState) -> Option<RegionStats> {
 
 /// Every slot's kernel counters at once, when any file is counted in the kernel (they all
 /// share one counting).
-fn all_kernel_counters(states: &[FileState]) -> Option<Vec<FileCounters>> {
+fn all_kernel_counters(states: &[Arc<FileState>]) -> Option<Vec<FileCounters>> {
     let counting = states
         .iter()
         .find_map(|s| s.counted.as_ref())
@@ -158,7 +160,7 @@ fn all_kernel_counters(states: &[FileState]) -> Option<Vec<FileCounters>> {
 pub fn write_files(board: &Board, out: &mut dyn fmt::Write) -> fmt::Result {
     let states = board.snapshot();
     let all_counted = all_kernel_counters(&states);
-    let files: Vec<Scraped> = states
+    let files: Vec<Scraped<'_>> = states
         .into_iter()
         .map(|state| Scraped::read(state, all_counted.as_deref()))
         .collect();
@@ -224,7 +226,7 @@ pub fn write_files(board: &Board, out: &mut dyn fmt::Write) -> fmt::Result {
         "filemapd_file_unrecorded",
         "Allocations the kernel could not record at once (their IO may be uncounted until the next pass)",
         &files,
-        |f| f.kernel.map(|k| k.unrecorded),
+        |f| f.kernel.as_ref().map(|k| k.unrecorded),
     )?;
     gauge(
         e,
@@ -373,7 +375,7 @@ fn counter<V: Number>(
     text.family(name, help, "counter")?;
     for file in files {
         if let Some(v) = value(file) {
-            text.sample(name, "_total", &file.labels, "", v)?;
+            text.sample(name, "_total", file.labels(), "", v)?;
         }
     }
     Ok(())
@@ -389,10 +391,15 @@ fn gauge<V: Number>(
     text.family(name, help, "gauge")?;
     for file in files {
         if let Some(v) = value(file) {
-            text.sample(name, "", &file.labels, "", v)?;
+            text.sample(name, "", file.labels(), "", v)?;
         }
     }
     Ok(())
+}
+
+/// `{path="…"`: a file's label as its samples start, not yet closed.
+pub(super) fn path_label(path: &str) -> String {
+    format!("{{path=\"{}\"", label_value(path))
 }
 
 /// A label value as the text format spells it: prometheus-client writes values as given, and
@@ -438,7 +445,7 @@ fn info(text: &mut Text<'_>, files: &[Scraped]) -> fmt::Result {
                 "regions"
             },
         );
-        text.sample(NAME, "", &file.labels, &more, 1u64)?;
+        text.sample(NAME, "", file.labels(), &more, 1u64)?;
     }
     Ok(())
 }
@@ -457,7 +464,7 @@ fn polling(text: &mut Text<'_>, files: &[Scraped]) -> fmt::Result {
             Wakeup::Polling(reason) => (1, reason),
         };
         let more = format!(",reason=\"{}\"", label_value(reason));
-        text.sample(NAME, "", &file.labels, &more, value)?;
+        text.sample(NAME, "", file.labels(), &more, value)?;
     }
     Ok(())
 }
@@ -512,12 +519,18 @@ fn latency_histogram(text: &mut Text<'_>, files: &[Scraped]) -> fmt::Result {
                 .collect();
             le.0 = bounds;
         }
-        text.sample(NAME, "_sum", &file.labels, "", sum)?;
-        text.sample(NAME, "_count", &file.labels, "", counts.iter().sum::<u64>())?;
+        text.sample(NAME, "_sum", file.labels(), "", sum)?;
+        text.sample(
+            NAME,
+            "_count",
+            file.labels(),
+            "",
+            counts.iter().sum::<u64>(),
+        )?;
         let mut cumulative = 0;
         for (le, count) in le.1.iter().zip(&counts) {
             cumulative += count;
-            text.sample(NAME, "_bucket", &file.labels, le, cumulative)?;
+            text.sample(NAME, "_bucket", file.labels(), le, cumulative)?;
         }
     }
     Ok(())

@@ -36,10 +36,15 @@ pub enum Wakeup {
     Polling(&'static str),
 }
 
-/// What one monitor last published.
+/// What one monitor last published. Kept behind an `Arc` on the board: a scrape takes the
+/// states it reads by reference, not by copy (10,000 files' copies were megabytes of fresh
+/// memory, faulted in and zeroed, every scrape).
 #[derive(Clone)]
 struct FileState {
     path: String,
+    /// `{path="…"`: the file's label in the text format, not yet closed (a sample may add
+    /// its own), made once rather than every scrape.
+    labels: String,
     /// The name of the file's dm device.
     device: String,
     /// The file's group; `None`: the file has no regions (the kernel counts it alone).
@@ -66,6 +71,27 @@ struct GroupState {
 }
 
 impl FileState {
+    fn new(
+        path: String,
+        device: String,
+        group: Option<GroupState>,
+        alias: String,
+        figures: (Tally, Wakeup),
+        counted: Option<&CountedFile>,
+    ) -> Self {
+        let (tally, wakeup) = figures;
+        Self {
+            labels: exposition::path_label(&path),
+            path,
+            device,
+            group,
+            alias,
+            tally,
+            wakeup,
+            counted: counted.cloned(),
+        }
+    }
+
     /// A pass that left the file's group (or its lack of one) as it was: the figures alone.
     fn refresh(&mut self, tally: Tally, wakeup: Wakeup, counted: Option<&CountedFile>) {
         self.tally = tally;
@@ -78,7 +104,7 @@ impl FileState {
 
 /// What every monitor of a watch published, and the daemon-wide figures.
 pub struct Board {
-    files: Mutex<BTreeMap<u64, FileState>>,
+    files: Mutex<BTreeMap<u64, Arc<FileState>>>,
     next_key: AtomicU64,
     /// How long passes over files took.
     update_seconds: Histogram,
@@ -105,7 +131,8 @@ impl Board {
         }
     }
 
-    fn snapshot(&self) -> Vec<FileState> {
+    /// Every file's state as last published (shared, not copied).
+    fn snapshot(&self) -> Vec<Arc<FileState>> {
         self.files
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -146,13 +173,14 @@ impl Reporter {
             && known.regions.len() == group.member_count()
             && (state.tally.created, state.tally.deleted) == (tally.created, tally.deleted)
         {
-            state.refresh(tally, wakeup, counted);
+            // A copy only while a scrape still reads the state.
+            Arc::make_mut(state).refresh(tally, wakeup, counted);
             return;
         }
-        let state = FileState {
-            path: path.display().to_string(),
-            device: device.name().to_string(),
-            group: Some(GroupState {
+        let state = FileState::new(
+            path.display().to_string(),
+            device.name().to_string(),
+            Some(GroupState {
                 id: group.id,
                 device: Arc::clone(device),
                 regions: group.members().map(|r| r.id).collect(),
@@ -162,12 +190,11 @@ impl Reporter {
                 },
                 settings: group.settings.clone(),
             }),
-            alias: alias.clone(),
-            tally,
-            wakeup,
-            counted: counted.cloned(),
-        };
-        files.insert(self.key, state);
+            alias.clone(),
+            (tally, wakeup),
+            counted,
+        );
+        files.insert(self.key, Arc::new(state));
     }
 
     /// Like [`Reporter::publish`], for a file without regions (the kernel counts it alone):
@@ -184,22 +211,20 @@ impl Reporter {
         if let Some(state) = files.get_mut(&self.key)
             && state.group.is_none()
         {
-            state.refresh(tally, wakeup, counted);
+            Arc::make_mut(state).refresh(tally, wakeup, counted);
             return;
         }
-        let state = FileState {
-            path: path.display().to_string(),
-            device: device_name.to_string(),
-            group: None,
-            alias: path
-                .file_name()
+        let state = FileState::new(
+            path.display().to_string(),
+            device_name.to_string(),
+            None,
+            path.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
-            tally,
-            wakeup,
-            counted: counted.cloned(),
-        };
-        files.insert(self.key, state);
+            (tally, wakeup),
+            counted,
+        );
+        files.insert(self.key, Arc::new(state));
     }
 
     /// A pass over the file took this long.

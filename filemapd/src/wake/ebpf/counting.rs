@@ -242,7 +242,16 @@ impl Counting {
         match batch_read::per_cpu_values::<FileCounters>(self.counters_fd.as_fd(), slots, cpus)
             .context("reading the counters map")?
         {
-            Some(values) => Ok(values.chunks(cpus).map(FileCounters::sum).collect()),
+            Some(mut values) => {
+                // Summed in place (slot i's sum lands at or before its CPUs' values): no
+                // second buffer of every slot's counters per scrape.
+                let slots = values.len() / cpus;
+                for slot in 0..slots {
+                    values[slot] = FileCounters::sum(values[slot * cpus..(slot + 1) * cpus].iter());
+                }
+                values.truncate(slots);
+                Ok(values)
+            }
             None => (0..slots).map(|slot| self.counters(slot)).collect(),
         }
     }

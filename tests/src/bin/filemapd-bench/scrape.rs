@@ -2,8 +2,9 @@
 //! measures a whole `watch --regions none` in the VM, where building the answer costs about
 //! 30 ns a byte under emulation; here the same answer is built on this machine's kernel: the
 //! daemon's metrics board with one file per slot of real counting maps, read in one batch as
-//! a scrape reads them.
-use std::{path::PathBuf, sync::Arc, time::Instant};
+//! a scrape reads them; then the same board served by the daemon's own HTTP server and
+//! fetched over a loopback socket, as Prometheus fetches it.
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Instant};
 
 use filemapd::{
     daemon::{
@@ -24,10 +25,10 @@ pub fn run(rounds: usize) {
     let scrapes = rounds.max(5);
     report!("## A scrape of files counted by the kernel, natively\n");
     report!(
-        "*On the machine's own kernel, not in the VM.* The metrics board of `watch --regions\nnone` with N files, each published as its monitor publishes it and counted in a slot of\nreal counting maps (carried-over counts of one 64 KiB write, so that no value is a bare\n0), answered as a scrape answers: every slot's counters read in one batch, then the text\nformat. Cells: ms per scrape, median (lowest–highest) of {scrapes} after a first; the\nanswer's size (compare the scale section's, made in the VM by a real watch).\n"
+        "*On the machine's own kernel, not in the VM.* The metrics board of `watch --regions\nnone` with N files, each published as its monitor publishes it and counted in a slot of\nreal counting maps (carried-over counts of one 64 KiB write, so that no value is a bare\n0), answered as a scrape answers: every slot's counters read in one batch, then the text\nformat; then the whole scrape: the board served by the daemon's HTTP server (on a\ncurrent-thread runtime, as `watch` runs it), fetched over a loopback socket and read to its\nend. Cells: ms per scrape, median (lowest–highest) of {scrapes} after a first; the answer's\nsize (compare the scale section's, made in the VM by a real watch).\n"
     );
-    report!("| files | scrape ms | scrape KiB |");
-    report!("| --- | --- | --- |");
+    report!("| files | answer built, ms | whole scrape over HTTP, ms | scrape KiB |");
+    report!("| --- | --- | --- | --- |");
     let mut written_once = FileCounters {
         writes: 1,
         write_sectors: 128,
@@ -88,9 +89,11 @@ pub fn run(rounds: usize) {
                 took.as_secs_f64() * 1e3
             })
             .collect();
+        let over_http = scrapes_over_http(&board, scrapes, first.len());
         report!(
-            "| {files} | {} | {} |",
+            "| {files} | {} | {} | {} |",
             median_and_spread(ms, 1),
+            median_and_spread(over_http, 1),
             first.len() >> 10
         );
         for (_, counted) in published {
@@ -98,4 +101,36 @@ pub fn run(rounds: usize) {
         }
     }
     report!("");
+}
+
+/// `scrapes` scrapes of the board through the daemon's HTTP server, after a first: ms each,
+/// from the request to the answer's last byte. Each answer must be `bytes` long.
+fn scrapes_over_http(board: &Arc<Board>, scrapes: usize, bytes: usize) -> Vec<f64> {
+    let address = SocketAddr::from(([127, 0, 0, 1], 9739));
+    let runtime = crate::runtime_for_tracers();
+    let server = runtime
+        .block_on(metrics::serve(address, Arc::clone(board)))
+        .expect("the bench's metrics port is free");
+    // The server runs on its own thread, as the watch's runtime would, while this one scrapes.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = std::thread::spawn(move || {
+        runtime.block_on(async {
+            tokio::select! {
+                _ = server => {}
+                _ = stopped => {}
+            }
+        })
+    });
+    let scrape = || {
+        let started = Instant::now();
+        let (status, got) =
+            filemapd_tests::metrics::http_get_len(&address.to_string(), "/metrics").unwrap();
+        assert_eq!((status, got), (200, bytes), "a whole answer over HTTP");
+        started.elapsed().as_secs_f64() * 1e3
+    };
+    scrape();
+    let ms = (0..scrapes).map(|_| scrape()).collect();
+    let _ = stop.send(());
+    serving.join().unwrap();
+    ms
 }
