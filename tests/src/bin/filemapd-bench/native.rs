@@ -251,7 +251,13 @@ pub fn probe_cost() {
                 }
                 _ => SectorRange::new(rng.below(DEVICE_SECTORS / 8) * 8, 128),
             })
-            .map(|io: SectorRange| if empty { SectorRange::new(io.start, 0) } else { io })
+            .map(|io: SectorRange| {
+                if empty {
+                    SectorRange::new(io.start, 0)
+                } else {
+                    io
+                }
+            })
             .collect();
         Setup {
             empty,
