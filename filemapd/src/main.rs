@@ -15,7 +15,7 @@ use filemapd::{
     oneshot,
     reconcile::Mapping,
     stats,
-    wake::ebpf::{Hub, ONE_FILE_TABLES, Tracer, counting},
+    wake::ebpf::{Hub, Tracer, counting, one_file_tables},
     wake::notify::Notifier,
 };
 
@@ -631,7 +631,13 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool, mapping: Mappin
             if ebpf {
                 // Room for two inodes: in path mode the new file is watched before the old one
                 // is let go.
-                match Tracer::load(2, ONE_FILE_TABLES) {
+                let tables = one_file_tables(monitor.regions_at_start());
+                log::debug!(
+                    "kernel sector map: {} for a group of {} region(s)",
+                    filemapd::wake::ebpf::tables_size(tables),
+                    monitor.regions_at_start()
+                );
+                match Tracer::load(2, tables) {
                     Ok(tracer) => {
                         let names: Vec<&str> = tracer.attached().iter().map(|t| t.name).collect();
                         log::info!("eBPF trigger on {}", names.join(", "));

@@ -309,6 +309,11 @@ impl Monitor {
             .map(|g| g.descriptor.alias.clone())
     }
 
+    /// How many regions the group had when it was found at start-up (0 without a group).
+    pub fn regions_at_start(&self) -> usize {
+        self.known_group.as_ref().map_or(0, |g| g.member_count())
+    }
+
     /// Whether the file has a group of regions.
     pub fn has_group(&self) -> bool {
         self.group_id.is_some()

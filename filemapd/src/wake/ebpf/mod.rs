@@ -46,7 +46,8 @@ use tracepoints::layout_of;
 pub use tracepoints::{Change, TRACEPOINTS, Tracepoint};
 
 /// How big the sector map's tables are (log2 of their entries). A daemon that watches one
-/// file: 32,768 chunks (2.4 MB, and 0.3 MB of their makers' words) and 8,192 blocks (0.4 MB). `filemapd watch`: tables for
+/// file: at least 32,768 chunks (2.4 MB, and 0.3 MB of their makers' words) and 8,192 blocks
+/// (0.4 MB), more for a group of over 3,276 regions (see [`one_file_tables`]). `filemapd watch`: tables for
 /// [`DEFAULT_MAP_EXTENTS`] unless `kernel_map_extents` asks for more or fewer (see
 /// [`tables_for_extents`]). A table whose places are full leaves sectors uncounted, and says
 /// so.
@@ -55,6 +56,21 @@ pub const ONE_FILE_TABLES: TableLogs = TableLogs {
     blocks: 13,
 };
 pub const MANY_FILES_TABLES: TableLogs = tables_for_extents(DEFAULT_MAP_EXTENTS);
+
+/// The tables of a daemon that watches one file whose group has `regions` regions now: room
+/// for twice as many extents (the file may grow, and in path mode a new file is taken up
+/// before the old one is let go), and never less than [`ONE_FILE_TABLES`]. A file with more
+/// scattered extents than its tables hold would leave their IO uncounted, and be synced whole
+/// at every pass. At most `watch`'s largest ([`MOST_MAP_EXTENTS`]).
+pub fn one_file_tables(regions: usize) -> TableLogs {
+    let extents = u32::try_from(regions.saturating_mul(2)).unwrap_or(u32::MAX);
+    let wanted = tables_for_extents(extents.min(MOST_MAP_EXTENTS));
+    if wanted.chunks > ONE_FILE_TABLES.chunks {
+        wanted
+    } else {
+        ONE_FILE_TABLES
+    }
+}
 
 /// Where the probes learn the kernel's structures from (see [`Tracer::load_pretending_device_mapper`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -664,4 +680,26 @@ fn test_size(variable: &str) -> Option<u32> {
     let value = std::env::var(variable).ok()?.parse().ok()?;
     log::warn!("{variable}={value}: a test size, not for production");
     Some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_daemons_tables_grow_with_its_group_beyond_the_least() {
+        assert_eq!(one_file_tables(0), ONE_FILE_TABLES);
+        assert_eq!(one_file_tables(1), ONE_FILE_TABLES);
+        // Today's tables hold 6,553 extents (five chunk entries each): twice 3,276 regions.
+        assert_eq!(one_file_tables(3_276), ONE_FILE_TABLES);
+        assert_eq!(one_file_tables(3_277), tables_for_extents(6_554));
+        assert!(one_file_tables(3_277).chunks > ONE_FILE_TABLES.chunks);
+        // A 30,000-region group (the bench's largest): room for 60,000 extents.
+        assert_eq!(one_file_tables(30_000), tables_for_extents(60_000));
+        assert_eq!(tables_size(one_file_tables(30_000)), "54.5 MB");
+        assert_eq!(
+            one_file_tables(usize::MAX),
+            tables_for_extents(MOST_MAP_EXTENTS)
+        );
+    }
 }
