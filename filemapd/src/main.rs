@@ -15,7 +15,7 @@ use filemapd::{
     oneshot,
     reconcile::Mapping,
     stats,
-    wake::ebpf::{Hub, Tracer, counting, one_file_tables},
+    wake::ebpf::{Hub, Tracer, counting, one_file_tables, tables_size},
     wake::notify::Notifier,
 };
 
@@ -631,11 +631,11 @@ fn run_daemon(args: &DaemonArgs, interval: Duration, ebpf: bool, mapping: Mappin
             if ebpf {
                 // Room for two inodes: in path mode the new file is watched before the old one
                 // is let go.
-                let tables = one_file_tables(monitor.regions_at_start());
+                let regions = monitor.regions_at_start();
+                let tables = one_file_tables(regions);
                 log::debug!(
-                    "kernel sector map: {} for a group of {} region(s)",
-                    filemapd::wake::ebpf::tables_size(tables),
-                    monitor.regions_at_start()
+                    "kernel sector map: {} for a group of {regions} region(s)",
+                    tables_size(tables)
                 );
                 match Tracer::load(2, tables) {
                     Ok(tracer) => {

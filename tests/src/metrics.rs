@@ -15,31 +15,19 @@ use crate::{ScratchDir, created_group_id, daemon::CONVERGE, run, wait_until};
 
 /// `GET path` from `address`: the status code and the body.
 pub fn http_get(address: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream =
-        TcpStream::connect(address).with_context(|| format!("connecting to {address}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
     let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
+    ask(address, path)?.read_to_string(&mut answer)?;
     let (head, body) = answer
         .split_once("\r\n\r\n")
         .with_context(|| format!("no end of headers in {answer:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("no status in {head:?}"))?;
-    Ok((status, body.to_string()))
+    Ok((status_of(head)?, body.to_string()))
 }
 
 /// `GET path` from `address` as a scraper pays for it, the body read and dropped as it comes
 /// (no copy of it kept): the status code and the body's length in bytes. For the bench, whose
 /// answers of 10,000 files are tens of MB.
 pub fn http_get_len(address: &str, path: &str) -> anyhow::Result<(u16, usize)> {
-    let mut stream =
-        TcpStream::connect(address).with_context(|| format!("connecting to {address}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
+    let mut stream = ask(address, path)?;
     let mut buffer = vec![0u8; 256 << 10];
     let mut head = Vec::new();
     // The body's bytes so far; `None` until the head's end was read.
@@ -61,13 +49,24 @@ pub fn http_get_len(address: &str, path: &str) -> anyhow::Result<(u16, usize)> {
         }
     }
     let body = body.with_context(|| format!("no end of headers in {head:?}"))?;
-    let head = String::from_utf8_lossy(&head);
-    let status = head
-        .split_whitespace()
+    Ok((status_of(&String::from_utf8_lossy(&head))?, body))
+}
+
+/// A connection to `address` that has sent `GET path` (HTTP/1.0: the answer ends with it).
+fn ask(address: &str, path: &str) -> anyhow::Result<TcpStream> {
+    let mut stream =
+        TcpStream::connect(address).with_context(|| format!("connecting to {address}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
+    Ok(stream)
+}
+
+/// The status code of an answer's head (`HTTP/1.1 200 OK` ...).
+fn status_of(head: &str) -> anyhow::Result<u16> {
+    head.split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .with_context(|| format!("no status in {head:?}"))?;
-    Ok((status, body))
+        .with_context(|| format!("no status in {head:?}"))
 }
 
 /// The value of the sample `name{...}` whose labels include every one of `labels`

@@ -1,6 +1,7 @@
 //! A Prometheus scrape of many files counted by the kernel, natively. The scale section
 //! measures a whole `watch --regions none` in the VM, where building the answer costs about
-//! 30 ns a byte under emulation; here the same answer is built on this machine's kernel: the
+//! 9 ns a byte under emulation (this section run in the VM: 360 ms for 37.7 MB), and sending
+//! it about as much again; here the same answer is built on this machine's kernel: the
 //! daemon's metrics board with one file per slot of real counting maps, read in one batch as
 //! a scrape reads them; then the same board served by the daemon's own HTTP server and
 //! fetched over a loopback socket, as Prometheus fetches it.
